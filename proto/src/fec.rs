@@ -1,0 +1,337 @@
+//! Forward error correction: Reed-Solomon blocks and the interleaved send order.
+//!
+//! An object is cut into blocks of `k` data shards of `S` bytes; each block
+//! gets `m` parity shards, and any `k` of the `k + m` rebuild it. The code is
+//! systematic: data shards are the object's bytes as they are, so a block
+//! that lost nothing needs no decoding. The last block is zero-padded; the
+//! object length carried in every frame trims it again.
+
+use reed_solomon_erasure::galois_8::ReedSolomon;
+use serde::{Deserialize, Serialize};
+
+/// GF(2^8) allows at most 256 shards in one block.
+pub const MAX_SHARDS_PER_BLOCK: usize = 256;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FecError {
+    #[error("data_shards must be at least 1 (got {0})")]
+    NoDataShards(u16),
+    #[error("data_shards + parity_shards = {0}, at most {MAX_SHARDS_PER_BLOCK} are possible")]
+    TooManyShards(usize),
+    #[error("datagram_size {datagram} leaves no room for shard payload (frame overhead is {overhead} bytes)")]
+    DatagramTooSmall { datagram: usize, overhead: usize },
+    #[error("block data of {got} bytes exceeds the block size of {max}")]
+    BlockTooLarge { got: usize, max: usize },
+    #[error("{present} shards present, {needed} needed to rebuild the block")]
+    TooFewShards { present: usize, needed: usize },
+    #[error("shard of {got} bytes, expected {expected}")]
+    ShardSize { got: usize, expected: usize },
+    #[error("reed-solomon: {0}")]
+    Codec(String),
+}
+
+/// The FEC layout of one object; carried in every header and shard frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FecParams {
+    /// k: data shards per block.
+    pub data_shards: u16,
+    /// m: parity shards per block.
+    pub parity_shards: u16,
+    /// S: bytes per shard.
+    pub shard_size: u32,
+}
+
+impl FecParams {
+    /// Checks the shard counts; `shard_size` must be at least 1.
+    pub fn new(data_shards: u16, parity_shards: u16, shard_size: u32) -> Result<Self, FecError> {
+        if data_shards == 0 {
+            return Err(FecError::NoDataShards(data_shards));
+        }
+        let total = data_shards as usize + parity_shards as usize;
+        if total > MAX_SHARDS_PER_BLOCK {
+            return Err(FecError::TooManyShards(total));
+        }
+        if shard_size == 0 {
+            return Err(FecError::DatagramTooSmall {
+                datagram: 0,
+                overhead: 0,
+            });
+        }
+        Ok(FecParams {
+            data_shards,
+            parity_shards,
+            shard_size,
+        })
+    }
+
+    /// The largest shard size whose frame still fits in `datagram_size`.
+    pub fn for_datagram(
+        datagram_size: usize,
+        data_shards: u16,
+        parity_shards: u16,
+    ) -> Result<Self, FecError> {
+        let overhead = crate::frame::SHARD_FRAME_OVERHEAD;
+        if datagram_size <= overhead {
+            return Err(FecError::DatagramTooSmall {
+                datagram: datagram_size,
+                overhead,
+            });
+        }
+        // Shard payload lengths are bounded so the length prefix stays small.
+        let s = (datagram_size - overhead).min(crate::frame::MAX_SHARD_SIZE);
+        Self::new(data_shards, parity_shards, s as u32)
+    }
+
+    pub fn total_shards(&self) -> u16 {
+        self.data_shards + self.parity_shards
+    }
+
+    /// Object bytes carried by one block: k × S.
+    pub fn block_bytes(&self) -> u64 {
+        self.data_shards as u64 * self.shard_size as u64
+    }
+
+    /// Blocks an object of `object_len` bytes needs; an empty object still
+    /// has one (all-padding) block so it can cross and be seen complete.
+    pub fn blocks_for(&self, object_len: u64) -> u32 {
+        object_len.div_ceil(self.block_bytes()).max(1) as u32
+    }
+
+    /// Object bytes in `block`, before padding.
+    pub fn block_len(&self, object_len: u64, block: u32) -> usize {
+        let start = block as u64 * self.block_bytes();
+        object_len.saturating_sub(start).min(self.block_bytes()) as usize
+    }
+
+    /// Whether two shards per block are consistent with these parameters.
+    pub fn is_valid(&self) -> bool {
+        Self::new(self.data_shards, self.parity_shards, self.shard_size).is_ok()
+            && self.shard_size as usize <= crate::frame::MAX_SHARD_SIZE
+    }
+}
+
+/// Encodes and rebuilds blocks for one set of parameters.
+pub struct BlockCodec {
+    params: FecParams,
+    /// None when m = 0: there is nothing to compute.
+    rs: Option<ReedSolomon>,
+}
+
+impl BlockCodec {
+    pub fn new(params: FecParams) -> Result<Self, FecError> {
+        FecParams::new(
+            params.data_shards,
+            params.parity_shards,
+            params.shard_size,
+        )?;
+        let rs = if params.parity_shards == 0 {
+            None
+        } else {
+            Some(
+                ReedSolomon::new(params.data_shards as usize, params.parity_shards as usize)
+                    .map_err(|e| FecError::Codec(format!("{e:?}")))?,
+            )
+        };
+        Ok(BlockCodec { params, rs })
+    }
+
+    pub fn params(&self) -> FecParams {
+        self.params
+    }
+
+    /// Cuts `data` (at most k × S bytes, zero-padded here) into k data shards
+    /// and computes m parity shards; `shards` is resized to k + m shards of S.
+    pub fn encode(&self, data: &[u8], shards: &mut Vec<Vec<u8>>) -> Result<(), FecError> {
+        let p = self.params;
+        let s = p.shard_size as usize;
+        let max = p.block_bytes() as usize;
+        if data.len() > max {
+            return Err(FecError::BlockTooLarge {
+                got: data.len(),
+                max,
+            });
+        }
+        shards.resize_with(p.total_shards() as usize, Vec::new);
+        for (i, shard) in shards.iter_mut().enumerate() {
+            shard.clear();
+            shard.resize(s, 0);
+            if i < p.data_shards as usize {
+                let start = (i * s).min(data.len());
+                let end = ((i + 1) * s).min(data.len());
+                shard[..end - start].copy_from_slice(&data[start..end]);
+            }
+        }
+        if let Some(rs) = &self.rs {
+            rs.encode(shards)
+                .map_err(|e| FecError::Codec(format!("{e:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// Fills in the missing data shards of a block from any k present ones.
+    /// `shards` holds k + m entries; parity shards are not rebuilt.
+    pub fn reconstruct_data(&self, shards: &mut [Option<Vec<u8>>]) -> Result<(), FecError> {
+        let p = self.params;
+        let k = p.data_shards as usize;
+        let s = p.shard_size as usize;
+        if let Some(bad) = shards.iter().flatten().find(|sh| sh.len() != s) {
+            return Err(FecError::ShardSize {
+                got: bad.len(),
+                expected: s,
+            });
+        }
+        let present = shards.iter().filter(|s| s.is_some()).count();
+        if present < k {
+            return Err(FecError::TooFewShards { present, needed: k });
+        }
+        if shards[..k].iter().all(Option::is_some) {
+            return Ok(()); // systematic: nothing to decode
+        }
+        match &self.rs {
+            Some(rs) => rs
+                .reconstruct_data(shards)
+                .map_err(|e| FecError::Codec(format!("{e:?}"))),
+            // m = 0 and a data shard missing: present < k was caught above.
+            None => Err(FecError::TooFewShards { present, needed: k }),
+        }
+    }
+}
+
+/// The order in which one pass sends an object's shards: every (block,
+/// shard index) once, interleaved across windows of at least `window`
+/// blocks so that a burst of B consecutive lost frames costs any block at
+/// most ceil(B / window) shards (ceil(B / blocks) for objects with fewer
+/// blocks than the window).
+///
+/// Blocks are split into groups of near-equal size, each at least `window`
+/// (all blocks in one group when there are fewer), and each group is sent
+/// shard index by shard index.
+pub fn interleave(
+    blocks: u32,
+    shards_per_block: u16,
+    window: u32,
+) -> impl Iterator<Item = (u32, u16)> {
+    let window = window.max(1);
+    let groups = (blocks / window).max(1);
+    let base = blocks / groups;
+    let extra = blocks % groups;
+    (0..groups).flat_map(move |g| {
+        // The first `extra` groups take one block more.
+        let start = g * base + g.min(extra);
+        let len = base + u32::from(g < extra);
+        (0..shards_per_block).flat_map(move |i| (start..start + len).map(move |b| (b, i)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn params(k: u16, m: u16, s: u32) -> FecParams {
+        FecParams::new(k, m, s).unwrap()
+    }
+
+    #[test]
+    fn refuses_impossible_parameters() {
+        assert_eq!(FecParams::new(0, 4, 10), Err(FecError::NoDataShards(0)));
+        assert_eq!(
+            FecParams::new(200, 57, 10),
+            Err(FecError::TooManyShards(257))
+        );
+        assert!(FecParams::for_datagram(60, 32, 8).is_err());
+    }
+
+    #[test]
+    fn shard_frames_fit_the_datagram() {
+        let p = FecParams::for_datagram(1400, 32, 8).unwrap();
+        assert!(p.shard_size > 1200, "{p:?}");
+    }
+
+    #[test]
+    fn block_arithmetic() {
+        let p = params(4, 2, 10);
+        assert_eq!(p.blocks_for(0), 1);
+        assert_eq!(p.blocks_for(40), 1);
+        assert_eq!(p.blocks_for(41), 2);
+        assert_eq!(p.block_len(41, 0), 40);
+        assert_eq!(p.block_len(41, 1), 1);
+        assert_eq!(p.block_len(41, 2), 0);
+    }
+
+    #[test]
+    fn intact_block_needs_no_decoding_and_is_the_data() {
+        let p = params(3, 2, 4);
+        let codec = BlockCodec::new(p).unwrap();
+        let data: Vec<u8> = (0..10).collect();
+        let mut shards = Vec::new();
+        codec.encode(&data, &mut shards).unwrap();
+        assert_eq!(shards.concat()[..10], data[..]);
+        assert_eq!(shards[2][2..], [0, 0]); // padding
+    }
+
+    #[test]
+    fn works_without_parity() {
+        let codec = BlockCodec::new(params(2, 0, 3)).unwrap();
+        let mut shards = Vec::new();
+        codec.encode(b"abcde", &mut shards).unwrap();
+        let mut opt: Vec<_> = shards.into_iter().map(Some).collect();
+        codec.reconstruct_data(&mut opt).unwrap();
+        opt[1] = None;
+        assert!(codec.reconstruct_data(&mut opt).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any k of the k + m shards rebuild the block's bytes.
+        #[test]
+        fn any_k_shards_rebuild(
+            k in 1u16..40, m in 0u16..12, s in 1u32..64,
+            seed in any::<u64>(), fill in 0.0f64..=1.0,
+        ) {
+            let p = params(k, m, s);
+            let codec = BlockCodec::new(p).unwrap();
+            let len = ((p.block_bytes() as f64) * fill) as usize;
+            let data: Vec<u8> = (0..len).map(|i| (i as u64).wrapping_mul(seed | 1).to_le_bytes()[3]).collect();
+            let mut shards = Vec::new();
+            codec.encode(&data, &mut shards).unwrap();
+            // Keep a pseudo-random subset of exactly k shards.
+            let n = p.total_shards() as usize;
+            let mut idx: Vec<usize> = (0..n).collect();
+            let mut x = seed;
+            for i in (1..n).rev() {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                idx.swap(i, (x >> 33) as usize % (i + 1));
+            }
+            let keep: std::collections::HashSet<usize> = idx[..k as usize].iter().copied().collect();
+            let mut opt: Vec<Option<Vec<u8>>> = shards.into_iter().enumerate()
+                .map(|(i, sh)| keep.contains(&i).then_some(sh)).collect();
+            codec.reconstruct_data(&mut opt).unwrap();
+            let rebuilt: Vec<u8> = opt[..k as usize].iter().flat_map(|s| s.clone().unwrap()).collect();
+            prop_assert_eq!(&rebuilt[..len], &data[..]);
+        }
+
+        /// Every shard is sent exactly once, and a burst of B consecutive
+        /// frames hits any block at most ceil(B / min(W, blocks)) times.
+        #[test]
+        fn interleave_bounds_every_burst(
+            blocks in 1u32..200, n in 1u16..48, w in 1u32..64, burst in 1usize..400,
+        ) {
+            let order: Vec<(u32, u16)> = interleave(blocks, n, w).collect();
+            prop_assert_eq!(order.len(), blocks as usize * n as usize);
+            let mut seen = std::collections::HashSet::new();
+            for o in &order { prop_assert!(seen.insert(*o)); }
+            let eff = w.min(blocks) as usize;
+            let bound = burst.div_ceil(eff);
+            let b = burst.min(order.len());
+            let mut counts = vec![0usize; blocks as usize];
+            for (i, (blk, _)) in order.iter().enumerate() {
+                counts[*blk as usize] += 1;
+                if i >= b { counts[order[i - b].0 as usize] -= 1; }
+                prop_assert!(counts[*blk as usize] <= bound,
+                    "burst {} hit block {} {} times (bound {})", b, blk, counts[*blk as usize], bound);
+            }
+        }
+    }
+}

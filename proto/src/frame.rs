@@ -1,0 +1,513 @@
+//! The frame: the unit that crosses the diode (one UDP datagram, one serial
+//! frame, one record in an outbox file).
+//!
+//! ```text
+//!  offset  size  field
+//!  ------  ----  -----------------------------------------------------------
+//!       0     4  magic "WEIR"
+//!       4     1  version (1)
+//!       5     1  kind: 1 object header, 2 shard, 3 heartbeat
+//!       6     2  key id                       (big-endian)
+//!       8     8  session id                   (big-endian)
+//!      16     8  sequence number              (big-endian)
+//!      24     4  body length n                (big-endian)
+//!      28     n  body: postcard encoding of the kind's struct
+//!    28+n    32  HMAC-SHA256(key[key id], bytes 0 .. 28+n)
+//! ```
+//!
+//! Bodies, in postcard (varints for integers, raw bytes for arrays):
+//!
+//! ```text
+//!  object header: id[32] kind u8 len u64 sha256[32] fec{k u16, m u16, S u32}
+//!  shard:         object[32] kind u8 object_len u64 fec{k, m, S}
+//!                 block u32 index u16 payload(len, S bytes)
+//!  heartbeat:     uptime_s u64 queued_objects u32 pass u64
+//!                 config_fingerprint u64 sent_frames u64
+//! ```
+//!
+//! The receiver checks magic, version, key id and the tag — in constant
+//! time — before it parses a byte of the body. A shard frame carries its
+//! object's length and FEC parameters, so shards can be stored even when
+//! every header of their object was lost.
+
+use crate::auth::{Key, KeyRing};
+use crate::fec::FecParams;
+use crate::manifest::{ObjectId, ObjectKind};
+use hmac::Mac;
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: [u8; 4] = *b"WEIR";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 28;
+pub const TAG_LEN: usize = 32;
+/// Largest shard payload: keeps the payload's length prefix at 3 bytes.
+pub const MAX_SHARD_SIZE: usize = 65_000;
+/// Largest body accepted: bounds what a forged length can make us read.
+pub const MAX_BODY_LEN: usize = 1 << 20;
+
+/// Header, tag and the largest postcard encoding of a shard body's fields.
+pub const SHARD_FRAME_OVERHEAD: usize = HEADER_LEN
+    + TAG_LEN
+    + 32 // object id
+    + 1 // kind
+    + 10 // object_len varint
+    + 3 + 3 + 5 // fec varints
+    + 5 // block varint
+    + 3 // index varint
+    + 3; // payload length varint
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameKind {
+    ObjectHeader = 1,
+    Shard = 2,
+    Heartbeat = 3,
+}
+
+impl FrameKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(FrameKind::ObjectHeader),
+            2 => Some(FrameKind::Shard),
+            3 => Some(FrameKind::Heartbeat),
+            _ => None,
+        }
+    }
+}
+
+/// Announces an object: what it is, how long, how it is cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectHeader {
+    pub id: ObjectId,
+    pub kind: ObjectKind,
+    pub len: u64,
+    pub sha256: [u8; 32],
+    pub fec: FecParams,
+}
+
+/// One shard of one block of one object; self-describing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardFrame<'a> {
+    pub object: ObjectId,
+    pub kind: ObjectKind,
+    pub object_len: u64,
+    pub fec: FecParams,
+    pub block: u32,
+    pub index: u16,
+    #[serde(borrow, with = "serde_bytes")]
+    pub payload: &'a [u8],
+}
+
+/// The sender's pulse, once a second: the receiver knows the link is up even
+/// when there is nothing to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub uptime_s: u64,
+    pub queued_objects: u32,
+    pub pass: u64,
+    pub config_fingerprint: u64,
+    pub sent_frames: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body<'a> {
+    ObjectHeader(ObjectHeader),
+    Shard(ShardFrame<'a>),
+    Heartbeat(Heartbeat),
+}
+
+impl Body<'_> {
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Body::ObjectHeader(_) => FrameKind::ObjectHeader,
+            Body::Shard(_) => FrameKind::Shard,
+            Body::Heartbeat(_) => FrameKind::Heartbeat,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub version: u8,
+    pub kind: FrameKind,
+    pub key_id: u16,
+    pub session_id: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub header: Header,
+    pub body: Body<'a>,
+}
+
+/// Why a frame was dropped. Everything before `BadTag` is decided without
+/// trusting the frame; everything after only on authenticated bytes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is shorter than header and tag")]
+    TooShort(usize),
+    #[error("bad magic")]
+    BadMagic,
+    #[error("unsupported frame version {0}")]
+    UnsupportedVersion(u8),
+    #[error("frame length {got} does not match its header ({expected})")]
+    Length { got: usize, expected: usize },
+    #[error("unknown key id {0}")]
+    UnknownKey(u16),
+    #[error("HMAC tag does not verify")]
+    BadTag,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("body does not decode: {0}")]
+    Body(String),
+    #[error("invalid field: {0}")]
+    Invalid(&'static str),
+}
+
+/// Signs frames for one key and one sender session, numbering them.
+pub struct FrameSealer {
+    key: Key,
+    session_id: u64,
+    next_seq: u64,
+}
+
+impl FrameSealer {
+    pub fn new(key: Key, session_id: u64) -> Self {
+        FrameSealer {
+            key,
+            session_id,
+            next_seq: 0,
+        }
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    pub fn key_id(&self) -> u16 {
+        self.key.id()
+    }
+
+    /// Frames sealed so far.
+    pub fn sealed(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Writes the complete frame for `body` into `out` (cleared first) and
+    /// returns the sequence number it carries.
+    pub fn seal(&mut self, body: &Body<'_>, out: &mut Vec<u8>) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        out.clear();
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(body.kind() as u8);
+        out.extend_from_slice(&self.key.id().to_be_bytes());
+        out.extend_from_slice(&self.session_id.to_be_bytes());
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&[0; 4]);
+        // Serializing plain structs into a Vec cannot fail.
+        let encoded = match body {
+            Body::ObjectHeader(h) => postcard::to_extend(h, std::mem::take(out)),
+            Body::Shard(s) => postcard::to_extend(s, std::mem::take(out)),
+            Body::Heartbeat(h) => postcard::to_extend(h, std::mem::take(out)),
+        };
+        *out = encoded.expect("postcard encoding into a Vec");
+        let body_len = (out.len() - HEADER_LEN) as u32;
+        out[24..28].copy_from_slice(&body_len.to_be_bytes());
+        let mut mac = self.key.mac();
+        mac.update(out);
+        out.extend_from_slice(&mac.finalize().into_bytes());
+        seq
+    }
+}
+
+/// A new session id, strictly greater than `previous`: the sender persists
+/// the last one so that a clock that went back still yields a newer session.
+pub fn new_session_id(previous: Option<u64>) -> u64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let candidate = (now_ms << 16) | u64::from(rand::random::<u16>());
+    match previous {
+        Some(p) if candidate <= p => p.saturating_add(1),
+        _ => candidate,
+    }
+}
+
+/// Reads the header fields without trusting them.
+pub fn peek_header(frame: &[u8]) -> Result<(Header, usize), FrameError> {
+    if frame.len() < HEADER_LEN + TAG_LEN {
+        return Err(FrameError::TooShort(frame.len()));
+    }
+    if frame[0..4] != MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    if frame[4] != VERSION {
+        return Err(FrameError::UnsupportedVersion(frame[4]));
+    }
+    let kind_byte = frame[5];
+    let be16 = |r: std::ops::Range<usize>| u16::from_be_bytes(frame[r].try_into().unwrap_or([0; 2]));
+    let be32 = |r: std::ops::Range<usize>| u32::from_be_bytes(frame[r].try_into().unwrap_or([0; 4]));
+    let be64 = |r: std::ops::Range<usize>| u64::from_be_bytes(frame[r].try_into().unwrap_or([0; 8]));
+    let body_len = be32(24..28) as usize;
+    if body_len > MAX_BODY_LEN {
+        return Err(FrameError::Length {
+            got: frame.len(),
+            expected: body_len,
+        });
+    }
+    let kind = FrameKind::from_u8(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
+    Ok((
+        Header {
+            version: frame[4],
+            kind,
+            key_id: be16(6..8),
+            session_id: be64(8..16),
+            seq: be64(16..24),
+        },
+        HEADER_LEN + body_len + TAG_LEN,
+    ))
+}
+
+/// Verifies and parses frames against a receiver's key set.
+pub struct FrameOpener {
+    keys: KeyRing,
+}
+
+impl FrameOpener {
+    pub fn new(keys: KeyRing) -> Self {
+        FrameOpener { keys }
+    }
+
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    /// Authenticates `frame` and only then decodes its body, which borrows
+    /// the shard payload from `frame`.
+    pub fn open<'a>(&self, frame: &'a [u8]) -> Result<Frame<'a>, FrameError> {
+        let (header, total) = peek_header(frame)?;
+        if total != frame.len() {
+            return Err(FrameError::Length {
+                got: frame.len(),
+                expected: total,
+            });
+        }
+        let key = self
+            .keys
+            .get(header.key_id)
+            .ok_or(FrameError::UnknownKey(header.key_id))?;
+        let signed = total - TAG_LEN;
+        let mut mac = key.mac();
+        mac.update(&frame[..signed]);
+        mac.verify_slice(&frame[signed..])
+            .map_err(|_| FrameError::BadTag)?;
+        let body = &frame[HEADER_LEN..signed];
+        let body = match header.kind {
+            FrameKind::ObjectHeader => {
+                let h: ObjectHeader = decode_exact(body)?;
+                if !h.fec.is_valid() {
+                    return Err(FrameError::Invalid("object header FEC parameters"));
+                }
+                if h.kind == ObjectKind::Blob && h.id.0 != h.sha256 {
+                    return Err(FrameError::Invalid("blob id differs from its sha256"));
+                }
+                Body::ObjectHeader(h)
+            }
+            FrameKind::Shard => {
+                let s: ShardFrame<'a> = decode_exact(body)?;
+                validate_shard(&s)?;
+                Body::Shard(s)
+            }
+            FrameKind::Heartbeat => Body::Heartbeat(decode_exact(body)?),
+        };
+        Ok(Frame { header, body })
+    }
+}
+
+fn decode_exact<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    let (value, rest) =
+        postcard::take_from_bytes(body).map_err(|e| FrameError::Body(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Body(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(value)
+}
+
+/// Range checks, so a receiver can index its stores with these fields.
+fn validate_shard(s: &ShardFrame<'_>) -> Result<(), FrameError> {
+    if !s.fec.is_valid() {
+        return Err(FrameError::Invalid("shard FEC parameters"));
+    }
+    if s.payload.len() != s.fec.shard_size as usize {
+        return Err(FrameError::Invalid("shard payload length differs from shard_size"));
+    }
+    if s.index >= s.fec.total_shards() {
+        return Err(FrameError::Invalid("shard index beyond k + m"));
+    }
+    if s.block >= s.fec.blocks_for(s.object_len) {
+        return Err(FrameError::Invalid("block beyond the object's length"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(id: u16) -> Key {
+        Key::from_bytes(id, &[id as u8 ^ 0x5a; 32]).unwrap()
+    }
+
+    fn opener() -> FrameOpener {
+        FrameOpener::new(KeyRing::new(vec![key(1), key(2)]).unwrap())
+    }
+
+    fn arb_fec() -> impl Strategy<Value = FecParams> {
+        (1u16..=200, 0u16..=56, 1u32..300).prop_map(|(k, m, s)| FecParams::new(k, m, s).unwrap())
+    }
+
+    fn arb_owned_body() -> impl Strategy<Value = (u8, Vec<u8>, FecParams, u64, u32, u16, [u8; 32])> {
+        (0u8..3, any::<Vec<u8>>(), arb_fec(), any::<u64>(), any::<u32>(), any::<u16>(), any::<[u8; 32]>())
+    }
+
+    /// Builds a valid body of each kind from arbitrary parts.
+    fn body_of<'a>(
+        parts: &'a (u8, Vec<u8>, FecParams, u64, u32, u16, [u8; 32]),
+        payload: &'a [u8],
+    ) -> Body<'a> {
+        let (which, _, fec, n, b, i, id) = parts;
+        match which {
+            0 => Body::ObjectHeader(ObjectHeader {
+                id: ObjectId(*id),
+                kind: ObjectKind::Image,
+                len: *n,
+                sha256: [7; 32],
+                fec: *fec,
+            }),
+            1 => {
+                let blocks = fec.blocks_for(*n % (1 << 40));
+                Body::Shard(ShardFrame {
+                    object: ObjectId(*id),
+                    kind: ObjectKind::Blob,
+                    object_len: *n % (1 << 40),
+                    fec: *fec,
+                    block: b % blocks,
+                    index: i % fec.total_shards(),
+                    payload,
+                })
+            }
+            _ => Body::Heartbeat(Heartbeat {
+                uptime_s: *n,
+                queued_objects: *b,
+                pass: u64::from(*i),
+                config_fingerprint: n.rotate_left(7),
+                sent_frames: n / 3,
+            }),
+        }
+    }
+
+    #[test]
+    fn shard_frame_fits_its_budget() {
+        let fec = FecParams::for_datagram(1400, 32, 8).unwrap();
+        let payload = vec![0xee; fec.shard_size as usize];
+        let body = Body::Shard(ShardFrame {
+            object: ObjectId([0xff; 32]),
+            kind: ObjectKind::Image,
+            object_len: u64::MAX,
+            fec,
+            block: fec.blocks_for(u64::MAX) - 1,
+            index: 39,
+            payload: &payload,
+        });
+        let mut out = Vec::new();
+        FrameSealer::new(key(1), u64::MAX).seal(&body, &mut out);
+        assert!(out.len() <= 1400, "{} bytes", out.len());
+        assert_eq!(opener().open(&out).unwrap().body, body);
+    }
+
+    #[test]
+    fn unknown_key_and_wrong_key_are_told_apart() {
+        let body = Body::Heartbeat(Heartbeat {
+            uptime_s: 1,
+            queued_objects: 0,
+            pass: 0,
+            config_fingerprint: 0,
+            sent_frames: 0,
+        });
+        let mut out = Vec::new();
+        FrameSealer::new(key(9), 1).seal(&body, &mut out);
+        assert_eq!(opener().open(&out), Err(FrameError::UnknownKey(9)));
+        // Same id as a known key, other secret: a forgery.
+        let forged = Key::from_bytes(1, &[0x11; 32]).unwrap();
+        FrameSealer::new(forged, 1).seal(&body, &mut out);
+        assert_eq!(opener().open(&out), Err(FrameError::BadTag));
+    }
+
+    #[test]
+    fn out_of_range_shard_is_refused_even_when_signed() {
+        let fec = FecParams::new(2, 1, 4).unwrap();
+        let payload = [0u8; 4];
+        let body = Body::Shard(ShardFrame {
+            object: ObjectId([1; 32]),
+            kind: ObjectKind::Blob,
+            object_len: 8,
+            fec,
+            block: 1, // an 8-byte object has one block
+            index: 0,
+            payload: &payload,
+        });
+        let mut out = Vec::new();
+        FrameSealer::new(key(1), 1).seal(&body, &mut out);
+        assert!(matches!(opener().open(&out), Err(FrameError::Invalid(_))));
+    }
+
+    #[test]
+    fn session_ids_increase() {
+        let a = new_session_id(None);
+        assert!(new_session_id(Some(a)) > a);
+        assert_eq!(new_session_id(Some(u64::MAX - 1)), u64::MAX);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Every frame round-trips: what was sealed opens to the same header and body.
+        #[test]
+        fn every_frame_round_trips(parts in arb_owned_body(), key_id in 1u16..=2, session in any::<u64>()) {
+            let payload = vec![0xabu8; parts.2.shard_size as usize];
+            let body = body_of(&parts, &payload);
+            let mut sealer = FrameSealer::new(key(key_id), session);
+            let mut out = Vec::new();
+            sealer.seal(&body, &mut out);
+            let seq = sealer.seal(&body, &mut out);
+            let frame = opener().open(&out).unwrap();
+            prop_assert_eq!(frame.header.seq, seq);
+            prop_assert_eq!(frame.header.session_id, session);
+            prop_assert_eq!(frame.header.key_id, key_id);
+            prop_assert_eq!(frame.body, body);
+        }
+
+        /// Flipping any single bit anywhere makes the frame fail.
+        #[test]
+        fn any_bit_flip_fails(parts in arb_owned_body(), bit in any::<proptest::sample::Index>()) {
+            let payload = vec![0x5cu8; parts.2.shard_size as usize];
+            let body = body_of(&parts, &payload);
+            let mut out = Vec::new();
+            FrameSealer::new(key(1), 42).seal(&body, &mut out);
+            let i = bit.index(out.len() * 8);
+            out[i / 8] ^= 1 << (i % 8);
+            prop_assert!(opener().open(&out).is_err());
+        }
+
+        /// No input makes the decoder panic (the fuzz target runs this longer).
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = opener().open(&bytes);
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Links: how frames leave the sender and reach the receiver.
+//!
+//! A link only moves opaque frames one way. It is blocking and batched: the
+//! gateways run each link end on a thread of its own. Batches fit every
+//! transport: a datagram link sends one datagram per frame, a byte-stream
+//! link frames them on the stream, a directory link writes them into one
+//! file.
+
+pub mod udp;
+
+use std::time::Duration;
+
+pub use udp::{UdpSink, UdpSource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("frame of {len} bytes exceeds the link's maximum of {max}")]
+    FrameTooLarge { len: usize, max: usize },
+}
+
+impl LinkError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        LinkError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// The sending end of a one-way link.
+pub trait FrameSink: Send {
+    /// Sends whole frames in order. Returns once the frames are handed to the
+    /// transport; there is never an acknowledgement.
+    fn send(&mut self, frames: &[&[u8]]) -> Result<(), LinkError>;
+
+    /// The largest frame this link carries.
+    fn max_frame_len(&self) -> usize;
+}
+
+/// The receiving end of a one-way link.
+pub trait FrameSource: Send {
+    /// Waits up to `timeout` for frames and fills `batch` (cleared first)
+    /// with as many as are ready. An empty batch means the time ran out.
+    fn recv(&mut self, batch: &mut FrameBatch, timeout: Duration) -> Result<(), LinkError>;
+}
+
+/// Frames received in one call, stored in one reusable buffer.
+pub struct FrameBatch {
+    buf: Vec<u8>,
+    slot: usize,
+    lens: Vec<usize>,
+}
+
+impl FrameBatch {
+    /// Room for `capacity` frames of at most `max_frame` bytes each.
+    pub fn new(capacity: usize, max_frame: usize) -> Self {
+        FrameBatch {
+            buf: vec![0; capacity * max_frame],
+            slot: max_frame,
+            lens: Vec::with_capacity(capacity),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.len() / self.slot
+    }
+
+    pub fn max_frame(&self) -> usize {
+        self.slot
+    }
+
+    pub fn len(&self) -> usize {
+        self.lens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lens.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.lens.clear();
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| &self.buf[i * self.slot..i * self.slot + n])
+    }
+
+    /// Appends a copy of `frame`; false when full or the frame is too large.
+    pub fn push(&mut self, frame: &[u8]) -> bool {
+        if self.lens.len() == self.capacity() || frame.len() > self.slot {
+            return false;
+        }
+        let start = self.lens.len() * self.slot;
+        self.buf[start..start + frame.len()].copy_from_slice(frame);
+        self.lens.push(frame.len());
+        true
+    }
+
+    /// The raw slots, for transports that receive in place.
+    pub(crate) fn slots_mut(&mut self) -> (&mut [u8], usize, &mut Vec<usize>) {
+        (&mut self.buf, self.slot, &mut self.lens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_keeps_frames_apart() {
+        let mut b = FrameBatch::new(2, 4);
+        assert!(b.push(b"ab"));
+        assert!(!b.push(b"toolong"));
+        assert!(b.push(b"wxyz"));
+        assert!(!b.push(b"c"));
+        let got: Vec<&[u8]> = b.iter().collect();
+        assert_eq!(got, vec![&b"ab"[..], &b"wxyz"[..]]);
+        b.clear();
+        assert!(b.is_empty());
+    }
+}
