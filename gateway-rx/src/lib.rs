@@ -1,1 +1,21 @@
-//! weir receiver.
+//! weir receiver (gateway-rx): verify → shard store → blob store → complete
+//! images → registry push / OCI layout export.
+//!
+//! One module per pipeline stage; [`run`] wires them together.
+
+pub mod blobs;
+pub mod config;
+pub mod delivery;
+pub mod gateway;
+pub mod images;
+pub mod link;
+pub mod shards;
+pub mod state;
+pub mod status;
+pub mod verify;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use config::RxConfig;
+pub use gateway::{run, status};

@@ -1,1 +1,118 @@
-fn main() {}
+//! gateway-rx: the high-side receiver of a weir pair.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use weir_proto::Shutdown;
+
+use gateway_rx::RxConfig;
+
+/// Receives images across a one-way diode: verifies every frame, stores
+/// shards on disk, rebuilds blocks, checks every blob, and pushes complete
+/// images to a registry or exports them as an OCI image layout.
+#[derive(Parser)]
+#[command(name = "gateway-rx", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// Configuration file (TOML; see examples/rx.toml). Runs the receiver.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checks a configuration file (keys load, URLs parse) and exits.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Shows what is arriving (per image: blobs done, percent, passes seen)
+    /// and what waits to be delivered. Works while the gateway runs.
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the report as JSON (the status.json format).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match (cli.command, cli.config) {
+        (Some(Command::CheckConfig { file }), _) => check_config(&file),
+        (Some(Command::Status { config, json }), _) => status(&config, json),
+        (None, Some(config)) => run(&config),
+        (None, None) => {
+            eprintln!("gateway-rx: --config FILE is required (see --help)");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway-rx: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &Path) -> anyhow::Result<()> {
+    let config = RxConfig::load(file)?;
+    println!(
+        "{}: ok (state_dir {}, {} key(s), targets: {})",
+        file.display(),
+        config.state_dir.display(),
+        config.auth.keys.len(),
+        gateway_rx::delivery::targets(&config)
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn status(file: &Path, json: bool) -> anyhow::Result<()> {
+    let config = RxConfig::load(file)?;
+    let report = gateway_rx::status(&config)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
+
+fn run(file: &Path) -> anyhow::Result<()> {
+    let config = RxConfig::load(file)?;
+    let shutdown = Shutdown::new();
+    let signals = [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT];
+    let mut incoming =
+        signal_hook::iterator::Signals::new(signals).context("installing signal handlers")?;
+    let handle = incoming.handle();
+    let watcher = std::thread::Builder::new()
+        .name("rx-signals".into())
+        .spawn({
+            let shutdown = shutdown.clone();
+            move || {
+                if let Some(sig) = incoming.forever().next() {
+                    tracing::info!(signal = sig, "stopping on signal");
+                    shutdown.trigger();
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    let result = gateway_rx::run(config, shutdown);
+    handle.close();
+    let _ = watcher.join();
+    result
+}

@@ -4,8 +4,10 @@
 //! the frame format and its HMAC ([`frame`], [`auth`]), replay and restart
 //! detection ([`replay`]), the FEC codec and send order ([`fec`]), what an
 //! image object carries ([`manifest`]), and the links frames travel on
-//! ([`link`]). It knows nothing of registries or databases.
+//! ([`link`]), and the appliance surface ([`appliance`]: status LEDs, the
+//! serial console). It knows nothing of registries or databases.
 
+pub mod appliance;
 pub mod auth;
 pub mod fec;
 pub mod frame;
@@ -14,13 +16,17 @@ pub mod manifest;
 pub mod replay;
 pub mod shutdown;
 
+pub use appliance::{Command, CommandHandler, Console, ConsoleError, LedNames, Leds, Reply};
 pub use auth::{Key, KeyError, KeyRing};
 pub use fec::{interleave, BlockCodec, FecError, FecParams};
 pub use frame::{
     new_session_id, Body, Frame, FrameError, FrameKind, FrameOpener, FrameSealer, Header,
     Heartbeat, ObjectHeader, ShardFrame,
 };
-pub use link::{FrameBatch, FrameSink, FrameSource, LinkError, UdpSink, UdpSource};
+pub use link::{
+    DirSink, DirSource, FrameBatch, FrameSink, FrameSource, LinkError, SerialSink, SerialSource,
+    UdpSink, UdpSource,
+};
 pub use manifest::*;
 pub use replay::{LossEstimate, ReplayGuard, ReplayVerdict};
 pub use shutdown::Shutdown;

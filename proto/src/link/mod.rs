@@ -6,10 +6,15 @@
 //! link frames them on the stream, a directory link writes them into one
 //! file.
 
+pub mod dir;
+pub mod serial;
+pub mod stream;
 pub mod udp;
 
 use std::time::Duration;
 
+pub use dir::{DirSink, DirSource};
+pub use serial::{SerialSink, SerialSource};
 pub use udp::{UdpSink, UdpSource};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,253 @@
+//! The content-addressed store of verified objects: `blobs/sha256/<hex>`.
+//!
+//! A file enters only after its bytes hashed to its name, and it enters by
+//! rename (fsynced, directory fsynced), so the store never holds a partial
+//! or unverified object: presence in the store is what "verified" means,
+//! across restarts too.
+
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use weir_proto::ObjectId;
+
+use crate::state::fsync_dir;
+
+/// Read size while hashing: large enough for full-speed sha256, small
+/// enough to keep memory flat.
+const HASH_BUFFER: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobStoreError {
+    #[error("blob store {path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("object {expected}: content hashes to {actual} ({len} bytes); discarded")]
+    Mismatch {
+        expected: String,
+        actual: String,
+        len: u64,
+    },
+    #[error("object {expected}: hashing stopped because the gateway is stopping")]
+    Interrupted { expected: String },
+}
+
+/// Verified objects by sha256.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    /// Opens (creating) the store under `root`; files left in `tmp/` by a
+    /// crash are removed.
+    pub fn open(root: &Path) -> Result<BlobStore, BlobStoreError> {
+        let store = BlobStore {
+            root: root.to_path_buf(),
+        };
+        for dir in [store.sha_dir(), store.tmp_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|e| store.io(&dir, "creating directory", e))?;
+        }
+        let tmp = store.tmp_dir();
+        let entries = std::fs::read_dir(&tmp).map_err(|e| store.io(&tmp, "listing", e))?;
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        Ok(store)
+    }
+
+    fn io(&self, path: &Path, what: &'static str, source: std::io::Error) -> BlobStoreError {
+        BlobStoreError::Io {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    }
+
+    fn sha_dir(&self) -> PathBuf {
+        self.root.join("sha256")
+    }
+
+    /// Scratch space on the store's file system, for copies that are then
+    /// renamed in.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Where the object lives once verified.
+    pub fn path_of(&self, id: &ObjectId) -> PathBuf {
+        self.sha_dir().join(id.hex())
+    }
+
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        self.path_of(id).is_file()
+    }
+
+    /// Size of a stored object.
+    pub fn len_of(&self, id: &ObjectId) -> Result<u64, BlobStoreError> {
+        let p = self.path_of(id);
+        std::fs::metadata(&p)
+            .map(|m| m.len())
+            .map_err(|e| self.io(&p, "reading size", e))
+    }
+
+    pub fn open_object(&self, id: &ObjectId) -> Result<File, BlobStoreError> {
+        let p = self.path_of(id);
+        File::open(&p).map_err(|e| self.io(&p, "opening", e))
+    }
+
+    pub fn read_object(&self, id: &ObjectId) -> Result<Vec<u8>, BlobStoreError> {
+        let p = self.path_of(id);
+        std::fs::read(&p).map_err(|e| self.io(&p, "reading", e))
+    }
+
+    /// Every object in the store.
+    pub fn ids(&self) -> Result<HashSet<ObjectId>, BlobStoreError> {
+        let dir = self.sha_dir();
+        let mut out = HashSet::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| self.io(&dir, "listing", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| self.io(&dir, "listing", e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Ok(id) = ObjectId::from_digest(&format!("sha256:{name}")) {
+                out.insert(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves `file` (exactly the object's bytes) into the store if its sha256
+    /// is `id`; otherwise leaves it where it is and says what it hashed to.
+    /// `stop` is polled while hashing so a large object does not hold up a
+    /// shutdown. The file must be on the store's file system.
+    pub fn adopt(
+        &self,
+        file: &Path,
+        id: &ObjectId,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<u64, BlobStoreError> {
+        let (actual, len) = hash_file(file, stop)
+            .map_err(|e| self.io(file, "hashing", e))?
+            .ok_or_else(|| BlobStoreError::Interrupted {
+                expected: id.digest(),
+            })?;
+        if actual != *id {
+            return Err(BlobStoreError::Mismatch {
+                expected: id.digest(),
+                actual: actual.digest(),
+                len,
+            });
+        }
+        File::open(file)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| self.io(file, "fsync", e))?;
+        let dest = self.path_of(id);
+        std::fs::rename(file, &dest).map_err(|e| self.io(&dest, "renaming into the store", e))?;
+        let dir = self.sha_dir();
+        fsync_dir(&dir).map_err(|e| self.io(&dir, "fsync", e))?;
+        Ok(len)
+    }
+
+    /// Stores bytes already in memory (small objects, tests).
+    pub fn insert_bytes(&self, bytes: &[u8]) -> Result<ObjectId, BlobStoreError> {
+        let id = ObjectId::of_bytes(bytes);
+        if self.contains(&id) {
+            return Ok(id);
+        }
+        let tmp = self
+            .tmp_dir()
+            .join(format!("{}.{}", id.hex(), std::process::id()));
+        std::fs::write(&tmp, bytes).map_err(|e| self.io(&tmp, "writing", e))?;
+        self.adopt(&tmp, &id, &|| false)?;
+        Ok(id)
+    }
+}
+
+/// sha256 and length of a file, streamed; None if `stop` said so midway.
+pub fn hash_file(path: &Path, stop: &dyn Fn() -> bool) -> std::io::Result<Option<(ObjectId, u64)>> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; HASH_BUFFER];
+    let mut len = 0u64;
+    loop {
+        if stop() {
+            return Ok(None);
+        }
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok(Some((ObjectId(hasher.finalize().into()), len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verified_file_enters_under_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let f = dir.path().join("incoming");
+        std::fs::write(&f, b"layer bytes").unwrap();
+        let id = ObjectId::of_bytes(b"layer bytes");
+        assert!(!store.contains(&id));
+        assert_eq!(store.adopt(&f, &id, &|| false).unwrap(), 11);
+        assert!(store.contains(&id));
+        assert!(!f.exists());
+        assert_eq!(store.read_object(&id).unwrap(), b"layer bytes");
+        assert_eq!(store.ids().unwrap(), HashSet::from([id]));
+    }
+
+    #[test]
+    fn mismatching_file_is_refused_and_named_by_both_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let f = dir.path().join("incoming");
+        std::fs::write(&f, b"corrupted").unwrap();
+        let id = ObjectId::of_bytes(b"original");
+        let err = store.adopt(&f, &id, &|| false).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, BlobStoreError::Mismatch { .. }));
+        assert!(msg.contains(&id.digest()), "{msg}");
+        assert!(
+            msg.contains(&ObjectId::of_bytes(b"corrupted").digest()),
+            "{msg}"
+        );
+        assert!(!store.contains(&id));
+        assert!(store.ids().unwrap().is_empty());
+    }
+
+    #[test]
+    fn stale_temporary_files_are_cleared_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        std::fs::write(store.tmp_dir().join("half"), b"x").unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn hashing_stops_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let f = dir.path().join("incoming");
+        std::fs::write(&f, b"abc").unwrap();
+        let err = store
+            .adopt(&f, &ObjectId::of_bytes(b"abc"), &|| true)
+            .unwrap_err();
+        assert!(matches!(err, BlobStoreError::Interrupted { .. }));
+        assert!(f.exists());
+    }
+}

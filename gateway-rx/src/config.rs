@@ -1,0 +1,609 @@
+//! The receiver's configuration: one TOML file, one serde type.
+//!
+//! Published keys (issue 4) and the defaults added since:
+//!
+//! ```toml
+//! state_dir = "/var/lib/weir/rx"        # sled db, shard staging, blob store, status.json
+//!
+//! [link]
+//! transport = "udp"                     # "udp" (serial and dir: not in this build yet)
+//! udp_listen = "0.0.0.0:7700"
+//! datagram_size = 1400                  # default; largest frame accepted, bytes
+//!
+//! [[auth.keys]]                         # every key the sender may sign with
+//! id = 1
+//! file = "/etc/weir/keys/1.key"
+//!
+//! [delivery]
+//! registry_url = "https://registry.high.example"   # http:// accepted too
+//! ca_file = "/etc/weir/registry-ca.pem"            # optional, extra trusted CA (PEM)
+//! username = "mirror"                              # optional, with password_file
+//! password_file = "/etc/weir/registry.pass"        # optional
+//! oci_layout = "/var/lib/weir/out"                 # optional; the target when no
+//!                                                  # registry_url (default: state_dir/../out)
+//! retry_max_seconds = 300       # default; backoff cap while the registry is down or 5xx
+//! retry_refused_seconds = 1800  # default; retry period after a 4xx (auth, quota)
+//! [[delivery.mapping]]          # optional; first matching prefix rewrites the repository
+//! from = "library/"
+//! to = "mirror/library/"
+//!
+//! [notify]
+//! webhook_url = "http://chat.example/hooks/weir"   # optional; JSON POST per image
+//! timeout_seconds = 10                             # default
+//! ```
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use weir_proto::{Key, KeyRing};
+
+/// Default largest frame accepted: an Ethernet MTU less IP/UDP headers, rounded.
+pub const DEFAULT_DATAGRAM_SIZE: usize = 1400;
+/// Default cap of the backoff while a registry is down or answers 5xx.
+pub const DEFAULT_RETRY_MAX_SECONDS: u64 = 300;
+/// Default retry period after a 4xx: an operator has to fix something first.
+pub const DEFAULT_RETRY_REFUSED_SECONDS: u64 = 1800;
+/// Default time a webhook call may take before it is abandoned.
+pub const DEFAULT_WEBHOOK_TIMEOUT_SECONDS: u64 = 10;
+
+/// Why a configuration was refused; every variant names the file, and the
+/// field where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+/// gateway-rx configuration (`gateway-rx --config FILE`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RxConfig {
+    /// Where all receiver state lives: `db/` (sled), `staging/` (shards being
+    /// received), `blobs/sha256/` (verified objects), `status.json`.
+    pub state_dir: PathBuf,
+    pub link: LinkConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub notify: NotifyConfig,
+    /// The file this configuration was read from, for error messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Udp,
+    Serial,
+    Dir,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    pub transport: Transport,
+    /// Address to receive datagrams on (transport = "udp").
+    pub udp_listen: Option<SocketAddr>,
+    /// Largest frame accepted, in bytes; longer datagrams are dropped.
+    #[serde(default = "default_datagram_size")]
+    pub datagram_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub keys: Vec<KeyFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    pub id: u16,
+    /// Hex secret, mode 0600 (see `weir_proto::Key::load`).
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// `http://host[:port]` or `https://host[:port]`; without it images go to
+    /// the OCI layout directory.
+    pub registry_url: Option<String>,
+    /// Extra CA certificate (PEM) trusted for the registry.
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    /// File holding the registry password (one line; trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+    /// OCI image layout directory. Used when there is no registry_url
+    /// (default `state_dir/../out`), and in addition to the registry when set
+    /// explicitly next to one.
+    pub oci_layout: Option<PathBuf>,
+    #[serde(default = "default_retry_max_seconds")]
+    pub retry_max_seconds: u64,
+    #[serde(default = "default_retry_refused_seconds")]
+    pub retry_refused_seconds: u64,
+    #[serde(default)]
+    pub mapping: Vec<RepositoryMapping>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            registry_url: None,
+            ca_file: None,
+            username: None,
+            password_file: None,
+            oci_layout: None,
+            retry_max_seconds: DEFAULT_RETRY_MAX_SECONDS,
+            retry_refused_seconds: DEFAULT_RETRY_REFUSED_SECONDS,
+            mapping: Vec::new(),
+        }
+    }
+}
+
+/// Rewrites a destination repository that starts with `from`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryMapping {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    pub webhook_url: Option<String>,
+    #[serde(default = "default_webhook_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            webhook_url: None,
+            timeout_seconds: DEFAULT_WEBHOOK_TIMEOUT_SECONDS,
+        }
+    }
+}
+
+fn default_datagram_size() -> usize {
+    DEFAULT_DATAGRAM_SIZE
+}
+fn default_retry_max_seconds() -> u64 {
+    DEFAULT_RETRY_MAX_SECONDS
+}
+fn default_retry_refused_seconds() -> u64 {
+    DEFAULT_RETRY_REFUSED_SECONDS
+}
+fn default_webhook_timeout_seconds() -> u64 {
+    DEFAULT_WEBHOOK_TIMEOUT_SECONDS
+}
+
+/// A parsed `registry_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryEndpoint {
+    /// `host[:port]`, as a reference's registry part.
+    pub host: String,
+    /// Plain HTTP (`http://` URL).
+    pub insecure: bool,
+}
+
+/// Registry credentials read from the configured files.
+#[derive(Clone)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RxConfig {
+    /// Reads, parses and validates `path` (key files are loaded too).
+    pub fn load(path: &Path) -> Result<RxConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating; `path` is named in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<RxConfig, ConfigError> {
+        let mut config: RxConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.source = path.to_path_buf();
+        Ok(config)
+    }
+
+    fn invalid(&self, field: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source.clone(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Checks every field that can be checked without starting anything.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(self.invalid("state_dir", "must not be empty"));
+        }
+        match self.link.transport {
+            Transport::Udp => {
+                if self.link.udp_listen.is_none() {
+                    return Err(
+                        self.invalid("link.udp_listen", "required when link.transport = \"udp\"")
+                    );
+                }
+            }
+            Transport::Serial | Transport::Dir => {
+                let name = if self.link.transport == Transport::Serial {
+                    "serial"
+                } else {
+                    "dir"
+                };
+                return Err(self.invalid(
+                    "link.transport",
+                    format!("\"{name}\" is not supported by this build yet; use \"udp\""),
+                ));
+            }
+        }
+        if !(64..=65_507).contains(&self.link.datagram_size) {
+            return Err(self.invalid(
+                "link.datagram_size",
+                format!("{} is outside 64..=65507", self.link.datagram_size),
+            ));
+        }
+        self.key_ring()?;
+        self.registry_endpoint()?;
+        self.registry_credentials()?;
+        if let Some(ca) = &self.delivery.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| self.invalid("delivery.ca_file", format!("{}: {e}", ca.display())))?;
+            if !pem
+                .windows(b"BEGIN CERTIFICATE".len())
+                .any(|w| w == b"BEGIN CERTIFICATE")
+            {
+                return Err(self.invalid(
+                    "delivery.ca_file",
+                    format!("{}: no PEM certificate in it", ca.display()),
+                ));
+            }
+            if self.delivery.registry_url.is_none() {
+                return Err(self.invalid("delivery.ca_file", "set without delivery.registry_url"));
+            }
+        }
+        if self.delivery.retry_max_seconds == 0 {
+            return Err(self.invalid("delivery.retry_max_seconds", "must be at least 1"));
+        }
+        if self.delivery.retry_refused_seconds == 0 {
+            return Err(self.invalid("delivery.retry_refused_seconds", "must be at least 1"));
+        }
+        for (i, m) in self.delivery.mapping.iter().enumerate() {
+            if m.from.is_empty() {
+                return Err(
+                    self.invalid(&format!("delivery.mapping[{i}].from"), "must not be empty")
+                );
+            }
+        }
+        if let Some(url) = &self.notify.webhook_url {
+            match reqwest::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                Ok(u) => {
+                    return Err(self.invalid(
+                        "notify.webhook_url",
+                        format!("scheme {:?} is not http or https", u.scheme()),
+                    ))
+                }
+                Err(e) => return Err(self.invalid("notify.webhook_url", e.to_string())),
+            }
+        }
+        if self.notify.timeout_seconds == 0 {
+            return Err(self.invalid("notify.timeout_seconds", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Loads every configured key.
+    pub fn key_ring(&self) -> Result<KeyRing, ConfigError> {
+        if self.auth.keys.is_empty() {
+            return Err(self.invalid("auth.keys", "at least one key is required"));
+        }
+        let mut keys = Vec::with_capacity(self.auth.keys.len());
+        for (i, k) in self.auth.keys.iter().enumerate() {
+            let key = Key::load(k.id, &k.file)
+                .map_err(|e| self.invalid(&format!("auth.keys[{i}].file"), e.to_string()))?;
+            keys.push(key);
+        }
+        KeyRing::new(keys).map_err(|e| self.invalid("auth.keys", e.to_string()))
+    }
+
+    /// The registry to push to, if any.
+    pub fn registry_endpoint(&self) -> Result<Option<RegistryEndpoint>, ConfigError> {
+        let Some(raw) = &self.delivery.registry_url else {
+            return Ok(None);
+        };
+        let field = "delivery.registry_url";
+        let url =
+            reqwest::Url::parse(raw).map_err(|e| self.invalid(field, format!("{raw:?}: {e}")))?;
+        let insecure = match url.scheme() {
+            "http" => true,
+            "https" => false,
+            other => {
+                return Err(self.invalid(field, format!("scheme {other:?} is not http or https")))
+            }
+        };
+        if !(url.path().is_empty() || url.path() == "/") || url.query().is_some() {
+            return Err(self.invalid(
+                field,
+                format!("{raw:?}: only scheme://host[:port] is accepted (no path)"),
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(self.invalid(
+                field,
+                "put credentials in username/password_file, not the URL",
+            ));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| self.invalid(field, format!("{raw:?} has no host")))?;
+        let host = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        };
+        Ok(Some(RegistryEndpoint { host, insecure }))
+    }
+
+    /// Username and password when both are configured.
+    pub fn registry_credentials(&self) -> Result<Option<RegistryCredentials>, ConfigError> {
+        match (&self.delivery.username, &self.delivery.password_file) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(self.invalid(
+                "delivery.password_file",
+                "required when delivery.username is set",
+            )),
+            (None, Some(_)) => Err(self.invalid(
+                "delivery.username",
+                "required when delivery.password_file is set",
+            )),
+            (Some(user), Some(file)) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    self.invalid("delivery.password_file", format!("{}: {e}", file.display()))
+                })?;
+                let password = text.trim_end_matches(['\r', '\n']).to_string();
+                if password.is_empty() {
+                    return Err(self.invalid(
+                        "delivery.password_file",
+                        format!("{} is empty", file.display()),
+                    ));
+                }
+                Ok(Some(RegistryCredentials {
+                    username: user.clone(),
+                    password,
+                }))
+            }
+        }
+    }
+
+    /// Where images are exported as an OCI layout, if anywhere: the
+    /// configured directory, or `state_dir/../out` when there is no registry.
+    pub fn layout_dir(&self) -> Option<PathBuf> {
+        if let Some(dir) = &self.delivery.oci_layout {
+            return Some(dir.clone());
+        }
+        if self.delivery.registry_url.is_some() {
+            return None;
+        }
+        Some(match self.state_dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.join("out"),
+            _ => self.state_dir.join("out"),
+        })
+    }
+
+    /// The destination repository after mapping.
+    pub fn map_repository(&self, repository: &str) -> String {
+        for m in &self.delivery.mapping {
+            if let Some(rest) = repository.strip_prefix(&m.from) {
+                return format!("{}{}", m.to, rest);
+            }
+        }
+        repository.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn key_file(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, "ab".repeat(32)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    fn write_config(dir: &Path, body: &str) -> PathBuf {
+        let p = dir.join("rx.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    fn minimal(dir: &Path) -> String {
+        let key = key_file(dir, "1.key");
+        format!(
+            "state_dir = \"{}/state\"\n[link]\ntransport = \"udp\"\nudp_listen = \"127.0.0.1:7700\"\n\
+             [[auth.keys]]\nid = 1\nfile = \"{}\"\n",
+            dir.display(),
+            key.display()
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_config(dir.path(), &minimal(dir.path()));
+        let c = RxConfig::load(&p).unwrap();
+        assert_eq!(c.link.datagram_size, 1400);
+        assert_eq!(c.delivery.retry_max_seconds, 300);
+        assert_eq!(c.delivery.retry_refused_seconds, 1800);
+        assert_eq!(c.layout_dir(), Some(dir.path().join("out")));
+        assert_eq!(c.registry_endpoint().unwrap(), None);
+        assert_eq!(c.key_ring().unwrap().ids(), vec![1]);
+    }
+
+    #[test]
+    fn example_file_is_valid_in_form() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/rx.toml"))
+                .unwrap();
+        let c = RxConfig::parse(&text, Path::new("examples/rx.toml")).unwrap();
+        assert_eq!(c.link.transport, Transport::Udp);
+        assert_eq!(
+            c.registry_endpoint().unwrap(),
+            Some(RegistryEndpoint {
+                host: "registry.high.example".into(),
+                insecure: false
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_refused_naming_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_config(
+            dir.path(),
+            &format!("{}\n[delivery]\nregistry = \"x\"\n", minimal(dir.path())),
+        );
+        let err = RxConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("rx.toml") && err.contains("registry"), "{err}");
+    }
+
+    #[test]
+    fn udp_without_listen_address_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = minimal(dir.path()).replace("udp_listen = \"127.0.0.1:7700\"\n", "");
+        let err = RxConfig::load(&write_config(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("link.udp_listen"), "{err}");
+    }
+
+    #[test]
+    fn serial_transport_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = minimal(dir.path()).replace("\"udp\"", "\"serial\"");
+        let err = RxConfig::load(&write_config(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("link.transport") && err.contains("not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_key_file_names_the_key_field_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = minimal(dir.path()).replace("1.key", "missing.key");
+        let err = RxConfig::load(&write_config(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.keys[0].file") && err.contains("missing.key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn registry_url_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |url: &str| {
+            let text = format!(
+                "{}[delivery]\nregistry_url = \"{url}\"\n",
+                minimal(dir.path())
+            );
+            RxConfig::load(&write_config(dir.path(), &text))
+        };
+        let c = with("http://127.0.0.1:5000").unwrap();
+        assert_eq!(
+            c.registry_endpoint().unwrap(),
+            Some(RegistryEndpoint {
+                host: "127.0.0.1:5000".into(),
+                insecure: true
+            })
+        );
+        assert_eq!(c.layout_dir(), None);
+        for bad in ["ftp://x", "https://x/v2/", "not a url"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("delivery.registry_url"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn username_needs_password_file_and_password_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{}[delivery]\nusername = \"mirror\"\n", minimal(dir.path()));
+        let err = RxConfig::load(&write_config(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("delivery.password_file"), "{err}");
+
+        let pass = dir.path().join("pass");
+        std::fs::write(&pass, "s3cret\n").unwrap();
+        let text = format!(
+            "{}[delivery]\nusername = \"mirror\"\npassword_file = \"{}\"\n",
+            minimal(dir.path()),
+            pass.display()
+        );
+        let c = RxConfig::load(&write_config(dir.path(), &text)).unwrap();
+        let creds = c.registry_credentials().unwrap().unwrap();
+        assert_eq!(creds.password, "s3cret");
+        assert!(!format!("{creds:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn mapping_rewrites_first_matching_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}[[delivery.mapping]]\nfrom = \"library/\"\nto = \"mirror/\"\n[[delivery.mapping]]\nfrom = \"\"\nto = \"x\"\n",
+            minimal(dir.path())
+        );
+        let err = RxConfig::load(&write_config(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("delivery.mapping[1].from"), "{err}");
+        let text = format!(
+            "{}[[delivery.mapping]]\nfrom = \"library/\"\nto = \"mirror/\"\n",
+            minimal(dir.path())
+        );
+        let c = RxConfig::load(&write_config(dir.path(), &text)).unwrap();
+        assert_eq!(c.map_repository("library/alpine"), "mirror/alpine");
+        assert_eq!(c.map_repository("team/app"), "team/app");
+    }
+}

@@ -1,0 +1,597 @@
+//! Images: an image is complete when its image object (a transfer manifest)
+//! and every blob it names are verified in the blob store. Completion
+//! queues one delivery per target, durably, and exactly once.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::Notify;
+use weir_proto::{ObjectId, ObjectKind, TransferManifest};
+
+use crate::blobs::BlobStore;
+use crate::config::RxConfig;
+use crate::delivery::{DeliveryJob, DeliveryQueue, JobState, Target};
+use crate::state::{now_ms, StateDb, StateError};
+use crate::status::{Counters, ImageProgress, ObjectProgress};
+
+const IMAGES_TREE: &str = "images";
+const VERIFIED_TREE: &str = "verified_objects";
+/// Complete images listed in the status besides those still arriving.
+const RECENT_COMPLETE: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("image object {image}: {reason}")]
+    Invalid { image: String, reason: String },
+    #[error("image object {image}: {source}")]
+    Store {
+        image: String,
+        #[source]
+        source: crate::blobs::BlobStoreError,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageState {
+    Receiving,
+    Complete,
+}
+
+/// What the ledger keeps of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// `sha256:` id of the image object.
+    pub image: String,
+    /// Destination repository after mapping.
+    pub repository: String,
+    pub tags: Vec<String>,
+    pub manifest_digest: String,
+    /// (digest, size) of every blob the image needs.
+    pub blobs: Vec<(String, u64)>,
+    pub state: ImageState,
+    pub first_frame_ms: u64,
+    pub complete_at_ms: Option<u64>,
+}
+
+impl ImageRecord {
+    pub fn reference(&self) -> String {
+        match self.tags.first() {
+            Some(t) => format!("{}:{}", self.repository, t),
+            None => format!("{}@{}", self.repository, self.manifest_digest),
+        }
+    }
+}
+
+/// When an object was first seen and verified; `claimed` once an image's
+/// completion counted it, so a base layer shared with a later image does
+/// not make that image look days old.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct VerifiedObject {
+    kind: ObjectKind,
+    first_seen_ms: u64,
+    verified_ms: u64,
+    claimed: bool,
+}
+
+/// The images the receiver knows of and their completion.
+pub struct ImageLedger {
+    db: StateDb,
+    images: sled::Tree,
+    verified: sled::Tree,
+    store: BlobStore,
+    queue: DeliveryQueue,
+    targets: Vec<Target>,
+    mapping: Vec<(String, String)>,
+    counters: Arc<Counters>,
+    wake: Option<Arc<Notify>>,
+}
+
+impl ImageLedger {
+    pub fn open(
+        db: &StateDb,
+        store: BlobStore,
+        queue: DeliveryQueue,
+        config: &RxConfig,
+        counters: Arc<Counters>,
+        wake: Option<Arc<Notify>>,
+    ) -> Result<ImageLedger, LedgerError> {
+        Ok(ImageLedger {
+            db: db.clone(),
+            images: db.tree(IMAGES_TREE)?,
+            verified: db.tree(VERIFIED_TREE)?,
+            store,
+            queue,
+            targets: crate::delivery::targets(config),
+            mapping: config
+                .delivery
+                .mapping
+                .iter()
+                .map(|m| (m.from.clone(), m.to.clone()))
+                .collect(),
+            counters,
+            wake,
+        })
+    }
+
+    fn map_repository(&self, repository: &str) -> String {
+        for (from, to) in &self.mapping {
+            if let Some(rest) = repository.strip_prefix(from.as_str()) {
+                return format!("{to}{rest}");
+            }
+        }
+        repository.to_string()
+    }
+
+    /// An object entered the blob store. Returns the images this completed.
+    pub fn object_verified(
+        &self,
+        id: ObjectId,
+        kind: ObjectKind,
+        first_seen_ms: u64,
+    ) -> Result<Vec<ObjectId>, LedgerError> {
+        let v = VerifiedObject {
+            kind,
+            first_seen_ms,
+            verified_ms: now_ms(),
+            claimed: false,
+        };
+        let value = serde_json::to_vec(&v).map_err(|e| self.db.corrupt(id.digest(), e))?;
+        // Keep an existing record: it may be claimed already.
+        let _ = self
+            .verified
+            .compare_and_swap(&id.0[..], None as Option<&[u8]>, Some(value))
+            .map_err(|e| self.db.sled_error(e))?;
+        let mut completed = Vec::new();
+        match kind {
+            ObjectKind::Image => {
+                let record = self.register(id, first_seen_ms)?;
+                if record.state == ImageState::Receiving && self.try_complete(id, record)? {
+                    completed.push(id);
+                }
+            }
+            ObjectKind::Blob => {
+                let digest = id.digest();
+                for (image, record) in self.receiving()? {
+                    if record.blobs.iter().any(|(d, _)| *d == digest)
+                        && self.try_complete(image, record)?
+                    {
+                        completed.push(image);
+                    }
+                }
+            }
+        }
+        self.db.commit()?;
+        Ok(completed)
+    }
+
+    /// Records a newly verified image object.
+    fn register(&self, id: ObjectId, first_seen_ms: u64) -> Result<ImageRecord, LedgerError> {
+        if let Some(existing) = self.get(&id)? {
+            return Ok(existing);
+        }
+        let invalid = |reason: String| LedgerError::Invalid {
+            image: id.digest(),
+            reason,
+        };
+        let bytes = self
+            .store
+            .read_object(&id)
+            .map_err(|source| LedgerError::Store {
+                image: id.digest(),
+                source,
+            })?;
+        let tm = TransferManifest::from_object_bytes(&bytes)
+            .map_err(|e| invalid(format!("not a transfer manifest: {e}")))?;
+        for m in tm.children.iter().chain(std::iter::once(&tm.manifest)) {
+            if ObjectId::from_digest(&m.digest).ok() != Some(ObjectId::of_bytes(&m.bytes)) {
+                return Err(invalid(format!(
+                    "manifest bytes do not hash to {}",
+                    m.digest
+                )));
+            }
+        }
+        let mut blobs = Vec::with_capacity(tm.blobs.len());
+        for b in &tm.blobs {
+            ObjectId::from_digest(&b.digest).map_err(|e| invalid(e.to_string()))?;
+            blobs.push((b.digest.clone(), b.size));
+        }
+        let record = ImageRecord {
+            image: id.digest(),
+            repository: self.map_repository(&tm.destination.repository),
+            tags: tm.destination.tags.clone(),
+            manifest_digest: tm.manifest.digest.clone(),
+            blobs,
+            state: ImageState::Receiving,
+            first_frame_ms: first_seen_ms,
+            complete_at_ms: None,
+        };
+        tracing::info!(digest = %record.manifest_digest, image = %record.image,
+            reference = %record.reference(), blobs = record.blobs.len(),
+            source = %tm.origin.source, "image object verified");
+        self.put(&id, &record)?;
+        Ok(record)
+    }
+
+    fn get(&self, id: &ObjectId) -> Result<Option<ImageRecord>, LedgerError> {
+        match self.images.get(id.0).map_err(|e| self.db.sled_error(e))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                serde_json::from_slice(&v).map_err(|e| self.db.corrupt(id.digest(), e))?,
+            )),
+        }
+    }
+
+    fn put(&self, id: &ObjectId, record: &ImageRecord) -> Result<(), LedgerError> {
+        let v = serde_json::to_vec(record).map_err(|e| self.db.corrupt(id.digest(), e))?;
+        self.images
+            .insert(id.0, v)
+            .map_err(|e| self.db.sled_error(e))?;
+        Ok(())
+    }
+
+    fn all(&self) -> Result<Vec<(ObjectId, ImageRecord)>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.images.iter() {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let Ok(raw) = <[u8; 32]>::try_from(&k[..]) else {
+                continue;
+            };
+            let record: ImageRecord =
+                serde_json::from_slice(&v).map_err(|e| self.db.corrupt(hex::encode(&k), e))?;
+            out.push((ObjectId(raw), record));
+        }
+        Ok(out)
+    }
+
+    fn receiving(&self) -> Result<Vec<(ObjectId, ImageRecord)>, LedgerError> {
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter(|(_, r)| r.state == ImageState::Receiving)
+            .collect())
+    }
+
+    /// Completes the image if all its blobs are verified: queues its
+    /// deliveries (idempotently, so a crash and a second call change
+    /// nothing), then marks it complete.
+    fn try_complete(&self, id: ObjectId, mut record: ImageRecord) -> Result<bool, LedgerError> {
+        let mut needed = Vec::with_capacity(record.blobs.len());
+        for (digest, _) in &record.blobs {
+            let blob = ObjectId::from_digest(digest).map_err(|e| LedgerError::Invalid {
+                image: record.image.clone(),
+                reason: e.to_string(),
+            })?;
+            if !self.store.contains(&blob) {
+                return Ok(false);
+            }
+            needed.push(blob);
+        }
+        // The first frame of this image: its image object and the blobs no
+        // earlier image accounted for.
+        let mut first = record.first_frame_ms;
+        for blob in needed.iter().chain(std::iter::once(&id)) {
+            if let Some(v) = self
+                .verified
+                .get(blob.0)
+                .map_err(|e| self.db.sled_error(e))?
+            {
+                if let Ok(mut vo) = serde_json::from_slice::<VerifiedObject>(&v) {
+                    if !vo.claimed {
+                        first = first.min(vo.first_seen_ms);
+                        vo.claimed = true;
+                        let v = serde_json::to_vec(&vo)
+                            .map_err(|e| self.db.corrupt(blob.digest(), e))?;
+                        self.verified
+                            .insert(blob.0, v)
+                            .map_err(|e| self.db.sled_error(e))?;
+                    }
+                }
+            }
+        }
+        let now = now_ms();
+        for &target in &self.targets {
+            self.queue.enqueue(&DeliveryJob {
+                image: record.image.clone(),
+                target,
+                repository: record.repository.clone(),
+                tags: record.tags.clone(),
+                manifest_digest: record.manifest_digest.clone(),
+                first_frame_ms: first,
+                enqueued_ms: now,
+                state: JobState::Pending,
+                attempts: 0,
+                failures: 0,
+                next_attempt_ms: 0,
+                failure: None,
+                last_error: None,
+                tags_done: Vec::new(),
+                done_ms: None,
+            })?;
+        }
+        // Jobs durable before the image says complete.
+        self.db.commit()?;
+        record.state = ImageState::Complete;
+        record.first_frame_ms = first;
+        record.complete_at_ms = Some(now);
+        self.put(&id, &record)?;
+        self.db.commit()?;
+        Counters::add(&self.counters.images_complete, 1);
+        tracing::info!(
+            digest = %record.manifest_digest, image = %record.image, reference = %record.reference(),
+            blobs = record.blobs.len(), seconds_from_first_frame = now.saturating_sub(first) as f64 / 1000.0,
+            targets = ?self.targets.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            "image complete; queued for delivery"
+        );
+        if let Some(w) = &self.wake {
+            w.notify_one();
+        }
+        Ok(true)
+    }
+
+    /// Completes whatever a crash left between "last blob verified" and
+    /// "image complete". Run at startup.
+    pub fn recheck(&self) -> Result<Vec<ObjectId>, LedgerError> {
+        let mut completed = Vec::new();
+        for (id, record) in self.receiving()? {
+            if self.try_complete(id, record)? {
+                completed.push(id);
+            }
+        }
+        // Image objects verified but not registered (a crash in between, or
+        // an invalid one, which is reported again).
+        for item in self.verified.iter() {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let Ok(raw) = <[u8; 32]>::try_from(&k[..]) else {
+                continue;
+            };
+            let id = ObjectId(raw);
+            let Ok(vo) = serde_json::from_slice::<VerifiedObject>(&v) else {
+                continue;
+            };
+            if vo.kind != ObjectKind::Image
+                || self
+                    .images
+                    .contains_key(id.0)
+                    .map_err(|e| self.db.sled_error(e))?
+            {
+                continue;
+            }
+            match self.register(id, vo.first_seen_ms) {
+                Ok(record) => {
+                    if record.state == ImageState::Receiving && self.try_complete(id, record)? {
+                        completed.push(id);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(image = %id, error = %e, "image object cannot be delivered")
+                }
+            }
+        }
+        self.db.commit()?;
+        Ok(completed)
+    }
+
+    /// Per-image progress: verified blobs, plus the share of blobs still
+    /// arriving.
+    pub fn progress(&self, arriving: &[ObjectProgress]) -> Result<Vec<ImageProgress>, LedgerError> {
+        let by_id: HashMap<&str, &ObjectProgress> =
+            arriving.iter().map(|o| (o.id.as_str(), o)).collect();
+        let mut all = self.all()?;
+        all.sort_by_key(|(_, r)| std::cmp::Reverse(r.complete_at_ms.unwrap_or(u64::MAX)));
+        let mut out = Vec::new();
+        let mut complete_shown = 0;
+        for (_, r) in all {
+            if r.state == ImageState::Complete {
+                if complete_shown == RECENT_COMPLETE {
+                    continue;
+                }
+                complete_shown += 1;
+            }
+            let mut p = ImageProgress {
+                image: r.image.clone(),
+                reference: r.reference(),
+                manifest_digest: r.manifest_digest.clone(),
+                blobs_total: r.blobs.len() as u64,
+                blobs_done: 0,
+                bytes_total: r.blobs.iter().map(|(_, s)| s).sum(),
+                bytes_done: 0,
+                percent: 0.0,
+                passes_seen: 0.0,
+                state: match r.state {
+                    ImageState::Receiving => "receiving",
+                    ImageState::Complete => "complete",
+                }
+                .to_string(),
+                first_frame_ms: r.first_frame_ms,
+                complete_at_ms: r.complete_at_ms,
+            };
+            for (digest, size) in &r.blobs {
+                let done = r.state == ImageState::Complete
+                    || ObjectId::from_digest(digest).is_ok_and(|id| self.store.contains(&id));
+                if done {
+                    p.blobs_done += 1;
+                    p.bytes_done += size;
+                } else if let Some(o) = by_id.get(digest.as_str()) {
+                    p.bytes_done += o.bytes_done().min(*size);
+                    p.passes_seen = p.passes_seen.max(o.passes_seen);
+                }
+            }
+            p.percent = if p.bytes_total > 0 {
+                100.0 * p.bytes_done as f64 / p.bytes_total as f64
+            } else if p.blobs_total > 0 {
+                100.0 * p.blobs_done as f64 / p.blobs_total as f64
+            } else {
+                100.0
+            };
+            out.push(p);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::tests::sample_image;
+    use std::path::Path;
+
+    fn config(root: &Path, extra: &str) -> RxConfig {
+        let text = format!(
+            "state_dir = \"{}/state\"\n[link]\ntransport = \"udp\"\nudp_listen = \"127.0.0.1:0\"\n\
+             [[auth.keys]]\nid = 1\nfile = \"/nonexistent\"\n{extra}",
+            root.display()
+        );
+        RxConfig::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        db: StateDb,
+        store: BlobStore,
+        queue: DeliveryQueue,
+        counters: Arc<Counters>,
+        config: RxConfig,
+    }
+
+    fn rig(extra: &str) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("db")).unwrap();
+        let store = BlobStore::open(&dir.path().join("blobs")).unwrap();
+        let queue = DeliveryQueue::open(&db).unwrap();
+        let config = config(dir.path(), extra);
+        Rig {
+            _dir: dir,
+            db,
+            store,
+            queue,
+            counters: Arc::new(Counters::default()),
+            config,
+        }
+    }
+
+    impl Rig {
+        fn ledger(&self) -> ImageLedger {
+            ImageLedger::open(
+                &self.db,
+                self.store.clone(),
+                self.queue.clone(),
+                &self.config,
+                self.counters.clone(),
+                None,
+            )
+            .unwrap()
+        }
+    }
+
+    #[test]
+    fn image_completes_when_its_object_and_every_blob_are_verified_in_any_order() {
+        let r = rig("[delivery]\nregistry_url = \"http://127.0.0.1:1\"\noci_layout = \"/tmp/x\"\n[[delivery.mapping]]\nfrom = \"team/\"\nto = \"mirror/\"\n");
+        let ledger = r.ledger();
+        // Blobs are built in a scratch store so "verified" can be staged one by one.
+        let scratch_dir = tempfile::tempdir().unwrap();
+        let scratch = BlobStore::open(scratch_dir.path()).unwrap();
+        let (tm, blob_ids) = sample_image(&scratch, "team/app", &["1.0"], 2, 500);
+        scratch.insert_bytes(&tm.to_object_bytes()).unwrap();
+        let verify = |id: &ObjectId, kind| {
+            r.store
+                .insert_bytes(&scratch.read_object(id).unwrap())
+                .unwrap();
+            ledger.object_verified(*id, kind, 1000).unwrap()
+        };
+        // One blob first, then the image object, then the rest.
+        assert!(verify(&blob_ids[0], ObjectKind::Blob).is_empty());
+        let image = ObjectId::of_bytes(&tm.to_object_bytes());
+        assert!(verify(&image, ObjectKind::Image).is_empty());
+        assert!(verify(&blob_ids[1], ObjectKind::Blob).is_empty());
+        assert_eq!(verify(&blob_ids[2], ObjectKind::Blob), vec![image]);
+        assert_eq!(
+            r.counters
+                .images_complete
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        let jobs = r.queue.all().unwrap();
+        assert_eq!(jobs.len(), 2, "one job per target");
+        for j in &jobs {
+            assert_eq!(j.repository, "mirror/app");
+            assert_eq!(j.manifest_digest, tm.manifest.digest);
+        }
+        // Completing again (a crash replay) queues nothing new.
+        assert!(ledger.recheck().unwrap().is_empty());
+        assert_eq!(r.queue.all().unwrap().len(), 2);
+        let progress = ledger.progress(&[]).unwrap();
+        assert_eq!(progress[0].state, "complete");
+        assert_eq!(progress[0].blobs_done, 3);
+        assert_eq!(progress[0].percent, 100.0);
+    }
+
+    #[test]
+    fn a_crash_between_last_blob_and_completion_is_completed_at_restart() {
+        let r = rig("");
+        let ledger = r.ledger();
+        let (tm, _) = sample_image(&r.store, "team/app", &["1.0"], 1, 100);
+        // The image object entered the store, but the process died before
+        // the ledger heard of it.
+        let image = r.store.insert_bytes(&tm.to_object_bytes()).unwrap();
+        let v = serde_json::to_vec(&VerifiedObject {
+            kind: ObjectKind::Image,
+            first_seen_ms: 5,
+            verified_ms: 6,
+            claimed: false,
+        })
+        .unwrap();
+        ledger.verified.insert(image.0, v).unwrap();
+        assert_eq!(ledger.recheck().unwrap(), vec![image]);
+        assert_eq!(r.queue.all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_image_object_whose_manifest_bytes_do_not_match_is_refused() {
+        let r = rig("");
+        let ledger = r.ledger();
+        let (mut tm, _) = sample_image(&r.store, "team/app", &["1.0"], 1, 100);
+        tm.manifest.bytes.push(b' ');
+        let image = r.store.insert_bytes(&tm.to_object_bytes()).unwrap();
+        let err = ledger
+            .object_verified(image, ObjectKind::Image, 0)
+            .unwrap_err();
+        assert!(err.to_string().contains("do not hash"), "{err}");
+        assert!(r.queue.all().unwrap().is_empty());
+    }
+
+    #[test]
+    fn progress_counts_arriving_blobs_partly() {
+        let r = rig("");
+        let ledger = r.ledger();
+        let scratch_dir = tempfile::tempdir().unwrap();
+        let scratch = BlobStore::open(scratch_dir.path()).unwrap();
+        let (tm, blob_ids) = sample_image(&scratch, "team/app", &["1.0"], 1, 1000);
+        let image = r.store.insert_bytes(&tm.to_object_bytes()).unwrap();
+        ledger.object_verified(image, ObjectKind::Image, 0).unwrap();
+        r.store
+            .insert_bytes(&scratch.read_object(&blob_ids[0]).unwrap())
+            .unwrap();
+        ledger
+            .object_verified(blob_ids[0], ObjectKind::Blob, 0)
+            .unwrap();
+        let layer = &tm.blobs[1];
+        let arriving = ObjectProgress {
+            id: layer.digest.clone(),
+            kind: "blob".into(),
+            len: layer.size,
+            blocks_total: 4,
+            blocks_complete: 2,
+            shards_held: 10,
+            passes_seen: 1.5,
+            first_seen_ms: 0,
+        };
+        let p = &ledger.progress(&[arriving]).unwrap()[0];
+        assert_eq!((p.blobs_done, p.blobs_total), (1, 2));
+        assert_eq!(p.bytes_done, tm.blobs[0].size + layer.size / 2);
+        assert_eq!(p.passes_seen, 1.5);
+        assert_eq!(p.state, "receiving");
+    }
+}

@@ -1,0 +1,112 @@
+//! The link end: receives frames in batches on a thread of its own,
+//! verifies each one, and passes on only what is authentic and new.
+
+use std::net::SocketAddr;
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use weir_proto::{Body, FrameBatch, FrameSource, ObjectHeader, Shutdown, UdpSource};
+
+use crate::config::{RxConfig, Transport};
+use crate::shards::ShardIn;
+use crate::state::now_ms;
+use crate::status::SenderStatus;
+use crate::verify::Verifier;
+
+/// Frames taken from the transport per call.
+const BATCH_FRAMES: usize = 64;
+/// How long a receive waits before checking for shutdown.
+const RECV_WAIT: Duration = Duration::from_millis(200);
+/// How often the loss estimate is published.
+const LOSS_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkSetupError {
+    #[error("link.transport {0:?} is not supported by this build")]
+    Unsupported(Transport),
+    #[error("link.udp_listen is required for the udp transport")]
+    NoListenAddress,
+    #[error("link: {0}")]
+    Link(#[from] weir_proto::LinkError),
+}
+
+/// A frame that passed verification, owned so the batch buffer can be reused.
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    Shard(ShardIn),
+    Header(ObjectHeader),
+}
+
+/// The configured transport, bound. Returns the source and a description
+/// of where it listens (the bound address for udp).
+pub fn open_source(config: &RxConfig) -> Result<(Box<dyn FrameSource>, String), LinkSetupError> {
+    match config.link.transport {
+        Transport::Udp => {
+            let addr: SocketAddr = config
+                .link
+                .udp_listen
+                .ok_or(LinkSetupError::NoListenAddress)?;
+            let source = UdpSource::bind(addr)?;
+            let bound = source.local_addr()?;
+            Ok((Box::new(source), bound.to_string()))
+        }
+        other => Err(LinkSetupError::Unsupported(other)),
+    }
+}
+
+/// Receives until shutdown, handing verified frames to `out` one batch at a
+/// time. Blocks when the store falls behind (the transport's buffer then
+/// takes the excess, and beyond that, loss the carousel will repair).
+pub fn receive(
+    mut source: Box<dyn FrameSource>,
+    mut verifier: Verifier,
+    datagram_size: usize,
+    out: SyncSender<Vec<Inbound>>,
+    sender: Arc<Mutex<Option<SenderStatus>>>,
+    shutdown: Shutdown,
+) {
+    let mut batch = FrameBatch::new(BATCH_FRAMES, datagram_size);
+    let mut last_loss = Instant::now();
+    let mut last_error: Option<Instant> = None;
+    while !shutdown.is_triggered() {
+        if let Err(e) = source.recv(&mut batch, RECV_WAIT) {
+            // Log once a minute at most; keep trying, the link may come back.
+            if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                tracing::error!(error = %e, "link receive failed; retrying");
+                last_error = Some(Instant::now());
+            }
+            shutdown.sleep(Duration::from_millis(500));
+            continue;
+        }
+        let mut frames = Vec::with_capacity(batch.len());
+        for datagram in batch.iter() {
+            let Some(frame) = verifier.admit(datagram) else {
+                continue;
+            };
+            match frame.body {
+                Body::Shard(s) => frames.push(Inbound::Shard(ShardIn::from(&s))),
+                Body::ObjectHeader(h) => frames.push(Inbound::Header(h)),
+                Body::Heartbeat(h) => {
+                    let status = SenderStatus {
+                        received_at_ms: now_ms(),
+                        uptime_s: h.uptime_s,
+                        queued_objects: h.queued_objects,
+                        pass: h.pass,
+                        config_fingerprint: h.config_fingerprint,
+                        sent_frames: h.sent_frames,
+                        session_id: frame.header.session_id,
+                    };
+                    *sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+                }
+            }
+        }
+        if last_loss.elapsed() >= LOSS_EVERY {
+            verifier.publish_loss();
+            last_loss = Instant::now();
+        }
+        if !frames.is_empty() && out.send(frames).is_err() {
+            break; // the store stopped
+        }
+    }
+    verifier.publish_loss();
+}

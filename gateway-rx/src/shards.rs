@@ -1,0 +1,1503 @@
+//! The shard store: verified shards on disk, per-block bitmaps in sled.
+//!
+//! Per object two staging files under `state_dir/staging/`:
+//!
+//! - `<hex>.data`: the object itself, padded to whole blocks. Data shard `i`
+//!   of block `b` lives at `(b·k + i)·S`, which is exactly where its bytes
+//!   belong in the object (the code is systematic), so a block that lost no
+//!   data shard needs no decoding and no second write;
+//! - `<hex>.parity`: parity shard `k + j` of block `b` at `(b·m + j)·S`.
+//!
+//! Shards are written in batches: payloads go to the files, the files are
+//! fsynced, and only then the blocks' bitmaps are committed to sled (itself
+//! fsynced). A bitmap therefore never claims a shard that is not durably on
+//! disk; after a crash the bitmap is the truth and anything written past it
+//! is simply received again.
+//!
+//! A block whose data shards are all in is complete. One that has any `k`
+//! distinct shards (from whichever passes) but misses data shards goes to
+//! the decoder thread ([`decode_block`]), which rebuilds the missing data
+//! shards into the data file; the store then claims them like received
+//! ones. An object whose blocks are all complete goes to the finisher, which
+//! checks its sha256 and moves the data file into the blob store.
+//!
+//! Memory: one batch of payloads (a few MiB) and two bits per shard of the
+//! objects in flight; nothing grows with object size but those bitmaps.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weir_proto::{BlockCodec, FecParams, ObjectId, ObjectKind, ShardFrame};
+
+use crate::state::{fsync_dir, now_ms, StateDb, StateError};
+use crate::status::{Counters, ObjectProgress};
+
+/// Commit when this many payload bytes wait.
+pub const BATCH_BYTES: usize = 4 << 20;
+/// Commit at the latest this long after the first shard of a batch.
+pub const BATCH_WAIT: Duration = Duration::from_millis(50);
+/// Largest single write when coalescing adjacent shards.
+const WRITE_RUN: usize = 1 << 20;
+
+const OBJECTS_TREE: &str = "staging_objects";
+const BLOCKS_TREE: &str = "staging_bitmaps";
+/// Blocks whose bitmaps share one sled value. One key per block would make
+/// a 4 GiB object 100 000 keys, and sled needs hundreds of MiB to delete
+/// that many in one batch; chunks keep the key count (and memory) small.
+const BLOCKS_PER_CHUNK: u32 = 256;
+/// Keys removed per sled batch when an object leaves staging.
+const REMOVE_BATCH: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardStoreError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("staging file {path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> ShardStoreError + 'a {
+    move |source| ShardStoreError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+/// One verified shard, owned (the frame's buffer is reused by the link).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardIn {
+    pub object: ObjectId,
+    pub kind: ObjectKind,
+    pub object_len: u64,
+    pub fec: FecParams,
+    pub block: u32,
+    pub index: u16,
+    pub payload: Vec<u8>,
+}
+
+impl From<&ShardFrame<'_>> for ShardIn {
+    fn from(s: &ShardFrame<'_>) -> Self {
+        ShardIn {
+            object: s.object,
+            kind: s.kind,
+            object_len: s.object_len,
+            fec: s.fec,
+            block: s.block,
+            index: s.index,
+            payload: s.payload.to_vec(),
+        }
+    }
+}
+
+/// What became of a shard offered to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// New: queued for the next commit.
+    Queued,
+    /// Held already, queued already, or its object is complete.
+    Duplicate,
+    /// Its object's length or FEC parameters changed: the object restarted.
+    Conflict,
+}
+
+/// An object's staging record in sled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct ObjectRecord {
+    kind: ObjectKind,
+    len: u64,
+    fec: FecParams,
+    first_seen_ms: u64,
+    /// Shard frames received for it, duplicates included.
+    receptions: u64,
+}
+
+/// The two staging files of one object, shared with the decoder and finisher.
+#[derive(Debug)]
+pub struct StagingFiles {
+    pub data: File,
+    pub parity: File,
+    pub data_path: PathBuf,
+    pub parity_path: PathBuf,
+}
+
+/// A block with at least k shards but missing data shards.
+#[derive(Debug, Clone)]
+pub struct DecodeJob {
+    pub object: ObjectId,
+    pub generation: u64,
+    pub fec: FecParams,
+    pub block: u32,
+    /// Indices of the shards durably held.
+    pub held: Vec<u16>,
+    pub files: Arc<StagingFiles>,
+}
+
+/// An object whose blocks are all complete: to be hashed and stored.
+#[derive(Debug, Clone)]
+pub struct FinishJob {
+    pub object: ObjectId,
+    pub generation: u64,
+    pub kind: ObjectKind,
+    pub len: u64,
+    pub first_seen_ms: u64,
+    pub files: Arc<StagingFiles>,
+}
+
+/// Work the store hands to other threads.
+#[derive(Debug, Clone)]
+pub enum Work {
+    Decode(DecodeJob),
+    Finish(FinishJob),
+}
+
+struct LiveObject {
+    record: ObjectRecord,
+    generation: u64,
+    files: Arc<StagingFiles>,
+    blocks: u32,
+    bitmap_len: usize,
+    /// Committed shards: `blocks × bitmap_len` bytes.
+    held: Vec<u8>,
+    /// Shards in the current batch.
+    queued: Vec<u8>,
+    shards_held: u64,
+    blocks_complete: u32,
+    decoding: HashSet<u32>,
+    finishing: bool,
+    record_dirty: bool,
+}
+
+impl LiveObject {
+    fn k(&self) -> u16 {
+        self.record.fec.data_shards
+    }
+
+    fn total(&self) -> u16 {
+        self.record.fec.total_shards()
+    }
+
+    fn bit(map: &[u8], bitmap_len: usize, block: u32, index: u16) -> bool {
+        let byte = block as usize * bitmap_len + index as usize / 8;
+        map[byte] & (1 << (index % 8)) != 0
+    }
+
+    fn set(map: &mut [u8], bitmap_len: usize, block: u32, index: u16) {
+        let byte = block as usize * bitmap_len + index as usize / 8;
+        map[byte] |= 1 << (index % 8);
+    }
+
+    fn block_bitmap(&self, block: u32) -> &[u8] {
+        let start = block as usize * self.bitmap_len;
+        &self.held[start..start + self.bitmap_len]
+    }
+
+    fn held_in_block(&self, block: u32) -> Vec<u16> {
+        (0..self.total())
+            .filter(|&i| Self::bit(&self.held, self.bitmap_len, block, i))
+            .collect()
+    }
+
+    fn data_complete(&self, block: u32) -> bool {
+        (0..self.k()).all(|i| Self::bit(&self.held, self.bitmap_len, block, i))
+    }
+
+    fn progress(&self, id: &ObjectId) -> ObjectProgress {
+        progress_of(
+            id,
+            &self.record,
+            self.blocks_complete as u64,
+            self.shards_held,
+        )
+    }
+}
+
+fn progress_of(
+    id: &ObjectId,
+    r: &ObjectRecord,
+    blocks_complete: u64,
+    shards_held: u64,
+) -> ObjectProgress {
+    let blocks_total = r.fec.blocks_for(r.len) as u64;
+    let per_pass = blocks_total * r.fec.total_shards() as u64;
+    ObjectProgress {
+        id: id.digest(),
+        kind: kind_name(r.kind).to_string(),
+        len: r.len,
+        blocks_total,
+        blocks_complete,
+        shards_held,
+        passes_seen: if per_pass == 0 {
+            0.0
+        } else {
+            r.receptions as f64 / per_pass as f64
+        },
+        first_seen_ms: r.first_seen_ms,
+    }
+}
+
+pub fn kind_name(kind: ObjectKind) -> &'static str {
+    match kind {
+        ObjectKind::Blob => "blob",
+        ObjectKind::Image => "image",
+    }
+}
+
+fn chunk_key(id: &ObjectId, chunk: u32) -> [u8; 36] {
+    let mut k = [0u8; 36];
+    k[..32].copy_from_slice(&id.0);
+    k[32..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+/// The blocks a chunk covers.
+fn chunk_blocks(chunk: u32, blocks: u32) -> std::ops::Range<u32> {
+    let start = chunk.saturating_mul(BLOCKS_PER_CHUNK).min(blocks);
+    start..(start.saturating_add(BLOCKS_PER_CHUNK)).min(blocks)
+}
+
+struct PendingShard {
+    object: ObjectId,
+    block: u32,
+    index: u16,
+    payload: Vec<u8>,
+}
+
+/// Shards of objects in flight, on disk, claimed in sled.
+pub struct ShardStore {
+    db: StateDb,
+    objects: sled::Tree,
+    blocks: sled::Tree,
+    dir: PathBuf,
+    /// Objects in the blob store: their shards are duplicates.
+    complete: HashSet<ObjectId>,
+    live: HashMap<ObjectId, LiveObject>,
+    pending: Vec<PendingShard>,
+    pending_bytes: usize,
+    pending_since: Option<Instant>,
+    /// Data shards the decoder rebuilt (durably), to claim at the next commit.
+    rebuilt: Vec<(ObjectId, u64, u32, Vec<u16>)>,
+    /// Staging files were created since the last commit: fsync the directory.
+    dir_dirty: bool,
+    /// Work found outside a commit, handed out with the next one.
+    ready: Vec<Work>,
+    next_generation: u64,
+    counters: Arc<Counters>,
+}
+
+impl ShardStore {
+    /// Opens the store in `dir` and reloads what earlier runs claimed.
+    /// `complete` lists the objects already in the blob store. Returns the
+    /// work left over: blocks to decode, objects to finish.
+    pub fn open(
+        db: &StateDb,
+        dir: &Path,
+        complete: HashSet<ObjectId>,
+        counters: Arc<Counters>,
+    ) -> Result<(ShardStore, Vec<Work>), ShardStoreError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir, "creating directory"))?;
+        let mut store = ShardStore {
+            db: db.clone(),
+            objects: db.tree(OBJECTS_TREE)?,
+            blocks: db.tree(BLOCKS_TREE)?,
+            dir: dir.to_path_buf(),
+            complete,
+            live: HashMap::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            pending_since: None,
+            rebuilt: Vec::new(),
+            dir_dirty: false,
+            ready: Vec::new(),
+            next_generation: 1,
+            counters,
+        };
+        let mut work = Vec::new();
+        let mut records = Vec::new();
+        for item in store.objects.iter() {
+            let (k, v) = item.map_err(|e| db.sled_error(e))?;
+            let Ok(raw) = <[u8; 32]>::try_from(&k[..]) else {
+                continue;
+            };
+            let id = ObjectId(raw);
+            match serde_json::from_slice::<ObjectRecord>(&v) {
+                Ok(r) if r.fec.is_valid() => records.push((id, r)),
+                // A record we cannot use: drop it, the shards come again.
+                _ => store.forget(&id)?,
+            }
+        }
+        for (id, record) in records {
+            if store.complete.contains(&id) {
+                // Verified before a crash cut the cleanup short.
+                store.forget(&id)?;
+                continue;
+            }
+            store.reload(id, record, &mut work)?;
+        }
+        store.remove_orphan_files()?;
+        store.db.commit()?;
+        Ok((store, work))
+    }
+
+    /// Staging files whose object has no record: created just before a
+    /// crash, before their first commit.
+    fn remove_orphan_files(&self) -> Result<(), ShardStoreError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(io_err(&self.dir, "listing"))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let hex_part = name.split('.').next().unwrap_or("");
+            let known = ObjectId::from_digest(&format!("sha256:{hex_part}"))
+                .is_ok_and(|id| self.live.contains_key(&id));
+            if !known {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn paths(&self, id: &ObjectId) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("{}.data", id.hex())),
+            self.dir.join(format!("{}.parity", id.hex())),
+        )
+    }
+
+    fn open_files(
+        &self,
+        id: &ObjectId,
+        record: &ObjectRecord,
+        create: bool,
+    ) -> Result<StagingFiles, ShardStoreError> {
+        let (data_path, parity_path) = self.paths(id);
+        let blocks = record.fec.blocks_for(record.len) as u64;
+        let s = record.fec.shard_size as u64;
+        let open = |p: &Path, len: u64| -> Result<File, ShardStoreError> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(p)
+                .map_err(io_err(p, "opening"))?;
+            // Sparse: only written shards take space.
+            if f.metadata().map_err(io_err(p, "reading size"))?.len() < len {
+                f.set_len(len).map_err(io_err(p, "sizing"))?;
+            }
+            Ok(f)
+        };
+        let data = open(&data_path, blocks * record.fec.data_shards as u64 * s)?;
+        let parity = open(&parity_path, blocks * record.fec.parity_shards as u64 * s)?;
+        Ok(StagingFiles {
+            data,
+            parity,
+            data_path,
+            parity_path,
+        })
+    }
+
+    fn new_live(&mut self, record: ObjectRecord, files: StagingFiles) -> LiveObject {
+        let blocks = record.fec.blocks_for(record.len);
+        let bitmap_len = (record.fec.total_shards() as usize).div_ceil(8);
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        LiveObject {
+            record,
+            generation,
+            files: Arc::new(files),
+            blocks,
+            bitmap_len,
+            held: vec![0; blocks as usize * bitmap_len],
+            queued: vec![0; blocks as usize * bitmap_len],
+            shards_held: 0,
+            blocks_complete: 0,
+            decoding: HashSet::new(),
+            finishing: false,
+            record_dirty: false,
+        }
+    }
+
+    /// Rebuilds an object's state from sled after a restart; the files must
+    /// still be there and long enough for every claimed shard, or the
+    /// object starts over.
+    fn reload(
+        &mut self,
+        id: ObjectId,
+        record: ObjectRecord,
+        work: &mut Vec<Work>,
+    ) -> Result<(), ShardStoreError> {
+        let (data_path, parity_path) = self.paths(&id);
+        let blocks = record.fec.blocks_for(record.len) as u64;
+        let s = record.fec.shard_size as u64;
+        let intact = |p: &Path, shards: u64| {
+            std::fs::metadata(p)
+                .map(|m| m.len() >= blocks * shards * s)
+                .unwrap_or(false)
+        };
+        if !intact(&data_path, record.fec.data_shards as u64)
+            || !intact(&parity_path, record.fec.parity_shards as u64)
+        {
+            tracing::warn!(object = %id, "staging files missing or short; the object starts over");
+            self.forget(&id)?;
+            return Ok(());
+        }
+        let files = self.open_files(&id, &record, false)?;
+        let mut live = self.new_live(record, files);
+        for item in self.blocks.scan_prefix(id.0) {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let Ok(c) = <[u8; 4]>::try_from(&k[32..]) else {
+                continue;
+            };
+            let range = chunk_blocks(u32::from_be_bytes(c), live.blocks);
+            let start = range.start as usize * live.bitmap_len;
+            let end = range.end as usize * live.bitmap_len;
+            if v.len() != end - start {
+                continue; // not ours to trust: those shards come again
+            }
+            live.held[start..end].copy_from_slice(&v);
+        }
+        for block in 0..live.blocks {
+            let n = live.held_in_block(block).len();
+            live.shards_held += n as u64;
+            if live.data_complete(block) {
+                live.blocks_complete += 1;
+            } else if n >= live.k() as usize {
+                live.decoding.insert(block);
+                work.push(Work::Decode(DecodeJob {
+                    object: id,
+                    generation: live.generation,
+                    fec: live.record.fec,
+                    block,
+                    held: live.held_in_block(block),
+                    files: live.files.clone(),
+                }));
+            }
+        }
+        if live.blocks_complete == live.blocks {
+            live.finishing = true;
+            work.push(Work::Finish(finish_job(&id, &live)));
+        }
+        tracing::info!(object = %id, blocks = live.blocks, complete = live.blocks_complete,
+            "resuming object from staging");
+        self.live.insert(id, live);
+        Ok(())
+    }
+
+    /// Removes an object's records and files (not yet committed).
+    fn forget(&mut self, id: &ObjectId) -> Result<(), ShardStoreError> {
+        self.live.remove(id);
+        self.pending.retain(|p| p.object != *id);
+        self.rebuilt.retain(|r| r.0 != *id);
+        let mut batch = sled::Batch::default();
+        batch.remove(&id.0[..]);
+        self.objects
+            .apply_batch(batch)
+            .map_err(|e| self.db.sled_error(e))?;
+        // Without its record the bitmaps are ignored, so they need not go
+        // in one batch.
+        let keys: Vec<sled::IVec> = self
+            .blocks
+            .scan_prefix(id.0)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.db.sled_error(e))?;
+        for group in keys.chunks(REMOVE_BATCH) {
+            let mut batch = sled::Batch::default();
+            for k in group {
+                batch.remove(k.clone());
+            }
+            self.blocks
+                .apply_batch(batch)
+                .map_err(|e| self.db.sled_error(e))?;
+        }
+        let (d, p) = self.paths(id);
+        let _ = std::fs::remove_file(d);
+        let _ = std::fs::remove_file(p);
+        Ok(())
+    }
+
+    /// Whether the object is in the blob store already.
+    pub fn is_complete(&self, id: &ObjectId) -> bool {
+        self.complete.contains(id)
+    }
+
+    /// Registers an object announced by its header, so progress shows it
+    /// before its first shard.
+    pub fn announce(
+        &mut self,
+        id: ObjectId,
+        kind: ObjectKind,
+        len: u64,
+        fec: FecParams,
+    ) -> Result<(), ShardStoreError> {
+        if self.complete.contains(&id) || self.live.contains_key(&id) || !fec.is_valid() {
+            return Ok(());
+        }
+        self.create(id, kind, len, fec)
+    }
+
+    fn create(
+        &mut self,
+        id: ObjectId,
+        kind: ObjectKind,
+        len: u64,
+        fec: FecParams,
+    ) -> Result<(), ShardStoreError> {
+        let record = ObjectRecord {
+            kind,
+            len,
+            fec,
+            first_seen_ms: now_ms(),
+            receptions: 0,
+        };
+        let files = self.open_files(&id, &record, true)?;
+        let mut live = self.new_live(record, files);
+        live.record_dirty = true;
+        self.dir_dirty = true;
+        self.pending_since.get_or_insert_with(Instant::now);
+        tracing::info!(object = %id, kind = kind_name(kind), len, blocks = live.blocks,
+            k = fec.data_shards, m = fec.parity_shards, shard_size = fec.shard_size, "new object arriving");
+        self.live.insert(id, live);
+        Ok(())
+    }
+
+    /// Queues one shard for the next commit, unless it is a duplicate.
+    pub fn accept(&mut self, shard: ShardIn) -> Result<Accepted, ShardStoreError> {
+        if self.complete.contains(&shard.object) {
+            Counters::add(&self.counters.shards_duplicate, 1);
+            return Ok(Accepted::Duplicate);
+        }
+        let mut outcome = Accepted::Queued;
+        if let Some(live) = self.live.get(&shard.object) {
+            let r = &live.record;
+            if r.len != shard.object_len || r.fec != shard.fec || r.kind != shard.kind {
+                if live.finishing {
+                    // Its bytes are being verified; the old layout stands.
+                    Counters::add(&self.counters.shards_conflicting, 1);
+                    return Ok(Accepted::Conflict);
+                }
+                tracing::warn!(object = %shard.object, old_len = r.len, new_len = shard.object_len,
+                    old_fec = ?r.fec, new_fec = ?shard.fec,
+                    "object's length or FEC parameters changed; restarting it");
+                Counters::add(&self.counters.shards_conflicting, 1);
+                self.forget(&shard.object)?;
+                outcome = Accepted::Conflict;
+            }
+        }
+        if !self.live.contains_key(&shard.object) {
+            self.create(shard.object, shard.kind, shard.object_len, shard.fec)?;
+        }
+        let Some(live) = self.live.get_mut(&shard.object) else {
+            return Ok(Accepted::Duplicate);
+        };
+        live.record.receptions += 1;
+        live.record_dirty = true;
+        // The frame layer checked block and index against the parameters.
+        if shard.block >= live.blocks
+            || shard.index >= live.total()
+            || shard.payload.len() != live.record.fec.shard_size as usize
+        {
+            return Ok(Accepted::Duplicate);
+        }
+        let (bl, b, i) = (live.bitmap_len, shard.block, shard.index);
+        if LiveObject::bit(&live.held, bl, b, i) || LiveObject::bit(&live.queued, bl, b, i) {
+            Counters::add(&self.counters.shards_duplicate, 1);
+            return Ok(Accepted::Duplicate);
+        }
+        LiveObject::set(&mut live.queued, bl, b, i);
+        self.pending_bytes += shard.payload.len();
+        self.pending_since.get_or_insert_with(Instant::now);
+        self.pending.push(PendingShard {
+            object: shard.object,
+            block: b,
+            index: i,
+            payload: shard.payload,
+        });
+        Ok(outcome)
+    }
+
+    /// Whether a commit is due. Reception counts alone never force one:
+    /// they ride along with the next.
+    pub fn should_commit(&self) -> bool {
+        self.pending_bytes >= BATCH_BYTES
+            || self
+                .pending_since
+                .is_some_and(|t| t.elapsed() >= BATCH_WAIT)
+    }
+
+    /// When the current batch must be committed at the latest.
+    pub fn commit_deadline(&self) -> Option<Instant> {
+        self.pending_since.map(|t| t + BATCH_WAIT)
+    }
+
+    /// Writes the batch, fsyncs the files, then claims the shards in sled
+    /// (fsynced). Returns blocks to decode and objects to finish.
+    pub fn commit(&mut self) -> Result<Vec<Work>, ShardStoreError> {
+        let pending = std::mem::take(&mut self.pending);
+        let rebuilt = std::mem::take(&mut self.rebuilt);
+        self.pending_bytes = 0;
+        self.pending_since = None;
+        let result = self.commit_batch(&pending, &rebuilt).map(|mut work| {
+            work.append(&mut self.ready);
+            work
+        });
+        // Whatever happened, the batch is no longer queued: on failure its
+        // shards are not claimed and come again with the next pass.
+        for p in &pending {
+            if let Some(live) = self.live.get_mut(&p.object) {
+                let byte = p.block as usize * live.bitmap_len + p.index as usize / 8;
+                live.queued[byte] &= !(1 << (p.index % 8));
+            }
+        }
+        if result.is_err() {
+            for (id, generation, block, _) in &rebuilt {
+                if let Some(live) = self.live.get_mut(id) {
+                    if live.generation == *generation {
+                        live.decoding.remove(block);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    fn commit_batch(
+        &mut self,
+        pending: &[PendingShard],
+        rebuilt: &[(ObjectId, u64, u32, Vec<u16>)],
+    ) -> Result<Vec<Work>, ShardStoreError> {
+        // 1. Payloads to the files, adjacent shards coalesced into one write.
+        let mut order: Vec<usize> = (0..pending.len()).collect();
+        let offset_of = |p: &PendingShard, live: &LiveObject| -> (bool, u64) {
+            let f = live.record.fec;
+            let s = f.shard_size as u64;
+            if p.index < f.data_shards {
+                (
+                    false,
+                    (p.block as u64 * f.data_shards as u64 + p.index as u64) * s,
+                )
+            } else {
+                let j = (p.index - f.data_shards) as u64;
+                (true, (p.block as u64 * f.parity_shards as u64 + j) * s)
+            }
+        };
+        order.sort_by_key(|&i| {
+            let p = &pending[i];
+            let (parity, off) = self
+                .live
+                .get(&p.object)
+                .map(|l| offset_of(p, l))
+                .unwrap_or((false, 0));
+            (p.object, parity, off)
+        });
+        let mut touched_files: HashMap<(ObjectId, bool), Arc<StagingFiles>> = HashMap::new();
+        let mut run: Vec<u8> = Vec::with_capacity(WRITE_RUN.min(self.pending_bytes.max(1 << 16)));
+        let mut run_at: Option<(ObjectId, bool, u64)> = None;
+        let flush_run = |run: &mut Vec<u8>,
+                         at: Option<(ObjectId, bool, u64)>,
+                         files: &HashMap<(ObjectId, bool), Arc<StagingFiles>>|
+         -> Result<(), ShardStoreError> {
+            if let Some((id, parity, off)) = at {
+                if let Some(f) = files.get(&(id, parity)) {
+                    let (file, path) = if parity {
+                        (&f.parity, &f.parity_path)
+                    } else {
+                        (&f.data, &f.data_path)
+                    };
+                    file.write_all_at(run, off)
+                        .map_err(io_err(path, "writing shards"))?;
+                }
+            }
+            run.clear();
+            Ok(())
+        };
+        for &i in &order {
+            let p = &pending[i];
+            let Some(live) = self.live.get(&p.object) else {
+                continue;
+            };
+            let (parity, off) = offset_of(p, live);
+            touched_files
+                .entry((p.object, parity))
+                .or_insert_with(|| live.files.clone());
+            let contiguous = matches!(run_at, Some((id, par, start))
+                if id == p.object && par == parity && start + run.len() as u64 == off)
+                && run.len() + p.payload.len() <= WRITE_RUN;
+            if !contiguous {
+                flush_run(&mut run, run_at, &touched_files)?;
+                run_at = Some((p.object, parity, off));
+            }
+            run.extend_from_slice(&p.payload);
+        }
+        flush_run(&mut run, run_at, &touched_files)?;
+        // 2. Durable before claimed.
+        for ((_, parity), f) in &touched_files {
+            let (file, path) = if *parity {
+                (&f.parity, &f.parity_path)
+            } else {
+                (&f.data, &f.data_path)
+            };
+            file.sync_data().map_err(io_err(path, "fsync"))?;
+        }
+        if self.dir_dirty {
+            fsync_dir(&self.dir).map_err(io_err(&self.dir, "fsync"))?;
+            self.dir_dirty = false;
+        }
+        // 3. Claim: bitmaps (committed | new) and records, then fsync sled.
+        let mut next: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::new();
+        for p in pending {
+            let Some(live) = self.live.get(&p.object) else {
+                continue;
+            };
+            let map = next
+                .entry((p.object, p.block))
+                .or_insert_with(|| live.block_bitmap(p.block).to_vec());
+            map[p.index as usize / 8] |= 1 << (p.index % 8);
+        }
+        for (id, generation, block, indices) in rebuilt {
+            let Some(live) = self.live.get(id) else {
+                continue;
+            };
+            if live.generation != *generation {
+                continue;
+            }
+            let map = next
+                .entry((*id, *block))
+                .or_insert_with(|| live.block_bitmap(*block).to_vec());
+            for &i in indices {
+                map[i as usize / 8] |= 1 << (i % 8);
+            }
+        }
+        let mut chunks: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::new();
+        for ((id, block), map) in &next {
+            let Some(live) = self.live.get(id) else {
+                continue;
+            };
+            let chunk = block / BLOCKS_PER_CHUNK;
+            let range = chunk_blocks(chunk, live.blocks);
+            let base = range.start as usize * live.bitmap_len;
+            let value = chunks.entry((*id, chunk)).or_insert_with(|| {
+                live.held[base..range.end as usize * live.bitmap_len].to_vec()
+            });
+            let at = *block as usize * live.bitmap_len - base;
+            value[at..at + live.bitmap_len].copy_from_slice(map);
+        }
+        let mut blocks_batch = sled::Batch::default();
+        for ((id, chunk), value) in chunks {
+            blocks_batch.insert(&chunk_key(&id, chunk)[..], value);
+        }
+        let mut objects_batch = sled::Batch::default();
+        for (id, live) in self.live.iter_mut().filter(|(_, l)| l.record_dirty) {
+            let v =
+                serde_json::to_vec(&live.record).map_err(|e| self.db.corrupt(id.digest(), e))?;
+            objects_batch.insert(&id.0[..], v);
+            live.record_dirty = false;
+        }
+        // The record first: blocks without a record would be orphans.
+        self.objects
+            .apply_batch(objects_batch)
+            .map_err(|e| self.db.sled_error(e))?;
+        self.blocks
+            .apply_batch(blocks_batch)
+            .map_err(|e| self.db.sled_error(e))?;
+        self.db.commit()?;
+        Counters::add(&self.counters.shards_stored, pending.len() as u64);
+        // 4. Now in memory too; see what became decodable or complete.
+        for (id, _, block, _) in rebuilt {
+            if let Some(live) = self.live.get_mut(id) {
+                live.decoding.remove(block);
+            }
+        }
+        let mut work = Vec::new();
+        let mut objects_touched: HashSet<ObjectId> = HashSet::new();
+        for ((id, block), map) in next {
+            let Some(live) = self.live.get_mut(&id) else {
+                continue;
+            };
+            let was_complete = live.data_complete(block);
+            let before: u32 = live
+                .block_bitmap(block)
+                .iter()
+                .map(|b| b.count_ones())
+                .sum();
+            let after: u32 = map.iter().map(|b| b.count_ones()).sum();
+            let start = block as usize * live.bitmap_len;
+            live.held[start..start + live.bitmap_len].copy_from_slice(&map);
+            live.shards_held += (after - before) as u64;
+            if live.data_complete(block) {
+                if !was_complete {
+                    live.blocks_complete += 1;
+                    Counters::add(&self.counters.blocks_complete, 1);
+                }
+            } else if after >= live.k() as u32 && !live.decoding.contains(&block) {
+                live.decoding.insert(block);
+                work.push(Work::Decode(DecodeJob {
+                    object: id,
+                    generation: live.generation,
+                    fec: live.record.fec,
+                    block,
+                    held: live.held_in_block(block),
+                    files: live.files.clone(),
+                }));
+            }
+            objects_touched.insert(id);
+        }
+        for id in objects_touched {
+            let Some(live) = self.live.get_mut(&id) else {
+                continue;
+            };
+            if live.blocks_complete == live.blocks && live.decoding.is_empty() && !live.finishing {
+                live.finishing = true;
+                work.push(Work::Finish(finish_job(&id, live)));
+            }
+        }
+        Ok(work)
+    }
+
+    /// The decoder rebuilt (and fsynced) these data shards of a block.
+    pub fn decoded(&mut self, object: ObjectId, generation: u64, block: u32, rebuilt: Vec<u16>) {
+        let Some(live) = self.live.get(&object) else {
+            return;
+        };
+        if live.generation != generation {
+            return;
+        }
+        Counters::add(&self.counters.blocks_repaired, 1);
+        self.rebuilt.push((object, generation, block, rebuilt));
+        self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// The decoder could not rebuild the block; it waits for more shards,
+    /// unless they came meanwhile and the object is whole.
+    pub fn decode_failed(&mut self, object: ObjectId, generation: u64, block: u32) {
+        let Some(live) = self.live.get_mut(&object) else { return };
+        if live.generation != generation {
+            return;
+        }
+        live.decoding.remove(&block);
+        if live.blocks_complete == live.blocks && live.decoding.is_empty() && !live.finishing {
+            live.finishing = true;
+            self.ready.push(Work::Finish(finish_job(&object, live)));
+            self.pending_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// The finisher's verdict: `verified` moves the object to the complete
+    /// set; otherwise its shards are discarded and it starts over with the
+    /// next pass.
+    pub fn finished(
+        &mut self,
+        object: ObjectId,
+        generation: u64,
+        verified: bool,
+    ) -> Result<(), ShardStoreError> {
+        if verified {
+            self.complete.insert(object);
+            self.forget(&object)?;
+            return Ok(());
+        }
+        match self.live.get_mut(&object) {
+            // A verdict on an earlier generation says nothing of this one.
+            Some(live) if live.generation == generation => {
+                self.forget(&object)?;
+                self.db.commit()?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The finisher stopped before a verdict (shutdown): it is asked again
+    /// after restart.
+    pub fn finish_interrupted(&mut self, object: ObjectId) {
+        if let Some(live) = self.live.get_mut(&object) {
+            live.finishing = false;
+        }
+    }
+
+    /// Progress of every object in flight.
+    pub fn progress(&self) -> Vec<ObjectProgress> {
+        let mut out: Vec<ObjectProgress> = self.live.iter().map(|(id, l)| l.progress(id)).collect();
+        out.sort_by_key(|p| p.first_seen_ms);
+        out
+    }
+
+    /// Shards queued but not yet committed.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+fn finish_job(id: &ObjectId, live: &LiveObject) -> FinishJob {
+    FinishJob {
+        object: *id,
+        generation: live.generation,
+        kind: live.record.kind,
+        len: live.record.len,
+        first_seen_ms: live.record.first_seen_ms,
+        files: live.files.clone(),
+    }
+}
+
+/// Progress of the objects in staging, read from the database of a stopped
+/// gateway.
+pub fn progress_from_db(db: &StateDb) -> Result<Vec<ObjectProgress>, ShardStoreError> {
+    let objects = db.tree(OBJECTS_TREE)?;
+    let blocks = db.tree(BLOCKS_TREE)?;
+    let mut out = Vec::new();
+    for item in objects.iter() {
+        let (k, v) = item.map_err(|e| db.sled_error(e))?;
+        let Ok(raw) = <[u8; 32]>::try_from(&k[..]) else {
+            continue;
+        };
+        let id = ObjectId(raw);
+        let Ok(r) = serde_json::from_slice::<ObjectRecord>(&v) else {
+            continue;
+        };
+        let k_shards = r.fec.data_shards as usize;
+        let bitmap_len = (r.fec.total_shards() as usize).div_ceil(8);
+        let (mut complete, mut held) = (0u64, 0u64);
+        for item in blocks.scan_prefix(id.0) {
+            let (_, chunk) = item.map_err(|e| db.sled_error(e))?;
+            for map in chunk.chunks(bitmap_len) {
+                held += map.iter().map(|b| b.count_ones() as u64).sum::<u64>();
+                if (0..k_shards).all(|i| map.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)) {
+                    complete += 1;
+                }
+            }
+        }
+        out.push(progress_of(&id, &r, complete, held));
+    }
+    out.sort_by_key(|p| p.first_seen_ms);
+    Ok(out)
+}
+
+/// Why a block could not be rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("block {block}: {source}")]
+    Fec {
+        block: u32,
+        #[source]
+        source: weir_proto::FecError,
+    },
+    #[error(transparent)]
+    Io(#[from] ShardStoreError),
+}
+
+/// Rebuilds a block's missing data shards from any k held shards and writes
+/// them (fsynced) where they belong in the data file. Returns the indices
+/// rebuilt. Runs on the decoder thread.
+pub fn decode_block(job: &DecodeJob, codec: &BlockCodec) -> Result<Vec<u16>, DecodeError> {
+    let f = job.fec;
+    let (k, m, s) = (
+        f.data_shards as usize,
+        f.parity_shards as usize,
+        f.shard_size as usize,
+    );
+    let files = &job.files;
+    let mut shards: Vec<Option<Vec<u8>>> = vec![None; k + m];
+    // Data shards first (no arithmetic needed for them), then parity.
+    let mut chosen: Vec<u16> = job
+        .held
+        .iter()
+        .copied()
+        .filter(|&i| (i as usize) < k)
+        .collect();
+    chosen.extend(job.held.iter().copied().filter(|&i| (i as usize) >= k));
+    chosen.truncate(k);
+    for &i in &chosen {
+        let mut buf = vec![0u8; s];
+        let i = i as usize;
+        if i < k {
+            let off = (job.block as u64 * k as u64 + i as u64) * s as u64;
+            files
+                .data
+                .read_exact_at(&mut buf, off)
+                .map_err(io_err(&files.data_path, "reading shard"))?;
+        } else {
+            let off = (job.block as u64 * m as u64 + (i - k) as u64) * s as u64;
+            files
+                .parity
+                .read_exact_at(&mut buf, off)
+                .map_err(io_err(&files.parity_path, "reading shard"))?;
+        }
+        shards[i] = Some(buf);
+    }
+    let missing: Vec<u16> = (0..k as u16)
+        .filter(|i| shards[*i as usize].is_none())
+        .collect();
+    codec
+        .reconstruct_data(&mut shards)
+        .map_err(|source| DecodeError::Fec {
+            block: job.block,
+            source,
+        })?;
+    for &i in &missing {
+        let Some(bytes) = &shards[i as usize] else {
+            continue;
+        };
+        let off = (job.block as u64 * k as u64 + i as u64) * s as u64;
+        files
+            .data
+            .write_all_at(bytes, off)
+            .map_err(io_err(&files.data_path, "writing rebuilt shard"))?;
+    }
+    files
+        .data
+        .sync_data()
+        .map_err(io_err(&files.data_path, "fsync"))?;
+    Ok(missing)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::blobs::BlobStore;
+    use crate::testing::bytes_from;
+    use std::sync::atomic::Ordering;
+
+    /// Every shard of `bytes` as the sender would cut it.
+    pub(crate) fn shards_of(bytes: &[u8], kind: ObjectKind, fec: FecParams) -> Vec<ShardIn> {
+        let codec = BlockCodec::new(fec).unwrap();
+        let id = ObjectId::of_bytes(bytes);
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        for block in 0..fec.blocks_for(bytes.len() as u64) {
+            let start = (block as u64 * fec.block_bytes()) as usize;
+            let len = fec.block_len(bytes.len() as u64, block);
+            codec.encode(&bytes[start..start + len], &mut buf).unwrap();
+            for (index, payload) in buf.iter().enumerate() {
+                out.push(ShardIn {
+                    object: id,
+                    kind,
+                    object_len: bytes.len() as u64,
+                    fec,
+                    block,
+                    index: index as u16,
+                    payload: payload.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    struct Rig {
+        dir: tempfile::TempDir,
+        counters: Arc<Counters>,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            Rig {
+                dir: tempfile::tempdir().unwrap(),
+                counters: Arc::new(Counters::default()),
+            }
+        }
+
+        fn open(&self) -> (ShardStore, Vec<Work>, StateDb) {
+            let db = StateDb::open(&self.dir.path().join("db")).unwrap();
+            let (s, w) = ShardStore::open(
+                &db,
+                &self.dir.path().join("staging"),
+                HashSet::new(),
+                self.counters.clone(),
+            )
+            .unwrap();
+            (s, w, db)
+        }
+
+        fn count(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
+            c.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Runs decode and finish work like the gateway's threads do; returns the
+    /// verified objects' bytes.
+    fn drive(store: &mut ShardStore, mut work: Vec<Work>, blobs: &BlobStore) -> Vec<ObjectId> {
+        let mut done = Vec::new();
+        loop {
+            work.extend(store.commit().unwrap());
+            if work.is_empty() {
+                return done;
+            }
+            for w in std::mem::take(&mut work) {
+                match w {
+                    Work::Decode(job) => {
+                        let codec = BlockCodec::new(job.fec).unwrap();
+                        let rebuilt = decode_block(&job, &codec).unwrap();
+                        store.decoded(job.object, job.generation, job.block, rebuilt);
+                    }
+                    Work::Finish(job) => {
+                        job.files.data.set_len(job.len).unwrap();
+                        let ok = blobs
+                            .adopt(&job.files.data_path, &job.object, &|| false)
+                            .is_ok();
+                        store.finished(job.object, job.generation, ok).unwrap();
+                        if ok {
+                            done.push(job.object);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn fec(k: u16, m: u16, s: u32) -> FecParams {
+        FecParams::new(k, m, s).unwrap()
+    }
+
+    #[test]
+    fn intact_object_completes_without_decoding() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(1, 10_000);
+        let p = fec(4, 2, 100);
+        for s in shards_of(&bytes, ObjectKind::Blob, p)
+            .into_iter()
+            .filter(|s| s.index < 4)
+        {
+            assert_eq!(store.accept(s).unwrap(), Accepted::Queued);
+        }
+        let done = drive(&mut store, vec![], &blobs);
+        assert_eq!(done, vec![ObjectId::of_bytes(&bytes)]);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+        assert_eq!(rig.count(&rig.counters.blocks_repaired), 0);
+        assert_eq!(
+            rig.count(&rig.counters.blocks_complete),
+            p.blocks_for(10_000) as u64
+        );
+        assert!(store.progress().is_empty());
+        // Staging files are gone once the object is in the blob store.
+        assert_eq!(
+            std::fs::read_dir(rig.dir.path().join("staging"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn any_k_shards_of_each_block_rebuild_the_object() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(2, 7_777);
+        let p = fec(5, 3, 64);
+        // Drop a different set of 3 shards in every block, data shards included.
+        for s in shards_of(&bytes, ObjectKind::Blob, p) {
+            let drop = (s.index as u32 + s.block) % 8 < 3;
+            if !drop {
+                store.accept(s).unwrap();
+            }
+        }
+        let done = drive(&mut store, vec![], &blobs);
+        assert_eq!(done.len(), 1);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+        assert!(rig.count(&rig.counters.blocks_repaired) > 0);
+    }
+
+    #[test]
+    fn shards_from_two_lossy_passes_add_up() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(3, 5_000);
+        let p = fec(4, 1, 50);
+        let all = shards_of(&bytes, ObjectKind::Blob, p);
+        // Pass 1 loses indices 0 and 1 of every block: 3 of 5 held, k = 4.
+        for s in all.iter().filter(|s| s.index > 1) {
+            store.accept(s.clone()).unwrap();
+        }
+        assert!(drive(&mut store, vec![], &blobs).is_empty());
+        // Pass 2 loses indices 1..5: only index 0 arrives, the 4th shard.
+        for s in all.iter() {
+            let outcome = store.accept(s.clone()).unwrap();
+            if s.index == 0 {
+                assert_eq!(outcome, Accepted::Queued);
+            }
+        }
+        let done = drive(&mut store, vec![], &blobs);
+        assert_eq!(done.len(), 1);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+    }
+
+    #[test]
+    fn duplicates_are_counted_within_a_batch_across_passes_and_after_completion() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(4, 300);
+        let all = shards_of(&bytes, ObjectKind::Blob, fec(2, 1, 100));
+        store.accept(all[0].clone()).unwrap();
+        assert_eq!(store.accept(all[0].clone()).unwrap(), Accepted::Duplicate); // same batch
+        store.commit().unwrap();
+        assert_eq!(store.accept(all[0].clone()).unwrap(), Accepted::Duplicate); // held
+        for s in &all[1..] {
+            store.accept(s.clone()).unwrap();
+        }
+        drive(&mut store, vec![], &blobs);
+        assert_eq!(store.accept(all[1].clone()).unwrap(), Accepted::Duplicate); // complete
+        assert_eq!(rig.count(&rig.counters.shards_duplicate), 3);
+        assert_eq!(rig.count(&rig.counters.shards_stored), all.len() as u64);
+    }
+
+    #[test]
+    fn changed_parameters_restart_the_object() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(5, 1000);
+        let old = shards_of(&bytes, ObjectKind::Blob, fec(4, 2, 100));
+        for s in old.iter().take(5) {
+            store.accept(s.clone()).unwrap();
+        }
+        store.commit().unwrap();
+        let new = shards_of(&bytes, ObjectKind::Blob, fec(3, 1, 120));
+        assert_eq!(store.accept(new[0].clone()).unwrap(), Accepted::Conflict);
+        assert_eq!(rig.count(&rig.counters.shards_conflicting), 1);
+        for s in new.into_iter().skip(1) {
+            store.accept(s).unwrap();
+        }
+        let done = drive(&mut store, vec![], &blobs);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+    }
+
+    /// A crash mid-batch (the store dropped without committing): after
+    /// reopening, what was committed is claimed and on disk byte for byte;
+    /// the uncommitted batch is not claimed; resending completes the object.
+    #[test]
+    fn kill_mid_batch_keeps_committed_shards_and_claims_nothing_else() {
+        let rig = Rig::new();
+        let bytes = bytes_from(6, 20_000);
+        let p = fec(8, 4, 128);
+        let all = shards_of(&bytes, ObjectKind::Blob, p);
+        let (first, rest) = all.split_at(all.len() / 2);
+        {
+            let (mut store, _, _db) = rig.open();
+            for s in first {
+                store.accept(s.clone()).unwrap();
+            }
+            store.commit().unwrap();
+            for s in rest.iter().take(50) {
+                store.accept(s.clone()).unwrap();
+            }
+            assert_eq!(store.pending_len(), 50);
+            // Dropped here: the 50 pending shards never reach a commit.
+        }
+        let (mut store, work, _db) = rig.open();
+        let progress = store.progress();
+        assert_eq!(progress.len(), 1);
+        assert_eq!(progress[0].shards_held, first.len() as u64);
+        // Every claimed shard is on disk as sent.
+        let staging = rig.dir.path().join("staging");
+        let id = ObjectId::of_bytes(&bytes);
+        let data = std::fs::read(staging.join(format!("{}.data", id.hex()))).unwrap();
+        let parity = std::fs::read(staging.join(format!("{}.parity", id.hex()))).unwrap();
+        let s = p.shard_size as usize;
+        for sh in first {
+            let (file, off) = if sh.index < p.data_shards {
+                (&data, (sh.block as usize * 8 + sh.index as usize) * s)
+            } else {
+                (
+                    &parity,
+                    (sh.block as usize * 4 + (sh.index - 8) as usize) * s,
+                )
+            };
+            assert_eq!(
+                &file[off..off + s],
+                &sh.payload[..],
+                "block {} index {}",
+                sh.block,
+                sh.index
+            );
+        }
+        // The first half did not claim any of the second half.
+        for sh in rest.iter().take(50) {
+            assert_eq!(store.accept(sh.clone()).unwrap(), Accepted::Queued);
+        }
+        for sh in rest.iter().skip(50) {
+            store.accept(sh.clone()).unwrap();
+        }
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let done = drive(&mut store, work, &blobs);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+    }
+
+    /// A crash after a block became decodable: the reopened store hands the
+    /// decode (and then the finish) out again.
+    #[test]
+    fn reopened_store_resumes_decodes_and_finishes() {
+        let rig = Rig::new();
+        let bytes = bytes_from(7, 3000);
+        let p = fec(4, 2, 100);
+        {
+            let (mut store, _, _db) = rig.open();
+            for s in shards_of(&bytes, ObjectKind::Blob, p)
+                .into_iter()
+                .filter(|s| s.index != 1)
+            {
+                store.accept(s).unwrap();
+            }
+            let work = store.commit().unwrap();
+            assert!(work.iter().all(|w| matches!(w, Work::Decode(_))) && !work.is_empty());
+            // Dropped before any decode ran.
+        }
+        let (mut store, work, _db) = rig.open();
+        assert_eq!(work.len(), p.blocks_for(3000) as usize);
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let done = drive(&mut store, work, &blobs);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+    }
+
+    #[test]
+    fn object_whole_while_its_decode_failed_is_still_finished() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let shards = shards_of(&bytes_from(12, 150), ObjectKind::Blob, fec(2, 1, 100));
+        store.accept(shards[1].clone()).unwrap();
+        store.accept(shards[2].clone()).unwrap();
+        let work = store.commit().unwrap();
+        let Some(Work::Decode(job)) = work.first() else { panic!("{work:?}") };
+        // The missing data shard arrives while the decode is out...
+        store.accept(shards[0].clone()).unwrap();
+        assert!(store.commit().unwrap().is_empty(), "no finish while a decode is out");
+        // ...and the decode fails: the object is whole, so it is finished anyway.
+        store.decode_failed(job.object, job.generation, job.block);
+        let work = store.commit().unwrap();
+        assert!(matches!(work.as_slice(), [Work::Finish(_)]), "{work:?}");
+    }
+
+    #[test]
+    fn staging_files_without_a_committed_record_are_removed_at_restart() {
+        let rig = Rig::new();
+        let bytes = bytes_from(11, 1000);
+        {
+            let (mut store, _, _db) = rig.open();
+            for s in shards_of(&bytes, ObjectKind::Blob, fec(4, 2, 100))
+                .into_iter()
+                .take(3)
+            {
+                store.accept(s).unwrap();
+            }
+            // Files exist now; the process dies before the first commit.
+            assert_eq!(
+                std::fs::read_dir(rig.dir.path().join("staging"))
+                    .unwrap()
+                    .count(),
+                2
+            );
+        }
+        let (store, _, _db) = rig.open();
+        assert!(store.progress().is_empty());
+        assert_eq!(
+            std::fs::read_dir(rig.dir.path().join("staging"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn missing_staging_file_at_restart_starts_the_object_over() {
+        let rig = Rig::new();
+        let bytes = bytes_from(8, 1000);
+        let p = fec(4, 2, 100);
+        let id = ObjectId::of_bytes(&bytes);
+        {
+            let (mut store, _, _db) = rig.open();
+            for s in shards_of(&bytes, ObjectKind::Blob, p).into_iter().take(4) {
+                store.accept(s).unwrap();
+            }
+            store.commit().unwrap();
+        }
+        std::fs::remove_file(
+            rig.dir
+                .path()
+                .join("staging")
+                .join(format!("{}.data", id.hex())),
+        )
+        .unwrap();
+        let (store, work, _db) = rig.open();
+        assert!(work.is_empty());
+        assert!(
+            store.progress().is_empty(),
+            "claims without their file must go"
+        );
+    }
+
+    #[test]
+    fn corrupt_object_is_discarded_and_the_next_pass_completes_it() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(9, 2000);
+        let p = fec(4, 2, 100);
+        let good = shards_of(&bytes, ObjectKind::Blob, p);
+        // A shard whose payload is wrong but which passed the tag (a sender
+        // bug, or a disk that flipped a bit): the object fails its sha256.
+        for mut s in good.clone() {
+            if s.block == 1 && s.index == 2 {
+                s.payload[7] ^= 0xff;
+            }
+            store.accept(s).unwrap();
+        }
+        assert!(drive(&mut store, vec![], &blobs).is_empty());
+        assert!(
+            store.progress().is_empty(),
+            "the corrupt object's shards are discarded"
+        );
+        for s in good {
+            store.accept(s).unwrap();
+        }
+        let done = drive(&mut store, vec![], &blobs);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+    }
+
+    #[test]
+    fn empty_object_crosses() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        for s in shards_of(b"", ObjectKind::Blob, fec(2, 1, 16)) {
+            store.accept(s).unwrap();
+        }
+        let done = drive(&mut store, vec![], &blobs);
+        assert_eq!(done, vec![ObjectId::of_bytes(b"")]);
+        assert_eq!(blobs.len_of(&done[0]).unwrap(), 0);
+    }
+
+    #[test]
+    fn offline_progress_matches_the_live_view() {
+        let rig = Rig::new();
+        let bytes = bytes_from(10, 4000);
+        let live_view;
+        {
+            let (mut store, _, _db) = rig.open();
+            for s in shards_of(&bytes, ObjectKind::Image, fec(4, 2, 100))
+                .into_iter()
+                .step_by(2)
+            {
+                store.accept(s).unwrap();
+            }
+            store.commit().unwrap();
+            live_view = store.progress();
+        }
+        let db = StateDb::open(&rig.dir.path().join("db")).unwrap();
+        assert_eq!(progress_from_db(&db).unwrap(), live_view);
+        assert_eq!(live_view[0].kind, "image");
+    }
+}

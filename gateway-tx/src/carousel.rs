@@ -1,0 +1,1242 @@
+//! The carousel: which object goes on the wire next, and putting it there.
+//!
+//! Every object is cut into FEC blocks; blocks are sent in *groups* of about
+//! `window_blocks` (the groups of proto's `interleave`), each group's shards
+//! interleaved so a burst of lost frames costs each block few shards. A group
+//! is also the unit of scheduling:
+//!
+//! - **Passes.** Each object is owed `passes` passes. Its progress (passes
+//!   done, next group) is written to sled after every group, so a restart
+//!   resumes mid-pass instead of starting over.
+//! - **New before repeats.** Only objects at the lowest owed pass among all
+//!   objects still owed passes are eligible: an image dropped now has its
+//!   first pass before anyone's second.
+//! - **Small never waits behind large.** Eligible images take turns, one
+//!   group each, round-robin; within an image its objects go in order: the
+//!   image object, then the blobs, then (uncounted) the image object again,
+//!   so a receiver sees the transfer manifest early and late in each pass.
+//! - **Idle cycling.** When nothing is owed, images ingested within the
+//!   retention window keep cycling, least-sent objects first, so a receiver
+//!   that was down catches up. Those passes are counted too (and persisted).
+//! - **Headers and heartbeats.** Each group starts with the object's header
+//!   frame, repeated every `header_every` shard frames; a heartbeat goes out
+//!   every second, also when idle.
+//!
+//! A blob shared by two images is one object: it crosses once per pass. An
+//! image dropped later that needs a blob whose passes are done re-arms it for
+//! `passes` more, since the sender cannot know whether the receiver kept it.
+
+use crate::config::TxConfig;
+use crate::objects::{unix_now, ImageRecord, ObjectProgress, ObjectStore, StoreError};
+use crate::pacing::{Pacer, RateMeter, TokenBucket};
+use crate::status::{ImageStatus, ObjectsStatus, QueueStatus, StatusBoard};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weir_proto::{
+    interleave, BlockCodec, Body, FecParams, FrameSealer, FrameSink, Heartbeat, Key, LinkError,
+    ObjectHeader, ObjectId, ObjectKind, ShardFrame, Shutdown,
+};
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Expired images and unreferenced payload files are swept this often.
+const GC_EVERY: Duration = Duration::from_secs(600);
+/// An unreferenced payload younger than this may belong to an ingest that
+/// has not committed yet; it is spared.
+const ORPHAN_GRACE: Duration = Duration::from_secs(3600);
+
+/// What the carousel needs from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct CarouselSettings {
+    pub fec: FecParams,
+    pub passes: u64,
+    pub retention_s: u64,
+    pub window_blocks: u32,
+    pub header_every: u32,
+    pub rate_bps: u64,
+    pub frame_overhead: u32,
+    pub datagram_size: usize,
+    pub fingerprint: u64,
+}
+
+impl CarouselSettings {
+    pub fn from_config(c: &TxConfig, key: &Key) -> Result<Self, weir_proto::FecError> {
+        Ok(CarouselSettings {
+            fec: c.fec_params()?,
+            passes: c.carousel.passes as u64,
+            retention_s: c.carousel.retention_hours * 3600,
+            window_blocks: c.carousel.window_blocks,
+            header_every: c.carousel.header_every,
+            rate_bps: c.link.rate_bps,
+            frame_overhead: c.link.frame_overhead_bytes,
+            datagram_size: c.link.datagram_size,
+            fingerprint: c.fingerprint(key),
+        })
+    }
+}
+
+/// Groups an object of `blocks` blocks is sent in (proto's interleave groups).
+pub fn group_count(blocks: u32, window: u32) -> u32 {
+    (blocks / window.max(1)).max(1)
+}
+
+/// First block and block count of group `g`.
+pub fn group_span(blocks: u32, window: u32, g: u32) -> (u32, u32) {
+    let groups = group_count(blocks, window);
+    let base = blocks / groups;
+    let extra = blocks % groups;
+    (g * base + g.min(extra), base + u32::from(g < extra))
+}
+
+#[derive(Debug, Clone)]
+struct Tracked {
+    kind: ObjectKind,
+    len: u64,
+    progress: ObjectProgress,
+    broken: bool,
+}
+
+impl Tracked {
+    fn pending(&self) -> bool {
+        !self.broken && self.progress.passes_done < self.progress.target
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Queued {
+    record: ImageRecord,
+    id: ObjectId,
+    /// The image object first, then its blobs.
+    members: Vec<ObjectId>,
+}
+
+/// One group of one object, chosen for the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn {
+    pub object: ObjectId,
+    pub group: u32,
+    /// Whose turn it is (round-robin is between images).
+    pub image: ObjectId,
+    /// An owed pass (true) or idle cycling (false).
+    pub owed: bool,
+    /// The pass level the turn was chosen at.
+    pub level: u64,
+}
+
+/// Images and objects that left the carousel.
+#[derive(Debug, Default)]
+pub struct Expired {
+    pub images: Vec<String>,
+    pub objects: Vec<ObjectId>,
+}
+
+/// The scheduling state, free of I/O.
+pub struct Schedule {
+    fec: FecParams,
+    window: u32,
+    passes: u64,
+    retention_s: u64,
+    objects: HashMap<ObjectId, Tracked>,
+    images: Vec<Queued>,
+    /// Seq of the image served last.
+    cursor: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("image record {image}: {why}")]
+pub struct BadRecord {
+    pub image: String,
+    pub why: String,
+}
+
+impl Schedule {
+    pub fn new(fec: FecParams, window: u32, passes: u64, retention_s: u64) -> Self {
+        Schedule {
+            fec,
+            window: window.max(1),
+            passes: passes.max(1),
+            retention_s,
+            objects: HashMap::new(),
+            images: Vec::new(),
+            cursor: None,
+        }
+    }
+
+    pub fn groups_of(&self, len: u64) -> u32 {
+        group_count(self.fec.blocks_for(len), self.window)
+    }
+
+    /// Owed pass an object is on (0 = first), counted from when it was armed.
+    fn level(&self, t: &Tracked) -> u64 {
+        let armed_at = t.progress.target.saturating_sub(self.passes);
+        t.progress.passes_done.saturating_sub(armed_at)
+    }
+
+    /// Adds an image. `fresh` for a new ingest (re-arms shared objects whose
+    /// passes are done), false when reloading the queue at start. `stored`
+    /// gives persisted progress. Returns progress to persist.
+    pub fn add_image(
+        &mut self,
+        record: ImageRecord,
+        fresh: bool,
+        stored: &dyn Fn(&ObjectId) -> Option<ObjectProgress>,
+    ) -> Result<Vec<(ObjectId, ObjectProgress)>, BadRecord> {
+        let bad = |why: String| BadRecord {
+            image: record.image.clone(),
+            why,
+        };
+        let id = ObjectId::from_digest(&record.image).map_err(|e| bad(e.to_string()))?;
+        if self.images.iter().any(|q| q.id == id) {
+            return Ok(Vec::new());
+        }
+        let mut members = vec![(id, ObjectKind::Image, record.image_len)];
+        for b in &record.blobs {
+            let bid = ObjectId::from_digest(&b.digest).map_err(|e| bad(e.to_string()))?;
+            if !members.iter().any(|(m, _, _)| *m == bid) {
+                members.push((bid, ObjectKind::Blob, b.size));
+            }
+        }
+        let mut changed = Vec::new();
+        for &(mid, kind, len) in &members {
+            let groups = self.groups_of(len);
+            let passes = self.passes;
+            let fec = self.fec;
+            if let Some(t) = self.objects.get_mut(&mid) {
+                if fresh && t.progress.passes_done >= t.progress.target {
+                    t.progress.target = t.progress.passes_done + passes;
+                    t.progress.next_group = 0;
+                    changed.push((mid, t.progress));
+                }
+                continue;
+            }
+            let mut progress = match stored(&mid) {
+                Some(mut p) => {
+                    if p.fec != fec || p.next_group >= groups {
+                        // Another layout: the pass under way starts again.
+                        p.fec = fec;
+                        p.next_group = 0;
+                        changed.push((mid, p));
+                    }
+                    p
+                }
+                None => {
+                    let p = ObjectProgress {
+                        passes_done: 0,
+                        target: passes,
+                        next_group: 0,
+                        fec,
+                    };
+                    changed.push((mid, p));
+                    p
+                }
+            };
+            if fresh && progress.passes_done >= progress.target {
+                progress.target = progress.passes_done + passes;
+                progress.next_group = 0;
+                changed.retain(|(c, _)| *c != mid);
+                changed.push((mid, progress));
+            }
+            self.objects.insert(
+                mid,
+                Tracked {
+                    kind,
+                    len,
+                    progress,
+                    broken: false,
+                },
+            );
+        }
+        let pos = self
+            .images
+            .iter()
+            .position(|q| q.record.seq > record.seq)
+            .unwrap_or(self.images.len());
+        self.images.insert(
+            pos,
+            Queued {
+                record,
+                id,
+                members: members.into_iter().map(|(m, _, _)| m).collect(),
+            },
+        );
+        Ok(changed)
+    }
+
+    fn retained(&self, q: &Queued, now: u64) -> bool {
+        q.record.ingested_at.saturating_add(self.retention_s) > now
+    }
+
+    /// The eligibility rule of this moment: owed passes at the lowest level,
+    /// else idle cycling of retained images at the lowest pass count.
+    fn mode(&self, now: u64) -> Option<(bool, u64)> {
+        let owed = self
+            .objects
+            .values()
+            .filter(|t| t.pending())
+            .map(|t| self.level(t))
+            .min();
+        if let Some(level) = owed {
+            return Some((true, level));
+        }
+        self.images
+            .iter()
+            .filter(|q| self.retained(q, now))
+            .flat_map(|q| q.members.iter())
+            .filter_map(|m| self.objects.get(m))
+            .filter(|t| !t.broken)
+            .map(|t| t.progress.passes_done)
+            .min()
+            .map(|l| (false, l))
+    }
+
+    fn eligible(&self, id: &ObjectId, owed: bool, level: u64) -> bool {
+        match self.objects.get(id) {
+            None => false,
+            Some(t) if t.broken => false,
+            Some(t) if owed => t.pending() && self.level(t) == level,
+            Some(t) => t.progress.passes_done == level,
+        }
+    }
+
+    /// The next group to send, or None when there is nothing to send.
+    pub fn next_turn(&mut self, now: u64) -> Option<Turn> {
+        let (owed, level) = self.mode(now)?;
+        let n = self.images.len();
+        // Round-robin: the first image after the one served last.
+        let start = match self.cursor {
+            Some(c) => self
+                .images
+                .iter()
+                .position(|q| q.record.seq > c)
+                .unwrap_or(0),
+            None => 0,
+        };
+        for i in 0..n {
+            let q = &self.images[(start + i) % n];
+            if !owed && !self.retained(q, now) {
+                continue;
+            }
+            if let Some(m) = q.members.iter().find(|m| self.eligible(m, owed, level)) {
+                let t = &self.objects[m];
+                let turn = Turn {
+                    object: *m,
+                    group: t.progress.next_group,
+                    image: q.id,
+                    owed,
+                    level,
+                };
+                self.cursor = Some(q.record.seq);
+                return Some(turn);
+            }
+        }
+        None
+    }
+
+    /// Records that the turn's group went out. Returns the object's new
+    /// progress and the image objects to send again (uncounted) because
+    /// their image's last blob of this pass just went.
+    pub fn finish_turn(&mut self, turn: &Turn) -> (ObjectProgress, Vec<ObjectId>) {
+        let groups = match self.objects.get(&turn.object) {
+            Some(t) => self.groups_of(t.len),
+            None => return (self.fresh_progress(), Vec::new()),
+        };
+        let Some(t) = self.objects.get_mut(&turn.object) else {
+            return (self.fresh_progress(), Vec::new());
+        };
+        t.progress.next_group += 1;
+        let mut pass_done = false;
+        if t.progress.next_group >= groups {
+            t.progress.next_group = 0;
+            t.progress.passes_done += 1;
+            pass_done = true;
+        }
+        let progress = t.progress;
+        let mut trailers = Vec::new();
+        if pass_done {
+            for q in &self.images {
+                if q.id == turn.object || !q.members.contains(&turn.object) {
+                    continue;
+                }
+                let more = q.members[1..]
+                    .iter()
+                    .any(|m| self.eligible(m, turn.owed, turn.level));
+                if !more {
+                    trailers.push(q.id);
+                }
+            }
+        }
+        (progress, trailers)
+    }
+
+    fn fresh_progress(&self) -> ObjectProgress {
+        ObjectProgress {
+            passes_done: 0,
+            target: self.passes,
+            next_group: 0,
+            fec: self.fec,
+        }
+    }
+
+    /// The payload is unreadable: stop choosing it (logged by the caller).
+    pub fn mark_broken(&mut self, id: &ObjectId) {
+        if let Some(t) = self.objects.get_mut(id) {
+            t.broken = true;
+        }
+    }
+
+    pub fn object(&self, id: &ObjectId) -> Option<(ObjectKind, u64)> {
+        self.objects.get(id).map(|t| (t.kind, t.len))
+    }
+
+    pub fn progress(&self, id: &ObjectId) -> Option<ObjectProgress> {
+        self.objects.get(id).map(|t| t.progress)
+    }
+
+    pub fn references(&self, id: &ObjectId) -> bool {
+        self.objects.contains_key(id)
+    }
+
+    pub fn pending_objects(&self) -> usize {
+        self.objects.values().filter(|t| t.pending()).count()
+    }
+
+    pub fn image_count(&self) -> usize {
+        self.images.len()
+    }
+
+    /// Images past retention whose objects owe nothing leave the carousel,
+    /// with the objects no remaining image names.
+    pub fn expire(&mut self, now: u64) -> Expired {
+        let mut out = Expired::default();
+        let (gone, kept): (Vec<Queued>, Vec<Queued>) =
+            std::mem::take(&mut self.images).into_iter().partition(|q| {
+                !self.retained(q, now)
+                    && q.members
+                        .iter()
+                        .all(|m| self.objects.get(m).is_none_or(|t| !t.pending()))
+            });
+        self.images = kept;
+        let still: HashSet<ObjectId> = self
+            .images
+            .iter()
+            .flat_map(|q| q.members.iter().copied())
+            .collect();
+        for q in gone {
+            out.images.push(q.record.image.clone());
+            for m in q.members {
+                if !still.contains(&m) && self.objects.remove(&m).is_some() {
+                    out.objects.push(m);
+                }
+            }
+        }
+        out
+    }
+
+    /// Figures for status.json.
+    pub fn report(&self, now: u64, rate_bps: u64, frame_overhead: u32) -> ScheduleReport {
+        let mut r = ScheduleReport {
+            state: match self.mode(now) {
+                Some((true, _)) => "sending",
+                Some((false, _)) => "cycling",
+                None => "idle",
+            }
+            .to_string(),
+            pass: self.mode(now).map(|(_, l)| l).unwrap_or(0),
+            ..Default::default()
+        };
+        for t in self.objects.values() {
+            r.objects.count += 1;
+            r.objects.bytes += t.len;
+            if t.pending() {
+                r.queue.objects += 1;
+                r.queue.bytes += t.len;
+            }
+        }
+        // Wire bytes per payload byte: parity and frame overhead.
+        let k = self.fec.data_shards as f64;
+        let n = self.fec.total_shards() as f64;
+        let s = self.fec.shard_size as f64;
+        let frame = s + weir_proto::frame::SHARD_FRAME_OVERHEAD as f64 + frame_overhead as f64;
+        let wire_per_byte = n / k * frame / s;
+        // (owed passes done, share of the pass under way) of an object.
+        let owed = |t: &Tracked| -> (u64, f64) {
+            if t.pending() {
+                let groups = self.groups_of(t.len) as f64;
+                (self.level(t), t.progress.next_group as f64 / groups)
+            } else {
+                (self.passes, 0.0)
+            }
+        };
+        let weight = |t: &Tracked| t.len.max(1) as f64;
+        for q in &self.images {
+            let members: Vec<&Tracked> = q
+                .members
+                .iter()
+                .filter_map(|m| self.objects.get(m))
+                .collect();
+            let bytes: u64 = members.iter().map(|t| t.len).sum();
+            let total: f64 = members.iter().map(|t| weight(t)).sum::<f64>().max(1.0);
+            let min_done = members
+                .iter()
+                .map(|t| owed(t).0)
+                .min()
+                .unwrap_or(self.passes);
+            let done: f64 = members
+                .iter()
+                .map(|t| {
+                    let (l, w) = owed(t);
+                    weight(t) * (l as f64 + w)
+                })
+                .sum();
+            let in_pass: f64 = members
+                .iter()
+                .map(|t| {
+                    let (l, w) = owed(t);
+                    weight(t) * if l > min_done { 1.0 } else { w }
+                })
+                .sum();
+            let remaining_bytes: f64 = members
+                .iter()
+                .filter(|t| t.pending())
+                .map(|t| {
+                    let (l, w) = owed(t);
+                    t.len as f64 * ((self.passes - l) as f64 - w)
+                })
+                .sum();
+            let any_pending = members.iter().any(|t| t.pending());
+            let started = done > 0.0;
+            if any_pending {
+                r.queue.images += 1;
+            }
+            let percent = 100.0 * done / (total * self.passes as f64);
+            let pass_percent = 100.0 * in_pass / total;
+            let eta_s = (rate_bps > 0 && any_pending)
+                .then(|| (remaining_bytes * wire_per_byte * 8.0 / rate_bps as f64).ceil() as u64);
+            r.images.push(ImageStatus {
+                image: q.record.image.clone(),
+                destination: q.record.destination.clone(),
+                manifest_digest: q.record.manifest_digest.clone(),
+                source: q.record.source.clone(),
+                bytes,
+                passes: self.passes,
+                passes_done: min_done,
+                pass_percent: if any_pending {
+                    (pass_percent * 10.0).round() / 10.0
+                } else {
+                    100.0
+                },
+                percent: (percent.min(100.0) * 10.0).round() / 10.0,
+                eta_s,
+                state: if any_pending {
+                    if started {
+                        "sending"
+                    } else {
+                        "queued"
+                    }
+                } else if self.retained(q, now) {
+                    "cycling"
+                } else {
+                    "done"
+                }
+                .to_string(),
+            });
+        }
+        r
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ScheduleReport {
+    pub state: String,
+    pub pass: u64,
+    pub queue: QueueStatus,
+    pub objects: ObjectsStatus,
+    pub images: Vec<ImageStatus>,
+}
+
+/// Seals frames into batches and puts them on the link at the paced rate;
+/// adds a heartbeat whenever one is due.
+struct Emitter {
+    sealer: FrameSealer,
+    sink: Box<dyn FrameSink>,
+    pacer: Pacer,
+    batch: Vec<Vec<u8>>,
+    batch_len: usize,
+    frame_overhead: u64,
+    started: Instant,
+    last_heartbeat: Option<Instant>,
+    fingerprint: u64,
+    /// Carried in heartbeats; set by the carousel.
+    queued_objects: u32,
+    pass: u64,
+    meter: RateMeter,
+    frames: u64,
+    bytes: u64,
+    link_errors: u64,
+    status: StatusBoard,
+    rate_bps: u64,
+}
+
+impl Emitter {
+    fn push(&mut self, body: &Body<'_>) -> Result<(), LinkError> {
+        if self.heartbeat_due() {
+            self.push_heartbeat()?;
+        }
+        self.push_raw(body)
+    }
+
+    fn heartbeat_due(&self) -> bool {
+        self.last_heartbeat
+            .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY)
+    }
+
+    fn push_heartbeat(&mut self) -> Result<(), LinkError> {
+        self.last_heartbeat = Some(Instant::now());
+        let hb = Body::Heartbeat(Heartbeat {
+            uptime_s: self.started.elapsed().as_secs(),
+            queued_objects: self.queued_objects,
+            pass: self.pass,
+            config_fingerprint: self.fingerprint,
+            sent_frames: self.sealer.sealed(),
+        });
+        let now = Instant::now();
+        let measured = self.meter.rate_bps(now);
+        let (frames, bytes, rate) = (self.frames, self.bytes, self.rate_bps);
+        self.status.update(|s| {
+            s.uptime_s = self.started.elapsed().as_secs();
+            s.wire.rate_bps = rate;
+            s.wire.measured_bps = measured;
+            s.wire.frames = frames;
+            s.wire.bytes = bytes;
+        });
+        self.push_raw(&hb)
+    }
+
+    fn push_raw(&mut self, body: &Body<'_>) -> Result<(), LinkError> {
+        let slot = &mut self.batch[self.batch_len];
+        self.sealer.seal(body, slot);
+        self.batch_len += 1;
+        if self.batch_len == self.batch.len() {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Paces and sends what is batched. Transport errors lose the frames,
+    /// as a diode would, and are counted; a frame too large is a bug.
+    fn flush(&mut self) -> Result<(), LinkError> {
+        if self.batch_len == 0 {
+            return Ok(());
+        }
+        let frames: Vec<&[u8]> = self.batch[..self.batch_len]
+            .iter()
+            .map(Vec::as_slice)
+            .collect();
+        let wire: u64 = frames
+            .iter()
+            .map(|f| f.len() as u64 + self.frame_overhead)
+            .sum();
+        self.pacer.acquire(wire);
+        let result = self.sink.send(&frames);
+        let n = frames.len() as u64;
+        self.batch_len = 0;
+        match result {
+            Ok(()) => {
+                self.frames += n;
+                self.bytes += wire;
+                self.meter.add(wire, Instant::now());
+                Ok(())
+            }
+            Err(e @ LinkError::FrameTooLarge { .. }) => Err(e),
+            Err(e) => {
+                self.link_errors += 1;
+                if self.link_errors == 1 || self.link_errors.is_multiple_of(1000) {
+                    tracing::warn!(error = %e, errors = self.link_errors, "link send failed; frames lost");
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Why a group could not go out.
+#[derive(Debug, thiserror::Error)]
+pub enum CarouselError {
+    #[error("object {id}: {why}")]
+    Object { id: ObjectId, why: String },
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("FEC: {0}")]
+    Fec(#[from] weir_proto::FecError),
+}
+
+/// The carousel stage: schedule, FEC, sealing, pacing, link.
+pub struct Carousel {
+    schedule: Schedule,
+    settings: CarouselSettings,
+    store: Arc<ObjectStore>,
+    codec: BlockCodec,
+    emitter: Emitter,
+    incoming: Receiver<ImageRecord>,
+    status: StatusBoard,
+    block: Vec<u8>,
+    shards: Vec<Vec<Vec<u8>>>,
+    since_header: u32,
+    last_status: Option<Instant>,
+    last_gc: Instant,
+}
+
+impl Carousel {
+    pub fn new(
+        settings: CarouselSettings,
+        store: Arc<ObjectStore>,
+        sink: Box<dyn FrameSink>,
+        key: Key,
+        session_id: u64,
+        incoming: Receiver<ImageRecord>,
+        status: StatusBoard,
+    ) -> Result<Carousel, CarouselError> {
+        let fec = settings.fec;
+        let frame_bytes = settings.datagram_size as u64 + settings.frame_overhead as u64;
+        // About a millisecond of frames per system call, at most 64.
+        let per_ms = settings.rate_bps / 8 / 1000 / frame_bytes.max(1);
+        let batch_max = per_ms.clamp(1, 64) as usize;
+        let capacity = TokenBucket::capacity_for(
+            settings.rate_bps,
+            Duration::from_millis(2),
+            frame_bytes * batch_max as u64,
+        );
+        status.update(|s| {
+            s.session_id = session_id;
+            s.wire.rate_bps = settings.rate_bps;
+        });
+        Ok(Carousel {
+            schedule: Schedule::new(
+                fec,
+                settings.window_blocks,
+                settings.passes,
+                settings.retention_s,
+            ),
+            codec: BlockCodec::new(fec)?,
+            emitter: Emitter {
+                sealer: FrameSealer::new(key, session_id),
+                sink,
+                pacer: Pacer::new(settings.rate_bps, capacity),
+                batch: vec![Vec::with_capacity(settings.datagram_size); batch_max],
+                batch_len: 0,
+                frame_overhead: settings.frame_overhead as u64,
+                started: Instant::now(),
+                last_heartbeat: None,
+                fingerprint: settings.fingerprint,
+                queued_objects: 0,
+                pass: 0,
+                meter: RateMeter::new(Instant::now()),
+                frames: 0,
+                bytes: 0,
+                link_errors: 0,
+                status: status.clone(),
+                rate_bps: settings.rate_bps,
+            },
+            settings,
+            store,
+            incoming,
+            status,
+            block: vec![0; fec.block_bytes() as usize],
+            shards: Vec::new(),
+            since_header: 0,
+            last_status: None,
+            last_gc: Instant::now(),
+        })
+    }
+
+    /// Loads the persisted queue and progress.
+    pub fn load(&mut self) -> Result<(), CarouselError> {
+        for record in self.store.images()? {
+            self.add(record, false)?;
+        }
+        self.collect_garbage()?;
+        tracing::info!(
+            images = self.schedule.image_count(),
+            owed_objects = self.schedule.pending_objects(),
+            "carousel loaded its queue"
+        );
+        Ok(())
+    }
+
+    fn add(&mut self, record: ImageRecord, fresh: bool) -> Result<(), CarouselError> {
+        let store = &self.store;
+        let lookup = |id: &ObjectId| store.progress(id).ok().flatten();
+        let digest = record.manifest_digest.clone();
+        match self.schedule.add_image(record, fresh, &lookup) {
+            Ok(changed) => {
+                for (id, p) in changed {
+                    self.store.set_progress(&id, &p)?;
+                }
+                if fresh {
+                    self.store.commit()?;
+                    tracing::info!(digest = %digest, "image entered the carousel");
+                }
+            }
+            Err(e) => {
+                tracing::error!(digest = %digest, error = %e, "image record unusable; skipped")
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until shutdown; progress is committed before returning.
+    pub fn run(mut self, shutdown: &Shutdown) -> Result<(), CarouselError> {
+        self.load()?;
+        let result = self.run_loop(shutdown);
+        let _ = self.emitter.flush();
+        self.publish_status();
+        self.store.commit()?;
+        result
+    }
+
+    fn run_loop(&mut self, shutdown: &Shutdown) -> Result<(), CarouselError> {
+        loop {
+            if shutdown.is_triggered() {
+                return Ok(());
+            }
+            while let Ok(record) = self.incoming.try_recv() {
+                self.add(record, true)?;
+            }
+            if self
+                .last_status
+                .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY)
+            {
+                self.publish_status();
+            }
+            if self.last_gc.elapsed() >= GC_EVERY {
+                self.collect_garbage()?;
+            }
+            let Some(turn) = self.schedule.next_turn(unix_now()) else {
+                // Nothing to send: heartbeats only, and wait for new images.
+                if self.emitter.heartbeat_due() {
+                    self.emitter.push_heartbeat()?;
+                }
+                self.emitter.flush()?;
+                let wait = HEARTBEAT_EVERY
+                    .saturating_sub(
+                        self.emitter
+                            .last_heartbeat
+                            .map(|t| t.elapsed())
+                            .unwrap_or_default(),
+                    )
+                    .min(Duration::from_millis(100));
+                match self.incoming.recv_timeout(wait) {
+                    Ok(record) => self.add(record, true)?,
+                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                        if shutdown.sleep(Duration::ZERO) {
+                            return Ok(());
+                        }
+                    }
+                }
+                continue;
+            };
+            self.emitter.queued_objects = self.schedule.pending_objects() as u32;
+            self.emitter.pass = turn.level;
+            match self.send_group(turn.object, turn.group, shutdown) {
+                Ok(true) => {
+                    let (progress, trailers) = self.schedule.finish_turn(&turn);
+                    self.store.set_progress(&turn.object, &progress)?;
+                    if progress.next_group == 0 {
+                        tracing::debug!(object = %turn.object, passes_done = progress.passes_done,
+                            owed = turn.owed, "object pass complete");
+                    }
+                    for image in trailers {
+                        if !self.send_whole(image, shutdown)? {
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(false) => return Ok(()),
+                Err(CarouselError::Object { id, why }) => {
+                    tracing::error!(digest = %id, error = %why, "object payload unusable; it is no longer sent");
+                    self.schedule.mark_broken(&id);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends every group of an object once, uncounted (the image object
+    /// after its blobs). False if interrupted by shutdown.
+    fn send_whole(&mut self, id: ObjectId, shutdown: &Shutdown) -> Result<bool, CarouselError> {
+        let Some((_, len)) = self.schedule.object(&id) else {
+            return Ok(true);
+        };
+        for g in 0..self.schedule.groups_of(len) {
+            match self.send_group(id, g, shutdown) {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(CarouselError::Object { id, why }) => {
+                    tracing::error!(digest = %id, error = %why, "object payload unusable; it is no longer sent");
+                    self.schedule.mark_broken(&id);
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads, encodes and sends one group. False if interrupted by shutdown
+    /// (the group then counts as not sent).
+    fn send_group(
+        &mut self,
+        id: ObjectId,
+        group: u32,
+        shutdown: &Shutdown,
+    ) -> Result<bool, CarouselError> {
+        let Some((kind, len)) = self.schedule.object(&id) else {
+            return Ok(true);
+        };
+        let fec = self.settings.fec;
+        let blocks = fec.blocks_for(len);
+        let (start, count) = group_span(blocks, self.settings.window_blocks, group);
+        let path = self.store.object_path(&id);
+        let obj_err = |why: String| CarouselError::Object { id, why };
+        let file = File::open(&path).map_err(|e| obj_err(format!("{}: {e}", path.display())))?;
+        let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if on_disk != len {
+            return Err(obj_err(format!(
+                "{} is {on_disk} bytes, expected {len}",
+                path.display()
+            )));
+        }
+        if self.shards.len() < count as usize {
+            self.shards.resize_with(count as usize, Vec::new);
+        }
+        let block_bytes = fec.block_bytes();
+        for rel in 0..count {
+            let b = start + rel;
+            let n = fec.block_len(len, b);
+            file.read_exact_at(&mut self.block[..n], b as u64 * block_bytes)
+                .map_err(|e| obj_err(format!("{}: {e}", path.display())))?;
+            self.codec
+                .encode(&self.block[..n], &mut self.shards[rel as usize])?;
+        }
+        let header = Body::ObjectHeader(ObjectHeader {
+            id,
+            kind,
+            len,
+            sha256: id.0,
+            fec,
+        });
+        self.emitter.push(&header)?;
+        self.since_header = 0;
+        let Carousel {
+            emitter,
+            shards,
+            since_header,
+            settings,
+            ..
+        } = self;
+        for (rel, index) in interleave(count, fec.total_shards(), count) {
+            if *since_header >= settings.header_every {
+                emitter.push(&header)?;
+                *since_header = 0;
+            }
+            emitter.push(&Body::Shard(ShardFrame {
+                object: id,
+                kind,
+                object_len: len,
+                fec,
+                block: start + rel,
+                index,
+                payload: &shards[rel as usize][index as usize],
+            }))?;
+            *since_header += 1;
+            if emitter.batch_len == 0 && shutdown.is_triggered() {
+                return Ok(false);
+            }
+        }
+        // On the wire before its progress is recorded.
+        self.emitter.flush()?;
+        Ok(true)
+    }
+
+    fn publish_status(&mut self) {
+        self.last_status = Some(Instant::now());
+        let report = self.schedule.report(
+            unix_now(),
+            self.settings.rate_bps,
+            self.settings.frame_overhead,
+        );
+        self.status.update(|s| {
+            s.state = report.state;
+            s.pass = report.pass;
+            s.queue = report.queue;
+            s.objects = report.objects;
+            s.images = report.images;
+        });
+    }
+
+    /// Drops expired images and payload files nothing refers to.
+    fn collect_garbage(&mut self) -> Result<(), CarouselError> {
+        self.last_gc = Instant::now();
+        let expired = self.schedule.expire(unix_now());
+        for image in &expired.images {
+            tracing::info!(image = %image, "retention over; image leaves the carousel");
+            self.store.remove_image(image)?;
+        }
+        for id in &expired.objects {
+            self.store.remove_progress(id)?;
+            self.store.remove_object(id)?;
+        }
+        let now = std::time::SystemTime::now();
+        let is_old = |modified: std::time::SystemTime| {
+            now.duration_since(modified).unwrap_or_default() > ORPHAN_GRACE
+        };
+        for (id, modified) in self.store.stored_objects()? {
+            if !is_old(modified) || self.schedule.references(&id) {
+                continue;
+            }
+            // Looked at again just before: an ingest may have reused it since.
+            let still_old = std::fs::metadata(self.store.object_path(&id))
+                .and_then(|m| m.modified())
+                .is_ok_and(is_old);
+            if still_old {
+                tracing::info!(digest = %id, "removing payload no queued image names");
+                self.store.remove_object(&id)?;
+            }
+        }
+        self.store.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::BlobMember;
+
+    fn fec() -> FecParams {
+        FecParams::new(4, 2, 10).unwrap() // 40 bytes per block
+    }
+
+    fn record(seq: u64, tag: &str, blobs: &[(&[u8], u64)]) -> ImageRecord {
+        ImageRecord {
+            image: ObjectId::of_bytes(tag.as_bytes()).digest(),
+            image_len: 30,
+            manifest_digest: format!("sha256:{tag}"),
+            destination: format!("t/{tag}:1"),
+            references: vec![format!("t/{tag}:1")],
+            source: format!("{tag}.tar"),
+            ingested_at: 1000,
+            seq,
+            blobs: blobs
+                .iter()
+                .map(|(b, size)| BlobMember {
+                    digest: ObjectId::of_bytes(b).digest(),
+                    size: *size,
+                })
+                .collect(),
+        }
+    }
+
+    fn id(b: &[u8]) -> ObjectId {
+        ObjectId::of_bytes(b)
+    }
+
+    fn none(_: &ObjectId) -> Option<ObjectProgress> {
+        None
+    }
+
+    /// Runs turns until nothing is owed, returning (object, group, owed).
+    fn drain(s: &mut Schedule, max: usize) -> Vec<Turn> {
+        let mut out = Vec::new();
+        while let Some(t) = s.next_turn(1000) {
+            if !t.owed || out.len() >= max {
+                break;
+            }
+            s.finish_turn(&t);
+            out.push(t);
+        }
+        out
+    }
+
+    #[test]
+    fn groups_match_proto_interleave() {
+        for (blocks, window) in [(1, 8), (7, 8), (8, 8), (17, 8), (100, 8), (33, 4)] {
+            let order: Vec<(u32, u16)> = interleave(blocks, 3, window).collect();
+            let mut at = 0;
+            for g in 0..group_count(blocks, window) {
+                let (start, count) = group_span(blocks, window, g);
+                let ours: Vec<(u32, u16)> = interleave(count, 3, count)
+                    .map(|(b, i)| (start + b, i))
+                    .collect();
+                assert_eq!(
+                    &order[at..at + ours.len()],
+                    &ours[..],
+                    "blocks {blocks} window {window} group {g}"
+                );
+                at += ours.len();
+            }
+            assert_eq!(at, order.len());
+        }
+    }
+
+    #[test]
+    fn each_object_gets_its_passes_image_object_first() {
+        let mut s = Schedule::new(fec(), 2, 3, 3600);
+        s.add_image(record(1, "a", &[(b"blob1", 200)]), true, &none)
+            .unwrap();
+        let turns = drain(&mut s, 1000);
+        // image object: 1 block → 1 group; blob: 5 blocks → 2 groups.
+        assert_eq!(turns.len(), 3 * (1 + 2));
+        assert_eq!(turns[0].object, id(b"a"));
+        assert_eq!(turns[1].object, id(b"blob1"));
+        assert_eq!(s.progress(&id(b"blob1")).unwrap().passes_done, 3);
+        assert_eq!(s.pending_objects(), 0);
+    }
+
+    #[test]
+    fn trailer_sends_the_image_object_after_its_last_blob() {
+        let mut s = Schedule::new(fec(), 100, 1, 3600);
+        s.add_image(record(1, "a", &[(b"x", 10), (b"y", 10)]), true, &none)
+            .unwrap();
+        let mut trailers = Vec::new();
+        while let Some(t) = s.next_turn(1000) {
+            if !t.owed {
+                break;
+            }
+            let (_, tr) = s.finish_turn(&t);
+            trailers.push((t.object, tr));
+        }
+        assert_eq!(trailers[0], (id(b"a"), vec![]));
+        assert_eq!(trailers[1], (id(b"x"), vec![]));
+        assert_eq!(trailers[2], (id(b"y"), vec![id(b"a")]));
+    }
+
+    #[test]
+    fn small_image_does_not_wait_behind_a_large_one() {
+        let mut s = Schedule::new(fec(), 2, 1, 3600);
+        // 1000 blocks = 500 groups of 2.
+        s.add_image(record(1, "big", &[(b"huge", 40_000)]), true, &none)
+            .unwrap();
+        for _ in 0..10 {
+            let t = s.next_turn(1000).unwrap();
+            s.finish_turn(&t);
+        }
+        s.add_image(record(2, "small", &[(b"tiny", 40)]), true, &none)
+            .unwrap();
+        let turns = drain(&mut s, 10);
+        let small_done = turns
+            .iter()
+            .position(|t| t.object == id(b"tiny"))
+            .expect("small image sent within a few turns");
+        assert!(small_done < 4, "{turns:?}");
+        assert_eq!(s.progress(&id(b"tiny")).unwrap().passes_done, 1);
+        assert!(s.progress(&id(b"huge")).unwrap().passes_done == 0);
+    }
+
+    #[test]
+    fn new_objects_go_ahead_of_repeats() {
+        let mut s = Schedule::new(fec(), 2, 3, 3600);
+        s.add_image(record(1, "old", &[(b"o", 400)]), true, &none)
+            .unwrap();
+        // Finish the first pass of "old" (1 + 5 groups).
+        for _ in 0..6 {
+            let t = s.next_turn(1000).unwrap();
+            s.finish_turn(&t);
+        }
+        assert_eq!(s.progress(&id(b"o")).unwrap().passes_done, 1);
+        s.add_image(record(2, "new", &[(b"n", 400)]), true, &none)
+            .unwrap();
+        // The next 6 turns are all the new image's first pass.
+        for _ in 0..6 {
+            let t = s.next_turn(1000).unwrap();
+            assert_eq!(t.image, id(b"new"), "{t:?}");
+            s.finish_turn(&t);
+        }
+        assert_eq!(s.progress(&id(b"n")).unwrap().passes_done, 1);
+    }
+
+    #[test]
+    fn restart_resumes_from_persisted_progress() {
+        let mut s = Schedule::new(fec(), 2, 3, 3600);
+        s.add_image(record(1, "a", &[(b"blob", 400)]), true, &none)
+            .unwrap();
+        for _ in 0..9 {
+            let t = s.next_turn(1000).unwrap();
+            s.finish_turn(&t);
+        }
+        let saved_blob = s.progress(&id(b"blob")).unwrap();
+        let saved_img = s.progress(&id(b"a")).unwrap();
+        assert_eq!((saved_blob.passes_done, saved_blob.next_group), (1, 2));
+        let mut again = Schedule::new(fec(), 2, 3, 3600);
+        let stored = move |i: &ObjectId| {
+            if *i == id(b"blob") {
+                Some(saved_blob)
+            } else {
+                Some(saved_img)
+            }
+        };
+        again
+            .add_image(record(1, "a", &[(b"blob", 400)]), false, &stored)
+            .unwrap();
+        let t = again.next_turn(1000).unwrap();
+        assert_eq!((t.object, t.group, t.level), (id(b"blob"), 2, 1));
+    }
+
+    #[test]
+    fn idle_link_cycles_retained_images_only() {
+        let mut s = Schedule::new(fec(), 2, 1, 3600);
+        s.add_image(record(1, "a", &[(b"x", 10)]), true, &none)
+            .unwrap();
+        drain(&mut s, 100);
+        let t = s.next_turn(1000).unwrap();
+        assert!(!t.owed);
+        assert_eq!(t.object, id(b"a"));
+        // Past retention: nothing to send, and the image expires.
+        assert!(s.next_turn(1000 + 3600).is_none());
+        let gone = s.expire(1000 + 3600);
+        assert_eq!(gone.images.len(), 1);
+        assert_eq!(gone.objects.len(), 2);
+    }
+
+    #[test]
+    fn shared_blob_is_one_object_and_rearmed_for_a_later_image() {
+        let mut s = Schedule::new(fec(), 2, 1, 3600);
+        s.add_image(record(1, "a", &[(b"base", 10), (b"x", 10)]), true, &none)
+            .unwrap();
+        s.add_image(record(2, "b", &[(b"base", 10), (b"y", 10)]), true, &none)
+            .unwrap();
+        let turns = drain(&mut s, 100);
+        assert_eq!(turns.iter().filter(|t| t.object == id(b"base")).count(), 1);
+        s.add_image(record(3, "c", &[(b"base", 10)]), true, &none)
+            .unwrap();
+        let turns = drain(&mut s, 100);
+        assert_eq!(turns.iter().filter(|t| t.object == id(b"base")).count(), 1);
+    }
+
+    #[test]
+    fn report_counts_progress() {
+        let mut s = Schedule::new(fec(), 2, 2, 3600);
+        s.add_image(record(1, "a", &[(b"x", 400)]), true, &none)
+            .unwrap();
+        let r = s.report(1000, 1_000_000, 0);
+        assert_eq!(r.images[0].state, "queued");
+        assert_eq!(r.images[0].percent, 0.0);
+        drain(&mut s, 6);
+        let r = s.report(1000, 1_000_000, 0);
+        assert_eq!(r.images[0].passes_done, 1);
+        assert!(
+            (r.images[0].percent - 50.0).abs() < 1.0,
+            "{:?}",
+            r.images[0]
+        );
+        drain(&mut s, 100);
+        let r = s.report(1000, 1_000_000, 0);
+        assert_eq!(r.images[0].state, "cycling");
+        assert_eq!(r.queue.objects, 0);
+    }
+}

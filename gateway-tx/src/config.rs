@@ -1,0 +1,621 @@
+//! The configuration of gateway-tx: one TOML file, one serde type.
+//!
+//! The keys of issue 3 are the published contract; everything else has a
+//! default, documented on its field and in `examples/tx.toml`. Relative paths
+//! are taken relative to the directory of the configuration file, so an
+//! example works wherever it is checked out.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use weir_proto::{FecParams, Key};
+
+/// Largest UDP payload over IPv4.
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// Everything gateway-tx needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxConfig {
+    /// Where the object store lives: sled database, object payload files,
+    /// `status.json`. Created when missing.
+    pub state_dir: PathBuf,
+    /// The file drop. Created when missing, with `done/` and `rejected/`.
+    pub spool_dir: PathBuf,
+    pub link: LinkConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub fec: FecConfig,
+    #[serde(default)]
+    pub carousel: CarouselConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Repository prefix rewrites, source → destination; the longest
+    /// matching `from` wins. None: the destination is the source path.
+    #[serde(default)]
+    pub mapping: Vec<Mapping>,
+}
+
+/// How frames leave the box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Udp,
+    Serial,
+    Dir,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Udp => "udp",
+            Transport::Serial => "serial",
+            Transport::Dir => "dir",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// `udp` (serial and dir come later).
+    pub transport: Transport,
+    /// Receiver address for `udp`, e.g. `192.0.2.10:7700`. Required for udp.
+    #[serde(default)]
+    pub udp_peer: Option<SocketAddr>,
+    /// Wire bits per second, frame headers and tags included. Required.
+    pub rate_bps: u64,
+    /// Bytes per frame on the wire. Default 1400 (fits a 1500-byte MTU).
+    #[serde(default = "default_datagram_size")]
+    pub datagram_size: usize,
+    /// Bytes the transport adds per frame, counted against `rate_bps`.
+    /// Default 0: the rate counts frame bytes. Set 28 for IPv4+UDP headers,
+    /// 66 to also count Ethernet framing.
+    #[serde(default)]
+    pub frame_overhead_bytes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Key id carried in every frame; the receiver must hold this id.
+    pub key_id: u16,
+    /// Hex key file, mode 0600, at least 32 bytes of secret.
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FecConfig {
+    /// k: data shards per block. Default 32.
+    #[serde(default = "default_data_shards")]
+    pub data_shards: u16,
+    /// m: parity shards per block (any k of k+m rebuild it). Default 8.
+    #[serde(default = "default_parity_shards")]
+    pub parity_shards: u16,
+}
+
+impl Default for FecConfig {
+    fn default() -> Self {
+        FecConfig {
+            data_shards: default_data_shards(),
+            parity_shards: default_parity_shards(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CarouselConfig {
+    /// Passes every object gets before it only cycles when idle. Default 3.
+    #[serde(default = "default_passes")]
+    pub passes: u32,
+    /// How long after ingest an image keeps cycling on an idle link, and its
+    /// payload stays on disk. Default 72 (a diode may be down for days).
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u64,
+    /// Blocks interleaved together: a burst of B lost frames costs each
+    /// block about B / window_blocks shards. Also the unit of round-robin
+    /// between images. Default 8.
+    #[serde(default = "default_window_blocks")]
+    pub window_blocks: u32,
+    /// Shard frames between repeats of the object header. Default 64.
+    #[serde(default = "default_header_every")]
+    pub header_every: u32,
+}
+
+impl Default for CarouselConfig {
+    fn default() -> Self {
+        CarouselConfig {
+            passes: default_passes(),
+            retention_hours: default_retention_hours(),
+            window_blocks: default_window_blocks(),
+            header_every: default_header_every(),
+        }
+    }
+}
+
+/// How uncompressed docker-archive layers cross.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// `application/vnd.oci.image.layer.v1.tar+gzip`, deterministic output.
+    Gzip,
+    /// Layers cross as plain tar (`application/vnd.oci.image.layer.v1.tar`).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Default "gzip": the diode is the bottleneck.
+    #[serde(default = "default_compression")]
+    pub compression: Compression,
+    /// 0..=9. Default 6.
+    #[serde(default = "default_gzip_level")]
+    pub gzip_level: u32,
+    /// How often the spool directory is listed. Default 1000 ms.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            compression: default_compression(),
+            gzip_level: default_gzip_level(),
+            poll_interval_ms: default_poll_interval_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Rules YAML (namespaces + rules with gates). None: every image passes.
+    #[serde(default)]
+    pub rules_file: Option<PathBuf>,
+}
+
+/// Rewrites a repository prefix: `from = "team-a/"`, `to = "mirror/team-a/"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mapping {
+    pub from: String,
+    pub to: String,
+}
+
+fn default_datagram_size() -> usize {
+    1400
+}
+fn default_data_shards() -> u16 {
+    32
+}
+fn default_parity_shards() -> u16 {
+    8
+}
+fn default_passes() -> u32 {
+    3
+}
+fn default_retention_hours() -> u64 {
+    72
+}
+fn default_window_blocks() -> u32 {
+    8
+}
+fn default_header_every() -> u32 {
+    64
+}
+fn default_compression() -> Compression {
+    Compression::Gzip
+}
+fn default_gzip_level() -> u32 {
+    6
+}
+fn default_poll_interval_ms() -> u64 {
+    1000
+}
+
+/// A configuration value that cannot work; names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl TxConfig {
+    /// Reads, parses and validates a configuration file. Errors name the
+    /// file and the field.
+    pub fn load(path: &Path) -> anyhow::Result<TxConfig> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        // toml's message carries line, column and the offending key.
+        let mut config: TxConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        config.resolve_paths(absolute.parent().unwrap_or(Path::new("/")));
+        config
+            .validate()
+            .with_context(|| format!("config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Makes relative paths relative to `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.state_dir);
+        fix(&mut self.spool_dir);
+        fix(&mut self.auth.key_file);
+        if let Some(r) = &mut self.policy.rules_file {
+            fix(r);
+        }
+    }
+
+    /// Checks every range and loads what must load (key, rules).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.link;
+        if l.rate_bps == 0 {
+            return Err(invalid("link.rate_bps", "must be greater than 0"));
+        }
+        match l.transport {
+            Transport::Udp => {
+                if l.udp_peer.is_none() {
+                    return Err(invalid(
+                        "link.udp_peer",
+                        "required when transport = \"udp\" (e.g. \"192.0.2.10:7700\")",
+                    ));
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "link.transport",
+                    format!("\"{other}\" is not supported by this build yet; use \"udp\""),
+                ))
+            }
+        }
+        if l.datagram_size > MAX_DATAGRAM {
+            return Err(invalid(
+                "link.datagram_size",
+                format!(
+                    "{} exceeds the UDP maximum of {MAX_DATAGRAM}",
+                    l.datagram_size
+                ),
+            ));
+        }
+        let total = self.fec.data_shards as usize + self.fec.parity_shards as usize;
+        if self.fec.data_shards == 0 {
+            return Err(invalid("fec.data_shards", "must be at least 1"));
+        }
+        if total > weir_proto::fec::MAX_SHARDS_PER_BLOCK {
+            return Err(invalid(
+                "fec.parity_shards",
+                format!(
+                    "data_shards + parity_shards = {total}; at most {} fit one block",
+                    weir_proto::fec::MAX_SHARDS_PER_BLOCK
+                ),
+            ));
+        }
+        self.fec_params()
+            .map_err(|e| invalid("link.datagram_size", e.to_string()))?;
+        let c = &self.carousel;
+        if c.passes == 0 {
+            return Err(invalid("carousel.passes", "must be at least 1"));
+        }
+        if c.window_blocks == 0 {
+            return Err(invalid("carousel.window_blocks", "must be at least 1"));
+        }
+        if c.header_every == 0 {
+            return Err(invalid("carousel.header_every", "must be at least 1"));
+        }
+        if self.ingest.gzip_level > 9 {
+            return Err(invalid("ingest.gzip_level", "must be 0..=9"));
+        }
+        if self.ingest.poll_interval_ms == 0 {
+            return Err(invalid("ingest.poll_interval_ms", "must be at least 1"));
+        }
+        for (field, dir) in [
+            ("state_dir", &self.state_dir),
+            ("spool_dir", &self.spool_dir),
+        ] {
+            if dir.exists() && !dir.is_dir() {
+                return Err(invalid(
+                    field,
+                    format!("{} exists and is not a directory", dir.display()),
+                ));
+            }
+        }
+        if self.spool_dir.starts_with(&self.state_dir)
+            || self.state_dir.starts_with(&self.spool_dir)
+        {
+            return Err(invalid(
+                "spool_dir",
+                "spool_dir and state_dir must not contain one another",
+            ));
+        }
+        self.key()
+            .map_err(|e| invalid("auth.key_file", e.to_string()))?;
+        if let Some(path) = &self.policy.rules_file {
+            crate::policy::Rules::load(path)
+                .map_err(|e| invalid("policy.rules_file", e.to_string()))?;
+        }
+        for m in &self.mapping {
+            if m.from.is_empty() || m.from.starts_with('/') || m.to.starts_with('/') {
+                return Err(invalid(
+                    "mapping",
+                    format!(
+                        "from = {:?}, to = {:?}: from must be a non-empty repository prefix, \
+                         neither may start with '/'",
+                        m.from, m.to
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The FEC layout: S is the largest shard whose frame fits a datagram.
+    pub fn fec_params(&self) -> Result<FecParams, weir_proto::FecError> {
+        FecParams::for_datagram(
+            self.link.datagram_size,
+            self.fec.data_shards,
+            self.fec.parity_shards,
+        )
+    }
+
+    pub fn key(&self) -> Result<Key, weir_proto::KeyError> {
+        Key::load(self.auth.key_id, &self.auth.key_file)
+    }
+
+    /// Hash of what the receiver may want to compare (FEC layout, key),
+    /// carried in heartbeats; reveals nothing of the key.
+    pub fn fingerprint(&self, key: &Key) -> u64 {
+        let mut h = Sha256::new();
+        h.update(b"weir tx config v1");
+        if let Ok(p) = self.fec_params() {
+            h.update(p.data_shards.to_be_bytes());
+            h.update(p.parity_shards.to_be_bytes());
+            h.update(p.shard_size.to_be_bytes());
+        }
+        h.update(key.id().to_be_bytes());
+        h.update(key.fingerprint());
+        let d = h.finalize();
+        u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8]))
+    }
+
+    /// Object payload files, the sled database and status.json live here.
+    pub fn status_path(&self) -> PathBuf {
+        self.state_dir.join("status.json")
+    }
+
+    /// A few lines for `check-config` and the startup log.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        use std::fmt::Write;
+        let _ = writeln!(s, "state_dir      {}", self.state_dir.display());
+        let _ = writeln!(s, "spool_dir      {}", self.spool_dir.display());
+        let peer = self
+            .link
+            .udp_peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            s,
+            "link           {} to {}, {} bit/s, {}-byte frames (+{} overhead)",
+            self.link.transport,
+            peer,
+            self.link.rate_bps,
+            self.link.datagram_size,
+            self.link.frame_overhead_bytes
+        );
+        if let Ok(p) = self.fec_params() {
+            let _ = writeln!(
+                s,
+                "fec            k={} m={} shard={} B, block={} B, parity overhead {:.1} %",
+                p.data_shards,
+                p.parity_shards,
+                p.shard_size,
+                p.block_bytes(),
+                100.0 * p.parity_shards as f64 / p.data_shards as f64
+            );
+        }
+        let c = &self.carousel;
+        let _ = writeln!(
+            s,
+            "carousel       {} passes, retention {} h, window {} blocks, header every {} frames",
+            c.passes, c.retention_hours, c.window_blocks, c.header_every
+        );
+        let _ = writeln!(
+            s,
+            "ingest         compression {:?} (level {}), poll every {} ms",
+            self.ingest.compression, self.ingest.gzip_level, self.ingest.poll_interval_ms
+        );
+        match &self.policy.rules_file {
+            Some(p) => match crate::policy::Rules::load(p) {
+                Ok(r) => {
+                    let _ = writeln!(
+                        s,
+                        "policy         {}: {} namespaces, {} rules",
+                        p.display(),
+                        r.namespaces.len(),
+                        r.rules.len()
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(s, "policy         {e}");
+                }
+            },
+            None => {
+                let _ = writeln!(s, "policy         no rules_file: every image passes");
+            }
+        }
+        for m in &self.mapping {
+            let _ = writeln!(s, "mapping        {} -> {}", m.from, m.to);
+        }
+        if let Ok(k) = self.key() {
+            let _ = writeln!(
+                s,
+                "auth           key id {} (fingerprint {}), config fingerprint {:016x}",
+                k.id(),
+                hex::encode(k.fingerprint()),
+                self.fingerprint(&k)
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Writes a valid key file and returns its path.
+    pub(crate) fn write_key(dir: &Path) -> PathBuf {
+        let p = dir.join("1.key");
+        std::fs::write(&p, "ab".repeat(32)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    fn published(dir: &Path) -> String {
+        write_key(dir);
+        r#"
+state_dir = "state"
+spool_dir = "spool"
+
+[link]
+transport = "udp"
+udp_peer = "192.0.2.10:7700"
+rate_bps = 100000000
+datagram_size = 1400
+
+[auth]
+key_id = 1
+key_file = "1.key"
+
+[fec]
+data_shards = 32
+parity_shards = 8
+
+[carousel]
+passes = 3
+"#
+        .to_string()
+    }
+
+    fn load_text(dir: &Path, text: &str) -> anyhow::Result<TxConfig> {
+        let p = dir.join("tx.toml");
+        std::fs::write(&p, text).unwrap();
+        TxConfig::load(&p)
+    }
+
+    #[test]
+    fn published_keys_load_with_documented_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load_text(dir.path(), &published(dir.path())).unwrap();
+        assert_eq!(c.link.rate_bps, 100_000_000);
+        assert_eq!(c.link.udp_peer, Some("192.0.2.10:7700".parse().unwrap()));
+        assert_eq!(c.carousel.passes, 3);
+        assert_eq!(c.carousel.retention_hours, 72);
+        assert_eq!(c.ingest.compression, Compression::Gzip);
+        assert_eq!(c.state_dir, dir.path().join("state"));
+        assert!(c.policy.rules_file.is_none());
+        assert!(c.fec_params().unwrap().shard_size > 1200);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_naming_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = published(dir.path()).replace("passes = 3", "passes = 3\npasess = 4");
+        let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
+        assert!(err.contains("tx.toml") && err.contains("pasess"), "{err}");
+    }
+
+    #[test]
+    fn ranges_are_checked_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = published(dir.path());
+        let cases = [
+            ("rate_bps = 100000000", "rate_bps = 0", "link.rate_bps"),
+            (
+                "parity_shards = 8",
+                "parity_shards = 240",
+                "fec.parity_shards",
+            ),
+            (
+                "datagram_size = 1400",
+                "datagram_size = 40",
+                "link.datagram_size",
+            ),
+            (
+                "datagram_size = 1400",
+                "datagram_size = 70000",
+                "link.datagram_size",
+            ),
+            (
+                "transport = \"udp\"",
+                "transport = \"serial\"",
+                "link.transport",
+            ),
+            ("key_id = 1", "key_id = 1\n", "none"),
+        ];
+        for (from, to, field) in cases {
+            let r = load_text(dir.path(), &base.replace(from, to));
+            if field == "none" {
+                r.unwrap();
+                continue;
+            }
+            let err = format!("{:#}", r.unwrap_err());
+            assert!(err.contains(field) && err.contains("tx.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn unreadable_or_open_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = published(dir.path());
+        std::fs::set_permissions(
+            dir.path().join("1.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
+        assert!(
+            err.contains("auth.key_file") && err.contains("chmod 600"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            load_text(dir.path(), &text.replace("1.key", "missing.key")).unwrap_err()
+        );
+        assert!(err.contains("missing.key"), "{err}");
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        // examples/tx.toml documents every key; it must parse (paths aside).
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tx.toml");
+        let text = std::fs::read_to_string(&example).unwrap();
+        let c: TxConfig = toml::from_str(&text).unwrap();
+        assert_eq!(c.carousel.retention_hours, 72);
+        assert_eq!(c.link.datagram_size, 1400);
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/rules.yaml");
+        crate::policy::Rules::load(&rules).unwrap();
+    }
+}

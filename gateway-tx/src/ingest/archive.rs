@@ -1,0 +1,261 @@
+//! A tar archive indexed in place: where each member's bytes are, so that
+//! layers are read as byte ranges of the drop file and never loaded whole.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Largest JSON member (manifest, index, config) read into memory.
+pub const MAX_JSON_MEMBER: u64 = 16 << 20;
+/// Symlinks followed before giving up (loops, absurd chains).
+const MAX_LINK_HOPS: usize = 16;
+
+/// Why an archive cannot be read; the drop is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("reading archive {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is gzip-compressed; drop the uncompressed tar (docker save / skopeo write one)")]
+    Compressed(PathBuf),
+    #[error("archive has no member {0:?}")]
+    Missing(String),
+    #[error("member {0:?}: {1}")]
+    Member(String, String),
+    #[error("{0}")]
+    Format(String),
+}
+
+#[derive(Debug, Clone)]
+enum Member {
+    File { offset: u64, size: u64 },
+    Symlink(String),
+    HardLink(String),
+}
+
+/// A seekable tar file and the position of every member.
+pub struct TarIndex {
+    file: File,
+    path: PathBuf,
+    members: HashMap<String, Member>,
+}
+
+/// Archive paths compare without `./` and trailing `/`.
+pub fn normalize(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts.join("/")
+}
+
+impl TarIndex {
+    /// Walks the headers only: seeking over every member's data.
+    pub fn open(path: &Path) -> Result<TarIndex, ArchiveError> {
+        let io = |source| ArchiveError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let mut magic = [0u8; 2];
+        if file.read_at(&mut magic, 0).map_err(io)? == 2 && magic == [0x1f, 0x8b] {
+            return Err(ArchiveError::Compressed(path.to_path_buf()));
+        }
+        let mut members = HashMap::new();
+        {
+            let mut archive = tar::Archive::new(&file);
+            for entry in archive.entries_with_seek().map_err(io)? {
+                let entry = entry.map_err(io)?;
+                let name = entry.path().map_err(io)?.to_string_lossy().into_owned();
+                let name = normalize(&name);
+                let member = match entry.header().entry_type() {
+                    tar::EntryType::Regular | tar::EntryType::Continuous => Member::File {
+                        offset: entry.raw_file_position(),
+                        size: entry.size(),
+                    },
+                    tar::EntryType::Symlink => {
+                        let target = entry
+                            .link_name()
+                            .map_err(io)?
+                            .map(|t| t.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        // Relative to the link's own directory.
+                        let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                        let joined = if target.starts_with('/') {
+                            target
+                        } else {
+                            format!("{dir}/{target}")
+                        };
+                        Member::Symlink(normalize(&joined))
+                    }
+                    tar::EntryType::Link => {
+                        let target = entry
+                            .link_name()
+                            .map_err(io)?
+                            .map(|t| t.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        Member::HardLink(normalize(&target))
+                    }
+                    // Directories and metadata entries hold no bytes we need.
+                    _ => continue,
+                };
+                members.insert(name, member);
+            }
+        }
+        Ok(TarIndex {
+            file,
+            path: path.to_path_buf(),
+            members,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.members.contains_key(&normalize(name))
+    }
+
+    /// Offset and size of a member's bytes, following links.
+    pub fn locate(&self, name: &str) -> Result<(u64, u64), ArchiveError> {
+        let mut current = normalize(name);
+        for _ in 0..MAX_LINK_HOPS {
+            match self.members.get(&current) {
+                None => return Err(ArchiveError::Missing(current)),
+                Some(Member::File { offset, size }) => return Ok((*offset, *size)),
+                Some(Member::Symlink(t)) | Some(Member::HardLink(t)) => current = t.clone(),
+            }
+        }
+        Err(ArchiveError::Member(
+            name.to_string(),
+            "too many links (a loop?)".into(),
+        ))
+    }
+
+    /// A reader over one member's bytes.
+    pub fn reader(&self, name: &str) -> Result<MemberReader<'_>, ArchiveError> {
+        let (offset, size) = self.locate(name)?;
+        Ok(MemberReader {
+            file: &self.file,
+            pos: offset,
+            end: offset + size,
+        })
+    }
+
+    pub fn size(&self, name: &str) -> Result<u64, ArchiveError> {
+        Ok(self.locate(name)?.1)
+    }
+
+    /// A small member (JSON) read whole; refuses anything over the limit.
+    pub fn read_small(&self, name: &str) -> Result<Vec<u8>, ArchiveError> {
+        let (_, size) = self.locate(name)?;
+        if size > MAX_JSON_MEMBER {
+            return Err(ArchiveError::Member(
+                name.to_string(),
+                format!("{size} bytes, more than the {MAX_JSON_MEMBER} allowed for metadata"),
+            ));
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        self.reader(name)?
+            .read_to_end(&mut out)
+            .map_err(|source| ArchiveError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(out)
+    }
+}
+
+/// Reads a byte range of the archive file with positioned reads.
+pub struct MemberReader<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for MemberReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = (self.end - self.pos).min(buf.len() as u64) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "archive ends inside a member",
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(dir: &Path) -> PathBuf {
+        let path = dir.join("t.tar");
+        let mut b = tar::Builder::new(File::create(&path).unwrap());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        add("./a/data.bin", &[7u8; 3000]);
+        add("b.json", b"{}");
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_cksum();
+        b.append_link(&mut h, "c/layer.tar", "../a/data.bin")
+            .unwrap();
+        b.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn members_read_as_ranges_and_links_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = TarIndex::open(&build(dir.path())).unwrap();
+        let mut v = Vec::new();
+        idx.reader("c/layer.tar")
+            .unwrap()
+            .read_to_end(&mut v)
+            .unwrap();
+        assert_eq!(v, vec![7u8; 3000]);
+        assert_eq!(idx.read_small("./b.json").unwrap(), b"{}");
+        assert!(matches!(idx.locate("nope"), Err(ArchiveError::Missing(_))));
+    }
+
+    #[test]
+    fn compressed_archive_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.tar.gz");
+        std::fs::write(&p, [0x1f, 0x8b, 8, 0]).unwrap();
+        let e = TarIndex::open(&p).err().unwrap();
+        assert!(e.to_string().contains("uncompressed"), "{e}");
+    }
+
+    #[test]
+    fn normalize_paths() {
+        assert_eq!(normalize("./a//b/"), "a/b");
+        assert_eq!(normalize("a/../b"), "b");
+        assert_eq!(normalize("/x"), "x");
+    }
+}

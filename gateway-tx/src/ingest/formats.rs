@@ -1,0 +1,668 @@
+//! The archive formats a drop may be, read in two steps: a *plan* from the
+//! metadata alone (references, config digests; enough for the policy), then,
+//! once the policy said yes, the blobs written into the object store.
+//!
+//! - docker-archive, any flavour (`docker save` `<id>/layer.tar`, skopeo
+//!   `<digest>.tar` with symlinks, Docker ≥ 25 OCI-in-docker): read through
+//!   `manifest.json`. Layers are uncompressed tars: they are compressed
+//!   (deterministically) into a new OCI image manifest; the config blob is
+//!   kept byte for byte, so the config digest (the image id) is unchanged.
+//!   A layer that is already gzip or zstd crosses as it is.
+//! - OCI archive (`oci-layout` + `index.json` + `blobs/`), including an
+//!   index of platform manifests: everything crosses as it is, so every
+//!   digest is unchanged.
+
+use super::archive::{ArchiveError, TarIndex};
+use crate::config::Compression;
+use crate::objects::{ObjectStore, StoreError, StoredObject};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use weir_proto::{BlobRef, ManifestBytes, ObjectId, Shutdown};
+
+pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MT_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const MT_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MT_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+const CONTAINERD_NAME: &str = "io.containerd.image.name";
+const COPY_BUFFER: usize = 256 << 10;
+
+/// Why the drop's content cannot become objects.
+#[derive(Debug, thiserror::Error)]
+pub enum DropError {
+    /// Unreadable or not a format we know: `bad-archive`.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// Content contradicts its own digests: `corrupt-archive`.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Our side failed (disk full...): the drop stays for a retry.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Shutdown came first: the drop stays and is read again next start.
+    #[error("interrupted by shutdown")]
+    Interrupted,
+}
+
+fn format_err(msg: impl Into<String>) -> DropError {
+    DropError::Archive(ArchiveError::Format(msg.into()))
+}
+
+/// Which kind of archive a drop is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveKind {
+    Docker,
+    Oci,
+}
+
+/// One image of a drop, before any blob is written.
+#[derive(Debug, Clone)]
+pub struct ImagePlan {
+    /// References as the archive gives them (RepoTags, ref.name).
+    pub references: Vec<String>,
+    /// Config digests: one, or one per platform.
+    pub config_digests: Vec<String>,
+    pub content: PlanContent,
+}
+
+#[derive(Debug, Clone)]
+pub enum PlanContent {
+    Docker {
+        config: Vec<u8>,
+        /// Archive members of the layers, in order.
+        layers: Vec<String>,
+        /// From the config's rootfs; checked against uncompressed layers.
+        diff_ids: Vec<String>,
+    },
+    Oci {
+        manifest: ManifestBytes,
+        children: Vec<ManifestBytes>,
+        blobs: Vec<BlobRef>,
+    },
+}
+
+/// An image whose blobs are all in the object store.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub manifest: ManifestBytes,
+    pub children: Vec<ManifestBytes>,
+    pub blobs: Vec<BlobRef>,
+}
+
+/// How docker-archive layers are compressed.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerCompression {
+    pub kind: Compression,
+    pub level: u32,
+}
+
+impl LayerCompression {
+    fn cache_key(&self, diff_id: &str) -> String {
+        match self.kind {
+            Compression::Gzip => format!("gzip-{} {diff_id}", self.level),
+            Compression::None => format!("none {diff_id}"),
+        }
+    }
+}
+
+pub fn detect(index: &TarIndex) -> Result<ArchiveKind, DropError> {
+    if index.contains("manifest.json") {
+        Ok(ArchiveKind::Docker)
+    } else if index.contains("index.json") {
+        Ok(ArchiveKind::Oci)
+    } else {
+        Err(format_err(
+            "neither a docker-archive (manifest.json) nor an OCI archive (index.json)",
+        ))
+    }
+}
+
+/// Reads the plans of every image in the drop.
+pub fn plan(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
+    match detect(index)? {
+        ArchiveKind::Docker => plan_docker(index),
+        ArchiveKind::Oci => plan_oci(index),
+    }
+}
+
+// ---------------------------------------------------------------- docker
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ImageConfig {
+    #[serde(default)]
+    rootfs: Option<RootFs>,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+fn plan_docker(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
+    let bytes = index.read_small("manifest.json")?;
+    let entries: Vec<DockerEntry> =
+        serde_json::from_slice(&bytes).map_err(|e| format_err(format!("manifest.json: {e}")))?;
+    if entries.is_empty() {
+        return Err(format_err("manifest.json lists no image"));
+    }
+    let mut plans = Vec::with_capacity(entries.len());
+    for e in entries {
+        let config = index.read_small(&e.config)?;
+        let config_digest = ObjectId::of_bytes(&config).digest();
+        let parsed: ImageConfig = serde_json::from_slice(&config)
+            .map_err(|err| format_err(format!("config {}: {err}", e.config)))?;
+        let diff_ids = parsed.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+        if !diff_ids.is_empty() && diff_ids.len() != e.layers.len() {
+            return Err(DropError::Corrupt(format!(
+                "config {config_digest} names {} diff_ids, manifest.json lists {} layers",
+                diff_ids.len(),
+                e.layers.len()
+            )));
+        }
+        for l in &e.layers {
+            index.locate(l)?;
+        }
+        plans.push(ImagePlan {
+            references: e.repo_tags.unwrap_or_default(),
+            config_digests: vec![config_digest],
+            content: PlanContent::Docker {
+                config,
+                layers: e.layers,
+                diff_ids,
+            },
+        });
+    }
+    Ok(plans)
+}
+
+#[derive(Serialize)]
+struct ManifestOut<'a> {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    config: DescriptorOut,
+    layers: Vec<DescriptorOut>,
+}
+
+#[derive(Serialize)]
+struct DescriptorOut {
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    digest: String,
+    size: u64,
+}
+
+/// Compresses a docker-archive image's layers into the store and builds
+/// its OCI manifest. Same archive, same settings: same manifest digest.
+fn store_docker(
+    cancel: &Shutdown,
+    index: &TarIndex,
+    store: &ObjectStore,
+    compression: LayerCompression,
+    config: &[u8],
+    layers: &[String],
+    diff_ids: &[String],
+) -> Result<StoredImage, DropError> {
+    let config_obj = store.put_bytes(config)?;
+    let config_ref = BlobRef {
+        digest: config_obj.id.digest(),
+        size: config_obj.len,
+        media_type: MT_OCI_CONFIG.to_string(),
+    };
+    let mut blobs = vec![config_ref.clone()];
+    let mut out_layers = Vec::with_capacity(layers.len());
+    for (i, member) in layers.iter().enumerate() {
+        let layer = store_layer(cancel, index, store, compression, member, diff_ids.get(i))?;
+        out_layers.push(DescriptorOut {
+            media_type: layer.media_type.clone(),
+            digest: layer.digest.clone(),
+            size: layer.size,
+        });
+        if !blobs.iter().any(|b| b.digest == layer.digest) {
+            blobs.push(layer);
+        }
+    }
+    let manifest = ManifestOut {
+        schema_version: 2,
+        media_type: MT_OCI_MANIFEST,
+        config: DescriptorOut {
+            media_type: config_ref.media_type,
+            digest: config_ref.digest,
+            size: config_ref.size,
+        },
+        layers: out_layers,
+    };
+    // Field order is the struct's: the bytes are the same every time.
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| format_err(e.to_string()))?;
+    Ok(StoredImage {
+        manifest: ManifestBytes {
+            digest: ObjectId::of_bytes(&bytes).digest(),
+            media_type: MT_OCI_MANIFEST.to_string(),
+            bytes,
+        },
+        children: Vec::new(),
+        blobs,
+    })
+}
+
+/// Hashes what passes through: the uncompressed layer, to check its diff id.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn store_layer(
+    cancel: &Shutdown,
+    index: &TarIndex,
+    store: &ObjectStore,
+    compression: LayerCompression,
+    member: &str,
+    diff_id: Option<&String>,
+) -> Result<BlobRef, DropError> {
+    let archive_io = |source| {
+        DropError::Archive(ArchiveError::Io {
+            path: index.path().to_path_buf(),
+            source,
+        })
+    };
+    let mut magic = [0u8; 4];
+    let n = read_up_to(&mut index.reader(member)?, &mut magic).map_err(archive_io)?;
+    let already = match &magic[..n] {
+        [0x1f, 0x8b, ..] => Some(MT_LAYER_GZIP),
+        [0x28, 0xb5, 0x2f, 0xfd] => Some(MT_LAYER_ZSTD),
+        _ => None,
+    };
+    if let Some(media_type) = already {
+        let obj = copy_member(cancel, index, store, member, None)?;
+        return Ok(blob_ref(obj, media_type));
+    }
+    let cache_key = diff_id.map(|d| compression.cache_key(d));
+    if let Some(key) = &cache_key {
+        if let Some(obj) = store.cached_layer(key)? {
+            tracing::debug!(layer = member, digest = %obj.id, "layer compressed before; reusing");
+            return Ok(blob_ref(obj, media_type_for(compression.kind)));
+        }
+    }
+    let mut reader = HashingReader {
+        inner: std::io::BufReader::with_capacity(COPY_BUFFER, index.reader(member)?),
+        hasher: Sha256::new(),
+    };
+    let writer = store.writer()?;
+    let tmp_err = |e: std::io::Error| {
+        DropError::Store(StoreError::Io {
+            what: "writing layer",
+            path: member.into(),
+            source: e,
+        })
+    };
+    let writer = match compression.kind {
+        Compression::Gzip => {
+            // mtime 0 and no file name: the output depends on the input only.
+            let mut enc = flate2::GzBuilder::new()
+                .mtime(0)
+                .operating_system(255)
+                .write(writer, flate2::Compression::new(compression.level));
+            copy(cancel, &mut reader, &mut enc).map_err(|e| split_io(e, archive_io, tmp_err))?;
+            enc.finish().map_err(tmp_err)?
+        }
+        Compression::None => {
+            let mut w = writer;
+            copy(cancel, &mut reader, &mut w).map_err(|e| split_io(e, archive_io, tmp_err))?;
+            w
+        }
+    };
+    let uncompressed = ObjectId(reader.hasher.finalize().into()).digest();
+    if let Some(want) = diff_id {
+        if *want != uncompressed {
+            // `writer` is dropped unfinished: its temporary file goes too.
+            return Err(DropError::Corrupt(format!(
+                "layer {member} has diff id {uncompressed}, the config says {want}"
+            )));
+        }
+    }
+    let obj = writer.finish(None)?;
+    if let Some(key) = &cache_key {
+        store.cache_layer(key, &obj)?;
+    }
+    tracing::debug!(layer = member, diff_id = %uncompressed, digest = %obj.id, size = obj.len, "layer stored");
+    Ok(blob_ref(obj, media_type_for(compression.kind)))
+}
+
+fn media_type_for(kind: Compression) -> &'static str {
+    match kind {
+        Compression::Gzip => MT_LAYER_GZIP,
+        Compression::None => MT_LAYER_TAR,
+    }
+}
+
+fn blob_ref(obj: StoredObject, media_type: &str) -> BlobRef {
+    BlobRef {
+        digest: obj.id.digest(),
+        size: obj.len,
+        media_type: media_type.to_string(),
+    }
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// An error while copying: which side failed decides whose fault it is.
+enum CopyError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+    Cancelled,
+}
+
+fn copy(cancel: &Shutdown, r: &mut impl Read, w: &mut impl Write) -> Result<u64, CopyError> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut total = 0;
+    loop {
+        // A large layer takes a while; shutdown should not wait for it.
+        if total % (64 << 20) < COPY_BUFFER as u64 && cancel.is_triggered() {
+            return Err(CopyError::Cancelled);
+        }
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read(e)),
+        };
+        w.write_all(&buf[..n]).map_err(CopyError::Write)?;
+        total += n as u64;
+    }
+}
+
+fn split_io(
+    e: CopyError,
+    read: impl FnOnce(std::io::Error) -> DropError,
+    write: impl FnOnce(std::io::Error) -> DropError,
+) -> DropError {
+    match e {
+        CopyError::Read(e) => read(e),
+        CopyError::Write(e) => write(e),
+        CopyError::Cancelled => DropError::Interrupted,
+    }
+}
+
+/// Copies a member into the store as it is, checking `expected` if given.
+fn copy_member(
+    cancel: &Shutdown,
+    index: &TarIndex,
+    store: &ObjectStore,
+    member: &str,
+    expected: Option<&ObjectId>,
+) -> Result<StoredObject, DropError> {
+    let mut reader = index.reader(member)?;
+    let mut w = store.writer()?;
+    copy(cancel, &mut reader, &mut w).map_err(|e| {
+        split_io(
+            e,
+            |source| {
+                DropError::Archive(ArchiveError::Io {
+                    path: index.path().to_path_buf(),
+                    source,
+                })
+            },
+            |source| {
+                DropError::Store(StoreError::Io {
+                    what: "writing blob",
+                    path: member.into(),
+                    source,
+                })
+            },
+        )
+    })?;
+    match w.finish(expected) {
+        Err(StoreError::DigestMismatch { expected, got }) => Err(DropError::Corrupt(format!(
+            "blob {member} has digest {got}, its name says {expected}"
+        ))),
+        other => Ok(other?),
+    }
+}
+
+// ---------------------------------------------------------------- OCI
+
+#[derive(Deserialize, Clone)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    digest: String,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct IndexDoc {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct ManifestDoc {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
+}
+
+fn blob_member(digest: &str) -> Result<String, DropError> {
+    let id = ObjectId::from_digest(digest)
+        .map_err(|_| format_err(format!("digest {digest:?} is not sha256:<64 hex>")))?;
+    Ok(format!("blobs/sha256/{}", id.hex()))
+}
+
+/// Reads a manifest or index blob and checks it against its descriptor.
+fn read_verified(index: &TarIndex, d: &Descriptor) -> Result<Vec<u8>, DropError> {
+    let bytes = index.read_small(&blob_member(&d.digest)?)?;
+    let got = ObjectId::of_bytes(&bytes).digest();
+    if got != d.digest {
+        return Err(DropError::Corrupt(format!(
+            "manifest blob {} has digest {got}",
+            d.digest
+        )));
+    }
+    if let Some(size) = d.size {
+        if size != bytes.len() as u64 {
+            return Err(DropError::Corrupt(format!(
+                "manifest blob {} is {} bytes, its descriptor says {size}",
+                d.digest,
+                bytes.len()
+            )));
+        }
+    }
+    Ok(bytes)
+}
+
+fn is_index(d: &Descriptor, doc: &ManifestDoc) -> bool {
+    let mt = d.media_type.as_deref().or(doc.media_type.as_deref());
+    matches!(mt, Some(MT_OCI_INDEX) | Some(MT_DOCKER_LIST))
+        || (mt.is_none() && doc.manifests.is_some())
+}
+
+fn media_type_of(d: &Descriptor, doc: &ManifestDoc, default: &str) -> String {
+    d.media_type
+        .clone()
+        .or_else(|| doc.media_type.clone())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// The references a descriptor in index.json gives.
+fn oci_references(d: &Descriptor) -> Vec<String> {
+    match (
+        d.annotations.get(REF_NAME),
+        d.annotations.get(CONTAINERD_NAME),
+    ) {
+        // A full reference in ref.name (what skopeo and docker write).
+        (Some(r), _) if r.contains('/') || r.contains(':') => vec![r.clone()],
+        // ref.name holds only the tag; containerd keeps the full name.
+        (_, Some(full)) => vec![full.clone()],
+        _ => Vec::new(),
+    }
+}
+
+fn plan_oci(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
+    let bytes = index.read_small("index.json")?;
+    let doc: IndexDoc =
+        serde_json::from_slice(&bytes).map_err(|e| format_err(format!("index.json: {e}")))?;
+    if doc.manifests.is_empty() {
+        return Err(format_err("index.json lists no manifest"));
+    }
+    let mut plans = Vec::new();
+    for d in &doc.manifests {
+        let top_bytes = read_verified(index, d)?;
+        let top: ManifestDoc = serde_json::from_slice(&top_bytes)
+            .map_err(|e| format_err(format!("manifest {}: {e}", d.digest)))?;
+        let mut children = Vec::new();
+        let mut image_manifests: Vec<ManifestDoc> = Vec::new();
+        let top_media_type;
+        if is_index(d, &top) {
+            top_media_type = media_type_of(d, &top, MT_OCI_INDEX);
+            for c in top.manifests.as_deref().unwrap_or_default() {
+                let child_bytes = read_verified(index, c).map_err(|e| match e {
+                    DropError::Archive(ArchiveError::Missing(_)) => format_err(format!(
+                        "index {} names child manifest {} which the archive lacks",
+                        d.digest, c.digest
+                    )),
+                    other => other,
+                })?;
+                let child: ManifestDoc = serde_json::from_slice(&child_bytes)
+                    .map_err(|e| format_err(format!("manifest {}: {e}", c.digest)))?;
+                if is_index(c, &child) {
+                    return Err(format_err(format!(
+                        "nested index {} inside index {} is not supported",
+                        c.digest, d.digest
+                    )));
+                }
+                children.push(ManifestBytes {
+                    digest: c.digest.clone(),
+                    media_type: media_type_of(c, &child, MT_OCI_MANIFEST),
+                    bytes: child_bytes,
+                });
+                image_manifests.push(child);
+            }
+        } else {
+            top_media_type = media_type_of(d, &top, MT_OCI_MANIFEST);
+            image_manifests.push(top);
+        }
+        let mut blobs: Vec<BlobRef> = Vec::new();
+        let mut config_digests = Vec::new();
+        for m in &image_manifests {
+            let config = m
+                .config
+                .as_ref()
+                .ok_or_else(|| format_err(format!("a manifest of {} has no config", d.digest)))?;
+            config_digests.push(config.digest.clone());
+            for b in std::iter::once(config).chain(m.layers.iter()) {
+                if blobs.iter().any(|x| x.digest == b.digest) {
+                    continue;
+                }
+                let member = blob_member(&b.digest)?;
+                let size = index.size(&member)?;
+                if b.size.is_some_and(|s| s != size) {
+                    return Err(DropError::Corrupt(format!(
+                        "blob {} is {size} bytes, its descriptor says {}",
+                        b.digest,
+                        b.size.unwrap_or_default()
+                    )));
+                }
+                blobs.push(BlobRef {
+                    digest: b.digest.clone(),
+                    size,
+                    media_type: b.media_type.clone().unwrap_or_default(),
+                });
+            }
+        }
+        plans.push(ImagePlan {
+            references: oci_references(d),
+            config_digests,
+            content: PlanContent::Oci {
+                manifest: ManifestBytes {
+                    digest: d.digest.clone(),
+                    media_type: top_media_type,
+                    bytes: top_bytes,
+                },
+                children,
+                blobs,
+            },
+        });
+    }
+    Ok(plans)
+}
+
+/// Writes a planned image's blobs into the store (skipping those already
+/// there) and returns what the transfer manifest needs.
+pub fn store_image(
+    cancel: &Shutdown,
+    index: &TarIndex,
+    store: &ObjectStore,
+    compression: LayerCompression,
+    plan: &ImagePlan,
+) -> Result<StoredImage, DropError> {
+    match &plan.content {
+        PlanContent::Docker {
+            config,
+            layers,
+            diff_ids,
+        } => store_docker(cancel, index, store, compression, config, layers, diff_ids),
+        PlanContent::Oci {
+            manifest,
+            children,
+            blobs,
+        } => {
+            for b in blobs {
+                let id = ObjectId::from_digest(&b.digest)
+                    .map_err(|_| format_err(format!("bad digest {}", b.digest)))?;
+                if store.reuse(&id) {
+                    continue;
+                }
+                let obj = copy_member(cancel, index, store, &blob_member(&b.digest)?, Some(&id))?;
+                tracing::debug!(digest = %obj.id, size = obj.len, "blob stored");
+            }
+            Ok(StoredImage {
+                manifest: manifest.clone(),
+                children: children.clone(),
+                blobs: blobs.clone(),
+            })
+        }
+    }
+}

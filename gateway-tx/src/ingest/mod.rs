@@ -1,0 +1,539 @@
+//! Ingest: the file drop. Watches `spool_dir`, reads each eligible archive,
+//! asks the policy, writes the blobs into the object store, commits the
+//! images to the queue and moves the drop to `done/` or `rejected/`.
+//!
+//! A drop is eligible once renamed into place: names starting with `.` or
+//! ending in `.partial` are in flight and never opened; `<drop>.scan.json`
+//! (its scan report) and `*.reason.json` are never drops themselves. Put the
+//! scan report in place before renaming the archive in.
+//!
+//! Crash safety: blobs land as whole files before anything refers to them;
+//! the queue entries, "sent" marks, audit entry and a drop record land in one
+//! sled transaction; only then is the drop moved. A restart finds either no
+//! record (and redoes the drop; blobs already stored are reused) or the
+//! record (and only finishes the move).
+
+pub mod archive;
+pub mod formats;
+pub mod reference;
+
+use crate::config::{Mapping, TxConfig};
+use crate::objects::{
+    unix_now, AuditEntry, BlobMember, DropCommit, DropRecord, ImageRecord, ObjectStore, StoreError,
+};
+use crate::policy::{decide, ReasonCode, Refusal, ReportState, Rules, Subject};
+use crate::status::StatusBoard;
+use archive::TarIndex;
+use formats::{DropError, LayerCompression};
+use reference::ImageRef;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weir_proto::{Destination, Origin, Shutdown, TransferManifest};
+
+/// After a failure on our side (disk full...), a drop waits this long.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// Whether a spool entry name is a drop to read.
+pub fn is_drop_name(name: &str) -> bool {
+    !(name.starts_with('.')
+        || name.ends_with(".partial")
+        || name.ends_with(".scan.json")
+        || name.ends_with(".reason.json"))
+}
+
+/// What became of one drop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DropOutcome {
+    /// New images queued (their records).
+    Accepted(Vec<ImageRecord>),
+    /// Every image in it was sent before: moved to done/ with that reason.
+    AlreadySent(String),
+    Rejected(Refusal),
+    /// A restart found it committed; only the move to done/ was left.
+    Finished,
+    /// Shutdown came mid-way; the drop stays in the spool for next time.
+    Interrupted,
+}
+
+/// The spool directory and its two outboxes.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    pub dir: PathBuf,
+    pub done: PathBuf,
+    pub rejected: PathBuf,
+}
+
+impl Spool {
+    pub fn new(dir: &Path) -> std::io::Result<Spool> {
+        let s = Spool {
+            dir: dir.to_path_buf(),
+            done: dir.join("done"),
+            rejected: dir.join("rejected"),
+        };
+        std::fs::create_dir_all(&s.done)?;
+        std::fs::create_dir_all(&s.rejected)?;
+        Ok(s)
+    }
+
+    /// Eligible drops, oldest first.
+    pub fn eligible(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(&self.dir)? {
+            let e = e?;
+            let Ok(ft) = e.file_type() else { continue };
+            if !ft.is_file() {
+                continue; // done/, rejected/, symlinks, sockets
+            }
+            let name = e.file_name();
+            let Some(name) = name.to_str() else {
+                tracing::warn!(file = ?name, "spool file name is not UTF-8; ignored");
+                continue;
+            };
+            if !is_drop_name(name) {
+                continue;
+            }
+            let modified = e.metadata().and_then(|m| m.modified()).ok();
+            found.push((modified, e.path()));
+        }
+        found.sort();
+        Ok(found.into_iter().map(|(_, p)| p).collect())
+    }
+
+    pub fn report_path(drop: &Path) -> PathBuf {
+        let mut name = drop.file_name().unwrap_or_default().to_os_string();
+        name.push(".scan.json");
+        drop.with_file_name(name)
+    }
+}
+
+/// The ingest stage.
+pub struct Ingestor {
+    spool: Spool,
+    store: Arc<ObjectStore>,
+    rules: Option<Rules>,
+    mappings: Vec<Mapping>,
+    compression: LayerCompression,
+    poll: Duration,
+    queue: Sender<ImageRecord>,
+    status: StatusBoard,
+    retry_at: HashMap<PathBuf, Instant>,
+}
+
+impl Ingestor {
+    pub fn new(
+        config: &TxConfig,
+        store: Arc<ObjectStore>,
+        queue: Sender<ImageRecord>,
+        status: StatusBoard,
+    ) -> anyhow::Result<Ingestor> {
+        use anyhow::Context;
+        let spool = Spool::new(&config.spool_dir)
+            .with_context(|| format!("creating spool_dir {}", config.spool_dir.display()))?;
+        let rules = match &config.policy.rules_file {
+            Some(p) => Some(Rules::load(p)?),
+            None => None,
+        };
+        Ok(Ingestor {
+            spool,
+            store,
+            rules,
+            mappings: config.mapping.clone(),
+            compression: LayerCompression {
+                kind: config.ingest.compression,
+                level: config.ingest.gzip_level,
+            },
+            poll: Duration::from_millis(config.ingest.poll_interval_ms),
+            queue,
+            status,
+            retry_at: HashMap::new(),
+        })
+    }
+
+    /// Polls the spool until shutdown.
+    pub fn run(mut self, shutdown: &Shutdown) -> anyhow::Result<()> {
+        tracing::info!(spool = %self.spool.dir.display(), "watching the spool directory");
+        loop {
+            if shutdown.is_triggered() {
+                return Ok(());
+            }
+            if let Err(e) = self.poll_once(shutdown) {
+                tracing::error!(error = %e, spool = %self.spool.dir.display(), "listing the spool failed");
+            }
+            if shutdown.sleep(self.poll) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Processes every eligible drop once; returns the outcomes.
+    pub fn poll_once(
+        &mut self,
+        shutdown: &Shutdown,
+    ) -> std::io::Result<Vec<(PathBuf, DropOutcome)>> {
+        let mut outcomes = Vec::new();
+        for path in self.spool.eligible()? {
+            if shutdown.is_triggered() {
+                break;
+            }
+            if self
+                .retry_at
+                .get(&path)
+                .is_some_and(|t| Instant::now() < *t)
+            {
+                continue;
+            }
+            self.status.ingest(|s| s.current = Some(file_name(&path)));
+            let result = self.ingest_file(&path, shutdown);
+            self.status.ingest(|s| s.current = None);
+            match result {
+                Ok(outcome) => {
+                    self.retry_at.remove(&path);
+                    self.status
+                        .ingest(|s| s.record(&file_name(&path), &outcome));
+                    outcomes.push((path, outcome));
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e,
+                        "ingest failed on this side; the drop stays and is retried");
+                    self.retry_at.insert(path, Instant::now() + RETRY_AFTER);
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Ingests one drop. Errors are failures on this side only; anything
+    /// wrong with the drop is an outcome. A shutdown mid-way leaves the drop
+    /// in the spool ([`DropOutcome::Interrupted`]).
+    pub fn ingest_file(
+        &mut self,
+        path: &Path,
+        shutdown: &Shutdown,
+    ) -> Result<DropOutcome, StoreError> {
+        let source = file_name(path);
+        let meta = std::fs::metadata(path).map_err(|e| StoreError::Io {
+            what: "inspecting drop",
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let modified_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        if let Some(rec) = self.store.drop_record(&source)? {
+            if rec.size == meta.len() && rec.modified_ns == modified_ns {
+                tracing::info!(file = %source, "drop was committed before a restart; finishing its move");
+                self.finish(path, &self.spool.done.clone(), None)?;
+                self.store.forget_drop(&source)?;
+                return Ok(DropOutcome::Finished);
+            }
+            self.store.forget_drop(&source)?;
+        }
+        tracing::info!(file = %source, bytes = meta.len(), "ingesting drop");
+        match self.accept(path, &source, meta.len(), modified_ns, shutdown) {
+            Ok(outcome) => Ok(outcome),
+            Err(DropError::Store(e)) => Err(e),
+            Err(DropError::Interrupted) => {
+                tracing::info!(file = %source, "ingest interrupted by shutdown; the drop stays in the spool");
+                Ok(DropOutcome::Interrupted)
+            }
+            Err(DropError::Archive(e)) => self.reject(
+                path,
+                &source,
+                Refusal::new(ReasonCode::BadArchive, e.to_string()),
+            ),
+            Err(DropError::Corrupt(m)) => {
+                self.reject(path, &source, Refusal::new(ReasonCode::CorruptArchive, m))
+            }
+        }
+    }
+
+    fn accept(
+        &mut self,
+        path: &Path,
+        source: &str,
+        size: u64,
+        modified_ns: u64,
+        shutdown: &Shutdown,
+    ) -> Result<DropOutcome, DropError> {
+        let index = TarIndex::open(path)?;
+        let plans = formats::plan(&index)?;
+        let report = ReportState::for_drop(&Spool::report_path(path));
+
+        // References and policy, before a byte of blob is written.
+        let mut decided = Vec::with_capacity(plans.len());
+        for plan in &plans {
+            let mut refs = Vec::new();
+            for r in &plan.references {
+                match ImageRef::parse(r) {
+                    Ok(x) => refs.push((r.clone(), x)),
+                    Err(e) => {
+                        return self.refuse(path, source, ReasonCode::NoReference, e.to_string())
+                    }
+                }
+            }
+            if refs.is_empty() {
+                return self.refuse(
+                    path,
+                    source,
+                    ReasonCode::NoReference,
+                    format!(
+                        "image {} carries no usable reference (RepoTags or {})",
+                        plan.config_digests.join(", "),
+                        "org.opencontainers.image.ref.name"
+                    ),
+                );
+            }
+            // Every reference must pass; the first one's verdict travels.
+            let mut verdicts = Vec::with_capacity(refs.len());
+            for (_, r) in &refs {
+                let name = r.name();
+                let subject = Subject {
+                    name: &name,
+                    namespace: r.namespace(),
+                    config_digests: &plan.config_digests,
+                };
+                match decide(self.rules.as_ref(), &subject, &report) {
+                    Ok(v) => verdicts.push(v),
+                    Err(refusal) => return Ok(self.reject(path, source, refusal)?),
+                }
+            }
+            decided.push((plan, refs, verdicts.swap_remove(0)));
+        }
+
+        // Blobs into the store; then one image object per destination repository.
+        let ingested_at = unix_now();
+        let mut new_images = Vec::new();
+        let mut all_refs = Vec::new();
+        let mut digests = Vec::new();
+        for (plan, refs, verdict) in decided {
+            let stored =
+                formats::store_image(shutdown, &index, &self.store, self.compression, plan)?;
+            digests.push(stored.manifest.digest.clone());
+            let mut by_repo: BTreeMap<String, (Vec<String>, String)> = BTreeMap::new();
+            for (raw, r) in &refs {
+                let dest = r.mapped(&self.mappings);
+                let e = by_repo
+                    .entry(dest.repository.clone())
+                    .or_insert_with(|| (Vec::new(), raw.clone()));
+                if let Some(t) = dest.tag {
+                    if !e.0.contains(&t) {
+                        e.0.push(t);
+                    }
+                }
+            }
+            for (repository, (tags, raw)) in by_repo {
+                let references: Vec<String> = if tags.is_empty() {
+                    vec![repository.clone()]
+                } else {
+                    tags.iter().map(|t| format!("{repository}:{t}")).collect()
+                };
+                all_refs.extend(references.iter().cloned());
+                let mut fresh = false;
+                for r in &references {
+                    if self.store.sent(&stored.manifest.digest, r)?.is_none() {
+                        fresh = true;
+                    }
+                }
+                if !fresh {
+                    tracing::info!(file = %source, digest = %stored.manifest.digest, destination = %references.join(", "),
+                        "image already sent to this destination; not queued again");
+                    continue;
+                }
+                let tm = TransferManifest {
+                    destination: Destination {
+                        repository: repository.clone(),
+                        tags,
+                    },
+                    manifest: stored.manifest.clone(),
+                    children: stored.children.clone(),
+                    blobs: stored.blobs.clone(),
+                    origin: Origin {
+                        source: source.to_string(),
+                        source_reference: Some(raw),
+                        ingested_at,
+                    },
+                    verdict: verdict.clone(),
+                };
+                let object = self.store.put_bytes(&tm.to_object_bytes())?;
+                new_images.push(ImageRecord {
+                    image: object.id.digest(),
+                    image_len: object.len,
+                    manifest_digest: stored.manifest.digest.clone(),
+                    destination: tm.destination.display(),
+                    references,
+                    source: source.to_string(),
+                    ingested_at,
+                    seq: self.store.next_seq()?,
+                    blobs: stored
+                        .blobs
+                        .iter()
+                        .map(|b| BlobMember {
+                            digest: b.digest.clone(),
+                            size: b.size,
+                        })
+                        .collect(),
+                });
+            }
+        }
+
+        if new_images.is_empty() {
+            let message = format!(
+                "every image in this drop ({}) was already sent as {}",
+                all_refs.join(", "),
+                digests.join(", ")
+            );
+            self.store.append_audit(&AuditEntry {
+                at: ingested_at,
+                source: source.to_string(),
+                outcome: "already-sent".into(),
+                code: Some(ReasonCode::AlreadySent.as_str().into()),
+                message: message.clone(),
+                references: all_refs,
+                manifest_digests: digests,
+            })?;
+            let reason = Refusal::new(ReasonCode::AlreadySent, message.clone());
+            self.finish(path, &self.spool.done.clone(), Some(&reason))?;
+            return Ok(DropOutcome::AlreadySent(message));
+        }
+
+        self.store.commit_drop(&DropCommit {
+            source: source.to_string(),
+            drop: DropRecord {
+                size,
+                modified_ns,
+                images: new_images.iter().map(|i| i.image.clone()).collect(),
+            },
+            images: new_images.clone(),
+            audit: AuditEntry {
+                at: ingested_at,
+                source: source.to_string(),
+                outcome: "accepted".into(),
+                code: None,
+                message: new_images
+                    .iter()
+                    .map(|i| format!("{} as {}", i.destination, i.manifest_digest))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                references: all_refs,
+                manifest_digests: digests,
+            },
+        })?;
+        for img in &new_images {
+            tracing::info!(file = %source, digest = %img.manifest_digest, image = %img.image,
+                destination = %img.destination, blobs = img.blobs.len(),
+                bytes = img.blobs.iter().map(|b| b.size).sum::<u64>(), "image accepted and queued");
+            // The carousel also reads the queue at start; a closed channel
+            // only means it is stopping.
+            let _ = self.queue.send(img.clone());
+        }
+        self.finish(path, &self.spool.done.clone(), None)?;
+        self.store.forget_drop(source)?;
+        Ok(DropOutcome::Accepted(new_images))
+    }
+
+    fn refuse(
+        &mut self,
+        path: &Path,
+        source: &str,
+        code: ReasonCode,
+        message: String,
+    ) -> Result<DropOutcome, DropError> {
+        Ok(self.reject(path, source, Refusal::new(code, message))?)
+    }
+
+    fn reject(
+        &mut self,
+        path: &Path,
+        source: &str,
+        refusal: Refusal,
+    ) -> Result<DropOutcome, StoreError> {
+        tracing::warn!(file = %source, code = %refusal.code, reason = %refusal.message, "drop rejected");
+        self.store.append_audit(&AuditEntry {
+            at: unix_now(),
+            source: source.to_string(),
+            outcome: "rejected".into(),
+            code: Some(refusal.code.as_str().into()),
+            message: refusal.message.clone(),
+            references: Vec::new(),
+            manifest_digests: Vec::new(),
+        })?;
+        self.finish(path, &self.spool.rejected.clone(), Some(&refusal))?;
+        Ok(DropOutcome::Rejected(refusal))
+    }
+
+    /// Moves the drop (and its scan report) into `dest_dir`, with a reason
+    /// file when there is a reason, written before the move.
+    fn finish(
+        &self,
+        path: &Path,
+        dest_dir: &Path,
+        reason: Option<&Refusal>,
+    ) -> Result<(), StoreError> {
+        let io = |what, p: &Path| {
+            let p = p.to_path_buf();
+            move |source| StoreError::Io {
+                what,
+                path: p,
+                source,
+            }
+        };
+        let name = unique_name(dest_dir, &file_name(path));
+        let target = dest_dir.join(&name);
+        if let Some(r) = reason {
+            let body = serde_json::json!({
+                "code": r.code.as_str(),
+                "message": r.message,
+                "source": file_name(path),
+                "at": unix_now(),
+            });
+            let reason_path = dest_dir.join(format!("{name}.reason.json"));
+            write_atomic(&reason_path, body.to_string().as_bytes())
+                .map_err(io("writing reason file", &reason_path))?;
+        }
+        let report = Spool::report_path(path);
+        if report.exists() {
+            let report_target = dest_dir.join(format!("{name}.scan.json"));
+            std::fs::rename(&report, &report_target).map_err(io("moving scan report", &report))?;
+        }
+        std::fs::rename(path, &target).map_err(io("moving drop", path))?;
+        crate::objects::fsync_dir(dest_dir)?;
+        crate::objects::fsync_dir(&self.spool.dir)?;
+        Ok(())
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// `name`, or `name.1`, `name.2`... if a drop of that name was moved before.
+fn unique_name(dir: &Path, name: &str) -> String {
+    if !dir.join(name).exists() {
+        return name.to_string();
+    }
+    (1u32..)
+        .map(|i| format!("{name}.{i}"))
+        .find(|n| !dir.join(n).exists())
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// Writes a small file under a temporary name, fsyncs, renames.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,665 @@
+//! The object store: payload files plus the sled database of the sender.
+//!
+//! Payloads (blobs, image objects) are files `state_dir/objects/<hex>`,
+//! written under `state_dir/objects/tmp/`, fsynced, renamed into place and
+//! the directory fsynced: a file under its final name is always whole. sled
+//! (`state_dir/db`) keeps only small records:
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `images` | image object digest | [`ImageRecord`]: the queue, in ingest order |
+//! | `progress` | object digest | [`ObjectProgress`]: passes done, position in the current pass |
+//! | `sent` | `manifest digest` + ` ` + `repository:tag` | [`SentRecord`] |
+//! | `audit` | u64 big-endian, increasing | [`AuditEntry`], append-only |
+//! | `layers` | `gzip-6 <diff id>` | digest of the compressed layer |
+//! | `drops` | drop file name | [`DropRecord`]: committed, not yet moved to done/ |
+//! | `meta` | `session_id` | last session id, u64 big-endian |
+//!
+//! sled's own flush does not fsync on Linux, so every commit point calls
+//! [`ObjectStore::commit`], which flushes and then fsyncs the database files.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sled::Transactional;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use weir_proto::{FecParams, ObjectId};
+
+/// sled's page cache; the default (1 GiB) would defeat the memory goal.
+const SLED_CACHE_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("state database record {key}: {source}")]
+    Record {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("content has digest {got}, expected {expected}")]
+    DigestMismatch { expected: String, got: String },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One blob an image names, as the queue keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMember {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// An image in the queue: its image object and the blobs it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Digest of the image object (the encoded transfer manifest).
+    pub image: String,
+    pub image_len: u64,
+    pub manifest_digest: String,
+    /// `repository:tag` at the destination (the first tag), for logs.
+    pub destination: String,
+    /// Every `repository:tag` (or bare repository) it is sent to.
+    pub references: Vec<String>,
+    /// Drop file it came from.
+    pub source: String,
+    /// Unix seconds.
+    pub ingested_at: u64,
+    /// Ingest order; round-robin follows it.
+    pub seq: u64,
+    pub blobs: Vec<BlobMember>,
+}
+
+/// Where an object stands in the carousel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectProgress {
+    /// Whole passes sent, counted ones and idle ones.
+    pub passes_done: u64,
+    /// Passes this object is owed before it only cycles when idle.
+    pub target: u64,
+    /// Next group of blocks to send in the current pass.
+    pub next_group: u32,
+    /// The layout `next_group` refers to; another layout restarts the pass.
+    pub fec: FecParams,
+}
+
+/// An image already queued for a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentRecord {
+    pub image: String,
+    pub source: String,
+    pub at: u64,
+}
+
+/// What happened to a drop; the audit log never forgets one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: u64,
+    pub source: String,
+    /// `accepted`, `rejected` or `already-sent`.
+    pub outcome: String,
+    pub code: Option<String>,
+    pub message: String,
+    /// Destination references.
+    pub references: Vec<String>,
+    pub manifest_digests: Vec<String>,
+}
+
+/// A drop whose images are committed; moving it to done/ is what remains.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropRecord {
+    pub size: u64,
+    pub modified_ns: u64,
+    pub images: Vec<String>,
+}
+
+/// A payload file written and in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredObject {
+    pub id: ObjectId,
+    pub len: u64,
+}
+
+/// Everything ingest commits for one accepted drop, landing together.
+pub struct DropCommit {
+    pub source: String,
+    pub drop: DropRecord,
+    pub images: Vec<ImageRecord>,
+    pub audit: AuditEntry,
+}
+
+pub struct ObjectStore {
+    objects_dir: PathBuf,
+    tmp_dir: PathBuf,
+    db_dir: PathBuf,
+    db: sled::Db,
+    images: sled::Tree,
+    progress: sled::Tree,
+    sent: sled::Tree,
+    audit: sled::Tree,
+    layers: sled::Tree,
+    drops: sled::Tree,
+    meta: sled::Tree,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Plain records of strings and numbers always serialize.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn from_json<T: for<'a> Deserialize<'a>>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Record {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+fn sent_key(manifest_digest: &str, destination: &str) -> String {
+    format!("{manifest_digest} {destination}")
+}
+
+impl ObjectStore {
+    /// Opens (or creates) the store under `state_dir`; drops leftovers of
+    /// writes a crash interrupted.
+    pub fn open(state_dir: &Path) -> Result<ObjectStore, StoreError> {
+        let objects_dir = state_dir.join("objects");
+        let tmp_dir = objects_dir.join("tmp");
+        let db_dir = state_dir.join("db");
+        std::fs::create_dir_all(&tmp_dir).map_err(io("creating", &tmp_dir))?;
+        if let Ok(entries) = std::fs::read_dir(&tmp_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let db = sled::Config::new()
+            .path(&db_dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()?;
+        Ok(ObjectStore {
+            images: db.open_tree("images")?,
+            progress: db.open_tree("progress")?,
+            sent: db.open_tree("sent")?,
+            audit: db.open_tree("audit")?,
+            layers: db.open_tree("layers")?,
+            drops: db.open_tree("drops")?,
+            meta: db.open_tree("meta")?,
+            db,
+            objects_dir,
+            tmp_dir,
+            db_dir,
+        })
+    }
+
+    /// A commit point: flushes sled and fsyncs its files, so what was
+    /// written survives a power cut, not only a crash.
+    pub fn commit(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        fsync_tree(&self.db_dir)
+    }
+
+    // ---- payload files ----
+
+    pub fn object_path(&self, id: &ObjectId) -> PathBuf {
+        self.objects_dir.join(id.hex())
+    }
+
+    pub fn has_object(&self, id: &ObjectId) -> bool {
+        self.object_path(id).is_file()
+    }
+
+    /// True if the payload is here; marks it as just used, so the sweep of
+    /// unreferenced files (which spares recent ones) cannot take it while
+    /// the ingest that reuses it has not committed yet.
+    pub fn reuse(&self, id: &ObjectId) -> bool {
+        let p = self.object_path(id);
+        match std::fs::File::options().append(true).open(&p) {
+            Ok(f) => {
+                let _ = f.set_modified(std::time::SystemTime::now());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Payload files in the store: (id, modified time).
+    pub fn stored_objects(&self) -> Result<Vec<(ObjectId, std::time::SystemTime)>, StoreError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.objects_dir).map_err(io("listing", &self.objects_dir))? {
+            let e = e.map_err(io("listing", &self.objects_dir))?;
+            let name = e.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| ObjectId::from_digest(&format!("sha256:{n}")).ok())
+            else {
+                continue; // tmp/ and anything else
+            };
+            let modified = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::SystemTime::now());
+            out.push((id, modified));
+        }
+        Ok(out)
+    }
+
+    /// Starts writing a payload; the id is known once it is finished.
+    pub fn writer(&self) -> Result<ObjectWriter, StoreError> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp_path = self.tmp_dir.join(format!("{}-{n}", std::process::id()));
+        let file = File::create(&tmp_path).map_err(io("creating", &tmp_path))?;
+        Ok(ObjectWriter {
+            file: BufWriter::with_capacity(256 << 10, file),
+            tmp_path,
+            objects_dir: self.objects_dir.clone(),
+            hasher: Sha256::new(),
+            len: 0,
+            renamed: false,
+        })
+    }
+
+    /// Stores a small payload (an image object) from memory.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<StoredObject, StoreError> {
+        let id = ObjectId::of_bytes(bytes);
+        if self.reuse(&id) {
+            return Ok(StoredObject {
+                id,
+                len: bytes.len() as u64,
+            });
+        }
+        let mut w = self.writer()?;
+        let tmp = w.tmp_path.clone();
+        w.write_all(bytes).map_err(io("writing", &tmp))?;
+        w.finish(Some(&id))
+    }
+
+    /// Deletes a payload file (retention expired).
+    pub fn remove_object(&self, id: &ObjectId) -> Result<(), StoreError> {
+        let p = self.object_path(id);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("removing", &p)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    // ---- session ----
+
+    /// A new session id, greater than the last one, stored before use.
+    pub fn begin_session(&self) -> Result<u64, StoreError> {
+        let last = self
+            .meta
+            .get("session_id")?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes);
+        let id = weir_proto::new_session_id(last);
+        self.meta.insert("session_id", &id.to_be_bytes())?;
+        self.commit()?;
+        Ok(id)
+    }
+
+    // ---- queue ----
+
+    /// Lands an accepted drop: image records, sent marks, the drop record and
+    /// its audit entry, all or nothing, then a commit point.
+    pub fn commit_drop(&self, c: &DropCommit) -> Result<(), StoreError> {
+        let audit_key = self.db.generate_id()?.to_be_bytes();
+        let result: sled::transaction::TransactionResult<(), ()> = (
+            &self.images,
+            &self.sent,
+            &self.drops,
+            &self.audit,
+        )
+            .transaction(|(images, sent, drops, audit)| {
+                for img in &c.images {
+                    images.insert(img.image.as_bytes(), to_json(img))?;
+                    let rec = SentRecord {
+                        image: img.image.clone(),
+                        source: c.source.clone(),
+                        at: img.ingested_at,
+                    };
+                    for r in &img.references {
+                        sent.insert(sent_key(&img.manifest_digest, r).as_bytes(), to_json(&rec))?;
+                    }
+                }
+                drops.insert(c.source.as_bytes(), to_json(&c.drop))?;
+                audit.insert(&audit_key, to_json(&c.audit))?;
+                Ok(())
+            });
+        result.map_err(|e| match e {
+            sled::transaction::TransactionError::Storage(s) => StoreError::Db(s),
+            sled::transaction::TransactionError::Abort(()) => {
+                StoreError::Db(sled::Error::Unsupported("transaction aborted".into()))
+            }
+        })?;
+        self.commit()
+    }
+
+    /// The drop was moved to done/: nothing remains to finish.
+    pub fn forget_drop(&self, source: &str) -> Result<(), StoreError> {
+        self.drops.remove(source.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn drop_record(&self, source: &str) -> Result<Option<DropRecord>, StoreError> {
+        match self.drops.get(source.as_bytes())? {
+            Some(v) => Ok(Some(from_json(source.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every queued image, in ingest order.
+    pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.images.iter() {
+            let (k, v) = kv?;
+            out.push(from_json::<ImageRecord>(&k, &v)?);
+        }
+        out.sort_by_key(|r| r.seq);
+        Ok(out)
+    }
+
+    /// Next ingest sequence number: after every image ever queued.
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Retention expired: the image leaves the queue (its sent marks stay).
+    pub fn remove_image(&self, image: &str) -> Result<(), StoreError> {
+        self.images.remove(image.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn progress(&self, id: &ObjectId) -> Result<Option<ObjectProgress>, StoreError> {
+        let key = id.digest();
+        match self.progress.get(key.as_bytes())? {
+            Some(v) => Ok(Some(from_json(key.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Written at every group boundary; durable at sled's next flush (within
+    /// half a second), which is what a crash can cost: that much resent.
+    pub fn set_progress(&self, id: &ObjectId, p: &ObjectProgress) -> Result<(), StoreError> {
+        self.progress.insert(id.digest().as_bytes(), to_json(p))?;
+        Ok(())
+    }
+
+    pub fn remove_progress(&self, id: &ObjectId) -> Result<(), StoreError> {
+        self.progress.remove(id.digest().as_bytes())?;
+        Ok(())
+    }
+
+    // ---- sent images ----
+
+    pub fn sent(
+        &self,
+        manifest_digest: &str,
+        destination: &str,
+    ) -> Result<Option<SentRecord>, StoreError> {
+        let key = sent_key(manifest_digest, destination);
+        match self.sent.get(key.as_bytes())? {
+            Some(v) => Ok(Some(from_json(key.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    // ---- audit ----
+
+    /// Appends a refusal or an already-sent drop (accepts come with
+    /// [`ObjectStore::commit_drop`]), then a commit point.
+    pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let key = self.db.generate_id()?.to_be_bytes();
+        self.audit.insert(key, to_json(entry))?;
+        self.commit()
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit_entries(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.audit.iter() {
+            let (k, v) = kv?;
+            out.push(from_json(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    // ---- compressed layer cache ----
+
+    /// The compressed form of a layer made before, if its file is still here.
+    pub fn cached_layer(&self, key: &str) -> Result<Option<StoredObject>, StoreError> {
+        let Some(v) = self.layers.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let (digest, len): (String, u64) = from_json(key.as_bytes(), &v)?;
+        let Ok(id) = ObjectId::from_digest(&digest) else {
+            return Ok(None);
+        };
+        let on_disk = std::fs::metadata(self.object_path(&id))
+            .map(|m| m.len())
+            .ok();
+        Ok((on_disk == Some(len) && self.reuse(&id)).then_some(StoredObject { id, len }))
+    }
+
+    pub fn cache_layer(&self, key: &str, obj: &StoredObject) -> Result<(), StoreError> {
+        self.layers
+            .insert(key.as_bytes(), to_json(&(obj.id.digest(), obj.len)))?;
+        Ok(())
+    }
+}
+
+/// Writes one payload under a temporary name, hashing as it goes.
+pub struct ObjectWriter {
+    file: BufWriter<File>,
+    tmp_path: PathBuf,
+    objects_dir: PathBuf,
+    hasher: Sha256,
+    len: u64,
+    renamed: bool,
+}
+
+impl Write for ObjectWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl ObjectWriter {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Fsyncs and renames into place. With `expected`, content of another
+    /// digest is refused and thrown away.
+    pub fn finish(mut self, expected: Option<&ObjectId>) -> Result<StoredObject, StoreError> {
+        let id = ObjectId(std::mem::take(&mut self.hasher).finalize().into());
+        if let Some(want) = expected {
+            if *want != id {
+                return Err(StoreError::DigestMismatch {
+                    expected: want.digest(),
+                    got: id.digest(),
+                });
+            }
+        }
+        self.file.flush().map_err(io("writing", &self.tmp_path))?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .map_err(io("syncing", &self.tmp_path))?;
+        let final_path = self.objects_dir.join(id.hex());
+        std::fs::rename(&self.tmp_path, &final_path).map_err(io("renaming into", &final_path))?;
+        self.renamed = true;
+        fsync_dir(&self.objects_dir)?;
+        Ok(StoredObject { id, len: self.len })
+    }
+}
+
+impl Drop for ObjectWriter {
+    /// A writer given up on (error, refused content) leaves no file behind.
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+    }
+}
+
+/// Makes a rename or create in `dir` durable.
+pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing directory", dir))
+}
+
+/// Fsyncs every file and directory under `root`.
+fn fsync_tree(root: &Path) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(root).map_err(io("listing", root))?;
+    for e in entries {
+        let e = e.map_err(io("listing", root))?;
+        let path = e.path();
+        let ft = e.file_type().map_err(io("inspecting", &path))?;
+        if ft.is_dir() {
+            fsync_tree(&path)?;
+        } else if ft.is_file() {
+            match File::open(&path) {
+                Ok(f) => f.sync_all().map_err(io("syncing", &path))?,
+                // sled may remove a snapshot between listing and opening.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("opening", &path)(e)),
+            }
+        }
+    }
+    fsync_dir(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_lands_whole_under_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(dir.path()).unwrap();
+        let mut w = store.writer().unwrap();
+        w.write_all(b"hello ").unwrap();
+        w.write_all(b"world").unwrap();
+        let obj = w.finish(None).unwrap();
+        assert_eq!(obj.id, ObjectId::of_bytes(b"hello world"));
+        assert_eq!(
+            std::fs::read(store.object_path(&obj.id)).unwrap(),
+            b"hello world"
+        );
+        // Nothing left under a temporary name.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("objects/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn wrong_content_is_refused_and_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(dir.path()).unwrap();
+        let mut w = store.writer().unwrap();
+        w.write_all(b"tampered").unwrap();
+        let want = ObjectId::of_bytes(b"original");
+        assert!(matches!(
+            w.finish(Some(&want)),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert!(!store.has_object(&want));
+        assert!(!store.has_object(&ObjectId::of_bytes(b"tampered")));
+    }
+
+    #[test]
+    fn session_ids_increase_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ObjectStore::open(dir.path())
+            .unwrap()
+            .begin_session()
+            .unwrap();
+        let b = ObjectStore::open(dir.path())
+            .unwrap()
+            .begin_session()
+            .unwrap();
+        assert!(b > a);
+    }
+
+    #[test]
+    fn drop_commit_lands_together_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ObjectStore::open(dir.path()).unwrap();
+            let img = ImageRecord {
+                image: ObjectId::of_bytes(b"img").digest(),
+                image_len: 3,
+                manifest_digest: "sha256:m".into(),
+                destination: "a/b:1".into(),
+                references: vec!["a/b:1".into()],
+                source: "x.tar".into(),
+                ingested_at: 5,
+                seq: store.next_seq().unwrap(),
+                blobs: vec![],
+            };
+            store
+                .commit_drop(&DropCommit {
+                    source: "x.tar".into(),
+                    drop: DropRecord {
+                        size: 1,
+                        modified_ns: 2,
+                        images: vec![img.image.clone()],
+                    },
+                    images: vec![img],
+                    audit: AuditEntry {
+                        at: 5,
+                        source: "x.tar".into(),
+                        outcome: "accepted".into(),
+                        code: None,
+                        message: "ok".into(),
+                        references: vec!["a/b:1".into()],
+                        manifest_digests: vec!["sha256:m".into()],
+                    },
+                })
+                .unwrap();
+        }
+        let store = ObjectStore::open(dir.path()).unwrap();
+        assert_eq!(store.images().unwrap().len(), 1);
+        assert!(store.sent("sha256:m", "a/b:1").unwrap().is_some());
+        assert!(store.sent("sha256:m", "a/b:2").unwrap().is_none());
+        assert!(store.drop_record("x.tar").unwrap().is_some());
+        assert_eq!(store.audit_entries().unwrap()[0].outcome, "accepted");
+    }
+}

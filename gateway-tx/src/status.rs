@@ -1,0 +1,202 @@
+//! `state_dir/status.json`: what the sender is doing, rewritten atomically
+//! every second for the console, the demo and operators.
+//!
+//! ```json
+//! {
+//!   "version": 1, "updated_at": 1700000000, "uptime_s": 12, "session_id": 1234,
+//!   "state": "sending",            // sending | cycling | idle
+//!   "pass": 0,                     // pass the carousel is on (0 = first)
+//!   "queue":   {"images": 1, "objects": 3, "bytes": 1048576},  // still owed passes
+//!   "objects": {"count": 9, "bytes": 4194304},                 // on disk, tracked
+//!   "wire":    {"rate_bps": 100000000, "measured_bps": 99800000, "frames": 81234, "bytes": 113000000},
+//!   "ingest":  {"accepted": 2, "rejected": 1, "already_sent": 0, "current": null,
+//!               "last": {"file": "app.tar", "outcome": "accepted", "code": null, "at": 1700000000}},
+//!   "images": [{"image": "sha256:…", "destination": "team-a/app:1", "manifest_digest": "sha256:…",
+//!               "source": "app.tar", "bytes": 1048576, "passes": 3, "passes_done": 1,
+//!               "pass_percent": 40.0, "percent": 46.7, "eta_s": 3, "state": "sending"}]
+//! }
+//! ```
+//!
+//! `percent` is the share of all owed passes sent; `eta_s` estimates the
+//! time to finish them at the configured rate, FEC overhead included.
+
+use crate::ingest::DropOutcome;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub version: u32,
+    pub updated_at: u64,
+    pub uptime_s: u64,
+    pub session_id: u64,
+    pub state: String,
+    pub pass: u64,
+    pub queue: QueueStatus,
+    pub objects: ObjectsStatus,
+    pub wire: WireStatus,
+    pub ingest: IngestStatus,
+    pub images: Vec<ImageStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStatus {
+    pub images: usize,
+    pub objects: usize,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ObjectsStatus {
+    pub count: usize,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WireStatus {
+    pub rate_bps: u64,
+    pub measured_bps: u64,
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestStatus {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub already_sent: u64,
+    /// The drop being read now.
+    pub current: Option<String>,
+    pub last: Option<LastDrop>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LastDrop {
+    pub file: String,
+    pub outcome: String,
+    pub code: Option<String>,
+    pub at: u64,
+}
+
+impl IngestStatus {
+    pub fn record(&mut self, file: &str, outcome: &DropOutcome) {
+        let (name, code) = match outcome {
+            DropOutcome::Accepted(_) | DropOutcome::Finished => {
+                self.accepted += 1;
+                ("accepted", None)
+            }
+            DropOutcome::AlreadySent(_) => {
+                self.already_sent += 1;
+                ("already-sent", Some("already-sent".to_string()))
+            }
+            DropOutcome::Rejected(r) => {
+                self.rejected += 1;
+                ("rejected", Some(r.code.as_str().to_string()))
+            }
+            DropOutcome::Interrupted => return,
+        };
+        self.last = Some(LastDrop {
+            file: file.to_string(),
+            outcome: name.to_string(),
+            code,
+            at: crate::objects::unix_now(),
+        });
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ImageStatus {
+    pub image: String,
+    pub destination: String,
+    pub manifest_digest: String,
+    pub source: String,
+    pub bytes: u64,
+    pub passes: u64,
+    /// Owed passes every object of the image has completed.
+    pub passes_done: u64,
+    /// Progress of the pass under way, 0..100.
+    pub pass_percent: f64,
+    /// Progress over all owed passes, 0..100.
+    pub percent: f64,
+    pub eta_s: Option<u64>,
+    /// queued | sending | cycling (owed passes done, within retention)
+    pub state: String,
+}
+
+/// Shared by the stages; the status thread writes it out.
+#[derive(Clone, Default)]
+pub struct StatusBoard {
+    inner: Arc<Mutex<Status>>,
+}
+
+impl StatusBoard {
+    pub fn new() -> Self {
+        let b = StatusBoard::default();
+        b.update(|s| {
+            s.version = 1;
+            s.state = "idle".into();
+        });
+        b
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard);
+    }
+
+    pub fn ingest(&self, f: impl FnOnce(&mut IngestStatus)) {
+        self.update(|s| f(&mut s.ingest));
+    }
+
+    pub fn snapshot(&self) -> Status {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Writes the snapshot to `path` atomically (temporary file + rename);
+    /// readers never see half a file. Not fsynced: it is rewritten every second.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let mut s = self.snapshot();
+        s.updated_at = crate::objects::unix_now();
+        let bytes = serde_json::to_vec_pretty(&s).map_err(std::io::Error::other)?;
+        let tmp = path.with_file_name(".status.json.tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_file_is_whole_json_with_the_documented_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let board = StatusBoard::new();
+        board.update(|s| {
+            s.queue.objects = 3;
+            s.images.push(ImageStatus {
+                destination: "a/b:1".into(),
+                percent: 50.0,
+                ..Default::default()
+            });
+        });
+        let path = dir.path().join("status.json");
+        board.write(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for key in [
+            "queue",
+            "objects",
+            "pass",
+            "wire",
+            "images",
+            "ingest",
+            "state",
+            "session_id",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing");
+        }
+        assert_eq!(v["queue"]["objects"], 3);
+        assert_eq!(v["images"][0]["destination"], "a/b:1");
+    }
+}

@@ -1,0 +1,311 @@
+//! Running the gateway pair as real processes, for end-to-end tests.
+//!
+//! Each test gets a [`Site`]: a temporary directory with a key, a spool, a
+//! state directory per side, and config files written from the published
+//! keys. Gateways run as child processes (so a test can `kill -9` them),
+//! with their logs in the site directory; every child is killed on drop.
+
+use anyhow::{bail, Context, Result};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The directory cargo puts the workspace's binaries in (target/debug when
+/// tests run from `cargo test`).
+fn bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().context("test executable has no directory")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// Path of a gateway binary, built once per test process so a plain
+/// `cargo test -p weir-tests` works without a separate build step.
+pub fn gateway_bin(name: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = bin_dir().map(|d| d.ends_with("release")).unwrap_or(false);
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "gateway-tx", "-p", "gateway-rx", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        match cmd.status() {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("cargo build of the gateways failed: {s}")),
+            Err(e) => Err(format!("running cargo build: {e}")),
+        }
+    });
+    if let Err(e) = built {
+        bail!("{e}");
+    }
+    let path = bin_dir()?.join(name);
+    if !path.exists() {
+        bail!("{} not found after building", path.display());
+    }
+    Ok(path)
+}
+
+/// A free UDP port on 127.0.0.1 (free when asked; good enough for tests).
+pub fn free_udp_addr() -> Result<SocketAddr> {
+    let s = UdpSocket::bind("127.0.0.1:0").context("binding a probe socket")?;
+    s.local_addr().context("reading the probe address")
+}
+
+/// Polls `f` every 100 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes a hex key file with mode 0600, as an operator provisions it.
+pub fn write_key(path: &Path, secret: &[u8]) -> Result<()> {
+    std::fs::write(path, hex::encode(secret) + "\n")
+        .with_context(|| format!("writing key {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod key {}", path.display()))
+}
+
+/// One running gateway process.
+pub struct Gateway {
+    pub name: &'static str,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    /// Starts `bin --config config`, logging to `log` (appended, so a
+    /// restarted gateway's log follows the first one's).
+    pub fn start(name: &'static str, config: &Path, log: &Path) -> Result<Gateway> {
+        let bin = gateway_bin(name)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening log {}", log.display()))?;
+        let child = Command::new(&bin)
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().context("duplicating log handle")?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Gateway {
+            name,
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// SIGKILL: the crash a power cut or OOM killer would cause.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit; returns its status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("gateway is not running")?;
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait().context("waiting for the gateway")? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("{} did not stop within {:?} of SIGTERM", self.name, timeout);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// True while the process runs; an exited gateway is a test failure
+    /// worth reporting with its log.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Where the receiver delivers.
+pub enum Target {
+    Registry(String),
+    Layout(PathBuf),
+}
+
+/// A test site: one directory holding both sides' files.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub key: PathBuf,
+    pub spool: PathBuf,
+    pub tx_state: PathBuf,
+    pub rx_state: PathBuf,
+    pub tx_config: PathBuf,
+    pub rx_config: PathBuf,
+    /// Where gateway-rx listens; the diode forwards here.
+    pub rx_addr: SocketAddr,
+}
+
+/// The knobs the end-to-end tests turn; everything else is default.
+pub struct SiteOptions {
+    pub rate_bps: u64,
+    pub passes: u32,
+    pub data_shards: u16,
+    pub parity_shards: u16,
+    pub rules_yaml: Option<String>,
+    /// Extra TOML appended to tx.toml / rx.toml.
+    pub tx_extra: String,
+    pub rx_extra: String,
+}
+
+impl Default for SiteOptions {
+    fn default() -> Self {
+        SiteOptions {
+            rate_bps: 40_000_000,
+            passes: 3,
+            data_shards: 32,
+            parity_shards: 8,
+            rules_yaml: None,
+            tx_extra: String::new(),
+            rx_extra: String::new(),
+        }
+    }
+}
+
+pub const TEST_SECRET: [u8; 32] = *b"weir end-to-end test key 32 byte";
+
+impl Site {
+    /// Lays out the site and writes rx.toml; tx.toml is written by
+    /// [`Site::write_tx_config`] once the diode's address is known.
+    pub fn new(target: Target, opts: &SiteOptions) -> Result<Site> {
+        let dir = tempfile::tempdir().context("creating the site directory")?;
+        let key = dir.path().join("1.key");
+        write_key(&key, &TEST_SECRET)?;
+        let spool = dir.path().join("spool");
+        std::fs::create_dir_all(&spool)?;
+        let rx_addr = free_udp_addr()?;
+        let site = Site {
+            key,
+            spool,
+            tx_state: dir.path().join("tx-state"),
+            rx_state: dir.path().join("rx-state"),
+            tx_config: dir.path().join("tx.toml"),
+            rx_config: dir.path().join("rx.toml"),
+            rx_addr,
+            dir,
+        };
+        let delivery = match &target {
+            Target::Registry(url) => format!("registry_url = {url:?}\nretry_max_seconds = 2\n"),
+            Target::Layout(p) => format!("oci_layout = {:?}\n", p.display().to_string()),
+        };
+        let rx = format!(
+            "state_dir = {state:?}\n\n[link]\ntransport = \"udp\"\nudp_listen = \"{addr}\"\n\n\
+             [[auth.keys]]\nid = 1\nfile = {key:?}\n\n[delivery]\n{delivery}\n{extra}",
+            state = site.rx_state.display().to_string(),
+            addr = site.rx_addr,
+            key = site.key.display().to_string(),
+            extra = opts.rx_extra,
+        );
+        std::fs::write(&site.rx_config, rx).context("writing rx.toml")?;
+        Ok(site)
+    }
+
+    /// Writes tx.toml sending to `peer` (the diode's listening address).
+    pub fn write_tx_config(&self, peer: SocketAddr, opts: &SiteOptions) -> Result<()> {
+        let policy = match &opts.rules_yaml {
+            Some(yaml) => {
+                let p = self.dir.path().join("rules.yaml");
+                std::fs::write(&p, yaml).context("writing rules.yaml")?;
+                format!("[policy]\nrules_file = {:?}\n", p.display().to_string())
+            }
+            None => String::new(),
+        };
+        let tx = format!(
+            "state_dir = {state:?}\nspool_dir = {spool:?}\n\n[link]\ntransport = \"udp\"\n\
+             udp_peer = \"{peer}\"\nrate_bps = {rate}\ndatagram_size = 1400\n\n\
+             [auth]\nkey_id = 1\nkey_file = {key:?}\n\n[fec]\ndata_shards = {k}\nparity_shards = {m}\n\n\
+             [carousel]\npasses = {passes}\n\n{policy}\n{extra}",
+            state = self.tx_state.display().to_string(),
+            spool = self.spool.display().to_string(),
+            rate = opts.rate_bps,
+            key = self.key.display().to_string(),
+            k = opts.data_shards,
+            m = opts.parity_shards,
+            passes = opts.passes,
+            extra = opts.tx_extra,
+        );
+        std::fs::write(&self.tx_config, tx).context("writing tx.toml")
+    }
+
+    pub fn start_rx(&self) -> Result<Gateway> {
+        Gateway::start("gateway-rx", &self.rx_config, &self.dir.path().join("rx.log"))
+    }
+
+    pub fn start_tx(&self) -> Result<Gateway> {
+        Gateway::start("gateway-tx", &self.tx_config, &self.dir.path().join("tx.log"))
+    }
+
+    /// Drops an archive the way the convention asks: copied under a
+    /// `.partial` name, then renamed into place.
+    pub fn drop_image(&self, archive: &Path, name: &str) -> Result<PathBuf> {
+        let partial = self.spool.join(format!("{name}.partial"));
+        std::fs::copy(archive, &partial)
+            .with_context(|| format!("copying {} into the spool", archive.display()))?;
+        let dest = self.spool.join(name);
+        std::fs::rename(&partial, &dest).context("renaming the drop into place")?;
+        Ok(dest)
+    }
+
+    /// gateway-rx's status.json, parsed, if it exists yet.
+    pub fn rx_status(&self) -> Option<serde_json::Value> {
+        read_json(&self.rx_state.join("status.json"))
+    }
+
+    /// gateway-tx's status.json, parsed, if it exists yet.
+    pub fn tx_status(&self) -> Option<serde_json::Value> {
+        read_json(&self.tx_state.join("status.json"))
+    }
+}
+
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}

@@ -1,0 +1,142 @@
+//! The `diode-sim` binary as the demo and scripts run it: flags parsed,
+//! datagrams forwarded one way with the configured loss, counters printed,
+//! stopped by `--duration` or by SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn free_udp_port() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn counter(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// Sends `n` datagrams slowly enough that no socket buffer overflows.
+fn send(to: SocketAddr, n: usize) {
+    let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..n {
+        from.send_to(&[i as u8; 200], to).unwrap();
+        if i % 50 == 49 {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+fn stdout_lines(child: &mut Child) -> Vec<String> {
+    let out = child.stdout.take().unwrap();
+    BufReader::new(out).lines().map(Result::unwrap).collect()
+}
+
+/// Waits for the sim's listening socket to exist (bounded).
+fn wait_listening(listen: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while weir_tests::diode::kernel_udp_drops(listen).is_none() {
+        assert!(Instant::now() < deadline, "diode-sim never bound {listen}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn forwards_with_loss_prints_counters_and_stops_after_its_duration() {
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let listen = free_udp_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diode-sim"))
+        .args(["--listen", &listen.to_string()])
+        .args(["--forward", &sink.local_addr().unwrap().to_string()])
+        .args([
+            "--seed",
+            "5",
+            "--loss",
+            "0.1",
+            "--duration",
+            "3",
+            "--stats-interval",
+            "0.5",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(listen);
+    let receiver = thread::spawn(move || {
+        let mut got = 0u64;
+        let mut buf = [0u8; 2048];
+        while sink.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+        got
+    });
+    send(listen, 1000);
+    let lines = stdout_lines(&mut child);
+    assert!(child.wait().unwrap().success());
+    let got = receiver.join().unwrap();
+    assert!(
+        lines.iter().any(|l| l.starts_with("diode-sim stats ")),
+        "{lines:?}"
+    );
+    let last = lines.last().expect("a final line");
+    assert!(last.starts_with("diode-sim final "), "{last}");
+    assert_eq!(counter(last, "received"), 1000);
+    let (forwarded, lost) = (counter(last, "forwarded"), counter(last, "dropped_loss"));
+    assert_eq!(forwarded + lost, 1000);
+    assert!((50..160).contains(&lost), "10 % of 1000 lost: {lost}");
+    assert_eq!(got, forwarded, "the sink got what the sim forwarded");
+}
+
+#[test]
+fn sigterm_stops_it_with_a_final_line() {
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listen = free_udp_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diode-sim"))
+        .args(["--listen", &listen.to_string()])
+        .args(["--forward", &sink.local_addr().unwrap().to_string()])
+        .args(["--stats-interval", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(listen);
+    send(listen, 10);
+    thread::sleep(Duration::from_millis(100));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let lines = stdout_lines(&mut child);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(counter(&lines[0], "received"), 10);
+    assert_eq!(counter(&lines[0], "forwarded"), 10);
+}
+
+#[test]
+fn refuses_bad_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_diode-sim"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            "127.0.0.1:9",
+            "--loss",
+            "1.5",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loss = 1.5"));
+}
