@@ -6,8 +6,11 @@
 //! state_dir = "/var/lib/weir/rx"        # sled db, shard staging, blob store, status.json
 //!
 //! [link]
-//! transport = "udp"                     # "udp" (serial and dir: not in this build yet)
-//! udp_listen = "0.0.0.0:7700"
+//! transport = "udp"                     # "udp", "serial" or "dir"
+//! udp_listen = "0.0.0.0:7700"           # transport = "udp"
+//! serial_device = "/dev/ttyS1"          # transport = "serial"
+//! serial_baud = 115200                  # default; 8N1
+//! inbox_dir = "/var/spool/weir/inbox"   # transport = "dir": where the file diode delivers
 //! datagram_size = 1400                  # default; largest frame accepted, bytes
 //!
 //! [[auth.keys]]                         # every key the sender may sign with
@@ -39,6 +42,8 @@ use weir_proto::{Key, KeyRing};
 
 /// Default largest frame accepted: an Ethernet MTU less IP/UDP headers, rounded.
 pub const DEFAULT_DATAGRAM_SIZE: usize = 1400;
+/// Default serial line rate (8N1).
+pub const DEFAULT_SERIAL_BAUD: u32 = 115_200;
 /// Default cap of the backoff while a registry is down or answers 5xx.
 pub const DEFAULT_RETRY_MAX_SECONDS: u64 = 300;
 /// Default retry period after a 4xx: an operator has to fix something first.
@@ -98,6 +103,14 @@ pub struct LinkConfig {
     pub transport: Transport,
     /// Address to receive datagrams on (transport = "udp").
     pub udp_listen: Option<SocketAddr>,
+    /// Serial device the diode's line arrives on (transport = "serial").
+    pub serial_device: Option<PathBuf>,
+    /// Line rate of the serial device, 8N1.
+    #[serde(default = "default_serial_baud")]
+    pub serial_baud: u32,
+    /// Directory a file-transfer diode delivers batch files into
+    /// (transport = "dir"); files are deleted once read.
+    pub inbox_dir: Option<PathBuf>,
     /// Largest frame accepted, in bytes; longer datagrams are dropped.
     #[serde(default = "default_datagram_size")]
     pub datagram_size: usize,
@@ -183,6 +196,9 @@ impl Default for NotifyConfig {
 fn default_datagram_size() -> usize {
     DEFAULT_DATAGRAM_SIZE
 }
+fn default_serial_baud() -> u32 {
+    DEFAULT_SERIAL_BAUD
+}
 fn default_retry_max_seconds() -> u64 {
     DEFAULT_RETRY_MAX_SECONDS
 }
@@ -260,17 +276,31 @@ impl RxConfig {
                     );
                 }
             }
-            Transport::Serial | Transport::Dir => {
-                let name = if self.link.transport == Transport::Serial {
-                    "serial"
-                } else {
-                    "dir"
-                };
-                return Err(self.invalid(
-                    "link.transport",
-                    format!("\"{name}\" is not supported by this build yet; use \"udp\""),
-                ));
+            Transport::Serial => {
+                if self.link.serial_device.is_none() {
+                    return Err(self.invalid(
+                        "link.serial_device",
+                        "required when link.transport = \"serial\"",
+                    ));
+                }
+                if self.link.serial_baud == 0 {
+                    return Err(self.invalid("link.serial_baud", "must be above 0"));
+                }
             }
+            Transport::Dir => match &self.link.inbox_dir {
+                None => {
+                    return Err(
+                        self.invalid("link.inbox_dir", "required when link.transport = \"dir\"")
+                    )
+                }
+                Some(dir) if !dir.is_dir() => {
+                    return Err(self.invalid(
+                        "link.inbox_dir",
+                        format!("{} is not a directory", dir.display()),
+                    ))
+                }
+                Some(_) => {}
+            },
         }
         if !(64..=65_507).contains(&self.link.datagram_size) {
             return Err(self.invalid(
@@ -515,16 +545,32 @@ mod tests {
     }
 
     #[test]
-    fn serial_transport_is_a_clear_error() {
+    fn serial_and_dir_transports_need_their_own_keys() {
         let dir = tempfile::tempdir().unwrap();
-        let text = minimal(dir.path()).replace("\"udp\"", "\"serial\"");
-        let err = RxConfig::load(&write_config(dir.path(), &text))
-            .unwrap_err()
-            .to_string();
+        let base = minimal(dir.path()).replace("udp_listen = \"127.0.0.1:7700\"\n", "");
+        let load = |text: String| RxConfig::load(&write_config(dir.path(), &text));
+
+        let serial = base.replace("\"udp\"", "\"serial\"");
+        let err = load(serial.clone()).unwrap_err().to_string();
+        assert!(err.contains("link.serial_device"), "{err}");
+        let c =
+            load(serial.replace("[link]\n", "[link]\nserial_device = \"/dev/ttyS1\"\n")).unwrap();
+        assert_eq!(c.link.serial_baud, 115_200);
+
+        let d = base.replace("\"udp\"", "\"dir\"");
+        let err = load(d.clone()).unwrap_err().to_string();
+        assert!(err.contains("link.inbox_dir"), "{err}");
+        let missing = d.replace("[link]\n", "[link]\ninbox_dir = \"/nonexistent/inbox\"\n");
+        let err = load(missing).unwrap_err().to_string();
         assert!(
-            err.contains("link.transport") && err.contains("not supported"),
+            err.contains("link.inbox_dir") && err.contains("not a directory"),
             "{err}"
         );
+        let ok = d.replace(
+            "[link]\n",
+            &format!("[link]\ninbox_dir = \"{}\"\n", dir.path().display()),
+        );
+        assert_eq!(load(ok).unwrap().link.transport, Transport::Dir);
     }
 
     #[test]

@@ -577,6 +577,15 @@ mod tests {
 
     /// A config in `root` listening on `addr`, with `extra` appended.
     fn write_config(root: &Path, addr: SocketAddr, extra: &str) -> RxConfig {
+        write_config_link(
+            root,
+            &format!("transport = \"udp\"\nudp_listen = \"{addr}\"\n"),
+            extra,
+        )
+    }
+
+    /// A config in `root` with the given `[link]` lines.
+    fn write_config_link(root: &Path, link: &str, extra: &str) -> RxConfig {
         let key_path = root.join("1.key");
         std::fs::write(&key_path, hex::encode(SECRET)).unwrap();
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -584,7 +593,7 @@ mod tests {
         std::fs::write(
             &path,
             format!(
-                "state_dir = \"{}/state\"\n[link]\ntransport = \"udp\"\nudp_listen = \"{addr}\"\n\
+                "state_dir = \"{}/state\"\n[link]\n{link}\
                  [[auth.keys]]\nid = 1\nfile = \"{}\"\n{extra}",
                 root.display(),
                 key_path.display()
@@ -803,6 +812,15 @@ mod tests {
             vec![("team/app:1.0".to_string(), img.tm.manifest.digest.clone())]
         );
         assert_layout_blobs_hash(&out, &img);
+        // While the gateway holds the database, `status` reads its report.
+        let live = status(&config).unwrap();
+        assert!(live.running && live.pid == Some(std::process::id()));
+        assert!(
+            live.render()
+                .contains("team/app:1.0 complete: 3/3 blobs, 100.0%"),
+            "{}",
+            live.render()
+        );
         let report = gw.stop();
         assert_eq!(report.counters.pushes_done, 1);
     }
@@ -899,5 +917,100 @@ mod tests {
             ]
         );
         gw.stop();
+    }
+
+    /// Sends a pass through `send` at most every few seconds while waiting.
+    fn every_few_seconds(mut send: impl FnMut()) -> impl FnMut() {
+        let mut last: Option<Instant> = None;
+        move || {
+            if last.is_none_or(|t| t.elapsed() > Duration::from_secs(3)) {
+                send();
+                last = Some(Instant::now());
+            }
+        }
+    }
+
+    #[test]
+    fn dir_transport_delivers_from_an_inbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = dir.path().join("inbox");
+        std::fs::create_dir(&inbox).unwrap();
+        let config = write_config_link(
+            dir.path(),
+            &format!("transport = \"dir\"\ninbox_dir = \"{}\"\n", inbox.display()),
+            "",
+        );
+        let gw = Running::start(&config);
+        let img = sample_image("team/dir", &["1"], 2, 20_000);
+        let mut tx = TestSender::sealer_only(key(), 4000, 1400, 8, 2);
+        let mut sink =
+            weir_proto::DirSink::new(&inbox, 1 << 20, Duration::from_millis(100)).unwrap();
+        let objects = img.objects();
+        gw.wait_or(
+            "delivery from the inbox",
+            Duration::from_secs(60),
+            |r| r.counters.pushes_done == 1,
+            &mut every_few_seconds(|| {
+                let frames = tx.seal(&objects, &mut |_, _| true, &mut |_, _, _, _| {});
+                let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+                weir_proto::FrameSink::send(&mut sink, &refs).unwrap();
+                sink.flush().unwrap();
+            }),
+        );
+        let out = dir.path().join("out");
+        assert_eq!(
+            layout_names(&out),
+            vec![("team/dir:1".to_string(), img.tm.manifest.digest.clone())]
+        );
+        assert_layout_blobs_hash(&out, &img);
+        gw.stop();
+    }
+
+    #[test]
+    fn serial_transport_delivers_over_a_pty_pair() {
+        if !Path::new("/usr/bin/socat").exists() {
+            eprintln!("SKIPPED: socat not found; install it with: apt-get install -y socat");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (tx_dev, rx_dev) = (dir.path().join("tx.pty"), dir.path().join("rx.pty"));
+        let mut socat = std::process::Command::new("/usr/bin/socat")
+            .arg(format!("pty,raw,echo=0,link={}", tx_dev.display()))
+            .arg(format!("pty,raw,echo=0,link={}", rx_dev.display()))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(tx_dev.exists() && rx_dev.exists()) {
+            assert!(Instant::now() < deadline, "socat made no pty pair");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let config = write_config_link(
+            dir.path(),
+            &format!(
+                "transport = \"serial\"\nserial_device = \"{}\"\nserial_baud = 230400\n",
+                rx_dev.display()
+            ),
+            "",
+        );
+        let gw = Running::start(&config);
+        let img = sample_image("team/serial", &["1"], 1, 4_000);
+        let mut tx = TestSender::sealer_only(key(), 5000, 1400, 4, 2);
+        let mut sink = weir_proto::SerialSink::open(&tx_dev, 230_400, 1400).unwrap();
+        let objects = img.objects();
+        gw.wait_or(
+            "delivery over the serial line",
+            Duration::from_secs(60),
+            |r| r.counters.pushes_done == 1,
+            &mut every_few_seconds(|| {
+                let frames = tx.seal(&objects, &mut |_, _| true, &mut |_, _, _, _| {});
+                let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+                weir_proto::FrameSink::send(&mut sink, &refs).unwrap();
+            }),
+        );
+        assert_layout_blobs_hash(&dir.path().join("out"), &img);
+        gw.stop();
+        let _ = socat.kill();
+        let _ = socat.wait();
     }
 }

@@ -1,11 +1,14 @@
-//! The link end: receives frames in batches on a thread of its own,
-//! verifies each one, and passes on only what is authentic and new.
+//! The link end (UDP, serial line or file inbox): receives frames in
+//! batches on a thread of its own, verifies each one, and passes on only
+//! what is authentic and new.
 
 use std::net::SocketAddr;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir_proto::{Body, FrameBatch, FrameSource, ObjectHeader, Shutdown, UdpSource};
+use weir_proto::{
+    Body, DirSource, FrameBatch, FrameSource, ObjectHeader, SerialSource, Shutdown, UdpSource,
+};
 
 use crate::config::{RxConfig, Transport};
 use crate::shards::ShardIn;
@@ -22,10 +25,8 @@ const LOSS_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkSetupError {
-    #[error("link.transport {0:?} is not supported by this build")]
-    Unsupported(Transport),
-    #[error("link.udp_listen is required for the udp transport")]
-    NoListenAddress,
+    #[error("link.{0} is required for this transport")]
+    Missing(&'static str),
     #[error("link: {0}")]
     Link(#[from] weir_proto::LinkError),
 }
@@ -37,20 +38,38 @@ pub enum Inbound {
     Header(ObjectHeader),
 }
 
-/// The configured transport, bound. Returns the source and a description
-/// of where it listens (the bound address for udp).
+/// The configured transport, opened. Returns the source and a description
+/// of where it listens (the bound address for udp, the device or inbox).
 pub fn open_source(config: &RxConfig) -> Result<(Box<dyn FrameSource>, String), LinkSetupError> {
-    match config.link.transport {
+    let link = &config.link;
+    match link.transport {
         Transport::Udp => {
-            let addr: SocketAddr = config
-                .link
+            let addr: SocketAddr = link
                 .udp_listen
-                .ok_or(LinkSetupError::NoListenAddress)?;
+                .ok_or(LinkSetupError::Missing("udp_listen"))?;
             let source = UdpSource::bind(addr)?;
             let bound = source.local_addr()?;
             Ok((Box::new(source), bound.to_string()))
         }
-        other => Err(LinkSetupError::Unsupported(other)),
+        Transport::Serial => {
+            let device = link
+                .serial_device
+                .as_deref()
+                .ok_or(LinkSetupError::Missing("serial_device"))?;
+            let source = SerialSource::open(device, link.serial_baud, link.datagram_size)?;
+            Ok((
+                Box::new(source),
+                format!("{} at {} baud", device.display(), link.serial_baud),
+            ))
+        }
+        Transport::Dir => {
+            let inbox = link
+                .inbox_dir
+                .as_deref()
+                .ok_or(LinkSetupError::Missing("inbox_dir"))?;
+            let source = DirSource::new(inbox)?;
+            Ok((Box::new(source), format!("inbox {}", inbox.display())))
+        }
     }
 }
 

@@ -788,9 +788,9 @@ impl ShardStore {
             let chunk = block / BLOCKS_PER_CHUNK;
             let range = chunk_blocks(chunk, live.blocks);
             let base = range.start as usize * live.bitmap_len;
-            let value = chunks.entry((*id, chunk)).or_insert_with(|| {
-                live.held[base..range.end as usize * live.bitmap_len].to_vec()
-            });
+            let value = chunks
+                .entry((*id, chunk))
+                .or_insert_with(|| live.held[base..range.end as usize * live.bitmap_len].to_vec());
             let at = *block as usize * live.bitmap_len - base;
             value[at..at + live.bitmap_len].copy_from_slice(map);
         }
@@ -882,7 +882,9 @@ impl ShardStore {
     /// The decoder could not rebuild the block; it waits for more shards,
     /// unless they came meanwhile and the object is whole.
     pub fn decode_failed(&mut self, object: ObjectId, generation: u64, block: u32) {
-        let Some(live) = self.live.get_mut(&object) else { return };
+        let Some(live) = self.live.get_mut(&object) else {
+            return;
+        };
         if live.generation != generation {
             return;
         }
@@ -1282,8 +1284,10 @@ pub(crate) mod tests {
     #[test]
     fn kill_mid_batch_keeps_committed_shards_and_claims_nothing_else() {
         let rig = Rig::new();
+        // 313 blocks: their bitmaps span two sled chunks.
         let bytes = bytes_from(6, 20_000);
-        let p = fec(8, 4, 128);
+        let p = fec(4, 2, 16);
+        assert!(p.blocks_for(20_000) > BLOCKS_PER_CHUNK);
         let all = shards_of(&bytes, ObjectKind::Blob, p);
         let (first, rest) = all.split_at(all.len() / 2);
         {
@@ -1309,13 +1313,11 @@ pub(crate) mod tests {
         let parity = std::fs::read(staging.join(format!("{}.parity", id.hex()))).unwrap();
         let s = p.shard_size as usize;
         for sh in first {
-            let (file, off) = if sh.index < p.data_shards {
-                (&data, (sh.block as usize * 8 + sh.index as usize) * s)
+            let (k, m) = (p.data_shards as usize, p.parity_shards as usize);
+            let (file, off) = if (sh.index as usize) < k {
+                (&data, (sh.block as usize * k + sh.index as usize) * s)
             } else {
-                (
-                    &parity,
-                    (sh.block as usize * 4 + (sh.index - 8) as usize) * s,
-                )
+                (&parity, (sh.block as usize * m + sh.index as usize - k) * s)
             };
             assert_eq!(
                 &file[off..off + s],
@@ -1371,10 +1373,15 @@ pub(crate) mod tests {
         store.accept(shards[1].clone()).unwrap();
         store.accept(shards[2].clone()).unwrap();
         let work = store.commit().unwrap();
-        let Some(Work::Decode(job)) = work.first() else { panic!("{work:?}") };
+        let Some(Work::Decode(job)) = work.first() else {
+            panic!("{work:?}")
+        };
         // The missing data shard arrives while the decode is out...
         store.accept(shards[0].clone()).unwrap();
-        assert!(store.commit().unwrap().is_empty(), "no finish while a decode is out");
+        assert!(
+            store.commit().unwrap().is_empty(),
+            "no finish while a decode is out"
+        );
         // ...and the decode fails: the object is whole, so it is finished anyway.
         store.decode_failed(job.object, job.generation, job.block);
         let work = store.commit().unwrap();
@@ -1483,11 +1490,11 @@ pub(crate) mod tests {
     #[test]
     fn offline_progress_matches_the_live_view() {
         let rig = Rig::new();
-        let bytes = bytes_from(10, 4000);
+        let bytes = bytes_from(10, 40_000);
         let live_view;
         {
             let (mut store, _, _db) = rig.open();
-            for s in shards_of(&bytes, ObjectKind::Image, fec(4, 2, 100))
+            for s in shards_of(&bytes, ObjectKind::Image, fec(4, 2, 32))
                 .into_iter()
                 .step_by(2)
             {

@@ -344,7 +344,8 @@ pub type Tamper<'a> = &'a mut dyn FnMut(&ObjectId, u32, u16, &mut Vec<u8>);
 /// A sender reduced to what a receiver test needs.
 pub struct TestSender {
     sealer: FrameSealer,
-    sink: UdpSink,
+    /// None: a sender that only seals (the test carries the frames itself).
+    sink: Option<UdpSink>,
     pub fec: FecParams,
     /// Frames sealed, in order; a test picks which to send.
     frame: Vec<u8>,
@@ -360,8 +361,22 @@ impl TestSender {
         m: u16,
     ) -> TestSender {
         TestSender {
+            sink: Some(UdpSink::connect(peer, datagram_size).expect("udp sink")),
+            ..Self::sealer_only(key, session_id, datagram_size, k, m)
+        }
+    }
+
+    /// A sender that seals frames for another transport.
+    pub fn sealer_only(
+        key: Key,
+        session_id: u64,
+        datagram_size: usize,
+        k: u16,
+        m: u16,
+    ) -> TestSender {
+        TestSender {
             sealer: FrameSealer::new(key, session_id),
-            sink: UdpSink::connect(peer, datagram_size).expect("udp sink"),
+            sink: None,
             fec: FecParams::for_datagram(datagram_size, k, m).expect("fec params"),
             frame: Vec::new(),
         }
@@ -441,7 +456,11 @@ impl TestSender {
     pub fn send(&mut self, frames: &[Vec<u8>]) {
         for chunk in frames.chunks(64) {
             let refs: Vec<&[u8]> = chunk.iter().map(|f| f.as_slice()).collect();
-            self.sink.send(&refs).expect("udp send");
+            self.sink
+                .as_mut()
+                .expect("a UDP sender")
+                .send(&refs)
+                .expect("udp send");
             std::thread::sleep(Duration::from_micros(500));
         }
     }

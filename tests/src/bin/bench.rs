@@ -1,0 +1,582 @@
+//! The pair's benchmark (issue 6): both gateways as release processes on
+//! loopback, six figures measured and printed as one markdown table with
+//! the goals, followed by how each was measured and the machine's facts.
+//!
+//! ```text
+//! cargo run --release -p weir-tests --bin bench -- [--only goodput,loss,memory,pacing,push,cpu] [--big-gib 4]
+//! ```
+//!
+//! Images are uncompressed OCI archives (cheap to make at 4 GiB), dropped
+//! into the spool as hard links. Each measurement is bounded by
+//! `--timeout-s` and fails with both gateways' log tails; a failed figure
+//! is reported in its row and the others still run.
+//!
+//! The sender-only benchmark is `cargo bench -p gateway-tx --bench sender`.
+
+#[path = "../bench/crossing.rs"]
+mod crossing;
+#[path = "../bench/machine.rs"]
+mod machine;
+#[path = "../bench/pacing.rs"]
+mod pacing;
+#[path = "../bench/procfs.rs"]
+mod procfs;
+#[path = "../bench/push.rs"]
+mod push;
+#[path = "../bench/udpcast.rs"]
+mod udpcast;
+#[path = "../bench/wire.rs"]
+mod wire;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use weir_tests::diode::BurstLoss;
+use weir_tests::imagegen::{self, ImageOptions, LayerCompression, LayerSpec};
+use weir_tests::pair::Target;
+use weir_tests::registry::Registry;
+
+use crossing::{Crossing, Image, Plan};
+
+const FIGURES: [&str; 6] = ["goodput", "loss", "memory", "pacing", "push", "cpu"];
+const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;
+/// FEC of the goodput figure and the default: k=32, m=8, 1400-byte datagrams.
+const DATA_SHARDS: u16 = 32;
+const PARITY_SHARDS: u16 = 8;
+const DATAGRAM: usize = 1400;
+/// "Pacing above what the machine can do".
+const UNPACED_BPS: u64 = 10_000_000_000;
+
+#[derive(Parser)]
+#[command(about = "Measure the weir pair: goodput, loss efficiency, memory, pacing, push, CPU")]
+struct Args {
+    /// Figures to measure, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(FIGURES))]
+    only: Vec<String>,
+    /// Size of the large image of the memory figure, GiB (fractions allowed).
+    #[arg(long, default_value_t = 4.0)]
+    big_gib: f64,
+    /// Size of the small image (memory) and of the goodput image, GiB.
+    #[arg(long, default_value_t = 1.0)]
+    small_gib: f64,
+    /// Image of the loss-efficiency figure, MiB.
+    #[arg(long, default_value_t = 128)]
+    loss_mib: u64,
+    /// Paced rate of the loss-efficiency figure, Mb/s.
+    #[arg(long, default_value_t = 100)]
+    loss_rate_mbps: u64,
+    /// Image of the push figure, MiB.
+    #[arg(long, default_value_t = 500)]
+    push_mib: u64,
+    /// Rates of the pacing figure, Mb/s.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    pacing_mbps: Vec<u64>,
+    /// Upper bound of each crossing, seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_s: u64,
+    /// Leave the UDP buffer sysctls alone (by default they are raised to
+    /// 32 MiB for the run and restored after).
+    #[arg(long)]
+    no_sysctl: bool,
+    /// Working directory for images (default: a temporary directory).
+    #[arg(long)]
+    work: Option<PathBuf>,
+}
+
+impl Args {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|f| f == figure)
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The gateways must be the release build: `pair::gateway_bin` builds and
+/// picks the profile this executable was built with.
+fn check_release() -> Result<()> {
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    if !exe.parent().is_some_and(|d| d.ends_with("release")) {
+        bail!(
+            "{} is not a release build; run: cargo run --release -p weir-tests --bin bench",
+            exe.display()
+        );
+    }
+    for name in ["gateway-tx", "gateway-rx"] {
+        let bin = weir_tests::pair::gateway_bin(name)?;
+        eprintln!("using {}", bin.display());
+    }
+    Ok(())
+}
+
+fn make_image(dir: &Path, name: &str, seed: u64, bytes: u64, reference: &str) -> Result<Image> {
+    let t = Instant::now();
+    // Four layers, as a typical image has a few large ones.
+    let layer = (bytes / 4).max(1);
+    let layers = [LayerSpec { size: layer }; 4];
+    let g = imagegen::oci_archive_uncompressed(dir, name, seed, &layers, reference)
+        .with_context(|| format!("generating {name}"))?;
+    let archive_bytes = std::fs::metadata(&g.path)?.len();
+    eprintln!(
+        "made {name}: {:.0} MiB in {:.1} s",
+        archive_bytes as f64 / MIB,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(Image {
+        manifest_digest: g.manifest_digest.context("an OCI archive has a manifest digest")?,
+        path: g.path,
+        archive_bytes,
+    })
+}
+
+/// One row of the table.
+struct Row {
+    number: &'static str,
+    figure: String,
+    measured: String,
+    goal: String,
+    met: String,
+}
+
+impl Row {
+    fn new(number: &'static str, figure: impl Into<String>, measured: impl Into<String>, goal: impl Into<String>, met: Option<bool>) -> Row {
+        Row {
+            number,
+            figure: figure.into(),
+            measured: measured.into(),
+            goal: goal.into(),
+            met: match met {
+                Some(true) => "met".into(),
+                Some(false) => "**not met**".into(),
+                None => "—".into(),
+            },
+        }
+    }
+
+    fn failed(number: &'static str, figure: &str, e: &anyhow::Error) -> Row {
+        let first = format!("{e:#}").lines().next().unwrap_or("").to_string();
+        Row::new(number, figure, format!("failed: {first}"), "", Some(false))
+    }
+}
+
+fn mbs(bytes_per_s: f64) -> String {
+    format!("{:.0} MB/s", bytes_per_s / 1e6)
+}
+
+struct Bench<'a> {
+    args: &'a Args,
+    work: PathBuf,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+    timeout: Duration,
+}
+
+fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    let load_before = machine::load_average();
+    check_release()?;
+    let (raised, refused) = if args.no_sysctl {
+        (None, Vec::new())
+    } else {
+        let (r, refused) = machine::RaisedBuffers::raise();
+        (Some(r), refused)
+    };
+    for r in &refused {
+        eprintln!("could not raise {r}; UDP receivers may drop frames");
+    }
+    let tmp;
+    let work = match &args.work {
+        Some(w) => {
+            std::fs::create_dir_all(w)?;
+            w.canonicalize()?
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("weir-bench-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut b = Bench {
+        args,
+        work,
+        rows: Vec::new(),
+        notes: Vec::new(),
+        timeout: Duration::from_secs(args.timeout_s),
+    };
+    b.measure_all();
+
+    let facts = machine::facts();
+    let load_after = machine::load_average();
+    let raised_text = raised.as_ref().map(|r| r.describe()).unwrap_or_default();
+    drop(raised);
+    b.print(&facts, &load_before, &load_after, &raised_text, started.elapsed());
+    Ok(())
+}
+
+impl Bench<'_> {
+    fn measure_all(&mut self) {
+        let a = self.args;
+        let want_small = a.wants("goodput") || a.wants("memory") || a.wants("cpu");
+        let want_big = a.wants("memory") || a.wants("cpu");
+        let small = if want_small { Some(self.crossing_of("small", a.small_gib)) } else { None };
+        if a.wants("goodput") {
+            match &small {
+                Some(Ok((img, c))) => {
+                    let r = self.goodput(img, c);
+                    if let Err(e) = r {
+                        self.rows.push(Row::failed("1", "goodput", &e));
+                    }
+                }
+                Some(Err(e)) => self.rows.push(Row::failed("1", "goodput", e)),
+                None => {}
+            }
+        }
+        // The goodput image is not needed any more; the big one may be 4 GiB.
+        if let Some(Ok((img, _))) = &small {
+            let _ = std::fs::remove_file(&img.path);
+        }
+        if a.wants("loss") {
+            if let Err(e) = self.loss() {
+                self.rows.push(Row::failed("2", "loss efficiency", &e));
+            }
+        }
+        let big = if want_big { Some(self.crossing_of("big", a.big_gib)) } else { None };
+        if let Some(Ok((img, _))) = &big {
+            let _ = std::fs::remove_file(&img.path);
+        }
+        let small = small.map(|r| r.map(|(_, c)| c));
+        let big = big.map(|r| r.map(|(_, c)| c));
+        if a.wants("memory") {
+            self.memory(small.as_ref(), big.as_ref());
+        }
+        if a.wants("pacing") {
+            self.pacing();
+        }
+        if a.wants("push") {
+            if let Err(e) = self.push() {
+                self.rows.push(Row::failed("5", "push", &e));
+            }
+        }
+        if a.wants("cpu") {
+            self.cpu(small.as_ref(), big.as_ref());
+        }
+    }
+
+    /// An image of `gib` crossing unpaced into an OCI layout.
+    fn crossing_of(&mut self, name: &str, gib: f64) -> Result<(Image, Crossing)> {
+        let bytes = (gib * GIB) as u64;
+        let image = make_image(&self.work, &format!("{name}.tar"), 60 + bytes % 7, bytes, &format!("bench/{name}:1"))?;
+        let layout = self.work.join(format!("{name}-layout"));
+        eprintln!("crossing: {:.2} GiB image, unpaced, into an OCI layout...", gib);
+        let c = crossing::run(
+            &image,
+            Plan {
+                label: format!("{name} image ({gib} GiB)"),
+                rate_bps: UNPACED_BPS,
+                passes: 3,
+                link: None,
+                target: Target::Layout(layout.clone()),
+                stop_tx_when_complete: false,
+                timeout: self.timeout,
+            },
+        );
+        let _ = std::fs::remove_dir_all(&layout);
+        let c = c?;
+        eprintln!(
+            "  ingest {:.1} s, delivered {:.1} s after acceptance, peaks tx {:.0} MiB rx {:.0} MiB",
+            c.ingest_s,
+            c.to_delivered_s,
+            c.tx_peak_kib as f64 / 1024.0,
+            c.rx_peak_kib as f64 / 1024.0
+        );
+        Ok((image, c))
+    }
+
+    fn goodput(&mut self, image: &Image, c: &Crossing) -> Result<()> {
+        let weir = c.payload_bytes as f64 / c.to_delivered_s;
+        let row = |measured: String, met| Row::new("1", "goodput, FEC 32+8, 1400 B datagrams, unpaced", measured, "≥ 2× udpcast and ≥ 260 MB/s", met);
+        if !udpcast::available() {
+            self.rows.push(row(format!("weir {}; udpcast not installed (apt-get install udpcast)", mbs(weir)), Some(false)));
+            return Ok(());
+        }
+        eprintln!("udpcast: the same archive, async, FEC 8x8...");
+        let u = udpcast::best_run(&image.path, &self.work, self.timeout)?;
+        let udp = u.bytes_per_s();
+        let ratio = weir / udp;
+        self.rows.push(row(
+            format!("weir {} · udpcast {} · {ratio:.2}×", mbs(weir), mbs(udp)),
+            Some(ratio >= 2.0 && weir >= 260e6),
+        ));
+        self.notes.push(format!(
+            "goodput: weir moved {:.0} MiB of blobs from acceptance by gateway-tx to delivery done in the OCI layout in {:.2} s \
+             (ingest before that: {:.2} s for the {:.0} MiB archive, not counted); gateway-rx's socket dropped {} datagrams \
+             (receiver overrun, repaired by FEC or later passes); it accepted {} frames, counted {} lost, repaired {} blocks. udpcast moved the archive ({:.0} MiB) \
+             in {:.2} s, first byte written to full size, {}{}.",
+            c.payload_bytes as f64 / MIB,
+            c.to_delivered_s,
+            c.ingest_s,
+            image.archive_bytes as f64 / MIB,
+            c.rx_kernel_drops,
+            c.rx_counters.frames_accepted,
+            c.rx_counters.frames_lost_estimate,
+            c.rx_counters.blocks_repaired,
+            u.bytes as f64 / MIB,
+            u.seconds,
+            match u.max_bitrate {
+                Some(cap) => format!("--max-bitrate {cap}"),
+                None => "uncapped".into(),
+            },
+            if u.failed.is_empty() {
+                String::new()
+            } else {
+                format!(" (lost data, so not counted, at: {})", u.failed.join(", "))
+            }
+        ));
+        Ok(())
+    }
+
+    fn loss(&mut self) -> Result<()> {
+        let a = self.args;
+        let rate = a.loss_rate_mbps * 1_000_000;
+        let image = make_image(&self.work, "loss.tar", 62, a.loss_mib << 20, "bench/loss:1")?;
+        let layout = self.work.join("loss-layout");
+        eprintln!("loss efficiency: {} MiB at {} Mb/s, 5 % loss + bursts...", a.loss_mib, a.loss_rate_mbps);
+        let burst = BurstLoss { enter: 0.001, exit: 0.2, loss: 1.0 };
+        let c = crossing::run(
+            &image,
+            Plan {
+                label: "loss efficiency".into(),
+                rate_bps: rate,
+                passes: 3,
+                link: Some(Box::new(move |cfg| {
+                    cfg.loss = 0.05;
+                    cfg.burst = Some(burst);
+                })),
+                target: Target::Layout(layout.clone()),
+                stop_tx_when_complete: false,
+                timeout: self.timeout,
+            },
+        );
+        let _ = std::fs::remove_dir_all(&layout);
+        let _ = std::fs::remove_file(&image.path);
+        let c = c?;
+        let ideal = c.payload_bytes as f64 * 8.0 / rate as f64;
+        let ratio = c.to_complete_s / ideal;
+        let fec = weir_proto::FecParams::for_datagram(DATAGRAM, DATA_SHARDS, PARITY_SHARDS)
+            .context("FEC parameters of the bench")?;
+        let floor = (DATA_SHARDS + PARITY_SHARDS) as f64 / DATA_SHARDS as f64 * DATAGRAM as f64 / fec.shard_size as f64;
+        self.rows.push(Row::new(
+            "2",
+            format!("loss efficiency, 5 % loss + bursts, {} Mb/s", a.loss_rate_mbps),
+            format!("{ratio:.2}"),
+            "≤ 1.3",
+            Some(ratio <= 1.3),
+        ));
+        let l = c.link.unwrap_or_default();
+        self.notes.push(format!(
+            "loss efficiency: {:.0} MiB of blobs complete {:.1} s after acceptance; at {} Mb/s the image alone takes {:.1} s. \
+             One pass of FEC 32+8 in 1400-byte frames (shard payload {} B) is already {floor:.3}× the image, before any loss. \
+             Link: {} frames in, {} lost independently, {} in bursts (Gilbert–Elliott enter 0.001, exit 0.2: mean burst 5), \
+             {:.1} % in all; gateway-rx socket drops {}.",
+            c.payload_bytes as f64 / MIB,
+            c.to_complete_s,
+            a.loss_rate_mbps,
+            ideal,
+            fec.shard_size,
+            l.received,
+            l.dropped_loss,
+            l.dropped_burst,
+            100.0 * l.dropped() as f64 / l.received.max(1) as f64,
+            c.rx_kernel_drops
+        ));
+        Ok(())
+    }
+
+    fn memory(&mut self, small: Option<&Result<Crossing>>, big: Option<&Result<Crossing>>) {
+        let a = self.args;
+        let (s, b) = match (small, big) {
+            (Some(Ok(s)), Some(Ok(b))) => (s, b),
+            (Some(Err(e)), _) | (_, Some(Err(e))) => {
+                self.rows.push(Row::failed("3", "memory", e));
+                return;
+            }
+            _ => return,
+        };
+        let limit = 64 * 1024;
+        for (side, sp, bp) in [("gateway-tx", s.tx_peak_kib, b.tx_peak_kib), ("gateway-rx", s.rx_peak_kib, b.rx_peak_kib)] {
+            // Flat: the larger image may cost at most a quarter more.
+            let flat = bp as f64 <= sp as f64 * 1.25;
+            self.rows.push(Row::new(
+                "3",
+                format!("peak RSS {side}, {} GiB → {} GiB image", a.small_gib, a.big_gib),
+                format!("{:.1} MiB → {:.1} MiB", sp as f64 / 1024.0, bp as f64 / 1024.0),
+                "≤ 64 MiB, flat (≤ +25 %)",
+                Some(sp <= limit && bp <= limit && flat),
+            ));
+        }
+        self.notes.push(format!(
+            "memory: VmHWM of each process (sampled every 50 ms and just before the end) over the whole crossing, \
+             ingest included, unpaced into an OCI layout; {} GiB delivered in {:.1} s, {} GiB in {:.1} s.",
+            a.small_gib, s.to_delivered_s, a.big_gib, b.to_delivered_s
+        ));
+    }
+
+    fn pacing(&mut self) {
+        let image = match make_image(&self.work, "pacing.tar", 63, 64 << 20, "bench/pacing:1") {
+            Ok(i) => i,
+            Err(e) => {
+                self.rows.push(Row::failed("4", "pacing", &e));
+                return;
+            }
+        };
+        let mut drops = Vec::new();
+        for &mbps in &self.args.pacing_mbps {
+            eprintln!("pacing at {mbps} Mb/s...");
+            let figure = format!("pacing at {}", if mbps >= 1000 { format!("{} Gb/s", mbps as f64 / 1000.0) } else { format!("{mbps} Mb/s") });
+            match pacing::measure(&image, mbps * 1_000_000) {
+                Ok(p) => {
+                    self.rows.push(Row::new(
+                        "4",
+                        figure,
+                        format!(
+                            "{:.2} Mb/s ({:+.2} %; worst 1 s {:.1} %)",
+                            p.measured_bps / 1e6,
+                            p.error() * 100.0,
+                            p.worst_second_error * 100.0
+                        ),
+                        "within ±2 %",
+                        Some(p.error().abs() <= 0.02),
+                    ));
+                    drops.push(format!("{mbps} Mb/s: {}", p.kernel_drops));
+                }
+                Err(e) => self.rows.push(Row::failed("4", &figure, &e)),
+            }
+        }
+        let _ = std::fs::remove_file(&image.path);
+        self.notes.push(format!(
+            "pacing: UDP payload bytes (= frame bytes, what gateway-tx paces; IP/UDP headers not counted) at a counting \
+             socket, over 10 s after 2 s of warm-up; 'worst 1 s' is the largest deviation of a one-second slice. \
+             Datagrams the counting socket's kernel buffer dropped (sent, not counted): {}.",
+            drops.join(", ")
+        ));
+    }
+
+    fn push(&mut self) -> Result<()> {
+        let a = self.args;
+        if !weir_tests::skopeo::available() {
+            bail!("skopeo not installed: apt-get install skopeo");
+        }
+        let bytes = a.push_mib << 20;
+        let layers = [LayerSpec { size: bytes / 4 }; 4];
+        let reference = "bench/push:1";
+        let image = make_image(&self.work, "push.tar", 64, bytes, reference)?;
+        let options = ImageOptions {
+            layer_compression: LayerCompression::None,
+            ..ImageOptions::default()
+        };
+        let layout = imagegen::oci_layout_dir_with(&self.work, "push-layout", 64, &layers, reference, &options)
+            .context("generating the push image as a layout")?;
+        if layout.manifest_digest.as_deref() != Some(image.manifest_digest.as_str()) {
+            bail!("the layout and the archive of the push image differ: {:?} vs {}", layout.manifest_digest, image.manifest_digest);
+        }
+        let for_skopeo = Registry::start()?.context("docker-registry not installed: apt-get install docker-registry")?;
+        let for_weir = Registry::start()?.context("docker-registry not installed")?;
+        eprintln!("push: skopeo copy of {} MiB...", a.push_mib);
+        let skopeo_s = push::skopeo_seconds(&layout.path, &for_skopeo, "bench/push", "1", &image.manifest_digest)?;
+        eprintln!("push: the same image through the pair into another registry...");
+        let c = crossing::run(
+            &image,
+            Plan {
+                label: "push".into(),
+                rate_bps: UNPACED_BPS,
+                passes: 3,
+                link: None,
+                target: Target::Registry(for_weir.url()),
+                stop_tx_when_complete: true,
+                timeout: self.timeout,
+            },
+        );
+        let _ = std::fs::remove_file(&image.path);
+        let _ = std::fs::remove_dir_all(&layout.path);
+        let c = c?;
+        let served = for_weir.manifest_digest("bench/push", "1")?;
+        if served.as_deref() != Some(image.manifest_digest.as_str()) {
+            bail!("gateway-rx's registry serves {served:?}, expected {}", image.manifest_digest);
+        }
+        let ratio = c.delivery_s / skopeo_s;
+        self.rows.push(Row::new(
+            "5",
+            format!("push of a {} MiB image into the local registry", a.push_mib),
+            format!("gateway-rx {:.2} s · skopeo {:.2} s · {ratio:.2}", c.delivery_s, skopeo_s),
+            "ratio ≤ 1.0",
+            Some(ratio <= 1.0),
+        ));
+        self.notes.push(format!(
+            "push: gateway-rx's delivery from image complete to delivery done (status.json milliseconds; gateway-tx killed \
+             the moment the image was complete, so the push had the machine to itself); skopeo copy oci:LAYOUT → registry \
+             with --preserve-digests as a whole process, into a registry of its own. Uncompressed layers, {} MiB of blobs.",
+            c.payload_bytes as f64 / MIB
+        ));
+        Ok(())
+    }
+
+    fn cpu(&mut self, small: Option<&Result<Crossing>>, big: Option<&Result<Crossing>>) {
+        let (c, gib_label) = match (big, small) {
+            (Some(Ok(b)), _) => (b, self.args.big_gib),
+            (_, Some(Ok(s))) => (s, self.args.small_gib),
+            (Some(Err(e)), _) | (_, Some(Err(e))) => {
+                self.rows.push(Row::failed("6", "CPU", e));
+                return;
+            }
+            _ => return,
+        };
+        let gib = c.payload_bytes as f64 / GIB;
+        let per = |s: f64| format!("{:.2} s/GiB", s / gib);
+        self.rows.push(Row::new("6", "CPU gateway-tx, ingest (read, hash, store)", per(c.tx_cpu_ingest_s), "report", None));
+        self.rows.push(Row::new("6", "CPU gateway-tx, send (FEC, HMAC, pacing, UDP) until complete", per(c.tx_cpu_send_s), "report", None));
+        self.rows.push(Row::new(
+            "6",
+            "CPU gateway-rx, receive to delivered",
+            format!("{} (to complete {})", per(c.rx_cpu_s), per(c.rx_cpu_to_complete_s)),
+            "report",
+            None,
+        ));
+        self.notes.push(format!(
+            "CPU: utime+stime from /proc/PID/stat, sampled every 50 ms and interpolated at the moments of acceptance, \
+             completion and delivery, divided by the GiB of blobs, in the unpaced {gib_label} GiB crossing. gateway-tx sends \
+             more than one pass's frames per image while the receiver loses datagrams to overrun (see goodput)."
+        ));
+    }
+
+    fn print(&self, facts: &[String], load_before: &str, load_after: &str, raised: &[String], took: Duration) {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        println!();
+        println!("`cargo run --release -p weir-tests --bin bench --{}{}`", if args.is_empty() { "" } else { " " }, args.join(" "));
+        println!();
+        println!("| # | figure | measured | goal | |");
+        println!("|---|---|---|---|---|");
+        for r in &self.rows {
+            println!("| {} | {} | {} | {} | {} |", r.number, r.figure, r.measured, r.goal, r.met);
+        }
+        println!();
+        for n in &self.notes {
+            println!("- {n}");
+        }
+        println!();
+        println!("Machine:");
+        for f in facts {
+            println!("- {f}");
+        }
+        println!("- load average (1, 5, 15 min) before: {load_before}; after: {load_after}");
+        if !raised.is_empty() {
+            println!("- raised for the run and restored after: {}", raised.join(", "));
+        }
+        println!("- whole run: {:.0} s", took.as_secs_f64());
+    }
+}
