@@ -4,12 +4,14 @@
 //!
 //! ```toml
 //! state_dir = "/var/lib/weir/rx"        # sled db, shard staging, blob store, status.json
+//! state_min_free_mb = 64                # default; below it shards are dropped (counted),
+//!                                       # fault "state disk full"; resumes 1 MiB above
 //!
 //! [link]
 //! transport = "udp"                     # "udp", "serial" or "dir"
 //! udp_listen = "0.0.0.0:7700"           # transport = "udp"
-//! serial_device = "/dev/ttyS1"          # transport = "serial"
-//! serial_baud = 115200                  # default; 8N1
+//! serial_device = "/dev/ttyS2"          # transport = "serial"
+//! baud = 115200                         # default; 8N1
 //! inbox_dir = "/var/spool/weir/inbox"   # transport = "dir": where the file diode delivers
 //! datagram_size = 1400                  # default; largest frame accepted, bytes
 //!
@@ -33,6 +35,19 @@
 //! [notify]
 //! webhook_url = "http://chat.example/hooks/weir"   # optional; JSON POST per image
 //! timeout_seconds = 10                             # default
+//!
+//! [console]                       # optional; absent = no serial console
+//! device = "/dev/ttyS1"
+//! baud = 115200                   # default
+//!
+//! [leds]                          # optional; absent = no LEDs driven
+//! base = "/sys/class/leds"        # default
+//! power = "weir:power"            # defaults weir:power, weir:link,
+//! link = "weir:link"              #   weir:activity, weir:fault; "" = none
+//! activity = "weir:activity"
+//! fault = "weir:fault"
+//! hmac_fault_threshold = 100      # default; fault when more bad tags than
+//!                                 # this arrived in the last minute
 //! ```
 
 use serde::Deserialize;
@@ -42,8 +57,12 @@ use weir_proto::{Key, KeyRing};
 
 /// Default largest frame accepted: an Ethernet MTU less IP/UDP headers, rounded.
 pub const DEFAULT_DATAGRAM_SIZE: usize = 1400;
-/// Default serial line rate (8N1).
-pub const DEFAULT_SERIAL_BAUD: u32 = 115_200;
+/// Default serial line rate (8N1), of the link and of the console.
+pub const DEFAULT_BAUD: u32 = 115_200;
+/// Default free space (MiB) below which shards are no longer stored.
+pub const DEFAULT_STATE_MIN_FREE_MB: u64 = 64;
+/// Default count of bad tags within a minute above which the fault is raised.
+pub const DEFAULT_HMAC_FAULT_THRESHOLD: u64 = 100;
 /// Default cap of the backoff while a registry is down or answers 5xx.
 pub const DEFAULT_RETRY_MAX_SECONDS: u64 = 300;
 /// Default retry period after a 4xx: an operator has to fix something first.
@@ -78,12 +97,26 @@ pub struct RxConfig {
     /// Where all receiver state lives: `db/` (sled), `staging/` (shards being
     /// received), `blobs/sha256/` (verified objects), `status.json`.
     pub state_dir: PathBuf,
+    /// While the disk of `state_dir` has less than this many MiB free,
+    /// shards are not stored (frames are dropped and counted, the fault
+    /// "state disk full" is raised): sled must always find room for its log.
+    /// Storing resumes 1 MiB above it. 0 leaves only the reaction to a write
+    /// that fails for want of space.
+    #[serde(default = "default_state_min_free_mb")]
+    pub state_min_free_mb: u64,
     pub link: LinkConfig,
     pub auth: AuthConfig,
     #[serde(default)]
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub notify: NotifyConfig,
+    /// The serial console. Absent: no console.
+    #[serde(default)]
+    pub console: Option<ConsoleConfig>,
+    /// The status LEDs and the fault threshold. Absent: no LEDs driven,
+    /// faults still judged with the defaults and shown by `status`.
+    #[serde(default)]
+    pub leds: Option<LedsConfig>,
     /// The file this configuration was read from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -106,14 +139,67 @@ pub struct LinkConfig {
     /// Serial device the diode's line arrives on (transport = "serial").
     pub serial_device: Option<PathBuf>,
     /// Line rate of the serial device, 8N1.
-    #[serde(default = "default_serial_baud")]
-    pub serial_baud: u32,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
     /// Directory a file-transfer diode delivers batch files into
     /// (transport = "dir"); files are deleted once read.
     pub inbox_dir: Option<PathBuf>,
     /// Largest frame accepted, in bytes; longer datagrams are dropped.
     #[serde(default = "default_datagram_size")]
     pub datagram_size: usize,
+}
+
+/// `[console]`: a line-command prompt on a tty.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    pub device: PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+}
+
+/// `[leds]`: status LEDs through the Linux LED class.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedsConfig {
+    #[serde(default = "default_leds_base")]
+    pub base: PathBuf,
+    #[serde(default = "default_led_power")]
+    pub power: String,
+    #[serde(default = "default_led_link")]
+    pub link: String,
+    #[serde(default = "default_led_activity")]
+    pub activity: String,
+    #[serde(default = "default_led_fault")]
+    pub fault: String,
+    /// The fault "HMAC failures" stands while more frames than this failed
+    /// their tag in the last minute (forgery, a damaged line, a wrong key).
+    #[serde(default = "default_hmac_fault_threshold")]
+    pub hmac_fault_threshold: u64,
+}
+
+impl Default for LedsConfig {
+    fn default() -> Self {
+        LedsConfig {
+            base: default_leds_base(),
+            power: default_led_power(),
+            link: default_led_link(),
+            activity: default_led_activity(),
+            fault: default_led_fault(),
+            hmac_fault_threshold: default_hmac_fault_threshold(),
+        }
+    }
+}
+
+impl LedsConfig {
+    pub fn names(&self) -> weir_proto::LedNames {
+        weir_proto::LedNames {
+            power: self.power.clone(),
+            link: self.link.clone(),
+            activity: self.activity.clone(),
+            fault: self.fault.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,8 +282,29 @@ impl Default for NotifyConfig {
 fn default_datagram_size() -> usize {
     DEFAULT_DATAGRAM_SIZE
 }
-fn default_serial_baud() -> u32 {
-    DEFAULT_SERIAL_BAUD
+fn default_baud() -> u32 {
+    DEFAULT_BAUD
+}
+fn default_state_min_free_mb() -> u64 {
+    DEFAULT_STATE_MIN_FREE_MB
+}
+fn default_hmac_fault_threshold() -> u64 {
+    DEFAULT_HMAC_FAULT_THRESHOLD
+}
+fn default_leds_base() -> PathBuf {
+    PathBuf::from("/sys/class/leds")
+}
+fn default_led_power() -> String {
+    "weir:power".into()
+}
+fn default_led_link() -> String {
+    "weir:link".into()
+}
+fn default_led_activity() -> String {
+    "weir:activity".into()
+}
+fn default_led_fault() -> String {
+    "weir:fault".into()
 }
 fn default_retry_max_seconds() -> u64 {
     DEFAULT_RETRY_MAX_SECONDS
@@ -283,8 +390,8 @@ impl RxConfig {
                         "required when link.transport = \"serial\"",
                     ));
                 }
-                if self.link.serial_baud == 0 {
-                    return Err(self.invalid("link.serial_baud", "must be above 0"));
+                if self.link.baud == 0 {
+                    return Err(self.invalid("link.baud", "must be above 0"));
                 }
             }
             Transport::Dir => match &self.link.inbox_dir {
@@ -354,6 +461,9 @@ impl RxConfig {
         }
         if self.notify.timeout_seconds == 0 {
             return Err(self.invalid("notify.timeout_seconds", "must be at least 1"));
+        }
+        if self.console.as_ref().is_some_and(|c| c.baud == 0) {
+            return Err(self.invalid("console.baud", "must be above 0"));
         }
         Ok(())
     }
@@ -555,7 +665,7 @@ mod tests {
         assert!(err.contains("link.serial_device"), "{err}");
         let c =
             load(serial.replace("[link]\n", "[link]\nserial_device = \"/dev/ttyS1\"\n")).unwrap();
-        assert_eq!(c.link.serial_baud, 115_200);
+        assert_eq!(c.link.baud, 115_200);
 
         let d = base.replace("\"udp\"", "\"dir\"");
         let err = load(d.clone()).unwrap_err().to_string();
@@ -571,6 +681,41 @@ mod tests {
             &format!("[link]\ninbox_dir = \"{}\"\n", dir.path().display()),
         );
         assert_eq!(load(ok).unwrap().link.transport, Transport::Dir);
+    }
+
+    #[test]
+    fn old_serial_baud_key_is_refused_for_baud() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = minimal(dir.path()).replace(
+            "[link]\n",
+            "[link]\nserial_device = \"/dev/ttyS1\"\nserial_baud = 9600\n",
+        );
+        let err = RxConfig::load(&write_config(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("serial_baud"), "{err}");
+        let text = minimal(dir.path()).replace("[link]\n", "[link]\nbaud = 9600\n");
+        let c = RxConfig::load(&write_config(dir.path(), &text)).unwrap();
+        assert_eq!(c.link.baud, 9600);
+    }
+
+    #[test]
+    fn console_and_leds_are_optional_with_documented_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = RxConfig::load(&write_config(dir.path(), &minimal(dir.path()))).unwrap();
+        assert!(c.console.is_none() && c.leds.is_none());
+        assert_eq!(c.state_min_free_mb, 64);
+        let text = format!(
+            "{}[console]\ndevice = \"/dev/ttyS1\"\n[leds]\nlink = \"\"\nhmac_fault_threshold = 5\n",
+            minimal(dir.path())
+        );
+        let c = RxConfig::load(&write_config(dir.path(), &text)).unwrap();
+        assert_eq!(c.console.unwrap().baud, 115_200);
+        let leds = c.leds.unwrap();
+        assert_eq!(leds.hmac_fault_threshold, 5);
+        assert_eq!(leds.power, "weir:power");
+        assert_eq!(leds.link, "");
+        assert_eq!(leds.base, Path::new("/sys/class/leds"));
     }
 
     #[test]

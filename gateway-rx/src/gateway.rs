@@ -2,8 +2,16 @@
 //!
 //! Threads: the link (receive + verify), the store (this thread: shard
 //! batches and commits), the decoder (Reed-Solomon repair), the finisher
-//! (sha256, blob store, image completion), the status writer, and a small
-//! tokio runtime for delivery.
+//! (sha256, blob store, image completion), the status writer, the LED
+//! panel, the serial console (if configured), and a small tokio runtime
+//! for delivery.
+//!
+//! A full state disk stops the store, not the gateway: while the disk of
+//! state_dir holds less than `state_min_free_mb` (or after a write failed
+//! for want of space, until space frees) verified frames are dropped and
+//! counted, nothing is written, and the fault "state disk full" stands.
+//! The bitmap never claimed a shard that is not on disk, so nothing is
+//! corrupted, and later passes bring the dropped shards again.
 
 use anyhow::Context;
 use std::collections::HashMap;
@@ -11,8 +19,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
-use weir_proto::{BlockCodec, FecParams, ObjectId, ObjectKind, Shutdown};
+use weir_proto::{BlockCodec, Console, FecParams, Leds, ObjectId, ObjectKind, Shutdown};
 
+use crate::appliance::{is_disk_full, CounterWindow, Fault, Faults, Lights, Movement, StateDisk};
 use crate::blobs::{BlobStore, BlobStoreError};
 use crate::config::RxConfig;
 use crate::delivery::{Delivery, DeliveryQueue};
@@ -31,6 +40,26 @@ const STORE_POLL: Duration = Duration::from_millis(20);
 /// How often the status file is written, and the counters logged.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often the store looks at the state disk's free space.
+const DISK_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// The link LED stays on while a frame was accepted this recently.
+const LINK_WINDOW: Duration = Duration::from_secs(3);
+/// The activity LED blinks while shards were stored (or images delivered)
+/// this recently.
+const ACTIVITY_WINDOW: Duration = Duration::from_secs(2);
+/// Bad tags are counted over this window against `hmac_fault_threshold`.
+const HMAC_WINDOW: Duration = Duration::from_secs(60);
+/// Frames per second are measured over this window.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// How often failing deliveries are looked up for the fault.
+const DELIVERY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The link as the panel judged it last, for the report and the console.
+#[derive(Debug, Clone, Copy, Default)]
+struct LinkGauge {
+    up: bool,
+    frames_per_s: f64,
+}
 
 /// What the decoder and finisher report back to the store.
 enum WorkResult {
@@ -69,6 +98,8 @@ pub fn staging_dir(config: &RxConfig) -> std::path::PathBuf {
 /// state change flushed. Blocking; owns its tokio runtime for delivery.
 pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let keys = config.key_ring()?;
+    // Ids only: the console lists them, never the keys.
+    let key_ids = keys.ids();
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
     let db = StateDb::open(&db_dir(&config))?;
@@ -141,6 +172,8 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         let shutdown = shutdown.clone();
         move || run_finisher(finish_rx, result_tx, blobs, ledger, counters, shutdown)
     })?;
+    let faults = Arc::new(Faults::default());
+    let gauge = Arc::new(Mutex::new(LinkGauge::default()));
     let board = Arc::new(Mutex::new(store.progress()));
     let reporter = Arc::new(Reporter {
         state_dir: config.state_dir.clone(),
@@ -150,12 +183,56 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         queue: queue.clone(),
         sender: sender.clone(),
         listening: listening.clone(),
+        faults: faults.clone(),
+        gauge: gauge.clone(),
     });
     let status_thread = spawn("rx-status", {
         let reporter = reporter.clone();
         let shutdown = shutdown.clone();
         move || reporter.run(shutdown)
     })?;
+    let leds = config
+        .leds
+        .as_ref()
+        .map(|l| Arc::new(Leds::new(&l.base, l.names())));
+    let panel_thread = spawn("rx-panel", {
+        let leds = leds.clone();
+        let shutdown = shutdown.clone();
+        let inputs = PanelInputs::new(
+            counters.clone(),
+            queue.clone(),
+            faults.clone(),
+            gauge.clone(),
+            config.leds.clone().unwrap_or_default().hmac_fault_threshold,
+        );
+        move || crate::appliance::run_panel(leds.as_deref(), &shutdown, inputs.into_reader())
+    })?;
+    let console = match &config.console {
+        None => None,
+        Some(c) => {
+            let commands = crate::console::RxCommands {
+                report: Box::new({
+                    let reporter = reporter.clone();
+                    move || reporter.report(true)
+                }),
+                faults: faults.clone(),
+                key_ids: key_ids.clone(),
+            };
+            // A broken console must not stop images from arriving.
+            Console::spawn(
+                &c.device,
+                c.baud,
+                "rx",
+                env!("CARGO_PKG_VERSION"),
+                Arc::new(commands),
+                shutdown.clone(),
+            )
+            .inspect_err(
+                |e| tracing::error!(error = %e, "serial console unavailable; running without it"),
+            )
+            .ok()
+        }
+    };
 
     let dispatch = |work: Vec<Work>| {
         for w in work {
@@ -171,14 +248,20 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
 
     // The store loop.
     let mut last_board = Instant::now();
+    let mut disk = DiskWatch::new(
+        StateDisk::new(&config.state_dir, config.state_min_free_mb),
+        faults.clone(),
+        counters.clone(),
+    );
     while !shutdown.is_triggered() {
+        disk.check_now_and_then(&mut store);
         let wait = store
             .commit_deadline()
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(STORE_POLL)
             .min(STORE_POLL);
         match inbound_rx.recv_timeout(wait) {
-            Ok(frames) => accept_frames(&mut store, frames),
+            Ok(frames) => disk.store_or_drop(&mut store, frames),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 if !shutdown.is_triggered() {
@@ -189,7 +272,7 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         }
         // Drain what else is waiting, without blocking.
         while let Ok(frames) = inbound_rx.try_recv() {
-            accept_frames(&mut store, frames);
+            disk.store_or_drop(&mut store, frames);
             if store.should_commit() {
                 break;
             }
@@ -197,9 +280,11 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         while let Ok(result) = result_rx.try_recv() {
             apply_result(&mut store, result);
         }
-        if store.should_commit() {
+        if !disk.full && store.should_commit() {
+            let shards = store.pending_len();
             match store.commit() {
                 Ok(work) => dispatch(work),
+                Err(e) if is_disk_full(&e) => disk.ran_out(&e, shards),
                 Err(e) => {
                     tracing::error!(error = %e, "shard batch not committed; its shards come again with the next pass")
                 }
@@ -214,6 +299,9 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!("gateway-rx stopping");
     let _ = stop_tx.send(true);
     drop(inbound_rx);
+    if disk.full {
+        disk.drop_pending(&mut store);
+    }
     if let Err(e) = store.commit() {
         tracing::error!(error = %e, "last shard batch not committed");
     }
@@ -238,10 +326,20 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let _ = runtime
         .block_on(async { tokio::time::timeout(Duration::from_secs(10), delivery_task).await });
     runtime.shutdown_timeout(Duration::from_secs(2));
-    if status_thread.join().is_err() {
-        tracing::error!(thread = "status", "thread panicked");
+    for (name, t) in [("status", status_thread), ("panel", panel_thread)] {
+        if t.join().is_err() {
+            tracing::error!(thread = name, "thread panicked");
+        }
     }
-    db.commit()?;
+    let flushed = db.commit();
+    // Dark only once the state is safe: a lit power LED means "do not pull".
+    if let Some(l) = &leds {
+        l.all_off();
+    }
+    if let Some(c) = console {
+        c.join();
+    }
+    flushed?;
     // The last word: everything above is flushed.
     let report = reporter.report(false);
     reporter.log(&report);
@@ -252,6 +350,213 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The store loop's view of the state disk: whether shards may be written,
+/// and the fault when not.
+struct DiskWatch {
+    disk: StateDisk,
+    faults: Arc<Faults>,
+    counters: Arc<Counters>,
+    full: bool,
+    last_check: Option<Instant>,
+}
+
+impl DiskWatch {
+    fn new(disk: StateDisk, faults: Arc<Faults>, counters: Arc<Counters>) -> Self {
+        DiskWatch {
+            disk,
+            faults,
+            counters,
+            full: false,
+            last_check: None,
+        }
+    }
+
+    /// Looks at the free space every `DISK_CHECK_EVERY`.
+    fn check_now_and_then(&mut self, store: &mut ShardStore) {
+        if self
+            .last_check
+            .is_some_and(|t| t.elapsed() < DISK_CHECK_EVERY)
+        {
+            return;
+        }
+        self.last_check = Some(Instant::now());
+        match self.disk.check() {
+            Ok(()) if self.full => {
+                self.full = false;
+                self.faults.clear(Fault::StateDiskFull);
+                tracing::info!("state disk has room again; storing shards");
+            }
+            Ok(()) => {}
+            Err(full) => {
+                if !self.full {
+                    tracing::error!(reason = %full, "state disk full; verified frames are dropped until space frees");
+                    self.full = true;
+                    self.drop_pending(store);
+                }
+                self.faults.raise(Fault::StateDiskFull, full.to_string());
+            }
+        }
+    }
+
+    /// A commit failed for want of space: its shards were not claimed.
+    fn ran_out(&mut self, err: &dyn std::error::Error, shards: usize) {
+        let full = self.disk.out_of_space();
+        tracing::error!(error = %err, reason = %full,
+            "state disk full; shard batch not stored, frames are dropped until space frees");
+        Counters::add(&self.counters.frames_dropped_disk_full, shards as u64);
+        self.faults.raise(Fault::StateDiskFull, full.to_string());
+        self.full = true;
+        self.last_check = Some(Instant::now());
+    }
+
+    fn drop_pending(&self, store: &mut ShardStore) {
+        let n = store.discard_pending();
+        Counters::add(&self.counters.frames_dropped_disk_full, n as u64);
+    }
+
+    /// Stores verified frames, or drops and counts them while the disk is full.
+    fn store_or_drop(&mut self, store: &mut ShardStore, frames: Vec<Inbound>) {
+        if self.full {
+            Counters::add(&self.counters.frames_dropped_disk_full, frames.len() as u64);
+            return;
+        }
+        for f in frames {
+            let result = match f {
+                Inbound::Shard(s) => store.accept(s).map(drop),
+                Inbound::Header(h) => store.announce(h.id, h.kind, h.len, h.fec),
+            };
+            match result {
+                Ok(()) => {}
+                Err(e) if is_disk_full(&e) => {
+                    let shards = store.pending_len();
+                    store.discard_pending();
+                    self.ran_out(&e, shards + 1);
+                    // The rest of the batch is dropped too.
+                    return;
+                }
+                Err(e) => tracing::error!(error = %e, "shard not stored"),
+            }
+        }
+    }
+}
+
+/// What the panel thread reads to judge the LEDs and the faults it owns
+/// (HMAC failures, failing deliveries).
+struct PanelInputs {
+    counters: Arc<Counters>,
+    queue: DeliveryQueue,
+    faults: Arc<Faults>,
+    gauge: Arc<Mutex<LinkGauge>>,
+    hmac_threshold: u64,
+    frames: Movement,
+    moving: Movement,
+    bad_tags: CounterWindow,
+    rate: CounterWindow,
+    last_delivery_check: Option<Instant>,
+}
+
+impl PanelInputs {
+    fn new(
+        counters: Arc<Counters>,
+        queue: DeliveryQueue,
+        faults: Arc<Faults>,
+        gauge: Arc<Mutex<LinkGauge>>,
+        hmac_threshold: u64,
+    ) -> Self {
+        PanelInputs {
+            counters,
+            queue,
+            faults,
+            gauge,
+            hmac_threshold,
+            frames: Movement::default(),
+            moving: Movement::default(),
+            bad_tags: CounterWindow::new(HMAC_WINDOW),
+            rate: CounterWindow::new(RATE_WINDOW),
+            last_delivery_check: None,
+        }
+    }
+
+    fn into_reader(mut self) -> impl FnMut() -> Lights {
+        move || self.read()
+    }
+
+    fn read(&mut self) -> Lights {
+        let now = Instant::now();
+        let c = self.counters.snapshot();
+        self.frames.observe(c.frames_accepted, now);
+        self.rate.observe(c.frames_accepted, now);
+        self.moving.observe(
+            c.shards_stored + c.blocks_complete + c.blobs_verified + c.pushes_done,
+            now,
+        );
+        self.bad_tags.observe(c.frames_bad_tag, now);
+        let bad = self.bad_tags.growth();
+        if bad > self.hmac_threshold {
+            self.faults.raise(
+                Fault::HmacFailures,
+                format!(
+                    "HMAC failures: {bad} frames failed their tag in the last minute \
+                     (threshold {}): forged or damaged frames, or a key mismatch",
+                    self.hmac_threshold
+                ),
+            );
+        } else {
+            self.faults.clear(Fault::HmacFailures);
+        }
+        if self
+            .last_delivery_check
+            .is_none_or(|t| t.elapsed() >= DELIVERY_CHECK_EVERY)
+        {
+            self.last_delivery_check = Some(now);
+            self.judge_deliveries();
+        }
+        let up = self.frames.moved_within(LINK_WINDOW, now);
+        *self.gauge.lock().unwrap_or_else(|e| e.into_inner()) = LinkGauge {
+            up,
+            frames_per_s: self.rate.per_second(),
+        };
+        Lights {
+            link: up,
+            activity: self.moving.moved_within(ACTIVITY_WINDOW, now),
+            fault: self.faults.reason(),
+        }
+    }
+
+    fn judge_deliveries(&self) {
+        let jobs = match self.queue.all() {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::debug!(error = %e, "delivery queue unreadable for the fault check");
+                return;
+            }
+        };
+        let failing: Vec<_> = jobs
+            .iter()
+            .map(|j| j.view())
+            .filter(|v| v.state == "failing")
+            .collect();
+        match failing.first() {
+            None => self.faults.clear(Fault::DeliveryFailing),
+            Some(first) => {
+                let more = match failing.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more)", n - 1),
+                };
+                self.faults.raise(
+                    Fault::DeliveryFailing,
+                    format!(
+                        "delivery failing: {} -> {}: {}{more}",
+                        first.reference,
+                        first.target,
+                        first.last_error.as_deref().unwrap_or("no answer")
+                    ),
+                );
+            }
+        }
+    }
+}
+
 fn spawn<F: FnOnce() + Send + 'static>(
     name: &str,
     f: F,
@@ -260,18 +565,6 @@ fn spawn<F: FnOnce() + Send + 'static>(
         .name(name.to_string())
         .spawn(f)
         .with_context(|| format!("starting thread {name}"))
-}
-
-fn accept_frames(store: &mut ShardStore, frames: Vec<Inbound>) {
-    for f in frames {
-        let result = match f {
-            Inbound::Shard(s) => store.accept(s).map(drop),
-            Inbound::Header(h) => store.announce(h.id, h.kind, h.len, h.fec),
-        };
-        if let Err(e) = result {
-            tracing::error!(error = %e, "shard not stored");
-        }
-    }
 }
 
 fn apply_result(store: &mut ShardStore, result: WorkResult) {
@@ -419,6 +712,8 @@ struct Reporter {
     queue: DeliveryQueue,
     sender: Arc<Mutex<Option<SenderStatus>>>,
     listening: String,
+    faults: Arc<Faults>,
+    gauge: Arc<Mutex<LinkGauge>>,
 }
 
 impl Reporter {
@@ -465,11 +760,15 @@ impl Reporter {
             Vec::new()
         });
         let jobs = self.queue.all().unwrap_or_default();
+        let gauge = *self.gauge.lock().unwrap_or_else(|e| e.into_inner());
         StatusReport {
             written_at_ms: now_ms(),
             running,
             pid: Some(std::process::id()),
             listening: Some(self.listening.clone()),
+            link_up: running && gauge.up,
+            frames_per_s: if running { gauge.frames_per_s } else { 0.0 },
+            fault: self.faults.reason(),
             counters: self.counters.snapshot(),
             pushes_pending: count_state(&jobs, |s| s != "done"),
             pushes_failing: count_state(&jobs, |s| s == "failing"),
@@ -541,6 +840,10 @@ pub fn status(config: &RxConfig) -> anyhow::Result<StatusReport> {
         running: false,
         pid: None,
         listening: None,
+        link_up: false,
+        frames_per_s: 0.0,
+        // What the gateway reported last, before it stopped.
+        fault: last.fault,
         counters: last.counters,
         pushes_pending: count_state(&jobs, |s| s != "done"),
         pushes_failing: count_state(&jobs, |s| s == "failing"),
@@ -988,7 +1291,7 @@ mod tests {
         let config = write_config_link(
             dir.path(),
             &format!(
-                "transport = \"serial\"\nserial_device = \"{}\"\nserial_baud = 230400\n",
+                "transport = \"serial\"\nserial_device = \"{}\"\nbaud = 230400\n",
                 rx_dev.display()
             ),
             "",

@@ -1,10 +1,14 @@
 //! weir receiver (gateway-rx): verify → shard store → blob store → complete
 //! images → registry push / OCI layout export.
 //!
-//! One module per pipeline stage; [`run`] wires them together.
+//! One module per pipeline stage; [`run`] wires them together. The
+//! appliance surface: [`appliance`] (faults, the state disk guard, the
+//! status LEDs) and [`console`] (the serial console's commands).
 
+pub mod appliance;
 pub mod blobs;
 pub mod config;
+pub mod console;
 pub mod delivery;
 pub mod gateway;
 pub mod images;

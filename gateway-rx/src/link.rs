@@ -56,10 +56,10 @@ pub fn open_source(config: &RxConfig) -> Result<(Box<dyn FrameSource>, String), 
                 .serial_device
                 .as_deref()
                 .ok_or(LinkSetupError::Missing("serial_device"))?;
-            let source = SerialSource::open(device, link.serial_baud, link.datagram_size)?;
+            let source = SerialSource::open(device, link.baud, link.datagram_size)?;
             Ok((
                 Box::new(source),
-                format!("{} at {} baud", device.display(), link.serial_baud),
+                format!("{} at {} baud", device.display(), link.baud),
             ))
         }
         Transport::Dir => {

@@ -628,6 +628,20 @@ impl ShardStore {
         Ok(outcome)
     }
 
+    /// Drops the shards waiting for the next commit, unclaimed (the state
+    /// disk is full): they come again with a later pass. Returns how many.
+    pub fn discard_pending(&mut self) -> usize {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        for p in &pending {
+            if let Some(live) = self.live.get_mut(&p.object) {
+                let byte = p.block as usize * live.bitmap_len + p.index as usize / 8;
+                live.queued[byte] &= !(1 << (p.index % 8));
+            }
+        }
+        pending.len()
+    }
+
     /// Whether a commit is due. Reception counts alone never force one:
     /// they ride along with the next.
     pub fn should_commit(&self) -> bool {
@@ -1190,6 +1204,65 @@ pub(crate) mod tests {
                 .count(),
             0
         );
+    }
+
+    /// A tmpfs of `size` mounted on `dir` for the test's life (root only).
+    struct SmallDisk(std::path::PathBuf);
+
+    impl SmallDisk {
+        fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
+            std::fs::create_dir_all(dir).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| SmallDisk(dir.to_path_buf()))
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// A staging disk that fills mid-batch: the commit fails as "disk
+    /// full" (the gateway stops storing on that), no shard is claimed, and
+    /// shards discarded while the disk is full are not half-claimed either:
+    /// once there is room, the same shards are taken as new.
+    #[test]
+    fn a_full_staging_disk_fails_the_commit_as_disk_full_and_claims_nothing() {
+        let rig = Rig::new();
+        let staging = rig.dir.path().join("staging");
+        let Some(_disk) = SmallDisk::mount(&staging, "256k") else {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+            return;
+        };
+        let (mut store, _, _db) = rig.open();
+        let bytes = bytes_from(9, 600_000);
+        let all = shards_of(&bytes, ObjectKind::Blob, fec(8, 2, 1000));
+        for s in &all {
+            store.accept(s.clone()).unwrap();
+        }
+        let Err(err) = store.commit() else {
+            panic!("600 KB do not fit in 256 KiB");
+        };
+        assert!(crate::appliance::is_disk_full(&err), "{err}");
+        assert_eq!(rig.count(&rig.counters.shards_stored), 0);
+        assert!(store.progress().iter().all(|p| p.shards_held == 0));
+        // Shards queued while full are discarded, unclaimed...
+        for s in all.iter().take(5) {
+            assert_eq!(store.accept(s.clone()).unwrap(), Accepted::Queued);
+        }
+        assert_eq!(store.discard_pending(), 5);
+        assert_eq!(store.pending_len(), 0);
+        // ...and are new again afterwards, not duplicates.
+        assert_eq!(store.accept(all[0].clone()).unwrap(), Accepted::Queued);
     }
 
     #[test]

@@ -35,6 +35,13 @@ macro_rules! counters {
                 CounterSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
             }
         }
+
+        impl CounterSnapshot {
+            /// Every counter with its name, in declaration order.
+            pub fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
     };
 }
 
@@ -55,6 +62,9 @@ counters! {
     shards_stored,
     /// Shards already held, or of an object already complete.
     shards_duplicate,
+    /// Verified frames not stored because the state disk was full (they
+    /// come again with a later pass).
+    frames_dropped_disk_full,
     /// Shards whose object changed length or FEC parameters midway; the
     /// object's earlier shards were dropped and it restarted.
     shards_conflicting,
@@ -181,6 +191,12 @@ pub struct StatusReport {
     pub pid: Option<u32>,
     /// Where the link listens (the bound UDP address).
     pub listening: Option<String>,
+    /// A frame was accepted in the last 3 s.
+    pub link_up: bool,
+    /// Frames accepted per second, over the last few seconds.
+    pub frames_per_s: f64,
+    /// The faults standing, with their reasons; `None` when all is well.
+    pub fault: Option<String>,
     pub counters: CounterSnapshot,
     pub pushes_pending: u64,
     pub pushes_failing: u64,
@@ -251,6 +267,19 @@ impl StatusReport {
                 .unwrap_or_default(),
             age_s
         );
+        if self.running {
+            let _ = writeln!(
+                out,
+                "link: {}, {:.0} frames/s",
+                if self.link_up {
+                    "up (frames arriving)"
+                } else {
+                    "down (no frame in 3 s)"
+                },
+                self.frames_per_s
+            );
+        }
+        let _ = writeln!(out, "fault: {}", self.fault.as_deref().unwrap_or("none"));
         let loss = if c.frames_expected > 0 {
             100.0 * c.frames_lost_estimate as f64 / c.frames_expected as f64
         } else {
@@ -258,13 +287,14 @@ impl StatusReport {
         };
         let _ = writeln!(
             out,
-            "frames: {} accepted, {} bad tag, {} unknown key, {} replayed, {} malformed; \
-             shards: {} stored, {} duplicate; loss ~{:.2}% ({} of {})",
+            "frames: {} accepted, {} bad tag, {} unknown key, {} replayed, {} malformed, \
+             {} dropped (disk full); shards: {} stored, {} duplicate; loss ~{:.2}% ({} of {})",
             c.frames_accepted,
             c.frames_bad_tag,
             c.frames_unknown_key,
             c.frames_replayed,
             c.frames_malformed,
+            c.frames_dropped_disk_full,
             c.shards_stored,
             c.shards_duplicate,
             loss,

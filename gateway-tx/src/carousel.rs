@@ -21,6 +21,11 @@
 //! - **Headers and heartbeats.** Each group starts with the object's header
 //!   frame, repeated every `header_every` shard frames; a heartbeat goes out
 //!   every second, also when idle.
+//! - **Console control** ([`CarouselControl`]). `pause` stops shard frames
+//!   at the next frame (the group under way counts as not sent; heartbeats
+//!   go on); `resume` continues. Pausing is not persisted: a restarted
+//!   sender sends. `resend` owes an image's objects `passes` new passes,
+//!   whatever they had done.
 //!
 //! A blob shared by two images is one object: it crosses once per pass. An
 //! image dropped later that needs a blob whose passes are done re-arms it for
@@ -33,8 +38,9 @@ use crate::status::{ImageStatus, ObjectsStatus, QueueStatus, StatusBoard};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_proto::{
     interleave, BlockCodec, Body, FecParams, FrameSealer, FrameSink, Heartbeat, Key, LinkError,
@@ -64,18 +70,61 @@ pub struct CarouselSettings {
 
 impl CarouselSettings {
     pub fn from_config(c: &TxConfig, key: &Key) -> Result<Self, weir_proto::FecError> {
+        let pacing = c.pacing();
         Ok(CarouselSettings {
             fec: c.fec_params()?,
             passes: c.carousel.passes as u64,
             retention_s: c.carousel.retention_hours * 3600,
             window_blocks: c.carousel.window_blocks,
             header_every: c.carousel.header_every,
-            rate_bps: c.link.rate_bps,
-            frame_overhead: c.link.frame_overhead_bytes,
+            rate_bps: pacing.rate_bps,
+            frame_overhead: pacing.frame_overhead,
             datagram_size: c.link.datagram_size,
             fingerprint: c.fingerprint(key),
         })
     }
+}
+
+/// What the console asks of the carousel; the carousel looks between frames.
+#[derive(Debug, Default)]
+pub struct CarouselControl {
+    paused: AtomicBool,
+    resend: Mutex<Vec<ObjectId>>,
+}
+
+impl CarouselControl {
+    /// Stops shard frames; returns false if already paused.
+    pub fn pause(&self) -> bool {
+        !self.paused.swap(true, Ordering::SeqCst)
+    }
+
+    /// Lets shard frames go again; returns false if not paused.
+    pub fn resume(&self) -> bool {
+        self.paused.swap(false, Ordering::SeqCst)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Asks for new passes of the image whose image object is `image`.
+    pub fn request_resend(&self, image: ObjectId) {
+        self.resend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(image);
+    }
+
+    pub(crate) fn take_resends(&self) -> Vec<ObjectId> {
+        std::mem::take(&mut *self.resend.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Why a group stopped before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Shutdown,
+    Paused,
 }
 
 /// Groups an object of `blocks` blocks is sent in (proto's interleave groups).
@@ -380,6 +429,25 @@ impl Schedule {
         }
     }
 
+    /// Owes every object of `image` `passes` new passes, whether it was
+    /// still sending, done or idle-cycling; a pass under way goes on and
+    /// counts. Returns the progress to persist, or `None` for an image not
+    /// in the carousel.
+    pub fn rearm_image(&mut self, image: &ObjectId) -> Option<Vec<(ObjectId, ObjectProgress)>> {
+        let members = self.images.iter().find(|q| q.id == *image)?.members.clone();
+        let mut changed = Vec::new();
+        for m in members {
+            if let Some(t) = self.objects.get_mut(&m) {
+                if t.progress.passes_done >= t.progress.target {
+                    t.progress.next_group = 0;
+                }
+                t.progress.target = t.progress.target.max(t.progress.passes_done + self.passes);
+                changed.push((m, t.progress));
+            }
+        }
+        Some(changed)
+    }
+
     /// The payload is unreadable: stop choosing it (logged by the caller).
     pub fn mark_broken(&mut self, id: &ObjectId) {
         if let Some(t) = self.objects.get_mut(id) {
@@ -575,7 +643,10 @@ struct Emitter {
     meter: RateMeter,
     frames: u64,
     bytes: u64,
+    shard_frames: u64,
+    heartbeats: u64,
     link_errors: u64,
+    last_link_error: Option<String>,
     status: StatusBoard,
     rate_bps: u64,
 }
@@ -604,18 +675,25 @@ impl Emitter {
         });
         let now = Instant::now();
         let measured = self.meter.rate_bps(now);
-        let (frames, bytes, rate) = (self.frames, self.bytes, self.rate_bps);
+        self.heartbeats += 1;
         self.status.update(|s| {
             s.uptime_s = self.started.elapsed().as_secs();
-            s.wire.rate_bps = rate;
+            s.wire.rate_bps = self.rate_bps;
             s.wire.measured_bps = measured;
-            s.wire.frames = frames;
-            s.wire.bytes = bytes;
+            s.wire.frames = self.frames;
+            s.wire.bytes = self.bytes;
+            s.wire.shard_frames = self.shard_frames;
+            s.wire.heartbeats = self.heartbeats;
+            s.wire.link_errors = self.link_errors;
+            s.wire.last_link_error.clone_from(&self.last_link_error);
         });
         self.push_raw(&hb)
     }
 
     fn push_raw(&mut self, body: &Body<'_>) -> Result<(), LinkError> {
+        if matches!(body, Body::Shard(_)) {
+            self.shard_frames += 1;
+        }
         let slot = &mut self.batch[self.batch_len];
         self.sealer.seal(body, slot);
         self.batch_len += 1;
@@ -653,6 +731,7 @@ impl Emitter {
             Err(e @ LinkError::FrameTooLarge { .. }) => Err(e),
             Err(e) => {
                 self.link_errors += 1;
+                self.last_link_error = Some(e.to_string());
                 if self.link_errors == 1 || self.link_errors.is_multiple_of(1000) {
                     tracing::warn!(error = %e, errors = self.link_errors, "link send failed; frames lost");
                 }
@@ -684,6 +763,7 @@ pub struct Carousel {
     emitter: Emitter,
     incoming: Receiver<ImageRecord>,
     status: StatusBoard,
+    control: Arc<CarouselControl>,
     block: Vec<u8>,
     shards: Vec<Vec<Vec<u8>>>,
     since_header: u32,
@@ -738,7 +818,10 @@ impl Carousel {
                 meter: RateMeter::new(Instant::now()),
                 frames: 0,
                 bytes: 0,
+                shard_frames: 0,
+                heartbeats: 0,
                 link_errors: 0,
+                last_link_error: None,
                 status: status.clone(),
                 rate_bps: settings.rate_bps,
             },
@@ -746,12 +829,20 @@ impl Carousel {
             store,
             incoming,
             status,
+            control: Arc::new(CarouselControl::default()),
             block: vec![0; fec.block_bytes() as usize],
             shards: Vec::new(),
             since_header: 0,
             last_status: None,
             last_gc: Instant::now(),
         })
+    }
+
+    /// Takes console control from `control` (pause, resume, resend)
+    /// instead of a private one nobody else holds.
+    pub fn with_control(mut self, control: Arc<CarouselControl>) -> Self {
+        self.control = control;
+        self
     }
 
     /// Loads the persisted queue and progress.
@@ -807,6 +898,7 @@ impl Carousel {
             while let Ok(record) = self.incoming.try_recv() {
                 self.add(record, true)?;
             }
+            self.apply_resends()?;
             if self
                 .last_status
                 .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY)
@@ -816,8 +908,14 @@ impl Carousel {
             if self.last_gc.elapsed() >= GC_EVERY {
                 self.collect_garbage()?;
             }
-            let Some(turn) = self.schedule.next_turn(unix_now()) else {
-                // Nothing to send: heartbeats only, and wait for new images.
+            let turn = if self.control.is_paused() {
+                None
+            } else {
+                self.schedule.next_turn(unix_now())
+            };
+            let Some(turn) = turn else {
+                // Nothing to send (or paused): heartbeats only, and wait
+                // for new images.
                 if self.emitter.heartbeat_due() {
                     self.emitter.push_heartbeat()?;
                 }
@@ -832,8 +930,11 @@ impl Carousel {
                     .min(Duration::from_millis(100));
                 match self.incoming.recv_timeout(wait) {
                     Ok(record) => self.add(record, true)?,
-                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                        if shutdown.sleep(Duration::ZERO) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    // Ingest stopped (the gateway is stopping): wait here
+                    // rather than spin.
+                    Err(RecvTimeoutError::Disconnected) => {
+                        if shutdown.sleep(wait) {
                             return Ok(());
                         }
                     }
@@ -843,7 +944,7 @@ impl Carousel {
             self.emitter.queued_objects = self.schedule.pending_objects() as u32;
             self.emitter.pass = turn.level;
             match self.send_group(turn.object, turn.group, shutdown) {
-                Ok(true) => {
+                Ok(None) => {
                     let (progress, trailers) = self.schedule.finish_turn(&turn);
                     self.store.set_progress(&turn.object, &progress)?;
                     if progress.next_group == 0 {
@@ -851,12 +952,16 @@ impl Carousel {
                             owed = turn.owed, "object pass complete");
                     }
                     for image in trailers {
-                        if !self.send_whole(image, shutdown)? {
-                            return Ok(());
+                        match self.send_whole(image, shutdown)? {
+                            None => {}
+                            Some(Stop::Shutdown) => return Ok(()),
+                            Some(Stop::Paused) => break,
                         }
                     }
                 }
-                Ok(false) => return Ok(()),
+                Ok(Some(Stop::Shutdown)) => return Ok(()),
+                // The group counts as not sent; it goes again on resume.
+                Ok(Some(Stop::Paused)) => self.publish_status(),
                 Err(CarouselError::Object { id, why }) => {
                     tracing::error!(digest = %id, error = %why, "object payload unusable; it is no longer sent");
                     self.schedule.mark_broken(&id);
@@ -867,36 +972,61 @@ impl Carousel {
     }
 
     /// Sends every group of an object once, uncounted (the image object
-    /// after its blobs). False if interrupted by shutdown.
-    fn send_whole(&mut self, id: ObjectId, shutdown: &Shutdown) -> Result<bool, CarouselError> {
+    /// after its blobs). `Some` if shutdown or a pause cut it short.
+    fn send_whole(
+        &mut self,
+        id: ObjectId,
+        shutdown: &Shutdown,
+    ) -> Result<Option<Stop>, CarouselError> {
         let Some((_, len)) = self.schedule.object(&id) else {
-            return Ok(true);
+            return Ok(None);
         };
         for g in 0..self.schedule.groups_of(len) {
             match self.send_group(id, g, shutdown) {
-                Ok(true) => {}
-                Ok(false) => return Ok(false),
+                Ok(None) => {}
+                Ok(stop) => return Ok(stop),
                 Err(CarouselError::Object { id, why }) => {
                     tracing::error!(digest = %id, error = %why, "object payload unusable; it is no longer sent");
                     self.schedule.mark_broken(&id);
-                    return Ok(true);
+                    return Ok(None);
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(true)
+        Ok(None)
     }
 
-    /// Reads, encodes and sends one group. False if interrupted by shutdown
-    /// (the group then counts as not sent).
+    /// Owes the images the console asked for new passes, and persists it.
+    fn apply_resends(&mut self) -> Result<(), CarouselError> {
+        for image in self.control.take_resends() {
+            match self.schedule.rearm_image(&image) {
+                Some(changed) => {
+                    for (id, p) in &changed {
+                        self.store.set_progress(id, p)?;
+                    }
+                    self.store.commit()?;
+                    tracing::info!(image = %image, objects = changed.len(),
+                        passes = self.settings.passes, "image queued for new passes (console resend)");
+                    self.publish_status();
+                }
+                None => {
+                    tracing::warn!(image = %image, "resend of an image no longer in the carousel")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads, encodes and sends one group. `Some` if shutdown or a pause
+    /// interrupted it (the group then counts as not sent).
     fn send_group(
         &mut self,
         id: ObjectId,
         group: u32,
         shutdown: &Shutdown,
-    ) -> Result<bool, CarouselError> {
+    ) -> Result<Option<Stop>, CarouselError> {
         let Some((kind, len)) = self.schedule.object(&id) else {
-            return Ok(true);
+            return Ok(None);
         };
         let fec = self.settings.fec;
         let blocks = fec.blocks_for(len);
@@ -937,6 +1067,7 @@ impl Carousel {
             shards,
             since_header,
             settings,
+            control,
             ..
         } = self;
         for (rel, index) in interleave(count, fec.total_shards(), count) {
@@ -954,13 +1085,19 @@ impl Carousel {
                 payload: &shards[rel as usize][index as usize],
             }))?;
             *since_header += 1;
-            if emitter.batch_len == 0 && shutdown.is_triggered() {
-                return Ok(false);
+            if emitter.batch_len == 0 {
+                if shutdown.is_triggered() {
+                    return Ok(Some(Stop::Shutdown));
+                }
+                if control.is_paused() {
+                    tracing::info!(digest = %id, group, "paused mid-group; the group goes again on resume");
+                    return Ok(Some(Stop::Paused));
+                }
             }
         }
         // On the wire before its progress is recorded.
         self.emitter.flush()?;
-        Ok(true)
+        Ok(None)
     }
 
     fn publish_status(&mut self) {
@@ -970,8 +1107,14 @@ impl Carousel {
             self.settings.rate_bps,
             self.settings.frame_overhead,
         );
+        let paused = self.control.is_paused();
         self.status.update(|s| {
-            s.state = report.state;
+            s.state = if paused {
+                "paused".to_string()
+            } else {
+                report.state
+            };
+            s.paused = paused;
             s.pass = report.pass;
             s.queue = report.queue;
             s.objects = report.objects;
@@ -1216,6 +1359,25 @@ mod tests {
             .unwrap();
         let turns = drain(&mut s, 100);
         assert_eq!(turns.iter().filter(|t| t.object == id(b"base")).count(), 1);
+    }
+
+    #[test]
+    fn rearmed_image_owes_new_passes_even_when_done() {
+        let mut s = Schedule::new(fec(), 2, 2, 3600);
+        s.add_image(record(1, "a", &[(b"x", 400)]), true, &none)
+            .unwrap();
+        drain(&mut s, 1000);
+        assert_eq!(s.pending_objects(), 0);
+        assert!(s.rearm_image(&id(b"unknown")).is_none());
+        let changed = s.rearm_image(&id(b"a")).unwrap();
+        assert_eq!(changed.len(), 2);
+        assert_eq!(s.pending_objects(), 2);
+        let r = s.report(1000, 1_000_000, 0);
+        assert_eq!(r.images[0].state, "queued");
+        assert_eq!(r.images[0].passes_done, 0);
+        // Two more whole passes of both objects: 2 × (1 + 5) groups.
+        assert_eq!(drain(&mut s, 1000).len(), 12);
+        assert_eq!(s.progress(&id(b"x")).unwrap().passes_done, 4);
     }
 
     #[test]

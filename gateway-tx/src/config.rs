@@ -23,6 +23,12 @@ pub struct TxConfig {
     pub state_dir: PathBuf,
     /// The file drop. Created when missing, with `done/` and `rejected/`.
     pub spool_dir: PathBuf,
+    /// Intake stops, with the fault "state disk full", while the disk of
+    /// `state_dir` has less than this many MiB free: sled must always find
+    /// room for its log. Intake resumes 1 MiB above it. Default 64; 0 leaves
+    /// only the reaction to a write that fails for want of space.
+    #[serde(default = "default_state_min_free_mb")]
+    pub state_min_free_mb: u64,
     pub link: LinkConfig,
     pub auth: AuthConfig,
     #[serde(default)]
@@ -37,6 +43,55 @@ pub struct TxConfig {
     /// matching `from` wins. None: the destination is the source path.
     #[serde(default)]
     pub mapping: Vec<Mapping>,
+    /// The serial console. Absent: no console.
+    #[serde(default)]
+    pub console: Option<ConsoleConfig>,
+    /// The status LEDs. Absent: no LEDs are driven (faults still show in
+    /// status.json and on the console).
+    #[serde(default)]
+    pub leds: Option<LedsConfig>,
+}
+
+/// `[console]`: a line-command prompt on a tty (see `console`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// The console's tty, e.g. `/dev/ttyS1`. Required.
+    pub device: PathBuf,
+    /// Line rate, 8N1. Default 115200.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+}
+
+/// `[leds]`: status LEDs through the Linux LED class. An LED that is
+/// missing is logged once and skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedsConfig {
+    /// Default `/sys/class/leds`.
+    #[serde(default = "default_leds_base")]
+    pub base: PathBuf,
+    /// LED class names under `base`; "" for an LED the box lacks.
+    /// Defaults `weir:power`, `weir:link`, `weir:activity`, `weir:fault`.
+    #[serde(default = "default_led_power")]
+    pub power: String,
+    #[serde(default = "default_led_link")]
+    pub link: String,
+    #[serde(default = "default_led_activity")]
+    pub activity: String,
+    #[serde(default = "default_led_fault")]
+    pub fault: String,
+}
+
+impl LedsConfig {
+    pub fn names(&self) -> weir_proto::LedNames {
+        weir_proto::LedNames {
+            power: self.power.clone(),
+            link: self.link.clone(),
+            activity: self.activity.clone(),
+            fault: self.fault.clone(),
+        }
+    }
 }
 
 /// How frames leave the box.
@@ -61,12 +116,31 @@ impl std::fmt::Display for Transport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkConfig {
-    /// `udp` (serial and dir come later).
+    /// `udp`, `serial` or `dir`.
     pub transport: Transport,
     /// Receiver address for `udp`, e.g. `192.0.2.10:7700`. Required for udp.
     #[serde(default)]
     pub udp_peer: Option<SocketAddr>,
+    /// The tty of the diode's serial line, e.g. `/dev/ttyS2`. Required for
+    /// serial.
+    #[serde(default)]
+    pub serial_device: Option<PathBuf>,
+    /// Line rate of the serial device, 8N1. Default 115200.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Directory a file-transfer diode takes batch files from. Required
+    /// for dir; created when missing.
+    #[serde(default)]
+    pub outbox_dir: Option<PathBuf>,
+    /// Largest batch file written into `outbox_dir`. Default 4 MiB.
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: usize,
+    /// A batch file is closed at the latest this long after its first frame.
+    /// Default 5000.
+    #[serde(default = "default_max_file_age_ms")]
+    pub max_file_age_ms: u64,
     /// Wire bits per second, frame headers and tags included. Required.
+    /// On serial, clamped to what the line carries (see [`TxConfig::pacing`]).
     pub rate_bps: u64,
     /// Bytes per frame on the wire. Default 1400 (fits a 1500-byte MTU).
     #[serde(default = "default_datagram_size")]
@@ -191,6 +265,33 @@ pub struct Mapping {
 fn default_datagram_size() -> usize {
     1400
 }
+fn default_state_min_free_mb() -> u64 {
+    64
+}
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_max_file_bytes() -> usize {
+    4 << 20
+}
+fn default_max_file_age_ms() -> u64 {
+    5000
+}
+fn default_leds_base() -> PathBuf {
+    PathBuf::from("/sys/class/leds")
+}
+fn default_led_power() -> String {
+    "weir:power".into()
+}
+fn default_led_link() -> String {
+    "weir:link".into()
+}
+fn default_led_activity() -> String {
+    "weir:activity".into()
+}
+fn default_led_fault() -> String {
+    "weir:fault".into()
+}
 fn default_data_shards() -> u16 {
     32
 }
@@ -217,6 +318,21 @@ fn default_gzip_level() -> u32 {
 }
 fn default_poll_interval_ms() -> u64 {
     1000
+}
+
+/// Bytes a batch file adds around one frame: file header and record length.
+pub const DIR_FILE_OVERHEAD: usize =
+    weir_proto::link::dir::FILE_HEADER_LEN + weir_proto::link::dir::RECORD_PREFIX_LEN;
+
+/// What the carousel paces to; see [`TxConfig::pacing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pacing {
+    /// Bits per second of wire bytes (each frame plus `frame_overhead`).
+    pub rate_bps: u64,
+    /// Bytes counted per frame on top of the frame itself.
+    pub frame_overhead: u32,
+    /// The configured `rate_bps`, when it was lowered to fit the line.
+    pub clamped_from: Option<u64>,
 }
 
 /// A configuration value that cannot work; names the field.
@@ -265,6 +381,18 @@ impl TxConfig {
         if let Some(r) = &mut self.policy.rules_file {
             fix(r);
         }
+        if let Some(d) = &mut self.link.serial_device {
+            fix(d);
+        }
+        if let Some(d) = &mut self.link.outbox_dir {
+            fix(d);
+        }
+        if let Some(c) = &mut self.console {
+            fix(&mut c.device);
+        }
+        if let Some(l) = &mut self.leds {
+            fix(&mut l.base);
+        }
     }
 
     /// Checks every range and loads what must load (key, rules).
@@ -282,11 +410,42 @@ impl TxConfig {
                     ));
                 }
             }
-            other => {
-                return Err(invalid(
-                    "link.transport",
-                    format!("\"{other}\" is not supported by this build yet; use \"udp\""),
-                ))
+            Transport::Serial => {
+                if l.serial_device.is_none() {
+                    return Err(invalid(
+                        "link.serial_device",
+                        "required when transport = \"serial\" (e.g. \"/dev/ttyS2\")",
+                    ));
+                }
+                if l.baud == 0 {
+                    return Err(invalid("link.baud", "must be greater than 0"));
+                }
+            }
+            Transport::Dir => {
+                if l.outbox_dir.is_none() {
+                    return Err(invalid(
+                        "link.outbox_dir",
+                        "required when transport = \"dir\"",
+                    ));
+                }
+                let smallest = l.datagram_size + DIR_FILE_OVERHEAD;
+                if l.max_file_bytes < smallest {
+                    return Err(invalid(
+                        "link.max_file_bytes",
+                        format!(
+                            "{} cannot hold one frame of datagram_size {} (at least {smallest})",
+                            l.max_file_bytes, l.datagram_size
+                        ),
+                    ));
+                }
+                if l.max_file_age_ms == 0 {
+                    return Err(invalid("link.max_file_age_ms", "must be at least 1"));
+                }
+            }
+        }
+        if let Some(c) = &self.console {
+            if c.baud == 0 {
+                return Err(invalid("console.baud", "must be greater than 0"));
             }
         }
         if l.datagram_size > MAX_DATAGRAM {
@@ -369,6 +528,60 @@ impl TxConfig {
         Ok(())
     }
 
+    /// The rate the carousel paces to. On a serial line it never exceeds
+    /// what the line carries: 8N1 puts ten line bits on the wire per byte, and
+    /// COBS framing adds a few bytes per frame, counted as frame overhead. A
+    /// higher `rate_bps` is lowered to fit (and [`Pacing::clamped_from`]
+    /// says so) rather than refused: the operator's intent, "as fast as the
+    /// link allows", stands.
+    pub fn pacing(&self) -> Pacing {
+        let l = &self.link;
+        match l.transport {
+            Transport::Serial => {
+                let line_bps = u64::from(l.baud / 10) * 8;
+                let cobs =
+                    weir_proto::link::stream::max_encoded_len(l.datagram_size) - l.datagram_size;
+                Pacing {
+                    rate_bps: l.rate_bps.min(line_bps).max(1),
+                    frame_overhead: l.frame_overhead_bytes.saturating_add(cobs as u32),
+                    clamped_from: (l.rate_bps > line_bps).then_some(l.rate_bps),
+                }
+            }
+            Transport::Udp | Transport::Dir => Pacing {
+                rate_bps: l.rate_bps,
+                frame_overhead: l.frame_overhead_bytes,
+                clamped_from: None,
+            },
+        }
+    }
+
+    /// Where the link leads, for logs, `check-config` and the console.
+    pub fn link_target(&self) -> String {
+        let l = &self.link;
+        let shown = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        match l.transport {
+            Transport::Udp => format!(
+                "udp to {}",
+                l.udp_peer
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into())
+            ),
+            Transport::Serial => {
+                format!("serial {} at {} baud", shown(&l.serial_device), l.baud)
+            }
+            Transport::Dir => format!(
+                "dir outbox {} (files up to {} bytes, closed after {} ms)",
+                shown(&l.outbox_dir),
+                l.max_file_bytes,
+                l.max_file_age_ms
+            ),
+        }
+    }
+
     /// The FEC layout: S is the largest shard whose frame fits a datagram.
     pub fn fec_params(&self) -> Result<FecParams, weir_proto::FecError> {
         FecParams::for_datagram(
@@ -409,20 +622,43 @@ impl TxConfig {
         use std::fmt::Write;
         let _ = writeln!(s, "state_dir      {}", self.state_dir.display());
         let _ = writeln!(s, "spool_dir      {}", self.spool_dir.display());
-        let peer = self
-            .link
-            .udp_peer
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "-".into());
+        let pacing = self.pacing();
         let _ = writeln!(
             s,
-            "link           {} to {}, {} bit/s, {}-byte frames (+{} overhead)",
-            self.link.transport,
-            peer,
-            self.link.rate_bps,
+            "link           {}, {} bit/s{}, {}-byte frames (+{} overhead)",
+            self.link_target(),
+            pacing.rate_bps,
+            match pacing.clamped_from {
+                Some(asked) => format!(" (rate_bps {asked} lowered to what the line carries)"),
+                None => String::new(),
+            },
             self.link.datagram_size,
-            self.link.frame_overhead_bytes
+            pacing.frame_overhead
         );
+        let _ = writeln!(
+            s,
+            "state disk     intake stops below {} MiB free",
+            self.state_min_free_mb
+        );
+        if let Some(c) = &self.console {
+            let _ = writeln!(
+                s,
+                "console        {} at {} baud",
+                c.device.display(),
+                c.baud
+            );
+        }
+        if let Some(l) = &self.leds {
+            let _ = writeln!(
+                s,
+                "leds           {}: power {:?}, link {:?}, activity {:?}, fault {:?}",
+                l.base.display(),
+                l.power,
+                l.link,
+                l.activity,
+                l.fault
+            );
+        }
         if let Ok(p) = self.fec_params() {
             let _ = writeln!(
                 s,
@@ -571,7 +807,22 @@ passes = 3
             (
                 "transport = \"udp\"",
                 "transport = \"serial\"",
-                "link.transport",
+                "link.serial_device",
+            ),
+            (
+                "transport = \"udp\"",
+                "transport = \"dir\"",
+                "link.outbox_dir",
+            ),
+            (
+                "transport = \"udp\"",
+                "transport = \"dir\"\noutbox_dir = \"out\"\nmax_file_bytes = 1000",
+                "link.max_file_bytes",
+            ),
+            (
+                "transport = \"udp\"",
+                "transport = \"serial\"\nserial_device = \"/dev/ttyS2\"\nbaud = 0",
+                "link.baud",
             ),
             ("key_id = 1", "key_id = 1\n", "none"),
         ];
@@ -584,6 +835,77 @@ passes = 3
             let err = format!("{:#}", r.unwrap_err());
             assert!(err.contains(field) && err.contains("tx.toml"), "{err}");
         }
+    }
+
+    #[test]
+    fn serial_link_loads_with_default_baud_and_paces_to_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = published(dir.path()).replace(
+            "transport = \"udp\"\nudp_peer = \"192.0.2.10:7700\"",
+            "transport = \"serial\"\nserial_device = \"tty\"",
+        );
+        let c = load_text(dir.path(), &text).unwrap();
+        assert_eq!(c.link.baud, 115_200);
+        assert_eq!(c.link.serial_device, Some(dir.path().join("tty")));
+        // 100 Mbit/s cannot go down a 115200 baud line: 11 520 bytes/s.
+        let p = c.pacing();
+        assert_eq!(p.rate_bps, 11_520 * 8);
+        assert_eq!(p.clamped_from, Some(100_000_000));
+        let cobs = p.frame_overhead as usize;
+        assert!((3..=16).contains(&cobs), "COBS overhead {cobs}");
+        assert!(c.summary().contains("lowered to what the line carries"));
+        // A rate under the line's is kept.
+        let slow = load_text(
+            dir.path(),
+            &text.replace("rate_bps = 100000000", "rate_bps = 50000"),
+        )
+        .unwrap();
+        assert_eq!(slow.pacing().rate_bps, 50_000);
+        assert_eq!(slow.pacing().clamped_from, None);
+    }
+
+    #[test]
+    fn dir_link_loads_with_documented_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = published(dir.path()).replace(
+            "transport = \"udp\"\nudp_peer = \"192.0.2.10:7700\"",
+            "transport = \"dir\"\noutbox_dir = \"outbox\"",
+        );
+        let c = load_text(dir.path(), &text).unwrap();
+        assert_eq!(c.link.outbox_dir, Some(dir.path().join("outbox")));
+        assert_eq!(c.link.max_file_bytes, 4 << 20);
+        assert_eq!(c.link.max_file_age_ms, 5000);
+        assert_eq!(c.pacing().rate_bps, 100_000_000);
+        assert!(c.link_target().starts_with("dir outbox"));
+    }
+
+    #[test]
+    fn console_and_leds_are_optional_with_documented_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load_text(dir.path(), &published(dir.path())).unwrap();
+        assert!(c.console.is_none() && c.leds.is_none());
+        assert_eq!(c.state_min_free_mb, 64);
+        let text = format!(
+            "{}\n[console]\ndevice = \"/dev/ttyS1\"\n\n[leds]\nfault = \"red:fault\"\n",
+            published(dir.path())
+        );
+        let c = load_text(dir.path(), &text).unwrap();
+        let console = c.console.unwrap();
+        assert_eq!(console.device, Path::new("/dev/ttyS1"));
+        assert_eq!(console.baud, 115_200);
+        let leds = c.leds.unwrap();
+        assert_eq!(leds.base, Path::new("/sys/class/leds"));
+        assert_eq!(leds.power, "weir:power");
+        assert_eq!(leds.fault, "red:fault");
+        let text = format!(
+            "{}\n[leds]\nhmac_fault_threshold = 5\n",
+            published(dir.path())
+        );
+        let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
+        assert!(
+            err.contains("hmac_fault_threshold"),
+            "the sender checks no tags: {err}"
+        );
     }
 
     #[test]

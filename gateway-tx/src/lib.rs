@@ -7,12 +7,16 @@
 //! ```
 //!
 //! One module per stage: [`config`], [`ingest`], [`policy`], [`objects`],
-//! [`carousel`], [`pacing`], [`link`], plus [`status`] (`status.json`).
+//! [`carousel`], [`pacing`], [`link`], plus [`status`] (`status.json`) and
+//! the appliance surface: [`appliance`] (faults, the state disk guard, the
+//! status LEDs) and [`console`] (the serial console's commands).
 //! [`run`] starts the stages on threads of their own and returns once
-//! shutdown was asked for and the state is flushed.
+//! shutdown was asked for and the state is flushed; the LEDs go dark last.
 
+pub mod appliance;
 pub mod carousel;
 pub mod config;
+pub mod console;
 pub mod ingest;
 pub mod link;
 pub mod objects;
@@ -21,9 +25,15 @@ pub mod policy;
 pub mod status;
 
 use anyhow::Context;
+use appliance::{Fault, Faults, Lights, Movement};
 use std::sync::Arc;
-use std::time::Duration;
-use weir_proto::{FrameSink, Shutdown};
+use std::time::{Duration, Instant};
+use weir_proto::{Console, FrameSink, Leds, Shutdown};
+
+/// The link LED stays on while frames went out this recently.
+const LINK_WINDOW: Duration = Duration::from_secs(3);
+/// The activity LED blinks while shard frames went out this recently.
+const ACTIVITY_WINDOW: Duration = Duration::from_secs(2);
 
 /// The body of one stage thread.
 type StageFn = Box<dyn FnOnce(&Shutdown) -> anyhow::Result<()> + Send>;
@@ -67,11 +77,29 @@ pub fn run_with_sink(
         "gateway-tx starting\n{}",
         config.summary()
     );
+    let pacing = config.pacing();
+    if let Some(asked) = pacing.clamped_from {
+        tracing::warn!(
+            rate_bps = asked,
+            baud = config.link.baud,
+            pacing_bps = pacing.rate_bps,
+            "link.rate_bps exceeds what the serial line carries (baud/10 bytes/s, COBS framing \
+             counted); pacing to the line instead"
+        );
+    }
 
     let board = status::StatusBoard::new();
+    board.update(|s| {
+        s.link.transport = config.link.transport.to_string();
+        s.link.target = config.link_target();
+    });
+    let faults = Arc::new(Faults::default());
+    let control = Arc::new(carousel::CarouselControl::default());
     let (queue_tx, queue_rx) = std::sync::mpsc::channel();
     let settings = carousel::CarouselSettings::from_config(&config, &key)?;
-    let ingestor = ingest::Ingestor::new(&config, store.clone(), queue_tx, board.clone())?;
+    let ingestor = ingest::Ingestor::new(&config, store.clone(), queue_tx, board.clone())?
+        .with_faults(faults.clone());
+    let key_id = key.id();
     let carousel = carousel::Carousel::new(
         settings,
         store.clone(),
@@ -80,7 +108,66 @@ pub fn run_with_sink(
         session_id,
         queue_rx,
         board.clone(),
-    )?;
+    )?
+    .with_control(control.clone());
+    let leds = config
+        .leds
+        .as_ref()
+        .map(|l| Arc::new(Leds::new(&l.base, l.names())));
+    let console = config.console.as_ref().and_then(|c| {
+        let commands = console::TxCommands {
+            board: board.clone(),
+            control: control.clone(),
+            store: store.clone(),
+            faults: faults.clone(),
+            key_id,
+            passes: config.carousel.passes,
+        };
+        // A broken console must not stop images from crossing.
+        Console::spawn(
+            &c.device,
+            c.baud,
+            "tx",
+            env!("CARGO_PKG_VERSION"),
+            Arc::new(commands),
+            shutdown.clone(),
+        )
+        .inspect_err(
+            |e| tracing::error!(error = %e, "serial console unavailable; running without it"),
+        )
+        .ok()
+    });
+    let panel_inputs = {
+        let board = board.clone();
+        let faults = faults.clone();
+        let mut frames = Movement::default();
+        let mut shards = Movement::default();
+        let mut errors = Movement::default();
+        move || {
+            let now = Instant::now();
+            let s = board.snapshot();
+            frames.observe(s.wire.frames, now);
+            shards.observe(s.wire.shard_frames, now);
+            errors.observe(s.wire.link_errors, now);
+            let up = frames.moved_within(LINK_WINDOW, now);
+            if !up && errors.moved_within(LINK_WINDOW, now) {
+                let why = s.wire.last_link_error.as_deref().unwrap_or("sends fail");
+                faults.raise(Fault::LinkFailing, format!("link failing: {why}"));
+            } else {
+                faults.clear(Fault::LinkFailing);
+            }
+            let fault = faults.reason();
+            board.update(|st| {
+                st.link.up = up;
+                st.fault.clone_from(&fault);
+            });
+            Lights {
+                link: up,
+                activity: !s.paused && shards.moved_within(ACTIVITY_WINDOW, now),
+                fault,
+            }
+        }
+    };
 
     let status_path = config.status_path();
     let stage = |name: &'static str, shutdown: Shutdown, f: StageFn| {
@@ -129,6 +216,16 @@ pub fn run_with_sink(
                 }),
             )?,
         ),
+        (
+            "panel",
+            stage("panel", shutdown.clone(), {
+                let leds = leds.clone();
+                Box::new(move |s| {
+                    appliance::run_panel(leds.as_deref(), s, panel_inputs);
+                    Ok(())
+                })
+            })?,
+        ),
     ];
     let mut first_error = None;
     for (name, t) in threads {
@@ -143,7 +240,15 @@ pub fn run_with_sink(
             }
         }
     }
-    store.commit().context("flushing state")?;
+    let flushed = store.commit().context("flushing state");
+    // Dark only once the state is safe: a lit power LED means "do not pull".
+    if let Some(l) = &leds {
+        l.all_off();
+    }
+    if let Some(c) = console {
+        c.join();
+    }
+    flushed?;
     tracing::info!(session_id, "gateway-tx stopped; state flushed");
     match first_error {
         Some(e) => Err(e),

@@ -1,17 +1,29 @@
 //! The link: builds the proto frame sink the configuration names.
 
 use crate::config::{LinkConfig, Transport};
-use weir_proto::{FrameSink, LinkError, UdpSink};
+use std::path::PathBuf;
+use std::time::Duration;
+use weir_proto::{DirSink, FrameSink, LinkError, SerialSink, UdpSink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkSetupError {
-    #[error("link.transport = \"{0}\" is not supported by this build yet; use \"udp\"")]
-    Unsupported(Transport),
-    #[error("link.udp_peer is required when transport = \"udp\"")]
-    NoPeer,
+    #[error("link.{0} is required when transport = \"{1}\"")]
+    Missing(&'static str, Transport),
     #[error("link.udp_peer {peer}: {source}")]
     Udp {
         peer: std::net::SocketAddr,
+        #[source]
+        source: LinkError,
+    },
+    #[error("link.serial_device {device}: {source}")]
+    Serial {
+        device: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("link.outbox_dir {dir}: {source}")]
+    Outbox {
+        dir: PathBuf,
         #[source]
         source: LinkError,
     },
@@ -21,13 +33,47 @@ pub enum LinkSetupError {
 pub fn open_sink(config: &LinkConfig) -> Result<Box<dyn FrameSink>, LinkSetupError> {
     match config.transport {
         Transport::Udp => {
-            let peer = config.udp_peer.ok_or(LinkSetupError::NoPeer)?;
+            let peer = config
+                .udp_peer
+                .ok_or(LinkSetupError::Missing("udp_peer", config.transport))?;
             let sink = UdpSink::connect(peer, config.datagram_size)
                 .map_err(|source| LinkSetupError::Udp { peer, source })?;
             tracing::info!(%peer, datagram_size = config.datagram_size, "UDP link open");
             Ok(Box::new(sink))
         }
-        other => Err(LinkSetupError::Unsupported(other)),
+        Transport::Serial => {
+            let device = config
+                .serial_device
+                .clone()
+                .ok_or(LinkSetupError::Missing("serial_device", config.transport))?;
+            // The sink paces itself to the line as well: a one-way line
+            // drops what arrives too fast, whatever the carousel believes.
+            let sink = SerialSink::open(&device, config.baud, config.datagram_size)
+                .map_err(|source| LinkSetupError::Serial { device, source })?;
+            Ok(Box::new(sink))
+        }
+        Transport::Dir => {
+            let dir = config
+                .outbox_dir
+                .clone()
+                .ok_or(LinkSetupError::Missing("outbox_dir", config.transport))?;
+            std::fs::create_dir_all(&dir).map_err(|e| LinkSetupError::Outbox {
+                dir: dir.clone(),
+                source: LinkError::io("creating the outbox", e),
+            })?;
+            let sink = DirSink::new(
+                &dir,
+                config.max_file_bytes,
+                Duration::from_millis(config.max_file_age_ms),
+            )
+            .map_err(|source| LinkSetupError::Outbox {
+                dir: dir.clone(),
+                source,
+            })?;
+            tracing::info!(outbox = %dir.display(), max_file_bytes = config.max_file_bytes,
+                max_file_age_ms = config.max_file_age_ms, "directory link open");
+            Ok(Box::new(sink))
+        }
     }
 }
 
@@ -39,6 +85,11 @@ mod tests {
         LinkConfig {
             transport,
             udp_peer: Some("127.0.0.1:9".parse().unwrap()),
+            serial_device: None,
+            baud: 115_200,
+            outbox_dir: None,
+            max_file_bytes: 1 << 20,
+            max_file_age_ms: 1000,
             rate_bps: 1_000_000,
             datagram_size: 1400,
             frame_overhead_bytes: 0,
@@ -52,13 +103,57 @@ mod tests {
     }
 
     #[test]
-    fn serial_and_dir_say_so_clearly() {
-        for t in [Transport::Serial, Transport::Dir] {
+    fn serial_and_dir_name_their_missing_key() {
+        for (t, key) in [
+            (Transport::Serial, "link.serial_device"),
+            (Transport::Dir, "link.outbox_dir"),
+        ] {
             let e = open_sink(&cfg(t)).err().unwrap().to_string();
-            assert!(
-                e.contains("not supported") && e.contains(&t.to_string()),
-                "{e}"
-            );
+            assert!(e.contains(key) && e.contains(&t.to_string()), "{e}");
         }
+    }
+
+    #[test]
+    fn serial_names_a_device_that_cannot_open() {
+        let mut c = cfg(Transport::Serial);
+        c.serial_device = Some("/nonexistent/ttyS9".into());
+        let e = open_sink(&c).err().unwrap().to_string();
+        assert!(
+            e.contains("link.serial_device") && e.contains("/nonexistent/ttyS9"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dir_creates_the_outbox_and_writes_batch_files_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("out/box");
+        let mut c = cfg(Transport::Dir);
+        c.outbox_dir = Some(outbox.clone());
+        let mut sink = open_sink(&c).unwrap();
+        assert!(outbox.is_dir());
+        assert!(sink.max_frame_len() >= 1400);
+        // A frame that parses: a sealed heartbeat.
+        let key = weir_proto::Key::from_bytes(1, &[7; 32]).unwrap();
+        let mut sealer = weir_proto::FrameSealer::new(key, 1);
+        let mut frame = Vec::new();
+        sealer.seal(
+            &weir_proto::Body::Heartbeat(weir_proto::Heartbeat {
+                uptime_s: 1,
+                queued_objects: 0,
+                pass: 0,
+                config_fingerprint: 0,
+                sent_frames: 0,
+            }),
+            &mut frame,
+        );
+        sink.send(&[&frame]).unwrap();
+        drop(sink); // flushes the gathered frames into a file
+        let files: Vec<_> = std::fs::read_dir(&outbox)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(files[0].ends_with(".weir"), "{files:?}");
     }
 }

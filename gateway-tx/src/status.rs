@@ -4,11 +4,15 @@
 //! ```json
 //! {
 //!   "version": 1, "updated_at": 1700000000, "uptime_s": 12, "session_id": 1234,
-//!   "state": "sending",            // sending | cycling | idle
+//!   "state": "sending",            // sending | cycling | idle | paused
+//!   "paused": false,               // the console paused shard frames
+//!   "fault": null,                 // or the reasons, e.g. "state disk full: ..."
+//!   "link": {"transport": "udp", "target": "udp to 192.0.2.10:7700", "up": true},
 //!   "pass": 0,                     // pass the carousel is on (0 = first)
 //!   "queue":   {"images": 1, "objects": 3, "bytes": 1048576},  // still owed passes
 //!   "objects": {"count": 9, "bytes": 4194304},                 // on disk, tracked
-//!   "wire":    {"rate_bps": 100000000, "measured_bps": 99800000, "frames": 81234, "bytes": 113000000},
+//!   "wire":    {"rate_bps": 100000000, "measured_bps": 99800000, "frames": 81234, "bytes": 113000000,
+//!               "shard_frames": 80000, "heartbeats": 42, "link_errors": 0, "last_link_error": null},
 //!   "ingest":  {"accepted": 2, "rejected": 1, "already_sent": 0, "current": null,
 //!               "last": {"file": "app.tar", "outcome": "accepted", "code": null, "at": 1700000000}},
 //!   "images": [{"image": "sha256:…", "destination": "team-a/app:1", "manifest_digest": "sha256:…",
@@ -19,6 +23,7 @@
 //!
 //! `percent` is the share of all owed passes sent; `eta_s` estimates the
 //! time to finish them at the configured rate, FEC overhead included.
+//! `link.up` means frames (heartbeats at least) went out in the last 3 s.
 
 use crate::ingest::DropOutcome;
 use serde::Serialize;
@@ -32,12 +37,23 @@ pub struct Status {
     pub uptime_s: u64,
     pub session_id: u64,
     pub state: String,
+    pub paused: bool,
+    pub fault: Option<String>,
+    pub link: LinkStatus,
     pub pass: u64,
     pub queue: QueueStatus,
     pub objects: ObjectsStatus,
     pub wire: WireStatus,
     pub ingest: IngestStatus,
     pub images: Vec<ImageStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LinkStatus {
+    pub transport: String,
+    /// Where frames go, e.g. `serial /dev/ttyS2 at 115200 baud`.
+    pub target: String,
+    pub up: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -59,6 +75,11 @@ pub struct WireStatus {
     pub measured_bps: u64,
     pub frames: u64,
     pub bytes: u64,
+    pub shard_frames: u64,
+    pub heartbeats: u64,
+    /// Sends the transport refused (their frames are lost, as on a diode).
+    pub link_errors: u64,
+    pub last_link_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -185,6 +206,9 @@ mod tests {
         board.write(&path).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         for key in [
+            "paused",
+            "fault",
+            "link",
             "queue",
             "objects",
             "pass",

@@ -7,6 +7,8 @@
 //!   OCI layout into a registry.
 //! - [`diode`]: the lossy one-way UDP link (`diode-sim`), in-process or as
 //!   a binary.
+//! - [`serial_line`]: socat pty pairs and a damaging, rate-limited one-way
+//!   byte line between them, for the serial transport.
 //! - test images come from the `weir-imagegen` crate, re-exported as
 //!   [`imagegen`].
 //!
@@ -17,6 +19,7 @@
 pub mod diode;
 pub mod pair;
 pub mod registry;
+pub mod serial_line;
 pub mod skopeo;
 
 pub use weir_imagegen as imagegen;

@@ -171,6 +171,21 @@ pub enum Target {
     Layout(PathBuf),
 }
 
+/// What a site's config files say beyond the published UDP defaults: the
+/// serial and dir transports, the appliance sections, top-level keys.
+#[derive(Debug, Clone, Default)]
+pub struct SiteLinks {
+    /// Replaces `transport = "udp"` and `udp_listen` in rx.toml's `[link]`
+    /// (e.g. `transport = "serial"\nserial_device = "..."\nbaud = 460800`).
+    pub rx_link: Option<String>,
+    /// Replaces `transport = "udp"` and `udp_peer` in tx.toml's `[link]`;
+    /// may set `datagram_size` (otherwise 1400).
+    pub tx_link: Option<String>,
+    /// Top-level keys, before any table (e.g. `state_min_free_mb = 1`).
+    pub rx_top: String,
+    pub tx_top: String,
+}
+
 /// A test site: one directory holding both sides' files.
 pub struct Site {
     pub dir: tempfile::TempDir,
@@ -182,6 +197,7 @@ pub struct Site {
     pub rx_config: PathBuf,
     /// Where gateway-rx listens; the diode forwards here.
     pub rx_addr: SocketAddr,
+    pub links: SiteLinks,
 }
 
 /// The knobs the end-to-end tests turn; everything else is default.
@@ -216,6 +232,11 @@ impl Site {
     /// Lays out the site and writes rx.toml; tx.toml is written by
     /// [`Site::write_tx_config`] once the diode's address is known.
     pub fn new(target: Target, opts: &SiteOptions) -> Result<Site> {
+        Self::with_links(target, opts, SiteLinks::default())
+    }
+
+    /// Like [`Site::new`], with the transport and extra keys of `links`.
+    pub fn with_links(target: Target, opts: &SiteOptions, links: SiteLinks) -> Result<Site> {
         let dir = tempfile::tempdir().context("creating the site directory")?;
         let key = dir.path().join("1.key");
         write_key(&key, &TEST_SECRET)?;
@@ -231,16 +252,21 @@ impl Site {
             rx_config: dir.path().join("rx.toml"),
             rx_addr,
             dir,
+            links,
         };
         let delivery = match &target {
             Target::Registry(url) => format!("registry_url = {url:?}\nretry_max_seconds = 2\n"),
             Target::Layout(p) => format!("oci_layout = {:?}\n", p.display().to_string()),
         };
+        let link = match &site.links.rx_link {
+            Some(l) => l.clone(),
+            None => format!("transport = \"udp\"\nudp_listen = \"{}\"", site.rx_addr),
+        };
         let rx = format!(
-            "state_dir = {state:?}\n\n[link]\ntransport = \"udp\"\nudp_listen = \"{addr}\"\n\n\
+            "state_dir = {state:?}\n{top}\n\n[link]\n{link}\n\n\
              [[auth.keys]]\nid = 1\nfile = {key:?}\n\n[delivery]\n{delivery}\n{extra}",
             state = site.rx_state.display().to_string(),
-            addr = site.rx_addr,
+            top = site.links.rx_top,
             key = site.key.display().to_string(),
             extra = opts.rx_extra,
         );
@@ -248,7 +274,8 @@ impl Site {
         Ok(site)
     }
 
-    /// Writes tx.toml sending to `peer` (the diode's listening address).
+    /// Writes tx.toml sending to `peer` (the diode's listening address), or
+    /// over the link `links.tx_link` names (`peer` is then unused).
     pub fn write_tx_config(&self, peer: SocketAddr, opts: &SiteOptions) -> Result<()> {
         let policy = match &opts.rules_yaml {
             Some(yaml) => {
@@ -258,13 +285,21 @@ impl Site {
             }
             None => String::new(),
         };
+        let mut link = match &self.links.tx_link {
+            Some(l) => l.clone(),
+            None => format!("transport = \"udp\"\nudp_peer = \"{peer}\""),
+        };
+        if !link.contains("datagram_size") {
+            link.push_str("\ndatagram_size = 1400");
+        }
         let tx = format!(
-            "state_dir = {state:?}\nspool_dir = {spool:?}\n\n[link]\ntransport = \"udp\"\n\
-             udp_peer = \"{peer}\"\nrate_bps = {rate}\ndatagram_size = 1400\n\n\
+            "state_dir = {state:?}\nspool_dir = {spool:?}\n{top}\n\n[link]\n{link}\n\
+             rate_bps = {rate}\n\n\
              [auth]\nkey_id = 1\nkey_file = {key:?}\n\n[fec]\ndata_shards = {k}\nparity_shards = {m}\n\n\
              [carousel]\npasses = {passes}\n\n{policy}\n{extra}",
             state = self.tx_state.display().to_string(),
             spool = self.spool.display().to_string(),
+            top = self.links.tx_top,
             rate = opts.rate_bps,
             key = self.key.display().to_string(),
             k = opts.data_shards,

@@ -12,11 +12,17 @@
 //! sled transaction; only then is the drop moved. A restart finds either no
 //! record (and redoes the drop; blobs already stored are reused) or the
 //! record (and only finishes the move).
+//!
+//! A full state disk stops intake instead: while the disk holds less than
+//! `state_min_free_mb`, or after a write failed for want of space (until
+//! space frees), no drop is read; the drops wait in the spool, and the
+//! fault "state disk full" is raised.
 
 pub mod archive;
 pub mod formats;
 pub mod reference;
 
+use crate::appliance::{is_disk_full, Fault, Faults, StateDisk};
 use crate::config::{Mapping, TxConfig};
 use crate::objects::{
     unix_now, AuditEntry, BlobMember, DropCommit, DropRecord, ImageRecord, ObjectStore, StoreError,
@@ -120,6 +126,8 @@ pub struct Ingestor {
     queue: Sender<ImageRecord>,
     status: StatusBoard,
     retry_at: HashMap<PathBuf, Instant>,
+    disk: StateDisk,
+    faults: Arc<Faults>,
 }
 
 impl Ingestor {
@@ -149,7 +157,36 @@ impl Ingestor {
             queue,
             status,
             retry_at: HashMap::new(),
+            disk: StateDisk::new(&config.state_dir, config.state_min_free_mb),
+            faults: Arc::new(Faults::default()),
         })
+    }
+
+    /// Raises the state disk fault on `faults` (shared with the LEDs and
+    /// the console) instead of a private set.
+    pub fn with_faults(mut self, faults: Arc<Faults>) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Whether intake may go on; raises or clears the state disk fault.
+    fn disk_has_room(&mut self) -> bool {
+        match self.disk.check() {
+            Ok(()) => {
+                if self.faults.is_raised(Fault::StateDiskFull) {
+                    tracing::info!(state_dir = %self.disk.dir().display(), "state disk has room again; intake resumes");
+                    self.faults.clear(Fault::StateDiskFull);
+                }
+                true
+            }
+            Err(full) => {
+                if !self.faults.is_raised(Fault::StateDiskFull) {
+                    tracing::error!(reason = %full, "intake stopped; drops wait in the spool");
+                }
+                self.faults.raise(Fault::StateDiskFull, full.to_string());
+                false
+            }
+        }
     }
 
     /// Polls the spool until shutdown.
@@ -174,6 +211,9 @@ impl Ingestor {
         shutdown: &Shutdown,
     ) -> std::io::Result<Vec<(PathBuf, DropOutcome)>> {
         let mut outcomes = Vec::new();
+        if !self.disk_has_room() {
+            return Ok(outcomes);
+        }
         for path in self.spool.eligible()? {
             if shutdown.is_triggered() {
                 break;
@@ -194,6 +234,13 @@ impl Ingestor {
                     self.status
                         .ingest(|s| s.record(&file_name(&path), &outcome));
                     outcomes.push((path, outcome));
+                }
+                Err(e) if is_disk_full(&e) => {
+                    let full = self.disk.out_of_space();
+                    tracing::error!(file = %path.display(), error = %e, reason = %full,
+                        "state disk full while ingesting; the drop stays in the spool until space frees");
+                    self.faults.raise(Fault::StateDiskFull, full.to_string());
+                    break;
                 }
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e,

@@ -34,9 +34,16 @@ impl Setup {
         let config = TxConfig {
             state_dir: dir.path().join("state"),
             spool_dir: dir.path().join("spool"),
+            // Tests fill no disk; the guard only needs to let them through.
+            state_min_free_mb: 0,
             link: LinkConfig {
                 transport: Transport::Udp,
                 udp_peer: Some("127.0.0.1:9".parse().unwrap()),
+                serial_device: None,
+                baud: 115_200,
+                outbox_dir: None,
+                max_file_bytes: 1 << 20,
+                max_file_age_ms: 1000,
                 // Fast enough that pacing never slows a test down much.
                 rate_bps: 4_000_000_000,
                 datagram_size: 1400,
@@ -63,6 +70,8 @@ impl Setup {
             },
             policy: PolicyConfig::default(),
             mapping: Vec::new(),
+            console: None,
+            leds: None,
         };
         std::fs::create_dir_all(&config.spool_dir).unwrap();
         Setup { dir, config }

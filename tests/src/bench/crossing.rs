@@ -17,7 +17,51 @@ use std::time::{Duration, Instant};
 use weir_tests::diode::{kernel_udp_drops, Diode, DiodeConfig, DiodeCounters};
 use weir_tests::pair::{Gateway, Site, SiteOptions, Target};
 
-use crate::procfs::{child_pid, now_ms, ProcTrace};
+use crate::procfs::{child_pid, now_ms, thread_cpu, ProcTrace};
+
+/// `perf record` of one process, stopped (SIGINT, so it writes its file)
+/// on drop.
+struct Profiler(Option<std::process::Child>);
+
+impl Profiler {
+    fn start(pid: u32, out: &Path) -> Profiler {
+        let child = std::process::Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-F",
+                "499",
+                "--call-graph",
+                "dwarf,16384",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => Profiler(Some(c)),
+            Err(e) => {
+                eprintln!("perf record not started ({e}); apt-get install linux-perf");
+                Profiler(None)
+            }
+        }
+    }
+}
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // SAFETY: signalling our own child by its pid.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGINT);
+            }
+            let _ = c.wait();
+        }
+    }
+}
 
 /// A generated image ready to drop.
 #[derive(Debug, Clone)]
@@ -27,6 +71,9 @@ pub struct Image {
     pub archive_bytes: u64,
 }
 
+/// Sets the faults of the simulated link.
+pub type LinkFaults = Box<dyn FnOnce(&mut DiodeConfig)>;
+
 /// How the image crosses.
 pub struct Plan {
     /// For messages: "goodput 1 GiB", ...
@@ -34,13 +81,16 @@ pub struct Plan {
     pub rate_bps: u64,
     pub passes: u32,
     /// Faults between the sides; None: gateway-tx sends straight to gateway-rx.
-    pub link: Option<Box<dyn FnOnce(&mut DiodeConfig)>>,
+    pub link: Option<LinkFaults>,
     pub target: Target,
     /// Kill gateway-tx as soon as gateway-rx logs the image complete, so the
     /// delivery that follows has the machine to itself (on an appliance the
     /// sender is another box).
     pub stop_tx_when_complete: bool,
     pub timeout: Duration,
+    /// Record both gateways with `perf record --call-graph dwarf` into this
+    /// directory (`<name>-tx.data`, `<name>-rx.data`).
+    pub profile: Option<(PathBuf, String)>,
 }
 
 /// What one crossing measured.
@@ -71,6 +121,9 @@ pub struct Crossing {
     /// gateway-rx's counters in the report that showed the delivery done.
     pub rx_counters: gateway_rx::status::CounterSnapshot,
     pub link: Option<DiodeCounters>,
+    /// CPU seconds per thread name at the end, busiest first.
+    pub tx_threads: Vec<(String, f64)>,
+    pub rx_threads: Vec<(String, f64)>,
 }
 
 fn fail_with_logs(what: &str, gws: &mut [&mut Gateway]) -> anyhow::Error {
@@ -138,7 +191,10 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
     let t = Instant::now();
     while !ready(&site) {
         if !rx.is_running() || t.elapsed() > Duration::from_secs(30) {
-            return Err(fail_with_logs(&format!("{}: gateway-rx did not come up", plan.label), &mut [&mut rx]));
+            return Err(fail_with_logs(
+                &format!("{}: gateway-rx did not come up", plan.label),
+                &mut [&mut rx],
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -151,19 +207,36 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
         }
         None => None,
     };
-    let peer = diode.as_ref().map(|d| d.local_addr()).unwrap_or(site.rx_addr);
+    let peer = diode
+        .as_ref()
+        .map(|d| d.local_addr())
+        .unwrap_or(site.rx_addr);
     site.write_tx_config(peer, &opts)?;
     let mut tx = site.start_tx()?;
     let t = Instant::now();
     while site.tx_status().is_none() {
         if !tx.is_running() || t.elapsed() > Duration::from_secs(30) {
-            return Err(fail_with_logs(&format!("{}: gateway-tx did not come up", plan.label), &mut [&mut tx, &mut rx]));
+            return Err(fail_with_logs(
+                &format!("{}: gateway-tx did not come up", plan.label),
+                &mut [&mut tx, &mut rx],
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let tx_pid = child_pid("gateway-tx").context("finding gateway-tx's pid")?;
     let rx_pid = child_pid("gateway-rx").context("finding gateway-rx's pid")?;
-    let mut trace = ProcTrace::start(vec![("tx", tx_pid), ("rx", rx_pid)], Duration::from_millis(50));
+    let mut trace = ProcTrace::start(
+        vec![("tx", tx_pid), ("rx", rx_pid)],
+        Duration::from_millis(50),
+    );
+    let mut profilers = match &plan.profile {
+        Some((dir, name)) => vec![
+            Profiler::start(tx_pid, &dir.join(format!("{name}-tx.data"))),
+            Profiler::start(rx_pid, &dir.join(format!("{name}-rx.data"))),
+        ],
+        None => Vec::new(),
+    };
+    let mut tx_threads = Vec::new();
 
     let name = "bench.tar";
     let deadline = Instant::now() + plan.timeout;
@@ -174,12 +247,22 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
             break now_ms();
         }
         if site.spool.join("rejected").join(name).exists() {
-            let reason = std::fs::read_to_string(site.spool.join("rejected").join(format!("{name}.reason.json")))
-                .unwrap_or_default();
+            let reason = std::fs::read_to_string(
+                site.spool
+                    .join("rejected")
+                    .join(format!("{name}.reason.json")),
+            )
+            .unwrap_or_default();
             bail!("{}: gateway-tx rejected the drop: {reason}", plan.label);
         }
         if !tx.is_running() || Instant::now() > deadline {
-            return Err(fail_with_logs(&format!("{}: drop not accepted within {:?}", plan.label, plan.timeout), &mut [&mut tx, &mut rx]));
+            return Err(fail_with_logs(
+                &format!(
+                    "{}: drop not accepted within {:?}",
+                    plan.label, plan.timeout
+                ),
+                &mut [&mut tx, &mut rx],
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -188,13 +271,28 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
     let mut tx_stopped = false;
     let digest = &image.manifest_digest;
     let (report, image_status, delivery) = loop {
-        if plan.stop_tx_when_complete && !tx_stopped && log_contains(&rx.log, &mut log_offset, "image complete; queued for delivery") {
+        if plan.stop_tx_when_complete
+            && !tx_stopped
+            && log_contains(
+                &rx.log,
+                &mut log_offset,
+                "image complete; queued for delivery",
+            )
+        {
             trace.sample_now("tx", tx_pid);
+            tx_threads = thread_cpu(tx_pid);
+            if let Some(p) = profilers.first_mut() {
+                *p = Profiler(None); // stops the sender's recording with it
+            }
             tx.kill9();
             tx_stopped = true;
         }
         if let Ok(Some(s)) = gateway_rx::status::StatusReport::read(&site.rx_state) {
-            let img = s.images.iter().find(|i| &i.manifest_digest == digest).cloned();
+            let img = s
+                .images
+                .iter()
+                .find(|i| &i.manifest_digest == digest)
+                .cloned();
             let del = s
                 .deliveries
                 .iter()
@@ -203,7 +301,11 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
             if let (Some(img), Some(del)) = (img, del) {
                 break (s, img, del);
             }
-            if let Some(d) = s.deliveries.iter().find(|d| &d.manifest_digest == digest && d.state == "failing") {
+            if let Some(d) = s
+                .deliveries
+                .iter()
+                .find(|d| &d.manifest_digest == digest && d.state == "failing")
+            {
                 bail!("{}: delivery failing: {:?}", plan.label, d.last_error);
             }
         }
@@ -215,7 +317,10 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
                 .map(|s| format!("{:?}", s.images))
                 .unwrap_or_default();
             return Err(fail_with_logs(
-                &format!("{}: not delivered within {:?} (receiver images: {progress})", plan.label, plan.timeout),
+                &format!(
+                    "{}: not delivered within {:?} (receiver images: {progress})",
+                    plan.label, plan.timeout
+                ),
                 &mut [&mut tx, &mut rx],
             ));
         }
@@ -223,8 +328,11 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
     };
     if !tx_stopped {
         trace.sample_now("tx", tx_pid);
+        tx_threads = thread_cpu(tx_pid);
     }
     trace.sample_now("rx", rx_pid);
+    let rx_threads = thread_cpu(rx_pid);
+    profilers.clear();
     let rx_kernel_drops = kernel_udp_drops(site.rx_addr).unwrap_or(0);
     trace.stop();
     let link = match diode {
@@ -237,7 +345,9 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
     let complete_ms = image_status
         .complete_at_ms
         .context("gateway-rx delivered an image without complete_at_ms")?;
-    let done_ms = delivery.done_ms.context("a done delivery without done_ms")?;
+    let done_ms = delivery
+        .done_ms
+        .context("a done delivery without done_ms")?;
     let s = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1000.0;
     let cpu = |name: &str, at: u64| trace.cpu_at(name, at).unwrap_or(0.0);
     Ok(Crossing {
@@ -254,6 +364,8 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
         rx_cpu_to_complete_s: cpu("rx", complete_ms),
         rx_kernel_drops,
         rx_counters: report.counters,
+        tx_threads,
+        rx_threads,
         link,
     })
 }

@@ -11,14 +11,22 @@ use std::process::Command;
 
 /// Socket buffer size asked for during the run.
 pub const BUFFER_BYTES: u64 = 32 << 20;
-const SYSCTLS: [&str; 3] = ["net.core.rmem_max", "net.core.wmem_max", "net.core.rmem_default"];
+const SYSCTLS: [&str; 3] = [
+    "net.core.rmem_max",
+    "net.core.wmem_max",
+    "net.core.rmem_default",
+];
 
 fn sysctl_path(name: &str) -> String {
     format!("/proc/sys/{}", name.replace('.', "/"))
 }
 
 pub fn read_sysctl(name: &str) -> Option<u64> {
-    std::fs::read_to_string(sysctl_path(name)).ok()?.trim().parse().ok()
+    std::fs::read_to_string(sysctl_path(name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Raised sysctls, restored on drop.
@@ -34,10 +42,12 @@ impl RaisedBuffers {
         let mut refused = Vec::new();
         for name in SYSCTLS {
             match read_sysctl(name) {
-                Some(v) if v < BUFFER_BYTES => match std::fs::write(sysctl_path(name), BUFFER_BYTES.to_string()) {
-                    Ok(()) => restore.push((name, v)),
-                    Err(e) => refused.push(format!("{name}: {e}")),
-                },
+                Some(v) if v < BUFFER_BYTES => {
+                    match std::fs::write(sysctl_path(name), BUFFER_BYTES.to_string()) {
+                        Ok(()) => restore.push((name, v)),
+                        Err(e) => refused.push(format!("{name}: {e}")),
+                    }
+                }
                 Some(_) => {}
                 None => refused.push(format!("{name}: unreadable")),
             }
@@ -70,8 +80,17 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
         .output()
         .ok()
         .map(|o| {
-            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string()
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
         })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".into())
@@ -93,8 +112,14 @@ pub fn facts() -> Vec<String> {
         .unwrap_or("unknown")
         .trim()
         .to_string();
-    let has = |flag: &str| cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == flag));
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let has = |flag: &str| {
+        cpuinfo
+            .lines()
+            .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == flag))
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -109,10 +134,21 @@ pub fn facts() -> Vec<String> {
         .unwrap_or_else(|| "unknown".into());
     let sysctls: Vec<String> = SYSCTLS
         .iter()
-        .map(|n| format!("{n}={}", read_sysctl(n).map(|v| v.to_string()).unwrap_or_else(|| "?".into())))
+        .map(|n| {
+            format!(
+                "{n}={}",
+                read_sysctl(n)
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "?".into())
+            )
+        })
         .collect();
     vec![
-        format!("CPU: {model}, {cores} cores available (sha_ni: {}, avx2: {})", has("sha_ni"), has("avx2")),
+        format!(
+            "CPU: {model}, {cores} cores available (sha_ni: {}, avx2: {})",
+            has("sha_ni"),
+            has("avx2")
+        ),
         format!("memory: {mem_gib}; kernel {}", first_line("uname", &["-r"])),
         format!("socket buffers during the run: {}", sysctls.join(", ")),
         format!(
@@ -121,8 +157,14 @@ pub fn facts() -> Vec<String> {
             first_line("skopeo", &["--version"]),
             first_line("docker-registry", &["--version"]),
             // udp-sender prints its version (a date) first on stderr.
-            format!("udpcast {}", first_line("dpkg-query", &["-W", "-f=${Version}", "udpcast"]))
+            format!(
+                "udpcast {}",
+                first_line("dpkg-query", &["-W", "-f=${Version}", "udpcast"])
+            )
         ),
-        format!("weir commit: {}", first_line("git", &["rev-parse", "--short", "HEAD"])),
+        format!(
+            "weir commit: {}",
+            first_line("git", &["rev-parse", "--short", "HEAD"])
+        ),
     ]
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use weir_tests::pair::{Site, SiteOptions, Target};
 
 use crate::crossing::Image;
+use crate::procfs::{child_pid, sample};
 use crate::wire::{WireCounter, WireReading};
 
 const WARM_UP: Duration = Duration::from_secs(2);
@@ -23,6 +24,8 @@ pub struct PacingRun {
     /// Datagrams the kernel dropped at the counting socket in the window
     /// (sent but not counted; 0 means the count is the wire).
     pub kernel_drops: u64,
+    /// gateway-tx CPU seconds per GiB of frames counted in the window.
+    pub tx_cpu_s_per_wire_gib: Option<f64>,
 }
 
 impl PacingRun {
@@ -63,6 +66,9 @@ pub fn measure(image: &Image, rate_bps: u64) -> Result<PacingRun> {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(WARM_UP);
+    let pid = child_pid("gateway-tx");
+    let cpu = || pid.and_then(sample).map(|s| s.cpu_s);
+    let cpu0 = cpu();
     let drops0 = counter.kernel_drops();
     let start = counter.read();
     let mut last = start;
@@ -74,13 +80,23 @@ pub fn measure(image: &Image, rate_bps: u64) -> Result<PacingRun> {
         last = now;
     }
     let drops = counter.kernel_drops() - drops0;
+    let tx_cpu_s_per_wire_gib = match (cpu0, cpu()) {
+        (Some(a), Some(b)) if last.bytes > start.bytes => {
+            Some((b - a) / ((last.bytes - start.bytes) as f64 / (1u64 << 30) as f64))
+        }
+        _ => None,
+    };
     if !tx.is_running() {
-        bail!("pacing at {rate_bps} b/s: gateway-tx stopped\n{}", tx.log_tail(30));
+        bail!(
+            "pacing at {rate_bps} b/s: gateway-tx stopped\n{}",
+            tx.log_tail(30)
+        );
     }
     Ok(PacingRun {
         configured_bps: rate_bps,
         measured_bps: bps(&start, &last),
         worst_second_error: worst,
         kernel_drops: drops,
+        tx_cpu_s_per_wire_gib,
     })
 }

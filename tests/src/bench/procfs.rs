@@ -73,13 +73,53 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// CPU seconds of each thread of a process, by thread name (threads of one
+/// name summed), busiest first.
+pub fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let mut by_name: BTreeMap<String, f64> = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let Some(fields) = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|stat| {
+                let rest = &stat[stat.rfind(')')? + 1..];
+                Some(
+                    rest.split_whitespace()
+                        .map(str::to_string)
+                        .collect::<Vec<_>>(),
+                )
+            })
+        else {
+            continue;
+        };
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+            .sum();
+        *by_name.entry(name.trim_end().to_string()).or_default() += ticks / clock_ticks();
+    }
+    let mut v: Vec<(String, f64)> = by_name.into_iter().filter(|(_, s)| *s >= 0.05).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
 /// The pid of the running child of this process whose command name is
 /// `comm` (e.g. `gateway-tx`): `pair::Gateway` does not expose its pid.
 pub fn child_pid(comm: &str) -> Option<u32> {
     let me = std::process::id().to_string();
     let mut found = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(name) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
@@ -114,7 +154,11 @@ impl ProcTrace {
             while !st.load(Ordering::Relaxed) {
                 for (name, pid) in &procs {
                     if let Some(x) = sample(*pid) {
-                        s.lock().unwrap_or_else(|e| e.into_inner()).entry(name).or_default().push(x);
+                        s.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(name)
+                            .or_default()
+                            .push(x);
                     }
                 }
                 std::thread::sleep(every);
@@ -130,7 +174,12 @@ impl ProcTrace {
     /// Takes one more sample of `pid` now (e.g. right before killing it).
     pub fn sample_now(&self, name: &'static str, pid: u32) {
         if let Some(x) = sample(pid) {
-            self.samples.lock().unwrap_or_else(|e| e.into_inner()).entry(name).or_default().push(x);
+            self.samples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(name)
+                .or_default()
+                .push(x);
         }
     }
 
@@ -171,7 +220,10 @@ impl ProcTrace {
 
     /// Highest VmHWM seen: the process's peak resident set while sampled.
     pub fn peak_kib(&self, name: &str) -> Option<u64> {
-        self.series(name).iter().map(|s| s.hwm_kib.max(s.rss_kib)).max()
+        self.series(name)
+            .iter()
+            .map(|s| s.hwm_kib.max(s.rss_kib))
+            .max()
     }
 }
 
@@ -192,14 +244,36 @@ mod tests {
     }
 
     #[test]
+    fn threads_are_listed_by_name_with_their_cpu() {
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_millis(300) {
+            std::hint::spin_loop();
+        }
+        let threads = thread_cpu(std::process::id());
+        assert!(
+            threads.iter().map(|(_, s)| s).sum::<f64>() >= 0.2,
+            "{threads:?}"
+        );
+    }
+
+    #[test]
     fn cpu_is_interpolated_between_samples() {
         let trace = ProcTrace {
             samples: Arc::default(),
             stop: Arc::new(AtomicBool::new(true)),
             thread: None,
         };
-        let mk = |at_ms, cpu_s| ProcSample { at_ms, cpu_s, rss_kib: 1, hwm_kib: 1 };
-        trace.samples.lock().unwrap().insert("x", vec![mk(1000, 1.0), mk(2000, 3.0)]);
+        let mk = |at_ms, cpu_s| ProcSample {
+            at_ms,
+            cpu_s,
+            rss_kib: 1,
+            hwm_kib: 1,
+        };
+        trace
+            .samples
+            .lock()
+            .unwrap()
+            .insert("x", vec![mk(1000, 1.0), mk(2000, 3.0)]);
         assert_eq!(trace.cpu_at("x", 1500), Some(2.0));
         assert_eq!(trace.cpu_at("x", 500), Some(1.0));
         assert_eq!(trace.cpu_at("x", 2500), Some(3.0));

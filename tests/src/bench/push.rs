@@ -10,12 +10,24 @@ use weir_tests::registry::Registry;
 
 /// Seconds `skopeo copy oci:LAYOUT docker://REGISTRY/repo:tag` took; checks
 /// the registry then serves the expected manifest digest.
-pub fn skopeo_seconds(layout: &Path, registry: &Registry, repo: &str, tag: &str, digest: &str) -> Result<f64> {
+pub fn skopeo_seconds(
+    layout: &Path,
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    digest: &str,
+) -> Result<f64> {
     let t = Instant::now();
-    weir_tests::skopeo::push(&format!("oci:{}", layout.display()), registry, &format!("{repo}:{tag}"))?;
+    weir_tests::skopeo::push(
+        &format!("oci:{}", layout.display()),
+        registry,
+        &format!("{repo}:{tag}"),
+    )?;
     let seconds = t.elapsed().as_secs_f64();
     match registry.manifest_digest(repo, tag)? {
         Some(d) if d == digest => Ok(seconds),
-        other => bail!("after skopeo copy the registry serves {other:?} for {repo}:{tag}, expected {digest}"),
+        other => bail!(
+            "after skopeo copy the registry serves {other:?} for {repo}:{tag}, expected {digest}"
+        ),
     }
 }

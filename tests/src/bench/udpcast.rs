@@ -54,7 +54,8 @@ fn free_portbase() -> Result<u16> {
             continue;
         }
         drop(a);
-        let both = UdpSocket::bind(("0.0.0.0", p)).and_then(|x| UdpSocket::bind(("0.0.0.0", p + 1)).map(|y| (x, y)));
+        let both = UdpSocket::bind(("0.0.0.0", p))
+            .and_then(|x| UdpSocket::bind(("0.0.0.0", p + 1)).map(|y| (x, y)));
         if both.is_ok() {
             return Ok(p);
         }
@@ -86,13 +87,30 @@ impl Drop for Killed {
 }
 
 /// One attempt; Ok(None) when the receiver lost data.
-fn attempt(file: &Path, out: &Path, log_dir: &Path, cap: Option<&str>, timeout: Duration) -> Result<Option<f64>> {
+fn attempt(
+    file: &Path,
+    out: &Path,
+    log_dir: &Path,
+    cap: Option<&str>,
+    timeout: Duration,
+) -> Result<Option<f64>> {
     let total = std::fs::metadata(file)?.len();
     let _ = std::fs::remove_file(out);
     let port = free_portbase()?.to_string();
     let log = |n: &str| std::fs::File::create(log_dir.join(n)).context("creating a udpcast log");
     let receiver = Command::new("udp-receiver")
-        .args(["--interface", "lo", "--nokbd", "--portbase", &port, "--start-timeout", "30", "--receive-timeout", "5", "--file"])
+        .args([
+            "--interface",
+            "lo",
+            "--nokbd",
+            "--portbase",
+            &port,
+            "--start-timeout",
+            "30",
+            "--receive-timeout",
+            "5",
+            "--file",
+        ])
         .arg(out)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -103,7 +121,18 @@ fn attempt(file: &Path, out: &Path, log_dir: &Path, cap: Option<&str>, timeout: 
     std::thread::sleep(Duration::from_millis(300));
     let mut sender_cmd = Command::new("udp-sender");
     sender_cmd
-        .args(["--interface", "lo", "--async", "--fec", "8x8", "--nokbd", "--autostart", "2", "--portbase", &port])
+        .args([
+            "--interface",
+            "lo",
+            "--async",
+            "--fec",
+            "8x8",
+            "--nokbd",
+            "--autostart",
+            "2",
+            "--portbase",
+            &port,
+        ])
         .arg("--file")
         .arg(file);
     if let Some(c) = cap {
@@ -134,7 +163,9 @@ fn attempt(file: &Path, out: &Path, log_dir: &Path, cap: Option<&str>, timeout: 
     };
     // Let both finish on their own (the receiver waits for the end marker).
     let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end && (sender.0.try_wait()?.is_none() || receiver.0.try_wait()?.is_none()) {
+    while Instant::now() < end
+        && (sender.0.try_wait()?.is_none() || receiver.0.try_wait()?.is_none())
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (Some(first), Some(full)) = (first, full) else {
@@ -146,12 +177,25 @@ fn attempt(file: &Path, out: &Path, log_dir: &Path, cap: Option<&str>, timeout: 
     Ok(Some((full - first).as_secs_f64()))
 }
 
-/// Runs down the ladder of caps until one attempt delivers `file` intact.
-pub fn best_run(file: &Path, work: &Path, timeout: Duration) -> Result<UdpcastRun> {
-    const LADDER: [Option<&str>; 5] = [None, Some("3000m"), Some("2000m"), Some("1000m"), Some("500m")];
+/// `--max-bitrate` caps tried in turn; None: uncapped.
+pub const LADDER: [Option<&str>; 5] = [
+    None,
+    Some("3000m"),
+    Some("2000m"),
+    Some("1000m"),
+    Some("500m"),
+];
+
+/// Runs down `ladder` until one attempt delivers `file` intact.
+pub fn best_run(
+    file: &Path,
+    work: &Path,
+    timeout: Duration,
+    ladder: &[Option<&'static str>],
+) -> Result<UdpcastRun> {
     let out = work.join("udpcast.out");
     let mut failed = Vec::new();
-    for cap in LADDER {
+    for &cap in ladder {
         match attempt(file, &out, work, cap, timeout)? {
             Some(seconds) => {
                 let _ = std::fs::remove_file(&out);
@@ -167,6 +211,44 @@ pub fn best_run(file: &Path, work: &Path, timeout: Duration) -> Result<UdpcastRu
     }
     let _ = std::fs::remove_file(&out);
     let tail = std::fs::read_to_string(work.join("udp-receiver.log")).unwrap_or_default();
-    let tail: String = tail.chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
-    bail!("udpcast lost data at every cap tried ({}); receiver log ends: {tail}", failed.join(", "))
+    let tail: String = tail
+        .chars()
+        .rev()
+        .take(400)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    bail!(
+        "udpcast lost data at every cap tried ({}); receiver log ends: {tail}",
+        failed.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udpcast_delivers_a_small_file_whole_and_times_it() {
+        if !available() {
+            eprintln!("udpcast not installed: apt-get install udpcast (skipping)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("in.bin");
+        // Not a multiple of udpcast's 1456-byte block: the tail must arrive too.
+        let data: Vec<u8> = (0..3_000_001u32)
+            .map(|i| (i * 7 + i / 1000) as u8)
+            .collect();
+        std::fs::write(&file, &data).unwrap();
+        // Capped: with the default socket buffers an uncapped sender
+        // overruns udp-receiver even on a small file.
+        let run = best_run(&file, dir.path(), Duration::from_secs(30), &[Some("100m")]).unwrap();
+        assert_eq!(run.bytes, data.len() as u64);
+        assert!(
+            run.seconds > 0.0 && run.bytes_per_s().is_finite(),
+            "{run:?}"
+        );
+    }
 }

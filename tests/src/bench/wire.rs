@@ -38,9 +38,11 @@ pub struct WireCounter {
 
 impl WireCounter {
     pub fn start() -> Result<WireCounter> {
-        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("UDP socket")?;
+        let sock =
+            Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("UDP socket")?;
         let _ = sock.set_recv_buffer_size(32 << 20);
-        sock.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into()).context("binding the counter")?;
+        sock.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())
+            .context("binding the counter")?;
         let sock: UdpSocket = sock.into();
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let addr = sock.local_addr()?;

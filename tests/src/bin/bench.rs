@@ -61,6 +61,10 @@ struct Args {
     /// Size of the small image (memory) and of the goodput image, GiB.
     #[arg(long, default_value_t = 1.0)]
     small_gib: f64,
+    /// Sender rate of the goodput and memory crossings, Mb/s (default:
+    /// 10 Gb/s, above what this machine can do: unpaced).
+    #[arg(long)]
+    goodput_rate_mbps: Option<u64>,
     /// Image of the loss-efficiency figure, MiB.
     #[arg(long, default_value_t = 128)]
     loss_mib: u64,
@@ -83,6 +87,10 @@ struct Args {
     /// Working directory for images (default: a temporary directory).
     #[arg(long)]
     work: Option<PathBuf>,
+    /// Record each crossing's gateways with `perf record --call-graph dwarf`
+    /// into this directory (`<crossing>-tx.data`, `<crossing>-rx.data`).
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 impl Args {
@@ -130,7 +138,9 @@ fn make_image(dir: &Path, name: &str, seed: u64, bytes: u64, reference: &str) ->
         t.elapsed().as_secs_f64()
     );
     Ok(Image {
-        manifest_digest: g.manifest_digest.context("an OCI archive has a manifest digest")?,
+        manifest_digest: g
+            .manifest_digest
+            .context("an OCI archive has a manifest digest")?,
         path: g.path,
         archive_bytes,
     })
@@ -146,7 +156,13 @@ struct Row {
 }
 
 impl Row {
-    fn new(number: &'static str, figure: impl Into<String>, measured: impl Into<String>, goal: impl Into<String>, met: Option<bool>) -> Row {
+    fn new(
+        number: &'static str,
+        figure: impl Into<String>,
+        measured: impl Into<String>,
+        goal: impl Into<String>,
+        met: Option<bool>,
+    ) -> Row {
         Row {
             number,
             figure: figure.into(),
@@ -176,6 +192,7 @@ struct Bench<'a> {
     rows: Vec<Row>,
     notes: Vec<String>,
     timeout: Duration,
+    pacing_runs: Vec<pacing::PacingRun>,
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -208,6 +225,7 @@ fn run(args: &Args) -> Result<()> {
         rows: Vec::new(),
         notes: Vec::new(),
         timeout: Duration::from_secs(args.timeout_s),
+        pacing_runs: Vec::new(),
     };
     b.measure_all();
 
@@ -215,16 +233,43 @@ fn run(args: &Args) -> Result<()> {
     let load_after = machine::load_average();
     let raised_text = raised.as_ref().map(|r| r.describe()).unwrap_or_default();
     drop(raised);
-    b.print(&facts, &load_before, &load_after, &raised_text, started.elapsed());
+    b.print(
+        &facts,
+        &load_before,
+        &load_after,
+        &raised_text,
+        started.elapsed(),
+    );
     Ok(())
 }
 
+fn threads(t: &[(String, f64)]) -> String {
+    t.iter()
+        .take(6)
+        .map(|(n, s)| format!("{n} {s:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Bench<'_> {
+    fn profile(&self, name: &str) -> Option<(PathBuf, String)> {
+        let dir = self.args.profile.as_ref()?;
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("profile directory {}: {e}", dir.display());
+            return None;
+        }
+        Some((dir.clone(), name.to_string()))
+    }
+
     fn measure_all(&mut self) {
         let a = self.args;
         let want_small = a.wants("goodput") || a.wants("memory") || a.wants("cpu");
         let want_big = a.wants("memory") || a.wants("cpu");
-        let small = if want_small { Some(self.crossing_of("small", a.small_gib)) } else { None };
+        let small = if want_small {
+            Some(self.crossing_of("small", a.small_gib))
+        } else {
+            None
+        };
         if a.wants("goodput") {
             match &small {
                 Some(Ok((img, c))) => {
@@ -246,7 +291,11 @@ impl Bench<'_> {
                 self.rows.push(Row::failed("2", "loss efficiency", &e));
             }
         }
-        let big = if want_big { Some(self.crossing_of("big", a.big_gib)) } else { None };
+        let big = if want_big {
+            Some(self.crossing_of("big", a.big_gib))
+        } else {
+            None
+        };
         if let Some(Ok((img, _))) = &big {
             let _ = std::fs::remove_file(&img.path);
         }
@@ -268,22 +317,37 @@ impl Bench<'_> {
         }
     }
 
-    /// An image of `gib` crossing unpaced into an OCI layout.
+    /// An image of `gib` crossing at the goodput rate into an OCI layout.
     fn crossing_of(&mut self, name: &str, gib: f64) -> Result<(Image, Crossing)> {
         let bytes = (gib * GIB) as u64;
-        let image = make_image(&self.work, &format!("{name}.tar"), 60 + bytes % 7, bytes, &format!("bench/{name}:1"))?;
+        let image = make_image(
+            &self.work,
+            &format!("{name}.tar"),
+            60 + bytes % 7,
+            bytes,
+            &format!("bench/{name}:1"),
+        )?;
         let layout = self.work.join(format!("{name}-layout"));
-        eprintln!("crossing: {:.2} GiB image, unpaced, into an OCI layout...", gib);
+        let rate_bps = self
+            .args
+            .goodput_rate_mbps
+            .map(|m| m * 1_000_000)
+            .unwrap_or(UNPACED_BPS);
+        eprintln!(
+            "crossing: {gib:.2} GiB image at {} Mb/s into an OCI layout...",
+            rate_bps / 1_000_000
+        );
         let c = crossing::run(
             &image,
             Plan {
                 label: format!("{name} image ({gib} GiB)"),
-                rate_bps: UNPACED_BPS,
+                rate_bps,
                 passes: 3,
                 link: None,
                 target: Target::Layout(layout.clone()),
                 stop_tx_when_complete: false,
                 timeout: self.timeout,
+                profile: self.profile(name),
             },
         );
         let _ = std::fs::remove_dir_all(&layout);
@@ -300,13 +364,31 @@ impl Bench<'_> {
 
     fn goodput(&mut self, image: &Image, c: &Crossing) -> Result<()> {
         let weir = c.payload_bytes as f64 / c.to_delivered_s;
-        let row = |measured: String, met| Row::new("1", "goodput, FEC 32+8, 1400 B datagrams, unpaced", measured, "≥ 2× udpcast and ≥ 260 MB/s", met);
+        let figure = match self.args.goodput_rate_mbps {
+            Some(m) => format!("goodput, FEC 32+8, 1400 B datagrams, paced at {m} Mb/s"),
+            None => "goodput, FEC 32+8, 1400 B datagrams, unpaced".into(),
+        };
+        let row = |measured: String, met| {
+            Row::new(
+                "1",
+                figure.clone(),
+                measured,
+                "≥ 2× udpcast and ≥ 260 MB/s",
+                met,
+            )
+        };
         if !udpcast::available() {
-            self.rows.push(row(format!("weir {}; udpcast not installed (apt-get install udpcast)", mbs(weir)), Some(false)));
+            self.rows.push(row(
+                format!(
+                    "weir {}; udpcast not installed (apt-get install udpcast)",
+                    mbs(weir)
+                ),
+                Some(false),
+            ));
             return Ok(());
         }
         eprintln!("udpcast: the same archive, async, FEC 8x8...");
-        let u = udpcast::best_run(&image.path, &self.work, self.timeout)?;
+        let u = udpcast::best_run(&image.path, &self.work, self.timeout, &udpcast::LADDER)?;
         let udp = u.bytes_per_s();
         let ratio = weir / udp;
         self.rows.push(row(
@@ -338,6 +420,11 @@ impl Bench<'_> {
                 format!(" (lost data, so not counted, at: {})", u.failed.join(", "))
             }
         ));
+        self.notes.push(format!(
+            "goodput, CPU seconds by thread until delivery: gateway-tx {}; gateway-rx {}.",
+            threads(&c.tx_threads),
+            threads(&c.rx_threads)
+        ));
         Ok(())
     }
 
@@ -346,8 +433,15 @@ impl Bench<'_> {
         let rate = a.loss_rate_mbps * 1_000_000;
         let image = make_image(&self.work, "loss.tar", 62, a.loss_mib << 20, "bench/loss:1")?;
         let layout = self.work.join("loss-layout");
-        eprintln!("loss efficiency: {} MiB at {} Mb/s, 5 % loss + bursts...", a.loss_mib, a.loss_rate_mbps);
-        let burst = BurstLoss { enter: 0.001, exit: 0.2, loss: 1.0 };
+        eprintln!(
+            "loss efficiency: {} MiB at {} Mb/s, 5 % loss + bursts...",
+            a.loss_mib, a.loss_rate_mbps
+        );
+        let burst = BurstLoss {
+            enter: 0.001,
+            exit: 0.2,
+            loss: 1.0,
+        };
         let c = crossing::run(
             &image,
             Plan {
@@ -361,6 +455,7 @@ impl Bench<'_> {
                 target: Target::Layout(layout.clone()),
                 stop_tx_when_complete: false,
                 timeout: self.timeout,
+                profile: self.profile("loss"),
             },
         );
         let _ = std::fs::remove_dir_all(&layout);
@@ -370,18 +465,29 @@ impl Bench<'_> {
         let ratio = c.to_complete_s / ideal;
         let fec = weir_proto::FecParams::for_datagram(DATAGRAM, DATA_SHARDS, PARITY_SHARDS)
             .context("FEC parameters of the bench")?;
-        let floor = (DATA_SHARDS + PARITY_SHARDS) as f64 / DATA_SHARDS as f64 * DATAGRAM as f64 / fec.shard_size as f64;
+        let l = c.link.unwrap_or_default();
+        // What one pass puts on the wire per image byte, loss aside: parity,
+        // frame overhead (mean frame as the link saw it), a header frame
+        // every 64 shards (the default header_every).
+        let mean_frame = l.received_bytes as f64 / l.received.max(1) as f64;
+        let floor = (DATA_SHARDS + PARITY_SHARDS) as f64 / DATA_SHARDS as f64 * mean_frame
+            / fec.shard_size as f64
+            * (1.0 + 1.0 / 64.0);
         self.rows.push(Row::new(
             "2",
-            format!("loss efficiency, 5 % loss + bursts, {} Mb/s", a.loss_rate_mbps),
+            format!(
+                "loss efficiency, 5 % loss + bursts, {} Mb/s",
+                a.loss_rate_mbps
+            ),
             format!("{ratio:.2}"),
             "≤ 1.3",
             Some(ratio <= 1.3),
         ));
-        let l = c.link.unwrap_or_default();
         self.notes.push(format!(
             "loss efficiency: {:.0} MiB of blobs complete {:.1} s after acceptance; at {} Mb/s the image alone takes {:.1} s. \
-             One pass of FEC 32+8 in 1400-byte frames (shard payload {} B) is already {floor:.3}× the image, before any loss. \
+             One pass of FEC 32+8 is already about {floor:.2}× the image before any loss: 40 frames per 32 shards of {} B, \
+             frames of {mean_frame:.0} B on average (header, postcard body fields and HMAC tag: {:.0} B), plus an object \
+             header every 64 shards. \
              Link: {} frames in, {} lost independently, {} in bursts (Gilbert–Elliott enter 0.001, exit 0.2: mean burst 5), \
              {:.1} % in all; gateway-rx socket drops {}.",
             c.payload_bytes as f64 / MIB,
@@ -389,6 +495,7 @@ impl Bench<'_> {
             a.loss_rate_mbps,
             ideal,
             fec.shard_size,
+            mean_frame - fec.shard_size as f64,
             l.received,
             l.dropped_loss,
             l.dropped_burst,
@@ -409,20 +516,30 @@ impl Bench<'_> {
             _ => return,
         };
         let limit = 64 * 1024;
-        for (side, sp, bp) in [("gateway-tx", s.tx_peak_kib, b.tx_peak_kib), ("gateway-rx", s.rx_peak_kib, b.rx_peak_kib)] {
+        for (side, sp, bp) in [
+            ("gateway-tx", s.tx_peak_kib, b.tx_peak_kib),
+            ("gateway-rx", s.rx_peak_kib, b.rx_peak_kib),
+        ] {
             // Flat: the larger image may cost at most a quarter more.
             let flat = bp as f64 <= sp as f64 * 1.25;
             self.rows.push(Row::new(
                 "3",
-                format!("peak RSS {side}, {} GiB → {} GiB image", a.small_gib, a.big_gib),
-                format!("{:.1} MiB → {:.1} MiB", sp as f64 / 1024.0, bp as f64 / 1024.0),
+                format!(
+                    "peak RSS {side}, {} GiB → {} GiB image",
+                    a.small_gib, a.big_gib
+                ),
+                format!(
+                    "{:.1} MiB → {:.1} MiB",
+                    sp as f64 / 1024.0,
+                    bp as f64 / 1024.0
+                ),
                 "≤ 64 MiB, flat (≤ +25 %)",
                 Some(sp <= limit && bp <= limit && flat),
             ));
         }
         self.notes.push(format!(
             "memory: VmHWM of each process (sampled every 50 ms and just before the end) over the whole crossing, \
-             ingest included, unpaced into an OCI layout; {} GiB delivered in {:.1} s, {} GiB in {:.1} s.",
+             ingest included, at the goodput rate into an OCI layout; {} GiB delivered in {:.1} s, {} GiB in {:.1} s.",
             a.small_gib, s.to_delivered_s, a.big_gib, b.to_delivered_s
         ));
     }
@@ -438,7 +555,14 @@ impl Bench<'_> {
         let mut drops = Vec::new();
         for &mbps in &self.args.pacing_mbps {
             eprintln!("pacing at {mbps} Mb/s...");
-            let figure = format!("pacing at {}", if mbps >= 1000 { format!("{} Gb/s", mbps as f64 / 1000.0) } else { format!("{mbps} Mb/s") });
+            let figure = format!(
+                "pacing at {}",
+                if mbps >= 1000 {
+                    format!("{} Gb/s", mbps as f64 / 1000.0)
+                } else {
+                    format!("{mbps} Mb/s")
+                }
+            );
             match pacing::measure(&image, mbps * 1_000_000) {
                 Ok(p) => {
                     self.rows.push(Row::new(
@@ -454,6 +578,7 @@ impl Bench<'_> {
                         Some(p.error().abs() <= 0.02),
                     ));
                     drops.push(format!("{mbps} Mb/s: {}", p.kernel_drops));
+                    self.pacing_runs.push(p);
                 }
                 Err(e) => self.rows.push(Row::failed("4", &figure, &e)),
             }
@@ -480,15 +605,33 @@ impl Bench<'_> {
             layer_compression: LayerCompression::None,
             ..ImageOptions::default()
         };
-        let layout = imagegen::oci_layout_dir_with(&self.work, "push-layout", 64, &layers, reference, &options)
-            .context("generating the push image as a layout")?;
+        let layout = imagegen::oci_layout_dir_with(
+            &self.work,
+            "push-layout",
+            64,
+            &layers,
+            reference,
+            &options,
+        )
+        .context("generating the push image as a layout")?;
         if layout.manifest_digest.as_deref() != Some(image.manifest_digest.as_str()) {
-            bail!("the layout and the archive of the push image differ: {:?} vs {}", layout.manifest_digest, image.manifest_digest);
+            bail!(
+                "the layout and the archive of the push image differ: {:?} vs {}",
+                layout.manifest_digest,
+                image.manifest_digest
+            );
         }
-        let for_skopeo = Registry::start()?.context("docker-registry not installed: apt-get install docker-registry")?;
+        let for_skopeo = Registry::start()?
+            .context("docker-registry not installed: apt-get install docker-registry")?;
         let for_weir = Registry::start()?.context("docker-registry not installed")?;
         eprintln!("push: skopeo copy of {} MiB...", a.push_mib);
-        let skopeo_s = push::skopeo_seconds(&layout.path, &for_skopeo, "bench/push", "1", &image.manifest_digest)?;
+        let skopeo_s = push::skopeo_seconds(
+            &layout.path,
+            &for_skopeo,
+            "bench/push",
+            "1",
+            &image.manifest_digest,
+        )?;
         eprintln!("push: the same image through the pair into another registry...");
         let c = crossing::run(
             &image,
@@ -500,6 +643,7 @@ impl Bench<'_> {
                 target: Target::Registry(for_weir.url()),
                 stop_tx_when_complete: true,
                 timeout: self.timeout,
+                profile: self.profile("push"),
             },
         );
         let _ = std::fs::remove_file(&image.path);
@@ -507,20 +651,26 @@ impl Bench<'_> {
         let c = c?;
         let served = for_weir.manifest_digest("bench/push", "1")?;
         if served.as_deref() != Some(image.manifest_digest.as_str()) {
-            bail!("gateway-rx's registry serves {served:?}, expected {}", image.manifest_digest);
+            bail!(
+                "gateway-rx's registry serves {served:?}, expected {}",
+                image.manifest_digest
+            );
         }
         let ratio = c.delivery_s / skopeo_s;
         self.rows.push(Row::new(
             "5",
             format!("push of a {} MiB image into the local registry", a.push_mib),
-            format!("gateway-rx {:.2} s · skopeo {:.2} s · {ratio:.2}", c.delivery_s, skopeo_s),
+            format!(
+                "gateway-rx {:.2} s · skopeo {:.2} s · {ratio:.2}",
+                c.delivery_s, skopeo_s
+            ),
             "ratio ≤ 1.0",
             Some(ratio <= 1.0),
         ));
         self.notes.push(format!(
             "push: gateway-rx's delivery from image complete to delivery done (status.json milliseconds; gateway-tx killed \
              the moment the image was complete, so the push had the machine to itself); skopeo copy oci:LAYOUT → registry \
-             with --preserve-digests as a whole process, into a registry of its own. Uncompressed layers, {} MiB of blobs.",
+             with --preserve-digests as a whole process, into a registry of its own. Uncompressed layers, {:.0} MiB of blobs.",
             c.payload_bytes as f64 / MIB
         ));
         Ok(())
@@ -538,31 +688,90 @@ impl Bench<'_> {
         };
         let gib = c.payload_bytes as f64 / GIB;
         let per = |s: f64| format!("{:.2} s/GiB", s / gib);
-        self.rows.push(Row::new("6", "CPU gateway-tx, ingest (read, hash, store)", per(c.tx_cpu_ingest_s), "report", None));
-        self.rows.push(Row::new("6", "CPU gateway-tx, send (FEC, HMAC, pacing, UDP) until complete", per(c.tx_cpu_send_s), "report", None));
+        // Frames of one pass of this image (40 per 32 shards), to say how
+        // many passes' worth the receiver handled.
+        let shard = weir_proto::FecParams::for_datagram(DATAGRAM, DATA_SHARDS, PARITY_SHARDS)
+            .map(|f| f.shard_size as f64)
+            .unwrap_or(f64::NAN);
+        let frames_per_byte = (DATA_SHARDS + PARITY_SHARDS) as f64 / DATA_SHARDS as f64 / shard;
+        let one_pass = c.payload_bytes as f64 * frames_per_byte;
+        let passes = c.rx_counters.frames_accepted as f64 / one_pass;
+        self.rows.push(Row::new(
+            "6",
+            "CPU gateway-tx, ingest (read, hash, store)",
+            per(c.tx_cpu_ingest_s),
+            "report",
+            None,
+        ));
+        let paced = self
+            .pacing_runs
+            .iter()
+            .filter_map(|p| Some((p.configured_bps, p.tx_cpu_s_per_wire_gib?)))
+            .max_by_key(|(bps, _)| *bps);
+        let send = match paced {
+            Some((bps, s)) => format!(
+                "{s:.2} s per GiB of frames at {} Mb/s; {} until complete at the goodput rate",
+                bps / 1_000_000,
+                per(c.tx_cpu_send_s)
+            ),
+            None => format!(
+                "{} until complete at the goodput rate",
+                per(c.tx_cpu_send_s)
+            ),
+        };
+        self.rows.push(Row::new(
+            "6",
+            "CPU gateway-tx, send (FEC, HMAC, pacing, UDP)",
+            send,
+            "report",
+            None,
+        ));
         self.rows.push(Row::new(
             "6",
             "CPU gateway-rx, receive to delivered",
-            format!("{} (to complete {})", per(c.rx_cpu_s), per(c.rx_cpu_to_complete_s)),
+            format!(
+                "{} (to complete {}), {passes:.1} passes' frames",
+                per(c.rx_cpu_s),
+                per(c.rx_cpu_to_complete_s)
+            ),
             "report",
             None,
         ));
         self.notes.push(format!(
             "CPU: utime+stime from /proc/PID/stat, sampled every 50 ms and interpolated at the moments of acceptance, \
-             completion and delivery, divided by the GiB of blobs, in the unpaced {gib_label} GiB crossing. gateway-tx sends \
-             more than one pass's frames per image while the receiver loses datagrams to overrun (see goodput)."
+             completion and delivery, per GiB of blobs, in the {gib_label} GiB crossing at the goodput rate; the sender's \
+             cost per GiB of frames also from the steady pacing window (one pass is at most {:.3} GiB of frames per GiB \
+             of image). When the receiver overruns, the sender's later passes add frames on both sides (passes' frames \
+             = frames accepted by gateway-rx ÷ frames of one pass). CPU seconds by thread: gateway-tx {}; gateway-rx {}.",
+            frames_per_byte * DATAGRAM as f64,
+            threads(&c.tx_threads),
+            threads(&c.rx_threads)
         ));
     }
 
-    fn print(&self, facts: &[String], load_before: &str, load_after: &str, raised: &[String], took: Duration) {
+    fn print(
+        &self,
+        facts: &[String],
+        load_before: &str,
+        load_after: &str,
+        raised: &[String],
+        took: Duration,
+    ) {
         let args: Vec<String> = std::env::args().skip(1).collect();
         println!();
-        println!("`cargo run --release -p weir-tests --bin bench --{}{}`", if args.is_empty() { "" } else { " " }, args.join(" "));
+        println!(
+            "`cargo run --release -p weir-tests --bin bench --{}{}`",
+            if args.is_empty() { "" } else { " " },
+            args.join(" ")
+        );
         println!();
         println!("| # | figure | measured | goal | |");
         println!("|---|---|---|---|---|");
         for r in &self.rows {
-            println!("| {} | {} | {} | {} | {} |", r.number, r.figure, r.measured, r.goal, r.met);
+            println!(
+                "| {} | {} | {} | {} | {} |",
+                r.number, r.figure, r.measured, r.goal, r.met
+            );
         }
         println!();
         for n in &self.notes {
@@ -575,7 +784,10 @@ impl Bench<'_> {
         }
         println!("- load average (1, 5, 15 min) before: {load_before}; after: {load_after}");
         if !raised.is_empty() {
-            println!("- raised for the run and restored after: {}", raised.join(", "));
+            println!(
+                "- raised for the run and restored after: {}",
+                raised.join(", ")
+            );
         }
         println!("- whole run: {:.0} s", took.as_secs_f64());
     }
