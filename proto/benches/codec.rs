@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use weir_proto::{
-    Body, BlockCodec, FecParams, FrameOpener, FrameSealer, Key, KeyRing, ObjectId, ObjectKind,
+    BlockCodec, Body, FecParams, FrameOpener, FrameSealer, Key, KeyRing, ObjectId, ObjectKind,
     ShardFrame,
 };
 
@@ -74,35 +74,39 @@ fn bench(c: &mut Criterion) {
     let opener = FrameOpener::new(KeyRing::new(vec![key]).unwrap());
     let n = params.total_shards() as usize;
     for lost in [0usize, 1, 4, 8] {
-        g.bench_with_input(BenchmarkId::new("verify+decode/lost", lost), &lost, |b, &lost| {
-            let mut block: Vec<Option<Vec<u8>>> = vec![None; n];
-            let mut out = Vec::with_capacity(OBJECT_LEN);
-            b.iter(|| {
-                out.clear();
-                for (bi, block_frames) in frames.chunks(n).enumerate() {
-                    for slot in block.iter_mut() {
-                        *slot = None;
-                    }
-                    // Lose the first `lost` data shards: the worst case, every
-                    // loss needs decoding.
-                    for f in &block_frames[lost..] {
-                        let frame = opener.open(f).unwrap();
-                        if let Body::Shard(s) = frame.body {
-                            block[s.index as usize] = Some(s.payload.to_vec());
+        g.bench_with_input(
+            BenchmarkId::new("verify+decode/lost", lost),
+            &lost,
+            |b, &lost| {
+                let mut block: Vec<Option<Vec<u8>>> = vec![None; n];
+                let mut out = Vec::with_capacity(OBJECT_LEN);
+                b.iter(|| {
+                    out.clear();
+                    for (bi, block_frames) in frames.chunks(n).enumerate() {
+                        for slot in block.iter_mut() {
+                            *slot = None;
+                        }
+                        // Lose the first `lost` data shards: the worst case, every
+                        // loss needs decoding.
+                        for f in &block_frames[lost..] {
+                            let frame = opener.open(f).unwrap();
+                            if let Body::Shard(s) = frame.body {
+                                block[s.index as usize] = Some(s.payload.to_vec());
+                            }
+                        }
+                        codec.reconstruct_data(&mut block).unwrap();
+                        let want = params.block_len(OBJECT_LEN as u64, bi as u32);
+                        let mut left = want;
+                        for sh in block[..K as usize].iter().flatten() {
+                            let take = left.min(sh.len());
+                            out.extend_from_slice(&sh[..take]);
+                            left -= take;
                         }
                     }
-                    codec.reconstruct_data(&mut block).unwrap();
-                    let want = params.block_len(OBJECT_LEN as u64, bi as u32);
-                    let mut left = want;
-                    for sh in block[..K as usize].iter().flatten() {
-                        let take = left.min(sh.len());
-                        out.extend_from_slice(&sh[..take]);
-                        left -= take;
-                    }
-                }
-                assert_eq!(out.len(), OBJECT_LEN);
-            })
-        });
+                    assert_eq!(out.len(), OBJECT_LEN);
+                })
+            },
+        );
     }
     g.finish();
 }

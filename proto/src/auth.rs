@@ -23,7 +23,9 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("key file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}"
+    )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("key file {path}: not hex ({reason})")]
     NotHex { path: PathBuf, reason: String },
@@ -177,7 +179,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write_key(dir.path(), "short.key", &"ab".repeat(31), 0o600);
         let err = Key::load(1, &p).unwrap_err().to_string();
-        assert!(err.contains("short.key") && err.contains("31 bytes"), "{err}");
+        assert!(
+            err.contains("short.key") && err.contains("31 bytes"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -185,7 +190,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write_key(dir.path(), "open.key", &"ab".repeat(32), 0o640);
         let err = Key::load(1, &p).unwrap_err().to_string();
-        assert!(err.contains("open.key") && err.contains("chmod 600"), "{err}");
+        assert!(
+            err.contains("open.key") && err.contains("chmod 600"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -199,6 +207,9 @@ mod tests {
     fn ring_refuses_duplicate_ids() {
         let a = Key::from_bytes(1, &[1; 32]).unwrap();
         let b = Key::from_bytes(1, &[2; 32]).unwrap();
-        assert!(matches!(KeyRing::new(vec![a, b]), Err(KeyError::DuplicateId(1))));
+        assert!(matches!(
+            KeyRing::new(vec![a, b]),
+            Err(KeyError::DuplicateId(1))
+        ));
     }
 }

@@ -119,11 +119,7 @@ pub struct BlockCodec {
 
 impl BlockCodec {
     pub fn new(params: FecParams) -> Result<Self, FecError> {
-        FecParams::new(
-            params.data_shards,
-            params.parity_shards,
-            params.shard_size,
-        )?;
+        FecParams::new(params.data_shards, params.parity_shards, params.shard_size)?;
         let rs = if params.parity_shards == 0 {
             None
         } else {

@@ -267,9 +267,12 @@ pub fn peek_header(frame: &[u8]) -> Result<(Header, usize), FrameError> {
         return Err(FrameError::UnsupportedVersion(frame[4]));
     }
     let kind_byte = frame[5];
-    let be16 = |r: std::ops::Range<usize>| u16::from_be_bytes(frame[r].try_into().unwrap_or([0; 2]));
-    let be32 = |r: std::ops::Range<usize>| u32::from_be_bytes(frame[r].try_into().unwrap_or([0; 4]));
-    let be64 = |r: std::ops::Range<usize>| u64::from_be_bytes(frame[r].try_into().unwrap_or([0; 8]));
+    let be16 =
+        |r: std::ops::Range<usize>| u16::from_be_bytes(frame[r].try_into().unwrap_or([0; 2]));
+    let be32 =
+        |r: std::ops::Range<usize>| u32::from_be_bytes(frame[r].try_into().unwrap_or([0; 4]));
+    let be64 =
+        |r: std::ops::Range<usize>| u64::from_be_bytes(frame[r].try_into().unwrap_or([0; 8]));
     let body_len = be32(24..28) as usize;
     if body_len > MAX_BODY_LEN {
         return Err(FrameError::Length {
@@ -361,7 +364,9 @@ fn validate_shard(s: &ShardFrame<'_>) -> Result<(), FrameError> {
         return Err(FrameError::Invalid("shard FEC parameters"));
     }
     if s.payload.len() != s.fec.shard_size as usize {
-        return Err(FrameError::Invalid("shard payload length differs from shard_size"));
+        return Err(FrameError::Invalid(
+            "shard payload length differs from shard_size",
+        ));
     }
     if s.index >= s.fec.total_shards() {
         return Err(FrameError::Invalid("shard index beyond k + m"));
@@ -389,8 +394,17 @@ mod tests {
         (1u16..=200, 0u16..=56, 1u32..300).prop_map(|(k, m, s)| FecParams::new(k, m, s).unwrap())
     }
 
-    fn arb_owned_body() -> impl Strategy<Value = (u8, Vec<u8>, FecParams, u64, u32, u16, [u8; 32])> {
-        (0u8..3, any::<Vec<u8>>(), arb_fec(), any::<u64>(), any::<u32>(), any::<u16>(), any::<[u8; 32]>())
+    fn arb_owned_body() -> impl Strategy<Value = (u8, Vec<u8>, FecParams, u64, u32, u16, [u8; 32])>
+    {
+        (
+            0u8..3,
+            any::<Vec<u8>>(),
+            arb_fec(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u16>(),
+            any::<[u8; 32]>(),
+        )
     }
 
     /// Builds a valid body of each kind from arbitrary parts.

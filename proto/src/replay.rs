@@ -184,8 +184,20 @@ mod tests {
     #[test]
     fn refuses_repeats_and_accepts_reordering() {
         let mut g = ReplayGuard::new();
-        assert!(matches!(g.check(1, 10, 0), ReplayVerdict::Fresh { new_session: true, .. }));
-        assert_eq!(g.check(1, 10, 3), ReplayVerdict::Fresh { gap: 2, new_session: false });
+        assert!(matches!(
+            g.check(1, 10, 0),
+            ReplayVerdict::Fresh {
+                new_session: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            g.check(1, 10, 3),
+            ReplayVerdict::Fresh {
+                gap: 2,
+                new_session: false
+            }
+        );
         assert_eq!(g.check(1, 10, 3), ReplayVerdict::Replayed);
         assert!(matches!(g.check(1, 10, 1), ReplayVerdict::Fresh { .. }));
         assert_eq!(g.check(1, 10, 1), ReplayVerdict::Replayed);
@@ -206,7 +218,10 @@ mod tests {
         let mut g = ReplayGuard::new();
         g.check(1, 10, 5);
         // 5 + WINDOW maps to the same slot as 5: it must count as new.
-        assert!(matches!(g.check(1, 10, 5 + WINDOW), ReplayVerdict::Fresh { .. }));
+        assert!(matches!(
+            g.check(1, 10, 5 + WINDOW),
+            ReplayVerdict::Fresh { .. }
+        ));
         assert_eq!(g.check(1, 10, 5 + WINDOW), ReplayVerdict::Replayed);
     }
 
@@ -214,10 +229,22 @@ mod tests {
     fn restart_is_accepted_and_old_session_refused() {
         let mut g = ReplayGuard::new();
         g.check(1, 10, 100);
-        assert!(matches!(g.check(1, 11, 0), ReplayVerdict::Fresh { new_session: true, .. }));
+        assert!(matches!(
+            g.check(1, 11, 0),
+            ReplayVerdict::Fresh {
+                new_session: true,
+                ..
+            }
+        ));
         assert_eq!(g.check(1, 10, 101), ReplayVerdict::Stale);
         // Sessions are per key id.
-        assert!(matches!(g.check(2, 5, 0), ReplayVerdict::Fresh { new_session: true, .. }));
+        assert!(matches!(
+            g.check(2, 5, 0),
+            ReplayVerdict::Fresh {
+                new_session: true,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -114,7 +114,14 @@ fn frame_decoder_survives_hostile_input() {
                 2 => {
                     let mut body = vec![0u8; rng.gen_range(0..120)];
                     rng.fill_bytes(&mut body);
-                    seal_raw(&key, rng.gen_range(0..5), rng.gen(), rng.gen(), &body, &mut input);
+                    seal_raw(
+                        &key,
+                        rng.gen_range(0..5),
+                        rng.gen(),
+                        rng.gen(),
+                        &body,
+                        &mut input,
+                    );
                 }
                 _ => {
                     // A valid body, mutated, then signed: only the decoder stands guard.

@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 fn bin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test executable")?;
     // target/<profile>/deps/<test> or target/<profile>/<bin>
-    let mut dir = exe.parent().context("test executable has no directory")?.to_path_buf();
+    let mut dir = exe
+        .parent()
+        .context("test executable has no directory")?
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -33,7 +36,15 @@ pub fn gateway_bin(name: &str) -> Result<PathBuf> {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let release = bin_dir().map(|d| d.ends_with("release")).unwrap_or(false);
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "gateway-tx", "-p", "gateway-rx", "--bins"]);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "gateway-tx",
+            "-p",
+            "gateway-rx",
+            "--bins",
+        ]);
         if release {
             cmd.arg("--release");
         }
@@ -101,7 +112,10 @@ impl Gateway {
         let child = Command::new(&bin)
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone().context("duplicating log handle")?)
             .stderr(out)
@@ -311,11 +325,19 @@ impl Site {
     }
 
     pub fn start_rx(&self) -> Result<Gateway> {
-        Gateway::start("gateway-rx", &self.rx_config, &self.dir.path().join("rx.log"))
+        Gateway::start(
+            "gateway-rx",
+            &self.rx_config,
+            &self.dir.path().join("rx.log"),
+        )
     }
 
     pub fn start_tx(&self) -> Result<Gateway> {
-        Gateway::start("gateway-tx", &self.tx_config, &self.dir.path().join("tx.log"))
+        Gateway::start(
+            "gateway-tx",
+            &self.tx_config,
+            &self.dir.path().join("tx.log"),
+        )
     }
 
     /// Drops an archive the way the convention asks: copied under a

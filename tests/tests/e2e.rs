@@ -37,7 +37,12 @@ fn diode_to(site: &Site, f: impl FnOnce(&mut DiodeConfig)) -> Result<DiodeHandle
 }
 
 /// Fails with both gateways' logs when `cond` does not hold in time.
-fn expect_within(what: &str, timeout: Duration, gws: &mut [&mut Gateway], cond: impl FnMut() -> bool) {
+fn expect_within(
+    what: &str,
+    timeout: Duration,
+    gws: &mut [&mut Gateway],
+    cond: impl FnMut() -> bool,
+) {
     if !wait_until(timeout, cond) {
         let logs: Vec<String> = gws
             .iter_mut()
@@ -58,9 +63,11 @@ fn counter(site: &Site, name: &str) -> u64 {
 
 fn delivered(site: &Site, digest: &str) -> bool {
     site.rx_status().is_some_and(|s| {
-        s["deliveries"].as_array().into_iter().flatten().any(|d| {
-            d["manifest_digest"] == digest && d["state"] == "done"
-        })
+        s["deliveries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|d| d["manifest_digest"] == digest && d["state"] == "done")
     })
 }
 
@@ -68,7 +75,13 @@ fn layout_lists(dir: &Path, digest: &str) -> bool {
     std::fs::read_to_string(dir.join("index.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["manifests"].as_array().into_iter().flatten().any(|m| m["digest"] == digest))
+        .is_some_and(|v| {
+            v["manifests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["digest"] == digest)
+        })
 }
 
 /// 1 and 7: every archive format crosses a link with loss, bursts,
@@ -76,19 +89,46 @@ fn layout_lists(dir: &Path, digest: &str) -> bool {
 /// source's digests (the config digest for a docker-archive, whose layers
 /// the sender compresses); the same image dropped again crosses once.
 #[test]
-fn every_format_crosses_a_faulty_link_with_digests_intact_and_a_redrop_crosses_once() -> Result<()> {
-    let Some(registry) = registry() else { return Ok(()) };
+fn every_format_crosses_a_faulty_link_with_digests_intact_and_a_redrop_crosses_once() -> Result<()>
+{
+    let Some(registry) = registry() else {
+        return Ok(());
+    };
     let opts = SiteOptions::default();
     let site = Site::new(Target::Registry(registry.url()), &opts)?;
     let work = site.dir.path();
-    let docker = imagegen::docker_archive(work, "docker.tar", 11, &layers(&[900_000, 300_000]), "quay.low.example:5000/team-a/app:1.0", DockerFlavor::Classic)?;
-    let oci = imagegen::oci_archive(work, "oci.tar", 12, &layers(&[700_000, 200_000]), "team-b/svc:2.0")?;
-    let multi = imagegen::multiarch_oci_archive(work, "multi.tar", 13, &[("linux", "amd64"), ("linux", "arm64")], &layers(&[400_000, 100_000]), "team-c/multi:3.0")?;
+    let docker = imagegen::docker_archive(
+        work,
+        "docker.tar",
+        11,
+        &layers(&[900_000, 300_000]),
+        "quay.low.example:5000/team-a/app:1.0",
+        DockerFlavor::Classic,
+    )?;
+    let oci = imagegen::oci_archive(
+        work,
+        "oci.tar",
+        12,
+        &layers(&[700_000, 200_000]),
+        "team-b/svc:2.0",
+    )?;
+    let multi = imagegen::multiarch_oci_archive(
+        work,
+        "multi.tar",
+        13,
+        &[("linux", "amd64"), ("linux", "arm64")],
+        &layers(&[400_000, 100_000]),
+        "team-c/multi:3.0",
+    )?;
 
     let mut rx = site.start_rx()?;
     let diode = diode_to(&site, |c| {
         c.loss = 0.03;
-        c.burst = Some(BurstLoss { enter: 0.002, exit: 0.3, loss: 1.0 });
+        c.burst = Some(BurstLoss {
+            enter: 0.002,
+            exit: 0.3,
+            loss: 1.0,
+        });
         c.corrupt = 0.002;
         c.duplicate = 0.01;
         c.reorder = 0.01;
@@ -99,63 +139,135 @@ fn every_format_crosses_a_faulty_link_with_digests_intact_and_a_redrop_crosses_o
     site.drop_image(&oci.path, "oci.tar")?;
     site.drop_image(&multi.path, "multi.tar")?;
 
-    expect_within("all three tags in the registry", DELIVERY_TIMEOUT, &mut [&mut tx, &mut rx], || {
-        [("team-a/app", "1.0"), ("team-b/svc", "2.0"), ("team-c/multi", "3.0")]
+    expect_within(
+        "all three tags in the registry",
+        DELIVERY_TIMEOUT,
+        &mut [&mut tx, &mut rx],
+        || {
+            [
+                ("team-a/app", "1.0"),
+                ("team-b/svc", "2.0"),
+                ("team-c/multi", "3.0"),
+            ]
             .iter()
             .all(|(r, t)| matches!(registry.manifest_digest(r, t), Ok(Some(_))))
-    });
+        },
+    );
 
     let got = registry.verify_image("team-a/app", "1.0")?;
-    assert_eq!(got.config_digests, vec![docker.config_digest.clone()], "docker-archive config digest");
+    assert_eq!(
+        got.config_digests,
+        vec![docker.config_digest.clone()],
+        "docker-archive config digest"
+    );
     let got = registry.verify_image("team-b/svc", "2.0")?;
-    assert_eq!(Some(got.manifest_digest), oci.manifest_digest, "OCI manifest digest");
+    assert_eq!(
+        Some(got.manifest_digest),
+        oci.manifest_digest,
+        "OCI manifest digest"
+    );
     let mut want_blobs = oci.blob_digests.clone();
     want_blobs.sort();
     let mut have_blobs = got.blob_digests;
     have_blobs.sort();
-    assert_eq!(have_blobs, want_blobs, "every OCI blob re-hashed from the registry");
+    assert_eq!(
+        have_blobs, want_blobs,
+        "every OCI blob re-hashed from the registry"
+    );
     let got = registry.verify_image("team-c/multi", "3.0")?;
-    assert_eq!(Some(got.manifest_digest), multi.manifest_digest, "index digest");
+    assert_eq!(
+        Some(got.manifest_digest),
+        multi.manifest_digest,
+        "index digest"
+    );
     assert_eq!(got.children, multi.children, "child manifests, in order");
 
     let faults = diode.stats().snapshot();
-    assert!(faults.corrupted > 0 && faults.duplicated > 0 && faults.dropped_loss > 0, "{faults:?}");
-    assert!(counter(&site, "frames_bad_tag") > 0, "corrupted frames were dropped by the tag check");
+    assert!(
+        faults.corrupted > 0 && faults.duplicated > 0 && faults.dropped_loss > 0,
+        "{faults:?}"
+    );
+    assert!(
+        counter(&site, "frames_bad_tag") > 0,
+        "corrupted frames were dropped by the tag check"
+    );
 
     // 7: the OCI image again, under another name: not sent again.
     site.drop_image(&oci.path, "oci-again.tar")?;
-    expect_within("the re-drop moved to done/ as already sent", Duration::from_secs(30), &mut [&mut tx, &mut rx], || {
-        std::fs::read_to_string(site.spool.join("done/oci-again.tar.reason.json"))
-            .is_ok_and(|t| t.contains("already-sent"))
-    });
-    let tx_images = site.tx_status().context("tx status")?["images"].as_array().map(Vec::len);
-    assert_eq!(tx_images, Some(3), "the re-drop added no image to the carousel");
-    assert_eq!(registry.manifest_puts("team-b/svc", "2.0")?, 1, "the tag was pushed once");
+    expect_within(
+        "the re-drop moved to done/ as already sent",
+        Duration::from_secs(30),
+        &mut [&mut tx, &mut rx],
+        || {
+            std::fs::read_to_string(site.spool.join("done/oci-again.tar.reason.json"))
+                .is_ok_and(|t| t.contains("already-sent"))
+        },
+    );
+    let tx_images = site.tx_status().context("tx status")?["images"]
+        .as_array()
+        .map(Vec::len);
+    assert_eq!(
+        tx_images,
+        Some(3),
+        "the re-drop added no image to the carousel"
+    );
+    assert_eq!(
+        registry.manifest_puts("team-b/svc", "2.0")?,
+        1,
+        "the tag was pushed once"
+    );
     Ok(())
 }
 
 /// 2: a blackout longer than a whole pass: the image arrives by a later pass.
 #[test]
 fn a_blackout_longer_than_a_pass_is_bridged_by_a_later_pass() -> Result<()> {
-    let opts = SiteOptions { rate_bps: 20_000_000, passes: 4, ..Default::default() };
+    let opts = SiteOptions {
+        rate_bps: 20_000_000,
+        passes: 4,
+        ..Default::default()
+    };
     let out = tempfile::tempdir()?;
     let site = Site::new(Target::Layout(out.path().join("layout")), &opts)?;
-    let image = imagegen::oci_archive(site.dir.path(), "img.tar", 21, &layers(&[2_000_000]), "team-a/dark:1")?;
+    let image = imagegen::oci_archive(
+        site.dir.path(),
+        "img.tar",
+        21,
+        &layers(&[2_000_000]),
+        "team-a/dark:1",
+    )?;
     let digest = image.manifest_digest.clone().context("digest")?;
     let mut rx = site.start_rx()?;
     // A pass of ~2.6 MB of frames at 20 Mb/s takes about 1 s; the blackout
     // covers the first four seconds.
-    let diode = diode_to(&site, |c| c.blackouts = vec![Blackout { start: Duration::ZERO, duration: Duration::from_secs(4) }])?;
+    let diode = diode_to(&site, |c| {
+        c.blackouts = vec![Blackout {
+            start: Duration::ZERO,
+            duration: Duration::from_secs(4),
+        }]
+    })?;
     site.write_tx_config(diode.local_addr(), &opts)?;
     let mut tx = site.start_tx()?;
     site.drop_image(&image.path, "img.tar")?;
-    expect_within("delivery into the layout", DELIVERY_TIMEOUT, &mut [&mut tx, &mut rx], || {
-        layout_lists(&out.path().join("layout"), &digest)
-    });
+    expect_within(
+        "delivery into the layout",
+        DELIVERY_TIMEOUT,
+        &mut [&mut tx, &mut rx],
+        || layout_lists(&out.path().join("layout"), &digest),
+    );
     let c = diode.stats().snapshot();
-    assert!(c.dropped_blackout > 1500, "the blackout swallowed at least a whole pass: {c:?}");
-    let pass = site.tx_status().and_then(|s| s["pass"].as_u64()).unwrap_or(0);
-    assert!(pass >= 1, "delivered by a pass after the first (tx pass {pass})");
+    assert!(
+        c.dropped_blackout > 1500,
+        "the blackout swallowed at least a whole pass: {c:?}"
+    );
+    let pass = site
+        .tx_status()
+        .and_then(|s| s["pass"].as_u64())
+        .unwrap_or(0);
+    assert!(
+        pass >= 1,
+        "delivered by a pass after the first (tx pass {pass})"
+    );
     Ok(())
 }
 
@@ -163,37 +275,67 @@ fn a_blackout_longer_than_a_pass_is_bridged_by_a_later_pass() -> Result<()> {
 /// restarted: the image is delivered and its tag pushed exactly once.
 #[test]
 fn kill_9_of_both_gateways_mid_transfer_still_delivers_each_tag_once() -> Result<()> {
-    let Some(registry) = registry() else { return Ok(()) };
-    let opts = SiteOptions { rate_bps: 16_000_000, passes: 3, ..Default::default() };
+    let Some(registry) = registry() else {
+        return Ok(());
+    };
+    let opts = SiteOptions {
+        rate_bps: 16_000_000,
+        passes: 3,
+        ..Default::default()
+    };
     let site = Site::new(Target::Registry(registry.url()), &opts)?;
-    let image = imagegen::oci_archive(site.dir.path(), "big.tar", 31, &layers(&[3_000_000, 3_000_000]), "team-a/crash:1")?;
+    let image = imagegen::oci_archive(
+        site.dir.path(),
+        "big.tar",
+        31,
+        &layers(&[3_000_000, 3_000_000]),
+        "team-a/crash:1",
+    )?;
     let mut rx = site.start_rx()?;
     let diode = diode_to(&site, |c| c.loss = 0.02)?;
     site.write_tx_config(diode.local_addr(), &opts)?;
     let mut tx = site.start_tx()?;
     site.drop_image(&image.path, "big.tar")?;
 
-    expect_within("receiver mid-transfer", Duration::from_secs(60), &mut [&mut tx, &mut rx], || {
-        counter(&site, "shards_stored") > 1500
-    });
+    expect_within(
+        "receiver mid-transfer",
+        Duration::from_secs(60),
+        &mut [&mut tx, &mut rx],
+        || counter(&site, "shards_stored") > 1500,
+    );
     rx.kill9();
     std::thread::sleep(Duration::from_millis(500));
     let mut rx = site.start_rx()?;
-    expect_within("sender mid-pass", Duration::from_secs(60), &mut [&mut tx, &mut rx], || {
-        site.tx_status().and_then(|s| s["wire"]["frames"].as_u64()).unwrap_or(0) > 3000
-    });
+    expect_within(
+        "sender mid-pass",
+        Duration::from_secs(60),
+        &mut [&mut tx, &mut rx],
+        || {
+            site.tx_status()
+                .and_then(|s| s["wire"]["frames"].as_u64())
+                .unwrap_or(0)
+                > 3000
+        },
+    );
     tx.kill9();
     std::thread::sleep(Duration::from_millis(300));
     let mut tx = site.start_tx()?;
 
-    expect_within("delivered after both crashes", DELIVERY_TIMEOUT, &mut [&mut tx, &mut rx], || {
-        matches!(registry.manifest_digest("team-a/crash", "1"), Ok(Some(_)))
-    });
+    expect_within(
+        "delivered after both crashes",
+        DELIVERY_TIMEOUT,
+        &mut [&mut tx, &mut rx],
+        || matches!(registry.manifest_digest("team-a/crash", "1"), Ok(Some(_))),
+    );
     let got = registry.verify_image("team-a/crash", "1")?;
     assert_eq!(Some(got.manifest_digest), image.manifest_digest);
     // Give a duplicate push the time it would need to show.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(registry.manifest_puts("team-a/crash", "1")?, 1, "the tag was pushed once");
+    assert_eq!(
+        registry.manifest_puts("team-a/crash", "1")?,
+        1,
+        "the tag was pushed once"
+    );
     assert!(tx.is_running() && rx.is_running());
     Ok(())
 }
@@ -202,10 +344,18 @@ fn kill_9_of_both_gateways_mid_transfer_still_delivers_each_tag_once() -> Result
 /// it gets the image.
 #[test]
 fn a_registry_down_while_images_complete_gets_them_once_it_is_back() -> Result<()> {
-    let Some(mut registry) = registry() else { return Ok(()) };
+    let Some(mut registry) = registry() else {
+        return Ok(());
+    };
     let opts = SiteOptions::default();
     let site = Site::new(Target::Registry(registry.url()), &opts)?;
-    let image = imagegen::oci_archive(site.dir.path(), "img.tar", 41, &layers(&[1_000_000]), "team-a/patient:1")?;
+    let image = imagegen::oci_archive(
+        site.dir.path(),
+        "img.tar",
+        41,
+        &layers(&[1_000_000]),
+        "team-a/patient:1",
+    )?;
     let digest = image.manifest_digest.clone().context("digest")?;
     registry.stop()?;
     let mut rx = site.start_rx()?;
@@ -214,15 +364,24 @@ fn a_registry_down_while_images_complete_gets_them_once_it_is_back() -> Result<(
     let mut tx = site.start_tx()?;
     site.drop_image(&image.path, "img.tar")?;
 
-    expect_within("image complete, push failing", DELIVERY_TIMEOUT, &mut [&mut tx, &mut rx], || {
-        counter(&site, "images_complete") >= 1 && counter(&site, "push_attempts_failed") >= 1
-    });
+    expect_within(
+        "image complete, push failing",
+        DELIVERY_TIMEOUT,
+        &mut [&mut tx, &mut rx],
+        || counter(&site, "images_complete") >= 1 && counter(&site, "push_attempts_failed") >= 1,
+    );
     assert!(!delivered(&site, &digest));
     registry.restart()?;
-    expect_within("delivered once the registry is back", DELIVERY_TIMEOUT, &mut [&mut tx, &mut rx], || {
-        delivered(&site, &digest)
-    });
-    assert_eq!(registry.manifest_digest("team-a/patient", "1")?, Some(digest));
+    expect_within(
+        "delivered once the registry is back",
+        DELIVERY_TIMEOUT,
+        &mut [&mut tx, &mut rx],
+        || delivered(&site, &digest),
+    );
+    assert_eq!(
+        registry.manifest_digest("team-a/patient", "1")?,
+        Some(digest)
+    );
     Ok(())
 }
 
@@ -271,12 +430,28 @@ impl Drop for Recorder {
 #[test]
 fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Result<()> {
     let rules = "namespaces:\n  - team-a\nrules:\n  - regex: 'team-a/.*:.*'\n    gate: High\n";
-    let opts = SiteOptions { rules_yaml: Some(rules.into()), rate_bps: 20_000_000, ..Default::default() };
+    let opts = SiteOptions {
+        rules_yaml: Some(rules.into()),
+        rate_bps: 20_000_000,
+        ..Default::default()
+    };
     let out = tempfile::tempdir()?;
     let layout = out.path().join("layout");
     let site = Site::new(Target::Layout(layout.clone()), &opts)?;
-    let good = imagegen::oci_archive(site.dir.path(), "good.tar", 51, &layers(&[1_500_000]), "team-a/app:1")?;
-    let refused = imagegen::oci_archive(site.dir.path(), "refused.tar", 52, &layers(&[500_000]), "team-z/app:1")?;
+    let good = imagegen::oci_archive(
+        site.dir.path(),
+        "good.tar",
+        51,
+        &layers(&[1_500_000]),
+        "team-a/app:1",
+    )?;
+    let refused = imagegen::oci_archive(
+        site.dir.path(),
+        "refused.tar",
+        52,
+        &layers(&[500_000]),
+        "team-z/app:1",
+    )?;
     let good_digest = good.manifest_digest.clone().context("digest")?;
     let refused_digest = refused.manifest_digest.clone().context("digest")?;
     // A clean Trivy report for the accepted image (a gate with no report fails closed).
@@ -292,11 +467,20 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
     site.drop_image(&refused.path, "refused.tar")?;
     site.drop_image(&good.path, "good.tar")?;
 
-    expect_within("genuine frames recorded", Duration::from_secs(60), &mut [&mut tx, &mut rx], || {
-        recorder.frames.lock().unwrap().len() >= 200
-    });
+    expect_within(
+        "genuine frames recorded",
+        Duration::from_secs(60),
+        &mut [&mut tx, &mut rx],
+        || recorder.frames.lock().unwrap().len() >= 200,
+    );
     let inject = UdpSocket::bind("127.0.0.1:0")?;
-    let heartbeat = Body::Heartbeat(Heartbeat { uptime_s: 1, queued_objects: 0, pass: 0, config_fingerprint: 0, sent_frames: 0 });
+    let heartbeat = Body::Heartbeat(Heartbeat {
+        uptime_s: 1,
+        queued_objects: 0,
+        pass: 0,
+        config_fingerprint: 0,
+        sent_frames: 0,
+    });
     let mut frame = Vec::new();
     // Same key id as the real key, another secret: a forgery.
     let mut forger = FrameSealer::new(Key::from_bytes(1, &[0x66; 32])?, u64::MAX);
@@ -315,11 +499,23 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
         inject.send_to(f, site.rx_addr)?;
     }
 
-    expect_within("good image delivered", DELIVERY_TIMEOUT, &mut [&mut tx, &mut rx], || layout_lists(&layout, &good_digest));
-    expect_within("injections counted", Duration::from_secs(10), &mut [&mut tx, &mut rx], || {
-        counter(&site, "frames_unknown_key") == 30 && counter(&site, "frames_replayed") >= 200
-    });
-    assert_eq!(counter(&site, "frames_bad_tag"), 50, "exactly the forgeries failed the tag check");
+    expect_within(
+        "good image delivered",
+        DELIVERY_TIMEOUT,
+        &mut [&mut tx, &mut rx],
+        || layout_lists(&layout, &good_digest),
+    );
+    expect_within(
+        "injections counted",
+        Duration::from_secs(10),
+        &mut [&mut tx, &mut rx],
+        || counter(&site, "frames_unknown_key") == 30 && counter(&site, "frames_replayed") >= 200,
+    );
+    assert_eq!(
+        counter(&site, "frames_bad_tag"),
+        50,
+        "exactly the forgeries failed the tag check"
+    );
 
     // 6: the refused drop, with its reason, never on the wire.
     let reason = std::fs::read_to_string(site.spool.join("rejected/refused.tar.reason.json"))
@@ -329,6 +525,9 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
     assert!(site.spool.join("rejected/refused.tar").exists());
     assert!(!layout_lists(&layout, &refused_digest));
     let rx_images = site.rx_status().context("rx status")?["images"].clone();
-    assert!(!rx_images.to_string().contains(&refused_digest), "refused image reached the receiver: {rx_images}");
+    assert!(
+        !rx_images.to_string().contains(&refused_digest),
+        "refused image reached the receiver: {rx_images}"
+    );
     Ok(())
 }

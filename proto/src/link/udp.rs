@@ -21,9 +21,15 @@ fn socket_for(addr: &SocketAddr) -> Result<Socket, LinkError> {
 /// gave less: small buffers lose frames in bursts on a fast link.
 fn size_buffer(sock: &Socket, receive: bool) -> usize {
     let (set, sysctl) = if receive {
-        (sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES), "net.core.rmem_max")
+        (
+            sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES),
+            "net.core.rmem_max",
+        )
     } else {
-        (sock.set_send_buffer_size(SOCKET_BUFFER_BYTES), "net.core.wmem_max")
+        (
+            sock.set_send_buffer_size(SOCKET_BUFFER_BYTES),
+            "net.core.wmem_max",
+        )
     };
     if let Err(e) = set {
         tracing::warn!(error = %e, "could not set UDP socket buffer size");
@@ -256,7 +262,10 @@ mod tests {
 
     #[test]
     fn sending_to_a_closed_port_is_not_an_error() {
-        let closed = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let closed = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let mut sink = UdpSink::connect(closed, 100).unwrap();
         for _ in 0..5 {
             sink.send(&[&[1u8; 10][..]]).unwrap();

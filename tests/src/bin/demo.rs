@@ -65,7 +65,8 @@ fn run(args: &Args) -> Result<()> {
         std::fs::remove_dir_all(&args.work)
             .with_context(|| format!("emptying {}", args.work.display()))?;
     }
-    std::fs::create_dir_all(&args.work).with_context(|| format!("creating {}", args.work.display()))?;
+    std::fs::create_dir_all(&args.work)
+        .with_context(|| format!("creating {}", args.work.display()))?;
     let work = args.work.canonicalize()?;
     let log = std::fs::File::create(work.join("demo.log")).context("creating demo.log")?;
     tracing_subscriber::fmt()
@@ -161,7 +162,9 @@ fn run(args: &Args) -> Result<()> {
     println!(
         "gateway-tx → diode-sim ({:.0} % loss + bursts) → gateway-rx → {}",
         args.loss * 100.0,
-        args.registry.clone().unwrap_or_else(|| out.display().to_string())
+        args.registry
+            .clone()
+            .unwrap_or_else(|| out.display().to_string())
     );
 
     // The drop: written under a temporary name, then renamed into place.
@@ -193,7 +196,9 @@ fn run(args: &Args) -> Result<()> {
         Some(url) => verify_registry(url, &source_digest)?,
         None => verify_layout(&out, &source_digest)?,
     };
-    let rx_status = gateway_rx::status::StatusReport::read(&rx_state).ok().flatten();
+    let rx_status = gateway_rx::status::StatusReport::read(&rx_state)
+        .ok()
+        .flatten();
     let c = rx_status.map(|s| s.counters).unwrap_or_default();
     let wire_mbps = wire
         .as_ref()
@@ -203,7 +208,10 @@ fn run(args: &Args) -> Result<()> {
         / 1e6;
     println!("\ndelivered {REFERENCE} with manifest {source_digest}");
     println!("  checked: manifest digest equal to the source's, {checked} blobs re-hashed");
-    println!("  seconds from drop to delivery: {seconds:.1} (whole run {:.1})", started.elapsed().as_secs_f64());
+    println!(
+        "  seconds from drop to delivery: {seconds:.1} (whole run {:.1})",
+        started.elapsed().as_secs_f64()
+    );
     println!("  wire rate (tx, last second): {wire_mbps:.1} Mb/s");
     println!(
         "  link: {} frames in, {} forwarded, {} lost ({} independent, {} in bursts), {} kernel drops",
@@ -245,12 +253,14 @@ fn watch(
         let Ok(Some(s)) = gateway_rx::status::StatusReport::read(rx_state) else {
             continue;
         };
-        if s
-            .deliveries
+        if s.deliveries
             .iter()
             .any(|d| d.manifest_digest == digest && d.state == "done")
         {
-            println!("\r{:<100}", format!("delivered after {:.1} s", t0.elapsed().as_secs_f64()));
+            println!(
+                "\r{:<100}",
+                format!("delivered after {:.1} s", t0.elapsed().as_secs_f64())
+            );
             return Ok(t0.elapsed().as_secs_f64());
         }
         let img = s.images.iter().find(|i| i.manifest_digest == digest);
@@ -260,11 +270,18 @@ fn watch(
         let dt = last_t.elapsed().as_secs_f64();
         if dt > 0.0 {
             let now = done.saturating_sub(last_bytes) as f64 / dt;
-            rate = if rate == 0.0 { now } else { 0.7 * rate + 0.3 * now };
+            rate = if rate == 0.0 {
+                now
+            } else {
+                0.7 * rate + 0.3 * now
+            };
         }
         last_bytes = done;
         last_t = Instant::now();
-        let total = img.map(|i| i.bytes_total).filter(|&t| t > 0).unwrap_or(image_bytes);
+        let total = img
+            .map(|i| i.bytes_total)
+            .filter(|&t| t > 0)
+            .unwrap_or(image_bytes);
         let pct = (done as f64 * 100.0 / total as f64).min(100.0);
         let eta = if rate > 0.0 {
             format!("{:.0} s", total.saturating_sub(done) as f64 / rate)
@@ -314,13 +331,19 @@ fn verify_layout(out: &Path, digest: &str) -> Result<usize> {
     if !found {
         bail!("index.json of {} does not list {digest}", out.display());
     }
-    let blob = |d: &str| out.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let blob = |d: &str| {
+        out.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(blob(digest)).context("reading the manifest blob")?)?;
     if sha256_file(&blob(digest))? != digest {
         bail!("manifest blob does not hash to {digest}");
     }
-    let mut digests = vec![manifest["config"]["digest"].as_str().unwrap_or_default().to_string()];
+    let mut digests = vec![manifest["config"]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()];
     for l in manifest["layers"].as_array().into_iter().flatten() {
         digests.push(l["digest"].as_str().unwrap_or_default().to_string());
     }
@@ -335,7 +358,10 @@ fn verify_layout(out: &Path, digest: &str) -> Result<usize> {
 fn verify_registry(url: &str, digest: &str) -> Result<usize> {
     let v = weir_tests::registry::RegistryClient::new(url).verify_image("demo/sample", "1.0")?;
     if v.manifest_digest != digest {
-        bail!("registry serves {} for {REFERENCE}, source had {digest}", v.manifest_digest);
+        bail!(
+            "registry serves {} for {REFERENCE}, source had {digest}",
+            v.manifest_digest
+        );
     }
     Ok(v.blob_digests.len())
 }
