@@ -29,6 +29,9 @@ use crate::config::RxConfig;
 use crate::state::{now_ms, StateError};
 use crate::status::Counters;
 
+/// Blobs of one image pushed at once.
+const PARALLEL_BLOB_PUSHES: usize = 4;
+
 /// A failed delivery attempt and the schedule it calls for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -340,11 +343,19 @@ impl Delivery {
             .ok_or_else(|| DeliveryError::local("no registry_url configured"))?;
         let repo = job.repository.clone();
         let mut summary = DeliverySummary::default();
-        for blob in &tm.blobs {
-            if reg.ensure_blob(&repo, blob, &self.store).await? {
-                summary.blobs_uploaded += 1;
-            } else {
-                summary.blobs_present += 1;
+        // Blobs go up a few at a time: one stream rarely fills the link to
+        // the registry. Manifests wait until every blob is in.
+        for group in tm.blobs.chunks(PARALLEL_BLOB_PUSHES) {
+            let pushes: Vec<_> = group
+                .iter()
+                .map(|blob| reg.ensure_blob(&repo, blob, &self.store))
+                .collect();
+            for uploaded in futures_util::future::try_join_all(pushes).await? {
+                if uploaded {
+                    summary.blobs_uploaded += 1;
+                } else {
+                    summary.blobs_present += 1;
+                }
             }
         }
         for child in &tm.children {
