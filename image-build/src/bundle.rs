@@ -175,6 +175,24 @@ pub fn build(
         .iter()
         .find_map(|m| m.get("rootfs"))
         .with_context(|| format!("{}: no rootfs image in the bundle", out.display()))?;
+    if info.version != version {
+        bail!(
+            "{}: version is {:?}, expected {version:?}",
+            out.display(),
+            info.version
+        );
+    }
+    let rootfs_size = std::fs::metadata(rootfs)
+        .with_context(|| format!("reading {}", rootfs.display()))?
+        .len();
+    if rootfs_image.filename != "rootfs.squashfs" || rootfs_image.size != rootfs_size {
+        bail!(
+            "{}: rootfs image is {} ({} bytes), expected rootfs.squashfs ({rootfs_size} bytes)",
+            out.display(),
+            rootfs_image.filename,
+            rootfs_image.size
+        );
+    }
     if rootfs_image.checksum != rootfs_sha256 {
         bail!(
             "{}: rootfs checksum {} differs from the built {}",
@@ -246,6 +264,16 @@ mod tests {
         let tree = dir.path().join("tree");
         std::fs::create_dir_all(tree.join("etc")).unwrap();
         std::fs::write(tree.join("etc/hostname"), "weir-rx\n").unwrap();
+        // RAUC wants a slot image larger than one block: add bytes that do
+        // not compress.
+        let mut x: u32 = 1;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 24) as u8
+            })
+            .collect();
+        std::fs::write(tree.join("etc/noise"), noise).unwrap();
         let rootfs = dir.path().join("rootfs.squashfs");
         crate::filesystem::squashfs(&tree, &rootfs, 1_747_699_200).unwrap();
         let sha = crate::manifest::sha256_file(&rootfs).unwrap();

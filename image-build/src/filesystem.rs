@@ -22,7 +22,8 @@ pub fn squashfs(tree: &Path, out: &Path, epoch: u64) -> anyhow::Result<()> {
             .arg(epoch.to_string())
             .arg("-all-time")
             .arg(epoch.to_string())
-            .env("SOURCE_DATE_EPOCH", epoch.to_string()),
+            // mksquashfs refuses SOURCE_DATE_EPOCH next to the options.
+            .env_remove("SOURCE_DATE_EPOCH"),
     )
     .with_context(|| format!("building {}", out.display()))
 }
