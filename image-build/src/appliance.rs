@@ -115,12 +115,91 @@ After=rauc.service
 # exec, not oneshot: boot does not wait for the 30 s.
 Type=exec
 ExecStart=/bin/sh -c 'sleep 30 && systemctl is-active --quiet {service} && exec rauc status mark-good'
+StandardOutput=journal+console
+StandardError=journal+console
 
 [Install]
 WantedBy=multi-user.target
 ",
         bin = role.binary_name(),
         service = role.service_name(),
+    )
+}
+
+/// Where operators drop update bundles on the data partition (the
+/// appliance has no remote login): each `*.raucb` there is installed with
+/// `rauc install`, then the appliance reboots into the updated slot.
+pub const UPDATE_DROP: &str = "/data/weir/update";
+
+/// Watches the update drop.
+pub fn update_path_unit() -> String {
+    format!(
+        "\
+[Unit]
+Description=weir: watch {UPDATE_DROP} for update bundles
+RequiresMountsFor={WEIR_DIR}
+
+[Path]
+PathExistsGlob={UPDATE_DROP}/*.raucb
+MakeDirectory=yes
+
+[Install]
+WantedBy=multi-user.target
+"
+    )
+}
+
+pub fn update_service_unit() -> String {
+    "\
+[Unit]
+Description=weir: install the update bundles dropped on the data partition
+Requires=rauc.service
+After=rauc.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/lib/weir/install-updates
+StandardOutput=journal+console
+StandardError=journal+console
+"
+    .to_string()
+}
+
+/// Installs each dropped bundle into the other slot; a bundle that RAUC
+/// refuses (signature, compatible, corrupt) goes to `rejected/` with the
+/// reason beside it. Bundles must arrive complete: copy under another name
+/// and rename to `*.raucb`.
+pub fn install_updates_script() -> String {
+    format!(
+        r#"#!/bin/sh
+# weir: install update bundles from {UPDATE_DROP}, then reboot into them.
+set -u
+drop="${{WEIR_UPDATE_DROP:-{UPDATE_DROP}}}"
+installed=0
+for bundle in "$drop"/*.raucb; do
+  [ -f "$bundle" ] || continue
+  name=$(basename "$bundle")
+  # The running slot booted and runs this: keep it as the fallback if the
+  # new one fails (an update soon after boot would leave it unconfirmed).
+  [ "$installed" = 1 ] || rauc status mark-good >/dev/null 2>&1 || true
+  echo "weir-update: installing $name"
+  if rauc install "$bundle" >"$drop/.last.log" 2>&1; then
+    echo "weir-update: installed $name"
+    rm -f "$bundle"
+    installed=1
+  else
+    mkdir -p "$drop/rejected"
+    mv "$bundle" "$drop/rejected/$name"
+    mv "$drop/.last.log" "$drop/rejected/$name.reason"
+    echo "weir-update: refused $name: $(tail -n 1 "$drop/rejected/$name.reason")"
+  fi
+done
+rm -f "$drop/.last.log"
+if [ "$installed" = 1 ]; then
+  echo "weir-update: rebooting into the updated slot"
+  systemctl reboot
+fi
+"#
     )
 }
 
@@ -215,6 +294,25 @@ pub fn entries(a: &Appliance) -> Vec<Entry> {
         Entry::Symlink {
             path: format!("{wants}/weir-mark-good.service"),
             target: "/usr/lib/systemd/system/weir-mark-good.service".into(),
+        },
+        Entry::File {
+            path: "/usr/lib/systemd/system/weir-update.path".into(),
+            contents: update_path_unit(),
+            mode: 0o644,
+        },
+        Entry::Symlink {
+            path: format!("{wants}/weir-update.path"),
+            target: "/usr/lib/systemd/system/weir-update.path".into(),
+        },
+        Entry::File {
+            path: "/usr/lib/systemd/system/weir-update.service".into(),
+            contents: update_service_unit(),
+            mode: 0o644,
+        },
+        Entry::File {
+            path: "/usr/lib/weir/install-updates".into(),
+            contents: install_updates_script(),
+            mode: 0o755,
         },
         Entry::File {
             path: "/usr/lib/sysctl.d/60-weir.conf".into(),
@@ -320,9 +418,8 @@ pub fn apply(root: &Path, entries: &[Entry]) -> anyhow::Result<()> {
             }
             Entry::Copy { from, mode, .. } => {
                 remove_existing(&dest)?;
-                std::fs::copy(from, &dest).with_context(|| {
-                    format!("copying {} to {}", from.display(), dest.display())
-                })?;
+                std::fs::copy(from, &dest)
+                    .with_context(|| format!("copying {} to {}", from.display(), dest.display()))?;
                 set_mode(&dest, *mode)?;
             }
             Entry::Symlink { target, .. } => {
@@ -341,8 +438,9 @@ fn remove_existing(path: &Path) -> anyhow::Result<()> {
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(path)
             .with_context(|| format!("replacing the directory {}", path.display())),
-        Ok(_) => std::fs::remove_file(path)
-            .with_context(|| format!("replacing {}", path.display())),
+        Ok(_) => {
+            std::fs::remove_file(path).with_context(|| format!("replacing {}", path.display()))
+        }
     }
 }
 
@@ -372,10 +470,88 @@ mod tests {
         for key in ["net.core.rmem_max", "net.core.wmem_max"] {
             let value: usize = conf
                 .lines()
-                .find_map(|l| l.strip_prefix(key)?.trim().strip_prefix('=')?.trim().parse().ok())
+                .find_map(|l| {
+                    l.strip_prefix(key)?
+                        .trim()
+                        .strip_prefix('=')?
+                        .trim()
+                        .parse()
+                        .ok()
+                })
                 .unwrap_or_else(|| panic!("{key} missing"));
-            assert!(value >= weir_proto::link::udp::SOCKET_BUFFER_BYTES, "{key} = {value}");
+            assert!(
+                value >= weir_proto::link::udp::SOCKET_BUFFER_BYTES,
+                "{key} = {value}"
+            );
         }
+    }
+
+    /// The update script installs good bundles and reboots, and moves a
+    /// refused one aside with RAUC's reason (rauc and systemctl faked).
+    #[test]
+    fn update_script_installs_good_bundles_and_sets_refused_ones_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        let drop = dir.path().join("update");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&drop).unwrap();
+        let calls = dir.path().join("calls");
+        let fake = |name: &str, body: &str| {
+            let p = bin.join(name);
+            std::fs::write(
+                &p,
+                format!(
+                    "#!/bin/sh\necho \"{name} $*\" >> '{}'\n{body}\n",
+                    calls.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        fake(
+            "rauc",
+            r#"case "$2" in *bad*) echo "signature verification failed" >&2; exit 1;; esac"#,
+        );
+        fake("systemctl", "");
+        std::fs::write(drop.join("good.raucb"), "b").unwrap();
+        std::fs::write(drop.join("bad.raucb"), "b").unwrap();
+        std::fs::write(drop.join("partial.raucb.tmp"), "b").unwrap();
+        let script = dir.path().join("install-updates");
+        std::fs::write(&script, install_updates_script()).unwrap();
+        let out = std::process::Command::new("/bin/sh")
+            .arg(&script)
+            .env("WEIR_UPDATE_DROP", &drop)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let calls = std::fs::read_to_string(&calls).unwrap();
+        assert!(calls.starts_with("rauc status mark-good\n"), "{calls}");
+        assert!(
+            calls.contains(&format!("rauc install {}/good.raucb", drop.display())),
+            "{calls}"
+        );
+        assert!(calls.ends_with("systemctl reboot\n"), "{calls}");
+        assert!(!drop.join("good.raucb").exists());
+        assert!(drop.join("rejected/bad.raucb").exists());
+        let reason = std::fs::read_to_string(drop.join("rejected/bad.raucb.reason")).unwrap();
+        assert!(reason.contains("signature verification failed"));
+        assert!(
+            drop.join("partial.raucb.tmp").exists(),
+            "a partial copy is not touched"
+        );
+
+        // Only refused bundles: no reboot.
+        std::fs::write(dir.path().join("calls"), "").unwrap();
+        std::fs::write(drop.join("bad2.raucb"), "b").unwrap();
+        std::process::Command::new("/bin/sh")
+            .arg(&script)
+            .env("WEIR_UPDATE_DROP", &drop)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert!(!calls.contains("reboot"), "{calls}");
     }
 
     #[test]
@@ -418,9 +594,9 @@ mod tests {
             Path::new("/data/weir/network")
         );
         assert_eq!(
-            std::fs::read_link(root.join(
-                "etc/systemd/system/multi-user.target.wants/weir-gateway-rx.service"
-            ))
+            std::fs::read_link(
+                root.join("etc/systemd/system/multi-user.target.wants/weir-gateway-rx.service")
+            )
             .unwrap(),
             Path::new("/usr/lib/systemd/system/weir-gateway-rx.service")
         );

@@ -67,16 +67,47 @@ fn generate_development_keys(dir: &Path) -> anyhow::Result<()> {
             .context("generating development signing keys (openssl)")
     };
     openssl(&[
-        "req", "-x509", "-newkey", "rsa:3072", "-nodes", "-keyout", "ca.key.pem", "-out",
-        KEYRING, "-days", "36500", "-subj", "/O=weir/CN=weir development CA",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:3072",
+        "-nodes",
+        "-keyout",
+        "ca.key.pem",
+        "-out",
+        KEYRING,
+        "-days",
+        "36500",
+        "-subj",
+        "/O=weir/CN=weir development CA",
     ])?;
     openssl(&[
-        "req", "-newkey", "rsa:3072", "-nodes", "-keyout", KEY, "-out", "signing.csr",
-        "-subj", "/O=weir/CN=weir development bundle signing",
+        "req",
+        "-newkey",
+        "rsa:3072",
+        "-nodes",
+        "-keyout",
+        KEY,
+        "-out",
+        "signing.csr",
+        "-subj",
+        "/O=weir/CN=weir development bundle signing",
     ])?;
     openssl(&[
-        "x509", "-req", "-in", "signing.csr", "-CA", KEYRING, "-CAkey", "ca.key.pem",
-        "-set_serial", "2", "-days", "36500", "-out", CERT,
+        "x509",
+        "-req",
+        "-in",
+        "signing.csr",
+        "-CA",
+        KEYRING,
+        "-CAkey",
+        "ca.key.pem",
+        "-set_serial",
+        "2",
+        "-days",
+        "36500",
+        "-out",
+        CERT,
     ])?;
     std::fs::remove_file(&csr).ok();
     Ok(())
@@ -135,8 +166,7 @@ pub fn build(
 ) -> anyhow::Result<BundleInfo> {
     let content = work.join("bundle");
     let _ = std::fs::remove_dir_all(&content);
-    std::fs::create_dir_all(&content)
-        .with_context(|| format!("creating {}", content.display()))?;
+    std::fs::create_dir_all(&content).with_context(|| format!("creating {}", content.display()))?;
     std::fs::write(
         content.join("manifest.raucm"),
         rauc_manifest(role, version, build_id),
@@ -214,7 +244,13 @@ pub fn verify(bundle: &Path, keyring: &Path) -> anyhow::Result<BundleInfo> {
             .arg("--output-format=json")
             .arg(bundle),
     )
-    .with_context(|| format!("verifying {} against {}", bundle.display(), keyring.display()))?;
+    .with_context(|| {
+        format!(
+            "verifying {} against {}",
+            bundle.display(),
+            keyring.display()
+        )
+    })?;
     serde_json::from_str(&json)
         .with_context(|| format!("reading `rauc info` of {}", bundle.display()))
 }
@@ -254,7 +290,10 @@ mod tests {
     /// and not against another CA.
     #[test]
     fn bundle_verifies_against_its_keyring_only() {
-        if tool::find("rauc").is_none() || tool::find("openssl").is_none() || tool::find("mksquashfs").is_none() {
+        if tool::find("rauc").is_none()
+            || tool::find("openssl").is_none()
+            || tool::find("mksquashfs").is_none()
+        {
             eprintln!("skipped: rauc/openssl/mksquashfs missing (apt-get install rauc openssl squashfs-tools)");
             return;
         }
@@ -279,7 +318,15 @@ mod tests {
         let sha = crate::manifest::sha256_file(&rootfs).unwrap();
         let out = dir.path().join("weir-rx.raucb");
         let info = build(
-            Role::Rx, "0.1.0", "test", &rootfs, &sha, &signing, dir.path(), &out, 1_747_699_200,
+            Role::Rx,
+            "0.1.0",
+            "test",
+            &rootfs,
+            &sha,
+            &signing,
+            dir.path(),
+            &out,
+            1_747_699_200,
         )
         .unwrap();
         assert_eq!(info.version, "0.1.0");

@@ -61,19 +61,21 @@ pub const PATH_EXCLUDES: &[&str] = &[
     "/usr/share/info/*",
     "/usr/share/locale/*",
     "/usr/share/lintian/*",
-    "/usr/lib/modules/*/kernel/sound/*",
-    "/usr/lib/modules/*/kernel/drivers/gpu/*",
-    "/usr/lib/modules/*/kernel/drivers/media/*",
-    "/usr/lib/modules/*/kernel/drivers/net/wireless/*",
-    "/usr/lib/modules/*/kernel/drivers/bluetooth/*",
-    "/usr/lib/modules/*/kernel/drivers/infiniband/*",
-    "/usr/lib/modules/*/kernel/drivers/staging/*",
-    "/usr/lib/modules/*/kernel/drivers/iio/*",
-    "/usr/lib/modules/*/kernel/drivers/comedi/*",
-    "/usr/lib/modules/*/kernel/drivers/isdn/*",
-    "/usr/lib/modules/*/kernel/net/wireless/*",
-    "/usr/lib/modules/*/kernel/net/mac80211/*",
-    "/usr/lib/modules/*/kernel/net/bluetooth/*",
+    // bookworm's kernel packages ship /lib/modules (merged into /usr on
+    // disk; dpkg matches the path in the package).
+    "/lib/modules/*/kernel/sound/*",
+    "/lib/modules/*/kernel/drivers/gpu/*",
+    "/lib/modules/*/kernel/drivers/media/*",
+    "/lib/modules/*/kernel/drivers/net/wireless/*",
+    "/lib/modules/*/kernel/drivers/bluetooth/*",
+    "/lib/modules/*/kernel/drivers/infiniband/*",
+    "/lib/modules/*/kernel/drivers/staging/*",
+    "/lib/modules/*/kernel/drivers/iio/*",
+    "/lib/modules/*/kernel/drivers/comedi/*",
+    "/lib/modules/*/kernel/drivers/isdn/*",
+    "/lib/modules/*/kernel/net/wireless/*",
+    "/lib/modules/*/kernel/net/mac80211/*",
+    "/lib/modules/*/kernel/net/bluetooth/*",
 ];
 const PATH_INCLUDES: &[&str] = &["/usr/share/doc/*/copyright"];
 
@@ -131,7 +133,10 @@ pub struct Package {
 pub fn installed_packages(root: &Path) -> anyhow::Result<Vec<Package>> {
     let out = tool::captured(
         Command::new("dpkg-query")
-            .arg(format!("--admindir={}", root.join("var/lib/dpkg").display()))
+            .arg(format!(
+                "--admindir={}",
+                root.join("var/lib/dpkg").display()
+            ))
             .arg("-W")
             .arg("-f=${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n"),
     )
@@ -177,12 +182,20 @@ pub fn kernel_version(root: &Path) -> anyhow::Result<String> {
         [one] => {
             let initrd = boot.join(format!("initrd.img-{one}"));
             if !initrd.is_file() {
-                bail!("{} is missing: the initramfs was not built", initrd.display());
+                bail!(
+                    "{} is missing: the initramfs was not built",
+                    initrd.display()
+                );
             }
             Ok(one.clone())
         }
         [] => bail!("no kernel in {}", boot.display()),
-        many => bail!("{} kernels in {}: {}", many.len(), boot.display(), many.join(", ")),
+        many => bail!(
+            "{} kernels in {}: {}",
+            many.len(),
+            boot.display(),
+            many.join(", ")
+        ),
     }
 }
 
@@ -217,8 +230,14 @@ mod tests {
 
     #[test]
     fn every_source_names_the_suite_family() {
-        let r = Release::bookworm("http://deb.debian.org/debian", "http://deb.debian.org/debian-security");
+        let r = Release::bookworm(
+            "http://deb.debian.org/debian",
+            "http://deb.debian.org/debian-security",
+        );
         assert_eq!(r.sources.len(), 3);
-        assert!(r.sources.iter().all(|s| s.starts_with("deb http://") && s.contains("bookworm")));
+        assert!(r
+            .sources
+            .iter()
+            .all(|s| s.starts_with("deb http://") && s.contains("bookworm")));
     }
 }

@@ -189,7 +189,10 @@ pub fn create(path: &Path, layout: &Layout) -> anyhow::Result<()> {
         .with_context(|| format!("sizing {}", path.display()))?;
     drop(file);
     tool::with_input(
-        Command::new("sfdisk").arg("--quiet").arg("--no-reread").arg(path),
+        Command::new("sfdisk")
+            .arg("--quiet")
+            .arg("--no-reread")
+            .arg(path),
         &layout.sfdisk_script(),
     )
     .with_context(|| format!("writing the partition table of {}", path.display()))?;
@@ -199,8 +202,7 @@ pub fn create(path: &Path, layout: &Layout) -> anyhow::Result<()> {
 /// Copies the filesystem image `content` into `partition` of the disk
 /// image, refusing one that does not fit.
 pub fn write_partition(disk: &Path, partition: &Partition, content: &Path) -> anyhow::Result<()> {
-    let mut src =
-        File::open(content).with_context(|| format!("opening {}", content.display()))?;
+    let mut src = File::open(content).with_context(|| format!("opening {}", content.display()))?;
     let len = src
         .metadata()
         .with_context(|| format!("reading {}", content.display()))?
@@ -275,7 +277,13 @@ mod tests {
         let labels: Vec<_> = l.partitions.iter().map(|p| p.label).collect();
         assert_eq!(
             labels,
-            ["bios-boot", "weir-boot", "weir-root-a", "weir-root-b", "weir-data"]
+            [
+                "bios-boot",
+                "weir-boot",
+                "weir-root-a",
+                "weir-root-b",
+                "weir-data"
+            ]
         );
         for w in l.partitions.windows(2) {
             assert!(w[0].start_sector + w[0].size_sectors <= w[1].start_sector);
@@ -348,6 +356,9 @@ mod tests {
 
         std::fs::write(&content, &bytes).unwrap();
         let err = write_partition(&disk, &part, &content).unwrap_err();
-        assert!(err.to_string().contains("does not fit partition weir-boot"), "{err}");
+        assert!(
+            err.to_string().contains("does not fit partition weir-boot"),
+            "{err}"
+        );
     }
 }

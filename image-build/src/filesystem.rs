@@ -53,7 +53,11 @@ pub fn ext4(tree: &Path, out: &Path, fs: &Ext4, epoch: u64) -> anyhow::Result<()
         .arg("-E")
         .arg(format!("hash_seed={},root_owner=0:0", fs.hash_seed));
     if !fs.disabled_features.is_empty() {
-        let off: Vec<String> = fs.disabled_features.iter().map(|f| format!("^{f}")).collect();
+        let off: Vec<String> = fs
+            .disabled_features
+            .iter()
+            .map(|f| format!("^{f}"))
+            .collect();
         cmd.arg("-O").arg(off.join(","));
     }
     cmd.arg("-d")
@@ -103,11 +107,14 @@ fn tree_paths(tree: &Path) -> anyhow::Result<Vec<String>> {
             let rel = path
                 .strip_prefix(root)
                 .expect("walked paths are under the root");
-            let rel = rel.to_str().with_context(|| {
-                format!("{}: file names must be UTF-8", path.display())
-            })?;
+            let rel = rel
+                .to_str()
+                .with_context(|| format!("{}: file names must be UTF-8", path.display()))?;
             if rel.contains(['"', '\n', '\\']) {
-                bail!("{}: file names must not contain quotes, backslashes or newlines", path.display());
+                bail!(
+                    "{}: file names must not contain quotes, backslashes or newlines",
+                    path.display()
+                );
             }
             out.push(format!("/{rel}"));
             let meta = std::fs::symlink_metadata(&path)

@@ -30,9 +30,26 @@ pub const GRUBENV_BYTES: usize = 1024;
 /// filesystems, the script language, the environment block, serial
 /// terminal, and the memdisk holding the selection script.
 const CORE_MODULES: &[&str] = &[
-    "biosdisk", "part_gpt", "ext2", "squash4", "xzio", "gzio", "memdisk", "tar", "normal",
-    "test", "loadenv", "linux", "echo", "serial", "terminal", "regexp", "configfile",
-    "sleep", "halt", "reboot",
+    "biosdisk",
+    "part_gpt",
+    "ext2",
+    "squash4",
+    "xzio",
+    "gzio",
+    "memdisk",
+    "tar",
+    "normal",
+    "test",
+    "loadenv",
+    "linux",
+    "echo",
+    "serial",
+    "terminal",
+    "regexp",
+    "configfile",
+    "sleep",
+    "halt",
+    "reboot",
 ];
 
 // Offsets in GRUB's boot sector (grub/i386/pc/boot.h).
@@ -266,7 +283,12 @@ pub fn patch_core_image(core: &mut [u8], core_lba: u64) -> anyhow::Result<()> {
 
 /// Installs GRUB into the disk image: the core image into the BIOS boot
 /// partition and the boot sector into the MBR.
-pub fn install(disk: &Path, layout: &Layout, grub_dir: &Path, core_img: &Path) -> anyhow::Result<()> {
+pub fn install(
+    disk: &Path,
+    layout: &Layout,
+    grub_dir: &Path,
+    core_img: &Path,
+) -> anyhow::Result<()> {
     let part = layout.get(Purpose::BiosBoot);
     let mut core =
         std::fs::read(core_img).with_context(|| format!("reading {}", core_img.display()))?;
@@ -379,10 +401,16 @@ mod tests {
         core[CORE_BLOCKLIST + 8..CORE_BLOCKLIST + 10].copy_from_slice(&9u16.to_le_bytes());
         core[CORE_BLOCKLIST + 10..CORE_BLOCKLIST + 12].copy_from_slice(&0x820u16.to_le_bytes());
         patch_core_image(&mut core, 2048).unwrap();
-        assert_eq!(&core[CORE_BLOCKLIST..CORE_BLOCKLIST + 8], &2049u64.to_le_bytes());
+        assert_eq!(
+            &core[CORE_BLOCKLIST..CORE_BLOCKLIST + 8],
+            &2049u64.to_le_bytes()
+        );
 
         let mut other = vec![0u8; 512 * 10];
         let err = patch_core_image(&mut other, 2048).unwrap_err();
-        assert!(err.to_string().contains("not an i386-pc core image"), "{err}");
+        assert!(
+            err.to_string().contains("not an i386-pc core image"),
+            "{err}"
+        );
     }
 }

@@ -32,7 +32,11 @@ use disk::{Layout, Purpose, Sizes};
 use role::Role;
 
 #[derive(Parser, Debug)]
-#[command(name = "image-build", version, about = "Builds the flashable weir appliance image for a role")]
+#[command(
+    name = "image-build",
+    version,
+    about = "Builds the flashable weir appliance image for a role"
+)]
 struct Cli {
     /// Which gateway the appliance runs.
     #[arg(long, value_enum)]
@@ -102,7 +106,7 @@ fn main() -> std::process::ExitCode {
 
 /// `<name> <version>` from `<binary> --version`, checked against the role.
 fn gateway_version(role: Role, binary: &Path) -> anyhow::Result<String> {
-    let out = tool::captured(&mut Command::new(binary).arg("--version"))
+    let out = tool::captured(Command::new(binary).arg("--version"))
         .with_context(|| format!("--binary {}: running it with --version", binary.display()))?;
     let line = out.lines().next().unwrap_or_default().trim();
     match line.split_once(' ') {
@@ -145,7 +149,10 @@ fn build(cli: &Cli) -> anyhow::Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .context("the clock is before 1970")?
                 .as_secs();
-            tracing::warn!(source_date_epoch = now, "no --source-date-epoch: using now; pass it again to reproduce this build");
+            tracing::warn!(
+                source_date_epoch = now,
+                "no --source-date-epoch: using now; pass it again to reproduce this build"
+            );
             now
         }
     };
@@ -158,7 +165,10 @@ fn build(cli: &Cli) -> anyhow::Result<()> {
     let work = work_dir.path().to_path_buf();
     tracing::info!(role = role.name(), %version, source_date_epoch = epoch, out = %out.display(), work = %work.display(), "building");
 
-    let signing_dir = cli.signing_dir.clone().unwrap_or_else(|| out.join("dev-signing"));
+    let signing_dir = cli
+        .signing_dir
+        .clone()
+        .unwrap_or_else(|| out.join("dev-signing"));
     let signing = bundle::signing_material(&signing_dir)?;
 
     let sizes = Sizes {
@@ -293,7 +303,10 @@ fn build(cli: &Cli) -> anyhow::Result<()> {
             binary: binary_digest,
             release,
             packages_requested: debian::PACKAGES.iter().map(|s| s.to_string()).collect(),
-            path_excludes: debian::PATH_EXCLUDES.iter().map(|s| s.to_string()).collect(),
+            path_excludes: debian::PATH_EXCLUDES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             data: data_inputs,
             keyring: manifest::digest(&signing.keyring, "/etc/rauc/keyring.pem")?,
             image_build_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -305,14 +318,20 @@ fn build(cli: &Cli) -> anyhow::Result<()> {
         outputs,
     };
     let manifest_path = out.join(format!("{stem}.manifest.json"));
-    std::fs::write(&manifest_path, serde_json::to_string_pretty(&build_manifest)? + "\n")
-        .with_context(|| format!("writing {}", manifest_path.display()))?;
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_string_pretty(&build_manifest)? + "\n",
+    )
+    .with_context(|| format!("writing {}", manifest_path.display()))?;
     let mut sums: Vec<(String, String)> = build_manifest
         .outputs
         .iter()
         .map(|o| (o.file.clone(), o.sha256.clone()))
         .collect();
-    sums.push((file_name(&manifest_path), manifest::sha256_file(&manifest_path)?));
+    sums.push((
+        file_name(&manifest_path),
+        manifest::sha256_file(&manifest_path)?,
+    ));
     std::fs::write(out.join("SHA256SUMS"), manifest::sha256sums(&sums))
         .context("writing SHA256SUMS")?;
 
@@ -344,7 +363,13 @@ fn data_tree(
     let tree = work.join("data");
     let weir = tree.join("weir");
     let mut inputs = Vec::new();
-    for (dir, mode) in [("", 0o755), ("keys", 0o700), ("state", 0o750), ("network", 0o755)] {
+    for (dir, mode) in [
+        ("", 0o755),
+        ("keys", 0o700),
+        ("state", 0o750),
+        ("network", 0o755),
+        ("update", 0o755),
+    ] {
         let d = weir.join(dir);
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         set_mode(&d, mode)?;
@@ -352,8 +377,7 @@ fn data_tree(
     std::fs::write(weir.join("README"), data_readme(role))?;
     if let Some(config) = &cli.config {
         let dest = weir.join(role.config_file_name());
-        std::fs::copy(config, &dest)
-            .with_context(|| format!("--config {}", config.display()))?;
+        std::fs::copy(config, &dest).with_context(|| format!("--config {}", config.display()))?;
         set_mode(&dest, 0o640)?;
         inputs.push(manifest::digest(&dest, &role.config_path())?);
     }
@@ -391,6 +415,9 @@ weir {role} appliance data partition (mounted at /data; never touched by updates
   weir/keys/          link keys, hex, mode 0600 (/etc/weir/keys on the appliance)
   weir/state/         gateway state (/var/lib/weir on the appliance)
   weir/network/       systemd-networkd *.network files and resolv.conf
+  weir/update/        drop a RAUC bundle here (copy, then rename to *.raucb):
+                      it is installed into the other slot and the appliance
+                      reboots into it; refused ones go to update/rejected/
 ",
         role = role.name(),
         config = role.config_file_name(),

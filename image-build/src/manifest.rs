@@ -119,7 +119,10 @@ mod tests {
 
     #[test]
     fn sha256sums_is_sorted_and_in_coreutils_format() {
-        let s = sha256sums(&[("b.img".into(), "22".into()), ("a.json".into(), "11".into())]);
+        let s = sha256sums(&[
+            ("b.img".into(), "22".into()),
+            ("a.json".into(), "11".into()),
+        ]);
         assert_eq!(s, "11  a.json\n22  b.img\n");
     }
 }

@@ -14,15 +14,42 @@ pub struct Tool {
 /// Every program the build runs. `check_tools` refuses to start without them
 /// rather than failing halfway through a ten-minute build.
 pub const TOOLS: &[Tool] = &[
-    Tool { program: "mmdebstrap", package: "mmdebstrap" },
-    Tool { program: "mksquashfs", package: "squashfs-tools" },
-    Tool { program: "mkfs.ext4", package: "e2fsprogs" },
-    Tool { program: "debugfs", package: "e2fsprogs" },
-    Tool { program: "sfdisk", package: "fdisk" },
-    Tool { program: "grub-mkimage", package: "grub-common" },
-    Tool { program: "rauc", package: "rauc" },
-    Tool { program: "openssl", package: "openssl" },
-    Tool { program: "dpkg-query", package: "dpkg" },
+    Tool {
+        program: "mmdebstrap",
+        package: "mmdebstrap",
+    },
+    Tool {
+        program: "mksquashfs",
+        package: "squashfs-tools",
+    },
+    Tool {
+        program: "mkfs.ext4",
+        package: "e2fsprogs",
+    },
+    Tool {
+        program: "debugfs",
+        package: "e2fsprogs",
+    },
+    Tool {
+        program: "sfdisk",
+        package: "fdisk",
+    },
+    Tool {
+        program: "grub-mkimage",
+        package: "grub-common",
+    },
+    Tool {
+        program: "rauc",
+        package: "rauc",
+    },
+    Tool {
+        program: "openssl",
+        package: "openssl",
+    },
+    Tool {
+        program: "dpkg-query",
+        package: "dpkg",
+    },
 ];
 
 /// GRUB's BIOS modules and boot sectors (package grub-pc-bin).
