@@ -215,7 +215,7 @@ impl Schedule {
     }
 
     pub fn groups_of(&self, len: u64) -> u32 {
-        group_count(self.fec.blocks_for(len), self.window)
+        group_count(self.fec.for_object(len).blocks_for(len), self.window)
     }
 
     /// Owed pass an object is on (0 = first), counted from when it was armed.
@@ -252,7 +252,7 @@ impl Schedule {
         for &(mid, kind, len) in &members {
             let groups = self.groups_of(len);
             let passes = self.passes;
-            let fec = self.fec;
+            let fec = self.fec.for_object(len);
             if let Some(t) = self.objects.get_mut(&mid) {
                 if fresh && t.progress.passes_done >= t.progress.target {
                     t.progress.target = t.progress.passes_done + passes;
@@ -759,7 +759,9 @@ pub struct Carousel {
     schedule: Schedule,
     settings: CarouselSettings,
     store: Arc<ObjectStore>,
-    codec: BlockCodec,
+    /// One codec per object layout: objects shorter than a block have
+    /// their own (`FecParams::for_object`).
+    codecs: HashMap<FecParams, BlockCodec>,
     emitter: Emitter,
     incoming: Receiver<ImageRecord>,
     status: StatusBoard,
@@ -802,7 +804,7 @@ impl Carousel {
                 settings.passes,
                 settings.retention_s,
             ),
-            codec: BlockCodec::new(fec)?,
+            codecs: HashMap::from([(fec, BlockCodec::new(fec)?)]),
             emitter: Emitter {
                 sealer: FrameSealer::new(key, session_id),
                 sink,
@@ -1028,7 +1030,7 @@ impl Carousel {
         let Some((kind, len)) = self.schedule.object(&id) else {
             return Ok(None);
         };
-        let fec = self.settings.fec;
+        let fec = self.settings.fec.for_object(len);
         let blocks = fec.blocks_for(len);
         let (start, count) = group_span(blocks, self.settings.window_blocks, group);
         let path = self.store.object_path(&id);
@@ -1045,13 +1047,20 @@ impl Carousel {
             self.shards.resize_with(count as usize, Vec::new);
         }
         let block_bytes = fec.block_bytes();
+        if !self.codecs.contains_key(&fec) {
+            // Short objects come in many sizes; keep the few recent ones.
+            if self.codecs.len() >= 64 {
+                self.codecs.retain(|p, _| *p == self.settings.fec);
+            }
+            self.codecs.insert(fec, BlockCodec::new(fec)?);
+        }
+        let codec = &self.codecs[&fec];
         for rel in 0..count {
             let b = start + rel;
             let n = fec.block_len(len, b);
             file.read_exact_at(&mut self.block[..n], b as u64 * block_bytes)
                 .map_err(|e| obj_err(format!("{}: {e}", path.display())))?;
-            self.codec
-                .encode(&self.block[..n], &mut self.shards[rel as usize])?;
+            codec.encode(&self.block[..n], &mut self.shards[rel as usize])?;
         }
         let header = Body::ObjectHeader(ObjectHeader {
             id,

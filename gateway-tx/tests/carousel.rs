@@ -79,6 +79,17 @@ fn frames_rebuild_every_object_of_the_image_despite_loss() {
         );
     }
     assert!(rx.heartbeats >= 1);
+    // Objects shorter than a block cross in blocks of their own size, not
+    // padded to k shards.
+    let configured = setup.config.fec_params().unwrap();
+    for (id, (_, len, fec, _)) in &rx.shards {
+        assert_eq!(*fec, configured.for_object(*len), "{id}");
+    }
+    let (_, len, fec, _) = &rx.shards[&images[0]];
+    assert!(
+        fec.data_shards < configured.data_shards,
+        "image object of {len} B sent as {fec:?}"
+    );
     let firsts: Vec<ObjectId> = rx
         .order
         .iter()

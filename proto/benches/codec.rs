@@ -1,16 +1,22 @@
-//! Codec throughput: sign+encode and verify+decode at k=32, m=8, S=1400.
+//! Codec throughput: sign+encode and verify+decode at S=1400, for k=32 m=8
+//! (the goodput figure's layout) and k=128 m=20 (gateway-tx's default).
 //!
 //! Run: `cargo bench -p weir-proto --bench codec`
 //! Throughput is object (payload) bytes per second.
+//!
+//! `lost/N` drops the first N data shards of every block: every block needs
+//! decoding, always with the same erasure pattern. `random5` drops each
+//! frame with probability 5 % (seeded): the patterns differ from block to
+//! block, as on a lossy link, so each one costs a matrix inversion.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rand::{Rng, SeedableRng};
 use weir_proto::{
     BlockCodec, Body, FecParams, FrameOpener, FrameSealer, Key, KeyRing, ObjectId, ObjectKind,
     ShardFrame,
 };
 
-const K: u16 = 32;
-const M: u16 = 8;
+const LAYOUTS: [(u16, u16); 2] = [(32, 8), (128, 20)];
 const S: u32 = 1400;
 const OBJECT_LEN: usize = 8 << 20;
 
@@ -53,31 +59,81 @@ fn seal_object(
     frames.truncate(n);
 }
 
+/// Which shards of each block arrive.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// The first N data shards of every block are lost.
+    FirstData(usize),
+    /// Each frame is lost with this probability, seeded.
+    Random(f64),
+}
+
 fn bench(c: &mut Criterion) {
-    let params = FecParams::new(K, M, S).unwrap();
-    let codec = BlockCodec::new(params).unwrap();
     let key = Key::from_bytes(1, &[7; 32]).unwrap();
     let data = object();
     let mut frames = Vec::new();
 
     let mut g = c.benchmark_group("codec");
     g.throughput(Throughput::Bytes(OBJECT_LEN as u64));
-    g.sample_size(20);
+    g.sample_size(10);
 
-    g.bench_function("sign+encode", |b| {
+    for (k, m) in LAYOUTS {
+        let params = FecParams::new(k, m, S).unwrap();
+        let codec = BlockCodec::new(params).unwrap();
+        let layout = format!("{k}+{m}");
+        g.bench_function(BenchmarkId::new("sign+encode", &layout), |b| {
+            let mut sealer = FrameSealer::new(key.clone(), 1);
+            b.iter(|| seal_object(&codec, &mut sealer, &data, &mut frames))
+        });
+
         let mut sealer = FrameSealer::new(key.clone(), 1);
-        b.iter(|| seal_object(&codec, &mut sealer, &data, &mut frames))
-    });
-
-    let mut sealer = FrameSealer::new(key.clone(), 1);
-    seal_object(&codec, &mut sealer, &data, &mut frames);
-    let opener = FrameOpener::new(KeyRing::new(vec![key]).unwrap());
-    let n = params.total_shards() as usize;
-    for lost in [0usize, 1, 4, 8] {
-        g.bench_with_input(
-            BenchmarkId::new("verify+decode/lost", lost),
-            &lost,
-            |b, &lost| {
+        seal_object(&codec, &mut sealer, &data, &mut frames);
+        let opener = FrameOpener::new(KeyRing::new(vec![key.clone()]).unwrap());
+        let n = params.total_shards() as usize;
+        let losses: &[Loss] = if k == 32 {
+            &[
+                Loss::FirstData(0),
+                Loss::FirstData(1),
+                Loss::FirstData(4),
+                Loss::FirstData(8),
+                Loss::Random(0.05),
+            ]
+        } else {
+            &[Loss::FirstData(0), Loss::Random(0.05)]
+        };
+        for &loss in losses {
+            let name = match loss {
+                Loss::FirstData(n) => format!("{layout}/lost/{n}"),
+                Loss::Random(_) => format!("{layout}/random5"),
+            };
+            // The frames that arrive, per block: fixed for the benchmark so
+            // every iteration decodes the same patterns. Blocks that lost
+            // more than m keep k of their shards (a later pass would fill them).
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            let arrived: Vec<Vec<bool>> = frames
+                .chunks(n)
+                .map(|block| {
+                    let mut keep: Vec<bool> = (0..block.len())
+                        .map(|i| match loss {
+                            Loss::FirstData(lost) => i >= lost,
+                            Loss::Random(p) => !rng.gen_bool(p),
+                        })
+                        .collect();
+                    let mut short =
+                        (k as usize).saturating_sub(keep.iter().filter(|x| **x).count());
+                    for x in keep.iter_mut().rev() {
+                        if short == 0 {
+                            break;
+                        }
+                        if !*x {
+                            *x = true;
+                            short -= 1;
+                        }
+                    }
+                    keep
+                })
+                .collect();
+            g.bench_function(BenchmarkId::new("verify+decode", name), |b| {
                 let mut block: Vec<Option<Vec<u8>>> = vec![None; n];
                 let mut out = Vec::with_capacity(OBJECT_LEN);
                 b.iter(|| {
@@ -86,9 +142,7 @@ fn bench(c: &mut Criterion) {
                         for slot in block.iter_mut() {
                             *slot = None;
                         }
-                        // Lose the first `lost` data shards: the worst case, every
-                        // loss needs decoding.
-                        for f in &block_frames[lost..] {
+                        for (f, _) in block_frames.iter().zip(&arrived[bi]).filter(|(_, a)| **a) {
                             let frame = opener.open(f).unwrap();
                             if let Body::Shard(s) = frame.body {
                                 block[s.index as usize] = Some(s.payload.to_vec());
@@ -97,7 +151,7 @@ fn bench(c: &mut Criterion) {
                         codec.reconstruct_data(&mut block).unwrap();
                         let want = params.block_len(OBJECT_LEN as u64, bi as u32);
                         let mut left = want;
-                        for sh in block[..K as usize].iter().flatten() {
+                        for sh in block[..k as usize].iter().flatten() {
                             let take = left.min(sh.len());
                             out.extend_from_slice(&sh[..take]);
                             left -= take;
@@ -105,8 +159,8 @@ fn bench(c: &mut Criterion) {
                     }
                     assert_eq!(out.len(), OBJECT_LEN);
                 })
-            },
-        );
+            });
+        }
     }
     g.finish();
 }

@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 /// GF(2^8) allows at most 256 shards in one block.
 pub const MAX_SHARDS_PER_BLOCK: usize = 256;
 
+/// Parity shards a block shorter than the configured k keeps at least (up to
+/// the configured m): at the configured ratio a block of a few shards would
+/// get one parity shard, and two lost frames would cost a whole pass.
+pub const MIN_SHORT_BLOCK_PARITY: u16 = 4;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FecError {
     #[error("data_shards must be at least 1 (got {0})")]
@@ -101,6 +106,34 @@ impl FecParams {
     pub fn block_len(&self, object_len: u64, block: u32) -> usize {
         let start = block as u64 * self.block_bytes();
         object_len.saturating_sub(start).min(self.block_bytes()) as usize
+    }
+
+    /// The layout of an object of `object_len` bytes under these parameters,
+    /// which the sender puts in the object's header and shard frames.
+    ///
+    /// Objects shorter than a block are not padded to k shards: a 1 KiB
+    /// manifest under k=128 would otherwise cost 148 frames a pass. The
+    /// object's blocks are sized evenly instead, k' = ⌈shards / blocks⌉ ≤ k,
+    /// with parity at the configured ratio, m' = ⌈m·k'/k⌉, and at least
+    /// [`MIN_SHORT_BLOCK_PARITY`] (bounded by m) when k' < k. An object of
+    /// whole blocks keeps k and m as they are.
+    pub fn for_object(&self, object_len: u64) -> FecParams {
+        let s = self.shard_size as u64;
+        let blocks = self.blocks_for(object_len) as u64;
+        let shards = object_len.div_ceil(s).max(1);
+        // ≤ k: blocks_for gives blocks ≥ shards / k.
+        let k = shards.div_ceil(blocks) as u16;
+        if k >= self.data_shards {
+            return *self;
+        }
+        let scaled =
+            (self.parity_shards as u64 * k as u64).div_ceil(self.data_shards as u64) as u16;
+        let m = scaled.max(MIN_SHORT_BLOCK_PARITY.min(self.parity_shards));
+        FecParams {
+            data_shards: k,
+            parity_shards: m,
+            shard_size: self.shard_size,
+        }
     }
 
     /// Whether two shards per block are consistent with these parameters.
@@ -256,6 +289,25 @@ mod tests {
     }
 
     #[test]
+    fn short_objects_get_short_blocks_with_enough_parity() {
+        let p = params(128, 20, 1000);
+        // One shard: k'=1, at least 4 parity.
+        assert_eq!(p.for_object(0), params(1, 4, 1000));
+        assert_eq!(p.for_object(700), params(1, 4, 1000));
+        // 30 shards: parity at the ratio (⌈20·30/128⌉ = 5).
+        assert_eq!(p.for_object(29_500), params(30, 5, 1000));
+        // Whole blocks: as configured; otherwise blocks of even size.
+        assert_eq!(p.for_object(128_000), p);
+        assert_eq!(p.for_object(1_280_000), p);
+        assert_eq!(p.for_object(10_000_000), params(127, 20, 1000));
+        // 1.5 blocks: two blocks of 96 shards, 15 parity each.
+        assert_eq!(p.for_object(192_000), params(96, 15, 1000));
+        // m = 0 stays 0; m < 4 is not raised above m.
+        assert_eq!(params(32, 0, 10).for_object(5), params(1, 0, 10));
+        assert_eq!(params(32, 2, 10).for_object(5), params(1, 2, 10));
+    }
+
+    #[test]
     fn intact_block_needs_no_decoding_and_is_the_data() {
         let p = params(3, 2, 4);
         let codec = BlockCodec::new(p).unwrap();
@@ -306,6 +358,24 @@ mod tests {
             codec.reconstruct_data(&mut opt).unwrap();
             let rebuilt: Vec<u8> = opt[..k as usize].iter().flat_map(|s| s.clone().unwrap()).collect();
             prop_assert_eq!(&rebuilt[..len], &data[..]);
+        }
+
+        /// An object's own layout holds it in as many blocks as the
+        /// configured one, never more shards per block, and no more than
+        /// k' - 1 shards of padding per block.
+        #[test]
+        fn object_layout_never_pads_more_than_a_shard_per_block(
+            k in 1u16..200, m in 0u16..56, s in 1u32..2000, len in 0u64..50_000_000,
+        ) {
+            let p = params(k, m, s);
+            let o = p.for_object(len);
+            prop_assert!(o.is_valid());
+            prop_assert_eq!(o.blocks_for(len), p.blocks_for(len));
+            prop_assert!(o.data_shards <= k && o.parity_shards <= m);
+            let shards = len.div_ceil(s as u64).max(1);
+            let sent = o.blocks_for(len) as u64 * o.data_shards as u64;
+            prop_assert!(o == p || sent - shards < o.blocks_for(len) as u64, "{:?} for {}", o, len);
+            prop_assert_eq!(o.for_object(len), o);
         }
 
         /// Every shard is sent exactly once, and a burst of B consecutive

@@ -227,12 +227,14 @@ pub struct SiteOptions {
 }
 
 impl Default for SiteOptions {
+    /// gateway-tx's own FEC defaults: the tests exercise what ships.
     fn default() -> Self {
+        let fec = gateway_tx::config::FecConfig::default();
         SiteOptions {
             rate_bps: 40_000_000,
             passes: 3,
-            data_shards: 32,
-            parity_shards: 8,
+            data_shards: fec.data_shards,
+            parity_shards: fec.parity_shards,
             rules_yaml: None,
             tx_extra: String::new(),
             rx_extra: String::new(),

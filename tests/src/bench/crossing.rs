@@ -80,6 +80,8 @@ pub struct Plan {
     pub label: String,
     pub rate_bps: u64,
     pub passes: u32,
+    /// FEC data and parity shards per block.
+    pub fec: (u16, u16),
     /// Faults between the sides; None: gateway-tx sends straight to gateway-rx.
     pub link: Option<LinkFaults>,
     pub target: Target,
@@ -172,8 +174,8 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
     let opts = SiteOptions {
         rate_bps: plan.rate_bps,
         passes: plan.passes,
-        data_shards: 32,
-        parity_shards: 8,
+        data_shards: plan.fec.0,
+        parity_shards: plan.fec.1,
         rules_yaml: None,
         // The spool is listed every second by default; 50 ms keeps the
         // ingest figure about ingest.

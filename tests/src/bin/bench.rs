@@ -42,7 +42,8 @@ use crossing::{Crossing, Image, Plan};
 const FIGURES: [&str; 6] = ["goodput", "loss", "memory", "pacing", "push", "cpu"];
 const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
-/// FEC of the goodput figure and the default: k=32, m=8, 1400-byte datagrams.
+/// FEC of the goodput and push figures (the issue's): k=32, m=8, 1400-byte
+/// datagrams. The loss figure uses gateway-tx's default FEC.
 const DATA_SHARDS: u16 = 32;
 const PARITY_SHARDS: u16 = 8;
 const DATAGRAM: usize = 1400;
@@ -341,6 +342,7 @@ impl Bench<'_> {
             &image,
             Plan {
                 label: format!("{name} image ({gib} GiB)"),
+                fec: (DATA_SHARDS, PARITY_SHARDS),
                 rate_bps,
                 passes: 3,
                 link: None,
@@ -433,8 +435,10 @@ impl Bench<'_> {
         let rate = a.loss_rate_mbps * 1_000_000;
         let image = make_image(&self.work, "loss.tar", 62, a.loss_mib << 20, "bench/loss:1")?;
         let layout = self.work.join("loss-layout");
+        let default_fec = gateway_tx::config::FecConfig::default();
+        let (k, m) = (default_fec.data_shards, default_fec.parity_shards);
         eprintln!(
-            "loss efficiency: {} MiB at {} Mb/s, 5 % loss + bursts...",
+            "loss efficiency: {} MiB at {} Mb/s, 5 % loss + bursts, FEC {k}+{m}...",
             a.loss_mib, a.loss_rate_mbps
         );
         let burst = BurstLoss {
@@ -446,6 +450,7 @@ impl Bench<'_> {
             &image,
             Plan {
                 label: "loss efficiency".into(),
+                fec: (default_fec.data_shards, default_fec.parity_shards),
                 rate_bps: rate,
                 passes: 3,
                 link: Some(Box::new(move |cfg| {
@@ -463,20 +468,20 @@ impl Bench<'_> {
         let c = c?;
         let ideal = c.payload_bytes as f64 * 8.0 / rate as f64;
         let ratio = c.to_complete_s / ideal;
-        let fec = weir_proto::FecParams::for_datagram(DATAGRAM, DATA_SHARDS, PARITY_SHARDS)
+        let fec = weir_proto::FecParams::for_datagram(DATAGRAM, k, m)
             .context("FEC parameters of the bench")?;
         let l = c.link.unwrap_or_default();
         // What one pass puts on the wire per image byte, loss aside: parity,
         // frame overhead (mean frame as the link saw it), a header frame
         // every 64 shards (the default header_every).
         let mean_frame = l.received_bytes as f64 / l.received.max(1) as f64;
-        let floor = (DATA_SHARDS + PARITY_SHARDS) as f64 / DATA_SHARDS as f64 * mean_frame
-            / fec.shard_size as f64
-            * (1.0 + 1.0 / 64.0);
+        let header_every = gateway_tx::config::CarouselConfig::default().header_every;
+        let floor = (k + m) as f64 / k as f64 * mean_frame / fec.shard_size as f64
+            * (1.0 + 1.0 / header_every as f64);
         self.rows.push(Row::new(
             "2",
             format!(
-                "loss efficiency, 5 % loss + bursts, {} Mb/s",
+                "loss efficiency, 5 % loss + bursts, {} Mb/s, FEC {k}+{m} (default)",
                 a.loss_rate_mbps
             ),
             format!("{ratio:.2}"),
@@ -485,15 +490,16 @@ impl Bench<'_> {
         ));
         self.notes.push(format!(
             "loss efficiency: {:.0} MiB of blobs complete {:.1} s after acceptance; at {} Mb/s the image alone takes {:.1} s. \
-             One pass of FEC 32+8 is already about {floor:.2}× the image before any loss: 40 frames per 32 shards of {} B, \
+             One pass of FEC {k}+{m} is already about {floor:.2}× the image before any loss: {} frames per {k} shards of {} B, \
              frames of {mean_frame:.0} B on average (header, postcard body fields and HMAC tag: {:.0} B), plus an object \
-             header every 64 shards. \
+             header every {header_every} shards. \
              Link: {} frames in, {} lost independently, {} in bursts (Gilbert–Elliott enter 0.001, exit 0.2: mean burst 5), \
              {:.1} % in all; gateway-rx socket drops {}.",
             c.payload_bytes as f64 / MIB,
             c.to_complete_s,
             a.loss_rate_mbps,
             ideal,
+            k + m,
             fec.shard_size,
             mean_frame - fec.shard_size as f64,
             l.received,
@@ -637,6 +643,7 @@ impl Bench<'_> {
             &image,
             Plan {
                 label: "push".into(),
+                fec: (DATA_SHARDS, PARITY_SHARDS),
                 rate_bps: UNPACED_BPS,
                 passes: 3,
                 link: None,

@@ -146,7 +146,7 @@ fn run(args: &Args) -> Result<()> {
         format!(
             "state_dir = {:?}\nspool_dir = {:?}\n[link]\ntransport = \"udp\"\nudp_peer = \"{}\"\n\
              rate_bps = {}\ndatagram_size = 1400\n[auth]\nkey_id = 1\nkey_file = {:?}\n\
-             [fec]\ndata_shards = 32\nparity_shards = 8\n[carousel]\npasses = 3\n",
+             [carousel]\npasses = 3\n",
             work.join("tx-state").display().to_string(),
             spool.display().to_string(),
             diode.local_addr(),
