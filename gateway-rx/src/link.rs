@@ -16,8 +16,12 @@ use crate::state::now_ms;
 use crate::status::SenderStatus;
 use crate::verify::Verifier;
 
-/// Frames taken from the transport per call.
-const BATCH_FRAMES: usize = 64;
+/// Frames taken from the transport per call: a UDP source with GRO reads
+/// this many frames' bytes as a few coalesced messages per system call.
+const BATCH_FRAMES: usize = 512;
+/// Frames per batch handed to the store: the channel's bound in batches
+/// stays the bound in memory, whatever a receive returned.
+const OUT_FRAMES: usize = 64;
 /// How long a receive waits before checking for shutdown.
 const RECV_WAIT: Duration = Duration::from_millis(200);
 /// How often the loss estimate is published.
@@ -49,6 +53,7 @@ pub fn open_source(config: &RxConfig) -> Result<(Box<dyn FrameSource>, String), 
                 .ok_or(LinkSetupError::Missing("udp_listen"))?;
             let source = UdpSource::bind(addr)?;
             let bound = source.local_addr()?;
+            tracing::info!(%bound, gro = source.gro(), "UDP link open");
             Ok((Box::new(source), bound.to_string()))
         }
         Transport::Serial => {
@@ -87,7 +92,7 @@ pub fn receive(
     let mut batch = FrameBatch::new(BATCH_FRAMES, datagram_size);
     let mut last_loss = Instant::now();
     let mut last_error: Option<Instant> = None;
-    while !shutdown.is_triggered() {
+    'recv: while !shutdown.is_triggered() {
         if let Err(e) = source.recv(&mut batch, RECV_WAIT) {
             // Log once a minute at most; keep trying, the link may come back.
             if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
@@ -97,8 +102,14 @@ pub fn receive(
             shutdown.sleep(Duration::from_millis(500));
             continue;
         }
-        let mut frames = Vec::with_capacity(batch.len());
+        let mut frames = Vec::with_capacity(batch.len().min(OUT_FRAMES));
         for datagram in batch.iter() {
+            if frames.len() == OUT_FRAMES {
+                let full = std::mem::replace(&mut frames, Vec::with_capacity(OUT_FRAMES));
+                if out.send(full).is_err() {
+                    break 'recv; // the store stopped
+                }
+            }
             let Some(frame) = verifier.admit(datagram) else {
                 continue;
             };

@@ -1060,7 +1060,7 @@ impl Carousel {
             let n = fec.block_len(len, b);
             file.read_exact_at(&mut self.block[..n], b as u64 * block_bytes)
                 .map_err(|e| obj_err(format!("{}: {e}", path.display())))?;
-            codec.encode(&self.block[..n], &mut self.shards[rel as usize])?;
+            codec.split(&self.block[..n], &mut self.shards[rel as usize])?;
         }
         let header = Body::ObjectHeader(ObjectHeader {
             id,
@@ -1077,9 +1077,26 @@ impl Carousel {
             since_header,
             settings,
             control,
+            codecs,
             ..
         } = self;
+        let codec = &codecs[&fec];
+        // The group goes out shard index by shard index. Data shards need no
+        // coding, so parity is folded in one data index at a time as that
+        // index goes out: coding a whole group up front would stall the link
+        // for milliseconds, longer than the pacer's bucket holds at 1 Gb/s.
+        let mut folding: Option<u16> = None;
         for (rel, index) in interleave(count, fec.total_shards(), count) {
+            if folding.is_some_and(|f| f != index) {
+                if let Some(f) = folding.take() {
+                    for block in &mut shards[..count as usize] {
+                        codec.add_to_parity(f, block)?;
+                    }
+                }
+            }
+            if index < fec.data_shards {
+                folding = Some(index);
+            }
             if *since_header >= settings.header_every {
                 emitter.push(&header)?;
                 *since_header = 0;

@@ -38,7 +38,8 @@ pub fn open_sink(config: &LinkConfig) -> Result<Box<dyn FrameSink>, LinkSetupErr
                 .ok_or(LinkSetupError::Missing("udp_peer", config.transport))?;
             let sink = UdpSink::connect(peer, config.datagram_size)
                 .map_err(|source| LinkSetupError::Udp { peer, source })?;
-            tracing::info!(%peer, datagram_size = config.datagram_size, "UDP link open");
+            tracing::info!(%peer, datagram_size = config.datagram_size, gso = sink.gso(),
+                "UDP link open");
             Ok(Box::new(sink))
         }
         Transport::Serial => {

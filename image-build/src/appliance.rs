@@ -203,17 +203,20 @@ fi
     )
 }
 
-/// Kernel limits the diode link needs: the gateways ask for
-/// `SOCKET_BUFFER_BYTES` of UDP socket buffer (a diode has no flow control,
-/// so bursts must fit in the buffer), and the kernel caps requests at
-/// rmem_max/wmem_max.
+/// Kernel limits the diode link needs: gateway-rx asks for
+/// `RECV_BUFFER_BYTES` of UDP receive buffer and gateway-tx for
+/// `SOCKET_BUFFER_BYTES` of send buffer (a diode has no flow control, so
+/// bursts and the receiver's pauses must fit in the buffer), and the kernel
+/// caps requests at rmem_max/wmem_max.
 pub fn sysctl_conf() -> String {
-    let bytes = weir_proto::link::udp::SOCKET_BUFFER_BYTES;
+    let receive = weir_proto::link::udp::RECV_BUFFER_BYTES;
+    let send = weir_proto::link::udp::SOCKET_BUFFER_BYTES;
     format!(
         "\
-# weir: UDP socket buffers for the diode link (the gateway requests {bytes} bytes).
-net.core.rmem_max = {bytes}
-net.core.wmem_max = {bytes}
+# weir: UDP socket buffers for the diode link (gateway-rx asks for {receive}
+# bytes of receive buffer, gateway-tx for {send} bytes of send buffer).
+net.core.rmem_max = {receive}
+net.core.wmem_max = {send}
 # Packets queued per CPU before the stack drops them.
 net.core.netdev_max_backlog = 16384
 "
@@ -467,7 +470,11 @@ mod tests {
     #[test]
     fn sysctls_allow_the_buffer_the_link_asks_for() {
         let conf = sysctl_conf();
-        for key in ["net.core.rmem_max", "net.core.wmem_max"] {
+        use weir_proto::link::udp::{RECV_BUFFER_BYTES, SOCKET_BUFFER_BYTES};
+        for (key, wanted) in [
+            ("net.core.rmem_max", RECV_BUFFER_BYTES),
+            ("net.core.wmem_max", SOCKET_BUFFER_BYTES),
+        ] {
             let value: usize = conf
                 .lines()
                 .find_map(|l| {
@@ -479,10 +486,7 @@ mod tests {
                         .ok()
                 })
                 .unwrap_or_else(|| panic!("{key} missing"));
-            assert!(
-                value >= weir_proto::link::udp::SOCKET_BUFFER_BYTES,
-                "{key} = {value}"
-            );
+            assert!(value >= wanted, "{key} = {value}");
         }
     }
 

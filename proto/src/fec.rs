@@ -171,6 +171,20 @@ impl BlockCodec {
     /// Cuts `data` (at most k × S bytes, zero-padded here) into k data shards
     /// and computes m parity shards; `shards` is resized to k + m shards of S.
     pub fn encode(&self, data: &[u8], shards: &mut Vec<Vec<u8>>) -> Result<(), FecError> {
+        self.split(data, shards)?;
+        if let Some(rs) = &self.rs {
+            rs.encode(shards)
+                .map_err(|e| FecError::Codec(format!("{e:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// Cuts `data` into k data shards like [`encode`](Self::encode) and sizes
+    /// the m parity shards, without computing them: a sender that streams the
+    /// data shards first folds each one into the parity with
+    /// [`add_to_parity`](Self::add_to_parity) while the next ones go out,
+    /// instead of stalling for the whole block.
+    pub fn split(&self, data: &[u8], shards: &mut Vec<Vec<u8>>) -> Result<(), FecError> {
         let p = self.params;
         let s = p.shard_size as usize;
         let max = p.block_bytes() as usize;
@@ -190,11 +204,19 @@ impl BlockCodec {
                 shard[..end - start].copy_from_slice(&data[start..end]);
             }
         }
-        if let Some(rs) = &self.rs {
-            rs.encode(shards)
-                .map_err(|e| FecError::Codec(format!("{e:?}")))?;
-        }
         Ok(())
+    }
+
+    /// Folds data shard `index` of a [`split`](Self::split) block into its
+    /// parity shards. Called for every index 0, 1, …, k-1 in that order, it
+    /// leaves the same parity as [`encode`](Self::encode).
+    pub fn add_to_parity(&self, index: u16, shards: &mut [Vec<u8>]) -> Result<(), FecError> {
+        match &self.rs {
+            Some(rs) => rs
+                .encode_single(index as usize, shards)
+                .map_err(|e| FecError::Codec(format!("{e:?}"))),
+            None => Ok(()),
+        }
     }
 
     /// Fills in the missing data shards of a block from any k present ones.
@@ -376,6 +398,25 @@ mod tests {
             let sent = o.blocks_for(len) as u64 * o.data_shards as u64;
             prop_assert!(o == p || sent - shards < o.blocks_for(len) as u64, "{:?} for {}", o, len);
             prop_assert_eq!(o.for_object(len), o);
+        }
+
+        /// Folding the data shards into the parity one by one gives the
+        /// parity of a whole-block encode.
+        #[test]
+        fn parity_folded_shard_by_shard_equals_encode(
+            k in 1u16..40, m in 0u16..12, s in 1u32..64, seed in any::<u64>(),
+        ) {
+            let p = params(k, m, s);
+            let codec = BlockCodec::new(p).unwrap();
+            let data: Vec<u8> = (0..p.block_bytes()).map(|i| i.wrapping_mul(seed | 1).to_le_bytes()[2]).collect();
+            let mut whole = Vec::new();
+            codec.encode(&data, &mut whole).unwrap();
+            let mut folded = Vec::new();
+            codec.split(&data, &mut folded).unwrap();
+            for i in 0..k {
+                codec.add_to_parity(i, &mut folded).unwrap();
+            }
+            prop_assert_eq!(folded, whole);
         }
 
         /// Every shard is sent exactly once, and a burst of B consecutive

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// The directory cargo puts the workspace's binaries in (target/debug when
 /// tests run from `cargo test`).
-fn bin_dir() -> Result<PathBuf> {
+pub fn bin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test executable")?;
     // target/<profile>/deps/<test> or target/<profile>/<bin>
     let mut dir = exe

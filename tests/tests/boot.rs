@@ -2,7 +2,8 @@
 //! configuration on its data partition), qemu boots it through its own GRUB
 //! (TCG, no KVM), and the test talks to gateway-rx's serial console on the
 //! VM's second serial port: the start banner with the version, then
-//! `status`. Then it powers the VM off.
+//! `status`. Then it presses the VM's power button and checks that the
+//! gateway stopped cleanly and the VM powered off.
 //!
 //! Needs root and Debian's mmdebstrap, qemu-system-x86, squashfs-tools,
 //! e2fsprogs, fdisk, grub-pc-bin, rauc and openssl (scripts/test installs
@@ -19,6 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use weir_tests::pair::bin_dir;
 
 /// Building the image: mmdebstrap downloads ~150 MB and installs ~155
 /// packages, then xz compresses the root (about 2 minutes here).
@@ -26,6 +28,9 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(12 * 60);
 /// From qemu's start to the console banner (about 30 s here under TCG).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// From the power button to qemu's exit: systemd stops the gateway (which
+/// flushes its state) and powers off.
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(120);
 const EPOCH: &str = "1747699200";
 
 const TOOLS: &[&str] = &[
@@ -65,19 +70,6 @@ fn missing_requirements() -> Vec<String> {
         missing.push("root (mmdebstrap builds the root filesystem as root)".into());
     }
     missing
-}
-
-/// target/<profile>, where this test's binaries are.
-fn bin_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    let mut dir = exe
-        .parent()
-        .context("test executable has no directory")?
-        .to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    Ok(dir)
 }
 
 /// Builds gateway-rx and image-build in this test's profile; returns their
@@ -316,6 +308,7 @@ fn rx_image_boots_its_gateway_and_answers_on_the_serial_console() -> Result<()> 
     let serial0 = tmp.path().join("ttyS0.log");
     let socket = tmp.path().join("console.sock");
     let qemu_log = tmp.path().join("qemu.log");
+    let monitor = tmp.path().join("monitor.sock");
     let qemu = Command::new("qemu-system-x86_64")
         .args([
             "-accel",
@@ -332,7 +325,8 @@ fn rx_image_boots_its_gateway_and_answers_on_the_serial_console() -> Result<()> 
             "file={},format=raw,if=virtio,snapshot=on",
             out.join("weir-rx.img").display()
         ))
-        .args(["-monitor", "none"])
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .arg("-serial")
         .arg(format!("file:{}", serial0.display()))
         .arg("-serial")
@@ -381,12 +375,42 @@ fn rx_image_boots_its_gateway_and_answers_on_the_serial_console() -> Result<()> 
     );
     assert!(boot_log.contains("root=PARTLABEL=weir-root-a ro rootfstype=squashfs"));
 
-    // Power off: nothing on the VM needs a clean shutdown (snapshot=on).
+    // Power off as an operator would, with the power button (ACPI): systemd
+    // stops the gateway and the kernel powers the VM off; -no-reboot makes
+    // qemu exit then.
     if let Some(status) = vm.0.try_wait()? {
         bail!("qemu exited early ({status})");
     }
-    vm.0.kill()?;
-    vm.0.wait()?;
+    let mut hmp = UnixStream::connect(&monitor)
+        .with_context(|| format!("connecting to qemu's monitor {}", monitor.display()))?;
+    hmp.write_all(b"system_powerdown\n")
+        .context("pressing the power button")?;
+    let pressed = Instant::now();
+    loop {
+        if vm.0.try_wait()?.is_some() {
+            break;
+        }
+        if pressed.elapsed() > POWEROFF_TIMEOUT {
+            return Err(with_log(anyhow::anyhow!(
+                "the VM did not power off within {POWEROFF_TIMEOUT:?} of the power button"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let boot_log = String::from_utf8_lossy(&std::fs::read(&serial0)?).into_owned();
+    // The service's output goes to the kernel console too: the gateway
+    // stopped on SIGTERM, after flushing, before the power went.
+    assert!(
+        boot_log.contains("gateway-rx stopped"),
+        "gateway-rx did not stop cleanly:\n{}",
+        tail(&serial0, 40)
+    );
+    assert!(
+        boot_log.contains("reboot: Power down"),
+        "no power-down on ttyS0:\n{}",
+        tail(&serial0, 40)
+    );
+    eprintln!("powered off {:?} after the power button", pressed.elapsed());
     eprintln!(
         "boot test: build + boot + console in {:?}",
         build_started.elapsed()

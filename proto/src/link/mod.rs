@@ -59,21 +59,27 @@ pub trait FrameSource: Send {
 pub struct FrameBatch {
     buf: Vec<u8>,
     slot: usize,
-    lens: Vec<usize>,
+    capacity: usize,
+    /// (start, length) of each frame in `buf`: a transport that receives
+    /// coalesced datagrams (UDP GRO) leaves them packed, not slot-aligned.
+    frames: Vec<(usize, usize)>,
 }
 
 impl FrameBatch {
-    /// Room for `capacity` frames of at most `max_frame` bytes each.
+    /// Room for `capacity` frames of at most `max_frame` bytes each. A
+    /// transport that receives datagrams coalesced may grow the buffer and
+    /// return more frames than this in one call.
     pub fn new(capacity: usize, max_frame: usize) -> Self {
         FrameBatch {
             buf: vec![0; capacity * max_frame],
             slot: max_frame,
-            lens: Vec::with_capacity(capacity),
+            capacity,
+            frames: Vec::with_capacity(capacity),
         }
     }
 
     pub fn capacity(&self) -> usize {
-        self.buf.len() / self.slot
+        self.capacity
     }
 
     pub fn max_frame(&self) -> usize {
@@ -81,38 +87,39 @@ impl FrameBatch {
     }
 
     pub fn len(&self) -> usize {
-        self.lens.len()
+        self.frames.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lens.is_empty()
+        self.frames.is_empty()
     }
 
     pub fn clear(&mut self) {
-        self.lens.clear();
+        self.frames.clear();
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        self.lens
+        self.frames
             .iter()
-            .enumerate()
-            .map(|(i, &n)| &self.buf[i * self.slot..i * self.slot + n])
+            .map(|&(start, n)| &self.buf[start..start + n])
     }
 
     /// Appends a copy of `frame`; false when full or the frame is too large.
     pub fn push(&mut self, frame: &[u8]) -> bool {
-        if self.lens.len() == self.capacity() || frame.len() > self.slot {
+        if self.frames.len() >= self.capacity || frame.len() > self.slot {
             return false;
         }
-        let start = self.lens.len() * self.slot;
+        let start = self.frames.len() * self.slot;
         self.buf[start..start + frame.len()].copy_from_slice(frame);
-        self.lens.push(frame.len());
+        self.frames.push((start, frame.len()));
         true
     }
 
-    /// The raw slots, for transports that receive in place.
-    pub(crate) fn slots_mut(&mut self) -> (&mut [u8], usize, &mut Vec<usize>) {
-        (&mut self.buf, self.slot, &mut self.lens)
+    /// The raw buffer, slot size and frame list, for transports that
+    /// receive in place. They may grow the buffer; every (start, length)
+    /// they record must lie inside it.
+    pub(crate) fn raw_mut(&mut self) -> (&mut Vec<u8>, usize, &mut Vec<(usize, usize)>) {
+        (&mut self.buf, self.slot, &mut self.frames)
     }
 }
 

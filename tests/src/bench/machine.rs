@@ -1,20 +1,27 @@
 //! Facts about the machine a table was measured on, and the socket-buffer
 //! sysctls the run needs.
 //!
-//! The gateways ask for 32 MiB UDP buffers and get at most
-//! `net.core.rmem_max`/`wmem_max`; udp-receiver asks for nothing and gets
-//! `net.core.rmem_default`. With the Debian defaults both lose frames in
-//! bursts on loopback, so the bench raises the three for the run (as the
-//! appliance image should) and puts the old values back when it ends.
+//! gateway-rx asks for a 256 MiB UDP receive buffer and gateway-tx for a
+//! 32 MiB send buffer, and get at most `net.core.rmem_max`/`wmem_max`;
+//! udp-receiver asks for nothing and gets `net.core.rmem_default`. With the
+//! Debian defaults all of them lose frames in bursts on loopback, so the
+//! bench raises the three for the run (rmem_max and wmem_max as the
+//! appliance image does, rmem_default to 32 MiB for udp-receiver) and puts
+//! the old values back when it ends.
 
 use std::process::Command;
 
-/// Socket buffer size asked for during the run.
-pub const BUFFER_BYTES: u64 = 32 << 20;
-const SYSCTLS: [&str; 3] = [
-    "net.core.rmem_max",
-    "net.core.wmem_max",
-    "net.core.rmem_default",
+/// Each buffer sysctl and the value it needs during the run.
+const SYSCTLS: [(&str, u64); 3] = [
+    (
+        "net.core.rmem_max",
+        weir_proto::link::udp::RECV_BUFFER_BYTES as u64,
+    ),
+    (
+        "net.core.wmem_max",
+        weir_proto::link::udp::SOCKET_BUFFER_BYTES as u64,
+    ),
+    ("net.core.rmem_default", 32 << 20),
 ];
 
 fn sysctl_path(name: &str) -> String {
@@ -31,20 +38,21 @@ pub fn read_sysctl(name: &str) -> Option<u64> {
 
 /// Raised sysctls, restored on drop.
 pub struct RaisedBuffers {
-    restore: Vec<(&'static str, u64)>,
+    /// (name, old value, new value)
+    restore: Vec<(&'static str, u64, u64)>,
 }
 
 impl RaisedBuffers {
-    /// Raises each of the buffer sysctls to [`BUFFER_BYTES`] where it is
+    /// Raises each of the buffer sysctls to what the run needs where it is
     /// lower. Returns what could not be raised (not root, read-only /proc).
     pub fn raise() -> (RaisedBuffers, Vec<String>) {
         let mut restore = Vec::new();
         let mut refused = Vec::new();
-        for name in SYSCTLS {
+        for (name, wanted) in SYSCTLS {
             match read_sysctl(name) {
-                Some(v) if v < BUFFER_BYTES => {
-                    match std::fs::write(sysctl_path(name), BUFFER_BYTES.to_string()) {
-                        Ok(()) => restore.push((name, v)),
+                Some(v) if v < wanted => {
+                    match std::fs::write(sysctl_path(name), wanted.to_string()) {
+                        Ok(()) => restore.push((name, v, wanted)),
                         Err(e) => refused.push(format!("{name}: {e}")),
                     }
                 }
@@ -59,14 +67,14 @@ impl RaisedBuffers {
     pub fn describe(&self) -> Vec<String> {
         self.restore
             .iter()
-            .map(|(n, v)| format!("{n} {v}→{BUFFER_BYTES}"))
+            .map(|(n, v, w)| format!("{n} {v}→{w}"))
             .collect()
     }
 }
 
 impl Drop for RaisedBuffers {
     fn drop(&mut self) {
-        for (name, v) in &self.restore {
+        for (name, v, _) in &self.restore {
             if let Err(e) = std::fs::write(sysctl_path(name), v.to_string()) {
                 eprintln!("could not restore {name} to {v}: {e}");
             }
@@ -134,7 +142,7 @@ pub fn facts() -> Vec<String> {
         .unwrap_or_else(|| "unknown".into());
     let sysctls: Vec<String> = SYSCTLS
         .iter()
-        .map(|n| {
+        .map(|(n, _)| {
             format!(
                 "{n}={}",
                 read_sysctl(n)
