@@ -8,7 +8,7 @@
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use weir_proto::ObjectId;
 
@@ -132,11 +132,36 @@ impl BlobStore {
         id: &ObjectId,
         stop: &dyn Fn() -> bool,
     ) -> Result<u64, BlobStoreError> {
-        let (actual, len) = hash_file(file, stop)
-            .map_err(|e| self.io(file, "hashing", e))?
-            .ok_or_else(|| BlobStoreError::Interrupted {
+        self.adopt_hashed(file, id, RunningDigest::default(), stop)
+    }
+
+    /// Like [`adopt`](Self::adopt), with the file's first `digest.hashed()`
+    /// bytes already hashed into `digest` (while the object arrived); only
+    /// the rest is read. The caller vouches that those bytes did not change.
+    pub fn adopt_hashed(
+        &self,
+        file: &Path,
+        id: &ObjectId,
+        mut digest: RunningDigest,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<u64, BlobStoreError> {
+        let f = File::open(file).map_err(|e| self.io(file, "opening", e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| self.io(file, "reading metadata", e))?
+            .len();
+        if digest.hashed() > len {
+            digest = RunningDigest::default();
+        }
+        let complete = digest
+            .advance(&f, len, stop)
+            .map_err(|e| self.io(file, "hashing", e))?;
+        if !complete {
+            return Err(BlobStoreError::Interrupted {
                 expected: id.digest(),
-            })?;
+            });
+        }
+        let actual = digest.finish();
         if actual != *id {
             return Err(BlobStoreError::Mismatch {
                 expected: id.digest(),
@@ -144,9 +169,8 @@ impl BlobStore {
                 len,
             });
         }
-        File::open(file)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| self.io(file, "fsync", e))?;
+        f.sync_all().map_err(|e| self.io(file, "fsync", e))?;
+        drop(f);
         let dest = self.path_of(id);
         std::fs::rename(file, &dest).map_err(|e| self.io(&dest, "renaming into the store", e))?;
         let dir = self.sha_dir();
@@ -171,24 +195,105 @@ impl BlobStore {
 
 /// sha256 and length of a file, streamed; None if `stop` said so midway.
 pub fn hash_file(path: &Path, stop: &dyn Fn() -> bool) -> std::io::Result<Option<(ObjectId, u64)>> {
-    let mut f = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; HASH_BUFFER];
-    let mut len = 0u64;
-    loop {
-        if stop() {
-            return Ok(None);
-        }
-        let n = match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        len += n as u64;
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut digest = RunningDigest::default();
+    Ok(digest
+        .advance(&f, len, stop)?
+        .then(|| (digest.finish(), len)))
+}
+
+/// The sha256 of a file's first bytes, carried forward as more of the file
+/// becomes final: an object arriving in order is mostly hashed by the time
+/// its last block lands.
+#[derive(Clone, Default)]
+pub struct RunningDigest {
+    hasher: Sha256,
+    hashed: u64,
+}
+
+impl RunningDigest {
+    /// Bytes hashed so far (from offset 0).
+    pub fn hashed(&self) -> u64 {
+        self.hashed
     }
-    Ok(Some((ObjectId(hasher.finalize().into()), len)))
+
+    /// Hashes `file` from where the digest stands up to `upto`. Returns
+    /// false if `stop` said so midway (what was hashed stays hashed).
+    pub fn advance(
+        &mut self,
+        file: &File,
+        upto: u64,
+        stop: &dyn Fn() -> bool,
+    ) -> std::io::Result<bool> {
+        let mut buf = vec![0u8; HASH_BUFFER.min((upto.saturating_sub(self.hashed)) as usize)];
+        while self.hashed < upto {
+            if stop() {
+                return Ok(false);
+            }
+            let want = buf.len().min((upto - self.hashed) as usize);
+            let n = match file.read_at(&mut buf[..want], self.hashed) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("file ends at {} bytes, {upto} expected", self.hashed),
+                    ))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.hasher.update(&buf[..n]);
+            self.hashed += n as u64;
+        }
+        Ok(true)
+    }
+
+    pub fn finish(self) -> ObjectId {
+        ObjectId(self.hasher.finalize().into())
+    }
+}
+
+/// The running digests of the objects arriving, each for one generation of
+/// its object: a restarted object starts over.
+#[derive(Default)]
+pub struct RunningDigests(std::collections::HashMap<ObjectId, (u64, RunningDigest)>);
+
+impl RunningDigests {
+    /// Hashes `object`'s file further, up to `upto`. Returns false if
+    /// `stop` said so midway.
+    pub fn advance(
+        &mut self,
+        object: ObjectId,
+        generation: u64,
+        file: &File,
+        upto: u64,
+        stop: &dyn Fn() -> bool,
+    ) -> std::io::Result<bool> {
+        let (g, digest) = self
+            .0
+            .entry(object)
+            .or_insert((generation, RunningDigest::default()));
+        if *g != generation {
+            (*g, *digest) = (generation, RunningDigest::default());
+        }
+        let r = digest.advance(file, upto, stop);
+        if r.is_err() {
+            // Whatever was read, the finish hashes the whole file instead.
+            self.0.remove(&object);
+        }
+        r
+    }
+
+    /// The digest so far of this generation of `object` (empty if none),
+    /// forgotten here.
+    pub fn take(&mut self, object: &ObjectId, generation: u64) -> RunningDigest {
+        self.0
+            .remove(object)
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, d)| d)
+            .unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +341,45 @@ mod tests {
         std::fs::write(store.tmp_dir().join("half"), b"x").unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         assert_eq!(std::fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_digest_carried_forward_equals_the_whole_file_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let id = ObjectId::of_bytes(&bytes);
+        let f = dir.path().join("incoming");
+        std::fs::write(&f, &bytes).unwrap();
+        let mut digest = RunningDigest::default();
+        let file = File::open(&f).unwrap();
+        for upto in [0, 1, 1 << 20, 1_500_001, 2_999_999] {
+            assert!(digest.advance(&file, upto, &|| false).unwrap());
+            assert_eq!(digest.hashed(), upto);
+        }
+        assert_eq!(
+            store.adopt_hashed(&f, &id, digest, &|| false).unwrap(),
+            bytes.len() as u64
+        );
+        assert_eq!(store.read_object(&id).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_digest_of_other_bytes_is_caught_at_adoption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let f = dir.path().join("incoming");
+        std::fs::write(&f, b"the first bytes changed after hashing").unwrap();
+        let mut digest = RunningDigest::default();
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"THE FIRST").unwrap();
+        digest
+            .advance(&File::open(&other).unwrap(), 9, &|| false)
+            .unwrap();
+        let id = ObjectId::of_bytes(b"the first bytes changed after hashing");
+        let err = store.adopt_hashed(&f, &id, digest, &|| false).unwrap_err();
+        assert!(matches!(err, BlobStoreError::Mismatch { .. }), "{err}");
+        assert!(f.exists() && !store.contains(&id));
     }
 
     #[test]

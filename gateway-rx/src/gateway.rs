@@ -22,19 +22,19 @@ use tokio::sync::{watch, Notify};
 use weir_proto::{BlockCodec, Console, FecParams, Leds, ObjectId, ObjectKind, Shutdown};
 
 use crate::appliance::{is_disk_full, CounterWindow, Fault, Faults, Lights, Movement, StateDisk};
-use crate::blobs::{BlobStore, BlobStoreError};
+use crate::blobs::{BlobStore, BlobStoreError, RunningDigest, RunningDigests};
 use crate::config::RxConfig;
 use crate::delivery::{Delivery, DeliveryQueue};
 use crate::images::ImageLedger;
 use crate::link::{self, Inbound};
-use crate::shards::{self, DecodeJob, FinishJob, ShardStore, Work};
+use crate::shards::{self, DecodeJob, DigestJob, FinishJob, ShardStore, Work};
 use crate::state::{now_ms, StateDb};
 use crate::status::{Counters, ObjectProgress, SenderStatus, StatusReport};
 use crate::verify::{SessionBook, Verifier};
 
 /// Verified frame batches queued between the link and the store: about
 /// 11 MiB of 1400-byte frames, enough to ride out an fsync.
-const INBOUND_BATCHES: usize = 128;
+const INBOUND_BATCHES: usize = 32;
 /// Longest the store waits for frames before looking at its other work.
 const STORE_POLL: Duration = Duration::from_millis(20);
 /// How often the status file is written, and the counters logged.
@@ -152,7 +152,7 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let (inbound_tx, inbound_rx) = mpsc::sync_channel::<Vec<Inbound>>(INBOUND_BATCHES);
     let (result_tx, result_rx) = mpsc::channel::<WorkResult>();
     let (decode_tx, decode_rx) = mpsc::channel::<DecodeJob>();
-    let (finish_tx, finish_rx) = mpsc::channel::<FinishJob>();
+    let (finish_tx, finish_rx) = mpsc::channel::<FinisherJob>();
 
     let link_thread = spawn("rx-link", {
         let sender = sender.clone();
@@ -240,7 +240,8 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             // fail during shutdown, when the work is redone after restart.
             let _ = match w {
                 Work::Decode(job) => decode_tx.send(job).map_err(drop),
-                Work::Finish(job) => finish_tx.send(job).map_err(drop),
+                Work::Digest(job) => finish_tx.send(FinisherJob::Digest(job)).map_err(drop),
+                Work::Finish(job) => finish_tx.send(FinisherJob::Finish(job)).map_err(drop),
             };
         }
     };
@@ -627,16 +628,37 @@ fn run_decoder(jobs: Receiver<DecodeJob>, results: Sender<WorkResult>, shutdown:
     }
 }
 
+/// The finisher's work, in the order the store handed it out: an object's
+/// digest jobs come before its finish.
+enum FinisherJob {
+    Digest(DigestJob),
+    Finish(FinishJob),
+}
+
 fn run_finisher(
-    jobs: Receiver<FinishJob>,
+    jobs: Receiver<FinisherJob>,
     results: Sender<WorkResult>,
     blobs: BlobStore,
     ledger: Arc<ImageLedger>,
     counters: Arc<Counters>,
     shutdown: Shutdown,
 ) {
+    let mut running = RunningDigests::default();
+    let stop = || shutdown.is_triggered();
     while let Ok(job) = jobs.recv() {
-        let outcome = finish(&job, &blobs, &ledger, &counters, &shutdown);
+        let job = match job {
+            FinisherJob::Digest(d) => {
+                let file = &d.files.data;
+                if let Err(e) = running.advance(d.object, d.generation, file, d.upto, &stop) {
+                    tracing::warn!(digest = %d.object, error = %e, path = %d.files.data_path.display(),
+                        "hashing ahead failed; the finish hashes the whole object");
+                }
+                continue;
+            }
+            FinisherJob::Finish(job) => job,
+        };
+        let digest = running.take(&job.object, job.generation);
+        let outcome = finish(&job, digest, &blobs, &ledger, &counters, &shutdown);
         let result = WorkResult::Finished {
             object: job.object,
             generation: job.generation,
@@ -652,6 +674,7 @@ fn run_finisher(
 /// tells the image ledger.
 fn finish(
     job: &FinishJob,
+    digest: RunningDigest,
     blobs: &BlobStore,
     ledger: &ImageLedger,
     counters: &Counters,
@@ -671,12 +694,13 @@ fn finish(
             "cannot trim staged object");
         return FinishOutcome::Failed;
     }
-    match blobs.adopt(&job.files.data_path, &job.object, &|| {
+    let hashed_ahead = digest.hashed();
+    match blobs.adopt_hashed(&job.files.data_path, &job.object, digest, &|| {
         shutdown.is_triggered()
     }) {
         Ok(len) => {
             Counters::add(verified, 1);
-            tracing::info!(digest = %job.object, kind, len,
+            tracing::info!(digest = %job.object, kind, len, hashed_ahead,
                 seconds_from_first_frame = now_ms().saturating_sub(job.first_seen_ms) as f64 / 1000.0,
                 "object verified");
             if let Err(e) = ledger.object_verified(job.object, job.kind, job.first_seen_ms) {
@@ -805,7 +829,7 @@ fn delivery_views(jobs: &[crate::delivery::DeliveryJob]) -> Vec<crate::status::D
 /// The status of a gateway: from status.json while it runs (sled admits one
 /// process), or built from its database when it is stopped.
 pub fn status(config: &RxConfig) -> anyhow::Result<StatusReport> {
-    let db = match StateDb::open(&db_dir(config)) {
+    let db = match StateDb::open_now(&db_dir(config)) {
         Ok(db) => db,
         Err(crate::state::StateError::Locked { .. }) => {
             return StatusReport::read(&config.state_dir)?.with_context(|| {
@@ -1146,8 +1170,9 @@ mod tests {
             .iter()
             .filter(|f| f[5] == weir_proto::FrameKind::Shard as u8)
             .count() as u64;
+        // Stored, or not needed (parity of a block whose data is all in).
         let report = gw.wait_for("the first half stored", |r| {
-            r.counters.shards_stored == shard_frames
+            r.counters.shards_stored + r.counters.shards_duplicate == shard_frames
         });
         assert_eq!(report.counters.pushes_done, 0);
         let stopped = gw.stop();

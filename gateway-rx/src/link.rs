@@ -21,7 +21,7 @@ use crate::verify::Verifier;
 const BATCH_FRAMES: usize = 512;
 /// Frames per batch handed to the store: the channel's bound in batches
 /// stays the bound in memory, whatever a receive returned.
-const OUT_FRAMES: usize = 64;
+const OUT_FRAMES: usize = 256;
 /// How long a receive waits before checking for shutdown.
 const RECV_WAIT: Duration = Duration::from_millis(200);
 /// How often the loss estimate is published.

@@ -24,8 +24,8 @@
 //! Memory: one batch of payloads (a few MiB) and two bits per shard of the
 //! objects in flight; nothing grows with object size but those bitmaps.
 
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -42,6 +42,13 @@ pub const BATCH_BYTES: usize = 4 << 20;
 pub const BATCH_WAIT: Duration = Duration::from_millis(50);
 /// Largest single write when coalescing adjacent shards.
 const WRITE_RUN: usize = 1 << 20;
+/// Hash an arriving object's data file ahead each time this many more
+/// leading bytes are final, so its finish reads only the tail.
+const DIGEST_STEP: u64 = 16 << 20;
+/// Parts per `pwritev` (the kernel's IOV_MAX).
+const WRITE_PARTS: usize = 1024;
+/// Largest bitmap of one block.
+const MAX_BITMAP: usize = weir_proto::fec::MAX_SHARDS_PER_BLOCK.div_ceil(8);
 
 const OBJECTS_TREE: &str = "staging_objects";
 const BLOCKS_TREE: &str = "staging_bitmaps";
@@ -156,10 +163,21 @@ pub struct FinishJob {
     pub files: Arc<StagingFiles>,
 }
 
+/// The leading blocks of an object that are final: the finisher hashes
+/// its data file up to `upto` ahead of the finish.
+#[derive(Debug, Clone)]
+pub struct DigestJob {
+    pub object: ObjectId,
+    pub generation: u64,
+    pub upto: u64,
+    pub files: Arc<StagingFiles>,
+}
+
 /// Work the store hands to other threads.
 #[derive(Debug, Clone)]
 pub enum Work {
     Decode(DecodeJob),
+    Digest(DigestJob),
     Finish(FinishJob),
 }
 
@@ -176,6 +194,10 @@ struct LiveObject {
     shards_held: u64,
     blocks_complete: u32,
     decoding: HashSet<u32>,
+    /// Leading blocks whose data is final (complete, not being decoded).
+    final_prefix: u32,
+    /// Leading blocks already handed to the finisher to hash.
+    digested: u32,
     finishing: bool,
     record_dirty: bool,
 }
@@ -211,7 +233,47 @@ impl LiveObject {
     }
 
     fn data_complete(&self, block: u32) -> bool {
-        (0..self.k()).all(|i| Self::bit(&self.held, self.bitmap_len, block, i))
+        data_bits_set(self.block_bitmap(block), self.k())
+    }
+
+    /// Moves the final prefix forward; returns a digest job when it grew by
+    /// `step` bytes since the last one (the finish hashes the rest).
+    fn digest_ahead(&mut self, id: &ObjectId, step: u64) -> Option<DigestJob> {
+        while self.final_prefix < self.blocks
+            && self.data_complete(self.final_prefix)
+            && !self.decoding.contains(&self.final_prefix)
+        {
+            self.final_prefix += 1;
+        }
+        let block = self.record.fec.block_bytes();
+        let upto = (self.final_prefix as u64 * block).min(self.record.len);
+        if self.final_prefix == self.blocks
+            || upto - (self.digested as u64 * block).min(upto) < step
+        {
+            return None;
+        }
+        self.digested = self.final_prefix;
+        Some(DigestJob {
+            object: *id,
+            generation: self.generation,
+            upto,
+            files: self.files.clone(),
+        })
+    }
+
+    /// Whether the block's data shards are all in once the queued ones land.
+    fn data_complete_with_queued(&self, block: u32) -> bool {
+        let start = block as usize * self.bitmap_len;
+        let mut map = [0u8; MAX_BITMAP];
+        let map = &mut map[..self.bitmap_len];
+        for (m, (h, q)) in map.iter_mut().zip(
+            self.held[start..start + self.bitmap_len]
+                .iter()
+                .zip(&self.queued[start..start + self.bitmap_len]),
+        ) {
+            *m = h | q;
+        }
+        data_bits_set(map, self.k())
     }
 
     fn progress(&self, id: &ObjectId) -> ObjectProgress {
@@ -222,6 +284,14 @@ impl LiveObject {
             self.shards_held,
         )
     }
+}
+
+/// Whether bits `0..k` (the data shards) of one block's bitmap are all set.
+fn data_bits_set(map: &[u8], k: u16) -> bool {
+    let (whole, rest) = (k as usize / 8, k % 8);
+    map.len() * 8 >= k as usize
+        && map[..whole].iter().all(|&b| b == 0xff)
+        && (rest == 0 || map[whole] & ((1u8 << rest) - 1) == (1u8 << rest) - 1)
 }
 
 fn progress_of(
@@ -268,6 +338,107 @@ fn chunk_blocks(chunk: u32, blocks: u32) -> std::ops::Range<u32> {
     start..(start.saturating_add(BLOCKS_PER_CHUNK)).min(blocks)
 }
 
+/// Adjacent shards of one staging file, written with one `pwritev`.
+#[derive(Default)]
+struct WriteRun<'a> {
+    files: Option<Arc<StagingFiles>>,
+    parity: bool,
+    start: u64,
+    len: usize,
+    parts: Vec<&'a [u8]>,
+}
+
+impl<'a> WriteRun<'a> {
+    fn extends(&self, files: &Arc<StagingFiles>, parity: bool, off: u64, len: usize) -> bool {
+        self.files.as_ref().is_some_and(|f| Arc::ptr_eq(f, files))
+            && self.parity == parity
+            && self.start + self.len as u64 == off
+            && self.len + len <= WRITE_RUN
+            && self.parts.len() < WRITE_PARTS
+    }
+
+    fn start(&mut self, files: Arc<StagingFiles>, parity: bool, off: u64) {
+        self.files = Some(files);
+        self.parity = parity;
+        self.start = off;
+    }
+
+    fn push(&mut self, part: &'a [u8]) {
+        self.len += part.len();
+        self.parts.push(part);
+    }
+
+    fn flush(&mut self) -> Result<(), ShardStoreError> {
+        if let Some(f) = self.files.take() {
+            let (file, path) = if self.parity {
+                (&f.parity, &f.parity_path)
+            } else {
+                (&f.data, &f.data_path)
+            };
+            write_parts_at(file, &self.parts, self.start)
+                .map_err(io_err(path, "writing shards"))?;
+        }
+        self.parts.clear();
+        self.len = 0;
+        Ok(())
+    }
+}
+
+/// Writes `parts` back to back at `offset`, all of them, in as few
+/// `pwritev` calls as the kernel allows.
+fn write_parts_at(file: &File, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut iovs: Vec<libc::iovec> = parts
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    let (mut first, mut at) = (0usize, offset);
+    while first < iovs.len() {
+        let count = (iovs.len() - first).min(WRITE_PARTS);
+        // SAFETY: the iovecs point into `parts`, which outlive the call.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iovs.as_ptr().add(first),
+                count as libc::c_int,
+                at as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n as usize;
+        at += n as u64;
+        // Skip what was written; a partly written part is resumed.
+        while n > 0 {
+            let iov = &mut iovs[first];
+            if n >= iov.iov_len {
+                n -= iov.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: n < iov_len, still inside the same part.
+                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
+                iov.iov_len -= n;
+                n = 0;
+            }
+        }
+        while first < iovs.len() && iovs[first].iov_len == 0 {
+            first += 1;
+        }
+    }
+    Ok(())
+}
+
 struct PendingShard {
     object: ObjectId,
     block: u32,
@@ -294,6 +465,8 @@ pub struct ShardStore {
     /// Work found outside a commit, handed out with the next one.
     ready: Vec<Work>,
     next_generation: u64,
+    /// Bytes of final prefix per digest job.
+    digest_step: u64,
     counters: Arc<Counters>,
 }
 
@@ -304,7 +477,7 @@ impl ShardStore {
     pub fn open(
         db: &StateDb,
         dir: &Path,
-        complete: HashSet<ObjectId>,
+        complete: impl IntoIterator<Item = ObjectId>,
         counters: Arc<Counters>,
     ) -> Result<(ShardStore, Vec<Work>), ShardStoreError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir, "creating directory"))?;
@@ -313,8 +486,8 @@ impl ShardStore {
             objects: db.tree(OBJECTS_TREE)?,
             blocks: db.tree(BLOCKS_TREE)?,
             dir: dir.to_path_buf(),
-            complete,
-            live: HashMap::new(),
+            complete: complete.into_iter().collect(),
+            live: HashMap::default(),
             pending: Vec::new(),
             pending_bytes: 0,
             pending_since: None,
@@ -322,6 +495,7 @@ impl ShardStore {
             dir_dirty: false,
             ready: Vec::new(),
             next_generation: 1,
+            digest_step: DIGEST_STEP,
             counters,
         };
         let mut work = Vec::new();
@@ -423,7 +597,9 @@ impl ShardStore {
             queued: vec![0; blocks as usize * bitmap_len],
             shards_held: 0,
             blocks_complete: 0,
-            decoding: HashSet::new(),
+            decoding: HashSet::default(),
+            final_prefix: 0,
+            digested: 0,
             finishing: false,
             record_dirty: false,
         }
@@ -612,7 +788,12 @@ impl ShardStore {
             return Ok(Accepted::Duplicate);
         }
         let (bl, b, i) = (live.bitmap_len, shard.block, shard.index);
-        if LiveObject::bit(&live.held, bl, b, i) || LiveObject::bit(&live.queued, bl, b, i) {
+        // A block with all its data shards needs nothing more, parity
+        // included: later passes cost a bitmap test, no write.
+        if LiveObject::bit(&live.held, bl, b, i)
+            || LiveObject::bit(&live.queued, bl, b, i)
+            || live.data_complete(b)
+        {
             Counters::add(&self.counters.shards_duplicate, 1);
             return Ok(Accepted::Duplicate);
         }
@@ -692,72 +873,65 @@ impl ShardStore {
         pending: &[PendingShard],
         rebuilt: &[(ObjectId, u64, u32, Vec<u16>)],
     ) -> Result<Vec<Work>, ShardStoreError> {
-        // 1. Payloads to the files, adjacent shards coalesced into one write.
-        let mut order: Vec<usize> = (0..pending.len()).collect();
-        let offset_of = |p: &PendingShard, live: &LiveObject| -> (bool, u64) {
+        // 1. Payloads to the files, adjacent shards coalesced into one
+        // write. Parity of a block whose data shards are all in once this
+        // batch lands is never needed: it is dropped, not written.
+        let mut objects: Vec<(ObjectId, Arc<StagingFiles>)> = Vec::new();
+        let mut skip = vec![false; pending.len()];
+        let mut writes: Vec<(u16, bool, u64, usize)> = Vec::with_capacity(pending.len());
+        for (i, p) in pending.iter().enumerate() {
+            let Some(live) = self.live.get(&p.object) else {
+                skip[i] = true;
+                continue;
+            };
             let f = live.record.fec;
             let s = f.shard_size as u64;
-            if p.index < f.data_shards {
+            let (parity, off) = if p.index < f.data_shards {
                 (
                     false,
                     (p.block as u64 * f.data_shards as u64 + p.index as u64) * s,
                 )
             } else {
+                if live.data_complete_with_queued(p.block) {
+                    skip[i] = true;
+                    continue;
+                }
                 let j = (p.index - f.data_shards) as u64;
                 (true, (p.block as u64 * f.parity_shards as u64 + j) * s)
-            }
-        };
-        order.sort_by_key(|&i| {
-            let p = &pending[i];
-            let (parity, off) = self
-                .live
-                .get(&p.object)
-                .map(|l| offset_of(p, l))
-                .unwrap_or((false, 0));
-            (p.object, parity, off)
-        });
-        let mut touched_files: HashMap<(ObjectId, bool), Arc<StagingFiles>> = HashMap::new();
-        let mut run: Vec<u8> = Vec::with_capacity(WRITE_RUN.min(self.pending_bytes.max(1 << 16)));
-        let mut run_at: Option<(ObjectId, bool, u64)> = None;
-        let flush_run = |run: &mut Vec<u8>,
-                         at: Option<(ObjectId, bool, u64)>,
-                         files: &HashMap<(ObjectId, bool), Arc<StagingFiles>>|
-         -> Result<(), ShardStoreError> {
-            if let Some((id, parity, off)) = at {
-                if let Some(f) = files.get(&(id, parity)) {
-                    let (file, path) = if parity {
-                        (&f.parity, &f.parity_path)
-                    } else {
-                        (&f.data, &f.data_path)
-                    };
-                    file.write_all_at(run, off)
-                        .map_err(io_err(path, "writing shards"))?;
-                }
-            }
-            run.clear();
-            Ok(())
-        };
-        for &i in &order {
-            let p = &pending[i];
-            let Some(live) = self.live.get(&p.object) else {
-                continue;
             };
-            let (parity, off) = offset_of(p, live);
-            touched_files
-                .entry((p.object, parity))
-                .or_insert_with(|| live.files.clone());
-            let contiguous = matches!(run_at, Some((id, par, start))
-                if id == p.object && par == parity && start + run.len() as u64 == off)
-                && run.len() + p.payload.len() <= WRITE_RUN;
-            if !contiguous {
-                flush_run(&mut run, run_at, &touched_files)?;
-                run_at = Some((p.object, parity, off));
-            }
-            run.extend_from_slice(&p.payload);
+            // A batch holds a handful of objects: a linear search beats
+            // hashing a digest per shard.
+            let at = match objects.iter().position(|(o, _)| *o == p.object) {
+                Some(at) => at,
+                None => {
+                    objects.push((p.object, live.files.clone()));
+                    objects.len() - 1
+                }
+            };
+            writes.push((at as u16, parity, off, i));
         }
-        flush_run(&mut run, run_at, &touched_files)?;
+        writes.sort_unstable();
+        let mut touched_files: Vec<(ObjectId, bool, Arc<StagingFiles>)> = Vec::new();
+        let mut run = WriteRun::default();
+        for &(at, parity, off, i) in &writes {
+            let (id, files) = &objects[at as usize];
+            // Sorted: each file's writes are one stretch, fsynced once.
+            if !touched_files
+                .last()
+                .is_some_and(|(o, par, _)| o == id && *par == parity)
+            {
+                touched_files.push((*id, parity, files.clone()));
+            }
+            let payload = &pending[i].payload;
+            if !run.extends(files, parity, off, payload.len()) {
+                run.flush()?;
+                run.start(files.clone(), parity, off);
+            }
+            run.push(payload);
+        }
+        run.flush()?;
         // 2. Durable before claimed.
-        for ((_, parity), f) in &touched_files {
+        for (_, parity, f) in &touched_files {
             let (file, path) = if *parity {
                 (&f.parity, &f.parity_path)
             } else {
@@ -770,8 +944,8 @@ impl ShardStore {
             self.dir_dirty = false;
         }
         // 3. Claim: bitmaps (committed | new) and records, then fsync sled.
-        let mut next: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::new();
-        for p in pending {
+        let mut next: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::default();
+        for (p, _) in pending.iter().zip(&skip).filter(|(_, skip)| !**skip) {
             let Some(live) = self.live.get(&p.object) else {
                 continue;
             };
@@ -794,7 +968,7 @@ impl ShardStore {
                 map[i as usize / 8] |= 1 << (i % 8);
             }
         }
-        let mut chunks: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::new();
+        let mut chunks: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::default();
         for ((id, block), map) in &next {
             let Some(live) = self.live.get(id) else {
                 continue;
@@ -827,7 +1001,12 @@ impl ShardStore {
             .apply_batch(blocks_batch)
             .map_err(|e| self.db.sled_error(e))?;
         self.db.commit()?;
-        Counters::add(&self.counters.shards_stored, pending.len() as u64);
+        let dropped = skip.iter().filter(|s| **s).count();
+        Counters::add(
+            &self.counters.shards_stored,
+            (pending.len() - dropped) as u64,
+        );
+        Counters::add(&self.counters.shards_duplicate, dropped as u64);
         // 4. Now in memory too; see what became decodable or complete.
         for (id, _, block, _) in rebuilt {
             if let Some(live) = self.live.get_mut(id) {
@@ -835,7 +1014,7 @@ impl ShardStore {
             }
         }
         let mut work = Vec::new();
-        let mut objects_touched: HashSet<ObjectId> = HashSet::new();
+        let mut objects_touched: HashSet<ObjectId> = HashSet::default();
         for ((id, block), map) in next {
             let Some(live) = self.live.get_mut(&id) else {
                 continue;
@@ -872,6 +1051,9 @@ impl ShardStore {
             let Some(live) = self.live.get_mut(&id) else {
                 continue;
             };
+            if let Some(job) = live.digest_ahead(&id, self.digest_step) {
+                work.push(Work::Digest(job));
+            }
             if live.blocks_complete == live.blocks && live.decoding.is_empty() && !live.finishing {
                 live.finishing = true;
                 work.push(Work::Finish(finish_job(&id, live)));
@@ -982,14 +1164,13 @@ pub fn progress_from_db(db: &StateDb) -> Result<Vec<ObjectProgress>, ShardStoreE
         let Ok(r) = serde_json::from_slice::<ObjectRecord>(&v) else {
             continue;
         };
-        let k_shards = r.fec.data_shards as usize;
         let bitmap_len = (r.fec.total_shards() as usize).div_ceil(8);
         let (mut complete, mut held) = (0u64, 0u64);
         for item in blocks.scan_prefix(id.0) {
             let (_, chunk) = item.map_err(|e| db.sled_error(e))?;
             for map in chunk.chunks(bitmap_len) {
                 held += map.iter().map(|b| b.count_ones() as u64).sum::<u64>();
-                if (0..k_shards).all(|i| map.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)) {
+                if data_bits_set(map, r.fec.data_shards) {
                     complete += 1;
                 }
             }
@@ -1081,7 +1262,7 @@ pub fn decode_block(job: &DecodeJob, codec: &BlockCodec) -> Result<Vec<u16>, Dec
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::blobs::BlobStore;
+    use crate::blobs::{BlobStore, RunningDigests};
     use crate::testing::bytes_from;
     use std::sync::atomic::Ordering;
 
@@ -1125,13 +1306,16 @@ pub(crate) mod tests {
 
         fn open(&self) -> (ShardStore, Vec<Work>, StateDb) {
             let db = StateDb::open(&self.dir.path().join("db")).unwrap();
-            let (s, w) = ShardStore::open(
+            let (mut s, w) = ShardStore::open(
                 &db,
                 &self.dir.path().join("staging"),
-                HashSet::new(),
+                HashSet::default(),
                 self.counters.clone(),
             )
             .unwrap();
+            // Every final block goes to the running digest at once, so the
+            // tests cover hashing ahead.
+            s.digest_step = 1;
             (s, w, db)
         }
 
@@ -1144,6 +1328,7 @@ pub(crate) mod tests {
     /// verified objects' bytes.
     fn drive(store: &mut ShardStore, mut work: Vec<Work>, blobs: &BlobStore) -> Vec<ObjectId> {
         let mut done = Vec::new();
+        let mut running = RunningDigests::default();
         loop {
             work.extend(store.commit().unwrap());
             if work.is_empty() {
@@ -1156,10 +1341,19 @@ pub(crate) mod tests {
                         let rebuilt = decode_block(&job, &codec).unwrap();
                         store.decoded(job.object, job.generation, job.block, rebuilt);
                     }
+                    Work::Digest(job) => {
+                        let before = job.files.data.metadata().unwrap().len();
+                        assert!(job.upto <= before);
+                        let file = &job.files.data;
+                        let ok =
+                            running.advance(job.object, job.generation, file, job.upto, &|| false);
+                        assert!(ok.unwrap());
+                    }
                     Work::Finish(job) => {
                         job.files.data.set_len(job.len).unwrap();
+                        let digest = running.take(&job.object, job.generation);
                         let ok = blobs
-                            .adopt(&job.files.data_path, &job.object, &|| false)
+                            .adopt_hashed(&job.files.data_path, &job.object, digest, &|| false)
                             .is_ok();
                         store.finished(job.object, job.generation, ok).unwrap();
                         if ok {
@@ -1204,6 +1398,41 @@ pub(crate) mod tests {
                 .count(),
             0
         );
+    }
+
+    /// Blocks that are final in order are hashed ahead: the digest jobs
+    /// cover the leading final blocks, never a block still missing data,
+    /// and the finish completes the same sha256.
+    #[test]
+    fn leading_final_blocks_are_hashed_ahead() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(9, 10_000);
+        let p = fec(4, 2, 100);
+        let all = shards_of(&bytes, ObjectKind::Blob, p);
+        // Blocks 0..10 whole, block 10 without its data shard 1, then 11..20.
+        let (first, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|s| s.block < 20);
+        for s in first.iter().filter(|s| !(s.block == 10 && s.index == 1)) {
+            store.accept(s.clone()).unwrap();
+        }
+        let work = store.commit().unwrap();
+        let digests: Vec<u64> = work
+            .iter()
+            .filter_map(|w| match w {
+                Work::Digest(d) => Some(d.upto),
+                _ => None,
+            })
+            .collect();
+        // Block 10 has 5 of 6 shards, so it went to the decoder and holds
+        // the prefix at 10 blocks until it is rebuilt.
+        assert_eq!(digests, vec![10 * p.block_bytes()]);
+        for s in rest {
+            store.accept(s).unwrap();
+        }
+        let done = drive(&mut store, work, &blobs);
+        assert_eq!(done, vec![ObjectId::of_bytes(&bytes)]);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
     }
 
     /// A tmpfs of `size` mounted on `dir` for the test's life (root only).
@@ -1326,8 +1555,10 @@ pub(crate) mod tests {
         }
         drive(&mut store, vec![], &blobs);
         assert_eq!(store.accept(all[1].clone()).unwrap(), Accepted::Duplicate); // complete
-        assert_eq!(rig.count(&rig.counters.shards_duplicate), 3);
-        assert_eq!(rig.count(&rig.counters.shards_stored), all.len() as u64);
+                                                                                // Both blocks had all their data shards in the second batch: their
+                                                                                // parity was never needed, so never written.
+        assert_eq!(rig.count(&rig.counters.shards_duplicate), 3 + 2);
+        assert_eq!(rig.count(&rig.counters.shards_stored), all.len() as u64 - 2);
     }
 
     #[test]
@@ -1378,14 +1609,28 @@ pub(crate) mod tests {
         let (mut store, work, _db) = rig.open();
         let progress = store.progress();
         assert_eq!(progress.len(), 1);
-        assert_eq!(progress[0].shards_held, first.len() as u64);
+        // Claimed: every data shard, and parity only of blocks still
+        // missing data shards (the others' parity is never needed).
+        let k = p.data_shards;
+        let data_in_first = |block: u32| {
+            first
+                .iter()
+                .filter(|s| s.block == block && s.index < k)
+                .count()
+        };
+        let claimed: Vec<&ShardIn> = first
+            .iter()
+            .filter(|s| s.index < k || data_in_first(s.block) < k as usize)
+            .collect();
+        assert!(claimed.len() < first.len());
+        assert_eq!(progress[0].shards_held, claimed.len() as u64);
         // Every claimed shard is on disk as sent.
         let staging = rig.dir.path().join("staging");
         let id = ObjectId::of_bytes(&bytes);
         let data = std::fs::read(staging.join(format!("{}.data", id.hex()))).unwrap();
         let parity = std::fs::read(staging.join(format!("{}.parity", id.hex()))).unwrap();
         let s = p.shard_size as usize;
-        for sh in first {
+        for sh in claimed {
             let (k, m) = (p.data_shards as usize, p.parity_shards as usize);
             let (file, off) = if (sh.index as usize) < k {
                 (&data, (sh.block as usize * k + sh.index as usize) * s)

@@ -10,6 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Page cache sled may keep: the receiver's metadata is small, and the
 /// default (1 GiB) would defeat the flat-memory goal.
 const SLED_CACHE_BYTES: u64 = 8 << 20;
+/// How long opening waits for a lock held by a database closing in this
+/// process.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -44,28 +47,52 @@ pub struct StateDb {
 }
 
 impl StateDb {
+    /// Opens (creating) the database at `path`; a lock still held by a
+    /// database closing in this process is waited for, briefly.
     pub fn open(path: &Path) -> Result<StateDb, StateError> {
+        Self::open_waiting(path, LOCK_WAIT)
+    }
+
+    /// Opens without waiting for a held lock (to learn whether a gateway
+    /// runs).
+    pub fn open_now(path: &Path) -> Result<StateDb, StateError> {
+        Self::open_waiting(path, std::time::Duration::ZERO)
+    }
+
+    fn open_waiting(path: &Path, wait: std::time::Duration) -> Result<StateDb, StateError> {
         std::fs::create_dir_all(path).map_err(|source| StateError::Io {
             path: path.to_path_buf(),
             what: "creating directory",
             source,
         })?;
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()
-            .map_err(|source| match &source {
+        // A database dropped in this process a moment ago may still be
+        // held by sled's flusher thread: wait briefly for it before saying
+        // that another gateway holds it.
+        let deadline = std::time::Instant::now() + wait;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(SLED_CACHE_BYTES)
+                .open()
+            {
+                Ok(db) => break db,
                 // sled reports a held lock only in its message.
-                sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
-                    StateError::Locked {
-                        path: path.to_path_buf(),
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StateError::Locked {
+                            path: path.to_path_buf(),
+                        });
                     }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                _ => StateError::Sled {
-                    path: path.to_path_buf(),
-                    source,
-                },
-            })?;
+                Err(source) => {
+                    return Err(StateError::Sled {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        };
         Ok(StateDb {
             db,
             path: path.to_path_buf(),

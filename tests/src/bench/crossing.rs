@@ -343,6 +343,15 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
     };
     drop(tx);
     drop(rx);
+    // Beside the profiles, the logs tell the timeline.
+    if let Some((dir, name)) = &plan.profile {
+        for side in ["tx", "rx"] {
+            let _ = std::fs::copy(
+                site.dir.path().join(format!("{side}.log")),
+                dir.join(format!("{name}-{side}.log")),
+            );
+        }
+    }
 
     let complete_ms = image_status
         .complete_at_ms
