@@ -91,15 +91,16 @@ struct Args {
     /// Upper bound of each crossing, seconds.
     #[arg(long, default_value_t = 900)]
     timeout_s: u64,
-    /// Leave the UDP buffer sysctls alone (by default they are raised to
-    /// 32 MiB for the run and restored after).
+    /// Leave the UDP buffer sysctls alone (by default they are raised for
+    /// the run, receive to 256 MiB and send to 32 MiB, and restored after).
     #[arg(long)]
     no_sysctl: bool,
     /// Working directory for images (default: a temporary directory).
     #[arg(long)]
     work: Option<PathBuf>,
     /// Record each crossing's gateways with `perf record --call-graph dwarf`
-    /// into this directory (`<crossing>-tx.data`, `<crossing>-rx.data`).
+    /// into this directory (`<crossing>-tx.data`, `<crossing>-rx.data`),
+    /// with both gateways' logs beside them (`<crossing>-tx.log`, ...).
     #[arg(long)]
     profile: Option<PathBuf>,
 }
