@@ -193,16 +193,6 @@ impl BlobStore {
     }
 }
 
-/// sha256 and length of a file, streamed; None if `stop` said so midway.
-pub fn hash_file(path: &Path, stop: &dyn Fn() -> bool) -> std::io::Result<Option<(ObjectId, u64)>> {
-    let f = File::open(path)?;
-    let len = f.metadata()?.len();
-    let mut digest = RunningDigest::default();
-    Ok(digest
-        .advance(&f, len, stop)?
-        .then(|| (digest.finish(), len)))
-}
-
 /// The sha256 of a file's first bytes, carried forward as more of the file
 /// becomes final: an object arriving in order is mostly hashed by the time
 /// its last block lands.

@@ -14,12 +14,11 @@
 //! corrupted, and later passes bring the dropped shards again.
 
 use anyhow::Context;
-use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
-use weir_proto::{BlockCodec, Console, FecParams, Leds, ObjectId, ObjectKind, Shutdown};
+use weir_proto::{Codecs, Console, Leds, ObjectId, ObjectKind, Shutdown};
 
 use crate::appliance::{is_disk_full, CounterWindow, Fault, Faults, Lights, Movement, StateDisk};
 use crate::blobs::{BlobStore, BlobStoreError, RunningDigest, RunningDigests};
@@ -603,19 +602,15 @@ fn apply_result(store: &mut ShardStore, result: WorkResult) {
 }
 
 fn run_decoder(jobs: Receiver<DecodeJob>, results: Sender<WorkResult>, shutdown: Shutdown) {
-    let mut codecs: HashMap<FecParams, BlockCodec> = HashMap::new();
+    let mut codecs = Codecs::default();
     while let Ok(job) = jobs.recv() {
         if shutdown.is_triggered() {
             break; // the bitmap is the truth: undecoded blocks are found again at restart
         }
-        let rebuilt = match codecs.entry(job.fec) {
-            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                BlockCodec::new(job.fec).map(|c| v.insert(c))
-            }
-        }
-        .map_err(|e| e.to_string())
-        .and_then(|codec| shards::decode_block(&job, codec).map_err(|e| e.to_string()));
+        let rebuilt = codecs
+            .get(job.fec)
+            .map_err(|e| e.to_string())
+            .and_then(|codec| shards::decode_block(&job, codec).map_err(|e| e.to_string()));
         let result = WorkResult::Decoded {
             object: job.object,
             generation: job.generation,

@@ -43,7 +43,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_proto::{
-    interleave, BlockCodec, Body, FecParams, FrameSealer, FrameSink, Heartbeat, Key, LinkError,
+    interleave, Body, Codecs, FecParams, FrameSealer, FrameSink, Heartbeat, Key, LinkError,
     ObjectHeader, ObjectId, ObjectKind, ShardFrame, Shutdown,
 };
 
@@ -759,9 +759,7 @@ pub struct Carousel {
     schedule: Schedule,
     settings: CarouselSettings,
     store: Arc<ObjectStore>,
-    /// One codec per object layout: objects shorter than a block have
-    /// their own (`FecParams::for_object`).
-    codecs: HashMap<FecParams, BlockCodec>,
+    codecs: Codecs,
     emitter: Emitter,
     incoming: Receiver<ImageRecord>,
     status: StatusBoard,
@@ -804,7 +802,7 @@ impl Carousel {
                 settings.passes,
                 settings.retention_s,
             ),
-            codecs: HashMap::from([(fec, BlockCodec::new(fec)?)]),
+            codecs: Codecs::default(),
             emitter: Emitter {
                 sealer: FrameSealer::new(key, session_id),
                 sink,
@@ -1047,14 +1045,7 @@ impl Carousel {
             self.shards.resize_with(count as usize, Vec::new);
         }
         let block_bytes = fec.block_bytes();
-        if !self.codecs.contains_key(&fec) {
-            // Short objects come in many sizes; keep the few recent ones.
-            if self.codecs.len() >= 64 {
-                self.codecs.retain(|p, _| *p == self.settings.fec);
-            }
-            self.codecs.insert(fec, BlockCodec::new(fec)?);
-        }
-        let codec = &self.codecs[&fec];
+        let codec = self.codecs.get(fec)?;
         for rel in 0..count {
             let b = start + rel;
             let n = fec.block_len(len, b);
@@ -1080,19 +1071,18 @@ impl Carousel {
             codecs,
             ..
         } = self;
-        let codec = &codecs[&fec];
+        let codec = codecs.get(fec)?;
         // The group goes out shard index by shard index. Data shards need no
         // coding, so parity is folded in one data index at a time as that
         // index goes out: coding a whole group up front would stall the link
         // for milliseconds, longer than the pacer's bucket holds at 1 Gb/s.
         let mut folding: Option<u16> = None;
         for (rel, index) in interleave(count, fec.total_shards(), count) {
-            if folding.is_some_and(|f| f != index) {
-                if let Some(f) = folding.take() {
-                    for block in &mut shards[..count as usize] {
-                        codec.add_to_parity(f, block)?;
-                    }
+            if let Some(f) = folding.filter(|&f| f != index) {
+                for block in &mut shards[..count as usize] {
+                    codec.add_to_parity(f, block)?;
                 }
+                folding = None;
             }
             if index < fec.data_shards {
                 folding = Some(index);

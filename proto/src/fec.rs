@@ -143,6 +143,27 @@ impl FecParams {
     }
 }
 
+/// Codecs by parameters, each built on first use: objects shorter than a
+/// block bring parameters of their own ([`FecParams::for_object`]), so a
+/// sender or receiver needs a few at a time.
+#[derive(Default)]
+pub struct Codecs(std::collections::HashMap<FecParams, BlockCodec>);
+
+impl Codecs {
+    /// Short objects come in many sizes: past this many, start over.
+    const MAX: usize = 64;
+
+    pub fn get(&mut self, params: FecParams) -> Result<&BlockCodec, FecError> {
+        if !self.0.contains_key(&params) {
+            if self.0.len() >= Self::MAX {
+                self.0.clear();
+            }
+            self.0.insert(params, BlockCodec::new(params)?);
+        }
+        Ok(&self.0[&params])
+    }
+}
+
 /// Encodes and rebuilds blocks for one set of parameters.
 pub struct BlockCodec {
     params: FecParams,

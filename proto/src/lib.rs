@@ -18,7 +18,7 @@ pub mod shutdown;
 
 pub use appliance::{Command, CommandHandler, Console, ConsoleError, LedNames, Leds, Reply};
 pub use auth::{Key, KeyError, KeyRing};
-pub use fec::{interleave, BlockCodec, FecError, FecParams};
+pub use fec::{interleave, BlockCodec, Codecs, FecError, FecParams};
 pub use frame::{
     new_session_id, Body, Frame, FrameError, FrameKind, FrameOpener, FrameSealer, Header,
     Heartbeat, ObjectHeader, ShardFrame,

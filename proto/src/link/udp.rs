@@ -137,15 +137,12 @@ fn size_buffer(sock: &Socket, receive: bool) -> usize {
     if let Err(e) = set {
         tracing::warn!(error = %e, "could not set UDP socket buffer size");
     }
-    let granted = |sock: &Socket| {
-        if receive {
-            sock.recv_buffer_size()
-        } else {
-            sock.send_buffer_size()
-        }
-        .unwrap_or(0)
-    };
-    let got = granted(sock);
+    let got = if receive {
+        sock.recv_buffer_size()
+    } else {
+        sock.send_buffer_size()
+    }
+    .unwrap_or(0);
     // Linux reports twice the usable size it granted.
     if got < wanted {
         tracing::warn!(
@@ -394,19 +391,8 @@ impl UdpSource {
             msgs[i].msg_hdr.msg_iovlen = 1;
         }
         // SAFETY: each iovec points at its own `slot`-byte region of `buf`.
-        let n = unsafe {
-            libc::recvmmsg(
-                self.socket.as_raw_fd(),
-                msgs.as_mut_ptr(),
-                cap as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        for (i, m) in msgs[..n as usize].iter().enumerate() {
+        let n = unsafe { self.recvmmsg(&mut msgs[..cap]) }?;
+        for (i, m) in msgs[..n].iter().enumerate() {
             if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
                 self.truncated += 1;
                 // Keep an empty frame in its place; it fails verification.
@@ -415,7 +401,23 @@ impl UdpSource {
                 frames.push((i * slot, m.msg_len as usize));
             }
         }
-        Ok(n as usize)
+        Ok(n)
+    }
+
+    /// Receives into `msgs` without waiting; how many arrived.
+    ///
+    /// # Safety
+    /// Every message's iovecs and control buffer must point at memory that
+    /// is valid for writes of the lengths given.
+    unsafe fn recvmmsg(&self, msgs: &mut [libc::mmsghdr]) -> std::io::Result<usize> {
+        let n = libc::recvmmsg(
+            self.socket.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            msgs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        );
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
     }
 
     /// One region of GRO_REGION bytes per message, each split into its
@@ -445,20 +447,9 @@ impl UdpSource {
         }
         // SAFETY: each iovec points at its own GRO_REGION bytes of `buf`,
         // each control pointer at its own Cmsg on this stack.
-        let n = unsafe {
-            libc::recvmmsg(
-                self.socket.as_raw_fd(),
-                msgs.as_mut_ptr(),
-                regions as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let n = unsafe { self.recvmmsg(&mut msgs[..regions]) }?;
         let before = frames.len();
-        for (i, m) in msgs[..n as usize].iter().enumerate() {
+        for (i, m) in msgs[..n].iter().enumerate() {
             let base = i * GRO_REGION;
             let len = (m.msg_len as usize).min(GRO_REGION);
             if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len == 0 {
