@@ -1191,6 +1191,35 @@ mod tests {
         gw.stop();
     }
 
+    /// The state a crash leaves between the finisher's rename into the blob
+    /// store and the image ledger's commit: every object verified on disk,
+    /// none recorded. The restarted gateway delivers the image with no frame
+    /// sent again.
+    #[test]
+    fn objects_verified_on_disk_but_never_recorded_are_delivered_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_udp_port();
+        let config = write_config(dir.path(), addr, "");
+        let img = sample_image("team/app", &["3.0"], 2, 40_000);
+        let store = BlobStore::open(&blobs_dir(&config)).unwrap();
+        for (_, bytes) in img.objects() {
+            store.insert_bytes(&bytes).unwrap();
+        }
+        let gw = Running::start(&config);
+        let report = gw.wait_for("delivery of the recovered image", |r| {
+            r.counters.pushes_done == 1
+        });
+        assert_eq!(report.counters.images_complete, 1);
+        assert_eq!(report.counters.frames_accepted, 0);
+        let out = dir.path().join("out");
+        assert_eq!(
+            layout_names(&out),
+            vec![("team/app:3.0".to_string(), img.tm.manifest.digest.clone())]
+        );
+        assert_layout_blobs_hash(&out, &img);
+        gw.stop();
+    }
+
     #[test]
     fn multi_arch_image_reaches_registry_and_layout_with_the_source_digest() {
         let Some(reg) = registry_or_skip(&TestRegistry::default_options()) else {

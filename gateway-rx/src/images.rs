@@ -1,6 +1,28 @@
 //! Images: an image is complete when its image object (a transfer manifest)
 //! and every blob it names are verified in the blob store. Completion
 //! queues one delivery per target, durably, and exactly once.
+//!
+//! # Recovery
+//!
+//! The finisher renames a verified object into the blob store before this
+//! ledger records it, and a crash (or power cut) can fall between the two.
+//! So the ledger never trusts its own records to be complete: at open,
+//! [`ImageLedger::recheck`] rebuilds what it owes from what is durably on
+//! disk, before the shard store forgets the staging of objects that are in
+//! the blob store. The rules, in the order they run:
+//!
+//! 1. An object in the blob store that the ledger has no record of is
+//!    recorded now. Its kind is read from its bytes: an image object is one
+//!    that decodes as a transfer manifest whose manifest bytes hash to their
+//!    digests (no layer can pass that by chance); anything else is a blob.
+//! 2. A verified image object without an image record is registered.
+//! 3. An image still receiving whose blobs are all in the store completes:
+//!    its delivery jobs are queued (idempotently) and made durable before
+//!    the image is marked complete, so a complete image always had its jobs
+//!    (delivered ones are later pruned as history, never re-queued).
+//!
+//! Below the ledger, the delivery queue resumes every job not done; above
+//! it, the shard store resumes every object whose staging it claimed.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -18,6 +40,9 @@ const IMAGES_TREE: &str = "images";
 const VERIFIED_TREE: &str = "verified_objects";
 /// Complete images listed in the status besides those still arriving.
 const RECENT_COMPLETE: usize = 20;
+/// Objects larger than this are not read to see whether they are image
+/// objects when recovering: a transfer manifest is a few KiB per blob.
+const MAX_IMAGE_OBJECT_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -183,16 +208,7 @@ impl ImageLedger {
                 image: id.digest(),
                 source,
             })?;
-        let tm = TransferManifest::from_object_bytes(&bytes)
-            .map_err(|e| invalid(format!("not a transfer manifest: {e}")))?;
-        for m in tm.children.iter().chain(std::iter::once(&tm.manifest)) {
-            if ObjectId::from_digest(&m.digest).ok() != Some(ObjectId::of_bytes(&m.bytes)) {
-                return Err(invalid(format!(
-                    "manifest bytes do not hash to {}",
-                    m.digest
-                )));
-            }
-        }
+        let tm = image_object(&bytes).map_err(invalid)?;
         let mut blobs = Vec::with_capacity(tm.blobs.len());
         for b in &tm.blobs {
             ObjectId::from_digest(&b.digest).map_err(|e| invalid(e.to_string()))?;
@@ -293,23 +309,7 @@ impl ImageLedger {
         }
         let now = now_ms();
         for &target in &self.targets {
-            self.queue.enqueue(&DeliveryJob {
-                image: record.image.clone(),
-                target,
-                repository: record.repository.clone(),
-                tags: record.tags.clone(),
-                manifest_digest: record.manifest_digest.clone(),
-                first_frame_ms: first,
-                enqueued_ms: now,
-                state: JobState::Pending,
-                attempts: 0,
-                failures: 0,
-                next_attempt_ms: 0,
-                failure: None,
-                last_error: None,
-                tags_done: Vec::new(),
-                done_ms: None,
-            })?;
+            self.queue.enqueue(&new_job(&record, target, first, now))?;
         }
         // Jobs durable before the image says complete.
         self.db.commit()?;
@@ -331,9 +331,10 @@ impl ImageLedger {
         Ok(true)
     }
 
-    /// Completes whatever a crash left between "last blob verified" and
-    /// "image complete". Run at startup.
+    /// Rebuilds at startup what the ledger owes from what is on disk (the
+    /// rules are in the module doc). Returns the images this completed.
     pub fn recheck(&self) -> Result<Vec<ObjectId>, LedgerError> {
+        self.adopt_unrecorded_objects()?;
         let mut completed = Vec::new();
         for (id, record) in self.receiving()? {
             if self.try_complete(id, record)? {
@@ -372,6 +373,63 @@ impl ImageLedger {
         }
         self.db.commit()?;
         Ok(completed)
+    }
+
+    /// Rule 1: objects the finisher moved into the blob store while the
+    /// ledger never heard of them (a crash between the rename and the
+    /// ledger's commit).
+    fn adopt_unrecorded_objects(&self) -> Result<(), LedgerError> {
+        let ids = self.store.ids().map_err(|source| LedgerError::Store {
+            image: "(blob store)".into(),
+            source,
+        })?;
+        for id in ids {
+            if self
+                .verified
+                .contains_key(id.0)
+                .map_err(|e| self.db.sled_error(e))?
+            {
+                continue;
+            }
+            let kind = self.kind_on_disk(&id);
+            let path = self.store.path_of(&id);
+            let verified_ms = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or_else(now_ms, |d| d.as_millis() as u64);
+            let v = VerifiedObject {
+                kind,
+                first_seen_ms: verified_ms,
+                verified_ms,
+                claimed: false,
+            };
+            let value = serde_json::to_vec(&v).map_err(|e| self.db.corrupt(id.digest(), e))?;
+            self.verified
+                .insert(id.0, value)
+                .map_err(|e| self.db.sled_error(e))?;
+            tracing::warn!(object = %id, kind = crate::shards::kind_name(kind),
+                "object in the blob store unknown to the image ledger (a crash after it was verified); recorded now");
+        }
+        Ok(())
+    }
+
+    /// Whether a stored object is an image object, judged by its bytes.
+    fn kind_on_disk(&self, id: &ObjectId) -> ObjectKind {
+        let small = self
+            .store
+            .len_of(id)
+            .is_ok_and(|len| len <= MAX_IMAGE_OBJECT_BYTES);
+        let is_image = small
+            && self
+                .store
+                .read_object(id)
+                .is_ok_and(|bytes| image_object(&bytes).is_ok());
+        if is_image {
+            ObjectKind::Image
+        } else {
+            ObjectKind::Blob
+        }
     }
 
     /// Per-image progress: verified blobs, plus the share of blobs still
@@ -429,6 +487,39 @@ impl ImageLedger {
             out.push(p);
         }
         Ok(out)
+    }
+}
+
+/// Decodes an image object and checks that every manifest it carries
+/// hashes to its digest.
+fn image_object(bytes: &[u8]) -> Result<TransferManifest, String> {
+    let tm = TransferManifest::from_object_bytes(bytes)
+        .map_err(|e| format!("not a transfer manifest: {e}"))?;
+    for m in tm.children.iter().chain(std::iter::once(&tm.manifest)) {
+        if ObjectId::from_digest(&m.digest).ok() != Some(ObjectId::of_bytes(&m.bytes)) {
+            return Err(format!("manifest bytes do not hash to {}", m.digest));
+        }
+    }
+    Ok(tm)
+}
+
+fn new_job(record: &ImageRecord, target: Target, first_frame_ms: u64, now: u64) -> DeliveryJob {
+    DeliveryJob {
+        image: record.image.clone(),
+        target,
+        repository: record.repository.clone(),
+        tags: record.tags.clone(),
+        manifest_digest: record.manifest_digest.clone(),
+        first_frame_ms,
+        enqueued_ms: now,
+        state: JobState::Pending,
+        attempts: 0,
+        failures: 0,
+        next_attempt_ms: 0,
+        failure: None,
+        last_error: None,
+        tags_done: Vec::new(),
+        done_ms: None,
     }
 }
 
@@ -545,6 +636,51 @@ mod tests {
         .unwrap();
         ledger.verified.insert(image.0, v).unwrap();
         assert_eq!(ledger.recheck().unwrap(), vec![image]);
+        assert_eq!(r.queue.all().unwrap().len(), 1);
+    }
+
+    /// The finisher renamed the image object (and every blob) into the blob
+    /// store, then the process died before the ledger's commit: nothing in
+    /// sled knows of them. Opening again delivers the image.
+    #[test]
+    fn objects_in_the_blob_store_the_ledger_never_recorded_complete_at_open() {
+        let r = rig("");
+        let (tm, blob_ids) = sample_image(&r.store, "team/app", &["1.0"], 2, 300);
+        let image = r.store.insert_bytes(&tm.to_object_bytes()).unwrap();
+        let ledger = r.ledger();
+        assert_eq!(ledger.recheck().unwrap(), vec![image]);
+        let jobs = r.queue.all().unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].manifest_digest, tm.manifest.digest);
+        assert_eq!(jobs[0].repository, "team/app");
+        // Kinds were told apart by content.
+        let kind = |id: &ObjectId| {
+            let v = ledger.verified.get(id.0).unwrap().unwrap();
+            serde_json::from_slice::<VerifiedObject>(&v).unwrap().kind
+        };
+        assert_eq!(kind(&image), ObjectKind::Image);
+        for b in &blob_ids {
+            assert_eq!(kind(b), ObjectKind::Blob);
+        }
+        // A second open finds nothing more to do and queues nothing twice.
+        drop(ledger);
+        assert!(r.ledger().recheck().unwrap().is_empty());
+        assert_eq!(r.queue.all().unwrap().len(), 1);
+    }
+
+    /// Blobs recorded at open wait for their image object like any other.
+    #[test]
+    fn unrecorded_blobs_alone_complete_nothing_until_their_image_arrives() {
+        let r = rig("");
+        let (tm, _) = sample_image(&r.store, "team/app", &["1.0"], 1, 300);
+        let ledger = r.ledger();
+        assert!(ledger.recheck().unwrap().is_empty());
+        assert!(r.queue.all().unwrap().is_empty());
+        let image = r.store.insert_bytes(&tm.to_object_bytes()).unwrap();
+        assert_eq!(
+            ledger.object_verified(image, ObjectKind::Image, 0).unwrap(),
+            vec![image]
+        );
         assert_eq!(r.queue.all().unwrap().len(), 1);
     }
 
