@@ -40,9 +40,14 @@ const IMAGES_TREE: &str = "images";
 const VERIFIED_TREE: &str = "verified_objects";
 /// Complete images listed in the status besides those still arriving.
 const RECENT_COMPLETE: usize = 20;
-/// Objects larger than this are not read to see whether they are image
-/// objects when recovering: a transfer manifest is a few KiB per blob.
-const MAX_IMAGE_OBJECT_BYTES: u64 = 64 << 20;
+/// Largest image object read: a transfer manifest is a few hundred bytes
+/// per blob plus the manifests themselves. A larger one is refused unread.
+pub const MAX_IMAGE_OBJECT_BYTES: u64 = 16 << 20;
+/// Most blobs one image may name (a multi-arch index of many platforms has
+/// a few thousand at most).
+pub const MAX_BLOBS_PER_IMAGE: usize = 16_384;
+/// Most tags one image may carry to its destination.
+pub const MAX_TAGS_PER_IMAGE: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -201,14 +206,37 @@ impl ImageLedger {
             image: id.digest(),
             reason,
         };
-        let bytes = self
-            .store
-            .read_object(&id)
-            .map_err(|source| LedgerError::Store {
-                image: id.digest(),
-                source,
-            })?;
+        let store_err = |source| LedgerError::Store {
+            image: id.digest(),
+            source,
+        };
+        let len = self.store.len_of(&id).map_err(store_err)?;
+        if len > MAX_IMAGE_OBJECT_BYTES {
+            return Err(invalid(format!(
+                "{len} bytes, more than the {MAX_IMAGE_OBJECT_BYTES} an image object may have"
+            )));
+        }
+        let bytes = self.store.read_object(&id).map_err(store_err)?;
         let tm = image_object(&bytes).map_err(invalid)?;
+        let repository = self.map_repository(&tm.destination.repository);
+        // Names become registry paths and layout refs: a compromised sender
+        // must not reach either with a name the spec does not allow.
+        weir_proto::check_repository(&repository).map_err(|e| invalid(e.to_string()))?;
+        if tm.destination.tags.len() > MAX_TAGS_PER_IMAGE {
+            return Err(invalid(format!(
+                "{} tags, more than the {MAX_TAGS_PER_IMAGE} an image may carry",
+                tm.destination.tags.len()
+            )));
+        }
+        for tag in &tm.destination.tags {
+            weir_proto::check_tag(tag).map_err(|e| invalid(e.to_string()))?;
+        }
+        if tm.blobs.len() > MAX_BLOBS_PER_IMAGE {
+            return Err(invalid(format!(
+                "{} blobs, more than the {MAX_BLOBS_PER_IMAGE} an image may name",
+                tm.blobs.len()
+            )));
+        }
         let mut blobs = Vec::with_capacity(tm.blobs.len());
         for b in &tm.blobs {
             ObjectId::from_digest(&b.digest).map_err(|e| invalid(e.to_string()))?;
@@ -216,7 +244,7 @@ impl ImageLedger {
         }
         let record = ImageRecord {
             image: id.digest(),
-            repository: self.map_repository(&tm.destination.repository),
+            repository,
             tags: tm.destination.tags.clone(),
             manifest_digest: tm.manifest.digest.clone(),
             blobs,
@@ -682,6 +710,57 @@ mod tests {
             vec![image]
         );
         assert_eq!(r.queue.all().unwrap().len(), 1);
+    }
+
+    /// A sender holding the HMAC key can sign any image object: names that
+    /// would escape the layout or reach a registry unchecked, and counts
+    /// that would hold the delivery thread, are refused before anything is
+    /// queued.
+    #[test]
+    fn hostile_image_objects_are_refused_before_delivery() {
+        let r = rig("");
+        let ledger = r.ledger();
+        let (tm, _) = sample_image(&r.store, "team/app", &["1.0"], 1, 100);
+        let mut cases: Vec<(&str, TransferManifest)> = Vec::new();
+        for repo in ["../../x", "/tmp/x", "team/app\0", "Team/App"] {
+            let mut t = tm.clone();
+            t.destination.repository = repo.to_string();
+            cases.push(("is not lowercase components", t));
+        }
+        let mut t = tm.clone();
+        t.destination.repository = "a".repeat(10_000);
+        cases.push(("longer than 255", t));
+        for tag in ["../x", "a/b", "", "x\0"] {
+            let mut t = tm.clone();
+            t.destination.tags = vec![tag.to_string()];
+            cases.push(("tag", t));
+        }
+        let mut t = tm.clone();
+        t.destination.tags = (0..100_000).map(|i| format!("t{i}")).collect();
+        cases.push(("tags, more than", t));
+        let mut t = tm.clone();
+        t.blobs = (0..=MAX_BLOBS_PER_IMAGE as u64)
+            .map(|i| weir_proto::BlobRef {
+                digest: ObjectId::of_bytes(&i.to_le_bytes()).digest(),
+                size: 1,
+                media_type: "application/octet-stream".into(),
+            })
+            .collect();
+        cases.push(("blobs, more than", t));
+        for (want, t) in cases {
+            let image = r.store.insert_bytes(&t.to_object_bytes()).unwrap();
+            let err = ledger
+                .object_verified(image, ObjectKind::Image, 0)
+                .unwrap_err();
+            assert!(err.to_string().contains(want), "{want}: {err}");
+        }
+        assert!(r.queue.all().unwrap().is_empty());
+        // The legitimate image still completes beside them.
+        let image = r.store.insert_bytes(&tm.to_object_bytes()).unwrap();
+        assert_eq!(
+            ledger.object_verified(image, ObjectKind::Image, 0).unwrap(),
+            vec![image]
+        );
     }
 
     #[test]

@@ -259,9 +259,12 @@ pub enum ReportState {
 }
 
 impl ReportState {
-    /// Reads `<drop>.scan.json` if it exists.
+    /// Reads `<drop>.scan.json` if it exists. Whoever writes the spool may
+    /// leave anything under that name, so only a regular file of at most
+    /// [`MAX_SCAN_REPORT_BYTES`] is read: a symlink (to `/dev/zero`, say) or
+    /// a FIFO is refused without blocking, a larger file without reading it.
     pub fn for_drop(report_path: &Path) -> ReportState {
-        match std::fs::read(report_path) {
+        match read_report(report_path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => ReportState::Missing,
             Err(e) => ReportState::Unreadable(format!("{}: {e}", report_path.display())),
             Ok(bytes) => match ScanSummary::parse(&bytes) {
@@ -270,6 +273,46 @@ impl ReportState {
             },
         }
     }
+}
+
+/// Largest scan report read; real Trivy, Grype and Clair reports of large
+/// images are a few MiB.
+pub const MAX_SCAN_REPORT_BYTES: u64 = 8 << 20;
+
+fn read_report(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    // O_NOFOLLOW refuses a symlink; O_NONBLOCK keeps a FIFO from blocking
+    // the open (the file type check below then refuses it).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => invalid("is a symlink; scan reports must be regular files".into()),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(invalid("is not a regular file".into()));
+    }
+    if meta.len() > MAX_SCAN_REPORT_BYTES {
+        return Err(invalid(format!(
+            "is {} bytes, more than the {MAX_SCAN_REPORT_BYTES} a scan report may have",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow after the size check: read no more than the bound.
+    file.take(MAX_SCAN_REPORT_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_SCAN_REPORT_BYTES {
+        return Err(invalid(format!(
+            "grew past the {MAX_SCAN_REPORT_BYTES} bytes a scan report may have"
+        )));
+    }
+    Ok(bytes)
 }
 
 /// The decision for one image reference; the verdict travels with the image.
@@ -637,6 +680,40 @@ rules:
 
     fn rules() -> Rules {
         Rules::parse(RULES, "test").unwrap()
+    }
+
+    fn unreadable(state: ReportState) -> String {
+        match state {
+            ReportState::Unreadable(why) => why,
+            other => panic!("read a hostile sidecar: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_sidecars_are_refused_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        // A symlink to /dev/zero would be read forever.
+        let link = dir.path().join("a.tar.scan.json");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert!(unreadable(ReportState::for_drop(&link)).contains("symlink"));
+        // A FIFO with no writer would block ingest for good.
+        let fifo = dir.path().join("b.tar.scan.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(unreadable(ReportState::for_drop(&fifo)).contains("not a regular file"));
+        // Larger than any real report: refused before a byte is read.
+        let big = dir.path().join("c.tar.scan.json");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_SCAN_REPORT_BYTES + 1).unwrap();
+        assert!(unreadable(ReportState::for_drop(&big)).contains("more than"));
+        // Absent is still "missing" (the gate then fails closed).
+        assert!(matches!(
+            ReportState::for_drop(&dir.path().join("none.scan.json")),
+            ReportState::Missing
+        ));
     }
 
     fn subject(name: &str) -> (String, String) {

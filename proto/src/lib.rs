@@ -13,6 +13,7 @@ pub mod fec;
 pub mod frame;
 pub mod link;
 pub mod manifest;
+pub mod names;
 pub mod replay;
 pub mod shutdown;
 
@@ -28,5 +29,6 @@ pub use link::{
     UdpSink, UdpSource,
 };
 pub use manifest::*;
+pub use names::{check_repository, check_tag, NameError};
 pub use replay::{LossEstimate, ReplayGuard, ReplayVerdict};
 pub use shutdown::Shutdown;

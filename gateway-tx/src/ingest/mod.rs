@@ -318,7 +318,19 @@ impl Ingestor {
             let mut refs = Vec::new();
             for r in &plan.references {
                 match ImageRef::parse(r) {
-                    Ok(x) => refs.push((r.clone(), x)),
+                    Ok(x) => {
+                        // A mapping can lengthen a name past what registries take.
+                        let dest = x.mapped(&self.mappings);
+                        if let Err(e) = weir_proto::check_repository(&dest.repository) {
+                            return self.refuse(
+                                path,
+                                source,
+                                ReasonCode::NoReference,
+                                format!("reference {r:?} maps to an unusable destination: {e}"),
+                            );
+                        }
+                        refs.push((r.clone(), x))
+                    }
                     Err(e) => {
                         return self.refuse(path, source, ReasonCode::NoReference, e.to_string())
                     }

@@ -44,13 +44,17 @@ impl ImageRef {
                 parts.remove(0);
             }
         }
-        if parts.is_empty() || parts.iter().any(|p| !valid_component(p)) {
+        let repository = parts.join("/");
+        if repository.len() > weir_proto::names::MAX_REPOSITORY_LEN {
+            return Err(err("repository path is longer than 255 characters"));
+        }
+        if weir_proto::check_repository(&repository).is_err() {
             return Err(err(
-                "repository path is not lowercase [a-z0-9._-] components",
+                "repository path is not lowercase [a-z0-9] components joined by '.', '_', '__' or '-'",
             ));
         }
         if let Some(t) = tag {
-            if !valid_tag(t) {
+            if weir_proto::check_tag(t).is_err() {
                 return Err(err("tag is not [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"));
             }
         }
@@ -64,10 +68,7 @@ impl ImageRef {
             (None, Some(_)) => None,
             (None, None) => Some("latest".to_string()),
         };
-        Ok(ImageRef {
-            repository: parts.join("/"),
-            tag,
-        })
+        Ok(ImageRef { repository, tag })
     }
 
     /// The first path component; empty for a one-component repository.
@@ -100,21 +101,6 @@ impl ImageRef {
             None => self.clone(),
         }
     }
-}
-
-fn valid_component(c: &str) -> bool {
-    !c.is_empty()
-        && c.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-        && c.as_bytes()[0].is_ascii_alphanumeric()
-}
-
-fn valid_tag(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 128
-        && (t.as_bytes()[0].is_ascii_alphanumeric() || t.as_bytes()[0] == b'_')
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 #[cfg(test)]
@@ -160,9 +146,14 @@ mod tests {
             "team-a//app:1",
             "a/b@sha256:xyz",
             "a/b:-x",
+            "a/../b:1",
+            "a/b:../x",
         ] {
             assert!(ImageRef::parse(bad).is_err(), "{bad}");
         }
+        // A 2000-character reference is refused, not carried.
+        let long = format!("team/{}:1", "a".repeat(2000));
+        assert!(ImageRef::parse(&long).is_err());
     }
 
     #[test]
