@@ -1,16 +1,23 @@
 //! A tar archive indexed in place: where each member's bytes are, so that
 //! layers are read as byte ranges of the drop file and never loaded whole.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// Largest JSON member (manifest, index, config) read into memory.
 pub const MAX_JSON_MEMBER: u64 = 16 << 20;
 /// Symlinks followed before giving up (loops, absurd chains).
 const MAX_LINK_HOPS: usize = 16;
+/// Bytes of header and extension records (GNU long names and links, PAX)
+/// read for one member. Real ones take a few KiB; the tar crate reads an
+/// extension record into memory whole, so a hostile archive claiming a
+/// 256 MiB long name must be stopped while it is being read.
+pub const MAX_HEADER_BYTES_PER_MEMBER: u64 = 1 << 20;
 
 /// Why an archive cannot be read; the drop is at fault.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +67,40 @@ pub fn normalize(p: &str) -> String {
     parts.join("/")
 }
 
+/// The archive as the tar crate reads it while indexing: member data is
+/// skipped by seeking, so what is read is headers and extension records,
+/// and those are bounded per member.
+struct HeaderBudget<'a> {
+    file: &'a File,
+    read_for_member: Rc<Cell<u64>>,
+}
+
+impl Read for HeaderBudget<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let used = self.read_for_member.get();
+        let left = MAX_HEADER_BYTES_PER_MEMBER.saturating_sub(used);
+        if left == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "a member's headers and extension records (GNU long name, PAX) \
+                     exceed {MAX_HEADER_BYTES_PER_MEMBER} bytes"
+                ),
+            ));
+        }
+        let want = buf.len().min(left as usize);
+        let n = (&*self.file).read(&mut buf[..want])?;
+        self.read_for_member.set(used + n as u64);
+        Ok(n)
+    }
+}
+
+impl Seek for HeaderBudget<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        (&*self.file).seek(pos)
+    }
+}
+
 impl TarIndex {
     /// Walks the headers only: seeking over every member's data.
     pub fn open(path: &Path) -> Result<TarIndex, ArchiveError> {
@@ -74,9 +115,14 @@ impl TarIndex {
         }
         let mut members = HashMap::new();
         {
-            let mut archive = tar::Archive::new(&file);
+            let read_for_member = Rc::new(Cell::new(0));
+            let mut archive = tar::Archive::new(HeaderBudget {
+                file: &file,
+                read_for_member: read_for_member.clone(),
+            });
             for entry in archive.entries_with_seek().map_err(io)? {
                 let entry = entry.map_err(io)?;
+                read_for_member.set(0);
                 let name = entry.path().map_err(io)?.to_string_lossy().into_owned();
                 let name = normalize(&name);
                 let member = match entry.header().entry_type() {
@@ -227,6 +273,27 @@ mod tests {
             .unwrap();
         b.finish().unwrap();
         path
+    }
+
+    /// A GNU long name record claiming 256 MiB (sparse zeros on disk): the
+    /// index refuses it after reading a bounded part, instead of holding
+    /// the whole name in memory.
+    #[test]
+    fn a_huge_gnu_long_name_is_refused_while_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("long.tar");
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        let claimed: u64 = 256 << 20;
+        h.set_size(claimed);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let f = File::create(&path).unwrap();
+        f.write_all_at(h.as_bytes(), 0).unwrap();
+        f.set_len(512 + claimed + 2048).unwrap();
+        let err = TarIndex::open(&path).err().expect("a hostile long name");
+        assert!(err.to_string().contains("exceed"), "{err}");
     }
 
     #[test]
