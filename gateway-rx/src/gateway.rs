@@ -876,13 +876,13 @@ pub fn status(config: &RxConfig) -> anyhow::Result<StatusReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{
-        registry_or_skip, sample_image, sample_index, SampleImage, TestRegistry, TestSender,
-    };
     use std::net::SocketAddr;
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
     use weir_proto::Key;
+    use weir_test_support::{
+        registry_or_skip, sample_image, sample_index, SampleImage, TestRegistry, TestSender,
+    };
 
     const SECRET: [u8; 32] = [7; 32];
 

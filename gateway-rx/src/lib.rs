@@ -18,8 +18,5 @@ pub mod state;
 pub mod status;
 pub mod verify;
 
-#[cfg(test)]
-pub(crate) mod testing;
-
 pub use config::RxConfig;
 pub use gateway::{run, status};

@@ -1263,8 +1263,8 @@ pub fn decode_block(job: &DecodeJob, codec: &BlockCodec) -> Result<Vec<u16>, Dec
 pub(crate) mod tests {
     use super::*;
     use crate::blobs::{BlobStore, RunningDigests};
-    use crate::testing::bytes_from;
     use std::sync::atomic::Ordering;
+    use weir_test_support::bytes_from;
 
     /// Every shard of `bytes` as the sender would cut it.
     pub(crate) fn shards_of(bytes: &[u8], kind: ObjectKind, fec: FecParams) -> Vec<ShardIn> {

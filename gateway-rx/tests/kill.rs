@@ -1,16 +1,13 @@
 //! kill -9 of the gateway-rx binary while receiving and while delivering:
 //! after a restart every image is still delivered, each tag put once.
 
-#[path = "../src/testing.rs"]
-mod testing;
-
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use testing::{registry_or_skip, sample_image, SampleImage, TestRegistry, TestSender};
 use weir_proto::Key;
+use weir_test_support::{registry_or_skip, sample_image, SampleImage, TestRegistry, TestSender};
 
 const SECRET: [u8; 32] = [3; 32];
 

@@ -3,13 +3,14 @@
 
 mod common;
 
-use common::{start, wait_for, CaptureSink, Reassembler, Setup};
+use common::{key, start, CaptureSink, Setup};
 use gateway_tx::carousel::group_span;
 use gateway_tx::objects::ObjectStore;
 use std::collections::HashSet;
 use std::time::Duration;
 use weir_imagegen::{DockerFlavor, LayerSpec};
 use weir_proto::{ObjectId, Shutdown, TransferManifest};
+use weir_test_support::{wait_for, Reassembler};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -49,7 +50,7 @@ fn frames_rebuild_every_object_of_the_image_despite_loss() {
     assert!(done["wire"]["frames"].as_u64().unwrap() > 0);
 
     let frames = sink.take();
-    let mut rx = Reassembler::default();
+    let mut rx = Reassembler::new(key());
     // 20 % of shard frames lost: parity (4 of 12) and the second pass cover it.
     rx.feed(&frames, 20);
     let images = rx.image_objects();
@@ -128,7 +129,7 @@ fn restart_mid_pass_resumes_where_it_stopped() {
         .join()
         .unwrap()
         .unwrap();
-    let mut first = Reassembler::default();
+    let mut first = Reassembler::new(key());
     first.feed(&sink.take(), 0);
     let sent_first: HashSet<u32> = first
         .order
@@ -158,7 +159,7 @@ fn restart_mid_pass_resumes_where_it_stopped() {
         .join()
         .unwrap()
         .unwrap();
-    let mut second = Reassembler::default();
+    let mut second = Reassembler::new(key());
     second.feed(&sink.take(), 0);
     let session_1 = first.order[0].session;
     assert!(
@@ -203,7 +204,7 @@ fn idle_link_keeps_cycling_the_retained_image() {
         .join()
         .unwrap()
         .unwrap();
-    let mut rx = Reassembler::default();
+    let mut rx = Reassembler::new(key());
     rx.feed(&sink.take(), 0);
     let layer = ObjectId::from_digest(&img.layer_digests[0]).unwrap();
     let passes = rx
@@ -225,7 +226,7 @@ fn heartbeats_flow_when_there_is_nothing_to_send() {
     wait_for("a heartbeat", LIMIT, || (sink.len() >= 2).then_some(()));
     shutdown.trigger();
     sender.join().unwrap().unwrap();
-    let mut rx = Reassembler::default();
+    let mut rx = Reassembler::new(key());
     rx.feed(&sink.take(), 0);
     assert!(rx.heartbeats >= 2);
     assert!(rx.order.is_empty());

@@ -1,7 +1,8 @@
 //! A serial line between two gateways, for tests: pseudo-terminal pairs from
-//! `socat`, and a one-way link between two of them that damages what it
-//! carries (drops runs of bytes, flips bits, inserts noise) on a seed and
-//! carries no more than the line's rate.
+//! `socat` (re-exported from `weir-test-support`), and a one-way link
+//! between two of them that damages what it carries (drops runs of bytes,
+//! flips bits, inserts noise) on a seed and carries no more than the line's
+//! rate.
 //!
 //! ```text
 //!  gateway-tx ── upstream.a ═ upstream.b ──▶ FaultyLine ──▶ downstream.a ═ downstream.b ── gateway-rx
@@ -11,79 +12,17 @@
 //! one-way line has neither, so the [`FaultyLine`] paces itself to the baud
 //! (8N1: baud/10 bytes per second) like the wire would.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::io::{ErrorKind, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use weir_proto::link::stream::LinePacer;
 
-/// True when socat can be run; prints how to get it otherwise, so a test
-/// can skip.
-pub fn have_socat() -> bool {
-    let ok = Command::new("socat")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED: socat not found; install it with: apt-get install -y socat");
-    }
-    ok
-}
-
-/// Two connected ptys, `a` and `b` (symlinks in `dir`), held open by a
-/// socat process that is killed on drop.
-pub struct PtyPair {
-    pub a: PathBuf,
-    pub b: PathBuf,
-    socat: Child,
-}
-
-impl PtyPair {
-    pub fn new(dir: &Path, name: &str) -> Result<PtyPair> {
-        let a = dir.join(format!("{name}-a"));
-        let b = dir.join(format!("{name}-b"));
-        let socat = Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", a.display()))
-            .arg(format!("pty,raw,echo=0,link={}", b.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("running socat")?;
-        let pair = PtyPair { a, b, socat };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(pair.a.exists() && pair.b.exists()) {
-            if Instant::now() > deadline {
-                bail!("socat did not create the {name} ptys within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(pair)
-    }
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        let _ = self.socat.kill();
-        let _ = self.socat.wait();
-    }
-}
-
-/// Opens a pty end raw (8N1, no flow control), with a read timeout.
-pub fn open_raw(path: &Path, timeout: Duration) -> Result<serialport::TTYPort> {
-    let name = path.to_str().context("pty path is not UTF-8")?;
-    serialport::new(name, 115_200)
-        .timeout(timeout)
-        .open_native()
-        .with_context(|| format!("opening {}", path.display()))
-}
+pub use weir_test_support::pty::{have_socat, open_raw, PtyPair};
 
 /// How a [`FaultyLine`] damages bytes, as chances per byte carried.
 #[derive(Debug, Clone, Copy)]

@@ -16,13 +16,10 @@ use weir_tests::registry::Registry;
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(150);
 
-/// The registry, or a skip outside CI; in CI a missing registry is a failure.
+/// The registry, or a skip outside CI; in CI a missing registry is a
+/// failure (the launcher's rule).
 fn registry() -> Option<Registry> {
-    let r = Registry::start().expect("starting docker-registry");
-    if r.is_none() && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("docker-registry is required in CI: apt-get install docker-registry");
-    }
-    r
+    Registry::start().expect("starting docker-registry")
 }
 
 fn layers(sizes: &[u64]) -> Vec<LayerSpec> {

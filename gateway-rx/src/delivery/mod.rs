@@ -390,13 +390,13 @@ impl Delivery {
 pub(crate) mod tests {
     use super::*;
     use crate::state::StateDb;
-    use crate::testing::{registry_or_skip, TestRegistry};
     use oci_client::client::{ClientConfig, ClientProtocol};
     use oci_client::secrets::RegistryAuth;
     use oci_client::{Client, Reference};
     use std::path::Path;
+    use weir_test_support::{registry_or_skip, TestRegistry};
 
-    /// A sample image (see `testing::sample_image`) with its blobs already in
+    /// A sample image (see `weir_test_support::sample_image`) with its blobs already in
     /// `store`. Returns it and its blobs' ids.
     pub(crate) fn sample_image(
         store: &BlobStore,
@@ -405,7 +405,7 @@ pub(crate) mod tests {
         layers: usize,
         size: usize,
     ) -> (TransferManifest, Vec<ObjectId>) {
-        let img = crate::testing::sample_image(repo, tags, layers, size);
+        let img = weir_test_support::sample_image(repo, tags, layers, size);
         let ids = img
             .blobs
             .iter()
@@ -416,7 +416,7 @@ pub(crate) mod tests {
 
     /// A two-platform index with its blobs in `store`.
     pub(crate) fn sample_index(store: &BlobStore, repo: &str, tags: &[&str]) -> TransferManifest {
-        let img = crate::testing::sample_index(repo, tags);
+        let img = weir_test_support::sample_index(repo, tags);
         for b in &img.blobs {
             store.insert_bytes(b).unwrap();
         }
@@ -718,7 +718,7 @@ pub(crate) mod tests {
         let mut opts = TestRegistry::default_options();
         opts.htpasswd = Some((
             "mirror".into(),
-            crate::testing::RIGHT_PASSWORD_BCRYPT.into(),
+            weir_test_support::RIGHT_PASSWORD_BCRYPT.into(),
         ));
         let Some(reg) = registry_or_skip(&opts) else {
             return;

@@ -1,6 +1,6 @@
 //! Shared by gateway-tx's integration tests: a configuration in a temporary
-//! directory, a frame sink that captures frames in memory, and a receiver
-//! side (FrameOpener + BlockCodec) that rebuilds objects from them.
+//! directory and a frame sink that captures frames in memory. The receiver
+//! side that rebuilds objects from them is `weir_test_support::Reassembler`.
 
 #![allow(dead_code)]
 
@@ -8,15 +8,10 @@ use gateway_tx::config::{
     AuthConfig, CarouselConfig, Compression, FecConfig, IngestConfig, LinkConfig, PolicyConfig,
     Transport, TxConfig,
 };
-use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use weir_proto::{
-    BlockCodec, Body, FecParams, FrameOpener, FrameSink, Key, KeyRing, LinkError, ObjectId,
-    ObjectKind, Shutdown,
-};
+use weir_proto::{FrameSink, Key, LinkError, Shutdown};
 
 pub const SECRET: [u8; 32] = [0x42; 32];
 
@@ -154,106 +149,6 @@ impl FrameSink for CaptureSink {
 
     fn max_frame_len(&self) -> usize {
         1400
-    }
-}
-
-/// Shard frames as the receiver sees them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeenShard {
-    pub session: u64,
-    pub object: ObjectId,
-    pub block: u32,
-    pub index: u16,
-}
-
-/// What the receiver holds of one object: kind, length, FEC layout, shards.
-pub type HeldObject = (ObjectKind, u64, FecParams, BTreeMap<(u32, u16), Vec<u8>>);
-
-/// The receiving side, reduced to what the tests check: frames verified,
-/// shards kept, objects rebuilt with the FEC codec and checked by sha256.
-#[derive(Default)]
-pub struct Reassembler {
-    pub shards: HashMap<ObjectId, HeldObject>,
-    pub headers: HashMap<ObjectId, u64>,
-    pub heartbeats: u64,
-    pub order: Vec<SeenShard>,
-}
-
-impl Reassembler {
-    /// Verifies and files every frame; discards shard frames with
-    /// probability `loss_percent` (seeded, so the test is repeatable), so
-    /// rebuilding needs parity and repeated passes.
-    pub fn feed(&mut self, frames: &[Vec<u8>], loss_percent: u64) {
-        let opener = FrameOpener::new(KeyRing::new(vec![key()]).unwrap());
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        for f in frames {
-            let frame = opener.open(f).expect("every frame verifies");
-            match frame.body {
-                Body::Heartbeat(_) => self.heartbeats += 1,
-                Body::ObjectHeader(h) => {
-                    assert_eq!(h.sha256, h.id.0);
-                    *self.headers.entry(h.id).or_default() += 1;
-                }
-                Body::Shard(s) => {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    self.order.push(SeenShard {
-                        session: frame.header.session_id,
-                        object: s.object,
-                        block: s.block,
-                        index: s.index,
-                    });
-                    if rng % 100 < loss_percent {
-                        continue;
-                    }
-                    let e = self
-                        .shards
-                        .entry(s.object)
-                        .or_insert_with(|| (s.kind, s.object_len, s.fec, BTreeMap::new()));
-                    e.3.insert((s.block, s.index), s.payload.to_vec());
-                }
-            }
-        }
-    }
-
-    /// The object's bytes if every block can be rebuilt and the sha256 matches.
-    pub fn object(&self, id: &ObjectId) -> Option<Vec<u8>> {
-        let (_, len, fec, shards) = self.shards.get(id)?;
-        let codec = BlockCodec::new(*fec).unwrap();
-        let mut out = Vec::with_capacity(*len as usize);
-        for b in 0..fec.blocks_for(*len) {
-            let mut slots: Vec<Option<Vec<u8>>> = (0..fec.total_shards())
-                .map(|i| shards.get(&(b, i)).cloned())
-                .collect();
-            codec.reconstruct_data(&mut slots).ok()?;
-            let data: Vec<u8> = slots[..fec.data_shards as usize]
-                .iter()
-                .flat_map(|s| s.clone().unwrap_or_default())
-                .collect();
-            out.extend_from_slice(&data[..fec.block_len(*len, b)]);
-        }
-        (ObjectId::of_bytes(&out) == *id).then_some(out)
-    }
-
-    pub fn image_objects(&self) -> Vec<ObjectId> {
-        self.shards
-            .iter()
-            .filter(|(_, v)| v.0 == ObjectKind::Image)
-            .map(|(k, _)| *k)
-            .collect()
-    }
-}
-
-/// Polls `f` until it returns Some, failing the test after `limit`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

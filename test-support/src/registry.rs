@@ -1,11 +1,17 @@
 //! A real registry (Debian's `docker-registry`, i.e. distribution 2.x) on a
-//! free loopback port with temporary storage, and the read-side calls the
-//! end-to-end tests check deliveries with.
+//! free loopback port with temporary storage, and the read-side calls tests
+//! check deliveries with. The binary is looked up on `PATH` (or named by
+//! `WEIR_REGISTRY_BIN`); when it is missing a test skips, except under
+//! `CI=true`, where it fails (see [`crate::tools`]).
+//!
+//! [`Registry`] is the launcher, with `Result`s for the harness and the demo;
+//! [`TestRegistry`] wraps it for unit tests that panic on a broken fixture.
 
+use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,12 +20,16 @@ use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-/// Where Debian installs distribution's registry.
-pub const DEBIAN_REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+use crate::tools::{self, MissingTool, DOCKER_REGISTRY};
+
 /// Overrides the binary (e.g. an upstream `registry` build elsewhere).
 pub const REGISTRY_BIN_ENV: &str = "WEIR_REGISTRY_BIN";
 /// How long `start`/`restart` wait for `GET /v2/` to answer.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// bcrypt of "right-password" (cost 4), for htpasswd tests.
+pub const RIGHT_PASSWORD_BCRYPT: &str =
+    "$2b$04$CPy7H9Vs5MNr3MKu0Bh9GuYMu4CRIn1.9wnHdK0W6xZHv/UzNI6ua";
 
 /// Every manifest type the pair moves, for `Accept`.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -32,12 +42,22 @@ const INDEX_TYPES: [&str; 2] = [
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
 
+/// How a [`Registry`] is configured.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Storage maintenance read-only mode: pushes get a 4xx.
+    pub read_only: bool,
+    /// (user, bcrypt hash): basic authentication through an htpasswd file.
+    pub htpasswd: Option<(String, String)>,
+}
+
 /// A running `docker-registry serve` child. Killed on drop; its storage
 /// (a temporary directory) is removed then too.
 pub struct Registry {
     bin: PathBuf,
     addr: SocketAddr,
     work: TempDir,
+    options: RegistryOptions,
     child: Option<Child>,
     client: RegistryClient,
 }
@@ -74,19 +94,18 @@ pub struct AccessLogEntry {
     pub status: u16,
 }
 
-fn find_binary() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os(REGISTRY_BIN_ENV) {
-        return Some(PathBuf::from(bin));
+/// The registry binary: `bin_override` (the value of [`REGISTRY_BIN_ENV`])
+/// when set, else `docker-registry` on `path`; missing, the
+/// [`tools::decide`] rule applies.
+pub fn find_binary(
+    bin_override: Option<&OsStr>,
+    path: Option<&OsStr>,
+    ci: Option<&OsStr>,
+) -> Result<Option<PathBuf>, MissingTool> {
+    if let Some(bin) = bin_override {
+        return Ok(Some(PathBuf::from(bin)));
     }
-    let debian = Path::new(DEBIAN_REGISTRY_BIN);
-    if debian.exists() {
-        return Some(debian.to_path_buf());
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("docker-registry"))
-            .find(|p| p.exists())
-    })
+    tools::decide(DOCKER_REGISTRY, path, ci)
 }
 
 fn free_loopback_port() -> Result<SocketAddr> {
@@ -113,10 +132,20 @@ impl Registry {
     /// Starts a registry on a free 127.0.0.1 port and waits (at most
     /// [`READY_TIMEOUT`]) until `GET /v2/` answers. Returns `None`, after
     /// saying how to install it, when the binary is missing, so a test can
-    /// skip.
+    /// skip; under `CI=true` a missing binary is an error instead.
     pub fn start() -> Result<Option<Registry>> {
-        let Some(bin) = find_binary() else {
-            eprintln!("docker-registry not installed: apt-get install docker-registry (skipping)");
+        Registry::start_with(RegistryOptions::default())
+    }
+
+    /// [`start`](Self::start) with read-only storage or authentication.
+    pub fn start_with(options: RegistryOptions) -> Result<Option<Registry>> {
+        let bin_override = std::env::var_os(REGISTRY_BIN_ENV);
+        let found = if bin_override.is_some() {
+            find_binary(bin_override.as_deref(), None, None)?
+        } else {
+            tools::find(DOCKER_REGISTRY)?
+        };
+        let Some(bin) = found else {
             return Ok(None);
         };
         let work = tempfile::Builder::new()
@@ -130,6 +159,7 @@ impl Registry {
             bin,
             addr,
             work,
+            options,
             child: None,
             client: RegistryClient::new(&format!("http://{addr}")),
         };
@@ -203,14 +233,34 @@ impl Registry {
             .with_context(|| format!("restarting docker-registry on {}", self.addr))
     }
 
+    /// Restarts the registry with changed options (same port and storage).
+    pub fn restart_with(&mut self, change: impl FnOnce(&mut RegistryOptions)) -> Result<()> {
+        self.stop()?;
+        change(&mut self.options);
+        self.restart()
+    }
+
     fn write_config(&self) -> Result<PathBuf> {
+        let auth = match &self.options.htpasswd {
+            Some((user, hash)) => {
+                let file = self.work.path().join("htpasswd");
+                fs::write(&file, format!("{user}:{hash}\n"))
+                    .with_context(|| format!("writing {}", file.display()))?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: weir-test\n    path: {}\n",
+                    file.display()
+                )
+            }
+            None => String::new(),
+        };
         let config = format!(
             "version: 0.1\n\
-             log:\n  level: info\n  formatter: text\n\
+             log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
-             maintenance:\n    uploadpurging:\n      enabled: false\n\
-             http:\n  addr: {addr}\n  secret: weir-test-harness\n",
+             maintenance:\n    uploadpurging:\n      enabled: false\n    readonly:\n      enabled: {read_only}\n\
+             http:\n  addr: {addr}\n  secret: weir-test-harness\n{auth}",
             storage = self.storage_dir().display(),
+            read_only = self.options.read_only,
             addr = self.addr,
         );
         let path = self.work.path().join("config.yml");
@@ -250,8 +300,9 @@ impl Registry {
                     )));
                 }
             }
+            // 401: ready, and asking for the htpasswd credentials.
             if let Ok(response) = self.client.http.get(self.client.api("/v2/")).call() {
-                if response.status() == 200 {
+                if matches!(response.status().as_u16(), 200 | 401) {
                     return Ok(());
                 }
             }
@@ -552,6 +603,61 @@ impl Drop for Registry {
     }
 }
 
+/// A [`Registry`] for unit tests: every call panics when the fixture
+/// breaks, and [`addr`](Self::addr) is the `host:port` string image
+/// references take.
+pub struct TestRegistry {
+    registry: Registry,
+}
+
+/// A running registry, or None (after saying how to install it) when the
+/// binary is missing; under `CI=true` a missing binary fails the test.
+pub fn registry_or_skip(options: &RegistryOptions) -> Option<TestRegistry> {
+    Registry::start_with(options.clone())
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .map(|registry| TestRegistry { registry })
+}
+
+impl TestRegistry {
+    pub fn default_options() -> RegistryOptions {
+        RegistryOptions::default()
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn addr(&self) -> String {
+        self.registry.host()
+    }
+
+    /// The launcher underneath, for its read-back calls.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Starts the registry again on the same port and storage.
+    pub fn start(&mut self) {
+        assert!(!self.registry.is_running(), "registry already running");
+        self.registry.restart().unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    pub fn stop(&mut self) {
+        self.registry.stop().unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    pub fn restart_with(&mut self, change: impl FnOnce(&mut RegistryOptions)) {
+        self.registry
+            .restart_with(change)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    /// How many times the registry accepted a manifest PUT for `repo:tag`
+    /// (from its access log).
+    pub fn manifest_puts(&self, repo: &str, tag: &str) -> usize {
+        self.registry
+            .manifest_puts(repo, tag)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
+
 struct HashingSink(Sha256);
 
 impl io::Write for HashingSink {
@@ -626,6 +732,7 @@ fn parse_access_line(line: &str) -> Option<AccessLogEntry> {
 mod tests {
     use super::*;
     use crate::skopeo;
+    use std::path::Path;
     use weir_imagegen::{multiarch_oci_layout_dir, oci_layout_dir, LayerSpec};
 
     const LAYERS: [LayerSpec; 2] = [LayerSpec { size: 200_000 }, LayerSpec { size: 5_000 }];
@@ -833,5 +940,60 @@ mod tests {
             std::net::TcpStream::connect(addr).is_err(),
             "port still answers"
         );
+    }
+
+    #[test]
+    fn the_launcher_fails_under_ci_without_docker_registry_on_path() {
+        let empty = tempfile::tempdir().unwrap();
+        let path = std::env::join_paths([empty.path()]).unwrap();
+        let err = find_binary(None, Some(&path), Some(OsStr::new("true"))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("apt-get install -y docker-registry"),
+            "{err}"
+        );
+        assert_eq!(find_binary(None, Some(&path), None), Ok(None));
+        let named = OsStr::new("/opt/registry/bin/registry");
+        assert_eq!(
+            find_binary(Some(named), Some(&path), Some(OsStr::new("true"))),
+            Ok(Some(PathBuf::from(named)))
+        );
+    }
+
+    /// A registry test, run again as a child with `CI=true` and a `PATH`
+    /// without `docker-registry`, fails; with `CI` unset it skips and passes.
+    #[test]
+    fn a_registry_test_fails_under_ci_without_docker_registry_on_path() {
+        let empty = tempfile::tempdir().unwrap();
+        let run = |ci: Option<&str>| {
+            let mut child = Command::new(std::env::current_exe().unwrap());
+            child
+                .args([
+                    "--exact",
+                    "registry::tests::empty_registry_answers_and_knows_no_tag",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("PATH", empty.path())
+                .env_remove(REGISTRY_BIN_ENV)
+                .env_remove("CI");
+            if let Some(ci) = ci {
+                child.env("CI", ci);
+            }
+            child.output().unwrap()
+        };
+        let in_ci = run(Some("true"));
+        let out = String::from_utf8_lossy(&in_ci.stdout).into_owned()
+            + &String::from_utf8_lossy(&in_ci.stderr);
+        assert!(!in_ci.status.success(), "passed under CI=true:\n{out}");
+        assert!(out.contains("1 failed"), "{out}");
+        assert!(out.contains("apt-get install -y docker-registry"), "{out}");
+
+        let outside = run(None);
+        let out = String::from_utf8_lossy(&outside.stdout).into_owned()
+            + &String::from_utf8_lossy(&outside.stderr);
+        assert!(outside.status.success(), "{out}");
+        assert!(out.contains("1 passed"), "{out}");
+        assert!(out.contains("SKIPPED: docker-registry not found"), "{out}");
     }
 }

@@ -1,5 +1,6 @@
 //! `skopeo`, to load generated layouts into a registry and to read images
-//! the way other tools do. Optional: tests that need it skip without it.
+//! the way other tools do. Tests that need it skip without it, except under
+//! `CI=true`, where they fail (see [`crate::tools`]).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -7,14 +8,12 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::registry::Registry;
+use crate::tools;
 
-/// Whether `skopeo` can be run; says how to install it when not.
+/// Whether `skopeo` is on `PATH`; says how to install it when not, and
+/// panics (fails the test) when it is missing under `CI=true`.
 pub fn available() -> bool {
-    let found = Command::new("skopeo").arg("--version").output().is_ok();
-    if !found {
-        eprintln!("skopeo not installed: apt-get install skopeo (skipping)");
-    }
-    found
+    tools::or_skip(tools::SKOPEO).is_some()
 }
 
 /// Options of [`copy_with`].

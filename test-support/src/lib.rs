@@ -1,0 +1,43 @@
+//! What the tests of every weir crate share, in one place. It depends on
+//! `weir-proto` (and `weir-imagegen`) but on neither gateway, so both
+//! gateways take it as a dev-dependency and the end-to-end harness
+//! (`weir-tests`) builds on it:
+//!
+//! ```text
+//!   weir-proto ──▶ weir-test-support ──▶ gateway-tx, gateway-rx (dev)
+//!   weir-imagegen ─┘                 └─▶ weir-tests (harness, e2e)
+//! ```
+//!
+//! - [`tools`]: system programs tests need, found on `PATH`, and the rule
+//!   for a missing one: skip with the Debian package to install, except
+//!   under `CI=true`, where the test fails.
+//! - [`registry`]: Debian's `docker-registry` on a free loopback port with
+//!   temporary storage (optionally read-only or behind htpasswd), and
+//!   read-back checks (digests re-hashed).
+//! - [`skopeo`]: `skopeo copy`/`inspect`, e.g. to load a generated OCI
+//!   layout into a registry.
+//! - [`pty`]: socat pty pairs, for serial lines and consoles.
+//! - [`images`]: sample images as transfer manifests and blob bytes, from a
+//!   seed; [`imagegen`] writes OCI archives and layouts to disk.
+//! - [`sender`]: a sender that seals frames with the proto API and sends
+//!   them over UDP, dropping or altering what a test asks.
+//! - [`receiver`]: a receiver that verifies frames and rebuilds objects.
+//! - [`wait`]: polling with a deadline.
+
+pub mod images;
+pub mod pty;
+pub mod receiver;
+pub mod registry;
+pub mod sender;
+pub mod skopeo;
+pub mod tools;
+pub mod wait;
+
+pub use images::{bytes_from, sample_image, sample_index, SampleImage};
+pub use receiver::{HeldObject, Reassembler, SeenShard};
+pub use registry::{
+    registry_or_skip, Registry, RegistryOptions, TestRegistry, RIGHT_PASSWORD_BCRYPT,
+};
+pub use sender::{Tamper, TestSender};
+pub use wait::wait_for;
+pub use weir_imagegen as imagegen;
