@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use weir_proto::{Codecs, Console, Leds, ObjectId, ObjectKind, Shutdown};
 
-use crate::appliance::{is_disk_full, CounterWindow, Fault, Faults, Lights, Movement, StateDisk};
+use crate::appliance::{
+    is_disk_full, CounterWindow, Fault, Faults, Intake, Lights, Movement, StateDisk,
+};
 use crate::blobs::{BlobStore, BlobStoreError, RunningDigest, RunningDigests};
 use crate::config::RxConfig;
 use crate::delivery::{Delivery, DeliveryQueue};
@@ -202,7 +204,7 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             queue.clone(),
             faults.clone(),
             gauge.clone(),
-            config.leds.clone().unwrap_or_default().hmac_fault_threshold,
+            config.hmac_fault_threshold(),
         );
         move || crate::appliance::run_panel(leds.as_deref(), &shutdown, inputs.into_reader())
     })?;
@@ -249,7 +251,7 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     // The store loop.
     let mut last_board = Instant::now();
     let mut disk = DiskWatch::new(
-        StateDisk::new(&config.state_dir, config.state_min_free_mb),
+        StateDisk::new(&config.state_dir, config.state_min_free_mb, Intake::Shards),
         faults.clone(),
         counters.clone(),
     );

@@ -223,17 +223,12 @@ impl StatusReport {
     /// rebuilt every second).
     pub fn write(&self, state_dir: &Path) -> Result<(), StatusError> {
         let path = state_dir.join(STATUS_FILE);
-        let tmp = state_dir.join(format!("{STATUS_FILE}.tmp"));
-        let io = |source| StatusError::Io {
-            path: path.clone(),
-            source,
-        };
         let text = serde_json::to_vec_pretty(self).map_err(|e| StatusError::Decode {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        weir_host::durable::replace_quickly(&path, &text)
+            .map_err(|source| StatusError::Io { path, source })
     }
 
     pub fn read(state_dir: &Path) -> Result<Option<StatusReport>, StatusError> {

@@ -180,9 +180,7 @@ impl StatusBoard {
         let mut s = self.snapshot();
         s.updated_at = crate::objects::unix_now();
         let bytes = serde_json::to_vec_pretty(&s).map_err(std::io::Error::other)?;
-        let tmp = path.with_file_name(".status.json.tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, path)
+        weir_host::durable::replace_quickly(path, &bytes)
     }
 }
 
