@@ -17,17 +17,3 @@ pub enum Fault {
 
 /// The receiver's faults raised now, each with its reason.
 pub type Faults = weir_host::appliance::Faults<Fault>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn faults_join_their_reasons_in_a_fixed_order() {
-        let f = Faults::default();
-        f.raise(Fault::DeliveryFailing, "c");
-        f.raise(Fault::HmacFailures, "b");
-        f.raise(Fault::StateDiskFull, "a");
-        assert_eq!(f.reason().as_deref(), Some("a; b; c"));
-    }
-}

@@ -93,11 +93,9 @@ pub struct RxConfig {
     #[serde(default)]
     pub notify: NotifyConfig,
     /// The serial console. Absent: no console.
-    #[serde(default)]
     pub console: Option<ConsoleConfig>,
     /// The status LEDs and the fault threshold. Absent: no LEDs driven,
     /// faults still judged with the defaults and shown by `status`.
-    #[serde(default)]
     pub leds: Option<LedsConfig>,
     /// The file this configuration was read from, for error messages.
     #[serde(skip)]

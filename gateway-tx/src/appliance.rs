@@ -16,20 +16,3 @@ pub enum Fault {
 
 /// The sender's faults raised now, each with its reason.
 pub type Faults = weir_host::appliance::Faults<Fault>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn faults_join_their_reasons_in_a_fixed_order() {
-        let f = Faults::default();
-        f.raise(Fault::LinkFailing, "link failing: device gone");
-        f.raise(Fault::StateDiskFull, "state disk full");
-        let reason = f.reason();
-        assert_eq!(
-            reason.as_deref(),
-            Some("state disk full; link failing: device gone")
-        );
-    }
-}

@@ -8,9 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use weir_proto::{Leds, Shutdown};
+use weir_proto::{CommandHandler, Console, Leds, Shutdown};
 
 /// Intake resumes this far above the point where it stopped, so a disk
 /// hovering at the limit does not flap.
@@ -327,6 +328,44 @@ pub fn run_panel(leds: Option<&Leds>, shutdown: &Shutdown, mut read: impl FnMut(
         if shutdown.sleep(TICK_EVERY) {
             return;
         }
+    }
+}
+
+/// Starts the serial console of gateway `role` ("tx", "rx") on the
+/// configured tty. A broken console must not stop images from crossing: it
+/// is logged, and the gateway runs without it.
+pub fn start_console(
+    config: Option<&crate::config::ConsoleConfig>,
+    role: &str,
+    commands: Arc<dyn CommandHandler>,
+    shutdown: &Shutdown,
+) -> Option<Console> {
+    let c = config?;
+    Console::spawn(
+        &c.device,
+        c.baud,
+        role,
+        env!("CARGO_PKG_VERSION"),
+        commands,
+        shutdown.clone(),
+    )
+    .inspect_err(|e| tracing::error!(error = %e, "serial console unavailable; running without it"))
+    .ok()
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `3.2 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -15,7 +15,9 @@ use crate::gateway::{blobs_dir, db_dir};
 use crate::images::ImageLedger;
 use crate::shards;
 use crate::state::{now_ms, StateDb};
-use crate::status::{Counters, DeliveryView, ObjectProgress, SenderStatus, StatusReport};
+use crate::status::{
+    Counters, DeliveryState, DeliveryView, ObjectProgress, SenderStatus, StatusReport,
+};
 
 /// How often the status file is written, and the counters logged.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -133,7 +135,7 @@ impl PanelInputs {
         let failing: Vec<_> = jobs
             .iter()
             .map(|j| j.view())
-            .filter(|v| v.state == "failing")
+            .filter(|v| v.state == DeliveryState::Failing)
             .collect();
         match failing.first() {
             None => self.faults.clear(Fault::DeliveryFailing),
@@ -223,8 +225,8 @@ impl Reporter {
             frames_per_s: if running { gauge.frames_per_s } else { 0.0 },
             fault: self.faults.reason(),
             counters: self.counters.snapshot(),
-            pushes_pending: count_state(&jobs, |s| s != "done"),
-            pushes_failing: count_state(&jobs, |s| s == "failing"),
+            pushes_pending: count_state(&jobs, |s| s != DeliveryState::Done),
+            pushes_failing: count_state(&jobs, |s| s == DeliveryState::Failing),
             sender: self
                 .sender
                 .lock()
@@ -237,8 +239,8 @@ impl Reporter {
     }
 }
 
-fn count_state(jobs: &[DeliveryJob], f: impl Fn(&str) -> bool) -> u64 {
-    jobs.iter().filter(|j| f(&j.view().state)).count() as u64
+fn count_state(jobs: &[DeliveryJob], f: impl Fn(DeliveryState) -> bool) -> u64 {
+    jobs.iter().filter(|j| f(j.view().state)).count() as u64
 }
 
 /// Deliveries for the report: all waiting ones and the most recent done.
@@ -298,8 +300,8 @@ pub fn status(config: &RxConfig) -> anyhow::Result<StatusReport> {
         // What the gateway reported last, before it stopped.
         fault: last.fault,
         counters: last.counters,
-        pushes_pending: count_state(&jobs, |s| s != "done"),
-        pushes_failing: count_state(&jobs, |s| s == "failing"),
+        pushes_pending: count_state(&jobs, |s| s != DeliveryState::Done),
+        pushes_failing: count_state(&jobs, |s| s == DeliveryState::Failing),
         sender: last.sender,
         receiving,
         images,
@@ -307,16 +309,13 @@ pub fn status(config: &RxConfig) -> anyhow::Result<StatusReport> {
     })
 }
 
-/// Starts the serial console, if one is configured. A broken console must
-/// not stop images from arriving: it is logged, and the gateway runs
-/// without it.
+/// Starts the serial console, if one is configured.
 pub fn start_console(
     config: &RxConfig,
     reporter: &Arc<Reporter>,
     key_ids: Vec<u16>,
     shutdown: &Shutdown,
 ) -> Option<Console> {
-    let c = config.console.as_ref()?;
     let commands = crate::console::RxCommands {
         report: Box::new({
             let reporter = reporter.clone();
@@ -325,16 +324,8 @@ pub fn start_console(
         faults: reporter.faults.clone(),
         key_ids,
     };
-    Console::spawn(
-        &c.device,
-        c.baud,
-        "rx",
-        env!("CARGO_PKG_VERSION"),
-        Arc::new(commands),
-        shutdown.clone(),
-    )
-    .inspect_err(|e| tracing::error!(error = %e, "serial console unavailable; running without it"))
-    .ok()
+    let role = "rx";
+    weir_host::appliance::start_console(config.console.as_ref(), role, Arc::new(commands), shutdown)
 }
 
 /// Writes the last report, once everything is flushed.

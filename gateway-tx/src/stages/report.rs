@@ -61,23 +61,11 @@ pub fn panel_inputs(board: StatusBoard, faults: Arc<Faults>) -> impl FnMut() -> 
     }
 }
 
-/// Starts the serial console, if one is configured. A broken console must
-/// not stop images from crossing: it is logged, and the gateway runs
-/// without it.
+/// Starts the serial console, if one is configured.
 pub fn start_console(
     config: &crate::TxConfig,
     commands: crate::console::TxCommands,
     shutdown: &Shutdown,
 ) -> Option<Console> {
-    let c = config.console.as_ref()?;
-    Console::spawn(
-        &c.device,
-        c.baud,
-        "tx",
-        env!("CARGO_PKG_VERSION"),
-        Arc::new(commands),
-        shutdown.clone(),
-    )
-    .inspect_err(|e| tracing::error!(error = %e, "serial console unavailable; running without it"))
-    .ok()
+    weir_host::appliance::start_console(config.console.as_ref(), "tx", Arc::new(commands), shutdown)
 }
