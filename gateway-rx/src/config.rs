@@ -1,6 +1,9 @@
 //! The receiver's configuration: one TOML file, one serde type.
+//! `[console]`, `[leds]`, the transport, the reading of the file and the
+//! errors are shared with gateway-tx ([`weir_host::config`]). Relative
+//! paths are taken relative to the directory of the configuration file.
 //!
-//! Published keys (issue 4) and the defaults added since:
+//! The published keys and their defaults:
 //!
 //! ```toml
 //! state_dir = "/var/lib/weir/rx"        # sled db, shard staging, blob store, status.json
@@ -53,42 +56,21 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use weir_host::config::{
+    base_dir, check_serial_link, default_baud, default_datagram_size, default_state_min_free_mb,
+    parse_toml, read_toml, resolve, resolve_opt,
+};
+pub use weir_host::config::{
+    ConfigError, ConsoleConfig, LedsConfig, Transport, DEFAULT_BAUD, DEFAULT_DATAGRAM_SIZE,
+    DEFAULT_HMAC_FAULT_THRESHOLD, DEFAULT_STATE_MIN_FREE_MB,
+};
 use weir_proto::{Key, KeyRing};
-
-/// Default largest frame accepted: an Ethernet MTU less IP/UDP headers, rounded.
-pub const DEFAULT_DATAGRAM_SIZE: usize = 1400;
-/// Default serial line rate (8N1), of the link and of the console.
-pub const DEFAULT_BAUD: u32 = 115_200;
-/// Default free space (MiB) below which shards are no longer stored.
-pub const DEFAULT_STATE_MIN_FREE_MB: u64 = 64;
-/// Default count of bad tags within a minute above which the fault is raised.
-pub const DEFAULT_HMAC_FAULT_THRESHOLD: u64 = 100;
 /// Default cap of the backoff while a registry is down or answers 5xx.
 pub const DEFAULT_RETRY_MAX_SECONDS: u64 = 300;
 /// Default retry period after a 4xx: an operator has to fix something first.
 pub const DEFAULT_RETRY_REFUSED_SECONDS: u64 = 1800;
 /// Default time a webhook call may take before it is abandoned.
 pub const DEFAULT_WEBHOOK_TIMEOUT_SECONDS: u64 = 10;
-
-/// Why a configuration was refused; every variant names the file, and the
-/// field where there is one.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config {path}: {field}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        reason: String,
-    },
-}
 
 /// gateway-rx configuration (`gateway-rx --config FILE`).
 #[derive(Debug, Clone, Deserialize)]
@@ -111,23 +93,13 @@ pub struct RxConfig {
     #[serde(default)]
     pub notify: NotifyConfig,
     /// The serial console. Absent: no console.
-    #[serde(default)]
     pub console: Option<ConsoleConfig>,
     /// The status LEDs and the fault threshold. Absent: no LEDs driven,
     /// faults still judged with the defaults and shown by `status`.
-    #[serde(default)]
     pub leds: Option<LedsConfig>,
     /// The file this configuration was read from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Udp,
-    Serial,
-    Dir,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,59 +119,6 @@ pub struct LinkConfig {
     /// Largest frame accepted, in bytes; longer datagrams are dropped.
     #[serde(default = "default_datagram_size")]
     pub datagram_size: usize,
-}
-
-/// `[console]`: a line-command prompt on a tty.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsoleConfig {
-    pub device: PathBuf,
-    #[serde(default = "default_baud")]
-    pub baud: u32,
-}
-
-/// `[leds]`: status LEDs through the Linux LED class.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LedsConfig {
-    #[serde(default = "default_leds_base")]
-    pub base: PathBuf,
-    #[serde(default = "default_led_power")]
-    pub power: String,
-    #[serde(default = "default_led_link")]
-    pub link: String,
-    #[serde(default = "default_led_activity")]
-    pub activity: String,
-    #[serde(default = "default_led_fault")]
-    pub fault: String,
-    /// The fault "HMAC failures" stands while more frames than this failed
-    /// their tag in the last minute (forgery, a damaged line, a wrong key).
-    #[serde(default = "default_hmac_fault_threshold")]
-    pub hmac_fault_threshold: u64,
-}
-
-impl Default for LedsConfig {
-    fn default() -> Self {
-        LedsConfig {
-            base: default_leds_base(),
-            power: default_led_power(),
-            link: default_led_link(),
-            activity: default_led_activity(),
-            fault: default_led_fault(),
-            hmac_fault_threshold: default_hmac_fault_threshold(),
-        }
-    }
-}
-
-impl LedsConfig {
-    pub fn names(&self) -> weir_proto::LedNames {
-        weir_proto::LedNames {
-            power: self.power.clone(),
-            link: self.link.clone(),
-            activity: self.activity.clone(),
-            fault: self.fault.clone(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,33 +198,6 @@ impl Default for NotifyConfig {
     }
 }
 
-fn default_datagram_size() -> usize {
-    DEFAULT_DATAGRAM_SIZE
-}
-fn default_baud() -> u32 {
-    DEFAULT_BAUD
-}
-fn default_state_min_free_mb() -> u64 {
-    DEFAULT_STATE_MIN_FREE_MB
-}
-fn default_hmac_fault_threshold() -> u64 {
-    DEFAULT_HMAC_FAULT_THRESHOLD
-}
-fn default_leds_base() -> PathBuf {
-    PathBuf::from("/sys/class/leds")
-}
-fn default_led_power() -> String {
-    "weir:power".into()
-}
-fn default_led_link() -> String {
-    "weir:link".into()
-}
-fn default_led_activity() -> String {
-    "weir:activity".into()
-}
-fn default_led_fault() -> String {
-    "weir:fault".into()
-}
 fn default_retry_max_seconds() -> u64 {
     DEFAULT_RETRY_MAX_SECONDS
 }
@@ -343,23 +235,44 @@ impl std::fmt::Debug for RegistryCredentials {
 impl RxConfig {
     /// Reads, parses and validates `path` (key files are loaded too).
     pub fn load(path: &Path) -> Result<RxConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut config = Self::parse(&text, path)?;
+        let mut config: RxConfig = read_toml(path)?;
+        config.source = path.to_path_buf();
+        config.resolve_paths(&base_dir(path));
         config.validate()?;
         Ok(config)
     }
 
     /// Parses TOML text without validating; `path` is named in errors.
     pub fn parse(text: &str, path: &Path) -> Result<RxConfig, ConfigError> {
-        let mut config: RxConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let mut config: RxConfig = parse_toml(text, path)?;
         config.source = path.to_path_buf();
         Ok(config)
+    }
+
+    /// Makes relative paths relative to `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        resolve(base, &mut self.state_dir);
+        resolve_opt(base, &mut self.link.serial_device);
+        resolve_opt(base, &mut self.link.inbox_dir);
+        for k in &mut self.auth.keys {
+            resolve(base, &mut k.file);
+        }
+        resolve_opt(base, &mut self.delivery.ca_file);
+        resolve_opt(base, &mut self.delivery.password_file);
+        resolve_opt(base, &mut self.delivery.oci_layout);
+        if let Some(c) = &mut self.console {
+            c.resolve_paths(base);
+        }
+        if let Some(l) = &mut self.leds {
+            l.resolve_paths(base);
+        }
+    }
+
+    /// Bad tags within a minute above which the fault "HMAC failures" stands.
+    pub fn hmac_fault_threshold(&self) -> u64 {
+        self.leds
+            .as_ref()
+            .map_or(DEFAULT_HMAC_FAULT_THRESHOLD, LedsConfig::hmac_threshold)
     }
 
     fn invalid(&self, field: &str, reason: impl Into<String>) -> ConfigError {
@@ -384,15 +297,8 @@ impl RxConfig {
                 }
             }
             Transport::Serial => {
-                if self.link.serial_device.is_none() {
-                    return Err(self.invalid(
-                        "link.serial_device",
-                        "required when link.transport = \"serial\"",
-                    ));
-                }
-                if self.link.baud == 0 {
-                    return Err(self.invalid("link.baud", "must be above 0"));
-                }
+                check_serial_link(self.link.serial_device.as_deref(), self.link.baud)
+                    .map_err(|e| e.in_file(&self.source))?
             }
             Transport::Dir => match &self.link.inbox_dir {
                 None => {
@@ -462,8 +368,8 @@ impl RxConfig {
         if self.notify.timeout_seconds == 0 {
             return Err(self.invalid("notify.timeout_seconds", "must be at least 1"));
         }
-        if self.console.as_ref().is_some_and(|c| c.baud == 0) {
-            return Err(self.invalid("console.baud", "must be above 0"));
+        if let Some(c) = &self.console {
+            c.validate().map_err(|e| e.in_file(&self.source))?;
         }
         Ok(())
     }
@@ -712,7 +618,7 @@ mod tests {
         let c = RxConfig::load(&write_config(dir.path(), &text)).unwrap();
         assert_eq!(c.console.unwrap().baud, 115_200);
         let leds = c.leds.unwrap();
-        assert_eq!(leds.hmac_fault_threshold, 5);
+        assert_eq!(leds.hmac_fault_threshold, Some(5));
         assert_eq!(leds.power, "weir:power");
         assert_eq!(leds.link, "");
         assert_eq!(leds.base, Path::new("/sys/class/leds"));

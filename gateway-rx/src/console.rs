@@ -203,7 +203,7 @@ mod tests {
                         target: "registry".into(),
                         reference: "team/app:1".into(),
                         manifest_digest: "sha256:bb".into(),
-                        state: "failing".into(),
+                        state: crate::status::DeliveryState::Failing,
                         attempts: 2,
                         next_attempt_ms: None,
                         last_error: Some("connection refused".into()),

@@ -39,16 +39,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal, not in log files.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    weir_host::logging::init();
     let cli = Cli::parse();
     let result = match (cli.command, cli.config) {
         (Some(Command::CheckConfig { file }), _) => check_config(&file),

@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use weir_host::appliance::human_bytes;
 
 use crate::state::now_ms;
 
@@ -163,6 +164,16 @@ pub struct ImageProgress {
     pub complete_at_ms: Option<u64>,
 }
 
+weir_host::named_states! {
+    /// Where a delivery stands.
+    pub enum DeliveryState {
+        Pending = "pending",
+        /// Pending, and the last attempt failed.
+        Failing = "failing",
+        Done = "done",
+    }
+}
+
 /// One delivery (an image to one target).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeliveryView {
@@ -171,8 +182,7 @@ pub struct DeliveryView {
     pub target: String,
     pub reference: String,
     pub manifest_digest: String,
-    /// "pending", "failing" or "done".
-    pub state: String,
+    pub state: DeliveryState,
     pub attempts: u32,
     pub next_attempt_ms: Option<u64>,
     pub last_error: Option<String>,
@@ -223,17 +233,12 @@ impl StatusReport {
     /// rebuilt every second).
     pub fn write(&self, state_dir: &Path) -> Result<(), StatusError> {
         let path = state_dir.join(STATUS_FILE);
-        let tmp = state_dir.join(format!("{STATUS_FILE}.tmp"));
-        let io = |source| StatusError::Io {
-            path: path.clone(),
-            source,
-        };
         let text = serde_json::to_vec_pretty(self).map_err(|e| StatusError::Decode {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        weir_host::durable::replace_quickly(&path, &text)
+            .map_err(|source| StatusError::Io { path, source })
     }
 
     pub fn read(state_dir: &Path) -> Result<Option<StatusReport>, StatusError> {
@@ -366,7 +371,7 @@ impl StatusReport {
         let waiting: Vec<&DeliveryView> = self
             .deliveries
             .iter()
-            .filter(|d| d.state != "done")
+            .filter(|d| d.state != DeliveryState::Done)
             .collect();
         if !waiting.is_empty() {
             let _ = writeln!(out, "waiting to be delivered:");
@@ -390,26 +395,15 @@ impl StatusReport {
                     .unwrap_or_default()
             );
         }
-        let done = self.deliveries.iter().filter(|d| d.state == "done").count();
+        let done = self
+            .deliveries
+            .iter()
+            .filter(|d| d.state == DeliveryState::Done)
+            .count();
         if done > 0 {
             let _ = writeln!(out, "delivered: {done}");
         }
         out
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -1,14 +1,21 @@
 //! The configuration of gateway-tx: one TOML file, one serde type.
 //!
-//! The keys of issue 3 are the published contract; everything else has a
-//! default, documented on its field and in `examples/tx.toml`. Relative paths
-//! are taken relative to the directory of the configuration file, so an
-//! example works wherever it is checked out.
+//! The published keys are the contract; everything else has a default,
+//! documented on its field and in `examples/tx.toml`. Relative paths are
+//! taken relative to the directory of the configuration file, so an example
+//! works wherever it is checked out. `[console]`, `[leds]`, the transport
+//! and the reading of the file are shared with gateway-rx
+//! ([`weir_host::config`]).
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use weir_host::config::{
+    base_dir, check_serial_link, default_baud, default_datagram_size, default_state_min_free_mb,
+    read_toml, resolve, resolve_opt, FieldError,
+};
+pub use weir_host::config::{ConsoleConfig, LedsConfig, Transport};
 use weir_proto::{FecParams, Key};
 
 /// Largest UDP payload over IPv4.
@@ -50,67 +57,6 @@ pub struct TxConfig {
     /// status.json and on the console).
     #[serde(default)]
     pub leds: Option<LedsConfig>,
-}
-
-/// `[console]`: a line-command prompt on a tty (see `console`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsoleConfig {
-    /// The console's tty, e.g. `/dev/ttyS1`. Required.
-    pub device: PathBuf,
-    /// Line rate, 8N1. Default 115200.
-    #[serde(default = "default_baud")]
-    pub baud: u32,
-}
-
-/// `[leds]`: status LEDs through the Linux LED class. An LED that is
-/// missing is logged once and skipped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LedsConfig {
-    /// Default `/sys/class/leds`.
-    #[serde(default = "default_leds_base")]
-    pub base: PathBuf,
-    /// LED class names under `base`; "" for an LED the box lacks.
-    /// Defaults `weir:power`, `weir:link`, `weir:activity`, `weir:fault`.
-    #[serde(default = "default_led_power")]
-    pub power: String,
-    #[serde(default = "default_led_link")]
-    pub link: String,
-    #[serde(default = "default_led_activity")]
-    pub activity: String,
-    #[serde(default = "default_led_fault")]
-    pub fault: String,
-}
-
-impl LedsConfig {
-    pub fn names(&self) -> weir_proto::LedNames {
-        weir_proto::LedNames {
-            power: self.power.clone(),
-            link: self.link.clone(),
-            activity: self.activity.clone(),
-            fault: self.fault.clone(),
-        }
-    }
-}
-
-/// How frames leave the box.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Udp,
-    Serial,
-    Dir,
-}
-
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Transport::Udp => "udp",
-            Transport::Serial => "serial",
-            Transport::Dir => "dir",
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -267,35 +213,11 @@ pub struct Mapping {
     pub to: String,
 }
 
-fn default_datagram_size() -> usize {
-    1400
-}
-fn default_state_min_free_mb() -> u64 {
-    64
-}
-fn default_baud() -> u32 {
-    115_200
-}
 fn default_max_file_bytes() -> usize {
     4 << 20
 }
 fn default_max_file_age_ms() -> u64 {
     5000
-}
-fn default_leds_base() -> PathBuf {
-    PathBuf::from("/sys/class/leds")
-}
-fn default_led_power() -> String {
-    "weir:power".into()
-}
-fn default_led_link() -> String {
-    "weir:link".into()
-}
-fn default_led_activity() -> String {
-    "weir:activity".into()
-}
-fn default_led_fault() -> String {
-    "weir:fault".into()
 }
 fn default_data_shards() -> u16 {
     128
@@ -341,62 +263,35 @@ pub struct Pacing {
 }
 
 /// A configuration value that cannot work; names the field.
-#[derive(Debug, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct ConfigError {
-    pub field: &'static str,
-    pub message: String,
-}
+pub type ConfigError = FieldError;
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field,
-        message: message.into(),
-    }
+    FieldError::new(field, message)
 }
 
 impl TxConfig {
     /// Reads, parses and validates a configuration file. Errors name the
     /// file and the field.
     pub fn load(path: &Path) -> anyhow::Result<TxConfig> {
-        use anyhow::Context;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        // toml's message carries line, column and the offending key.
-        let mut config: TxConfig = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        config.resolve_paths(absolute.parent().unwrap_or(Path::new("/")));
-        config
-            .validate()
-            .with_context(|| format!("config file {}", path.display()))?;
+        let mut config: TxConfig = read_toml(path)?;
+        config.resolve_paths(&base_dir(path));
+        config.validate().map_err(|e| e.in_file(path))?;
         Ok(config)
     }
 
     /// Makes relative paths relative to `base` (the config file's directory).
     pub fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        fix(&mut self.state_dir);
-        fix(&mut self.spool_dir);
-        fix(&mut self.auth.key_file);
-        if let Some(r) = &mut self.policy.rules_file {
-            fix(r);
-        }
-        if let Some(d) = &mut self.link.serial_device {
-            fix(d);
-        }
-        if let Some(d) = &mut self.link.outbox_dir {
-            fix(d);
-        }
+        resolve(base, &mut self.state_dir);
+        resolve(base, &mut self.spool_dir);
+        resolve(base, &mut self.auth.key_file);
+        resolve_opt(base, &mut self.policy.rules_file);
+        resolve_opt(base, &mut self.link.serial_device);
+        resolve_opt(base, &mut self.link.outbox_dir);
         if let Some(c) = &mut self.console {
-            fix(&mut c.device);
+            c.resolve_paths(base);
         }
         if let Some(l) = &mut self.leds {
-            fix(&mut l.base);
+            l.resolve_paths(base);
         }
     }
 
@@ -415,17 +310,7 @@ impl TxConfig {
                     ));
                 }
             }
-            Transport::Serial => {
-                if l.serial_device.is_none() {
-                    return Err(invalid(
-                        "link.serial_device",
-                        "required when transport = \"serial\" (e.g. \"/dev/ttyS2\")",
-                    ));
-                }
-                if l.baud == 0 {
-                    return Err(invalid("link.baud", "must be greater than 0"));
-                }
-            }
+            Transport::Serial => check_serial_link(l.serial_device.as_deref(), l.baud)?,
             Transport::Dir => {
                 if l.outbox_dir.is_none() {
                     return Err(invalid(
@@ -449,9 +334,17 @@ impl TxConfig {
             }
         }
         if let Some(c) = &self.console {
-            if c.baud == 0 {
-                return Err(invalid("console.baud", "must be greater than 0"));
-            }
+            c.validate()?;
+        }
+        if self
+            .leds
+            .as_ref()
+            .is_some_and(|l| l.hmac_fault_threshold.is_some())
+        {
+            return Err(invalid(
+                "leds.hmac_fault_threshold",
+                "only gateway-rx has it: the sender checks no tags",
+            ));
         }
         if l.datagram_size > MAX_DATAGRAM {
             return Err(invalid(

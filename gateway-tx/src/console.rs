@@ -10,6 +10,7 @@ use crate::objects::{ImageRecord, ObjectStore};
 use crate::status::{Status, StatusBoard};
 use std::fmt::Write;
 use std::sync::Arc;
+use weir_host::appliance::human_bytes;
 use weir_proto::{Command, CommandHandler, ObjectId, Reply};
 
 const COMMANDS: &[Command] = &[
@@ -258,21 +259,6 @@ fn stats_text(s: &Status) -> String {
     out
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,7 +314,7 @@ mod tests {
                 source: "app.tar".into(),
                 passes: 3,
                 passes_done: 3,
-                state: "cycling".into(),
+                state: crate::status::ImageState::Cycling,
                 ..Default::default()
             });
         });

@@ -3,40 +3,34 @@
 //! ```text
 //!  spool_dir ──▶ ingest ──▶ policy ──▶ objects (sled + payload files)
 //!                                          │
-//!                              carousel ◀──┘ ──▶ FEC ──▶ seal (HMAC) ──▶ pacing ──▶ link
+//!                              carousel ◀──┘ ──▶ FEC ──▶ seal (HMAC) ──▶ pacing ──▶ emit (link)
 //! ```
 //!
-//! One module per stage: [`config`], [`ingest`], [`policy`], [`objects`],
-//! [`carousel`], [`pacing`], [`link`], plus [`status`] (`status.json`) and
-//! the appliance surface: [`appliance`] (faults, the state disk guard, the
-//! status LEDs) and [`console`] (the serial console's commands).
+//! One module per stage under [`stages`]: [`ingest`], [`policy`],
+//! [`carousel`], [`link`] (the emit stage) and the report stage
+//! (`status.json`, LEDs, console). The durable state stays apart:
+//! [`objects`] (the object store) and [`status`] (the status board);
+//! [`config`] and [`pacing`] serve the stages; [`appliance`] holds the
+//! sender's faults and [`console`] the serial console's commands.
 //! [`run`] starts the stages on threads of their own and returns once
 //! shutdown was asked for and the state is flushed; the LEDs go dark last.
 
 pub mod appliance;
-pub mod carousel;
 pub mod config;
 pub mod console;
-pub mod ingest;
-pub mod link;
 pub mod objects;
 pub mod pacing;
-pub mod policy;
+pub mod stages;
 pub mod status;
 
+pub use stages::emit as link;
+pub use stages::{carousel, ingest, policy};
+
 use anyhow::Context;
-use appliance::{Fault, Faults, Lights, Movement};
+use appliance::Faults;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use weir_proto::{Console, FrameSink, Leds, Shutdown};
-
-/// The link LED stays on while frames went out this recently.
-const LINK_WINDOW: Duration = Duration::from_secs(3);
-/// The activity LED blinks while shard frames went out this recently.
-const ACTIVITY_WINDOW: Duration = Duration::from_secs(2);
-
-/// The body of one stage thread.
-type StageFn = Box<dyn FnOnce(&Shutdown) -> anyhow::Result<()> + Send>;
+use weir_host::stages::Stages;
+use weir_proto::{FrameSink, Leds, Shutdown};
 
 pub use config::TxConfig;
 
@@ -114,132 +108,35 @@ pub fn run_with_sink(
         .leds
         .as_ref()
         .map(|l| Arc::new(Leds::new(&l.base, l.names())));
-    let console = config.console.as_ref().and_then(|c| {
-        let commands = console::TxCommands {
-            board: board.clone(),
-            control: control.clone(),
-            store: store.clone(),
-            faults: faults.clone(),
-            key_id,
-            passes: config.carousel.passes,
-        };
-        // A broken console must not stop images from crossing.
-        Console::spawn(
-            &c.device,
-            c.baud,
-            "tx",
-            env!("CARGO_PKG_VERSION"),
-            Arc::new(commands),
-            shutdown.clone(),
-        )
-        .inspect_err(
-            |e| tracing::error!(error = %e, "serial console unavailable; running without it"),
-        )
-        .ok()
-    });
-    let panel_inputs = {
-        let board = board.clone();
-        let faults = faults.clone();
-        let mut frames = Movement::default();
-        let mut shards = Movement::default();
-        let mut errors = Movement::default();
-        move || {
-            let now = Instant::now();
-            let s = board.snapshot();
-            frames.observe(s.wire.frames, now);
-            shards.observe(s.wire.shard_frames, now);
-            errors.observe(s.wire.link_errors, now);
-            let up = frames.moved_within(LINK_WINDOW, now);
-            if !up && errors.moved_within(LINK_WINDOW, now) {
-                let why = s.wire.last_link_error.as_deref().unwrap_or("sends fail");
-                faults.raise(Fault::LinkFailing, format!("link failing: {why}"));
-            } else {
-                faults.clear(Fault::LinkFailing);
-            }
-            let fault = faults.reason();
-            board.update(|st| {
-                st.link.up = up;
-                st.fault.clone_from(&fault);
-            });
-            Lights {
-                link: up,
-                activity: !s.paused && shards.moved_within(ACTIVITY_WINDOW, now),
-                fault,
-            }
-        }
+    let commands = console::TxCommands {
+        board: board.clone(),
+        control: control.clone(),
+        store: store.clone(),
+        faults: faults.clone(),
+        key_id,
+        passes: config.carousel.passes,
     };
+    let console = stages::report::start_console(&config, commands, &shutdown);
 
     let status_path = config.status_path();
-    let stage = |name: &'static str, shutdown: Shutdown, f: StageFn| {
-        std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let r = f(&shutdown);
-                if let Err(e) = &r {
-                    tracing::error!(stage = name, error = %format!("{e:#}"), "stage failed; stopping");
-                    shutdown.trigger();
-                }
-                r
-            })
-            .with_context(|| format!("spawning the {name} thread"))
-    };
-    let threads = vec![
-        (
-            "ingest",
-            stage(
-                "ingest",
-                shutdown.clone(),
-                Box::new(move |s| ingestor.run(s)),
-            )?,
-        ),
-        (
-            "carousel",
-            stage(
-                "carousel",
-                shutdown.clone(),
-                Box::new(move |s| carousel.run(s).map_err(Into::into)),
-            )?,
-        ),
-        (
-            "status",
-            stage(
-                "status",
-                shutdown.clone(),
-                Box::new(move |s| loop {
-                    if let Err(e) = board.write(&status_path) {
-                        tracing::warn!(path = %status_path.display(), error = %e, "writing status.json failed");
-                    }
-                    if s.sleep(Duration::from_secs(1)) {
-                        let _ = board.write(&status_path);
-                        return Ok(());
-                    }
-                }),
-            )?,
-        ),
-        (
-            "panel",
-            stage("panel", shutdown.clone(), {
-                let leds = leds.clone();
-                Box::new(move |s| {
-                    appliance::run_panel(leds.as_deref(), s, panel_inputs);
-                    Ok(())
-                })
-            })?,
-        ),
-    ];
-    let mut first_error = None;
-    for (name, t) in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e.context(format!("{name} stage")));
-            }
-            Err(_) => {
-                shutdown.trigger();
-                first_error.get_or_insert(anyhow::anyhow!("{name} thread panicked"));
-            }
+    let mut stages = Stages::new(&shutdown);
+    stages.spawn("ingest", move |s| ingestor.run(s))?;
+    stages.spawn("carousel", move |s| carousel.run(s).map_err(Into::into))?;
+    stages.spawn("status", {
+        let board = board.clone();
+        move |s| {
+            stages::report::write_status(&board, &status_path, s);
+            Ok(())
         }
-    }
+    })?;
+    stages.spawn("panel", {
+        let (leds, read) = (leds.clone(), stages::report::panel_inputs(board, faults));
+        move |s| {
+            appliance::run_panel(leds.as_deref(), s, read);
+            Ok(())
+        }
+    })?;
+    let stopped = stages.join();
     let flushed = store.commit().context("flushing state");
     // Dark only once the state is safe: a lit power LED means "do not pull".
     if let Some(l) = &leds {
@@ -250,8 +147,5 @@ pub fn run_with_sink(
     }
     flushed?;
     tracing::info!(session_id, "gateway-tx stopped; state flushed");
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    stopped
 }

@@ -16,7 +16,8 @@
 //! | `meta` | `session_id` | last session id, u64 big-endian |
 //!
 //! sled's own flush does not fsync on Linux, so every commit point calls
-//! [`ObjectStore::commit`], which flushes and then fsyncs the database files.
+//! [`ObjectStore::commit`]: the host's [`StateDb::commit`], the one commit
+//! point both gateways share.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -24,10 +25,9 @@ use sled::Transactional;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use weir_host::durable::fsync_dir;
+use weir_host::state::{StateDb, StateError};
 use weir_proto::{FecParams, ObjectId};
-
-/// sled's page cache; the default (1 GiB) would defeat the memory goal.
-const SLED_CACHE_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -40,6 +40,8 @@ pub enum StoreError {
     },
     #[error("state database: {0}")]
     Db(#[from] sled::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("state database record {key}: {source}")]
     Record {
         key: String,
@@ -146,8 +148,7 @@ pub struct DropCommit {
 pub struct ObjectStore {
     objects_dir: PathBuf,
     tmp_dir: PathBuf,
-    db_dir: PathBuf,
-    db: sled::Db,
+    db: StateDb,
     images: sled::Tree,
     progress: sled::Tree,
     sent: sled::Tree,
@@ -186,37 +187,31 @@ impl ObjectStore {
     pub fn open(state_dir: &Path) -> Result<ObjectStore, StoreError> {
         let objects_dir = state_dir.join("objects");
         let tmp_dir = objects_dir.join("tmp");
-        let db_dir = state_dir.join("db");
         std::fs::create_dir_all(&tmp_dir).map_err(io("creating", &tmp_dir))?;
         if let Ok(entries) = std::fs::read_dir(&tmp_dir) {
             for e in entries.flatten() {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        let db = sled::Config::new()
-            .path(&db_dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()?;
+        let db = StateDb::open(&state_dir.join("db"))?;
         Ok(ObjectStore {
-            images: db.open_tree("images")?,
-            progress: db.open_tree("progress")?,
-            sent: db.open_tree("sent")?,
-            audit: db.open_tree("audit")?,
-            layers: db.open_tree("layers")?,
-            drops: db.open_tree("drops")?,
-            meta: db.open_tree("meta")?,
+            images: db.tree("images")?,
+            progress: db.tree("progress")?,
+            sent: db.tree("sent")?,
+            audit: db.tree("audit")?,
+            layers: db.tree("layers")?,
+            drops: db.tree("drops")?,
+            meta: db.tree("meta")?,
             db,
             objects_dir,
             tmp_dir,
-            db_dir,
         })
     }
 
     /// A commit point: flushes sled and fsyncs its files, so what was
     /// written survives a power cut, not only a crash.
     pub fn commit(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        fsync_tree(&self.db_dir)
+        Ok(self.db.commit()?)
     }
 
     // ---- payload files ----
@@ -324,7 +319,7 @@ impl ObjectStore {
     /// Lands an accepted drop: image records, sent marks, the drop record and
     /// its audit entry, all or nothing, then a commit point.
     pub fn commit_drop(&self, c: &DropCommit) -> Result<(), StoreError> {
-        let audit_key = self.db.generate_id()?.to_be_bytes();
+        let audit_key = self.db.sled().generate_id()?.to_be_bytes();
         let result: sled::transaction::TransactionResult<(), ()> = (
             &self.images,
             &self.sent,
@@ -382,7 +377,7 @@ impl ObjectStore {
 
     /// Next ingest sequence number: after every image ever queued.
     pub fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+        Ok(self.db.sled().generate_id()?)
     }
 
     /// Retention expired: the image leaves the queue (its sent marks stay).
@@ -430,7 +425,7 @@ impl ObjectStore {
     /// Appends a refusal or an already-sent drop (accepts come with
     /// [`ObjectStore::commit_drop`]), then a commit point.
     pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        let key = self.db.generate_id()?.to_be_bytes();
+        let key = self.db.sled().generate_id()?.to_be_bytes();
         self.audit.insert(key, to_json(entry))?;
         self.commit()
     }
@@ -521,7 +516,7 @@ impl ObjectWriter {
         let final_path = self.objects_dir.join(id.hex());
         std::fs::rename(&self.tmp_path, &final_path).map_err(io("renaming into", &final_path))?;
         self.renamed = true;
-        fsync_dir(&self.objects_dir)?;
+        fsync_dir(&self.objects_dir).map_err(io("syncing directory", &self.objects_dir))?;
         Ok(StoredObject { id, len: self.len })
     }
 }
@@ -533,34 +528,6 @@ impl Drop for ObjectWriter {
             let _ = std::fs::remove_file(&self.tmp_path);
         }
     }
-}
-
-/// Makes a rename or create in `dir` durable.
-pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing directory", dir))
-}
-
-/// Fsyncs every file and directory under `root`.
-fn fsync_tree(root: &Path) -> Result<(), StoreError> {
-    let entries = std::fs::read_dir(root).map_err(io("listing", root))?;
-    for e in entries {
-        let e = e.map_err(io("listing", root))?;
-        let path = e.path();
-        let ft = e.file_type().map_err(io("inspecting", &path))?;
-        if ft.is_dir() {
-            fsync_tree(&path)?;
-        } else if ft.is_file() {
-            match File::open(&path) {
-                Ok(f) => f.sync_all().map_err(io("syncing", &path))?,
-                // sled may remove a snapshot between listing and opening.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("opening", &path)(e)),
-            }
-        }
-    }
-    fsync_dir(root)
 }
 
 #[cfg(test)]

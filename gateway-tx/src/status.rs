@@ -30,13 +30,40 @@ use serde::Serialize;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+weir_host::named_states! {
+    /// What the sender is doing.
+    #[derive(Default)]
+    pub enum SenderState {
+        #[default]
+        Idle = "idle",
+        /// Images owe passes.
+        Sending = "sending",
+        /// Owed passes done; cycling retained images on the idle link.
+        Cycling = "cycling",
+        Paused = "paused",
+    }
+}
+
+weir_host::named_states! {
+    /// Where an image stands in the carousel.
+    #[derive(Default)]
+    pub enum ImageState {
+        #[default]
+        Queued = "queued",
+        Sending = "sending",
+        /// Owed passes done, within retention.
+        Cycling = "cycling",
+        Done = "done",
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
     pub version: u32,
     pub updated_at: u64,
     pub uptime_s: u64,
     pub session_id: u64,
-    pub state: String,
+    pub state: SenderState,
     pub paused: bool,
     pub fault: Option<String>,
     pub link: LinkStatus,
@@ -141,8 +168,7 @@ pub struct ImageStatus {
     /// Progress over all owed passes, 0..100.
     pub percent: f64,
     pub eta_s: Option<u64>,
-    /// queued | sending | cycling (owed passes done, within retention)
-    pub state: String,
+    pub state: ImageState,
 }
 
 /// Shared by the stages; the status thread writes it out.
@@ -156,7 +182,7 @@ impl StatusBoard {
         let b = StatusBoard::default();
         b.update(|s| {
             s.version = 1;
-            s.state = "idle".into();
+            s.state = SenderState::Idle;
         });
         b
     }
@@ -180,9 +206,7 @@ impl StatusBoard {
         let mut s = self.snapshot();
         s.updated_at = crate::objects::unix_now();
         let bytes = serde_json::to_vec_pretty(&s).map_err(std::io::Error::other)?;
-        let tmp = path.with_file_name(".status.json.tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, path)
+        weir_host::durable::replace_quickly(path, &bytes)
     }
 }
 

@@ -6,13 +6,12 @@
 
 use serde_json::{json, Value};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use weir_proto::{ManifestBytes, ObjectId, TransferManifest};
 
 use super::DeliveryError;
 use crate::blobs::BlobStore;
-use crate::state::fsync_dir;
+use weir_host::durable::{fsync_dir, write_atomically};
 
 /// The annotation that names an image in index.json.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -187,23 +186,6 @@ impl LayoutExporter {
             serde_json::to_vec_pretty(&index).map_err(|e| self.local("encoding", &path, e))?;
         write_atomically(&path, &bytes).map_err(|e| self.local("writing", &path, e))
     }
-}
-
-/// Writes `path` under a temporary name, fsyncs, renames, fsyncs the directory.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    fsync_dir(dir)
 }
 
 #[cfg(test)]

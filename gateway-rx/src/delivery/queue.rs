@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use weir_proto::ObjectId;
 
 use crate::state::{StateDb, StateError};
-use crate::status::DeliveryView;
+use crate::status::{DeliveryState, DeliveryView};
 
 const TREE: &str = "deliveries";
 
@@ -96,16 +96,16 @@ impl DeliveryJob {
 
     pub fn view(&self) -> DeliveryView {
         let state = match (self.state, self.failure) {
-            (JobState::Done, _) => "done",
-            (JobState::Pending, Some(_)) => "failing",
-            (JobState::Pending, None) => "pending",
+            (JobState::Done, _) => DeliveryState::Done,
+            (JobState::Pending, Some(_)) => DeliveryState::Failing,
+            (JobState::Pending, None) => DeliveryState::Pending,
         };
         DeliveryView {
             image: self.image.clone(),
             target: self.target.name().to_string(),
             reference: self.reference(),
             manifest_digest: self.manifest_digest.clone(),
-            state: state.to_string(),
+            state,
             attempts: self.attempts,
             next_attempt_ms: (self.state == JobState::Pending).then_some(self.next_attempt_ms),
             last_error: self.last_error.clone(),

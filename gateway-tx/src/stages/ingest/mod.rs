@@ -22,7 +22,7 @@ pub mod archive;
 pub mod formats;
 pub mod reference;
 
-use crate::appliance::{is_disk_full, Fault, Faults, StateDisk};
+use crate::appliance::{is_disk_full, Fault, Faults, Intake, StateDisk};
 use crate::config::{Mapping, TxConfig};
 use crate::objects::{
     unix_now, AuditEntry, BlobMember, DropCommit, DropRecord, ImageRecord, ObjectStore, StoreError,
@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use weir_host::durable::fsync_dir;
 use weir_proto::{Destination, Origin, Shutdown, TransferManifest};
 
 /// After a failure on our side (disk full...), a drop waits this long.
@@ -157,7 +158,7 @@ impl Ingestor {
             queue,
             status,
             retry_at: HashMap::new(),
-            disk: StateDisk::new(&config.state_dir, config.state_min_free_mb),
+            disk: StateDisk::new(&config.state_dir, config.state_min_free_mb, Intake::Spool),
             faults: Arc::new(Faults::default()),
         })
     }
@@ -552,7 +553,7 @@ impl Ingestor {
                 "at": unix_now(),
             });
             let reason_path = dest_dir.join(format!("{name}.reason.json"));
-            write_atomic(&reason_path, body.to_string().as_bytes())
+            weir_host::durable::write_atomically(&reason_path, body.to_string().as_bytes())
                 .map_err(io("writing reason file", &reason_path))?;
         }
         let report = Spool::report_path(path);
@@ -561,8 +562,9 @@ impl Ingestor {
             std::fs::rename(&report, &report_target).map_err(io("moving scan report", &report))?;
         }
         std::fs::rename(path, &target).map_err(io("moving drop", path))?;
-        crate::objects::fsync_dir(dest_dir)?;
-        crate::objects::fsync_dir(&self.spool.dir)?;
+        for dir in [dest_dir, &self.spool.dir] {
+            fsync_dir(dir).map_err(io("syncing directory", dir))?;
+        }
         Ok(())
     }
 }
@@ -582,17 +584,4 @@ fn unique_name(dir: &Path, name: &str) -> String {
         .map(|i| format!("{name}.{i}"))
         .find(|n| !dir.join(n).exists())
         .unwrap_or_else(|| name.to_string())
-}
-
-/// Writes a small file under a temporary name, fsyncs, renames.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

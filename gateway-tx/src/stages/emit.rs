@@ -1,33 +1,9 @@
 //! The link: builds the proto frame sink the configuration names.
 
 use crate::config::{LinkConfig, Transport};
-use std::path::PathBuf;
 use std::time::Duration;
+pub use weir_host::link_setup::LinkSetupError;
 use weir_proto::{DirSink, FrameSink, LinkError, SerialSink, UdpSink};
-
-#[derive(Debug, thiserror::Error)]
-pub enum LinkSetupError {
-    #[error("link.{0} is required when transport = \"{1}\"")]
-    Missing(&'static str, Transport),
-    #[error("link.udp_peer {peer}: {source}")]
-    Udp {
-        peer: std::net::SocketAddr,
-        #[source]
-        source: LinkError,
-    },
-    #[error("link.serial_device {device}: {source}")]
-    Serial {
-        device: PathBuf,
-        #[source]
-        source: LinkError,
-    },
-    #[error("link.outbox_dir {dir}: {source}")]
-    Outbox {
-        dir: PathBuf,
-        #[source]
-        source: LinkError,
-    },
-}
 
 /// Opens the sending end of the configured link.
 pub fn open_sink(config: &LinkConfig) -> Result<Box<dyn FrameSink>, LinkSetupError> {
@@ -35,9 +11,9 @@ pub fn open_sink(config: &LinkConfig) -> Result<Box<dyn FrameSink>, LinkSetupErr
         Transport::Udp => {
             let peer = config
                 .udp_peer
-                .ok_or(LinkSetupError::Missing("udp_peer", config.transport))?;
+                .ok_or(LinkSetupError::missing("udp_peer", config.transport))?;
             let sink = UdpSink::connect(peer, config.datagram_size)
-                .map_err(|source| LinkSetupError::Udp { peer, source })?;
+                .map_err(LinkSetupError::open("udp_peer", peer))?;
             tracing::info!(%peer, datagram_size = config.datagram_size, gso = sink.gso(),
                 "UDP link open");
             Ok(Box::new(sink))
@@ -46,31 +22,30 @@ pub fn open_sink(config: &LinkConfig) -> Result<Box<dyn FrameSink>, LinkSetupErr
             let device = config
                 .serial_device
                 .clone()
-                .ok_or(LinkSetupError::Missing("serial_device", config.transport))?;
+                .ok_or(LinkSetupError::missing("serial_device", config.transport))?;
             // The sink paces itself to the line as well: a one-way line
             // drops what arrives too fast, whatever the carousel believes.
             let sink = SerialSink::open(&device, config.baud, config.datagram_size)
-                .map_err(|source| LinkSetupError::Serial { device, source })?;
+                .map_err(LinkSetupError::open("serial_device", device.display()))?;
             Ok(Box::new(sink))
         }
         Transport::Dir => {
             let dir = config
                 .outbox_dir
                 .clone()
-                .ok_or(LinkSetupError::Missing("outbox_dir", config.transport))?;
-            std::fs::create_dir_all(&dir).map_err(|e| LinkSetupError::Outbox {
-                dir: dir.clone(),
-                source: LinkError::io("creating the outbox", e),
+                .ok_or(LinkSetupError::missing("outbox_dir", config.transport))?;
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                LinkSetupError::open("outbox_dir", dir.display())(LinkError::io(
+                    "creating the outbox",
+                    e,
+                ))
             })?;
             let sink = DirSink::new(
                 &dir,
                 config.max_file_bytes,
                 Duration::from_millis(config.max_file_age_ms),
             )
-            .map_err(|source| LinkSetupError::Outbox {
-                dir: dir.clone(),
-                source,
-            })?;
+            .map_err(LinkSetupError::open("outbox_dir", dir.display()))?;
             tracing::info!(outbox = %dir.display(), max_file_bytes = config.max_file_bytes,
                 max_file_age_ms = config.max_file_age_ms, "directory link open");
             Ok(Box::new(sink))

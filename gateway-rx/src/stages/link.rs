@@ -15,6 +15,7 @@ use crate::shards::ShardIn;
 use crate::state::now_ms;
 use crate::status::SenderStatus;
 use crate::verify::Verifier;
+pub use weir_host::link_setup::LinkSetupError;
 
 /// Frames taken from the transport per call: a UDP source with GRO reads
 /// this many frames' bytes as a few coalesced messages per system call.
@@ -26,14 +27,6 @@ const OUT_FRAMES: usize = 256;
 const RECV_WAIT: Duration = Duration::from_millis(200);
 /// How often the loss estimate is published.
 const LOSS_EVERY: Duration = Duration::from_millis(500);
-
-#[derive(Debug, thiserror::Error)]
-pub enum LinkSetupError {
-    #[error("link.{0} is required for this transport")]
-    Missing(&'static str),
-    #[error("link: {0}")]
-    Link(#[from] weir_proto::LinkError),
-}
 
 /// A frame that passed verification, owned so the batch buffer can be reused.
 #[derive(Debug, Clone)]
@@ -50,9 +43,11 @@ pub fn open_source(config: &RxConfig) -> Result<(Box<dyn FrameSource>, String), 
         Transport::Udp => {
             let addr: SocketAddr = link
                 .udp_listen
-                .ok_or(LinkSetupError::Missing("udp_listen"))?;
-            let source = UdpSource::bind(addr)?;
-            let bound = source.local_addr()?;
+                .ok_or(LinkSetupError::missing("udp_listen", link.transport))?;
+            let source = UdpSource::bind(addr).map_err(LinkSetupError::open("udp_listen", addr))?;
+            let bound = source
+                .local_addr()
+                .map_err(LinkSetupError::open("udp_listen", addr))?;
             tracing::info!(%bound, gro = source.gro(), "UDP link open");
             Ok((Box::new(source), bound.to_string()))
         }
@@ -60,8 +55,9 @@ pub fn open_source(config: &RxConfig) -> Result<(Box<dyn FrameSource>, String), 
             let device = link
                 .serial_device
                 .as_deref()
-                .ok_or(LinkSetupError::Missing("serial_device"))?;
-            let source = SerialSource::open(device, link.baud, link.datagram_size)?;
+                .ok_or(LinkSetupError::missing("serial_device", link.transport))?;
+            let source = SerialSource::open(device, link.baud, link.datagram_size)
+                .map_err(LinkSetupError::open("serial_device", device.display()))?;
             Ok((
                 Box::new(source),
                 format!("{} at {} baud", device.display(), link.baud),
@@ -71,8 +67,9 @@ pub fn open_source(config: &RxConfig) -> Result<(Box<dyn FrameSource>, String), 
             let inbox = link
                 .inbox_dir
                 .as_deref()
-                .ok_or(LinkSetupError::Missing("inbox_dir"))?;
-            let source = DirSource::new(inbox)?;
+                .ok_or(LinkSetupError::missing("inbox_dir", link.transport))?;
+            let source = DirSource::new(inbox)
+                .map_err(LinkSetupError::open("inbox_dir", inbox.display()))?;
             Ok((Box::new(source), format!("inbox {}", inbox.display())))
         }
     }

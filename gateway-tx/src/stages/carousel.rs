@@ -34,7 +34,9 @@
 use crate::config::TxConfig;
 use crate::objects::{unix_now, ImageRecord, ObjectProgress, ObjectStore, StoreError};
 use crate::pacing::{Pacer, RateMeter, TokenBucket};
-use crate::status::{ImageStatus, ObjectsStatus, QueueStatus, StatusBoard};
+use crate::status::{
+    ImageState, ImageStatus, ObjectsStatus, QueueStatus, SenderState, StatusBoard,
+};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -507,11 +509,10 @@ impl Schedule {
     pub fn report(&self, now: u64, rate_bps: u64, frame_overhead: u32) -> ScheduleReport {
         let mut r = ScheduleReport {
             state: match self.mode(now) {
-                Some((true, _)) => "sending",
-                Some((false, _)) => "cycling",
-                None => "idle",
-            }
-            .to_string(),
+                Some((true, _)) => SenderState::Sending,
+                Some((false, _)) => SenderState::Cycling,
+                None => SenderState::Idle,
+            },
             pass: self.mode(now).map(|(_, l)| l).unwrap_or(0),
             ..Default::default()
         };
@@ -600,16 +601,15 @@ impl Schedule {
                 eta_s,
                 state: if any_pending {
                     if started {
-                        "sending"
+                        ImageState::Sending
                     } else {
-                        "queued"
+                        ImageState::Queued
                     }
                 } else if self.retained(q, now) {
-                    "cycling"
+                    ImageState::Cycling
                 } else {
-                    "done"
-                }
-                .to_string(),
+                    ImageState::Done
+                },
             });
         }
         r
@@ -618,7 +618,7 @@ impl Schedule {
 
 #[derive(Debug, Default)]
 pub struct ScheduleReport {
-    pub state: String,
+    pub state: SenderState,
     pub pass: u64,
     pub queue: QueueStatus,
     pub objects: ObjectsStatus,
@@ -1126,7 +1126,7 @@ impl Carousel {
         let paused = self.control.is_paused();
         self.status.update(|s| {
             s.state = if paused {
-                "paused".to_string()
+                SenderState::Paused
             } else {
                 report.state
             };

@@ -1,0 +1,68 @@
+//! The deliver stage: a small tokio runtime that pushes complete images to
+//! the registry and exports them to the OCI layout, woken by the image
+//! ledger when an image completes.
+
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+use crate::blobs::BlobStore;
+use crate::config::RxConfig;
+use crate::delivery::{Delivery, DeliveryQueue};
+use crate::status::Counters;
+
+/// How long a delivery under way may take to end at shutdown.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// The running delivery.
+pub struct DeliverStage {
+    runtime: tokio::runtime::Runtime,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeliverStage {
+    pub fn start(
+        config: &RxConfig,
+        queue: DeliveryQueue,
+        blobs: BlobStore,
+        counters: Arc<Counters>,
+        wake: Arc<Notify>,
+    ) -> anyhow::Result<DeliverStage> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("rx-delivery")
+            .enable_all()
+            .build()
+            .context("starting the delivery runtime")?;
+        let delivery = {
+            let _entered = runtime.enter();
+            Arc::new(
+                Delivery::from_config(config, queue, blobs, counters)
+                    .context("setting up delivery")?,
+            )
+        };
+        let (stop, stopped) = watch::channel(false);
+        let task = runtime.spawn(async move { delivery.run(wake, stopped).await });
+        Ok(DeliverStage {
+            runtime,
+            stop,
+            task,
+        })
+    }
+
+    /// Asks delivery to stop starting work; it ends what is under way.
+    pub fn ask_to_stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits (bounded) for delivery to end, then stops the runtime.
+    pub fn stop(self) {
+        let task = self.task;
+        let _ = self
+            .runtime
+            .block_on(async { tokio::time::timeout(STOP_WAIT, task).await });
+        self.runtime.shutdown_timeout(Duration::from_secs(2));
+    }
+}
