@@ -194,7 +194,7 @@ mod tests {
                         bytes_done: 5,
                         percent: 50.0,
                         passes_seen: 1.0,
-                        state: "receiving".into(),
+                        state: crate::status::ImageState::Receiving,
                         first_frame_ms: 1,
                         complete_at_ms: None,
                     }],

@@ -34,6 +34,7 @@ use crate::blobs::BlobStore;
 use crate::config::RxConfig;
 use crate::delivery::{DeliveryJob, DeliveryQueue, JobState, Target};
 use crate::state::{now_ms, StateDb, StateError};
+pub use crate::status::ImageState;
 use crate::status::{Counters, ImageProgress, ObjectProgress};
 
 const IMAGES_TREE: &str = "images";
@@ -61,13 +62,6 @@ pub enum LedgerError {
         #[source]
         source: crate::blobs::BlobStoreError,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ImageState {
-    Receiving,
-    Complete,
 }
 
 /// What the ledger keeps of an image.
@@ -486,11 +480,7 @@ impl ImageLedger {
                 bytes_done: 0,
                 percent: 0.0,
                 passes_seen: 0.0,
-                state: match r.state {
-                    ImageState::Receiving => "receiving",
-                    ImageState::Complete => "complete",
-                }
-                .to_string(),
+                state: r.state,
                 first_frame_ms: r.first_frame_ms,
                 complete_at_ms: r.complete_at_ms,
             };

@@ -158,10 +158,19 @@ pub struct ImageProgress {
     pub percent: f64,
     /// Most passes' worth seen among its objects still arriving.
     pub passes_seen: f64,
-    /// "receiving" or "complete".
-    pub state: String,
+    pub state: ImageState,
     pub first_frame_ms: u64,
     pub complete_at_ms: Option<u64>,
+}
+
+weir_host::named_states! {
+    /// Where an image stands on this side.
+    pub enum ImageState {
+        /// Its image object or some of its blobs are still to come.
+        Receiving = "receiving",
+        /// Everything verified; its deliveries are queued.
+        Complete = "complete",
+    }
 }
 
 weir_host::named_states! {
@@ -430,7 +439,7 @@ mod tests {
                 bytes_done: 1 << 20,
                 percent: 33.3,
                 passes_seen: 1.0,
-                state: "receiving".into(),
+                state: ImageState::Receiving,
                 first_frame_ms: 1,
                 complete_at_ms: None,
             }],
