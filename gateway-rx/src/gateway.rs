@@ -180,7 +180,7 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     settling.settle();
     delivery.stop();
     let reporting_stopped = reporting.join();
-    let flushed = db.commit();
+    let flushed = db.commit("rx.stopped");
     // Dark only once the state is safe: a lit power LED means "do not pull".
     if let Some(l) = &leds {
         l.all_off();

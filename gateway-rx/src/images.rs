@@ -187,7 +187,7 @@ impl ImageLedger {
                 }
             }
         }
-        self.db.commit()?;
+        self.db.commit("rx.ledger.object-recorded")?;
         Ok(completed)
     }
 
@@ -334,12 +334,12 @@ impl ImageLedger {
             self.queue.enqueue(&new_job(&record, target, first, now))?;
         }
         // Jobs durable before the image says complete.
-        self.db.commit()?;
+        self.db.commit("rx.ledger.jobs-queued")?;
         record.state = ImageState::Complete;
         record.first_frame_ms = first;
         record.complete_at_ms = Some(now);
         self.put(&id, &record)?;
-        self.db.commit()?;
+        self.db.commit("rx.ledger.image-complete")?;
         Counters::add(&self.counters.images_complete, 1);
         tracing::info!(
             digest = %record.manifest_digest, image = %record.image, reference = %record.reference(),
@@ -393,7 +393,7 @@ impl ImageLedger {
                 }
             }
         }
-        self.db.commit()?;
+        self.db.commit("rx.ledger.recovered")?;
         Ok(completed)
     }
 

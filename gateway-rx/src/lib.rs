@@ -23,3 +23,36 @@ pub mod verify;
 
 pub use config::RxConfig;
 pub use gateway::{run, status};
+
+/// Every crash point of the receiver (see `weir_host::crash`), roughly in
+/// the order an image meets them. A test aborts the gateway at each in turn
+/// and checks that the image is still delivered once after a restart.
+pub const CRASH_POINTS: &[&str] = &[
+    "rx.ledger.recovered",
+    "rx.shards.opened",
+    "rx.shards.payload-written",
+    "rx.shards.batch-claimed",
+    "rx.blobs.adopted",
+    "rx.ledger.object-recorded",
+    "rx.shards.staging-released",
+    "rx.ledger.jobs-queued",
+    "rx.ledger.image-complete",
+    "rx.registry.tag-set",
+    "rx.layout.exported",
+    "rx.delivery.job-saved",
+    "rx.stopped",
+];
+
+#[cfg(test)]
+mod tests {
+    /// A commit point or step added to the code without being listed here
+    /// would never be walked by the crash test.
+    #[test]
+    fn crash_points_lists_every_point_in_the_code() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let in_code = weir_host::crash::points_named_in(&src).unwrap();
+        let listed: std::collections::BTreeSet<String> =
+            super::CRASH_POINTS.iter().map(|p| p.to_string()).collect();
+        assert_eq!(in_code, listed);
+    }
+}

@@ -31,6 +31,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use weir_host::crash::crash_point;
 use weir_proto::{BlockCodec, FecParams, ObjectId, ObjectKind, ShardFrame};
 
 use crate::state::{fsync_dir, now_ms, StateDb, StateError};
@@ -521,7 +522,7 @@ impl ShardStore {
             store.reload(id, record, &mut work)?;
         }
         store.remove_orphan_files()?;
-        store.db.commit()?;
+        store.db.commit("rx.shards.opened")?;
         Ok((store, work))
     }
 
@@ -943,6 +944,7 @@ impl ShardStore {
             fsync_dir(&self.dir).map_err(io_err(&self.dir, "fsync"))?;
             self.dir_dirty = false;
         }
+        crash_point("rx.shards.payload-written");
         // 3. Claim: bitmaps (committed | new) and records, then fsync sled.
         let mut next: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::default();
         for (p, _) in pending.iter().zip(&skip).filter(|(_, skip)| !**skip) {
@@ -1000,7 +1002,7 @@ impl ShardStore {
         self.blocks
             .apply_batch(blocks_batch)
             .map_err(|e| self.db.sled_error(e))?;
-        self.db.commit()?;
+        self.db.commit("rx.shards.batch-claimed")?;
         let dropped = skip.iter().filter(|s| **s).count();
         Counters::add(
             &self.counters.shards_stored,
@@ -1110,7 +1112,7 @@ impl ShardStore {
             // A verdict on an earlier generation says nothing of this one.
             Some(live) if live.generation == generation => {
                 self.forget(&object)?;
-                self.db.commit()?;
+                self.db.commit("rx.shards.staging-released")?;
             }
             _ => {}
         }

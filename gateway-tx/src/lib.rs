@@ -137,7 +137,7 @@ pub fn run_with_sink(
         }
     })?;
     let stopped = stages.join();
-    let flushed = store.commit().context("flushing state");
+    let flushed = store.commit("tx.stopped").context("flushing state");
     // Dark only once the state is safe: a lit power LED means "do not pull".
     if let Some(l) = &leds {
         l.all_off();
@@ -148,4 +148,34 @@ pub fn run_with_sink(
     flushed?;
     tracing::info!(session_id, "gateway-tx stopped; state flushed");
     stopped
+}
+
+/// Every crash point of the sender (see `weir_host::crash`), roughly in the
+/// order an image meets them. A test aborts the gateway at each in turn and
+/// checks that the image is still delivered once after a restart.
+pub const CRASH_POINTS: &[&str] = &[
+    "tx.session.begun",
+    "tx.objects.payload-stored",
+    "tx.ingest.drop-committed",
+    "tx.spool.moved",
+    "tx.carousel.image-added",
+    "tx.ingest.audit-appended",
+    "tx.carousel.resend-armed",
+    "tx.carousel.pruned",
+    "tx.carousel.stopped",
+    "tx.stopped",
+];
+
+#[cfg(test)]
+mod crash_point_list {
+    /// A commit point or step added to the code without being listed here
+    /// would never be walked by the crash test.
+    #[test]
+    fn crash_points_lists_every_point_in_the_code() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let in_code = weir_host::crash::points_named_in(&src).unwrap();
+        let listed: std::collections::BTreeSet<String> =
+            super::CRASH_POINTS.iter().map(|p| p.to_string()).collect();
+        assert_eq!(in_code, listed);
+    }
 }

@@ -210,8 +210,8 @@ impl ObjectStore {
 
     /// A commit point: flushes sled and fsyncs its files, so what was
     /// written survives a power cut, not only a crash.
-    pub fn commit(&self) -> Result<(), StoreError> {
-        Ok(self.db.commit()?)
+    pub fn commit(&self, point: &'static str) -> Result<(), StoreError> {
+        Ok(self.db.commit(point)?)
     }
 
     // ---- payload files ----
@@ -310,7 +310,7 @@ impl ObjectStore {
             .map(u64::from_be_bytes);
         let id = weir_proto::new_session_id(last);
         self.meta.insert("session_id", &id.to_be_bytes())?;
-        self.commit()?;
+        self.commit("tx.session.begun")?;
         Ok(id)
     }
 
@@ -348,7 +348,7 @@ impl ObjectStore {
                 StoreError::Db(sled::Error::Unsupported("transaction aborted".into()))
             }
         })?;
-        self.commit()
+        self.commit("tx.ingest.drop-committed")
     }
 
     /// The drop was moved to done/: nothing remains to finish.
@@ -427,7 +427,7 @@ impl ObjectStore {
     pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
         let key = self.db.sled().generate_id()?.to_be_bytes();
         self.audit.insert(key, to_json(entry))?;
-        self.commit()
+        self.commit("tx.ingest.audit-appended")
     }
 
     /// The audit log, oldest first.
@@ -517,6 +517,8 @@ impl ObjectWriter {
         std::fs::rename(&self.tmp_path, &final_path).map_err(io("renaming into", &final_path))?;
         self.renamed = true;
         fsync_dir(&self.objects_dir).map_err(io("syncing directory", &self.objects_dir))?;
+        // A payload no committed drop names yet.
+        weir_host::crash::crash_point("tx.objects.payload-stored");
         Ok(StoredObject { id, len: self.len })
     }
 }

@@ -4,6 +4,7 @@
 //!   and the counter windows it judges on.
 //! - [`config`]: the configuration pieces both gateways share, and how a
 //!   file is read and its relative paths resolved.
+//! - [`crash`]: named crash points that a test can turn into an abort.
 //! - [`durable`]: fsync of directories and trees, whole-file writes.
 //! - [`link_setup`]: why a configured link end did not open.
 //! - [`logging`]: the log output both gateway binaries set up.
@@ -13,6 +14,7 @@
 
 pub mod appliance;
 pub mod config;
+pub mod crash;
 pub mod durable;
 pub mod link_setup;
 pub mod logging;

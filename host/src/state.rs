@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::crash::crash_point;
 use crate::durable::fsync_tree;
 
 /// Page cache sled may keep: the gateways' metadata is small, and the
@@ -138,14 +139,17 @@ impl StateDb {
     }
 
     /// The commit point: makes every change applied so far durable against
-    /// power loss (see the module doc for why every file is synced).
-    pub fn commit(&self) -> Result<(), StateError> {
+    /// power loss (see the module doc for why every file is synced). `point`
+    /// names it as a [`crash_point`], passed once the commit is durable.
+    pub fn commit(&self, point: &'static str) -> Result<(), StateError> {
         self.db.flush().map_err(|e| self.sled_error(e))?;
         fsync_tree(&self.path).map_err(|source| StateError::Io {
             path: self.path.clone(),
             what: "fsync of the database files",
             source,
-        })
+        })?;
+        crash_point(point);
+        Ok(())
     }
 }
 
@@ -158,7 +162,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = StateDb::open(&dir.path().join("db")).unwrap();
         db.tree("t").unwrap().insert(b"k", b"v").unwrap();
-        db.commit().unwrap();
+        db.commit("test").unwrap();
         let err = StateDb::open(&dir.path().join("db")).err().unwrap();
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
         drop(db);
@@ -176,7 +180,7 @@ mod tests {
         // Large values go to files of their own under blobs/.
         let big = vec![7u8; 256 << 10];
         db.tree("t").unwrap().insert(b"big", big.clone()).unwrap();
-        db.commit().unwrap();
+        db.commit("test").unwrap();
         drop(db);
         let again = StateDb::open(&dir.path().join("db")).unwrap();
         assert_eq!(

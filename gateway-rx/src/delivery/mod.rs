@@ -304,6 +304,8 @@ impl Delivery {
                 tokio::task::spawn_blocking(move || layout.export(&tm, &repository, &tags, &store))
                     .await
                     .map_err(|e| DeliveryError::local(format!("layout export task: {e}")))??;
+                // The layout names the image; the job does not say so yet.
+                weir_host::crash::crash_point("rx.layout.exported");
                 job.tags_done = job.tags.clone();
                 Ok(DeliverySummary {
                     blobs_uploaded: blobs,
@@ -377,6 +379,8 @@ impl Delivery {
             } else {
                 reg.put_tag(&repo, &tag, &tm.manifest).await?;
             }
+            // The registry holds the tag; the job does not say so yet.
+            weir_host::crash::crash_point("rx.registry.tag-set");
             job.tags_done.push(tag);
             self.queue
                 .save(job)

@@ -159,7 +159,7 @@ impl DeliveryQueue {
         self.tree
             .insert(key(job.target, &image), value)
             .map_err(|e| self.db.sled_error(e))?;
-        self.db.commit()
+        self.db.commit("rx.delivery.job-saved")
     }
 
     pub fn get(&self, target: Target, image: &ObjectId) -> Result<Option<DeliveryJob>, StateError> {

@@ -869,7 +869,7 @@ impl Carousel {
                     self.store.set_progress(&id, &p)?;
                 }
                 if fresh {
-                    self.store.commit()?;
+                    self.store.commit("tx.carousel.image-added")?;
                     tracing::info!(digest = %digest, "image entered the carousel");
                 }
             }
@@ -886,7 +886,7 @@ impl Carousel {
         let result = self.run_loop(shutdown);
         let _ = self.emitter.flush();
         self.publish_status();
-        self.store.commit()?;
+        self.store.commit("tx.carousel.stopped")?;
         result
     }
 
@@ -1004,7 +1004,7 @@ impl Carousel {
                     for (id, p) in &changed {
                         self.store.set_progress(id, p)?;
                     }
-                    self.store.commit()?;
+                    self.store.commit("tx.carousel.resend-armed")?;
                     tracing::info!(image = %image, objects = changed.len(),
                         passes = self.settings.passes, "image queued for new passes (console resend)");
                     self.publish_status();
@@ -1167,7 +1167,7 @@ impl Carousel {
                 self.store.remove_object(&id)?;
             }
         }
-        self.store.commit()?;
+        self.store.commit("tx.carousel.pruned")?;
         Ok(())
     }
 }

@@ -565,6 +565,7 @@ impl Ingestor {
         for dir in [dest_dir, &self.spool.dir] {
             fsync_dir(dir).map_err(io("syncing directory", dir))?;
         }
+        weir_host::crash::crash_point("tx.spool.moved");
         Ok(())
     }
 }
