@@ -14,10 +14,10 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use weir_host::{FrameSink, UdpSink};
 use weir_proto::{
-    interleave, BlobRef, BlockCodec, Body, Destination, FecParams, FrameSealer, FrameSink, Key,
-    ManifestBytes, ObjectHeader, ObjectId, ObjectKind, Origin, ShardFrame, TransferManifest,
-    UdpSink, Verdict,
+    interleave, BlobRef, BlockCodec, Body, Destination, FecParams, FrameSealer, Key, ManifestBytes,
+    ObjectHeader, ObjectId, ObjectKind, Origin, ShardFrame, TransferManifest, Verdict,
 };
 
 const SECRET: [u8; 32] = [5; 32];

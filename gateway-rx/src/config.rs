@@ -53,7 +53,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use weir_proto::{Key, KeyRing};
+use weir_proto::KeyRing;
 
 /// Default largest frame accepted: an Ethernet MTU less IP/UDP headers, rounded.
 pub const DEFAULT_DATAGRAM_SIZE: usize = 1400;
@@ -192,8 +192,8 @@ impl Default for LedsConfig {
 }
 
 impl LedsConfig {
-    pub fn names(&self) -> weir_proto::LedNames {
-        weir_proto::LedNames {
+    pub fn names(&self) -> weir_host::LedNames {
+        weir_host::LedNames {
             power: self.power.clone(),
             link: self.link.clone(),
             activity: self.activity.clone(),
@@ -212,7 +212,7 @@ pub struct AuthConfig {
 #[serde(deny_unknown_fields)]
 pub struct KeyFile {
     pub id: u16,
-    /// Hex secret, mode 0600 (see `weir_proto::Key::load`).
+    /// Hex secret, mode 0600 (see `weir_host::load_key`).
     pub file: PathBuf,
 }
 
@@ -475,7 +475,7 @@ impl RxConfig {
         }
         let mut keys = Vec::with_capacity(self.auth.keys.len());
         for (i, k) in self.auth.keys.iter().enumerate() {
-            let key = Key::load(k.id, &k.file)
+            let key = weir_host::load_key(k.id, &k.file)
                 .map_err(|e| self.invalid(&format!("auth.keys[{i}].file"), e.to_string()))?;
             keys.push(key);
         }

@@ -6,9 +6,8 @@ use std::net::SocketAddr;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir_proto::{
-    Body, DirSource, FrameBatch, FrameSource, ObjectHeader, SerialSource, Shutdown, UdpSource,
-};
+use weir_host::{DirSource, FrameBatch, FrameSource, SerialSource, Shutdown, UdpSource};
+use weir_proto::{Body, ObjectHeader};
 
 use crate::config::{RxConfig, Transport};
 use crate::shards::ShardIn;
@@ -32,7 +31,7 @@ pub enum LinkSetupError {
     #[error("link.{0} is required for this transport")]
     Missing(&'static str),
     #[error("link: {0}")]
-    Link(#[from] weir_proto::LinkError),
+    Link(#[from] weir_host::LinkError),
 }
 
 /// A frame that passed verification, owned so the batch buffer can be reused.

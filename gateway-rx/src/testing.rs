@@ -14,10 +14,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use weir_host::{FrameSink, UdpSink};
 use weir_proto::{
-    interleave, BlobRef, BlockCodec, Body, Destination, FecParams, FrameSealer, FrameSink, Key,
-    ManifestBytes, ObjectHeader, ObjectId, ObjectKind, Origin, ShardFrame, TransferManifest,
-    UdpSink, Verdict,
+    interleave, BlobRef, BlockCodec, Body, Destination, FecParams, FrameSealer, Key, ManifestBytes,
+    ObjectHeader, ObjectId, ObjectKind, Origin, ShardFrame, TransferManifest, Verdict,
 };
 
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";

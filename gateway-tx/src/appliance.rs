@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use weir_proto::{Leds, Shutdown};
+use weir_host::{Leds, Shutdown};
 
 /// Intake resumes this far above the point where it stopped, so a disk
 /// hovering at the limit does not flap.

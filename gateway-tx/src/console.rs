@@ -10,7 +10,8 @@ use crate::objects::{ImageRecord, ObjectStore};
 use crate::status::{Status, StatusBoard};
 use std::fmt::Write;
 use std::sync::Arc;
-use weir_proto::{Command, CommandHandler, ObjectId, Reply};
+use weir_host::{Command, CommandHandler, Reply};
+use weir_proto::ObjectId;
 
 const COMMANDS: &[Command] = &[
     Command {

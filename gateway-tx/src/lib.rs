@@ -28,7 +28,7 @@ use anyhow::Context;
 use appliance::{Fault, Faults, Lights, Movement};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weir_proto::{Console, FrameSink, Leds, Shutdown};
+use weir_host::{Console, FrameSink, Leds, Shutdown};
 
 /// The link LED stays on while frames went out this recently.
 const LINK_WINDOW: Duration = Duration::from_secs(3);

@@ -3,7 +3,7 @@
 use crate::config::{LinkConfig, Transport};
 use std::path::PathBuf;
 use std::time::Duration;
-use weir_proto::{DirSink, FrameSink, LinkError, SerialSink, UdpSink};
+use weir_host::{DirSink, FrameSink, LinkError, SerialSink, UdpSink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkSetupError {

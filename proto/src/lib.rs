@@ -1,32 +1,60 @@
-//! The contract of the weir gateway pair.
+//! The contract of the weir gateway pair, pure.
 //!
-//! Both gateways compile against this crate and nothing else of each other:
-//! the frame format and its HMAC ([`frame`], [`auth`]), replay and restart
-//! detection ([`replay`]), the FEC codec and send order ([`fec`]), what an
-//! image object carries ([`manifest`]), and the links frames travel on
-//! ([`link`]), and the appliance surface ([`appliance`]: status LEDs, the
-//! serial console). It knows nothing of registries or databases.
+//! Both gateways compile against this crate and nothing else of each other.
+//! It does no I/O: no files, sockets, threads or clock reads. Callers pass
+//! bytes and `now`; what touches the machine is the host crate's.
+//!
+//! A frame, the unit that crosses the diode ([`frame`] has the field
+//! table and the bodies):
+//!
+//! ```text
+//!  0      4  5  6      8             16            24      28        28+n     +32
+//!  +------+--+--+------+-------------+-------------+-------+----------+--------+
+//!  | WEIR |v |k |keyid | session id  | sequence    | len n | body     | HMAC   |
+//!  +------+--+--+------+-------------+-------------+-------+----------+--------+
+//!                                                          postcard    SHA-256 over
+//!                                                          of kind k   bytes 0..28+n
+//! ```
+//!
+//! The pipeline, and the module that holds each step:
+//!
+//! ```text
+//!  sender                                         receiver
+//!  object bytes                                   object bytes
+//!    │ fec: BlockCodec (k data + m parity/block)    ▲ assembly: shards held per block,
+//!    │      interleave (send order)                 │   decodable / complete, lifecycle
+//!    ▼                                              │ fec: BlockCodec::reconstruct
+//!  frame: FrameSealer ──► link ──► frame: FrameOpener ► replay: ReplayGuard
+//!    (auth: Key)      (framing: COBS     (auth: KeyRing)
+//!    (pacing: TokenBucket) or batch file)
+//! ```
+//!
+//! - [`auth`]: keys from their secret bytes, the receiver's key ring;
+//! - [`frame`]: the frame format, sealing and opening;
+//! - [`replay`]: replay and restart detection, loss estimate;
+//! - [`fec`]: the Reed–Solomon block codec and the send order;
+//! - [`assembly`]: which shards of an object are held, and its lifecycle;
+//! - [`manifest`]: what an image object carries;
+//! - [`pacing`]: the token bucket every rate limit uses;
+//! - [`framing`]: COBS for byte streams, the directory link's batch file;
+//! - `sim` (feature `sim`): a seeded fault model and an in-memory link pair.
 
-pub mod appliance;
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod fec;
 pub mod frame;
-pub mod link;
+pub mod framing;
 pub mod manifest;
+pub mod pacing;
 pub mod replay;
-pub mod shutdown;
 
-pub use appliance::{Command, CommandHandler, Console, ConsoleError, LedNames, Leds, Reply};
 pub use auth::{Key, KeyError, KeyRing};
 pub use fec::{interleave, BlockCodec, Codecs, FecError, FecParams};
 pub use frame::{
     new_session_id, Body, Frame, FrameError, FrameKind, FrameOpener, FrameSealer, Header,
     Heartbeat, ObjectHeader, ShardFrame,
 };
-pub use link::{
-    DirSink, DirSource, FrameBatch, FrameSink, FrameSource, LinkError, SerialSink, SerialSource,
-    UdpSink, UdpSource,
-};
 pub use manifest::*;
+pub use pacing::{LinePacer, TokenBucket};
 pub use replay::{LossEstimate, ReplayGuard, ReplayVerdict};
-pub use shutdown::Shutdown;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use weir_proto::link::stream::LinePacer;
+use weir_proto::pacing::LinePacer;
 
 /// True when socat can be run; prints how to get it otherwise, so a test
 /// can skip.

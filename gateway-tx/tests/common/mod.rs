@@ -13,10 +13,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir_proto::{
-    BlockCodec, Body, FecParams, FrameOpener, FrameSink, Key, KeyRing, LinkError, ObjectId,
-    ObjectKind, Shutdown,
-};
+use weir_host::{FrameSink, LinkError, Shutdown};
+use weir_proto::{BlockCodec, Body, FecParams, FrameOpener, Key, KeyRing, ObjectId, ObjectKind};
 
 pub const SECRET: [u8; 32] = [0x42; 32];
 
