@@ -9,6 +9,9 @@
 //! The gateway runs as its own process on loopback UDP and exports to an OCI
 //! layout; its VmHWM (peak resident set) is read from /proc at the end.
 
+// libc::kill stops the receiver process the bench started; std has no SIGTERM.
+#![allow(unsafe_code)]
+
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

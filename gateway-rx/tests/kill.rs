@@ -1,6 +1,9 @@
 //! kill -9 of the gateway-rx binary while receiving and while delivering:
 //! after a restart every image is still delivered, each tag put once.
 
+// libc::kill sends SIGTERM to the gateway under test; std can only SIGKILL.
+#![allow(unsafe_code)]
+
 #[path = "../src/testing.rs"]
 mod testing;
 

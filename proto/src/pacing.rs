@@ -106,6 +106,12 @@ impl TokenBucket {
     /// taken) otherwise, as a link without flow control drops them.
     pub fn try_take(&mut self, bytes: u64, now: Instant) -> bool {
         self.refill(now);
+        self.take(bytes)
+    }
+
+    /// [`try_take`](Self::try_take) at the time of the last refill, for a
+    /// caller that refills once for a batch of arrivals.
+    pub fn take(&mut self, bytes: u64) -> bool {
         if self.tokens < bytes as f64 {
             return false;
         }
