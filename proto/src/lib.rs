@@ -41,6 +41,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod assembly;
 pub mod auth;
 pub mod fec;
 pub mod frame;
@@ -48,7 +49,10 @@ pub mod framing;
 pub mod manifest;
 pub mod pacing;
 pub mod replay;
+#[cfg(feature = "sim")]
+pub mod sim;
 
+pub use assembly::{BlockProgress, ObjectAssembly, ObjectState};
 pub use auth::{Key, KeyError, KeyRing};
 pub use fec::{interleave, BlockCodec, Codecs, FecError, FecParams};
 pub use frame::{
