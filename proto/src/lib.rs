@@ -19,14 +19,21 @@
 //! The pipeline, and the module that holds each step:
 //!
 //! ```text
-//!  sender                                         receiver
-//!  object bytes                                   object bytes
-//!    │ fec: BlockCodec (k data + m parity/block)    ▲ assembly: shards held per block,
-//!    │      interleave (send order)                 │   decodable / complete, lifecycle
-//!    ▼                                              │ fec: BlockCodec::reconstruct
-//!  frame: FrameSealer ──► link ──► frame: FrameOpener ► replay: ReplayGuard
-//!    (auth: Key)      (framing: COBS     (auth: KeyRing)
-//!    (pacing: TokenBucket) or batch file)
+//!  sender                                    receiver
+//!
+//!  object bytes                              object bytes
+//!    │                                         ▲
+//!    │ fec: BlockCodec::encode                 │ fec: BlockCodec::reconstruct_data
+//!    │      (k data + m parity per block)      │ assembly: ObjectAssembly
+//!    │ fec: interleave (send order)            │   (held bitmaps, decodable,
+//!    ▼                                         │    data-complete, ObjectState)
+//!  frame: FrameSealer (auth: Key)            replay: ReplayGuard
+//!    │                                         ▲
+//!    │ pacing: TokenBucket                   frame: FrameOpener (auth: KeyRing)
+//!    ▼                                         │
+//!    └──► link (host crate; framing: COBS ─────┘
+//!         on a serial line, batch files
+//!         in a directory; sim: in memory)
 //! ```
 //!
 //! - [`auth`]: keys from their secret bytes, the receiver's key ring;

@@ -104,29 +104,8 @@ pub fn scan(buf: &[u8], eof: bool) -> Step {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Body, FrameSealer, Heartbeat};
-    use crate::Key;
+    use crate::framing::stream::tests::frames;
     use proptest::prelude::*;
-
-    fn frames(n: u64) -> Vec<Vec<u8>> {
-        let mut sealer = FrameSealer::new(Key::from_bytes(1, &[3; 32]).unwrap(), 5);
-        (0..n)
-            .map(|i| {
-                let mut out = Vec::new();
-                sealer.seal(
-                    &Body::Heartbeat(Heartbeat {
-                        uptime_s: i,
-                        queued_objects: 1,
-                        pass: 2,
-                        config_fingerprint: 3,
-                        sent_frames: i,
-                    }),
-                    &mut out,
-                );
-                out
-            })
-            .collect()
-    }
 
     /// Every record of a whole file in memory, and the bytes skipped.
     fn read_all(file: &[u8]) -> (Vec<Vec<u8>>, usize) {
@@ -172,11 +151,11 @@ mod tests {
         for f in &fs {
             push_record(&mut file, f);
         }
-        let record = RECORD_PREFIX_LEN + fs[0].len();
-        file[FILE_HEADER_LEN + record] ^= 0x40; // length of record 1
+        // The length of record 1.
+        file[FILE_HEADER_LEN + RECORD_PREFIX_LEN + fs[0].len()] ^= 0x40;
         let (got, skipped) = read_all(&file);
         assert_eq!(got, vec![fs[0].clone(), fs[2].clone()]);
-        assert_eq!(skipped, record);
+        assert_eq!(skipped, RECORD_PREFIX_LEN + fs[1].len());
     }
 
     proptest! {

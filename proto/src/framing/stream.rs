@@ -143,13 +143,14 @@ impl StreamDecoder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::frame::{Body, FrameSealer, Heartbeat};
     use crate::Key;
     use proptest::prelude::*;
 
-    fn frames(n: u64) -> Vec<Vec<u8>> {
+    /// Sealed heartbeats; their zero bytes exercise COBS.
+    pub(crate) fn frames(n: u64) -> Vec<Vec<u8>> {
         let key = Key::from_bytes(1, &[7; 32]).unwrap();
         let mut sealer = FrameSealer::new(key, 99);
         (0..n)
