@@ -9,15 +9,18 @@
 //! The gateway runs as its own process on loopback UDP and exports to an OCI
 //! layout; its VmHWM (peak resident set) is read from /proc at the end.
 
+// libc::kill stops the receiver process the bench started; std has no SIGTERM.
+#![allow(unsafe_code)]
+
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use weir_host::{FrameSink, UdpSink};
 use weir_proto::{
-    interleave, BlobRef, BlockCodec, Body, Destination, FecParams, FrameSealer, FrameSink, Key,
-    ManifestBytes, ObjectHeader, ObjectId, ObjectKind, Origin, ShardFrame, TransferManifest,
-    UdpSink, Verdict,
+    interleave, BlobRef, BlockCodec, Body, Destination, FecParams, FrameSealer, Key, ManifestBytes,
+    ObjectHeader, ObjectId, ObjectKind, Origin, ShardFrame, TransferManifest, Verdict,
 };
 
 const SECRET: [u8; 32] = [5; 32];

@@ -64,7 +64,7 @@ pub use weir_host::config::{
     ConfigError, ConsoleConfig, LedsConfig, Transport, DEFAULT_BAUD, DEFAULT_DATAGRAM_SIZE,
     DEFAULT_HMAC_FAULT_THRESHOLD, DEFAULT_STATE_MIN_FREE_MB,
 };
-use weir_proto::{Key, KeyRing};
+use weir_proto::KeyRing;
 /// Default cap of the backoff while a registry is down or answers 5xx.
 pub const DEFAULT_RETRY_MAX_SECONDS: u64 = 300;
 /// Default retry period after a 4xx: an operator has to fix something first.
@@ -131,7 +131,7 @@ pub struct AuthConfig {
 #[serde(deny_unknown_fields)]
 pub struct KeyFile {
     pub id: u16,
-    /// Hex secret, mode 0600 (see `weir_proto::Key::load`).
+    /// Hex secret, mode 0600 (see `weir_host::load_key`).
     pub file: PathBuf,
 }
 
@@ -381,7 +381,7 @@ impl RxConfig {
         }
         let mut keys = Vec::with_capacity(self.auth.keys.len());
         for (i, k) in self.auth.keys.iter().enumerate() {
-            let key = Key::load(k.id, &k.file)
+            let key = weir_host::load_key(k.id, &k.file)
                 .map_err(|e| self.invalid(&format!("auth.keys[{i}].file"), e.to_string()))?;
             keys.push(key);
         }

@@ -8,7 +8,7 @@ use crate::appliance::Faults;
 use crate::status::StatusReport;
 use std::fmt::Write;
 use std::sync::Arc;
-use weir_proto::{Command, CommandHandler, Reply};
+use weir_host::{Command, CommandHandler, Reply};
 
 const COMMANDS: &[Command] = &[
     Command {

@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use weir_host::stages::Stages;
-use weir_proto::{Leds, Shutdown};
+use weir_host::{Leds, Shutdown};
 
 use crate::appliance::{Faults, Intake, StateDisk};
 use crate::blobs::BlobStore;
@@ -621,7 +621,7 @@ mod tests {
         let img = sample_image("team/dir", &["1"], 2, 20_000);
         let mut tx = TestSender::sealer_only(key(), 4000, 1400, 8, 2);
         let mut sink =
-            weir_proto::DirSink::new(&inbox, 1 << 20, Duration::from_millis(100)).unwrap();
+            weir_host::DirSink::new(&inbox, 1 << 20, Duration::from_millis(100)).unwrap();
         let objects = img.objects();
         gw.wait_or(
             "delivery from the inbox",
@@ -630,7 +630,7 @@ mod tests {
             &mut every_few_seconds(|| {
                 let frames = tx.seal(&objects, &mut |_, _| true, &mut |_, _, _, _| {});
                 let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
-                weir_proto::FrameSink::send(&mut sink, &refs).unwrap();
+                weir_host::FrameSink::send(&mut sink, &refs).unwrap();
                 sink.flush().unwrap();
             }),
         );
@@ -673,7 +673,7 @@ mod tests {
         let gw = Running::start(&config);
         let img = sample_image("team/serial", &["1"], 1, 4_000);
         let mut tx = TestSender::sealer_only(key(), 5000, 1400, 4, 2);
-        let mut sink = weir_proto::SerialSink::open(&tx_dev, 230_400, 1400).unwrap();
+        let mut sink = weir_host::SerialSink::open(&tx_dev, 230_400, 1400).unwrap();
         let objects = img.objects();
         gw.wait_or(
             "delivery over the serial line",
@@ -682,7 +682,7 @@ mod tests {
             &mut every_few_seconds(|| {
                 let frames = tx.seal(&objects, &mut |_, _| true, &mut |_, _, _, _| {});
                 let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
-                weir_proto::FrameSink::send(&mut sink, &refs).unwrap();
+                weir_host::FrameSink::send(&mut sink, &refs).unwrap();
             }),
         );
         assert_layout_blobs_hash(&dir.path().join("out"), &img);

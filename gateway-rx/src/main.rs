@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use weir_proto::Shutdown;
+use weir_host::Shutdown;
 
 use gateway_rx::RxConfig;
 

@@ -8,6 +8,9 @@
 //! Environment: WEIR_BENCH_BYTES (layer bytes, default 1 GiB),
 //! WEIR_BENCH_RATE_BPS (default 400000000), WEIR_BENCH_GZIP_LEVEL (default 6).
 
+// libc::kill stops the sender process the bench started; std has no SIGTERM.
+#![allow(unsafe_code)]
+
 use std::net::UdpSocket;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};

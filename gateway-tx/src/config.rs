@@ -249,7 +249,7 @@ fn default_poll_interval_ms() -> u64 {
 
 /// Bytes a batch file adds around one frame: file header and record length.
 pub const DIR_FILE_OVERHEAD: usize =
-    weir_proto::link::dir::FILE_HEADER_LEN + weir_proto::link::dir::RECORD_PREFIX_LEN;
+    weir_proto::framing::batch::FILE_HEADER_LEN + weir_proto::framing::batch::RECORD_PREFIX_LEN;
 
 /// What the carousel paces to; see [`TxConfig::pacing`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -438,7 +438,7 @@ impl TxConfig {
             Transport::Serial => {
                 let line_bps = u64::from(l.baud / 10) * 8;
                 let cobs =
-                    weir_proto::link::stream::max_encoded_len(l.datagram_size) - l.datagram_size;
+                    weir_proto::framing::stream::max_encoded_len(l.datagram_size) - l.datagram_size;
                 Pacing {
                     rate_bps: l.rate_bps.min(line_bps).max(1),
                     frame_overhead: l.frame_overhead_bytes.saturating_add(cobs as u32),
@@ -489,8 +489,8 @@ impl TxConfig {
         )
     }
 
-    pub fn key(&self) -> Result<Key, weir_proto::KeyError> {
-        Key::load(self.auth.key_id, &self.auth.key_file)
+    pub fn key(&self) -> Result<Key, weir_host::KeyFileError> {
+        weir_host::load_key(self.auth.key_id, &self.auth.key_file)
     }
 
     /// Hash of what the receiver may want to compare (FEC layout, key),

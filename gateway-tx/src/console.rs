@@ -11,7 +11,8 @@ use crate::status::{Status, StatusBoard};
 use std::fmt::Write;
 use std::sync::Arc;
 use weir_host::appliance::human_bytes;
-use weir_proto::{Command, CommandHandler, ObjectId, Reply};
+use weir_host::{Command, CommandHandler, Reply};
+use weir_proto::ObjectId;
 
 const COMMANDS: &[Command] = &[
     Command {

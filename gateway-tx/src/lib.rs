@@ -15,6 +15,8 @@
 //! [`run`] starts the stages on threads of their own and returns once
 //! shutdown was asked for and the state is flushed; the LEDs go dark last.
 
+// statvfs, for the state disk's free space, has no safe wrapper in std.
+#[allow(unsafe_code)]
 pub mod appliance;
 pub mod config;
 pub mod console;
@@ -30,7 +32,7 @@ use anyhow::Context;
 use appliance::Faults;
 use std::sync::Arc;
 use weir_host::stages::Stages;
-use weir_proto::{FrameSink, Leds, Shutdown};
+use weir_host::{FrameSink, Leds, Shutdown};
 
 pub use config::TxConfig;
 

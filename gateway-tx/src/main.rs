@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use weir_proto::Shutdown;
+use weir_host::Shutdown;
 
 /// weir sender: watches the spool directory for image archives, gates them
 /// on the rules and scan reports, and sends them across the diode as paced,

@@ -308,7 +308,7 @@ impl ObjectStore {
             .get("session_id")?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(u64::from_be_bytes);
-        let id = weir_proto::new_session_id(last);
+        let id = weir_host::new_session_id(last);
         self.meta.insert("session_id", &id.to_be_bytes())?;
         self.commit("tx.session.begun")?;
         Ok(id)

@@ -14,62 +14,9 @@ use std::time::{Duration, Instant};
 /// timer slack (50 µs) would otherwise add up.
 const SPIN: Duration = Duration::from_micros(100);
 
-/// Token bucket arithmetic, clock supplied by the caller (testable).
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    bytes_per_s: f64,
-    capacity: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// `rate_bps` in bits per second; `capacity` in bytes, the largest burst.
-    /// Starts full.
-    pub fn new(rate_bps: u64, capacity: u64, now: Instant) -> Self {
-        TokenBucket {
-            bytes_per_s: rate_bps as f64 / 8.0,
-            capacity: capacity as f64,
-            tokens: capacity as f64,
-            last: now,
-        }
-    }
-
-    /// A capacity of about `window` worth of the rate, but at least two
-    /// frames (a batch must always fit).
-    pub fn capacity_for(rate_bps: u64, window: Duration, frame_bytes: u64) -> u64 {
-        let by_time = (rate_bps as f64 / 8.0 * window.as_secs_f64()) as u64;
-        by_time.max(2 * frame_bytes)
-    }
-
-    fn refill(&mut self, now: Instant) {
-        if now > self.last {
-            let dt = (now - self.last).as_secs_f64();
-            self.tokens = (self.tokens + dt * self.bytes_per_s).min(self.capacity);
-            self.last = now;
-        }
-    }
-
-    /// How long to wait before `bytes` may go; zero when they may go now.
-    pub fn delay_for(&mut self, bytes: u64, now: Instant) -> Duration {
-        self.refill(now);
-        // A request larger than the capacity waits for a full bucket plus
-        // the rest, rather than forever.
-        let need = bytes as f64 - self.tokens.min(self.capacity);
-        if need <= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(need / self.bytes_per_s)
-        }
-    }
-
-    /// Takes `bytes` (the caller waited `delay_for` first). The balance may go
-    /// slightly negative after a large request; later sends wait for it.
-    pub fn consume(&mut self, bytes: u64, now: Instant) {
-        self.refill(now);
-        self.tokens -= bytes as f64;
-    }
-}
+/// Token bucket arithmetic, clock supplied by the caller: the one bucket
+/// every rate limit of weir uses.
+pub use weir_proto::pacing::TokenBucket;
 
 /// The bucket plus the waiting.
 pub struct Pacer {

@@ -8,8 +8,9 @@ use gateway_tx::carousel::group_span;
 use gateway_tx::objects::ObjectStore;
 use std::collections::HashSet;
 use std::time::Duration;
+use weir_host::Shutdown;
 use weir_imagegen::{DockerFlavor, LayerSpec};
-use weir_proto::{ObjectId, Shutdown, TransferManifest};
+use weir_proto::{ObjectId, TransferManifest};
 use weir_test_support::{wait_for, Reassembler};
 
 const LIMIT: Duration = Duration::from_secs(60);

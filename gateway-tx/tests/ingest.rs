@@ -12,8 +12,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
+use weir_host::Shutdown;
 use weir_imagegen::{DockerFlavor, ImageOptions, LayerSpec, RefName};
-use weir_proto::{ObjectId, Shutdown, TransferManifest};
+use weir_proto::{ObjectId, TransferManifest};
 
 struct Harness {
     setup: Setup,

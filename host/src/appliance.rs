@@ -5,13 +5,14 @@
 //! What differs per gateway stays there: which faults exist (each gateway
 //! has its own `Fault` enum, ordered as `status` lists them) and where the
 //! LED inputs come from (the `read` closure given to [`run_panel`]).
+#![allow(unsafe_code)] // statvfs(2) for the state disk's free space has no safe wrapper in std.
 
+use crate::{CommandHandler, Console, Leds, Shutdown};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use weir_proto::{CommandHandler, Console, Leds, Shutdown};
 
 /// Intake resumes this far above the point where it stopped, so a disk
 /// hovering at the limit does not flap.

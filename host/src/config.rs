@@ -216,8 +216,8 @@ impl Default for LedsConfig {
 }
 
 impl LedsConfig {
-    pub fn names(&self) -> weir_proto::LedNames {
-        weir_proto::LedNames {
+    pub fn names(&self) -> crate::LedNames {
+        crate::LedNames {
             power: self.power.clone(),
             link: self.link.clone(),
             activity: self.activity.clone(),

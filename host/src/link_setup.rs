@@ -3,7 +3,7 @@
 //! tried, what it said.
 
 use crate::config::Transport;
-use weir_proto::LinkError;
+use crate::LinkError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkSetupError {

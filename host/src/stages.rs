@@ -6,9 +6,9 @@
 //! intake, flushes, then stops its reporting) keeps one [`Stages`] per step
 //! and joins them in that order.
 
+use crate::Shutdown;
 use anyhow::Context;
 use std::thread::JoinHandle;
-use weir_proto::Shutdown;
 
 /// A group of running stages sharing one shutdown.
 pub struct Stages {

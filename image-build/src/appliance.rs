@@ -209,8 +209,8 @@ fi
 /// bursts and the receiver's pauses must fit in the buffer), and the kernel
 /// caps requests at rmem_max/wmem_max.
 pub fn sysctl_conf() -> String {
-    let receive = weir_proto::link::udp::RECV_BUFFER_BYTES;
-    let send = weir_proto::link::udp::SOCKET_BUFFER_BYTES;
+    let receive = weir_host::link::udp::RECV_BUFFER_BYTES;
+    let send = weir_host::link::udp::SOCKET_BUFFER_BYTES;
     format!(
         "\
 # weir: UDP socket buffers for the diode link (gateway-rx asks for {receive}
@@ -470,7 +470,7 @@ mod tests {
     #[test]
     fn sysctls_allow_the_buffer_the_link_asks_for() {
         let conf = sysctl_conf();
-        use weir_proto::link::udp::{RECV_BUFFER_BYTES, SOCKET_BUFFER_BYTES};
+        use weir_host::link::udp::{RECV_BUFFER_BYTES, SOCKET_BUFFER_BYTES};
         for (key, wanted) in [
             ("net.core.rmem_max", RECV_BUFFER_BYTES),
             ("net.core.wmem_max", SOCKET_BUFFER_BYTES),

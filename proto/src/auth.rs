@@ -1,13 +1,12 @@
-//! Keys: loading key files and holding the receiver's key set.
+//! Keys: an HMAC key from its secret bytes, and the receiver's key set.
 //!
-//! A key file holds the secret as hex; whitespace (including newlines) is
-//! ignored so operators can wrap long keys. Keys rotate without a back
-//! channel: the sender signs with one key id, the receiver accepts any id in
-//! its ring, so a new key is provisioned on the receiver first.
+//! Reading key files is the host's business (`weir_host::keys`). Keys
+//! rotate without a back channel: the sender signs with one key id, the
+//! receiver accepts any id in its ring, so a new key is provisioned on the
+//! receiver first.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::path::{Path, PathBuf};
 
 /// Shortest secret accepted, in bytes (HMAC-SHA256's block of security).
 pub const MIN_KEY_BYTES: usize = 32;
@@ -17,18 +16,6 @@ pub(crate) type HmacSha256 = Hmac<Sha256>;
 /// Why a key was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("key file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "key file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}"
-    )]
-    Permissions { path: PathBuf, mode: u32 },
-    #[error("key file {path}: not hex ({reason})")]
-    NotHex { path: PathBuf, reason: String },
     #[error("key {origin}: {len} bytes, at least {MIN_KEY_BYTES} are required")]
     TooShort { origin: String, len: usize },
     #[error("key id {0} appears twice in the key set")]
@@ -52,39 +39,8 @@ impl std::fmt::Debug for Key {
 }
 
 impl Key {
-    /// Reads a hex key file; refuses short keys and files open to group/others.
-    pub fn load(id: u16, path: &Path) -> Result<Key, KeyError> {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-        let secret = hex::decode(&compact).map_err(|e| KeyError::NotHex {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        if secret.len() < MIN_KEY_BYTES {
-            return Err(KeyError::TooShort {
-                origin: format!("file {}", path.display()),
-                len: secret.len(),
-            });
-        }
-        Ok(Self::build(id, &secret))
-    }
-
-    /// A key from raw secret bytes (tests, tools).
+    /// A key from its secret bytes; refuses secrets shorter than
+    /// [`MIN_KEY_BYTES`].
     pub fn from_bytes(id: u16, secret: &[u8]) -> Result<Key, KeyError> {
         if secret.len() < MIN_KEY_BYTES {
             return Err(KeyError::TooShort {
@@ -153,54 +109,13 @@ impl KeyRing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn write_key(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-        p
-    }
 
     #[test]
-    fn loads_hex_with_whitespace() {
-        let dir = tempfile::tempdir().unwrap();
-        let hex64 = "00112233445566778899aabbccddeeff".repeat(2);
-        let text = format!("{}\n  {}\n", &hex64[..32], &hex64[32..]);
-        let p = write_key(dir.path(), "k", &text, 0o600);
-        let k = Key::load(7, &p).unwrap();
-        assert_eq!(k.id(), 7);
-        let same = Key::from_bytes(7, &hex::decode(&hex64).unwrap()).unwrap();
-        assert_eq!(k.fingerprint(), same.fingerprint());
-    }
-
-    #[test]
-    fn refuses_short_key_naming_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write_key(dir.path(), "short.key", &"ab".repeat(31), 0o600);
-        let err = Key::load(1, &p).unwrap_err().to_string();
-        assert!(
-            err.contains("short.key") && err.contains("31 bytes"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn refuses_group_readable_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write_key(dir.path(), "open.key", &"ab".repeat(32), 0o640);
-        let err = Key::load(1, &p).unwrap_err().to_string();
-        assert!(
-            err.contains("open.key") && err.contains("chmod 600"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn refuses_non_hex() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write_key(dir.path(), "bad.key", &"zz".repeat(32), 0o600);
-        assert!(matches!(Key::load(1, &p), Err(KeyError::NotHex { .. })));
+    fn refuses_short_secret() {
+        assert!(matches!(
+            Key::from_bytes(4, &[1; 31]),
+            Err(KeyError::TooShort { len: 31, .. })
+        ));
     }
 
     #[test]

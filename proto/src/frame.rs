@@ -243,12 +243,11 @@ pub fn seal_raw(key: &Key, kind: u8, session_id: u64, seq: u64, body: &[u8], out
 
 /// A new session id, strictly greater than `previous`: the sender persists
 /// the last one so that a clock that went back still yields a newer session.
-pub fn new_session_id(previous: Option<u64>) -> u64 {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let candidate = (now_ms << 16) | u64::from(rand::random::<u16>());
+/// The caller reads the clock (`now_ms`, milliseconds since the Unix epoch)
+/// and draws `nonce` at random, so two senders started in one millisecond
+/// still differ.
+pub fn new_session_id(previous: Option<u64>, now_ms: u64, nonce: u16) -> u64 {
+    let candidate = (now_ms << 16) | u64::from(nonce);
     match previous {
         Some(p) if candidate <= p => p.saturating_add(1),
         _ => candidate,
@@ -500,9 +499,11 @@ mod tests {
 
     #[test]
     fn session_ids_increase() {
-        let a = new_session_id(None);
-        assert!(new_session_id(Some(a)) > a);
-        assert_eq!(new_session_id(Some(u64::MAX - 1)), u64::MAX);
+        let a = new_session_id(None, 1_700_000_000_000, 7);
+        assert_eq!(a, (1_700_000_000_000 << 16) | 7);
+        // The clock went back: still newer than the last session.
+        assert!(new_session_id(Some(a), 1_600_000_000_000, 9) > a);
+        assert_eq!(new_session_id(Some(u64::MAX - 1), 5, 5), u64::MAX);
     }
 
     proptest! {

@@ -21,6 +21,9 @@
 //! Batches of up to 64 datagrams move with `recvmmsg`/`sendmmsg` into
 //! buffers allocated once; nothing is allocated per datagram.
 
+// recvmmsg and a forced socket buffer size have no safe wrapper in std or socket2.
+#![allow(unsafe_code)]
+
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -34,6 +37,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use weir_proto::pacing::TokenBucket;
 
 /// Datagrams moved per system call.
 const BATCH: usize = 64;
@@ -615,29 +619,27 @@ struct Link {
     config: DiodeConfig,
     rng: ChaCha8Rng,
     in_burst: bool,
-    tokens: f64,
-    bucket_depth: Option<f64>,
-    last_refill: Instant,
+    /// The rate cap, as a policer: what the bucket does not hold is dropped.
+    bucket: Option<TokenBucket>,
 }
 
 impl Link {
     fn new(config: DiodeConfig, now: Instant) -> Self {
-        let bucket_depth = config.bucket_depth();
+        let bucket = config
+            .rate_bps
+            .zip(config.bucket_depth())
+            .map(|(bps, depth)| TokenBucket::with_byte_rate(bps as f64 / 8.0, depth, now));
         Self {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             in_burst: false,
-            tokens: bucket_depth.unwrap_or(0.0),
-            bucket_depth,
-            last_refill: now,
+            bucket,
             config,
         }
     }
 
     fn refill(&mut self, now: Instant) {
-        if let (Some(bps), Some(depth)) = (self.config.rate_bps, self.bucket_depth) {
-            let dt = now.duration_since(self.last_refill).as_secs_f64();
-            self.tokens = (self.tokens + dt * bps as f64 / 8.0).min(depth);
-            self.last_refill = now;
+        if let Some(bucket) = &mut self.bucket {
+            bucket.refill(now);
         }
     }
 
@@ -661,12 +663,12 @@ impl Link {
             c.dropped_blackout += 1;
             return Fate::Dropped;
         }
-        if self.bucket_depth.is_some() {
-            if self.tokens < len as f64 {
+        if let Some(bucket) = &mut self.bucket {
+            // Refilled for this batch's arrival time already.
+            if !bucket.take(len as u64) {
                 c.dropped_rate += 1;
                 return Fate::Dropped;
             }
-            self.tokens -= len as f64;
         }
         if self.in_burst && self.config.burst.is_some_and(|b| d.burst_loss < b.loss) {
             c.dropped_burst += 1;

@@ -5,6 +5,9 @@
 //! keys. Gateways run as child processes (so a test can `kill -9` them),
 //! with their logs in the site directory; every child is killed on drop.
 
+// libc::kill sends SIGTERM to a gateway process; std can only SIGKILL.
+#![allow(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use weir_proto::link::stream::LinePacer;
+use weir_proto::pacing::LinePacer;
 
 pub use weir_test_support::pty::{have_socat, open_raw, PtyPair};
 

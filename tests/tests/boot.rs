@@ -14,6 +14,9 @@
 //! (debug under `cargo test`; it is also the smaller one, as release keeps
 //! line tables).
 
+// geteuid has no safe wrapper in std.
+#![allow(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

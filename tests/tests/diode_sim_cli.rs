@@ -2,6 +2,9 @@
 //! datagrams forwarded one way with the configured loss, counters printed,
 //! stopped by `--duration` or by SIGTERM.
 
+// libc::kill sends SIGTERM to diode-sim; std can only SIGKILL.
+#![allow(unsafe_code)]
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};

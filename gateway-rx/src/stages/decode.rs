@@ -2,7 +2,8 @@
 //! (Reed-Solomon), off the store's thread.
 
 use std::sync::mpsc::{Receiver, Sender};
-use weir_proto::{Codecs, Shutdown};
+use weir_host::Shutdown;
+use weir_proto::Codecs;
 
 use super::WorkResult;
 use crate::shards::{self, DecodeJob};

@@ -4,7 +4,8 @@
 
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
-use weir_proto::{ObjectKind, Shutdown};
+use weir_host::Shutdown;
+use weir_proto::ObjectKind;
 
 use super::{FinishOutcome, WorkResult};
 use crate::blobs::{BlobStore, BlobStoreError, RunningDigest, RunningDigests};

@@ -6,9 +6,8 @@ use std::net::SocketAddr;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir_proto::{
-    Body, DirSource, FrameBatch, FrameSource, ObjectHeader, SerialSource, Shutdown, UdpSource,
-};
+use weir_host::{DirSource, FrameBatch, FrameSource, SerialSource, Shutdown, UdpSource};
+use weir_proto::{Body, ObjectHeader};
 
 use crate::config::{RxConfig, Transport};
 use crate::shards::ShardIn;

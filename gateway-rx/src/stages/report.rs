@@ -5,7 +5,7 @@
 use anyhow::Context;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir_proto::{Console, Shutdown};
+use weir_host::{Console, Shutdown};
 
 use crate::appliance::{CounterWindow, Fault, Faults, Lights, Movement};
 use crate::blobs::BlobStore;

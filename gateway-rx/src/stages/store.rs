@@ -12,7 +12,7 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir_proto::Shutdown;
+use weir_host::Shutdown;
 
 use super::finish::FinisherJob;
 use super::link::Inbound;

@@ -44,9 +44,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use weir_host::{FrameSink, LinkError, Shutdown};
 use weir_proto::{
-    interleave, Body, Codecs, FecParams, FrameSealer, FrameSink, Heartbeat, Key, LinkError,
-    ObjectHeader, ObjectId, ObjectKind, ShardFrame, Shutdown,
+    interleave, Body, Codecs, FecParams, FrameSealer, Heartbeat, Key, ObjectHeader, ObjectId,
+    ObjectKind, ShardFrame,
 };
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);

@@ -3,7 +3,7 @@
 use crate::config::{LinkConfig, Transport};
 use std::time::Duration;
 pub use weir_host::link_setup::LinkSetupError;
-use weir_proto::{DirSink, FrameSink, LinkError, SerialSink, UdpSink};
+use weir_host::{DirSink, FrameSink, LinkError, SerialSink, UdpSink};
 
 /// Opens the sending end of the configured link.
 pub fn open_sink(config: &LinkConfig) -> Result<Box<dyn FrameSink>, LinkSetupError> {

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weir_proto::{Console, Shutdown};
+use weir_host::{Console, Shutdown};
 
 use crate::appliance::{Fault, Faults, Lights, Movement};
 use crate::status::StatusBoard;

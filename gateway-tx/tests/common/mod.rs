@@ -11,7 +11,8 @@ use gateway_tx::config::{
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use weir_proto::{FrameSink, Key, LinkError, Shutdown};
+use weir_host::{FrameSink, LinkError, Shutdown};
+use weir_proto::Key;
 
 pub const SECRET: [u8; 32] = [0x42; 32];
 

@@ -11,6 +11,9 @@
 //!
 //! CPU and memory of both processes are sampled throughout (procfs).
 
+// libc::kill sends SIGINT to a gateway process; std can only SIGKILL.
+#![allow(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -15,11 +15,11 @@ use std::process::Command;
 const SYSCTLS: [(&str, u64); 3] = [
     (
         "net.core.rmem_max",
-        weir_proto::link::udp::RECV_BUFFER_BYTES as u64,
+        weir_host::link::udp::RECV_BUFFER_BYTES as u64,
     ),
     (
         "net.core.wmem_max",
-        weir_proto::link::udp::SOCKET_BUFFER_BYTES as u64,
+        weir_host::link::udp::SOCKET_BUFFER_BYTES as u64,
     ),
     ("net.core.rmem_default", 32 << 20),
 ];

@@ -3,6 +3,9 @@
 //! thread so CPU can be read at the instant an image was accepted or
 //! delivered, and the peak (VmHWM) survives until the process is killed.
 
+// sysconf(_SC_CLK_TCK) has no safe wrapper in std.
+#![allow(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use weir_proto::Shutdown;
+use weir_host::Shutdown;
 use weir_tests::diode::{BurstLoss, Diode, DiodeConfig};
 use weir_tests::imagegen::{self, LayerSpec};
 use weir_tests::pair::{free_udp_addr, write_key, TEST_SECRET};

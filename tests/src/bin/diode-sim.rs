@@ -10,6 +10,9 @@
 //!   --blackout 30:10 --rate-bps 100000000 --duration 120
 //! ```
 
+// signal handlers for SIGINT/SIGTERM are installed through libc.
+#![allow(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};

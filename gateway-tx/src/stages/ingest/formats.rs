@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use weir_proto::{BlobRef, ManifestBytes, ObjectId, Shutdown};
+use weir_host::Shutdown;
+use weir_proto::{BlobRef, ManifestBytes, ObjectId};
 
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";

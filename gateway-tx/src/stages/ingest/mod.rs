@@ -38,7 +38,8 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir_host::durable::fsync_dir;
-use weir_proto::{Destination, Origin, Shutdown, TransferManifest};
+use weir_host::Shutdown;
+use weir_proto::{Destination, Origin, TransferManifest};
 
 /// After a failure on our side (disk full...), a drop waits this long.
 const RETRY_AFTER: Duration = Duration::from_secs(30);

@@ -1,5 +1,5 @@
-//! Frames on a byte stream (a serial line), and the pacing that keeps a
-//! sender under the line's rate.
+//! Frames on a byte stream (a serial line). The pacing that keeps a sender
+//! under the line's rate is [`crate::pacing::LinePacer`].
 //!
 //! Each frame travels COBS-encoded between two zero bytes:
 //!
@@ -17,7 +17,6 @@
 //! by the gateway, rejects the rest of what a line can damage.
 
 use crate::frame;
-use std::time::{Duration, Instant};
 
 /// The frame delimiter on the stream.
 pub const DELIMITER: u8 = 0;
@@ -143,76 +142,15 @@ impl StreamDecoder {
     }
 }
 
-/// A token bucket on line bytes: a sender that waits what [`reserve`]
-/// says never puts more than `burst + rate × t` bytes on the line in any
-/// interval `t`. A one-way line has no flow control; what exceeds its rate
-/// is lost.
-///
-/// [`reserve`]: LinePacer::reserve
-#[derive(Debug, Clone)]
-pub struct LinePacer {
-    bytes_per_sec: f64,
-    burst: f64,
-    /// Bytes that may go now; negative while a reservation is being paid off.
-    tokens: f64,
-    last: Instant,
-}
-
-impl LinePacer {
-    /// A bucket that refills at `bytes_per_sec` (at least 1) and holds
-    /// `burst` bytes (at least 1), full at `now`.
-    pub fn new(bytes_per_sec: u64, burst: usize, now: Instant) -> Self {
-        let burst = burst.max(1) as f64;
-        LinePacer {
-            bytes_per_sec: bytes_per_sec.max(1) as f64,
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    /// Pacing for an asynchronous serial line at `baud`, 8N1: ten bits on
-    /// the wire per byte. The burst is 20 ms of line time (at least 16
-    /// bytes), so writes stay small and the line never runs ahead by more.
-    pub fn for_baud(baud: u32, now: Instant) -> Self {
-        let rate = u64::from(baud / 10).max(1);
-        Self::new(rate, (rate / 50).max(16) as usize, now)
-    }
-
-    pub fn bytes_per_sec(&self) -> u64 {
-        self.bytes_per_sec as u64
-    }
-
-    /// The largest write that keeps the promise; callers cut writes to it.
-    pub fn burst(&self) -> usize {
-        self.burst as usize
-    }
-
-    /// Takes `n` bytes from the bucket at `now`; returns how long to wait
-    /// before writing them.
-    pub fn reserve(&mut self, n: usize, now: Instant) -> Duration {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        if now > self.last {
-            self.last = now;
-        }
-        self.tokens = (self.tokens + elapsed * self.bytes_per_sec).min(self.burst);
-        self.tokens -= n as f64;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.bytes_per_sec)
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::frame::{Body, FrameSealer, Heartbeat};
     use crate::Key;
     use proptest::prelude::*;
 
-    fn frames(n: u64) -> Vec<Vec<u8>> {
+    /// Sealed heartbeats; their zero bytes exercise COBS.
+    pub(crate) fn frames(n: u64) -> Vec<Vec<u8>> {
         let key = Key::from_bytes(1, &[7; 32]).unwrap();
         let mut sealer = FrameSealer::new(key, 99);
         (0..n)
@@ -342,27 +280,6 @@ mod tests {
         assert!(dec.stats().skipped_bytes >= 5000);
     }
 
-    #[test]
-    fn pacer_waits_once_the_burst_is_spent() {
-        let t0 = Instant::now();
-        let mut p = LinePacer::new(1000, 100, t0);
-        assert_eq!(p.reserve(100, t0), Duration::ZERO);
-        // Another 100 bytes at once must wait 100 ms of line time.
-        let d = p.reserve(100, t0);
-        assert!((d.as_secs_f64() - 0.1).abs() < 1e-6, "{d:?}");
-        // An idle second refills the bucket, but only up to the burst.
-        let t1 = t0 + Duration::from_secs(2);
-        assert_eq!(p.reserve(100, t1), Duration::ZERO);
-        assert!(p.reserve(1, t1) > Duration::ZERO);
-    }
-
-    #[test]
-    fn pacer_for_115200_baud_is_11520_bytes_per_second() {
-        let p = LinePacer::for_baud(115_200, Instant::now());
-        assert_eq!(p.bytes_per_sec(), 11_520);
-        assert_eq!(p.burst(), 230);
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -399,48 +316,6 @@ mod tests {
             stream.extend_from_slice(&garbage[5]);
             let mut dec = StreamDecoder::new(1400);
             prop_assert_eq!(decode_all(&mut dec, &stream), fs);
-        }
-
-        /// Whatever the write sizes and idle gaps, the bytes written in any
-        /// interval never exceed burst + rate × interval.
-        #[test]
-        fn pacer_never_exceeds_the_line_rate(
-            rate in 100u64..100_000,
-            burst in 1usize..500,
-            steps in proptest::collection::vec((1usize..500, 0u64..50_000), 1..120),
-        ) {
-            let t0 = Instant::now();
-            let mut p = LinePacer::new(rate, burst, t0);
-            let mut t = t0;
-            let mut writes: Vec<(Instant, usize)> = Vec::new();
-            for (n, gap_us) in steps {
-                let n = n.min(p.burst());
-                t += Duration::from_micros(gap_us);
-                t += p.reserve(n, t);
-                writes.push((t, n));
-            }
-            for i in 0..writes.len() {
-                let mut sum = 0usize;
-                for w in &writes[i..] {
-                    sum += w.1;
-                    let span = (w.0 - writes[i].0).as_secs_f64();
-                    let allowed = burst as f64 + rate as f64 * span;
-                    prop_assert!(sum as f64 <= allowed + 1e-3, "{} bytes in {}s", sum, span);
-                }
-            }
-        }
-
-        /// Back to back, the pacer runs at the line rate, not below it.
-        #[test]
-        fn pacer_keeps_the_line_busy(rate in 100u64..100_000, burst in 1usize..500, chunks in 10usize..200) {
-            let t0 = Instant::now();
-            let mut p = LinePacer::new(rate, burst, t0);
-            let mut t = t0;
-            for _ in 0..chunks {
-                t += p.reserve(burst, t);
-            }
-            let expected = ((chunks - 1) * burst) as f64 / rate as f64;
-            prop_assert!(((t - t0).as_secs_f64() - expected).abs() < 1e-3);
         }
     }
 }

@@ -4,11 +4,11 @@
 //! gateways run each link end on a thread of its own. Batches fit every
 //! transport: a datagram link sends one datagram per frame, a byte-stream
 //! link frames them on the stream, a directory link writes them into one
-//! file.
+//! file. The framings themselves are pure and live in
+//! [`weir_proto::framing`].
 
 pub mod dir;
 pub mod serial;
-pub mod stream;
 pub mod udp;
 
 use std::time::Duration;

@@ -7,6 +7,8 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use support::{Faults, FaultyLine, PtyPair};
+use weir_host::link::{FrameBatch, FrameSink, FrameSource, LinkError, SerialSink, SerialSource};
+use weir_host::new_session_id;
 use weir_proto::*;
 
 const BAUD: u32 = 230_400;
@@ -102,7 +104,7 @@ fn frames_cross_a_damaging_serial_line_intact_or_not_at_all() {
         }
         let elapsed = started.elapsed();
         // Pacing: no faster than the line, give or take one burst.
-        let burst = link::stream::LinePacer::for_baud(BAUD, started).burst();
+        let burst = LinePacer::for_baud(BAUD, started).burst();
         let line_time = (sink.bytes_sent() - burst as u64) as f64 / sink.line_rate() as f64;
         assert!(
             elapsed.as_secs_f64() >= line_time,

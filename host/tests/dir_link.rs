@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weir_proto::link::dir::FILE_HEADER_LEN;
+use weir_host::link::{DirSink, DirSource, FrameBatch, FrameSink, FrameSource};
+use weir_host::new_session_id;
+use weir_proto::framing::batch::FILE_HEADER_LEN;
 use weir_proto::*;
 
 fn key() -> Key {

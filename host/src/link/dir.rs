@@ -2,43 +2,31 @@
 //! writes frames in batches into files in an outbox, the service carries
 //! the files across, the receiver reads them from an inbox and deletes them.
 //!
-//! A file:
-//!
-//! ```text
-//!  offset  size  field
-//!       0     8  magic "WEIRDIR1"
-//!       8     4  record count            (big-endian)
-//!      12         records: length n (4 bytes, big-endian), then n bytes of frame
-//! ```
+//! A file holds frames in the batch format of
+//! [`weir_proto::framing::batch`] (magic, record count, length-prefixed
+//! records).
 //!
 //! Files are written as `.<name>.tmp`, fsynced and renamed to `<name>`,
 //! where `<name>` is a 20-digit stamp (microseconds since the epoch, kept
 //! strictly increasing) plus `.weir`, so name order is write order.
 //!
-//! The receiver trusts nothing in a file: each record must carry a frame
-//! whose header parses and whose length matches the record's length;
-//! otherwise it scans forward to the next frame magic and goes on. Files that
+//! The receiver trusts nothing in a file (see the format's `scan`). Files that
 //! arrive late, twice, cut short or damaged cost only their damaged records;
 //! duplicated frames are harmless (the replay guard drops repeats).
 
 use super::{FrameBatch, FrameSink, FrameSource, LinkError};
-use crate::frame::{self, HEADER_LEN, MAGIC, MAX_BODY_LEN, TAG_LEN};
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
+use weir_proto::framing::batch::{
+    self, scan, Step, FILE_HEADER_LEN, MAX_FRAME, MIN_FRAME, RECORD_PREFIX_LEN,
+};
 
-pub const FILE_MAGIC: [u8; 8] = *b"WEIRDIR1";
-pub const FILE_HEADER_LEN: usize = 12;
-/// Bytes before each frame: its length.
-pub const RECORD_PREFIX_LEN: usize = 4;
 pub const FILE_SUFFIX: &str = ".weir";
 const TEMP_SUFFIX: &str = ".tmp";
-/// The shortest and the longest frame a record can hold.
-const MIN_FRAME: usize = HEADER_LEN + TAG_LEN;
-const MAX_FRAME: usize = HEADER_LEN + MAX_BODY_LEN + TAG_LEN;
 /// Bytes read from an inbox file per system call.
 const READ_CHUNK: usize = 64 * 1024;
 /// How often an idle receiver looks at the inbox.
@@ -152,7 +140,7 @@ impl DirSink {
             return Ok(());
         }
         let count = self.count;
-        self.pending[8..12].copy_from_slice(&count.to_be_bytes());
+        batch::set_count(&mut self.pending, count);
         let now_us = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -214,14 +202,10 @@ impl FrameSink for DirSink {
                 self.flush()?;
             }
             if self.count == 0 {
-                self.pending.clear();
-                self.pending.extend_from_slice(&FILE_MAGIC);
-                self.pending.extend_from_slice(&[0; 4]);
+                batch::start_file(&mut self.pending);
                 self.oldest = Some(Instant::now());
             }
-            self.pending
-                .extend_from_slice(&(f.len() as u32).to_be_bytes());
-            self.pending.extend_from_slice(f);
+            batch::push_record(&mut self.pending, f);
             self.count += 1;
         }
         if self.due() {
@@ -240,55 +224,6 @@ impl Drop for DirSink {
         if let Err(e) = self.flush() {
             tracing::warn!(outbox = %self.outbox.display(), error = %e, "outbox: last frames not written");
         }
-    }
-}
-
-/// One step of reading records from the front of a buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    /// A frame of `len` bytes after the length prefix.
-    Record { len: usize },
-    /// Bytes that hold no frame start; drop them.
-    Skip(usize),
-    /// The buffer ends inside what may be a record.
-    NeedMore,
-}
-
-/// Reads the record at the front of `buf`, or says how far to skip to the
-/// next frame magic. With `eof`, never answers `NeedMore` for a non-empty
-/// buffer, and every `Skip` is at least one byte: the scan always ends.
-fn scan(buf: &[u8], eof: bool) -> Step {
-    if buf.is_empty() {
-        return Step::NeedMore;
-    }
-    if buf.len() < RECORD_PREFIX_LEN + MAGIC.len() {
-        return if eof {
-            Step::Skip(buf.len())
-        } else {
-            Step::NeedMore
-        };
-    }
-    if buf[4..8] == MAGIC {
-        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if (MIN_FRAME..=MAX_FRAME).contains(&len) {
-            match buf.get(RECORD_PREFIX_LEN..RECORD_PREFIX_LEN + len) {
-                None if !eof => return Step::NeedMore,
-                None => {} // cut short: look for a later frame
-                Some(f) => {
-                    if matches!(frame::peek_header(f), Ok((_, total)) if total == len) {
-                        return Step::Record { len };
-                    }
-                }
-            }
-        }
-    }
-    // Resynchronise on the next frame magic after this record's own.
-    let from = RECORD_PREFIX_LEN + 1;
-    match buf[from..].windows(MAGIC.len()).position(|w| w == MAGIC) {
-        Some(i) => Step::Skip(from + i - RECORD_PREFIX_LEN),
-        None if eof => Step::Skip(buf.len()),
-        // Keep a tail that may hold a length prefix and part of a magic.
-        None => Step::Skip(buf.len() - (RECORD_PREFIX_LEN + MAGIC.len() - 1)),
     }
 }
 
@@ -361,13 +296,8 @@ impl InboxFile {
         while f.window.len() < FILE_HEADER_LEN && !f.eof {
             f.refill()?;
         }
-        if f.window.len() >= FILE_HEADER_LEN && f.window[..8] == FILE_MAGIC {
-            f.declared = Some(u32::from_be_bytes([
-                f.window[8],
-                f.window[9],
-                f.window[10],
-                f.window[11],
-            ]));
+        f.declared = batch::declared_count(&f.window);
+        if f.declared.is_some() {
             f.pos = FILE_HEADER_LEN;
         }
         Ok(f)
@@ -641,9 +571,9 @@ impl FrameSource for DirSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Body, FrameSealer, Heartbeat};
-    use crate::Key;
     use proptest::prelude::*;
+    use weir_proto::frame::{self, Body, FrameSealer, Heartbeat};
+    use weir_proto::Key;
 
     fn frames(n: u64) -> Vec<Vec<u8>> {
         let key = Key::from_bytes(1, &[3; 32]).unwrap();
@@ -996,16 +926,6 @@ mod tests {
             }
             if with_frames {
                 prop_assert!(got.len() >= 3);
-            }
-        }
-
-        /// The scan always makes progress and never skips past a whole record.
-        #[test]
-        fn scan_progresses(bytes in proptest::collection::vec(any::<u8>(), 1..200), eof in any::<bool>()) {
-            match scan(&bytes, eof) {
-                Step::Record { len } => prop_assert!(len + RECORD_PREFIX_LEN <= bytes.len()),
-                Step::Skip(n) => prop_assert!(n >= 1 && n <= bytes.len()),
-                Step::NeedMore => prop_assert!(!eof),
             }
         }
     }

@@ -8,6 +8,10 @@
 //! datagrams on the wire are the same either way; a peer without GRO gets
 //! them one by one.
 
+// sendmmsg/recvmmsg with GSO/GRO control messages have no safe wrapper in
+// std or socket2; each unsafe block states what it relies on.
+#![allow(unsafe_code)]
+
 use super::{FrameBatch, FrameSink, FrameSource, LinkError};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::{SocketAddr, UdpSocket};

@@ -1,5 +1,6 @@
-//! Serial link: frames on a tty, COBS-framed (see [`super::stream`]) and
-//! paced to the line's rate.
+//! Serial link: frames on a tty, COBS-framed (see
+//! [`weir_proto::framing::stream`]) and paced to the line's rate
+//! ([`weir_proto::pacing::LinePacer`]).
 //!
 //! Blocking I/O through the `serialport` crate (the crate `tokio-serial`
 //! wraps): link ends run on threads of their own, so an async runtime would
@@ -7,12 +8,13 @@
 //! that runs ahead, but a real one-way line drops what arrives too fast, so
 //! the sink paces itself to 8N1 line time whatever the device does.
 
-use super::stream::{encode_frame, max_encoded_len, LinePacer, StreamDecoder, StreamStats};
 use super::{FrameBatch, FrameSink, FrameSource, LinkError};
 use serialport::{SerialPort, TTYPort};
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use weir_proto::framing::stream::{encode_frame, max_encoded_len, StreamDecoder, StreamStats};
+use weir_proto::pacing::LinePacer;
 
 /// How long a write may make no progress before the sink reports the line
 /// stuck (only a device with flow control, like a pty, can block at all).

@@ -7,8 +7,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::PtyPair;
-use weir_proto::appliance::{Command, CommandHandler, Console, Reply};
-use weir_proto::Shutdown;
+use weir_host::console::{Command, CommandHandler, Console, Reply};
+use weir_host::Shutdown;
 
 struct Gateway;
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use weir_proto::link::stream::LinePacer;
+use weir_proto::pacing::LinePacer;
 
 /// True when socat can be run; prints why the test is skipped otherwise.
 pub fn have_socat(test: &str) -> bool {
