@@ -1,4 +1,4 @@
-//! Peak memory of gateway-rx while one large blob arrives (issue 4: the goal
+//! Peak memory of gateway-rx while one large blob arrives (the goal
 //! is at most 64 MiB RSS for a 4 GiB blob), and the rate it took it at.
 //!
 //! `cargo bench -p gateway-rx --bench rx_rss`

@@ -106,6 +106,16 @@ impl Gateway {
     /// Starts `bin --config config`, logging to `log` (appended, so a
     /// restarted gateway's log follows the first one's).
     pub fn start(name: &'static str, config: &Path, log: &Path) -> Result<Gateway> {
+        Self::start_with_env(name, config, log, &[])
+    }
+
+    /// Like [`Gateway::start`], with `env` added to the environment.
+    pub fn start_with_env(
+        name: &'static str,
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Gateway> {
         let bin = gateway_bin(name)?;
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -119,6 +129,7 @@ impl Gateway {
                 "RUST_LOG",
                 std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().context("duplicating log handle")?)
             .stderr(out)
@@ -157,6 +168,23 @@ impl Gateway {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn signal_stop(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child by pid.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+        }
+    }
+
+    /// The exit status once the process has ended (it is reaped then).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
     }
 
     /// True while the process runs; an exited gateway is a test failure
@@ -338,10 +366,16 @@ impl Site {
     }
 
     pub fn start_tx(&self) -> Result<Gateway> {
-        Gateway::start(
+        self.start_tx_with_env(&[])
+    }
+
+    /// gateway-tx with `env` added (e.g. an armed crash point).
+    pub fn start_tx_with_env(&self, env: &[(&str, &str)]) -> Result<Gateway> {
+        Gateway::start_with_env(
             "gateway-tx",
             &self.tx_config,
             &self.dir.path().join("tx.log"),
+            env,
         )
     }
 

@@ -1,4 +1,4 @@
-//! The pair's benchmark (issue 6): both gateways as release processes on
+//! The pair's benchmark: both gateways as release processes on
 //! loopback, six figures measured and printed as one markdown table with
 //! the goals, followed by how each was measured and the machine's facts.
 //!
