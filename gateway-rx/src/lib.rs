@@ -38,7 +38,7 @@ pub const CRASH_POINTS: &[&str] = &[
     "rx.shards.batch-claimed",
     "rx.blobs.adopted",
     "rx.ledger.object-recorded",
-    "rx.shards.staging-released",
+    "rx.shards.mismatch-discarded",
     "rx.ledger.jobs-queued",
     "rx.ledger.image-complete",
     "rx.registry.tag-set",

@@ -1112,7 +1112,7 @@ impl ShardStore {
             // A verdict on an earlier generation says nothing of this one.
             Some(live) if live.generation == generation => {
                 self.forget(&object)?;
-                self.db.commit("rx.shards.staging-released")?;
+                self.db.commit("rx.shards.mismatch-discarded")?;
             }
             _ => {}
         }

@@ -16,6 +16,12 @@ use weir_test_support::{registry_or_skip, sample_image, SampleImage, TestRegistr
 /// Longest one point may take to be reached, and one image to be delivered.
 const PHASE_LIMIT: Duration = Duration::from_secs(60);
 
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
 fn delivered(status: &serde_json::Value, targets: usize) -> bool {
     status["deliveries"]
         .as_array()
@@ -62,9 +68,19 @@ fn every_crash_point_then_a_restart_delivers_the_image_once() {
         let objects = img.objects();
         let mut tx = TestSender::new(key(), 100 + n as u64, s.addr, 1400, 8, 4);
 
-        // Armed: passes until the process aborts. A point behind delivery
-        // (the last commit at shutdown) is reached by stopping the gateway.
+        // Armed: passes until the process aborts. The first pass carries
+        // one blob with a wrong byte under a valid tag, so that blob fails
+        // its sha256 once and is discarded before a later pass fixes it. A
+        // point behind delivery (the last commit at shutdown) is reached by
+        // stopping the gateway.
         let mut gw = Gateway::spawn(&s, &[("WEIR_CRASH_AT", point)]);
+        let victim = img.blob_ids()[1];
+        let first = tx.seal(&objects, &mut |_, _| true, &mut |id, b, i, payload| {
+            if *id == victim && b == 0 && i == 0 {
+                payload[0] ^= 0xff;
+            }
+        });
+        let mut first = Some(first);
         let deadline = Instant::now() + PHASE_LIMIT;
         let mut stopping = false;
         let status = loop {
@@ -79,7 +95,12 @@ fn every_crash_point_then_a_restart_delivers_the_image_once() {
                 gw.sigterm();
                 stopping = true;
             }
-            if !stopping {
+            let listening = gw.status().is_some_and(|st| st["running"] == true);
+            if !listening {
+                // Frames sent before the socket is bound are lost unseen.
+            } else if let Some(frames) = first.take() {
+                tx.send(&frames);
+            } else if !stopping {
                 tx.pass(&objects);
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -87,7 +108,8 @@ fn every_crash_point_then_a_restart_delivers_the_image_once() {
         assert_eq!(
             status.signal(),
             Some(libc::SIGABRT),
-            "{point}: the gateway ended with {status} instead of aborting there (point not reached?)"
+            "{point}: the gateway ended with {status} instead of aborting there (point not reached?); log:\n{}",
+            log_tail(&s.dir.path().join("gateway.log"))
         );
 
         // Restarted: whatever the crash left, the image arrives once.
