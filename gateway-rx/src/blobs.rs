@@ -175,8 +175,6 @@ impl BlobStore {
         std::fs::rename(file, &dest).map_err(|e| self.io(&dest, "renaming into the store", e))?;
         let dir = self.sha_dir();
         fsync_dir(&dir).map_err(|e| self.io(&dir, "fsync", e))?;
-        // Verified and durable, but no stage has recorded it yet.
-        weir_host::crash::crash_point("rx.blobs.adopted");
         Ok(len)
     }
 

@@ -4,6 +4,7 @@
 
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
+use weir_host::crash::crash_point;
 use weir_host::Shutdown;
 use weir_proto::ObjectKind;
 
@@ -85,6 +86,12 @@ fn finish(
         shutdown.is_triggered()
     }) {
         Ok(len) => {
+            // In the blob store, durably, and no stage has recorded it yet:
+            // a restart must find it from the store alone.
+            match job.kind {
+                ObjectKind::Blob => crash_point("rx.finish.blob-adopted"),
+                ObjectKind::Image => crash_point("rx.finish.image-adopted"),
+            }
             Counters::add(verified, 1);
             tracing::info!(digest = %job.object, kind, len, hashed_ahead,
                 seconds_from_first_frame = now_ms().saturating_sub(job.first_seen_ms) as f64 / 1000.0,
