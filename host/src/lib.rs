@@ -8,6 +8,7 @@
 //! - [`durable`]: fsync of directories and trees, whole-file writes.
 //! - [`link_setup`]: why a configured link end did not open.
 //! - [`logging`]: the log output both gateway binaries set up.
+//! - [`report`]: the plain-text lines both consoles and `status` print.
 //! - [`signals`]: SIGTERM and SIGINT stop a gateway through its shutdown.
 //! - [`stages`]: the stage runner (named threads, first error stops all).
 //! - [`state`]: the sled database and its one commit point.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod durable;
 pub mod link_setup;
 pub mod logging;
+pub mod report;
 pub mod signals;
 pub mod stages;
 pub mod state;
