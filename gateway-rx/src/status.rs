@@ -210,7 +210,7 @@ pub struct StatusReport {
     pub fault: Option<String>,
     pub counters: CounterSnapshot,
     pub pushes_pending: u64,
-    pub pushes_failing: u64,
+    pub pushes_failing: u64, // also counted in pushes_pending
     pub sender: Option<SenderStatus>,
     pub receiving: Vec<ObjectProgress>,
     pub images: Vec<ImageProgress>,
