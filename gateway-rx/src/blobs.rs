@@ -290,12 +290,18 @@ impl RunningDigests {
 mod tests {
     use super::*;
 
+    /// A file of `bytes` arrived in `dir`, as the shard stage leaves one.
+    fn incoming(dir: &Path, bytes: &[u8]) -> PathBuf {
+        let f = dir.join("incoming");
+        std::fs::write(&f, bytes).unwrap();
+        f
+    }
+
     #[test]
     fn verified_file_enters_under_its_digest() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let f = dir.path().join("incoming");
-        std::fs::write(&f, b"layer bytes").unwrap();
+        let f = incoming(dir.path(), b"layer bytes");
         let id = ObjectId::of_bytes(b"layer bytes");
         assert!(!store.contains(&id));
         assert_eq!(store.adopt(&f, &id, &|| false).unwrap(), 11);
@@ -309,8 +315,7 @@ mod tests {
     fn mismatching_file_is_refused_and_named_by_both_digests() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let f = dir.path().join("incoming");
-        std::fs::write(&f, b"corrupted").unwrap();
+        let f = incoming(dir.path(), b"corrupted");
         let id = ObjectId::of_bytes(b"original");
         let err = store.adopt(&f, &id, &|| false).unwrap_err();
         let msg = err.to_string();
@@ -339,8 +344,7 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let id = ObjectId::of_bytes(&bytes);
-        let f = dir.path().join("incoming");
-        std::fs::write(&f, &bytes).unwrap();
+        let f = incoming(dir.path(), &bytes);
         let mut digest = RunningDigest::default();
         let file = File::open(&f).unwrap();
         for upto in [0, 1, 1 << 20, 1_500_001, 2_999_999] {
@@ -358,8 +362,7 @@ mod tests {
     fn a_digest_of_other_bytes_is_caught_at_adoption() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let f = dir.path().join("incoming");
-        std::fs::write(&f, b"the first bytes changed after hashing").unwrap();
+        let f = incoming(dir.path(), b"the first bytes changed after hashing");
         let mut digest = RunningDigest::default();
         let other = dir.path().join("other");
         std::fs::write(&other, b"THE FIRST").unwrap();
@@ -376,8 +379,7 @@ mod tests {
     fn hashing_stops_when_asked() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let f = dir.path().join("incoming");
-        std::fs::write(&f, b"abc").unwrap();
+        let f = incoming(dir.path(), b"abc");
         let err = store
             .adopt(&f, &ObjectId::of_bytes(b"abc"), &|| true)
             .unwrap_err();

@@ -58,7 +58,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use weir_host::config::{
     base_dir, check_serial_link, default_baud, default_datagram_size, default_state_min_free_mb,
-    parse_toml, read_toml, resolve, resolve_opt,
+    parse_toml, read_toml, resolve, resolve_console_and_leds, resolve_opt,
 };
 pub use weir_host::config::{
     ConfigError, ConsoleConfig, LedsConfig, Transport, DEFAULT_BAUD, DEFAULT_DATAGRAM_SIZE,
@@ -260,12 +260,7 @@ impl RxConfig {
         resolve_opt(base, &mut self.delivery.ca_file);
         resolve_opt(base, &mut self.delivery.password_file);
         resolve_opt(base, &mut self.delivery.oci_layout);
-        if let Some(c) = &mut self.console {
-            c.resolve_paths(base);
-        }
-        if let Some(l) = &mut self.leds {
-            l.resolve_paths(base);
-        }
+        resolve_console_and_leds(base, &mut self.console, &mut self.leds);
     }
 
     /// Bad tags within a minute above which the fault "HMAC failures" stands.
@@ -500,6 +495,13 @@ mod tests {
         p
     }
 
+    /// Why the configuration `body` is refused, as the error reads.
+    fn refusal(dir: &Path, body: &str) -> String {
+        RxConfig::load(&write_config(dir, body))
+            .unwrap_err()
+            .to_string()
+    }
+
     fn minimal(dir: &Path) -> String {
         let key = key_file(dir, "1.key");
         format!(
@@ -554,9 +556,7 @@ mod tests {
     fn udp_without_listen_address_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let text = minimal(dir.path()).replace("udp_listen = \"127.0.0.1:7700\"\n", "");
-        let err = RxConfig::load(&write_config(dir.path(), &text))
-            .unwrap_err()
-            .to_string();
+        let err = refusal(dir.path(), &text);
         assert!(err.contains("link.udp_listen"), "{err}");
     }
 
@@ -596,9 +596,7 @@ mod tests {
             "[link]\n",
             "[link]\nserial_device = \"/dev/ttyS1\"\nserial_baud = 9600\n",
         );
-        let err = RxConfig::load(&write_config(dir.path(), &text))
-            .unwrap_err()
-            .to_string();
+        let err = refusal(dir.path(), &text);
         assert!(err.contains("serial_baud"), "{err}");
         let text = minimal(dir.path()).replace("[link]\n", "[link]\nbaud = 9600\n");
         let c = RxConfig::load(&write_config(dir.path(), &text)).unwrap();
@@ -628,13 +626,9 @@ mod tests {
     fn bad_key_file_names_the_key_field_and_file() {
         let dir = tempfile::tempdir().unwrap();
         let text = minimal(dir.path()).replace("1.key", "missing.key");
-        let err = RxConfig::load(&write_config(dir.path(), &text))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("auth.keys[0].file") && err.contains("missing.key"),
-            "{err}"
-        );
+        let err = refusal(dir.path(), &text);
+        assert!(err.contains("auth.keys[0].file"), "{err}");
+        assert!(err.contains("missing.key"), "{err}");
     }
 
     #[test]
@@ -666,9 +660,7 @@ mod tests {
     fn username_needs_password_file_and_password_is_trimmed() {
         let dir = tempfile::tempdir().unwrap();
         let text = format!("{}[delivery]\nusername = \"mirror\"\n", minimal(dir.path()));
-        let err = RxConfig::load(&write_config(dir.path(), &text))
-            .unwrap_err()
-            .to_string();
+        let err = refusal(dir.path(), &text);
         assert!(err.contains("delivery.password_file"), "{err}");
 
         let pass = dir.path().join("pass");
@@ -691,9 +683,7 @@ mod tests {
             "{}[[delivery.mapping]]\nfrom = \"library/\"\nto = \"mirror/\"\n[[delivery.mapping]]\nfrom = \"\"\nto = \"x\"\n",
             minimal(dir.path())
         );
-        let err = RxConfig::load(&write_config(dir.path(), &text))
-            .unwrap_err()
-            .to_string();
+        let err = refusal(dir.path(), &text);
         assert!(err.contains("delivery.mapping[1].from"), "{err}");
         let text = format!(
             "{}[[delivery.mapping]]\nfrom = \"library/\"\nto = \"mirror/\"\n",

@@ -8,29 +8,14 @@ use crate::appliance::Faults;
 use crate::status::StatusReport;
 use std::fmt::Write;
 use std::sync::Arc;
+use weir_host::report;
 use weir_host::{Command, CommandHandler, Reply};
 
 const COMMANDS: &[Command] = &[
-    Command {
-        name: "status",
-        usage: "",
-        summary: "link state, rates, queue, per image progress, faults",
-    },
-    Command {
-        name: "images",
-        usage: "",
-        summary: "images known, with their digests and deliveries",
-    },
-    Command {
-        name: "stats",
-        usage: "",
-        summary: "the counters",
-    },
-    Command {
-        name: "keys",
-        usage: "",
-        summary: "key ids accepted (never key material)",
-    },
+    report::STATUS,
+    report::command("images", "images known, with their digests and deliveries"),
+    report::STATS,
+    report::command("keys", "key ids accepted (never key material)"),
 ];
 
 /// Builds the live report (the one status.json holds).
@@ -58,11 +43,14 @@ impl CommandHandler for RxCommands {
             "stats" => {
                 let report = (self.report)();
                 let mut out = String::new();
-                for (name, value) in report.counters.named() {
-                    let _ = writeln!(out, "{name} {value}");
-                }
-                let _ = writeln!(out, "pushes_pending {}", report.pushes_pending);
-                let _ = writeln!(out, "pushes_failing {}", report.pushes_failing);
+                let deliveries = [
+                    ("pushes_pending", report.pushes_pending),
+                    ("pushes_failing", report.pushes_failing),
+                ];
+                report::counter_lines(
+                    &mut out,
+                    report.counters.named().into_iter().chain(deliveries),
+                );
                 Reply::Text(out)
             }
             "keys" => {
@@ -76,13 +64,13 @@ impl CommandHandler for RxCommands {
 
 impl RxCommands {
     fn status_text(&self, r: &StatusReport) -> String {
+        let running = if r.running { "running" } else { "stopped" };
+        let listening = r.listening.as_deref().unwrap_or("-");
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "gateway-rx {}: {}, listening on {}",
-            env!("CARGO_PKG_VERSION"),
-            if r.running { "running" } else { "stopped" },
-            r.listening.as_deref().unwrap_or("-")
+            "gateway-rx {}: {running}, listening on {listening}",
+            env!("CARGO_PKG_VERSION")
         );
         let _ = writeln!(
             out,
@@ -117,16 +105,8 @@ impl RxCommands {
             r.pushes_failing,
             r.counters.pushes_done
         );
-        let _ = writeln!(
-            out,
-            "fault: {}",
-            self.faults.reason().as_deref().unwrap_or("none")
-        );
-        if r.images.is_empty() {
-            let _ = writeln!(out, "images: none yet");
-        } else {
-            let _ = writeln!(out, "images:");
-        }
+        report::fault_line(&mut out, self.faults.reason().as_deref());
+        report::list_heading(&mut out, "images", r.images.len(), Some("none yet"));
         for i in &r.images {
             let _ = writeln!(
                 out,
@@ -139,18 +119,13 @@ impl RxCommands {
 }
 
 fn images_text(r: &StatusReport) -> String {
-    if r.images.is_empty() {
-        return "no image object received yet".into();
-    }
-    let mut out = String::new();
-    for i in &r.images {
+    report::list_or("no image object received yet", &r.images, |out, i| {
         let _ = writeln!(
             out,
             "{} {}: {}/{} blobs, {:.1}%",
             i.reference, i.state, i.blobs_done, i.blobs_total, i.percent
         );
-        let _ = writeln!(out, "  manifest {}", i.manifest_digest);
-        let _ = writeln!(out, "  image    {}", i.image);
+        report::image_digests(out, &i.manifest_digest, &i.image);
         for d in r.deliveries.iter().filter(|d| d.image == i.image) {
             let _ = writeln!(
                 out,
@@ -163,8 +138,7 @@ fn images_text(r: &StatusReport) -> String {
                     .unwrap_or_default()
             );
         }
-    }
-    out
+    })
 }
 
 #[cfg(test)]
@@ -172,6 +146,7 @@ mod tests {
     use super::*;
     use crate::appliance::Fault;
     use crate::status::{Counters, DeliveryView, ImageProgress};
+    use weir_test_support::replies::text;
 
     fn commands() -> RxCommands {
         RxCommands {
@@ -215,13 +190,6 @@ mod tests {
             }),
             faults: Arc::new(Faults::default()),
             key_ids: vec![1, 5],
-        }
-    }
-
-    fn text(r: Reply) -> String {
-        match r {
-            Reply::Text(t) => t,
-            Reply::Error(e) => panic!("error reply: {e}"),
         }
     }
 

@@ -1,23 +1,20 @@
 //! gateway-rx: the high-side receiver of a weir pair.
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
+use weir_host::signals::SignalWatch;
 use weir_host::Shutdown;
 
 use gateway_rx::RxConfig;
 
-/// Receives images across a one-way diode: verifies every frame, stores
-/// shards on disk, rebuilds blocks, checks every blob, and pushes complete
-/// images to a registry or exports them as an OCI image layout.
-#[derive(Parser)]
-#[command(name = "gateway-rx", version, args_conflicts_with_subcommands = true)]
-struct Cli {
+weir_host::gateway_cli! {
+    /// Receives images across a one-way diode: verifies every frame, stores
+    /// shards on disk, rebuilds blocks, checks every blob, and pushes complete
+    /// images to a registry or exports them as an OCI image layout.
+    name = "gateway-rx";
     /// Configuration file (TOML; see examples/rx.toml). Runs the receiver.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Option<Command>,
+    config;
+    subcommand = Command;
 }
 
 #[derive(Subcommand)]
@@ -50,13 +47,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gateway-rx: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    weir_host::cli::exit_code("gateway-rx", result)
 }
 
 fn check_config(file: &Path) -> anyhow::Result<()> {
@@ -89,24 +80,6 @@ fn status(file: &Path, json: bool) -> anyhow::Result<()> {
 fn run(file: &Path) -> anyhow::Result<()> {
     let config = RxConfig::load(file)?;
     let shutdown = Shutdown::new();
-    let signals = [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT];
-    let mut incoming =
-        signal_hook::iterator::Signals::new(signals).context("installing signal handlers")?;
-    let handle = incoming.handle();
-    let watcher = std::thread::Builder::new()
-        .name("rx-signals".into())
-        .spawn({
-            let shutdown = shutdown.clone();
-            move || {
-                if let Some(sig) = incoming.forever().next() {
-                    tracing::info!(signal = sig, "stopping on signal");
-                    shutdown.trigger();
-                }
-            }
-        })
-        .context("starting the signal thread")?;
-    let result = gateway_rx::run(config, shutdown);
-    handle.close();
-    let _ = watcher.join();
-    result
+    let _watch = SignalWatch::start("rx-signals", &shutdown)?;
+    gateway_rx::run(config, shutdown)
 }

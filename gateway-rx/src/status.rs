@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use weir_host::appliance::human_bytes;
+use weir_host::report;
 
 use crate::state::now_ms;
 
@@ -218,7 +219,7 @@ pub struct StatusReport {
     pub fault: Option<String>,
     pub counters: CounterSnapshot,
     pub pushes_pending: u64,
-    pub pushes_failing: u64,
+    pub pushes_failing: u64, // also counted in pushes_pending
     pub sender: Option<SenderStatus>,
     pub receiving: Vec<ObjectProgress>,
     pub images: Vec<ImageProgress>,
@@ -293,7 +294,7 @@ impl StatusReport {
                 self.frames_per_s
             );
         }
-        let _ = writeln!(out, "fault: {}", self.fault.as_deref().unwrap_or("none"));
+        report::fault_line(&mut out, self.fault.as_deref());
         let loss = if c.frames_expected > 0 {
             100.0 * c.frames_lost_estimate as f64 / c.frames_expected as f64
         } else {
@@ -338,9 +339,7 @@ impl StatusReport {
                 now_ms().saturating_sub(s.received_at_ms) as f64 / 1000.0
             );
         }
-        if !self.images.is_empty() {
-            let _ = writeln!(out, "images:");
-        }
+        report::list_heading(&mut out, "images", self.images.len(), None);
         for i in &self.images {
             let _ = writeln!(
                 out,
@@ -356,9 +355,7 @@ impl StatusReport {
                 i.image
             );
         }
-        if !self.receiving.is_empty() {
-            let _ = writeln!(out, "objects arriving:");
-        }
+        report::list_heading(&mut out, "objects arriving", self.receiving.len(), None);
         for o in &self.receiving {
             let pct = if o.blocks_total > 0 {
                 100.0 * o.blocks_complete as f64 / o.blocks_total as f64
@@ -382,9 +379,7 @@ impl StatusReport {
             .iter()
             .filter(|d| d.state != DeliveryState::Done)
             .collect();
-        if !waiting.is_empty() {
-            let _ = writeln!(out, "waiting to be delivered:");
-        }
+        report::list_heading(&mut out, "waiting to be delivered", waiting.len(), None);
         for d in waiting {
             let next = d
                 .next_attempt_ms

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use weir_host::config::{
     base_dir, check_serial_link, default_baud, default_datagram_size, default_state_min_free_mb,
-    read_toml, resolve, resolve_opt, FieldError,
+    read_toml, resolve, resolve_console_and_leds, resolve_opt, FieldError,
 };
 pub use weir_host::config::{ConsoleConfig, LedsConfig, Transport};
 use weir_proto::{FecParams, Key};
@@ -287,12 +287,7 @@ impl TxConfig {
         resolve_opt(base, &mut self.policy.rules_file);
         resolve_opt(base, &mut self.link.serial_device);
         resolve_opt(base, &mut self.link.outbox_dir);
-        if let Some(c) = &mut self.console {
-            c.resolve_paths(base);
-        }
-        if let Some(l) = &mut self.leds {
-            l.resolve_paths(base);
-        }
+        resolve_console_and_leds(base, &mut self.console, &mut self.leds);
     }
 
     /// Checks every range and loads what must load (key, rules).
@@ -653,6 +648,11 @@ passes = 3
         .to_string()
     }
 
+    /// The published configuration with another link than udp.
+    fn with_link(dir: &Path, link: &str) -> String {
+        published(dir).replace("transport = \"udp\"\nudp_peer = \"192.0.2.10:7700\"", link)
+    }
+
     fn load_text(dir: &Path, text: &str) -> anyhow::Result<TxConfig> {
         let p = dir.join("tx.toml");
         std::fs::write(&p, text).unwrap();
@@ -738,8 +738,8 @@ passes = 3
     #[test]
     fn serial_link_loads_with_default_baud_and_paces_to_the_line() {
         let dir = tempfile::tempdir().unwrap();
-        let text = published(dir.path()).replace(
-            "transport = \"udp\"\nudp_peer = \"192.0.2.10:7700\"",
+        let text = with_link(
+            dir.path(),
             "transport = \"serial\"\nserial_device = \"tty\"",
         );
         let c = load_text(dir.path(), &text).unwrap();
@@ -765,10 +765,7 @@ passes = 3
     #[test]
     fn dir_link_loads_with_documented_defaults() {
         let dir = tempfile::tempdir().unwrap();
-        let text = published(dir.path()).replace(
-            "transport = \"udp\"\nudp_peer = \"192.0.2.10:7700\"",
-            "transport = \"dir\"\noutbox_dir = \"outbox\"",
-        );
+        let text = with_link(dir.path(), "transport = \"dir\"\noutbox_dir = \"outbox\"");
         let c = load_text(dir.path(), &text).unwrap();
         assert_eq!(c.link.outbox_dir, Some(dir.path().join("outbox")));
         assert_eq!(c.link.max_file_bytes, 4 << 20);
@@ -780,12 +777,12 @@ passes = 3
     #[test]
     fn console_and_leds_are_optional_with_documented_defaults() {
         let dir = tempfile::tempdir().unwrap();
-        let c = load_text(dir.path(), &published(dir.path())).unwrap();
+        let published = published(dir.path());
+        let c = load_text(dir.path(), &published).unwrap();
         assert!(c.console.is_none() && c.leds.is_none());
         assert_eq!(c.state_min_free_mb, 64);
         let text = format!(
-            "{}\n[console]\ndevice = \"/dev/ttyS1\"\n\n[leds]\nfault = \"red:fault\"\n",
-            published(dir.path())
+            "{published}\n[console]\ndevice = \"/dev/ttyS1\"\n\n[leds]\nfault = \"red:fault\"\n"
         );
         let c = load_text(dir.path(), &text).unwrap();
         let console = c.console.unwrap();
@@ -795,10 +792,7 @@ passes = 3
         assert_eq!(leds.base, Path::new("/sys/class/leds"));
         assert_eq!(leds.power, "weir:power");
         assert_eq!(leds.fault, "red:fault");
-        let text = format!(
-            "{}\n[leds]\nhmac_fault_threshold = 5\n",
-            published(dir.path())
-        );
+        let text = format!("{published}\n[leds]\nhmac_fault_threshold = 5\n");
         let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
         assert!(
             err.contains("hmac_fault_threshold"),

@@ -11,40 +11,17 @@ use crate::status::{Status, StatusBoard};
 use std::fmt::Write;
 use std::sync::Arc;
 use weir_host::appliance::human_bytes;
+use weir_host::report;
 use weir_host::{Command, CommandHandler, Reply};
 use weir_proto::ObjectId;
 
 const COMMANDS: &[Command] = &[
-    Command {
-        name: "status",
-        usage: "",
-        summary: "link state, rates, queue, per image progress, faults",
-    },
-    Command {
-        name: "images",
-        usage: "",
-        summary: "images in the carousel, with their digests",
-    },
-    Command {
-        name: "stats",
-        usage: "",
-        summary: "the counters",
-    },
-    Command {
-        name: "keys",
-        usage: "",
-        summary: "key ids in use (never key material)",
-    },
-    Command {
-        name: "pause",
-        usage: "",
-        summary: "stop sending shard frames (heartbeats go on)",
-    },
-    Command {
-        name: "resume",
-        usage: "",
-        summary: "send shard frames again",
-    },
+    report::STATUS,
+    report::command("images", "images in the carousel, with their digests"),
+    report::STATS,
+    report::command("keys", "key ids in use (never key material)"),
+    report::command("pause", "stop sending shard frames (heartbeats go on)"),
+    report::command("resume", "send shard frames again"),
     Command {
         name: "resend",
         usage: "<digest>",
@@ -128,16 +105,8 @@ impl TxCommands {
         if let Some(current) = &s.ingest.current {
             let _ = writeln!(out, "ingest: reading {current}");
         }
-        let _ = writeln!(
-            out,
-            "fault: {}",
-            self.faults.reason().as_deref().unwrap_or("none")
-        );
-        if s.images.is_empty() {
-            let _ = writeln!(out, "images: none");
-        } else {
-            let _ = writeln!(out, "images:");
-        }
+        report::fault_line(&mut out, self.faults.reason().as_deref());
+        report::list_heading(&mut out, "images", s.images.len(), Some("none"));
         for i in &s.images {
             let eta = i.eta_s.map(|e| format!(", eta {e}s")).unwrap_or_default();
             let _ = writeln!(
@@ -208,11 +177,7 @@ impl TxCommands {
 }
 
 fn images_text(s: &Status) -> String {
-    if s.images.is_empty() {
-        return "no images in the carousel".into();
-    }
-    let mut out = String::new();
-    for i in &s.images {
+    report::list_or("no images in the carousel", &s.images, |out, i| {
         let _ = writeln!(
             out,
             "{} {}: passes {}/{}, {}, from {}",
@@ -223,10 +188,8 @@ fn images_text(s: &Status) -> String {
             human_bytes(i.bytes),
             i.source
         );
-        let _ = writeln!(out, "  manifest {}", i.manifest_digest);
-        let _ = writeln!(out, "  image    {}", i.image);
-    }
-    out
+        report::image_digests(out, &i.manifest_digest, &i.image);
+    })
 }
 
 fn stats_text(s: &Status) -> String {
@@ -251,9 +214,7 @@ fn stats_text(s: &Status) -> String {
         ("uptime_s", s.uptime_s),
     ];
     let mut out = String::new();
-    for (name, value) in rows {
-        let _ = writeln!(out, "{name} {value}");
-    }
+    report::counter_lines(&mut out, rows);
     if let Some(e) = &w.last_link_error {
         let _ = writeln!(out, "wire.last_link_error {e}");
     }
@@ -266,6 +227,7 @@ mod tests {
     use crate::appliance::Fault;
     use crate::objects::{AuditEntry, DropCommit, DropRecord};
     use crate::status::ImageStatus;
+    use weir_test_support::replies::text;
 
     const MANIFEST: &str =
         "sha256:4f9a1c0e2b7d6a8f3e5c1b0a9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e";
@@ -326,13 +288,6 @@ mod tests {
             faults: Arc::new(Faults::default()),
             key_id: 7,
             passes: 3,
-        }
-    }
-
-    fn text(r: Reply) -> String {
-        match r {
-            Reply::Text(t) => t,
-            Reply::Error(e) => panic!("error reply: {e}"),
         }
     }
 

@@ -216,7 +216,6 @@ mod tests {
 
     #[test]
     fn status_file_is_whole_json_with_the_documented_fields() {
-        let dir = tempfile::tempdir().unwrap();
         let board = StatusBoard::new();
         board.update(|s| {
             s.queue.objects = 3;
@@ -226,6 +225,7 @@ mod tests {
                 ..Default::default()
             });
         });
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("status.json");
         board.write(&path).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

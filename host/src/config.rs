@@ -119,6 +119,21 @@ pub fn resolve_opt(base: &Path, path: &mut Option<PathBuf>) {
     }
 }
 
+/// Makes the paths of the optional `[console]` and `[leds]` tables, which
+/// both gateways have, relative to `base`.
+pub fn resolve_console_and_leds(
+    base: &Path,
+    console: &mut Option<ConsoleConfig>,
+    leds: &mut Option<LedsConfig>,
+) {
+    if let Some(c) = console {
+        c.resolve_paths(base);
+    }
+    if let Some(l) = leds {
+        l.resolve_paths(base);
+    }
+}
+
 /// How frames cross the diode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -278,10 +293,9 @@ mod tests {
         let mut c: Sample = read_toml(&path).unwrap();
         let base = base_dir(&path);
         resolve(&base, &mut c.state_dir);
-        let console = c.console.as_mut().unwrap();
-        console.resolve_paths(&base);
-        let leds = c.leds.as_mut().unwrap();
-        leds.resolve_paths(&base);
+        resolve_console_and_leds(&base, &mut c.console, &mut c.leds);
+        let console = c.console.as_ref().unwrap();
+        let leds = c.leds.as_ref().unwrap();
         assert_eq!(c.state_dir, dir.path().join("state"));
         assert_eq!(console.device, dir.path().join("tty"));
         assert_eq!(console.baud, DEFAULT_BAUD);

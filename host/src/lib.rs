@@ -5,6 +5,7 @@
 //!
 //! - [`appliance`]: the fault set, the state-disk guard, the LED panel loop
 //!   and the counter windows it judges on.
+//! - [`cli`]: the command line both gateway binaries share.
 //! - [`clock`]: the wall-clock and entropy reads a new session id needs.
 //! - [`config`]: the configuration pieces both gateways share, and how a
 //!   file is read and its relative paths resolved.
@@ -16,12 +17,15 @@
 //! - [`link`]: the links frames travel on: UDP (GSO/GRO), serial, directory.
 //! - [`link_setup`]: why a configured link end did not open.
 //! - [`logging`]: the log output both gateway binaries set up.
+//! - [`report`]: the plain-text lines both consoles and `status` print.
 //! - [`shutdown`]: the stop signal every stage of a gateway shares.
+//! - [`signals`]: SIGTERM and SIGINT stop a gateway through its shutdown.
 //! - [`stages`]: the stage runner (named threads, first error stops all).
 //! - [`state`]: the sled database and its one commit point.
 //! - [`states`]: enums of states that show as the words status.json uses.
 
 pub mod appliance;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod console;
@@ -32,7 +36,9 @@ pub mod leds;
 pub mod link;
 pub mod link_setup;
 pub mod logging;
+pub mod report;
 pub mod shutdown;
+pub mod signals;
 pub mod stages;
 pub mod state;
 pub mod states;

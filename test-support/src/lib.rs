@@ -22,12 +22,14 @@
 //! - [`sender`]: a sender that seals frames with the proto API and sends
 //!   them over UDP, dropping or altering what a test asks.
 //! - [`receiver`]: a receiver that verifies frames and rebuilds objects.
+//! - [`replies`]: a console handler's reply as text.
 //! - [`wait`]: polling with a deadline.
 
 pub mod images;
 pub mod pty;
 pub mod receiver;
 pub mod registry;
+pub mod replies;
 pub mod sender;
 pub mod skopeo;
 pub mod tools;

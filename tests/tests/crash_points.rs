@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use weir_test_support::pty::{open_raw, PtyPair};
 use weir_test_support::tools::{or_skip, SOCAT};
 use weir_tests::imagegen::{self, LayerSpec};
-use weir_tests::pair::{Gateway, Site, SiteOptions, Target};
+use weir_tests::pair::{Site, SiteOptions, Target};
 
 /// Longest one point may take to be reached, and the image to arrive.
 const PHASE_LIMIT: Duration = Duration::from_secs(60);
