@@ -156,8 +156,9 @@ fn walk(point: &str, n: u64) -> Result<Duration> {
     }
     // The drop was accepted (it sits in done/, never in rejected/)...
     let done = spool_entries(&site.spool.join("done"));
-    if !done.iter().any(|f| f.ends_with(".tar")) || site.spool.join("rejected").exists() {
-        bail!("{point}: drop not in done/ ({done:?})");
+    let rejected = spool_entries(&site.spool.join("rejected"));
+    if !done.iter().any(|f| f == "img.tar") || !rejected.is_empty() {
+        bail!("{point}: drop not in done/ (done {done:?}, rejected {rejected:?})");
     }
     // ...and named once by the layout, whatever passes crossed twice.
     if layout_entries(&layout, &digest) != 1 {
