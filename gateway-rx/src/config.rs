@@ -125,6 +125,19 @@ pub struct LinkConfig {
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub keys: Vec<KeyFile>,
+    /// Sender sessions are numbered from the sender's clock; one claiming to
+    /// start more than this many hours ahead of the receiver's clock is
+    /// refused, so a forged far-future session cannot make the real
+    /// sender's sessions look old.
+    #[serde(default = "default_max_session_ahead_hours")]
+    pub max_session_ahead_hours: u64,
+}
+
+/// Default bound on how far ahead of this clock a sender session may start.
+pub const DEFAULT_MAX_SESSION_AHEAD_HOURS: u64 = 24;
+
+fn default_max_session_ahead_hours() -> u64 {
+    DEFAULT_MAX_SESSION_AHEAD_HOURS
 }
 
 #[derive(Debug, Clone, Deserialize)]

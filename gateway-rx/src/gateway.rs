@@ -89,7 +89,10 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!(listening = %listening, state_dir = %config.state_dir.display(),
         targets = ?crate::delivery::targets(&config).iter().map(|t| t.name()).collect::<Vec<_>>(),
         "gateway-rx started");
-    let verifier = Verifier::new(keys, Some(SessionBook::open(&db)?), counters.clone())?;
+    let verifier = Verifier::new(keys, Some(SessionBook::open(&db)?), counters.clone())?
+        .with_session_horizon(std::time::Duration::from_secs(
+            config.auth.max_session_ahead_hours.saturating_mul(3600),
+        ));
     let sender = Arc::new(Mutex::new(None::<SenderStatus>));
     let (inbound_tx, inbound) = mpsc::sync_channel(INBOUND_BATCHES);
     let (result_tx, results) = mpsc::channel();
@@ -193,6 +196,28 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     report::last_word(&reporter);
     tracing::info!("gateway-rx stopped");
     intake_stopped.and(reporting_stopped)
+}
+
+/// Forgets the newest sender session remembered for `key_id` (every key
+/// id if None); returns what was forgotten. Refuses while a gateway runs on
+/// this state directory.
+pub fn forget_session(config: &RxConfig, key_id: Option<u16>) -> anyhow::Result<Vec<(u16, u64)>> {
+    let db = StateDb::open_now(&db_dir(config)).with_context(|| {
+        format!(
+            "opening {} (stop gateway-rx first)",
+            db_dir(config).display()
+        )
+    })?;
+    let gone = SessionBook::open(&db)?.forget(key_id)?;
+    db.commit("rx.operator.forget-session")?;
+    for (key_id, session) in &gone {
+        tracing::warn!(
+            key_id,
+            session_id = session,
+            "sender session forgotten by the operator"
+        );
+    }
+    Ok(gone)
 }
 
 #[cfg(test)]

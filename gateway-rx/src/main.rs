@@ -33,6 +33,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Forgets the newest sender session remembered per key id, so that a
+    /// sender whose frames are all counted as replays (its session looks
+    /// older than one remembered) is accepted again. Run with the gateway
+    /// stopped.
+    ForgetSession {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this key id's session (default: every key id's).
+        #[arg(long, value_name = "ID")]
+        key_id: Option<u16>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +52,7 @@ fn main() -> std::process::ExitCode {
     let result = match (cli.command, cli.config) {
         (Some(Command::CheckConfig { file }), _) => check_config(&file),
         (Some(Command::Status { config, json }), _) => status(&config, json),
+        (Some(Command::ForgetSession { config, key_id }), _) => forget_session(&config, key_id),
         (None, Some(config)) => run(&config),
         (None, None) => {
             eprintln!("gateway-rx: --config FILE is required (see --help)");
@@ -73,6 +85,26 @@ fn status(file: &Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.render());
+    }
+    Ok(())
+}
+
+fn forget_session(file: &Path, key_id: Option<u16>) -> anyhow::Result<()> {
+    let config = RxConfig::load(file)?;
+    let gone = gateway_rx::forget_session(&config, key_id)?;
+    if gone.is_empty() {
+        println!(
+            "no sender session remembered{}",
+            match key_id {
+                Some(id) => format!(" for key id {id}"),
+                None => String::new(),
+            }
+        );
+    }
+    for (key_id, session) in gone {
+        println!(
+            "forgot session {session} of key id {key_id}: the next session it starts is accepted"
+        );
     }
     Ok(())
 }

@@ -57,6 +57,11 @@ counters! {
     /// Authentic frames seen before (same session and sequence number), or
     /// from an older sender session.
     frames_replayed,
+    /// Authentic frames of a sender session that claims to start further
+    /// ahead of this clock than `auth.max_session_ahead_hours`: a sender
+    /// holding the key could otherwise make every later real session look
+    /// old.
+    frames_future_session,
     /// Frames refused before the tag could be checked (short, bad magic,
     /// version, length) or whose authenticated body did not parse.
     frames_malformed,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use weir_proto::{Frame, FrameError, FrameOpener, KeyRing, ReplayGuard, ReplayVerdict};
 
-use crate::state::{StateDb, StateError};
+use crate::state::{now_ms, StateDb, StateError};
 use crate::status::Counters;
 
 const SESSIONS_TREE: &str = "sender_sessions";
@@ -21,6 +21,24 @@ pub struct Verifier {
     floors: HashMap<u16, u64>,
     counters: Arc<Counters>,
     sessions: Option<SessionBook>,
+    /// How far ahead of this clock a session may start, in ms.
+    horizon_ms: u64,
+    /// Session ids up to this one are within the horizon (as of the last
+    /// clock read): the clock is read only when a frame claims more.
+    session_limit: u64,
+    /// The last session refused as too far ahead, so the warning is logged
+    /// once per session, not per frame.
+    last_refused: Option<u64>,
+}
+
+/// The highest session id a sender whose clock reads `now_ms` plus
+/// `horizon_ms` can draw (see `weir_proto::new_session_id`).
+fn session_limit(now_ms: u64, horizon_ms: u64) -> u64 {
+    now_ms
+        .saturating_add(horizon_ms)
+        .checked_shl(16)
+        .filter(|v| v >> 16 == now_ms.saturating_add(horizon_ms))
+        .map_or(u64::MAX, |v| v | 0xffff)
 }
 
 /// Where the newest session per key id is kept across restarts.
@@ -36,6 +54,24 @@ impl SessionBook {
             tree: db.tree(SESSIONS_TREE)?,
             db: db.clone(),
         })
+    }
+
+    /// Forgets the newest session of `key_id` (of every key id if None), so
+    /// that the next session the sender starts is accepted whatever its id.
+    /// Returns what was forgotten. The caller commits.
+    pub fn forget(&self, key_id: Option<u16>) -> Result<Vec<(u16, u64)>, StateError> {
+        let all = self.load()?;
+        let mut gone = Vec::new();
+        for (k, v) in all {
+            if key_id.is_none_or(|id| id == k) {
+                self.tree
+                    .remove(k.to_be_bytes())
+                    .map_err(|e| self.db.sled_error(e))?;
+                gone.push((k, v));
+            }
+        }
+        gone.sort_unstable();
+        Ok(gone)
     }
 
     pub fn load(&self) -> Result<HashMap<u16, u64>, StateError> {
@@ -71,13 +107,44 @@ impl Verifier {
             Some(book) => book.load()?,
             None => HashMap::new(),
         };
+        let horizon_ms = crate::config::DEFAULT_MAX_SESSION_AHEAD_HOURS * 3_600_000;
         Ok(Verifier {
             opener: FrameOpener::new(keys),
             guard: ReplayGuard::new(),
             floors,
             counters,
             sessions,
-        })
+            horizon_ms,
+            session_limit: 0,
+            last_refused: None,
+        }
+        .within_horizon())
+    }
+
+    /// Sets how far ahead of this clock a session may start.
+    pub fn with_session_horizon(mut self, horizon: std::time::Duration) -> Verifier {
+        self.horizon_ms = horizon.as_millis().min(u64::MAX as u128) as u64;
+        self.session_limit = 0;
+        self.within_horizon()
+    }
+
+    /// Drops remembered floors beyond the horizon: a store written before
+    /// sessions were bounded may hold a forged far-future one, which would
+    /// keep every real session stale for good.
+    fn within_horizon(mut self) -> Verifier {
+        let limit = session_limit(now_ms(), self.horizon_ms);
+        self.floors.retain(|&key_id, &mut session| {
+            let keep = session <= limit;
+            if !keep {
+                tracing::warn!(
+                    key_id,
+                    session_id = session,
+                    "remembered sender session lies beyond the session horizon; forgotten"
+                );
+            }
+            keep
+        });
+        self
     }
 
     /// The frame if it is authentic and new; otherwise None, counted.
@@ -101,6 +168,21 @@ impl Verifier {
             }
         };
         let h = &frame.header;
+        // The clock is read only when a frame claims more than the last
+        // limit allowed.
+        if h.session_id > self.session_limit {
+            self.session_limit = session_limit(now_ms(), self.horizon_ms);
+        }
+        if h.session_id > self.session_limit {
+            Counters::add(&c.frames_future_session, 1);
+            if self.last_refused != Some(h.session_id) {
+                self.last_refused = Some(h.session_id);
+                tracing::warn!(key_id = h.key_id, session_id = h.session_id,
+                    "authentic frames of a sender session that starts too far ahead of this clock are refused \
+                     (a sender holding the key, or clocks apart by more than auth.max_session_ahead_hours)");
+            }
+            return None;
+        }
         if self
             .floors
             .get(&h.key_id)
@@ -249,5 +331,58 @@ mod tests {
         let mut v = verifier(&counters, Some(book));
         assert!(v.admit(&captured).is_none());
         assert_eq!(get(&counters.frames_replayed), 1);
+    }
+
+    /// A session id as the real sender draws it, from this clock.
+    fn real_session() -> u64 {
+        weir_proto::new_session_id(None, now_ms(), 7)
+    }
+
+    /// A sender holding the key signs a heartbeat in session 2^64 - 1: it is
+    /// refused and counted, and the real sender's session goes on, before
+    /// and after a restart of the receiver.
+    #[test]
+    fn a_forged_far_future_session_cannot_make_the_real_one_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("db")).unwrap();
+        let book = SessionBook::open(&db).unwrap();
+        let counters = Arc::new(Counters::default());
+        let mut v = verifier(&counters, Some(book.clone()));
+        let mut real = FrameSealer::new(key(1, 7), real_session());
+        assert!(v.admit(&sealed(&mut real, 1)).is_some());
+        let mut poison = FrameSealer::new(key(1, 7), u64::MAX);
+        assert!(v.admit(&sealed(&mut poison, 2)).is_none());
+        // Just past the horizon is refused too; just inside is not.
+        let day = 24 * 3_600_000;
+        let mut late = FrameSealer::new(key(2, 8), (now_ms() + day + 60_000) << 16);
+        assert!(v.admit(&sealed(&mut late, 3)).is_none());
+        assert!(v.admit(&sealed(&mut real, 4)).is_some());
+        assert_eq!(get(&counters.frames_future_session), 2);
+        drop(v);
+        let v2_counters = Arc::new(Counters::default());
+        let mut v2 = verifier(&v2_counters, Some(book));
+        assert!(v2.admit(&sealed(&mut real, 5)).is_some());
+    }
+
+    /// A store written before sessions were bounded may hold a forged floor:
+    /// it is forgotten at open, and `forget` clears any floor by hand.
+    #[test]
+    fn a_remembered_floor_beyond_the_horizon_is_forgotten_and_floors_can_be_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("db")).unwrap();
+        let book = SessionBook::open(&db).unwrap();
+        book.record(1, u64::MAX);
+        let counters = Arc::new(Counters::default());
+        let mut v = verifier(&counters, Some(book.clone()));
+        let mut real = FrameSealer::new(key(1, 7), real_session());
+        assert!(v.admit(&sealed(&mut real, 1)).is_some());
+        drop(v);
+        // The real session is now the floor of key 1; key 2 gets one too.
+        book.record(2, 5);
+        let gone = book.forget(Some(2)).unwrap();
+        assert_eq!(gone, vec![(2, 5)]);
+        assert_eq!(book.load().unwrap().len(), 1);
+        assert_eq!(book.forget(None).unwrap().len(), 1);
+        assert!(book.load().unwrap().is_empty());
     }
 }

@@ -1,0 +1,50 @@
+//! Operator commands of the gateway-rx binary, run as an operator would.
+
+mod common;
+
+use common::{key, setup_with, Gateway};
+use std::process::Command;
+use std::time::Duration;
+use weir_test_support::{sample_image, TestSender};
+
+fn forget_session(config: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gateway-rx"))
+        .args(["forget-session", "--config"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn forget_session_clears_the_remembered_session_only_while_stopped() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let s = setup_with(&format!(
+        "[delivery]\noci_layout = \"{}\"\n",
+        out_dir.path().display()
+    ));
+    let gw = Gateway::start(&s);
+    let img = sample_image("team/op", &["1"], 1, 1000);
+    let mut tx = TestSender::new(key(), 4242, s.addr, 1400, 8, 2);
+    gw.wait_for(
+        "the sender's session",
+        Duration::from_secs(30),
+        |st| common::counter(st, "frames_accepted") > 0,
+        &mut || {
+            tx.pass(&img.objects());
+        },
+    );
+    // While the gateway holds its state, the command refuses and says why.
+    let busy = forget_session(&s.config);
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(err.contains("stop gateway-rx first"), "{err}");
+    assert!(gw.terminate().success());
+
+    let done = forget_session(&s.config);
+    let out = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{out}");
+    assert!(out.contains("forgot session 4242 of key id 1"), "{out}");
+    // Nothing is left to forget.
+    let again = forget_session(&s.config);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("no sender session remembered"));
+}
