@@ -10,14 +10,18 @@
 //!
 //! Shards are written in batches: payloads go to the files, the files are
 //! fsynced, and only then the blocks' bitmaps are committed to sled (itself
-//! fsynced). A bitmap therefore never claims a shard that is not durably on
-//! disk; after a crash the bitmap is the truth and anything written past it
-//! is simply received again.
+//! fsynced). The claim takes a value only the fsync makes (`durable`), so
+//! a bitmap never claims a shard that is not durably on disk; after a crash
+//! the bitmap is the truth and anything written past it is simply received
+//! again.
 //!
-//! A block whose data shards are all in is complete. One that has any `k`
-//! distinct shards (from whichever passes) but misses data shards goes to
-//! the decoder thread ([`decode_block`]), which rebuilds the missing data
-//! shards into the data file; the store then claims them like received
+//! Which shards are held or queued, which blocks are complete, decodable or
+//! being decoded, and where each object is in its life is the protocol's
+//! block assembly ([`ObjectAssembly`]); this store keeps what touches disk
+//! and sled. A block whose data shards are all in is complete. One that has
+//! any `k` distinct shards (from whichever passes) but misses data shards
+//! goes to the decoder thread ([`decode_block`]), which rebuilds the missing
+//! data shards into the data file; the store then claims them like received
 //! ones. An object whose blocks are all complete goes to the finisher, which
 //! checks its sha256 and moves the data file into the blob store.
 //!
@@ -32,31 +36,27 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir_host::crash::crash_point;
+use weir_proto::assembly::{self, BlockBitmap, ObjectAssembly, ObjectState, BLOCKS_PER_CHUNK};
 use weir_proto::{BlockCodec, FecParams, ObjectId, ObjectKind, ShardFrame};
 
-use crate::state::{fsync_dir, now_ms, StateDb, StateError};
+use crate::state::{now_ms, StateDb, StateError};
 use crate::status::{Counters, ObjectProgress};
+use durable::Durable;
+pub use durable::RebuiltShards;
+
+mod durable;
 
 /// Commit when this many payload bytes wait.
 pub const BATCH_BYTES: usize = 4 << 20;
 /// Commit at the latest this long after the first shard of a batch.
 pub const BATCH_WAIT: Duration = Duration::from_millis(50);
-/// Largest single write when coalescing adjacent shards.
-const WRITE_RUN: usize = 1 << 20;
 /// Hash an arriving object's data file ahead each time this many more
 /// leading bytes are final, so its finish reads only the tail.
 const DIGEST_STEP: u64 = 16 << 20;
-/// Parts per `pwritev` (the kernel's IOV_MAX).
-const WRITE_PARTS: usize = 1024;
-/// Largest bitmap of one block.
-const MAX_BITMAP: usize = weir_proto::fec::MAX_SHARDS_PER_BLOCK.div_ceil(8);
 
 const OBJECTS_TREE: &str = "staging_objects";
+/// Bitmaps by object and chunk ([`BLOCKS_PER_CHUNK`] blocks a value).
 const BLOCKS_TREE: &str = "staging_bitmaps";
-/// Blocks whose bitmaps share one sled value. One key per block would make
-/// a 4 GiB object 100 000 keys, and sled needs hundreds of MiB to delete
-/// that many in one batch; chunks keep the key count (and memory) small.
-const BLOCKS_PER_CHUNK: u32 = 256;
 /// Keys removed per sled batch when an object leaves staging.
 const REMOVE_BATCH: usize = 256;
 
@@ -186,113 +186,38 @@ struct LiveObject {
     record: ObjectRecord,
     generation: u64,
     files: Arc<StagingFiles>,
-    blocks: u32,
-    bitmap_len: usize,
-    /// Committed shards: `blocks × bitmap_len` bytes.
-    held: Vec<u8>,
-    /// Shards in the current batch.
-    queued: Vec<u8>,
-    shards_held: u64,
-    blocks_complete: u32,
-    decoding: HashSet<u32>,
-    /// Leading blocks whose data is final (complete, not being decoded).
-    final_prefix: u32,
-    /// Leading blocks already handed to the finisher to hash.
-    digested: u32,
-    finishing: bool,
+    /// Held and queued shards, decodes out, the final prefix, finishing.
+    assembly: ObjectAssembly,
     record_dirty: bool,
 }
 
 impl LiveObject {
-    fn k(&self) -> u16 {
-        self.record.fec.data_shards
+    /// `block`'s held bitmap, to add a batch's shards to.
+    fn bitmap_of(&self, block: u32) -> BlockBitmap {
+        let mut map = [0u8; assembly::MAX_BITMAP_LEN];
+        map[..self.assembly.bitmap_len()].copy_from_slice(self.assembly.block_bitmap(block));
+        map
     }
 
-    fn total(&self) -> u16 {
-        self.record.fec.total_shards()
-    }
-
-    fn bit(map: &[u8], bitmap_len: usize, block: u32, index: u16) -> bool {
-        let byte = block as usize * bitmap_len + index as usize / 8;
-        map[byte] & (1 << (index % 8)) != 0
-    }
-
-    fn set(map: &mut [u8], bitmap_len: usize, block: u32, index: u16) {
-        let byte = block as usize * bitmap_len + index as usize / 8;
-        map[byte] |= 1 << (index % 8);
-    }
-
-    fn block_bitmap(&self, block: u32) -> &[u8] {
-        let start = block as usize * self.bitmap_len;
-        &self.held[start..start + self.bitmap_len]
-    }
-
-    fn held_in_block(&self, block: u32) -> Vec<u16> {
-        (0..self.total())
-            .filter(|&i| Self::bit(&self.held, self.bitmap_len, block, i))
-            .collect()
-    }
-
-    fn data_complete(&self, block: u32) -> bool {
-        data_bits_set(self.block_bitmap(block), self.k())
-    }
-
-    /// Moves the final prefix forward; returns a digest job when it grew by
-    /// `step` bytes since the last one (the finish hashes the rest).
-    fn digest_ahead(&mut self, id: &ObjectId, step: u64) -> Option<DigestJob> {
-        while self.final_prefix < self.blocks
-            && self.data_complete(self.final_prefix)
-            && !self.decoding.contains(&self.final_prefix)
-        {
-            self.final_prefix += 1;
-        }
-        let block = self.record.fec.block_bytes();
-        let upto = (self.final_prefix as u64 * block).min(self.record.len);
-        if self.final_prefix == self.blocks
-            || upto - (self.digested as u64 * block).min(upto) < step
-        {
-            return None;
-        }
-        self.digested = self.final_prefix;
-        Some(DigestJob {
-            object: *id,
+    fn decode_job(&self, id: ObjectId, block: u32, held: Vec<u16>) -> DecodeJob {
+        DecodeJob {
+            object: id,
             generation: self.generation,
-            upto,
+            fec: self.record.fec,
+            block,
+            held,
             files: self.files.clone(),
-        })
-    }
-
-    /// Whether the block's data shards are all in once the queued ones land.
-    fn data_complete_with_queued(&self, block: u32) -> bool {
-        let start = block as usize * self.bitmap_len;
-        let mut map = [0u8; MAX_BITMAP];
-        let map = &mut map[..self.bitmap_len];
-        for (m, (h, q)) in map.iter_mut().zip(
-            self.held[start..start + self.bitmap_len]
-                .iter()
-                .zip(&self.queued[start..start + self.bitmap_len]),
-        ) {
-            *m = h | q;
         }
-        data_bits_set(map, self.k())
     }
 
     fn progress(&self, id: &ObjectId) -> ObjectProgress {
         progress_of(
             id,
             &self.record,
-            self.blocks_complete as u64,
-            self.shards_held,
+            self.assembly.blocks_complete() as u64,
+            self.assembly.shards_held(),
         )
     }
-}
-
-/// Whether bits `0..k` (the data shards) of one block's bitmap are all set.
-fn data_bits_set(map: &[u8], k: u16) -> bool {
-    let (whole, rest) = (k as usize / 8, k % 8);
-    map.len() * 8 >= k as usize
-        && map[..whole].iter().all(|&b| b == 0xff)
-        && (rest == 0 || map[whole] & ((1u8 << rest) - 1) == (1u8 << rest) - 1)
 }
 
 fn progress_of(
@@ -333,118 +258,24 @@ fn chunk_key(id: &ObjectId, chunk: u32) -> [u8; 36] {
     k
 }
 
-/// The blocks a chunk covers.
-fn chunk_blocks(chunk: u32, blocks: u32) -> std::ops::Range<u32> {
-    let start = chunk.saturating_mul(BLOCKS_PER_CHUNK).min(blocks);
-    start..(start.saturating_add(BLOCKS_PER_CHUNK)).min(blocks)
-}
-
-/// Adjacent shards of one staging file, written with one `pwritev`.
-#[derive(Default)]
-struct WriteRun<'a> {
-    files: Option<Arc<StagingFiles>>,
-    parity: bool,
-    start: u64,
-    len: usize,
-    parts: Vec<&'a [u8]>,
-}
-
-impl<'a> WriteRun<'a> {
-    fn extends(&self, files: &Arc<StagingFiles>, parity: bool, off: u64, len: usize) -> bool {
-        self.files.as_ref().is_some_and(|f| Arc::ptr_eq(f, files))
-            && self.parity == parity
-            && self.start + self.len as u64 == off
-            && self.len + len <= WRITE_RUN
-            && self.parts.len() < WRITE_PARTS
-    }
-
-    fn start(&mut self, files: Arc<StagingFiles>, parity: bool, off: u64) {
-        self.files = Some(files);
-        self.parity = parity;
-        self.start = off;
-    }
-
-    fn push(&mut self, part: &'a [u8]) {
-        self.len += part.len();
-        self.parts.push(part);
-    }
-
-    fn flush(&mut self) -> Result<(), ShardStoreError> {
-        if let Some(f) = self.files.take() {
-            let (file, path) = if self.parity {
-                (&f.parity, &f.parity_path)
-            } else {
-                (&f.data, &f.data_path)
-            };
-            write_parts_at(file, &self.parts, self.start)
-                .map_err(io_err(path, "writing shards"))?;
-        }
-        self.parts.clear();
-        self.len = 0;
-        Ok(())
-    }
-}
-
-/// Writes `parts` back to back at `offset`, all of them, in as few
-/// `pwritev` calls as the kernel allows.
-fn write_parts_at(file: &File, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut iovs: Vec<libc::iovec> = parts
-        .iter()
-        .map(|p| libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
-        })
-        .collect();
-    let (mut first, mut at) = (0usize, offset);
-    while first < iovs.len() {
-        let count = (iovs.len() - first).min(WRITE_PARTS);
-        // SAFETY: the iovecs point into `parts`, which outlive the call.
-        let n = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iovs.as_ptr().add(first),
-                count as libc::c_int,
-                at as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        let mut n = n as usize;
-        at += n as u64;
-        // Skip what was written; a partly written part is resumed.
-        while n > 0 {
-            let iov = &mut iovs[first];
-            if n >= iov.iov_len {
-                n -= iov.iov_len;
-                first += 1;
-            } else {
-                // SAFETY: n < iov_len, still inside the same part.
-                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
-                iov.iov_len -= n;
-                n = 0;
-            }
-        }
-        while first < iovs.len() && iovs[first].iov_len == 0 {
-            first += 1;
-        }
-    }
-    Ok(())
-}
-
 struct PendingShard {
     object: ObjectId,
     block: u32,
     index: u16,
     payload: Vec<u8>,
+}
+
+struct RebuiltBlock {
+    object: ObjectId,
+    generation: u64,
+    block: u32,
+    shards: RebuiltShards,
+}
+
+/// A batch's bitmaps, committed to sled: what memory takes next. Made only
+/// by `ShardStore::claim`, after the sled commit.
+struct Claimed {
+    bitmaps: HashMap<(ObjectId, u32), BlockBitmap>,
 }
 
 /// Shards of objects in flight, on disk, claimed in sled.
@@ -459,8 +290,8 @@ pub struct ShardStore {
     pending: Vec<PendingShard>,
     pending_bytes: usize,
     pending_since: Option<Instant>,
-    /// Data shards the decoder rebuilt (durably), to claim at the next commit.
-    rebuilt: Vec<(ObjectId, u64, u32, Vec<u16>)>,
+    /// Data shards the decoder rebuilt, to claim at the next commit.
+    rebuilt: Vec<RebuiltBlock>,
     /// Staging files were created since the last commit: fsync the directory.
     dir_dirty: bool,
     /// Work found outside a commit, handed out with the next one.
@@ -584,24 +415,13 @@ impl ShardStore {
     }
 
     fn new_live(&mut self, record: ObjectRecord, files: StagingFiles) -> LiveObject {
-        let blocks = record.fec.blocks_for(record.len);
-        let bitmap_len = (record.fec.total_shards() as usize).div_ceil(8);
         let generation = self.next_generation;
         self.next_generation += 1;
         LiveObject {
+            assembly: ObjectAssembly::new(record.fec, record.len),
             record,
             generation,
             files: Arc::new(files),
-            blocks,
-            bitmap_len,
-            held: vec![0; blocks as usize * bitmap_len],
-            queued: vec![0; blocks as usize * bitmap_len],
-            shards_held: 0,
-            blocks_complete: 0,
-            decoding: HashSet::default(),
-            final_prefix: 0,
-            digested: 0,
-            finishing: false,
             record_dirty: false,
         }
     }
@@ -637,37 +457,20 @@ impl ShardStore {
             let Ok(c) = <[u8; 4]>::try_from(&k[32..]) else {
                 continue;
             };
-            let range = chunk_blocks(u32::from_be_bytes(c), live.blocks);
-            let start = range.start as usize * live.bitmap_len;
-            let end = range.end as usize * live.bitmap_len;
-            if v.len() != end - start {
-                continue; // not ours to trust: those shards come again
-            }
-            live.held[start..end].copy_from_slice(&v);
+            // A value that does not fit is not ours to trust: those shards
+            // come again.
+            live.assembly.restore_chunk(u32::from_be_bytes(c), &v);
         }
-        for block in 0..live.blocks {
-            let n = live.held_in_block(block).len();
-            live.shards_held += n as u64;
-            if live.data_complete(block) {
-                live.blocks_complete += 1;
-            } else if n >= live.k() as usize {
-                live.decoding.insert(block);
-                work.push(Work::Decode(DecodeJob {
-                    object: id,
-                    generation: live.generation,
-                    fec: live.record.fec,
-                    block,
-                    held: live.held_in_block(block),
-                    files: live.files.clone(),
-                }));
+        for block in 0..live.assembly.blocks() {
+            if let Some(held) = live.assembly.start_decoding(block) {
+                work.push(Work::Decode(live.decode_job(id, block, held)));
             }
         }
-        if live.blocks_complete == live.blocks {
-            live.finishing = true;
+        if live.assembly.begin_finish() {
             work.push(Work::Finish(finish_job(&id, &live)));
         }
-        tracing::info!(object = %id, blocks = live.blocks, complete = live.blocks_complete,
-            "resuming object from staging");
+        tracing::info!(object = %id, blocks = live.assembly.blocks(),
+            complete = live.assembly.blocks_complete(), "resuming object from staging");
         self.live.insert(id, live);
         Ok(())
     }
@@ -676,7 +479,7 @@ impl ShardStore {
     fn forget(&mut self, id: &ObjectId) -> Result<(), ShardStoreError> {
         self.live.remove(id);
         self.pending.retain(|p| p.object != *id);
-        self.rebuilt.retain(|r| r.0 != *id);
+        self.rebuilt.retain(|r| r.object != *id);
         let mut batch = sled::Batch::default();
         batch.remove(&id.0[..]);
         self.objects
@@ -744,7 +547,7 @@ impl ShardStore {
         live.record_dirty = true;
         self.dir_dirty = true;
         self.pending_since.get_or_insert_with(Instant::now);
-        tracing::info!(object = %id, kind = kind_name(kind), len, blocks = live.blocks,
+        tracing::info!(object = %id, kind = kind_name(kind), len, blocks = live.assembly.blocks(),
             k = fec.data_shards, m = fec.parity_shards, shard_size = fec.shard_size, "new object arriving");
         self.live.insert(id, live);
         Ok(())
@@ -760,7 +563,7 @@ impl ShardStore {
         if let Some(live) = self.live.get(&shard.object) {
             let r = &live.record;
             if r.len != shard.object_len || r.fec != shard.fec || r.kind != shard.kind {
-                if live.finishing {
+                if live.assembly.state() == ObjectState::Finishing {
                     // Its bytes are being verified; the old layout stands.
                     Counters::add(&self.counters.shards_conflicting, 1);
                     return Ok(Accepted::Conflict);
@@ -782,29 +585,23 @@ impl ShardStore {
         live.record.receptions += 1;
         live.record_dirty = true;
         // The frame layer checked block and index against the parameters.
-        if shard.block >= live.blocks
-            || shard.index >= live.total()
-            || shard.payload.len() != live.record.fec.shard_size as usize
-        {
+        if shard.payload.len() != live.record.fec.shard_size as usize {
             return Ok(Accepted::Duplicate);
         }
-        let (bl, b, i) = (live.bitmap_len, shard.block, shard.index);
-        // A block with all its data shards needs nothing more, parity
-        // included: later passes cost a bitmap test, no write.
-        if LiveObject::bit(&live.held, bl, b, i)
-            || LiveObject::bit(&live.queued, bl, b, i)
-            || live.data_complete(b)
-        {
-            Counters::add(&self.counters.shards_duplicate, 1);
-            return Ok(Accepted::Duplicate);
+        match live.assembly.queue(shard.block, shard.index) {
+            Ok(true) => {}
+            Ok(false) => {
+                Counters::add(&self.counters.shards_duplicate, 1);
+                return Ok(Accepted::Duplicate);
+            }
+            Err(_) => return Ok(Accepted::Duplicate),
         }
-        LiveObject::set(&mut live.queued, bl, b, i);
         self.pending_bytes += shard.payload.len();
         self.pending_since.get_or_insert_with(Instant::now);
         self.pending.push(PendingShard {
             object: shard.object,
-            block: b,
-            index: i,
+            block: shard.block,
+            index: shard.index,
             payload: shard.payload,
         });
         Ok(outcome)
@@ -815,12 +612,7 @@ impl ShardStore {
     pub fn discard_pending(&mut self) -> usize {
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        for p in &pending {
-            if let Some(live) = self.live.get_mut(&p.object) {
-                let byte = p.block as usize * live.bitmap_len + p.index as usize / 8;
-                live.queued[byte] &= !(1 << (p.index % 8));
-            }
-        }
+        self.unqueue(&pending);
         pending.len()
     }
 
@@ -851,17 +643,12 @@ impl ShardStore {
         });
         // Whatever happened, the batch is no longer queued: on failure its
         // shards are not claimed and come again with the next pass.
-        for p in &pending {
-            if let Some(live) = self.live.get_mut(&p.object) {
-                let byte = p.block as usize * live.bitmap_len + p.index as usize / 8;
-                live.queued[byte] &= !(1 << (p.index % 8));
-            }
-        }
+        self.unqueue(&pending);
         if result.is_err() {
-            for (id, generation, block, _) in &rebuilt {
-                if let Some(live) = self.live.get_mut(id) {
-                    if live.generation == *generation {
-                        live.decoding.remove(block);
+            for r in &rebuilt {
+                if let Some(live) = self.live.get_mut(&r.object) {
+                    if live.generation == r.generation {
+                        live.assembly.stop_decoding(r.block);
                     }
                 }
             }
@@ -869,120 +656,71 @@ impl ShardStore {
         result
     }
 
+    fn unqueue(&mut self, pending: &[PendingShard]) {
+        for p in pending {
+            if let Some(live) = self.live.get_mut(&p.object) {
+                live.assembly.unqueue(p.block, p.index);
+            }
+        }
+    }
+
+    /// Each step takes what only the one before makes: payloads written,
+    /// then fsynced (`Durable`), then claimed in sled (`Claimed`), then
+    /// taken into memory, where the work is found.
     fn commit_batch(
         &mut self,
         pending: &[PendingShard],
-        rebuilt: &[(ObjectId, u64, u32, Vec<u16>)],
+        rebuilt: &[RebuiltBlock],
     ) -> Result<Vec<Work>, ShardStoreError> {
-        // 1. Payloads to the files, adjacent shards coalesced into one
-        // write. Parity of a block whose data shards are all in once this
-        // batch lands is never needed: it is dropped, not written.
-        let mut objects: Vec<(ObjectId, Arc<StagingFiles>)> = Vec::new();
-        let mut skip = vec![false; pending.len()];
-        let mut writes: Vec<(u16, bool, u64, usize)> = Vec::with_capacity(pending.len());
-        for (i, p) in pending.iter().enumerate() {
-            let Some(live) = self.live.get(&p.object) else {
-                skip[i] = true;
-                continue;
-            };
-            let f = live.record.fec;
-            let s = f.shard_size as u64;
-            let (parity, off) = if p.index < f.data_shards {
-                (
-                    false,
-                    (p.block as u64 * f.data_shards as u64 + p.index as u64) * s,
-                )
-            } else {
-                if live.data_complete_with_queued(p.block) {
-                    skip[i] = true;
-                    continue;
-                }
-                let j = (p.index - f.data_shards) as u64;
-                (true, (p.block as u64 * f.parity_shards as u64 + j) * s)
-            };
-            // A batch holds a handful of objects: a linear search beats
-            // hashing a digest per shard.
-            let at = match objects.iter().position(|(o, _)| *o == p.object) {
-                Some(at) => at,
-                None => {
-                    objects.push((p.object, live.files.clone()));
-                    objects.len() - 1
-                }
-            };
-            writes.push((at as u16, parity, off, i));
-        }
-        writes.sort_unstable();
-        let mut touched_files: Vec<(ObjectId, bool, Arc<StagingFiles>)> = Vec::new();
-        let mut run = WriteRun::default();
-        for &(at, parity, off, i) in &writes {
-            let (id, files) = &objects[at as usize];
-            // Sorted: each file's writes are one stretch, fsynced once.
-            if !touched_files
-                .last()
-                .is_some_and(|(o, par, _)| o == id && *par == parity)
-            {
-                touched_files.push((*id, parity, files.clone()));
-            }
-            let payload = &pending[i].payload;
-            if !run.extends(files, parity, off, payload.len()) {
-                run.flush()?;
-                run.start(files.clone(), parity, off);
-            }
-            run.push(payload);
-        }
-        run.flush()?;
-        // 2. Durable before claimed.
-        for (_, parity, f) in &touched_files {
-            let (file, path) = if *parity {
-                (&f.parity, &f.parity_path)
-            } else {
-                (&f.data, &f.data_path)
-            };
-            file.sync_data().map_err(io_err(path, "fsync"))?;
-        }
-        if self.dir_dirty {
-            fsync_dir(&self.dir).map_err(io_err(&self.dir, "fsync"))?;
-            self.dir_dirty = false;
-        }
+        let written = durable::write(pending, &self.live)?;
+        let durable = written.sync(self.dir_dirty.then_some(self.dir.as_path()))?;
+        self.dir_dirty = false;
         crash_point("rx.shards.payload-written");
-        // 3. Claim: bitmaps (committed | new) and records, then fsync sled.
-        let mut next: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::default();
-        for (p, _) in pending.iter().zip(&skip).filter(|(_, skip)| !**skip) {
+        let claimed = self.claim(durable, rebuilt)?;
+        Ok(self.take_claimed(claimed, rebuilt))
+    }
+
+    /// Commits to sled the bitmaps with the batch's durable shards and the
+    /// decoder's rebuilt ones added, and the objects' records.
+    fn claim(
+        &mut self,
+        durable: Durable<'_>,
+        rebuilt: &[RebuiltBlock],
+    ) -> Result<Claimed, ShardStoreError> {
+        let mut bitmaps: HashMap<(ObjectId, u32), BlockBitmap> = HashMap::default();
+        for p in durable.shards() {
             let Some(live) = self.live.get(&p.object) else {
                 continue;
             };
-            let map = next
+            let map = bitmaps
                 .entry((p.object, p.block))
-                .or_insert_with(|| live.block_bitmap(p.block).to_vec());
-            map[p.index as usize / 8] |= 1 << (p.index % 8);
+                .or_insert_with(|| live.bitmap_of(p.block));
+            assembly::set_shard(map, p.index);
         }
-        for (id, generation, block, indices) in rebuilt {
-            let Some(live) = self.live.get(id) else {
+        for r in rebuilt {
+            let Some(live) = self.live.get(&r.object) else {
                 continue;
             };
-            if live.generation != *generation {
+            if live.generation != r.generation {
                 continue;
             }
-            let map = next
-                .entry((*id, *block))
-                .or_insert_with(|| live.block_bitmap(*block).to_vec());
-            for &i in indices {
-                map[i as usize / 8] |= 1 << (i % 8);
+            let map = bitmaps
+                .entry((r.object, r.block))
+                .or_insert_with(|| live.bitmap_of(r.block));
+            for &i in r.shards.indices() {
+                assembly::set_shard(map, i);
             }
         }
         let mut chunks: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::default();
-        for ((id, block), map) in &next {
+        for ((id, block), map) in &bitmaps {
             let Some(live) = self.live.get(id) else {
                 continue;
             };
             let chunk = block / BLOCKS_PER_CHUNK;
-            let range = chunk_blocks(chunk, live.blocks);
-            let base = range.start as usize * live.bitmap_len;
             let value = chunks
                 .entry((*id, chunk))
-                .or_insert_with(|| live.held[base..range.end as usize * live.bitmap_len].to_vec());
-            let at = *block as usize * live.bitmap_len - base;
-            value[at..at + live.bitmap_len].copy_from_slice(map);
+                .or_insert_with(|| live.assembly.chunk_bitmaps(chunk).to_vec());
+            live.assembly.put_in_chunk(value, *block, map);
         }
         let mut blocks_batch = sled::Batch::default();
         for ((id, chunk), value) in chunks {
@@ -1003,49 +741,37 @@ impl ShardStore {
             .apply_batch(blocks_batch)
             .map_err(|e| self.db.sled_error(e))?;
         self.db.commit("rx.shards.batch-claimed")?;
-        let dropped = skip.iter().filter(|s| **s).count();
+        let dropped = durable.dropped();
         Counters::add(
             &self.counters.shards_stored,
-            (pending.len() - dropped) as u64,
+            (durable.len() - dropped) as u64,
         );
         Counters::add(&self.counters.shards_duplicate, dropped as u64);
-        // 4. Now in memory too; see what became decodable or complete.
-        for (id, _, block, _) in rebuilt {
-            if let Some(live) = self.live.get_mut(id) {
-                live.decoding.remove(block);
+        Ok(Claimed { bitmaps })
+    }
+
+    /// Takes the claimed bitmaps into memory; returns what became
+    /// decodable, hashable ahead, or complete.
+    fn take_claimed(&mut self, claimed: Claimed, rebuilt: &[RebuiltBlock]) -> Vec<Work> {
+        for r in rebuilt {
+            if let Some(live) = self.live.get_mut(&r.object) {
+                live.assembly.stop_decoding(r.block);
             }
         }
         let mut work = Vec::new();
         let mut objects_touched: HashSet<ObjectId> = HashSet::default();
-        for ((id, block), map) in next {
+        for ((id, block), map) in claimed.bitmaps {
             let Some(live) = self.live.get_mut(&id) else {
                 continue;
             };
-            let was_complete = live.data_complete(block);
-            let before: u32 = live
-                .block_bitmap(block)
-                .iter()
-                .map(|b| b.count_ones())
-                .sum();
-            let after: u32 = map.iter().map(|b| b.count_ones()).sum();
-            let start = block as usize * live.bitmap_len;
-            live.held[start..start + live.bitmap_len].copy_from_slice(&map);
-            live.shards_held += (after - before) as u64;
-            if live.data_complete(block) {
+            let was_complete = live.assembly.data_complete(block);
+            live.assembly.replace_block(block, &map);
+            if live.assembly.data_complete(block) {
                 if !was_complete {
-                    live.blocks_complete += 1;
                     Counters::add(&self.counters.blocks_complete, 1);
                 }
-            } else if after >= live.k() as u32 && !live.decoding.contains(&block) {
-                live.decoding.insert(block);
-                work.push(Work::Decode(DecodeJob {
-                    object: id,
-                    generation: live.generation,
-                    fec: live.record.fec,
-                    block,
-                    held: live.held_in_block(block),
-                    files: live.files.clone(),
-                }));
+            } else if let Some(held) = live.assembly.start_decoding(block) {
+                work.push(Work::Decode(live.decode_job(id, block, held)));
             }
             objects_touched.insert(id);
         }
@@ -1053,19 +779,29 @@ impl ShardStore {
             let Some(live) = self.live.get_mut(&id) else {
                 continue;
             };
-            if let Some(job) = live.digest_ahead(&id, self.digest_step) {
-                work.push(Work::Digest(job));
+            if let Some(upto) = live.assembly.hash_ahead(self.digest_step) {
+                work.push(Work::Digest(DigestJob {
+                    object: id,
+                    generation: live.generation,
+                    upto,
+                    files: live.files.clone(),
+                }));
             }
-            if live.blocks_complete == live.blocks && live.decoding.is_empty() && !live.finishing {
-                live.finishing = true;
+            if live.assembly.begin_finish() {
                 work.push(Work::Finish(finish_job(&id, live)));
             }
         }
-        Ok(work)
+        work
     }
 
     /// The decoder rebuilt (and fsynced) these data shards of a block.
-    pub fn decoded(&mut self, object: ObjectId, generation: u64, block: u32, rebuilt: Vec<u16>) {
+    pub fn decoded(
+        &mut self,
+        object: ObjectId,
+        generation: u64,
+        block: u32,
+        rebuilt: RebuiltShards,
+    ) {
         let Some(live) = self.live.get(&object) else {
             return;
         };
@@ -1073,7 +809,12 @@ impl ShardStore {
             return;
         }
         Counters::add(&self.counters.blocks_repaired, 1);
-        self.rebuilt.push((object, generation, block, rebuilt));
+        self.rebuilt.push(RebuiltBlock {
+            object,
+            generation,
+            block,
+            shards: rebuilt,
+        });
         self.pending_since.get_or_insert_with(Instant::now);
     }
 
@@ -1086,9 +827,8 @@ impl ShardStore {
         if live.generation != generation {
             return;
         }
-        live.decoding.remove(&block);
-        if live.blocks_complete == live.blocks && live.decoding.is_empty() && !live.finishing {
-            live.finishing = true;
+        live.assembly.stop_decoding(block);
+        if live.assembly.begin_finish() {
             self.ready.push(Work::Finish(finish_job(&object, live)));
             self.pending_since.get_or_insert_with(Instant::now);
         }
@@ -1123,7 +863,7 @@ impl ShardStore {
     /// after restart.
     pub fn finish_interrupted(&mut self, object: ObjectId) {
         if let Some(live) = self.live.get_mut(&object) {
-            live.finishing = false;
+            live.assembly.finish_interrupted();
         }
     }
 
@@ -1166,13 +906,13 @@ pub fn progress_from_db(db: &StateDb) -> Result<Vec<ObjectProgress>, ShardStoreE
         let Ok(r) = serde_json::from_slice::<ObjectRecord>(&v) else {
             continue;
         };
-        let bitmap_len = (r.fec.total_shards() as usize).div_ceil(8);
+        let bitmap_len = assembly::bitmap_len(r.fec);
         let (mut complete, mut held) = (0u64, 0u64);
         for item in blocks.scan_prefix(id.0) {
             let (_, chunk) = item.map_err(|e| db.sled_error(e))?;
             for map in chunk.chunks(bitmap_len) {
                 held += map.iter().map(|b| b.count_ones() as u64).sum::<u64>();
-                if data_bits_set(map, r.fec.data_shards) {
+                if assembly::data_bits_set(map, r.fec.data_shards) {
                     complete += 1;
                 }
             }
@@ -1199,7 +939,7 @@ pub enum DecodeError {
 /// Rebuilds a block's missing data shards from any k held shards and writes
 /// them (fsynced) where they belong in the data file. Returns the indices
 /// rebuilt. Runs on the decoder thread.
-pub fn decode_block(job: &DecodeJob, codec: &BlockCodec) -> Result<Vec<u16>, DecodeError> {
+pub fn decode_block(job: &DecodeJob, codec: &BlockCodec) -> Result<RebuiltShards, DecodeError> {
     let f = job.fec;
     let (k, m, s) = (
         f.data_shards as usize,
@@ -1254,11 +994,7 @@ pub fn decode_block(job: &DecodeJob, codec: &BlockCodec) -> Result<Vec<u16>, Dec
             .write_all_at(bytes, off)
             .map_err(io_err(&files.data_path, "writing rebuilt shard"))?;
     }
-    files
-        .data
-        .sync_data()
-        .map_err(io_err(&files.data_path, "fsync"))?;
-    Ok(missing)
+    Ok(RebuiltShards::sync(files, missing)?)
 }
 
 #[cfg(test)]

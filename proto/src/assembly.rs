@@ -22,12 +22,29 @@
 //!                          │  ▲                           │
 //!                          │  └──── decoded / failed ─────┘
 //!                          └──every block data-complete──► Complete
+//!                                                            │  ▲
+//!                                           begin_finish ────┘  │ interrupted
+//!                                                            ▼  │
+//!                                                          Finishing
 //! ```
+//!
+//! A caller that writes shards in batches marks each *queued* while its
+//! bytes are on their way: a queued shard is no longer new, but not held
+//! until the batch is durable. A caller that keeps the bitmaps keeps them
+//! in chunks of [`BLOCKS_PER_CHUNK`] blocks.
 
 use crate::fec::{FecParams, MAX_SHARDS_PER_BLOCK};
 
 /// Longest bitmap of one block, in bytes.
 pub const MAX_BITMAP_LEN: usize = MAX_SHARDS_PER_BLOCK.div_ceil(8);
+
+/// Blocks whose bitmaps are kept as one value. One value per block would
+/// make a 4 GiB object 100 000 values, and a database needs hundreds of
+/// MiB to delete that many at once; chunks keep the count small.
+pub const BLOCKS_PER_CHUNK: u32 = 256;
+
+/// One block's bitmap, on the stack (no allocation per block).
+pub type BlockBitmap = [u8; MAX_BITMAP_LEN];
 
 /// Where an object is in its life on the receiver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,6 +57,9 @@ pub enum ObjectState {
     Decoding,
     /// Every block's data is held: the object's bytes are all there.
     Complete,
+    /// Complete, and handed to whoever checks the whole object; back to
+    /// `Complete` if that stops before a verdict.
+    Finishing,
 }
 
 /// What holding one more shard did to its block.
@@ -76,6 +96,16 @@ pub fn data_bits_set(map: &[u8], k: u16) -> bool {
         && (rest == 0 || map[whole] & ((1u8 << rest) - 1) == (1u8 << rest) - 1)
 }
 
+/// Whether shard `index` is set in one block's bitmap.
+pub fn shard_set(map: &[u8], index: u16) -> bool {
+    map[index as usize / 8] & (1 << (index % 8)) != 0
+}
+
+/// Sets shard `index` in one block's bitmap.
+pub fn set_shard(map: &mut [u8], index: u16) {
+    map[index as usize / 8] |= 1 << (index % 8);
+}
+
 /// Bytes of one block's bitmap under `fec`.
 pub fn bitmap_len(fec: FecParams) -> usize {
     (fec.total_shards() as usize).div_ceil(8)
@@ -97,6 +127,12 @@ pub struct ObjectAssembly {
     decoding_count: u32,
     /// Leading blocks whose data is final: complete and not being decoded.
     final_prefix: u32,
+    /// Shards on their way to where the caller keeps them, same layout as
+    /// `held`.
+    queued: Vec<u8>,
+    /// Leading blocks [`hash_ahead`](Self::hash_ahead) handed out.
+    hashed_prefix: u32,
+    finishing: bool,
 }
 
 impl ObjectAssembly {
@@ -116,6 +152,9 @@ impl ObjectAssembly {
             decoding: vec![false; blocks as usize],
             decoding_count: 0,
             final_prefix: 0,
+            queued: vec![0; blocks as usize * bitmap_len],
+            hashed_prefix: 0,
+            finishing: false,
         }
     }
 
@@ -165,8 +204,15 @@ impl ObjectAssembly {
         &self.held[start..start + self.bitmap_len]
     }
 
+    /// Bytes of one block's bitmap.
+    pub fn bitmap_len(&self) -> usize {
+        self.bitmap_len
+    }
+
     pub fn state(&self) -> ObjectState {
-        if self.blocks_complete == self.blocks && self.decoding_count == 0 {
+        if self.finishing {
+            ObjectState::Finishing
+        } else if self.blocks_complete == self.blocks && self.decoding_count == 0 {
             ObjectState::Complete
         } else if self.decoding_count > 0 {
             ObjectState::Decoding
@@ -191,8 +237,48 @@ impl ObjectAssembly {
     }
 
     pub fn is_held(&self, block: u32, index: u16) -> bool {
-        self.check(block, index).is_ok()
-            && self.block_bitmap(block)[index as usize / 8] & (1 << (index % 8)) != 0
+        self.check(block, index).is_ok() && shard_set(self.block_bitmap(block), index)
+    }
+
+    fn queued_bitmap(&self, block: u32) -> &[u8] {
+        let start = block as usize * self.bitmap_len;
+        &self.queued[start..start + self.bitmap_len]
+    }
+
+    pub fn is_queued(&self, block: u32, index: u16) -> bool {
+        self.check(block, index).is_ok() && shard_set(self.queued_bitmap(block), index)
+    }
+
+    /// Marks shard `index` of `block` queued: its bytes are on their way.
+    /// Returns whether it was new: not held, not queued already, and its
+    /// block still misses data (a block with all its data needs nothing
+    /// more, parity included, so later passes cost a bitmap test).
+    pub fn queue(&mut self, block: u32, index: u16) -> Result<bool, OutOfRange> {
+        self.check(block, index)?;
+        if self.is_held(block, index)
+            || shard_set(self.queued_bitmap(block), index)
+            || self.data_complete(block)
+        {
+            return Ok(false);
+        }
+        let start = block as usize * self.bitmap_len;
+        set_shard(&mut self.queued[start..start + self.bitmap_len], index);
+        Ok(true)
+    }
+
+    /// The queued shard's bytes arrived, or were dropped: either way it is
+    /// no longer on its way (held is [`replace_block`](Self::replace_block)'s).
+    pub fn unqueue(&mut self, block: u32, index: u16) {
+        if self.check(block, index).is_ok() {
+            let byte = block as usize * self.bitmap_len + index as usize / 8;
+            self.queued[byte] &= !(1 << (index % 8));
+        }
+    }
+
+    /// Whether the block's data is complete once its queued shards are
+    /// held: its queued parity is then never needed.
+    pub fn data_complete_with_queued(&self, block: u32) -> bool {
+        block < self.blocks && self.data_complete_with(block, self.queued_bitmap(block))
     }
 
     /// Indices of the shards held in `block`, in order.
@@ -341,6 +427,86 @@ impl ObjectAssembly {
         }
     }
 
+    /// The caller stops rebuilding `block` with nothing to show (the
+    /// rebuild failed, or its shards were not kept): the block waits for
+    /// more shards.
+    pub fn stop_decoding(&mut self, block: u32) {
+        if self.is_decoding(block) {
+            self.decoding[block as usize] = false;
+            self.decoding_count -= 1;
+            self.advance_final_prefix();
+        }
+    }
+
+    /// Hands the object to whoever checks it whole: true once it is
+    /// [`Complete`](ObjectState::Complete), false while finishing already
+    /// or not complete yet.
+    pub fn begin_finish(&mut self) -> bool {
+        if self.state() != ObjectState::Complete {
+            return false;
+        }
+        self.finishing = true;
+        true
+    }
+
+    /// The check stopped before a verdict: it is to be asked again.
+    pub fn finish_interrupted(&mut self) {
+        self.finishing = false;
+    }
+
+    /// How far a reader may hash the object ahead of its finish: the final
+    /// bytes, once they grew by `step` since the last answer. `None` when
+    /// they did not, or when every block is final (the finish reads the
+    /// rest anyway).
+    pub fn hash_ahead(&mut self, step: u64) -> Option<u64> {
+        let block = self.fec.block_bytes();
+        let upto = self.final_bytes();
+        let hashed = (u64::from(self.hashed_prefix) * block).min(upto);
+        if self.final_prefix == self.blocks || upto - hashed < step {
+            return None;
+        }
+        self.hashed_prefix = self.final_prefix;
+        Some(upto)
+    }
+
+    /// Chunks the bitmaps are kept in.
+    pub fn chunks(&self) -> u32 {
+        self.blocks.div_ceil(BLOCKS_PER_CHUNK)
+    }
+
+    /// The blocks `chunk` covers (empty past the last).
+    pub fn chunk_blocks(&self, chunk: u32) -> std::ops::Range<u32> {
+        let start = chunk.saturating_mul(BLOCKS_PER_CHUNK).min(self.blocks);
+        start..start.saturating_add(BLOCKS_PER_CHUNK).min(self.blocks)
+    }
+
+    /// The bitmaps of `chunk`'s blocks, back to back: the value kept.
+    pub fn chunk_bitmaps(&self, chunk: u32) -> &[u8] {
+        let range = self.chunk_blocks(chunk);
+        &self.held[range.start as usize * self.bitmap_len..range.end as usize * self.bitmap_len]
+    }
+
+    /// Writes `map` as `block`'s bitmap into `value`, a copy of the
+    /// bitmaps of the block's chunk.
+    pub fn put_in_chunk(&self, value: &mut [u8], block: u32, map: &[u8]) {
+        let first = block / BLOCKS_PER_CHUNK * BLOCKS_PER_CHUNK;
+        let at = (block - first) as usize * self.bitmap_len;
+        value[at..at + self.bitmap_len].copy_from_slice(&map[..self.bitmap_len]);
+    }
+
+    /// Takes a kept chunk's bitmaps back; false (and nothing taken) when
+    /// the value does not fit the chunk, whose shards then come again.
+    pub fn restore_chunk(&mut self, chunk: u32, value: &[u8]) -> bool {
+        let range = self.chunk_blocks(chunk);
+        if value.len() != range.len() * self.bitmap_len {
+            return false;
+        }
+        for (block, map) in range.zip(value.chunks_exact(self.bitmap_len)) {
+            self.replace_block(block, map);
+        }
+        true
+    }
+
     fn advance_final_prefix(&mut self) {
         while self.final_prefix < self.blocks
             && self.data_complete(self.final_prefix)
@@ -448,6 +614,128 @@ mod tests {
         let b = ObjectAssembly::with_bitmaps(fec(), 100, a.bitmaps()).unwrap();
         assert_eq!(a, b);
         assert!(ObjectAssembly::with_bitmaps(fec(), 100, &[0; 2]).is_none());
+    }
+
+    #[test]
+    fn queued_shards_are_not_new_until_unqueued() {
+        let mut a = ObjectAssembly::new(fec(), 100);
+        assert_eq!(a.queue(0, 4), Ok(true));
+        assert_eq!(a.queue(0, 4), Ok(false), "queued already");
+        assert!(a.is_queued(0, 4) && !a.is_held(0, 4));
+        assert_eq!(a.shards_held(), 0, "queued is not held");
+        a.unqueue(0, 4);
+        assert_eq!(a.queue(0, 4), Ok(true), "dropped from its batch: new again");
+        a.hold(1, 2).unwrap();
+        assert_eq!(a.queue(1, 2), Ok(false), "held");
+        assert!(a.queue(3, 0).is_err());
+    }
+
+    #[test]
+    fn a_block_whose_data_is_queued_needs_no_parity() {
+        let mut a = ObjectAssembly::new(fec(), 40);
+        a.hold(0, 0).unwrap();
+        for i in [1, 2, 4] {
+            assert_eq!(a.queue(0, i), Ok(true));
+        }
+        assert!(!a.data_complete_with_queued(0));
+        assert_eq!(a.queue(0, 3), Ok(true));
+        assert!(a.data_complete_with_queued(0));
+        assert!(!a.data_complete(0));
+        for i in 0..4 {
+            a.hold(0, i).unwrap();
+        }
+        // Complete: even an unseen parity shard is no longer new.
+        assert_eq!(a.queue(0, 5), Ok(false));
+    }
+
+    #[test]
+    fn a_stopped_rebuild_releases_the_final_prefix() {
+        let mut a = ObjectAssembly::new(fec(), 80);
+        for i in [0, 1, 4, 5] {
+            a.hold(0, i).unwrap();
+        }
+        a.start_decoding(0).unwrap();
+        // The rebuilt shards are held by a batch, not by `decoded`.
+        a.hold(0, 2).unwrap();
+        a.hold(0, 3).unwrap();
+        assert_eq!(a.final_prefix(), 0, "still being rewritten");
+        a.stop_decoding(0);
+        assert_eq!(a.final_prefix(), 1);
+        assert_eq!(a.state(), ObjectState::Receiving);
+        a.stop_decoding(0); // not decoding: nothing to stop
+        assert_eq!(a.state(), ObjectState::Receiving);
+    }
+
+    #[test]
+    fn a_complete_object_is_finished_once_until_interrupted() {
+        let mut a = ObjectAssembly::new(fec(), 40);
+        assert!(!a.begin_finish(), "not complete");
+        for i in 0..4 {
+            a.hold(0, i).unwrap();
+        }
+        assert!(a.begin_finish());
+        assert_eq!(a.state(), ObjectState::Finishing);
+        assert!(!a.begin_finish(), "finishing already");
+        a.finish_interrupted();
+        assert_eq!(a.state(), ObjectState::Complete);
+        assert!(a.begin_finish());
+    }
+
+    #[test]
+    fn final_bytes_are_hashed_ahead_in_steps() {
+        let mut a = ObjectAssembly::new(fec(), 190); // 5 blocks of 40 bytes
+        assert_eq!(a.hash_ahead(1), None, "nothing final");
+        for i in 0..4 {
+            a.hold(0, i).unwrap();
+        }
+        assert_eq!(a.hash_ahead(80), None, "40 bytes, steps of 80");
+        assert_eq!(a.hash_ahead(40), Some(40));
+        assert_eq!(a.hash_ahead(1), None, "nothing new");
+        for b in 1..3 {
+            for i in 0..4 {
+                a.hold(b, i).unwrap();
+            }
+        }
+        assert_eq!(a.hash_ahead(80), Some(120));
+        for b in 3..5 {
+            for i in 0..4 {
+                a.hold(b, i).unwrap();
+            }
+        }
+        assert_eq!(
+            a.hash_ahead(1),
+            None,
+            "all final: the finish reads the rest"
+        );
+    }
+
+    #[test]
+    fn chunks_keep_the_bitmaps_and_restore_them() {
+        // 4 data + 2 parity shards of 1 byte: 4 bytes a block.
+        let small = FecParams::new(4, 2, 1).unwrap();
+        let blocks = BLOCKS_PER_CHUNK + 10;
+        let mut a = ObjectAssembly::new(small, u64::from(blocks) * 4);
+        assert_eq!(a.chunks(), 2);
+        assert_eq!(a.chunk_blocks(1), BLOCKS_PER_CHUNK..blocks);
+        assert!(a.chunk_blocks(7).is_empty());
+        for b in [0, 5, BLOCKS_PER_CHUNK, blocks - 1] {
+            a.hold(b, 1).unwrap();
+        }
+        let mut restored = ObjectAssembly::new(small, u64::from(blocks) * 4);
+        for c in 0..a.chunks() {
+            assert!(restored.restore_chunk(c, a.chunk_bitmaps(c)));
+        }
+        assert_eq!(restored, a);
+        assert!(!restored.restore_chunk(1, &[0xff; 3]), "wrong length");
+        assert_eq!(restored, a, "nothing taken from a value that does not fit");
+        // A block's new bitmap lands at its place in its chunk's value.
+        let mut value = a.chunk_bitmaps(1).to_vec();
+        let mut map: BlockBitmap = [0; MAX_BITMAP_LEN];
+        map[0] = 0b1111;
+        a.put_in_chunk(&mut value, BLOCKS_PER_CHUNK + 2, &map);
+        assert!(restored.restore_chunk(1, &value));
+        assert!(restored.data_complete(BLOCKS_PER_CHUNK + 2));
+        assert!(restored.is_held(blocks - 1, 1));
     }
 
     proptest! {

@@ -20,13 +20,15 @@ pub mod store;
 
 use weir_proto::ObjectId;
 
+use crate::shards::RebuiltShards;
+
 /// What the decoder and finisher report back to the store.
 pub enum WorkResult {
     Decoded {
         object: ObjectId,
         generation: u64,
         block: u32,
-        rebuilt: Result<Vec<u16>, String>,
+        rebuilt: Result<RebuiltShards, String>,
     },
     Finished {
         object: ObjectId,

@@ -1,0 +1,267 @@
+//! What a bitmap may claim: shards that are on disk past an fsync.
+//!
+//! The claim takes [`Durable`] (a batch's payloads) and [`RebuiltShards`]
+//! (the decoder's), and only the steps that fsync make those: a bitmap
+//! cannot claim a shard before its bytes are durable, whatever order the
+//! caller writes its statements in.
+
+use rustc_hash::FxHashMap as HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use weir_proto::ObjectId;
+
+use super::{io_err, LiveObject, PendingShard, ShardStoreError, StagingFiles};
+use crate::state::fsync_dir;
+
+/// Largest single write when coalescing adjacent shards.
+const WRITE_RUN: usize = 1 << 20;
+/// Parts per `pwritev` (the kernel's IOV_MAX).
+const WRITE_PARTS: usize = 1024;
+
+/// A batch's payloads written to the staging files, not yet fsynced.
+pub(super) struct Written<'a> {
+    pending: &'a [PendingShard],
+    /// Per pending shard: not written, so never to be claimed.
+    dropped: Vec<bool>,
+    /// Each file written (data or parity of one object), once.
+    touched: Vec<(bool, Arc<StagingFiles>)>,
+}
+
+/// A batch's shards durably on disk.
+pub(super) struct Durable<'a> {
+    pending: &'a [PendingShard],
+    dropped: Vec<bool>,
+}
+
+impl<'a> Durable<'a> {
+    /// The batch's shards that are on disk.
+    pub(super) fn shards(&self) -> impl Iterator<Item = &'a PendingShard> + '_ {
+        let pending = self.pending;
+        pending
+            .iter()
+            .zip(&self.dropped)
+            .filter(|(_, dropped)| !**dropped)
+            .map(|(p, _)| p)
+    }
+
+    /// Shards of the batch not written: their object is gone, or they are
+    /// parity of a block whose data shards are all in.
+    pub(super) fn dropped(&self) -> usize {
+        self.dropped.iter().filter(|d| **d).count()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// Writes a batch's payloads, adjacent shards coalesced into one write.
+/// Parity of a block whose data shards are all in once this batch lands is
+/// never needed: it is dropped, not written.
+pub(super) fn write<'a>(
+    pending: &'a [PendingShard],
+    live: &HashMap<ObjectId, LiveObject>,
+) -> Result<Written<'a>, ShardStoreError> {
+    let mut objects: Vec<(ObjectId, Arc<StagingFiles>)> = Vec::new();
+    let mut dropped = vec![false; pending.len()];
+    let mut writes: Vec<(u16, bool, u64, usize)> = Vec::with_capacity(pending.len());
+    for (i, p) in pending.iter().enumerate() {
+        let Some(live) = live.get(&p.object) else {
+            dropped[i] = true;
+            continue;
+        };
+        let f = live.record.fec;
+        let s = f.shard_size as u64;
+        let (parity, off) = if p.index < f.data_shards {
+            (
+                false,
+                (p.block as u64 * f.data_shards as u64 + p.index as u64) * s,
+            )
+        } else {
+            if live.assembly.data_complete_with_queued(p.block) {
+                dropped[i] = true;
+                continue;
+            }
+            let j = (p.index - f.data_shards) as u64;
+            (true, (p.block as u64 * f.parity_shards as u64 + j) * s)
+        };
+        // A batch holds a handful of objects: a linear search beats
+        // hashing a digest per shard.
+        let at = match objects.iter().position(|(o, _)| *o == p.object) {
+            Some(at) => at,
+            None => {
+                objects.push((p.object, live.files.clone()));
+                objects.len() - 1
+            }
+        };
+        writes.push((at as u16, parity, off, i));
+    }
+    writes.sort_unstable();
+    let mut touched: Vec<(u16, bool, Arc<StagingFiles>)> = Vec::new();
+    let mut run = WriteRun::default();
+    for &(at, parity, off, i) in &writes {
+        let files = &objects[at as usize].1;
+        // Sorted: each file's writes are one stretch, fsynced once.
+        if !touched
+            .last()
+            .is_some_and(|(o, par, _)| *o == at && *par == parity)
+        {
+            touched.push((at, parity, files.clone()));
+        }
+        let payload = &pending[i].payload;
+        if !run.extends(files, parity, off, payload.len()) {
+            run.flush()?;
+            run.start(files.clone(), parity, off);
+        }
+        run.push(payload);
+    }
+    run.flush()?;
+    Ok(Written {
+        pending,
+        dropped,
+        touched: touched.into_iter().map(|(_, p, f)| (p, f)).collect(),
+    })
+}
+
+impl<'a> Written<'a> {
+    /// Fsyncs every file written and, when staging files were created
+    /// since the last batch, `new_files_in` (their directory entries).
+    pub(super) fn sync(self, new_files_in: Option<&Path>) -> Result<Durable<'a>, ShardStoreError> {
+        for (parity, f) in &self.touched {
+            let (file, path) = if *parity {
+                (&f.parity, &f.parity_path)
+            } else {
+                (&f.data, &f.data_path)
+            };
+            file.sync_data().map_err(io_err(path, "fsync"))?;
+        }
+        if let Some(dir) = new_files_in {
+            fsync_dir(dir).map_err(io_err(dir, "fsync"))?;
+        }
+        Ok(Durable {
+            pending: self.pending,
+            dropped: self.dropped,
+        })
+    }
+}
+
+/// Data shards the decoder rebuilt into the data file, fsynced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuiltShards(Vec<u16>);
+
+impl RebuiltShards {
+    /// Fsyncs the data file the shards `indices` were written to.
+    pub(super) fn sync(files: &StagingFiles, indices: Vec<u16>) -> Result<Self, ShardStoreError> {
+        files
+            .data
+            .sync_data()
+            .map_err(io_err(&files.data_path, "fsync"))?;
+        Ok(RebuiltShards(indices))
+    }
+
+    pub fn indices(&self) -> &[u16] {
+        &self.0
+    }
+}
+
+/// Adjacent shards of one staging file, written with one `pwritev`.
+#[derive(Default)]
+struct WriteRun<'a> {
+    files: Option<Arc<StagingFiles>>,
+    parity: bool,
+    start: u64,
+    len: usize,
+    parts: Vec<&'a [u8]>,
+}
+
+impl<'a> WriteRun<'a> {
+    fn extends(&self, files: &Arc<StagingFiles>, parity: bool, off: u64, len: usize) -> bool {
+        self.files.as_ref().is_some_and(|f| Arc::ptr_eq(f, files))
+            && self.parity == parity
+            && self.start + self.len as u64 == off
+            && self.len + len <= WRITE_RUN
+            && self.parts.len() < WRITE_PARTS
+    }
+
+    fn start(&mut self, files: Arc<StagingFiles>, parity: bool, off: u64) {
+        self.files = Some(files);
+        self.parity = parity;
+        self.start = off;
+    }
+
+    fn push(&mut self, part: &'a [u8]) {
+        self.len += part.len();
+        self.parts.push(part);
+    }
+
+    fn flush(&mut self) -> Result<(), ShardStoreError> {
+        if let Some(f) = self.files.take() {
+            let (file, path) = if self.parity {
+                (&f.parity, &f.parity_path)
+            } else {
+                (&f.data, &f.data_path)
+            };
+            write_parts_at(file, &self.parts, self.start)
+                .map_err(io_err(path, "writing shards"))?;
+        }
+        self.parts.clear();
+        self.len = 0;
+        Ok(())
+    }
+}
+
+/// Writes `parts` back to back at `offset`, all of them, in as few
+/// `pwritev` calls as the kernel allows.
+fn write_parts_at(file: &File, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut iovs: Vec<libc::iovec> = parts
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    let (mut first, mut at) = (0usize, offset);
+    while first < iovs.len() {
+        let count = (iovs.len() - first).min(WRITE_PARTS);
+        // SAFETY: the iovecs point into `parts`, which outlive the call.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iovs.as_ptr().add(first),
+                count as libc::c_int,
+                at as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n as usize;
+        at += n as u64;
+        // Skip what was written; a partly written part is resumed.
+        while n > 0 {
+            let iov = &mut iovs[first];
+            if n >= iov.iov_len {
+                n -= iov.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: n < iov_len, still inside the same part.
+                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
+                iov.iov_len -= n;
+                n = 0;
+            }
+        }
+        while first < iovs.len() && iovs[first].iov_len == 0 {
+            first += 1;
+        }
+    }
+    Ok(())
+}
