@@ -93,6 +93,23 @@ pub fn points_named_in(
     Ok(found)
 }
 
+/// Panics, naming the difference, unless the points named in the sources
+/// under `src` are exactly `listed`: a gateway's unit test calls it so that
+/// a commit point added without being listed fails.
+pub fn assert_points_listed(src: &std::path::Path, listed: &[&str]) {
+    let in_code = match points_named_in(src) {
+        Ok(found) => found,
+        Err(e) => panic!("reading {}: {e}", src.display()),
+    };
+    let listed: std::collections::BTreeSet<String> = listed.iter().map(|p| p.to_string()).collect();
+    let unlisted: Vec<_> = in_code.difference(&listed).collect();
+    let gone: Vec<_> = listed.difference(&in_code).collect();
+    assert!(
+        unlisted.is_empty() && gone.is_empty(),
+        "crash points named in the code but not listed: {unlisted:?}; listed but not in the code: {gone:?}"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
