@@ -92,6 +92,8 @@ pub struct RxConfig {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub notify: NotifyConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// The serial console. Absent: no console.
     pub console: Option<ConsoleConfig>,
     /// The status LEDs and the fault threshold. Absent: no LEDs driven,
@@ -131,6 +133,42 @@ pub struct AuthConfig {
     /// sender's sessions look old.
     #[serde(default = "default_max_session_ahead_hours")]
     pub max_session_ahead_hours: u64,
+}
+
+/// Default largest object (one blob) accepted: 64 GiB.
+pub const DEFAULT_MAX_OBJECT_BYTES: u64 = 64 << 30;
+/// Default count of objects arriving at once (each holds two open files).
+pub const DEFAULT_MAX_OBJECTS_IN_FLIGHT: usize = 1024;
+
+/// `[limits]`: what a sender (even one holding the key) can make the
+/// receiver hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest object; a longer one is refused before a byte is stored.
+    #[serde(default = "default_max_object_bytes")]
+    pub max_object_bytes: u64,
+    /// Objects arriving at once; past it the one longest without a shard
+    /// is set aside (its shards come again with a later pass).
+    #[serde(default = "default_max_objects_in_flight")]
+    pub max_objects_in_flight: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_object_bytes: DEFAULT_MAX_OBJECT_BYTES,
+            max_objects_in_flight: DEFAULT_MAX_OBJECTS_IN_FLIGHT,
+        }
+    }
+}
+
+fn default_max_object_bytes() -> u64 {
+    DEFAULT_MAX_OBJECT_BYTES
+}
+
+fn default_max_objects_in_flight() -> usize {
+    DEFAULT_MAX_OBJECTS_IN_FLIGHT
 }
 
 /// Default bound on how far ahead of this clock a sender session may start.

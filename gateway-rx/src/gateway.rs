@@ -74,9 +74,14 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     if !resumed.is_empty() {
         tracing::info!(images = resumed.len(), "images completed at restart");
     }
-    let complete = blobs.ids()?;
-    let (store, initial_work) =
-        ShardStore::open(&db, &staging_dir(&config), complete, counters.clone())?;
+    // After the recheck, which records what the blob store holds first.
+    let (store, initial_work) = ShardStore::open_with_limits(
+        &db,
+        &staging_dir(&config),
+        blobs.ids()?,
+        counters.clone(),
+        config.limits.into(),
+    )?;
 
     let delivery = DeliverStage::start(
         &config,
@@ -90,9 +95,7 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         targets = ?crate::delivery::targets(&config).iter().map(|t| t.name()).collect::<Vec<_>>(),
         "gateway-rx started");
     let verifier = Verifier::new(keys, Some(SessionBook::open(&db)?), counters.clone())?
-        .with_session_horizon(std::time::Duration::from_secs(
-            config.auth.max_session_ahead_hours.saturating_mul(3600),
-        ));
+        .with_session_horizon_hours(config.auth.max_session_ahead_hours);
     let sender = Arc::new(Mutex::new(None::<SenderStatus>));
     let (inbound_tx, inbound) = mpsc::sync_channel(INBOUND_BATCHES);
     let (result_tx, results) = mpsc::channel();

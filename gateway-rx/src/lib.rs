@@ -1,12 +1,24 @@
-//! weir receiver (gateway-rx): verify → shard store → blob store → complete
-//! images → registry push / OCI layout export.
+//! gateway-rx: the high-side gateway of weir.
 //!
-//! One module per pipeline stage under [`stages`] (link, store, decode,
-//! finish, deliver, report); [`run`] wires them together. The durable
-//! state they work on stays apart: [`shards`] (the shard store), [`blobs`],
-//! [`images`] (the image ledger), [`delivery`] (queue and targets),
-//! [`state`] (sled). The appliance surface: [`appliance`] (the receiver's
-//! faults) and [`console`] (the serial console's commands).
+//! ```text
+//!  link (UDP / serial / inbox) ──▶ verify ──▶ store (shards on disk, bitmaps in sled)
+//!                                               │            ▲
+//!                                               ▼            │ rebuilt shards
+//!                                  finish ◀── blocks ──▶ decode (Reed–Solomon)
+//!                                  (sha256 ──▶ blob store ──▶ image ledger)
+//!                                                               │ image complete
+//!                                                               ▼
+//!                                            deliver (registry push / OCI layout)
+//! ```
+//!
+//! One module per pipeline stage under [`stages`] (link with verify, store,
+//! decode, finish, deliver, report); [`run`] wires them together. The
+//! durable state they work on stays apart: [`shards`] (the shard store),
+//! [`blobs`], [`images`] (the image ledger, and what a restart rebuilds),
+//! [`delivery`] (queue and targets), [`state`] (sled). The appliance
+//! surface: [`appliance`] (the receiver's faults) and [`console`] (the
+//! serial console's commands). [`CRASH_POINTS`] names every place a crash
+//! is walked at.
 
 // statvfs, for the state disk's free space, has no safe wrapper in std.
 #[allow(unsafe_code)]

@@ -185,6 +185,8 @@ pub enum Work {
 struct LiveObject {
     record: ObjectRecord,
     generation: u64,
+    /// The store's commit count when the object last got a shard.
+    touched: u64,
     files: Arc<StagingFiles>,
     /// Held and queued shards, decodes out, the final prefix, finishing.
     assembly: ObjectAssembly,
@@ -278,6 +280,74 @@ struct Claimed {
     bitmaps: HashMap<(ObjectId, u32), BlockBitmap>,
 }
 
+/// What one object may make the store hold. A sender holding the key can
+/// claim any length and FEC layout, so both are checked before a staging
+/// file is sized or a bitmap allocated, and the objects arriving at once
+/// (each holds two open files) are bounded too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLimits {
+    pub max_object_bytes: u64,
+    pub max_objects_in_flight: usize,
+}
+
+impl ObjectLimits {
+    /// Why an object of this kind, length and layout is refused, if it is.
+    pub fn refusal(&self, kind: ObjectKind, len: u64, fec: FecParams) -> Option<String> {
+        if !fec.is_valid() {
+            return Some("FEC parameters out of range".into());
+        }
+        if kind == ObjectKind::Image && len > crate::images::MAX_IMAGE_OBJECT_BYTES {
+            return Some(format!(
+                "an image object of {len} bytes, more than {}",
+                crate::images::MAX_IMAGE_OBJECT_BYTES
+            ));
+        }
+        if len > self.max_object_bytes {
+            return Some(format!(
+                "{len} bytes, more than limits.max_object_bytes ({})",
+                self.max_object_bytes
+            ));
+        }
+        let Some(blocks) = fec.checked_blocks_for(len) else {
+            return Some("more blocks than a shard frame can number".into());
+        };
+        // Held and queued bitmaps.
+        let bookkeeping = blocks as u64 * 2 * assembly::bitmap_len(fec) as u64;
+        if bookkeeping > MAX_BOOKKEEPING_BYTES {
+            return Some(format!(
+                "{blocks} blocks of {} shards need {bookkeeping} bytes of bookkeeping, more than {MAX_BOOKKEEPING_BYTES}",
+                fec.total_shards()
+            ));
+        }
+        None
+    }
+}
+
+impl From<crate::config::LimitsConfig> for ObjectLimits {
+    fn from(c: crate::config::LimitsConfig) -> Self {
+        ObjectLimits {
+            max_object_bytes: c.max_object_bytes,
+            // At least one, or nothing could ever arrive.
+            max_objects_in_flight: c.max_objects_in_flight.max(1),
+        }
+    }
+}
+
+impl Default for ObjectLimits {
+    fn default() -> Self {
+        ObjectLimits {
+            max_object_bytes: crate::config::DEFAULT_MAX_OBJECT_BYTES,
+            max_objects_in_flight: crate::config::DEFAULT_MAX_OBJECTS_IN_FLIGHT,
+        }
+    }
+}
+
+/// Bookkeeping one object may need in memory (held and queued bitmaps):
+/// 64 GiB under the default FEC takes about 15 MiB.
+const MAX_BOOKKEEPING_BYTES: u64 = 64 << 20;
+/// Refused objects remembered so each is logged once, not per frame.
+const REFUSED_REMEMBERED: usize = 1024;
+
 /// Shards of objects in flight, on disk, claimed in sled.
 pub struct ShardStore {
     db: StateDb,
@@ -300,6 +370,11 @@ pub struct ShardStore {
     /// Bytes of final prefix per digest job.
     digest_step: u64,
     counters: Arc<Counters>,
+    limits: ObjectLimits,
+    /// Objects refused already (logged once each).
+    refused: HashSet<ObjectId>,
+    /// Commits so far: when each live object last got a shard, in commits.
+    commits: u64,
 }
 
 impl ShardStore {
@@ -311,6 +386,19 @@ impl ShardStore {
         dir: &Path,
         complete: impl IntoIterator<Item = ObjectId>,
         counters: Arc<Counters>,
+    ) -> Result<(ShardStore, Vec<Work>), ShardStoreError> {
+        Self::open_with_limits(db, dir, complete, counters, ObjectLimits::default())
+    }
+
+    /// [`open`](Self::open) under `limits`: records past them (a hostile
+    /// sender's, kept by an earlier run) are forgotten, and at most
+    /// `max_objects_in_flight` objects, the newest, are reloaded.
+    pub fn open_with_limits(
+        db: &StateDb,
+        dir: &Path,
+        complete: impl IntoIterator<Item = ObjectId>,
+        counters: Arc<Counters>,
+        limits: ObjectLimits,
     ) -> Result<(ShardStore, Vec<Work>), ShardStoreError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir, "creating directory"))?;
         let mut store = ShardStore {
@@ -329,6 +417,9 @@ impl ShardStore {
             next_generation: 1,
             digest_step: DIGEST_STEP,
             counters,
+            limits,
+            refused: HashSet::default(),
+            commits: 0,
         };
         let mut work = Vec::new();
         let mut records = Vec::new();
@@ -339,10 +430,19 @@ impl ShardStore {
             };
             let id = ObjectId(raw);
             match serde_json::from_slice::<ObjectRecord>(&v) {
-                Ok(r) if r.fec.is_valid() => records.push((id, r)),
+                Ok(r) if limits.refusal(r.kind, r.len, r.fec).is_none() => records.push((id, r)),
                 // A record we cannot use: drop it, the shards come again.
                 _ => store.forget(&id)?,
             }
+        }
+        if records.len() > limits.max_objects_in_flight {
+            records.sort_by_key(|(_, r)| std::cmp::Reverse(r.first_seen_ms));
+            for (id, _) in records.split_off(limits.max_objects_in_flight) {
+                Counters::add(&store.counters.objects_evicted, 1);
+                store.forget(&id)?;
+            }
+            tracing::warn!(kept = records.len(),
+                "more objects were arriving than limits.max_objects_in_flight; the newest are resumed");
         }
         for (id, record) in records {
             if store.complete.contains(&id) {
@@ -421,6 +521,7 @@ impl ShardStore {
             assembly: ObjectAssembly::new(record.fec, record.len),
             record,
             generation,
+            touched: self.commits,
             files: Arc::new(files),
             record_dirty: false,
         }
@@ -522,10 +623,58 @@ impl ShardStore {
         len: u64,
         fec: FecParams,
     ) -> Result<(), ShardStoreError> {
-        if self.complete.contains(&id) || self.live.contains_key(&id) || !fec.is_valid() {
+        if self.complete.contains(&id) || self.live.contains_key(&id) {
+            return Ok(());
+        }
+        if self.refuse(&id, kind, len, fec) {
             return Ok(());
         }
         self.create(id, kind, len, fec)
+    }
+
+    /// Whether an object of this layout is past the limits; counts and logs
+    /// (once per object) when it is.
+    fn refuse(&mut self, id: &ObjectId, kind: ObjectKind, len: u64, fec: FecParams) -> bool {
+        let Some(why) = self.limits.refusal(kind, len, fec) else {
+            return false;
+        };
+        Counters::add(&self.counters.objects_refused, 1);
+        if self.refused.len() >= REFUSED_REMEMBERED {
+            self.refused.clear();
+        }
+        if self.refused.insert(*id) {
+            tracing::warn!(object = %id, kind = kind_name(kind), len, fec = ?fec,
+                reason = %why, "object refused: nothing is stored for it");
+        }
+        true
+    }
+
+    /// Makes room for one more object when `max_objects_in_flight` arrive
+    /// already: the one longest without a shard goes (not one being rebuilt
+    /// or verified). False when none can go.
+    fn make_room(&mut self) -> Result<bool, ShardStoreError> {
+        if self.live.len() < self.limits.max_objects_in_flight {
+            return Ok(true);
+        }
+        let stalest = self
+            .live
+            .iter()
+            .filter(|(_, l)| {
+                !matches!(
+                    l.assembly.state(),
+                    ObjectState::Decoding | ObjectState::Finishing
+                )
+            })
+            .min_by_key(|(_, l)| l.touched)
+            .map(|(id, _)| *id);
+        let Some(id) = stalest else {
+            return Ok(false);
+        };
+        Counters::add(&self.counters.objects_evicted, 1);
+        tracing::warn!(object = %id, in_flight = self.live.len(),
+            "too many objects arriving at once; the one longest without a shard is set aside (a later pass brings it again)");
+        self.forget(&id)?;
+        Ok(true)
     }
 
     fn create(
@@ -535,6 +684,11 @@ impl ShardStore {
         len: u64,
         fec: FecParams,
     ) -> Result<(), ShardStoreError> {
+        if !self.make_room()? {
+            // Every object in flight is being rebuilt or verified.
+            Counters::add(&self.counters.objects_refused, 1);
+            return Ok(());
+        }
         let record = ObjectRecord {
             kind,
             len,
@@ -577,11 +731,16 @@ impl ShardStore {
             }
         }
         if !self.live.contains_key(&shard.object) {
+            if self.refuse(&shard.object, shard.kind, shard.object_len, shard.fec) {
+                return Ok(Accepted::Duplicate);
+            }
             self.create(shard.object, shard.kind, shard.object_len, shard.fec)?;
         }
+        let commits = self.commits;
         let Some(live) = self.live.get_mut(&shard.object) else {
             return Ok(Accepted::Duplicate);
         };
+        live.touched = commits;
         live.record.receptions += 1;
         live.record_dirty = true;
         // The frame layer checked block and index against the parameters.
@@ -637,6 +796,7 @@ impl ShardStore {
         let rebuilt = std::mem::take(&mut self.rebuilt);
         self.pending_bytes = 0;
         self.pending_since = None;
+        self.commits += 1;
         let result = self.commit_batch(&pending, &rebuilt).map(|mut work| {
             work.append(&mut self.ready);
             work
@@ -1060,6 +1220,111 @@ pub(crate) mod tests {
         fn count(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
             c.load(Ordering::Relaxed)
         }
+    }
+
+    fn staging_files(rig: &Rig) -> usize {
+        std::fs::read_dir(rig.dir.path().join("staging"))
+            .unwrap()
+            .count()
+    }
+
+    /// One shard of an object that claims `len` bytes under `fec`.
+    fn claim(id: u8, kind: ObjectKind, len: u64, fec: FecParams) -> ShardIn {
+        ShardIn {
+            object: ObjectId([id; 32]),
+            kind,
+            object_len: len,
+            fec,
+            block: 0,
+            index: 0,
+            payload: vec![0; fec.shard_size as usize],
+        }
+    }
+
+    /// A sender holding the key can claim any length and layout: a block
+    /// count past 32 bits, bitmaps of many GiB, an image object of a TiB,
+    /// a blob past `max_object_bytes`. Each is refused and counted before a
+    /// file is made or a bitmap allocated; a legitimate object still lands.
+    #[test]
+    fn lengths_and_layouts_past_the_limits_are_refused_before_anything_is_made() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let tiny = FecParams::new(1, 1, 1).unwrap();
+        let wide = FecParams::new(128, 128, 1).unwrap();
+        let usual = FecParams::new(8, 4, 1000).unwrap();
+        let hostile = [
+            claim(1, ObjectKind::Blob, (u32::MAX as u64 + 1) * 2, tiny),
+            claim(2, ObjectKind::Blob, 60 << 30, wide),
+            claim(3, ObjectKind::Image, 1 << 40, usual),
+            claim(4, ObjectKind::Blob, (64 << 30) + 1, usual),
+        ];
+        for shard in hostile {
+            assert_eq!(store.accept(shard).unwrap(), Accepted::Duplicate);
+        }
+        store
+            .announce(ObjectId([5; 32]), ObjectKind::Blob, u64::MAX, usual)
+            .unwrap();
+        assert_eq!(rig.count(&rig.counters.objects_refused), 5);
+        assert_eq!(staging_files(&rig), 0);
+        assert!(store.progress().is_empty());
+        let bytes = bytes_from(9, 5000);
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        for shard in shards_of(&bytes, ObjectKind::Blob, usual) {
+            store.accept(shard).unwrap();
+        }
+        assert_eq!(
+            drive(&mut store, Vec::new(), &blobs),
+            vec![ObjectId::of_bytes(&bytes)]
+        );
+    }
+
+    /// One shard each for many object ids: at most `max_objects_in_flight`
+    /// are kept (two files each), the ones longest without a shard go, and
+    /// a restart reloads no more than the limit either.
+    #[test]
+    fn objects_in_flight_are_bounded_and_the_stalest_set_aside() {
+        let rig = Rig::new();
+        let limits = ObjectLimits {
+            max_object_bytes: 1 << 30,
+            max_objects_in_flight: 3,
+        };
+        let open = |rig: &Rig| {
+            let db = StateDb::open(&rig.dir.path().join("db")).unwrap();
+            let (s, _) = ShardStore::open_with_limits(
+                &db,
+                &rig.dir.path().join("staging"),
+                HashSet::default(),
+                rig.counters.clone(),
+                limits,
+            )
+            .unwrap();
+            (s, db)
+        };
+        let fec = FecParams::new(8, 4, 100).unwrap();
+        {
+            let (mut store, _db) = open(&rig);
+            for id in 1..=10u8 {
+                store
+                    .accept(claim(id, ObjectKind::Blob, 10_000, fec))
+                    .unwrap();
+                store.commit().unwrap();
+            }
+            assert_eq!(store.progress().len(), 3);
+            assert_eq!(staging_files(&rig), 6);
+            assert_eq!(rig.count(&rig.counters.objects_evicted), 7);
+            let kept: HashSet<String> = store.progress().into_iter().map(|p| p.id).collect();
+            for id in 8..=10u8 {
+                assert!(kept.contains(&ObjectId([id; 32]).digest()), "{kept:?}");
+            }
+        }
+        // A store written under a larger limit: only the limit is reloaded.
+        let (mut store, _db) = open(&rig);
+        assert_eq!(store.progress().len(), 3);
+        store
+            .accept(claim(11, ObjectKind::Blob, 10_000, fec))
+            .unwrap();
+        store.commit().unwrap();
+        assert_eq!(store.progress().len(), 3);
     }
 
     /// Runs decode and finish work like the gateway's threads do; returns the

@@ -62,6 +62,14 @@ counters! {
     /// holding the key could otherwise make every later real session look
     /// old.
     frames_future_session,
+    /// Objects refused before anything was allocated for them: a length,
+    /// block count or FEC layout past `[limits]` (an image object over its
+    /// own bound). Their frames count as accepted; nothing is stored.
+    objects_refused,
+    /// Objects set aside half received because `limits.max_objects_in_flight`
+    /// were arriving at once (the one that had gone longest without a shard
+    /// goes); their shards come again with a later pass.
+    objects_evicted,
     /// Frames refused before the tag could be checked (short, bad magic,
     /// version, length) or whose authenticated body did not parse.
     frames_malformed,

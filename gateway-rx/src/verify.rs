@@ -122,8 +122,8 @@ impl Verifier {
     }
 
     /// Sets how far ahead of this clock a session may start.
-    pub fn with_session_horizon(mut self, horizon: std::time::Duration) -> Verifier {
-        self.horizon_ms = horizon.as_millis().min(u64::MAX as u128) as u64;
+    pub fn with_session_horizon_hours(mut self, hours: u64) -> Verifier {
+        self.horizon_ms = hours.saturating_mul(3_600_000);
         self.session_limit = 0;
         self.within_horizon()
     }

@@ -99,7 +99,14 @@ impl FecParams {
     /// Blocks an object of `object_len` bytes needs; an empty object still
     /// has one (all-padding) block so it can cross and be seen complete.
     pub fn blocks_for(&self, object_len: u64) -> u32 {
-        object_len.div_ceil(self.block_bytes()).max(1) as u32
+        self.checked_blocks_for(object_len).unwrap_or(u32::MAX)
+    }
+
+    /// [`blocks_for`](Self::blocks_for), or None when the count does not fit
+    /// the 32-bit block numbers of a shard frame (a length no sender makes,
+    /// but one a frame can claim).
+    pub fn checked_blocks_for(&self, object_len: u64) -> Option<u32> {
+        u32::try_from(object_len.div_ceil(self.block_bytes().max(1)).max(1)).ok()
     }
 
     /// Object bytes in `block`, before padding.
@@ -298,6 +305,14 @@ pub fn interleave(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_count_past_32_bits_is_refused_not_truncated() {
+        let p = FecParams::new(1, 1, 1).unwrap();
+        assert_eq!(p.checked_blocks_for(u32::MAX as u64), Some(u32::MAX));
+        assert_eq!(p.checked_blocks_for(u32::MAX as u64 + 1), None);
+        assert_eq!(p.checked_blocks_for(0), Some(1));
+    }
     use proptest::prelude::*;
 
     fn params(k: u16, m: u16, s: u32) -> FecParams {

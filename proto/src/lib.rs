@@ -42,6 +42,7 @@
 //! - [`fec`]: the Reed–Solomon block codec and the send order;
 //! - [`assembly`]: which shards of an object are held, and its lifecycle;
 //! - [`manifest`]: what an image object carries;
+//! - [`names`]: repository and tag names as the distribution spec allows;
 //! - [`pacing`]: the token bucket every rate limit uses;
 //! - [`framing`]: COBS for byte streams, the directory link's batch file;
 //! - `sim` (feature `sim`): a seeded fault model and an in-memory link pair.
