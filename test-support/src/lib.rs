@@ -1,11 +1,12 @@
 //! What the tests of every weir crate share, in one place. It depends on
-//! `weir-proto` (and `weir-imagegen`) but on neither gateway, so both
-//! gateways take it as a dev-dependency and the end-to-end harness
+//! `weir-proto`, `weir-host` (and `weir-imagegen`) but on neither gateway,
+//! so both gateways take it as a dev-dependency and the end-to-end harness
 //! (`weir-tests`) builds on it:
 //!
 //! ```text
-//!   weir-proto ──▶ weir-test-support ──▶ gateway-tx, gateway-rx (dev)
-//!   weir-imagegen ─┘                 └─▶ weir-tests (harness, e2e)
+//!   weir-proto ───┐
+//!   weir-host ────┼▶ weir-test-support ──▶ gateway-tx, gateway-rx (dev)
+//!   weir-imagegen ┘                   └─▶ weir-tests (harness, e2e)
 //! ```
 //!
 //! - [`tools`]: system programs tests need, found on `PATH`, and the rule
