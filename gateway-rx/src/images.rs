@@ -32,7 +32,8 @@ use weir_proto::{ObjectId, ObjectKind, TransferManifest};
 
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
-use crate::delivery::{DeliveryJob, DeliveryQueue, JobState, Target};
+use crate::delivery::queue::JobFor;
+use crate::delivery::{DeliveryJob, DeliveryQueue, Target};
 use crate::state::{now_ms, StateDb, StateError};
 pub use crate::status::ImageState;
 use crate::status::{Counters, ImageProgress, ObjectProgress};
@@ -522,23 +523,15 @@ fn image_object(bytes: &[u8]) -> Result<TransferManifest, String> {
 }
 
 fn new_job(record: &ImageRecord, target: Target, first_frame_ms: u64, now: u64) -> DeliveryJob {
-    DeliveryJob {
+    let what = JobFor {
         image: record.image.clone(),
         target,
-        repository: record.repository.clone(),
-        tags: record.tags.clone(),
-        manifest_digest: record.manifest_digest.clone(),
+        repository: &record.repository,
+        tags: &record.tags,
+        manifest_digest: &record.manifest_digest,
         first_frame_ms,
-        enqueued_ms: now,
-        state: JobState::Pending,
-        attempts: 0,
-        failures: 0,
-        next_attempt_ms: 0,
-        failure: None,
-        last_error: None,
-        tags_done: Vec::new(),
-        done_ms: None,
-    }
+    };
+    DeliveryJob::pending(what, now)
 }
 
 #[cfg(test)]

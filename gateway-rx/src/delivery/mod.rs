@@ -428,23 +428,15 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn job_for(tm: &TransferManifest, image: &ObjectId, target: Target) -> DeliveryJob {
-        DeliveryJob {
+        let what = super::queue::JobFor {
             image: image.digest(),
             target,
-            repository: tm.destination.repository.clone(),
-            tags: tm.destination.tags.clone(),
-            manifest_digest: tm.manifest.digest.clone(),
+            repository: &tm.destination.repository,
+            tags: &tm.destination.tags,
+            manifest_digest: &tm.manifest.digest,
             first_frame_ms: now_ms(),
-            enqueued_ms: now_ms(),
-            state: JobState::Pending,
-            attempts: 0,
-            failures: 0,
-            next_attempt_ms: 0,
-            failure: None,
-            last_error: None,
-            tags_done: vec![],
-            done_ms: None,
-        }
+        };
+        DeliveryJob::pending(what, now_ms())
     }
 
     struct Fixture {

@@ -81,7 +81,38 @@ pub struct DeliveryJob {
     pub done_ms: Option<u64>,
 }
 
+/// What a new job is about: the image, where it goes, under which names.
+pub struct JobFor<'a> {
+    pub image: String,
+    pub target: Target,
+    pub repository: &'a str,
+    pub tags: &'a [String],
+    pub manifest_digest: &'a str,
+    pub first_frame_ms: u64,
+}
+
 impl DeliveryJob {
+    /// A job not yet attempted, queued at `enqueued_ms`.
+    pub fn pending(what: JobFor<'_>, enqueued_ms: u64) -> DeliveryJob {
+        DeliveryJob {
+            image: what.image,
+            target: what.target,
+            repository: what.repository.to_string(),
+            tags: what.tags.to_vec(),
+            manifest_digest: what.manifest_digest.to_string(),
+            first_frame_ms: what.first_frame_ms,
+            enqueued_ms,
+            state: JobState::Pending,
+            attempts: 0,
+            failures: 0,
+            next_attempt_ms: 0,
+            failure: None,
+            last_error: None,
+            tags_done: Vec::new(),
+            done_ms: None,
+        }
+    }
+
     pub fn image_id(&self) -> Option<ObjectId> {
         ObjectId::from_digest(&self.image).ok()
     }
@@ -227,23 +258,15 @@ mod tests {
     use super::*;
 
     pub(crate) fn job(image: &ObjectId, target: Target) -> DeliveryJob {
-        DeliveryJob {
+        let what = JobFor {
             image: image.digest(),
             target,
-            repository: "team/app".into(),
-            tags: vec!["1.0".into()],
-            manifest_digest: "sha256:00".into(),
+            repository: "team/app",
+            tags: &["1.0".to_string()],
+            manifest_digest: "sha256:00",
             first_frame_ms: 1,
-            enqueued_ms: 2,
-            state: JobState::Pending,
-            attempts: 0,
-            failures: 0,
-            next_attempt_ms: 0,
-            failure: None,
-            last_error: None,
-            tags_done: vec![],
-            done_ms: None,
-        }
+        };
+        DeliveryJob::pending(what, 2)
     }
 
     #[test]

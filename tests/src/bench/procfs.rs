@@ -263,7 +263,10 @@ mod tests {
             }
             threads = thread_cpu(std::process::id());
         }
-        assert!(threads.iter().all(|(name, _)| !name.is_empty()), "{threads:?}");
+        assert!(
+            threads.iter().all(|(name, _)| !name.is_empty()),
+            "{threads:?}"
+        );
     }
 
     #[test]
