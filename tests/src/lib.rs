@@ -18,6 +18,7 @@
 //! skip on a machine without them; under `CI=true` they fail instead
 //! (`weir_test_support::tools`).
 
+pub mod campaign;
 pub mod diode;
 pub mod pair;
 pub mod serial_line;
