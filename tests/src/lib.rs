@@ -5,6 +5,8 @@
 //!   `docker-registry` on a free loopback port with temporary storage, and
 //!   read-back checks (digests re-hashed); `skopeo copy`/`inspect`, e.g. to
 //!   load a generated OCI layout into a registry.
+//! - [`campaign`]: the seeded random-fault campaign (gateway kills, crash
+//!   points, registry outages, link faults), for the suite and long runs.
 //! - [`diode`]: the lossy one-way UDP link (`diode-sim`), in-process or as
 //!   a binary.
 //! - [`serial_line`]: a damaging, rate-limited one-way byte line between
