@@ -340,7 +340,7 @@ pub struct RoundReport {
     pub images: String,
     /// What was applied, in order; crash points say whether they were reached.
     pub faults: Vec<String>,
-    /// From the round's start until every tag was served.
+    /// From the round's start until every tag was first served.
     pub deliver_s: Option<f64>,
     pub result: Result<(), String>,
     /// The applied faults with their times, and on failure the logs.
@@ -707,6 +707,7 @@ impl RoundRun {
         let mut registry_was_down = false;
         let deadline = self.started + limit;
         let mut last_tag_check = Instant::now() - Duration::from_secs(1);
+        let mut first_served: Option<f64> = None;
         let deliver_s = loop {
             let now = Instant::now();
             let t = now - self.started;
@@ -823,18 +824,28 @@ impl RoundRun {
                     .iter()
                     .flatten()
                     .all(|f| matches!(f.when, When::PushSeen(_)));
-            if settled && now - last_tag_check >= Duration::from_millis(500) {
+            let all_dropped = images.iter().all(|i| i.dropped);
+            if all_dropped
+                && registry_up_at.is_none()
+                && now - last_tag_check >= Duration::from_millis(500)
+            {
                 last_tag_check = now;
                 let all_served = images
                     .iter()
                     .all(|i| matches!(registry.manifest_digest(&i.repo, &i.tag), Ok(Some(_))));
-                if all_served {
-                    break t.as_secs_f64();
+                // The table reports the first moment; the round goes on
+                // until every planned fault has been applied too.
+                if all_served && first_served.is_none() {
+                    first_served = Some(t.as_secs_f64());
+                    self.event("every tag served".into());
+                }
+                if let (true, Some(at)) = (settled && all_served, first_served) {
+                    break at;
                 }
             }
             std::thread::sleep(TICK);
         };
-        self.event(format!("every tag served after {deliver_s:.1}s"));
+        self.event("every fault applied; checking".into());
         std::thread::sleep(SETTLE);
         let checked = self
             .check(site, registry, &images, registry_was_down)
@@ -855,7 +866,7 @@ impl RoundRun {
     }
 
     /// Stops both gateways. One armed at a point of its stop aborts there;
-    /// it is started once more and must owe nothing and push nothing again.
+    /// then both start once more and must owe nothing and push nothing again.
     fn stop_both(
         &mut self,
         site: &Site,
@@ -866,7 +877,7 @@ impl RoundRun {
         tx: &mut Process,
     ) -> Result<()> {
         let mut restarted = false;
-        for process in [&mut *rx, &mut *tx] {
+        for process in [&mut *tx, &mut *rx] {
             let Some(mut gateway) = process.gateway.take() else {
                 continue;
             };
@@ -875,10 +886,6 @@ impl RoundRun {
             {
                 process.reached = true;
                 self.note_reached(process.side, process.armed.clone().unwrap_or_default());
-                // The check below must read the new process's report.
-                let _ = std::fs::remove_file(site.rx_state.join("status.json"));
-                process.start(site)?;
-                self.event(format!("gateway-{} started again", process.side.name()));
                 restarted = true;
             } else if !status.success() {
                 bail!(
@@ -888,6 +895,12 @@ impl RoundRun {
             }
         }
         if restarted {
+            // Both run again: the receiver writes the report the check reads.
+            let _ = std::fs::remove_file(site.rx_state.join("status.json"));
+            for process in [&mut *rx, &mut *tx] {
+                process.start(site)?;
+                self.event(format!("gateway-{} started again", process.side.name()));
+            }
             std::thread::sleep(SETTLE);
             self.check(site, registry, images, registry_was_down)?;
             for process in [rx, tx] {
