@@ -5,6 +5,8 @@
 //!   `docker-registry` on a free loopback port with temporary storage, and
 //!   read-back checks (digests re-hashed); `skopeo copy`/`inspect`, e.g. to
 //!   load a generated OCI layout into a registry.
+//! - [`campaign`]: the seeded random-fault campaign (gateway kills, crash
+//!   points, registry outages, link faults), for the suite and long runs.
 //! - [`diode`]: the lossy one-way UDP link (`diode-sim`), in-process or as
 //!   a binary.
 //! - [`serial_line`]: a damaging, rate-limited one-way byte line between
@@ -18,6 +20,7 @@
 //! skip on a machine without them; under `CI=true` they fail instead
 //! (`weir_test_support::tools`).
 
+pub mod campaign;
 pub mod diode;
 pub mod pair;
 pub mod serial_line;
