@@ -571,7 +571,8 @@ impl ShardStore {
             work.push(Work::Finish(finish_job(&id, &live)));
         }
         tracing::info!(object = %id, blocks = live.assembly.blocks(),
-            complete = live.assembly.blocks_complete(), "resuming object from staging");
+            complete = live.assembly.blocks_complete(), shards = live.assembly.shards_held(),
+            "resuming object from staging");
         self.live.insert(id, live);
         Ok(())
     }

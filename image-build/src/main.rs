@@ -59,6 +59,11 @@ struct Cli {
     /// 0600). For tests, like --config.
     #[arg(long, value_name = "DIR")]
     keys: Option<PathBuf>,
+    /// systemd-networkd files (`*.network`, `*.netdev`, `*.link`) and
+    /// `resolv.conf` to put on the data partition in /data/weir/network/.
+    /// For tests, like --config (e.g. DHCP on qemu's user-mode network).
+    #[arg(long, value_name = "DIR")]
+    network: Option<PathBuf>,
     /// Timestamp for everything in the image; the same inputs and epoch
     /// give the same bytes. Default: $SOURCE_DATE_EPOCH, else now.
     #[arg(long, value_name = "N")]
@@ -406,7 +411,47 @@ fn data_tree(
             )?);
         }
     }
+    if let Some(network) = &cli.network {
+        let names = network_files(network)?;
+        if names.is_empty() {
+            bail!(
+                "--network {}: no *.network, *.netdev, *.link or resolv.conf in it",
+                network.display()
+            );
+        }
+        for name in names {
+            let dest = weir.join("network").join(&name);
+            std::fs::copy(network.join(&name), &dest)
+                .with_context(|| format!("--network {}: copying {name}", network.display()))?;
+            set_mode(&dest, 0o644)?;
+            inputs.push(manifest::digest(
+                &dest,
+                &format!("{}/network/{name}", appliance::WEIR_DIR),
+            )?);
+        }
+    }
     Ok((tree, inputs))
+}
+
+/// The files of `dir` that systemd-networkd (or the resolv.conf link)
+/// reads, sorted; anything else there is no network setup and is left out.
+fn network_files(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("--network {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| is_network_file(n))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn is_network_file(name: &str) -> bool {
+    name == "resolv.conf"
+        || [".network", ".netdev", ".link"]
+            .iter()
+            .any(|ext| name.len() > ext.len() && name.ends_with(ext))
 }
 
 fn data_readme(role: Role) -> String {
@@ -430,4 +475,34 @@ weir {role} appliance data partition (mounted at /data; never touched by updates
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_networkd_files_and_resolv_conf_are_network_setup() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "10-dhcp.network",
+            "20-br.netdev",
+            "30-eth.link",
+            "resolv.conf",
+            "notes.txt",
+            ".network",
+        ] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("sub.network")).unwrap();
+        assert_eq!(
+            network_files(dir.path()).unwrap(),
+            [
+                "10-dhcp.network",
+                "20-br.netdev",
+                "30-eth.link",
+                "resolv.conf"
+            ]
+        );
+    }
 }

@@ -5,6 +5,9 @@
 //!   `docker-registry` on a free loopback port with temporary storage, and
 //!   read-back checks (digests re-hashed); `skopeo copy`/`inspect`, e.g. to
 //!   load a generated OCI layout into a registry.
+//! - [`appliance_vm`]: the rx appliance image built with image-build and
+//!   booted under qemu (TCG), its serial ports, power button and power
+//!   cut, and its data partition read back without mounting.
 //! - [`campaign`]: the seeded random-fault campaign (gateway kills, crash
 //!   points, registry outages, link faults), for the suite and long runs.
 //! - [`diode`]: the lossy one-way UDP link (`diode-sim`), in-process or as
@@ -20,6 +23,7 @@
 //! skip on a machine without them; under `CI=true` they fail instead
 //! (`weir_test_support::tools`).
 
+pub mod appliance_vm;
 pub mod campaign;
 pub mod diode;
 pub mod pair;
