@@ -557,3 +557,27 @@ pub fn ext4_copy_out(fs: &Path, path: &str, dest: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The receiver's configuration on a test image's data partition, listening
+/// on `udp_listen`. The paths are the example configuration's: on the
+/// appliance /etc/weir and /var/lib/weir lead to the data partition.
+pub fn rx_config(udp_listen: &str) -> String {
+    format!(
+        r#"state_dir = "/var/lib/weir/rx"
+
+[link]
+transport = "udp"
+udp_listen = "{udp_listen}"
+
+[[auth.keys]]
+id = 1
+file = "/etc/weir/keys/1.key"
+
+[delivery]
+oci_layout = "/var/lib/weir/out"
+
+[console]
+device = "/dev/ttyS1"
+"#
+    )
+}

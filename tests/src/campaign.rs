@@ -22,13 +22,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::fmt::{self, Write as _};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use weir_imagegen::{self as imagegen, DockerFlavor, GeneratedImage, LayerSpec};
 use weir_test_support::registry::Registry;
 
 use crate::diode::{Blackout, BurstLoss, Diode, DiodeConfig};
-use crate::pair::{Gateway, Site, SiteOptions, Target};
+use crate::pair::{files_in, Gateway, Site, SiteOptions, Target};
 
 /// The seed the suite's test runs when none is given.
 pub const DEFAULT_SEED: u64 = 0x5745_4952_0005;
@@ -1015,7 +1015,7 @@ impl RoundRun {
             }
         }
         let spool_settled = crate::pair::wait_until(REPORT_LIMIT, || {
-            let waiting = files_in(&site.spool);
+            let waiting = site.waiting_drops();
             let done = files_in(&site.spool.join("done"));
             waiting.is_empty()
                 && images.iter().all(|i| {
@@ -1026,7 +1026,7 @@ impl RoundRun {
         if !spool_settled || !rejected.is_empty() {
             bail!(
                 "spool not settled: waiting {:?}, done {:?}, rejected {rejected:?}",
-                files_in(&site.spool),
+                site.waiting_drops(),
                 files_in(&site.spool.join("done"))
             );
         }
@@ -1095,18 +1095,6 @@ fn push_seen(registry: &Registry, step: PushStep) -> bool {
             PushStep::Manifest => e.method == "PUT" && e.path.contains("/manifests/"),
         })
     })
-}
-
-/// Names of the plain files in `dir` (not the done/ and rejected/ folders).
-fn files_in(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().is_file())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -390,6 +390,12 @@ impl Site {
         Ok(dest)
     }
 
+    /// Drops still waiting in the spool: its plain files, not the done/
+    /// and rejected/ folders.
+    pub fn waiting_drops(&self) -> Vec<String> {
+        files_in(&self.spool)
+    }
+
     /// gateway-rx's status.json, parsed, if it exists yet.
     pub fn rx_status(&self) -> Option<serde_json::Value> {
         read_json(&self.rx_state.join("status.json"))
@@ -404,4 +410,16 @@ impl Site {
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// Names of the plain files in `dir` (an empty list if it cannot be read).
+pub fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }

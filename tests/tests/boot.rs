@@ -25,26 +25,6 @@ use weir_tests::appliance_vm::{
 const BOOT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-const RX_CONFIG: &str = r#"# Test configuration on the image's data partition. The paths are the
-# example configuration's: on the appliance /etc/weir and /var/lib/weir
-# lead to the data partition.
-state_dir = "/var/lib/weir/rx"
-
-[link]
-transport = "udp"
-udp_listen = "127.0.0.1:7700"
-
-[[auth.keys]]
-id = 1
-file = "/etc/weir/keys/1.key"
-
-[delivery]
-oci_layout = "/var/lib/weir/out"
-
-[console]
-device = "/dev/ttyS1"
-"#;
-
 #[test]
 fn rx_image_boots_its_gateway_and_answers_on_the_serial_console() -> Result<()> {
     if !requirements_met("boot test")? {
@@ -62,7 +42,7 @@ fn rx_image_boots_its_gateway_and_answers_on_the_serial_console() -> Result<()> 
         &image_build,
         tmp.path(),
         &Provision {
-            config: RX_CONFIG,
+            config: &weir_tests::appliance_vm::rx_config("127.0.0.1:7700"),
             key_hex: &key_hex,
             network: &[],
         },

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use weir_test_support::pty::{open_raw, PtyPair};
 use weir_test_support::tools::{or_skip, SOCAT};
 use weir_tests::imagegen::{self, LayerSpec};
-use weir_tests::pair::{Site, SiteOptions, Target};
+use weir_tests::pair::{files_in, Site, SiteOptions, Target};
 
 /// Longest one point may take to be reached, and the image to arrive.
 const PHASE_LIMIT: Duration = Duration::from_secs(60);
@@ -34,29 +34,6 @@ fn layout_entries(layout: &Path, digest: &str) -> usize {
                 .filter(|m| m["digest"] == digest)
                 .count()
         })
-}
-
-/// Drops still waiting in the spool (files, not the done/ and rejected/
-/// folders).
-fn waiting_drops(spool: &Path) -> Vec<String> {
-    std::fs::read_dir(spool)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().is_file())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn spool_entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// What the armed sender is driven through, step by step, until it aborts.
@@ -121,7 +98,7 @@ fn walk(point: &str, n: u64) -> Result<Duration> {
                 site.drop_image(&image.path, "again.tar")?;
                 (step, step_at) = (Step::Redropped, Instant::now());
             }
-            Step::Redropped if settled && waiting_drops(&site.spool).is_empty() => {
+            Step::Redropped if settled && site.waiting_drops().is_empty() => {
                 let mut port = open_raw(&console.b, Duration::from_secs(5))?;
                 port.write_all(format!("resend {digest}\n").as_bytes())?;
                 (step, step_at) = (Step::ResendAsked, Instant::now());
@@ -144,19 +121,19 @@ fn walk(point: &str, n: u64) -> Result<Duration> {
     // Restarted: whatever the crash left, the image arrives once.
     let mut tx = site.start_tx()?;
     let deadline = Instant::now() + PHASE_LIMIT;
-    while layout_entries(&layout, &digest) == 0 || !waiting_drops(&site.spool).is_empty() {
+    while layout_entries(&layout, &digest) == 0 || !site.waiting_drops().is_empty() {
         if Instant::now() > deadline || !tx.is_running() {
             bail!(
                 "{point}: not delivered after the restart (waiting {:?}): {}",
-                waiting_drops(&site.spool),
+                site.waiting_drops(),
                 tx.log_tail(20)
             );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     // The drop was accepted (it sits in done/, never in rejected/)...
-    let done = spool_entries(&site.spool.join("done"));
-    let rejected = spool_entries(&site.spool.join("rejected"));
+    let done = files_in(&site.spool.join("done"));
+    let rejected = files_in(&site.spool.join("rejected"));
     if !done.iter().any(|f| f == "img.tar") || !rejected.is_empty() {
         bail!("{point}: drop not in done/ (done {done:?}, rejected {rejected:?})");
     }

@@ -65,24 +65,6 @@ const TEST_LIMIT: Duration = Duration::from_secs(25 * 60);
 /// cut catches part of it.
 const RATE_BPS: u64 = 500_000;
 
-const RX_CONFIG: &str = r#"# Power-cut test configuration on the image's data partition.
-state_dir = "/var/lib/weir/rx"
-
-[link]
-transport = "udp"
-udp_listen = "0.0.0.0:7700"
-
-[[auth.keys]]
-id = 1
-file = "/etc/weir/keys/1.key"
-
-[delivery]
-oci_layout = "/var/lib/weir/out"
-
-[console]
-device = "/dev/ttyS1"
-"#;
-
 /// qemu's user-mode network hands out 10.0.2.15 by DHCP; its port
 /// forwarding goes there.
 const NETWORK: &str = "[Match]\nType=ether\n\n[Network]\nDHCP=ipv4\n";
@@ -608,7 +590,7 @@ fn power_cuts(tmp: &Path) -> Result<()> {
         &image_build,
         tmp,
         &Provision {
-            config: RX_CONFIG,
+            config: &weir_tests::appliance_vm::rx_config("0.0.0.0:7700"),
             key_hex: &key_hex,
             network: &[("10-user.network", NETWORK)],
         },
