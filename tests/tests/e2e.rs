@@ -461,7 +461,10 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
     )?;
 
     let mut rx = site.start_rx()?;
-    let recorder = Recorder::start(site.rx_addr, 200)?;
+    const REPLAYED: u64 = 200;
+    // Genuine frames a loaded loopback may drop before the replays arrive.
+    const GENUINE_LOSS_ALLOWED: u64 = 5;
+    let recorder = Recorder::start(site.rx_addr, REPLAYED as usize)?;
     site.write_tx_config(recorder.addr, &opts)?;
     let mut tx = site.start_tx()?;
     site.drop_image(&refused.path, "refused.tar")?;
@@ -471,7 +474,7 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
         "genuine frames recorded",
         Duration::from_secs(60),
         &mut [&mut tx, &mut rx],
-        || recorder.frames.lock().unwrap().len() >= 200,
+        || recorder.frames.lock().unwrap().len() >= REPLAYED as usize,
     );
     let inject = UdpSocket::bind("127.0.0.1:0")?;
     let heartbeat = Body::Heartbeat(Heartbeat {
@@ -494,9 +497,15 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
         stranger.seal(&heartbeat, &mut frame);
         inject.send_to(&frame, site.rx_addr)?;
     }
+    // Each genuine frame is replayed twice. A genuine frame that a loaded
+    // loopback dropped lets its first replay in as a first sight, which no
+    // receiver could tell apart; the second copies are refused whatever
+    // happened to the first.
     let recorded = recorder.frames.lock().unwrap().clone();
-    for f in &recorded {
-        inject.send_to(f, site.rx_addr)?;
+    for _ in 0..2 {
+        for f in &recorded {
+            inject.send_to(f, site.rx_addr)?;
+        }
     }
 
     expect_within(
@@ -509,7 +518,10 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
         "injections counted",
         Duration::from_secs(10),
         &mut [&mut tx, &mut rx],
-        || counter(&site, "frames_unknown_key") == 30 && counter(&site, "frames_replayed") >= 200,
+        || {
+            counter(&site, "frames_unknown_key") == 30
+                && counter(&site, "frames_replayed") >= 2 * REPLAYED - GENUINE_LOSS_ALLOWED
+        },
     );
     assert_eq!(
         counter(&site, "frames_bad_tag"),
