@@ -57,6 +57,95 @@ pub struct TxConfig {
     /// status.json and on the console).
     #[serde(default)]
     pub leds: Option<LedsConfig>,
+    /// Pull mode: images pulled from source registries by a sync list.
+    /// Absent: only file drops.
+    #[serde(default)]
+    pub pull: Option<PullConfig>,
+    /// Source registries pull mode talks to, one per host as the sync
+    /// list's references write it. A host not listed is reached
+    /// anonymously over https.
+    #[serde(default)]
+    pub registry: Vec<RegistryConfig>,
+}
+
+/// `[pull]`: what to pull and how often.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullConfig {
+    /// The sync list (YAML; relative to the configuration file). Re-read
+    /// when it changes; a new version that does not validate is refused and
+    /// the previous one stays in force.
+    pub sync_file: PathBuf,
+    /// Seconds between polls of an entry that sets no `interval_s`.
+    #[serde(default = "default_pull_interval_s")]
+    pub interval_s: u64,
+    /// Where the scan report of a pulled image comes from. Default
+    /// `command` when `scan_command` is set, otherwise none (a rule with a
+    /// gate then refuses with `no-scan-report`, as for a drop without one).
+    #[serde(default)]
+    pub scanner: Option<Scanner>,
+    /// argv of a scanner printing its JSON report on stdout; `{ref}` and
+    /// `{digest}` are replaced by the source reference and manifest digest.
+    #[serde(default)]
+    pub scan_command: Option<Vec<String>>,
+    /// Seconds a scan may take before it is killed (the image is then
+    /// refused with `bad-scan-report` and tried again next poll).
+    #[serde(default = "default_scan_timeout_s")]
+    pub scan_timeout_s: u64,
+}
+
+/// The source of pulled images' scan reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scanner {
+    /// `scan_command`'s stdout.
+    Command,
+    /// The source registry's Quay security API
+    /// (`/api/v1/repository/<repo>/manifest/<digest>/security`).
+    Quay,
+}
+
+/// `[[registry]]`: how to reach one source registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// `host[:port]` exactly as the sync list's references write it.
+    pub host: String,
+    /// Basic credentials: `username` with the password in `password_file`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Mode 0600 or stricter, like key files; one line.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A bearer token instead of username/password; mode 0600.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) the registry's TLS certificate chains to,
+    /// instead of the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// http instead of https (loopback tests, a registry behind a proxy).
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Requests in flight to this registry at most.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: u32,
+    /// Requests started per second at most.
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: f64,
+}
+
+fn default_pull_interval_s() -> u64 {
+    600
+}
+fn default_scan_timeout_s() -> u64 {
+    300
+}
+fn default_max_concurrent() -> u32 {
+    4
+}
+fn default_requests_per_second() -> f64 {
+    20.0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -288,6 +377,14 @@ impl TxConfig {
         resolve_opt(base, &mut self.link.serial_device);
         resolve_opt(base, &mut self.link.outbox_dir);
         resolve_console_and_leds(base, &mut self.console, &mut self.leds);
+        if let Some(p) = &mut self.pull {
+            resolve(base, &mut p.sync_file);
+        }
+        for r in &mut self.registry {
+            resolve_opt(base, &mut r.password_file);
+            resolve_opt(base, &mut r.token_file);
+            resolve_opt(base, &mut r.ca_file);
+        }
     }
 
     /// Checks every range and loads what must load (key, rules).

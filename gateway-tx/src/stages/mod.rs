@@ -14,4 +14,5 @@ pub mod carousel;
 pub mod emit;
 pub mod ingest;
 pub mod policy;
+pub mod pull;
 pub mod report;
