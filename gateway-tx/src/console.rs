@@ -249,11 +249,11 @@ mod tests {
         store
             .commit_drop(&DropCommit {
                 source: "app.tar".into(),
-                drop: DropRecord {
+                drop: Some(DropRecord {
                     size: 1,
                     modified_ns: 2,
                     images: vec![image.clone()],
-                },
+                }),
                 images: vec![record],
                 audit: AuditEntry {
                     at: 5,

@@ -137,10 +137,13 @@ pub struct StoredObject {
     pub len: u64,
 }
 
-/// Everything ingest commits for one accepted drop, landing together.
+/// Everything intake commits for one accepted drop or pulled image,
+/// landing together.
 pub struct DropCommit {
     pub source: String,
-    pub drop: DropRecord,
+    /// A drop's record (what is left is moving it to done/); a pull has
+    /// no file to move.
+    pub drop: Option<DropRecord>,
     pub images: Vec<ImageRecord>,
     pub audit: AuditEntry,
 }
@@ -156,6 +159,18 @@ pub struct ObjectStore {
     layers: sled::Tree,
     drops: sled::Tree,
     meta: sled::Tree,
+    pull_refusals: sled::Tree,
+}
+
+/// A pulled image the policy refused: not tried again until its digest or
+/// the rules change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRefusal {
+    pub code: String,
+    pub message: String,
+    /// Fingerprint of the rules (and scanner settings) that refused it.
+    pub rules: String,
+    pub at: u64,
 }
 
 pub fn unix_now() -> u64 {
@@ -202,6 +217,7 @@ impl ObjectStore {
             layers: db.tree("layers")?,
             drops: db.tree("drops")?,
             meta: db.tree("meta")?,
+            pull_refusals: db.tree("pull_refusals")?,
             db,
             objects_dir,
             tmp_dir,
@@ -338,7 +354,9 @@ impl ObjectStore {
                         sent.insert(sent_key(&img.manifest_digest, r).as_bytes(), to_json(&rec))?;
                     }
                 }
-                drops.insert(c.source.as_bytes(), to_json(&c.drop))?;
+                if let Some(d) = &c.drop {
+                    drops.insert(c.source.as_bytes(), to_json(d))?;
+                }
                 audit.insert(&audit_key, to_json(&c.audit))?;
                 Ok(())
             });
@@ -418,6 +436,34 @@ impl ObjectStore {
             Some(v) => Ok(Some(from_json(key.as_bytes(), &v)?)),
             None => Ok(None),
         }
+    }
+
+    // ---- pull refusals ----
+
+    pub fn pull_refusal(
+        &self,
+        manifest_digest: &str,
+        destination: &str,
+    ) -> Result<Option<PullRefusal>, StoreError> {
+        let key = sent_key(manifest_digest, destination);
+        match self.pull_refusals.get(key.as_bytes())? {
+            Some(v) => Ok(Some(from_json(key.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a refused pull with its audit entry, then a commit point.
+    pub fn refuse_pull(
+        &self,
+        manifest_digest: &str,
+        destination: &str,
+        refusal: &PullRefusal,
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        let key = sent_key(manifest_digest, destination);
+        self.pull_refusals
+            .insert(key.as_bytes(), to_json(refusal))?;
+        self.append_audit(audit)
     }
 
     // ---- audit ----
@@ -606,11 +652,11 @@ mod tests {
             store
                 .commit_drop(&DropCommit {
                     source: "x.tar".into(),
-                    drop: DropRecord {
+                    drop: Some(DropRecord {
                         size: 1,
                         modified_ns: 2,
                         images: vec![img.image.clone()],
-                    },
+                    }),
                     images: vec![img],
                     audit: AuditEntry {
                         at: 5,

@@ -532,11 +532,11 @@ fn restart_after_commit_only_finishes_the_move() {
     h.store
         .commit_drop(&gateway_tx::objects::DropCommit {
             source: "a.tar".into(),
-            drop: DropRecord {
+            drop: Some(DropRecord {
                 size: meta.len(),
                 modified_ns,
                 images: vec![],
-            },
+            }),
             images: vec![],
             audit: gateway_tx::objects::AuditEntry {
                 at: 0,

@@ -68,6 +68,8 @@ impl Setup {
             mapping: Vec::new(),
             console: None,
             leds: None,
+            pull: None,
+            registry: Vec::new(),
         };
         std::fs::create_dir_all(&config.spool_dir).unwrap();
         Setup { dir, config }

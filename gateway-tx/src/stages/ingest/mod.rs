@@ -465,11 +465,11 @@ impl Ingestor {
 
         self.store.commit_drop(&DropCommit {
             source: source.to_string(),
-            drop: DropRecord {
+            drop: Some(DropRecord {
                 size,
                 modified_ns,
                 images: new_images.iter().map(|i| i.image.clone()).collect(),
-            },
+            }),
             images: new_images.clone(),
             audit: AuditEntry {
                 at: ingested_at,

@@ -20,5 +20,8 @@ pub fn run_scan_command(
     timeout: Duration,
     cancel: &Shutdown,
 ) -> ReportState {
-    todo!("{argv:?}{reference}{digest}{timeout:?}{}", cancel.is_triggered())
+    todo!(
+        "{argv:?}{reference}{digest}{timeout:?}{}",
+        cancel.is_triggered()
+    )
 }

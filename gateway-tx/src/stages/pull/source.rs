@@ -88,7 +88,11 @@ impl SourceRegistries {
     /// The client for `host`: the configured one, or an anonymous https
     /// client made on first use.
     pub fn get(&self, host: &str) -> Arc<SourceRegistry> {
-        todo!("{host}{}{}", self.configs.len(), self.registries.lock().is_ok())
+        todo!(
+            "{host}{}{}",
+            self.configs.len(),
+            self.registries.lock().is_ok()
+        )
     }
 }
 
@@ -103,7 +107,11 @@ impl SourceRegistry {
     }
 
     /// Every tag of `repository`, following `Link` pagination.
-    pub fn list_tags(&self, repository: &str, cancel: &Shutdown) -> Result<Vec<String>, SourceError> {
+    pub fn list_tags(
+        &self,
+        repository: &str,
+        cancel: &Shutdown,
+    ) -> Result<Vec<String>, SourceError> {
         todo!("{repository}{}", cancel.is_triggered())
     }
 
@@ -135,7 +143,11 @@ impl SourceRegistry {
     /// A JSON document from another API of the same host (the Quay
     /// security API), with the same credentials and limits; at most
     /// [`MAX_DOCUMENT_BYTES`].
-    pub fn get_document(&self, path_and_query: &str, cancel: &Shutdown) -> Result<Vec<u8>, SourceError> {
+    pub fn get_document(
+        &self,
+        path_and_query: &str,
+        cancel: &Shutdown,
+    ) -> Result<Vec<u8>, SourceError> {
         todo!("{path_and_query}{}", cancel.is_triggered())
     }
 }
