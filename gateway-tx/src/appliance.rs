@@ -12,6 +12,8 @@ pub use weir_host::appliance::{
 pub enum Fault {
     StateDiskFull,
     LinkFailing,
+    /// A source registry of pull mode failed several polls in a row.
+    SourceRegistryFailing,
 }
 
 /// The sender's faults raised now, each with its reason.

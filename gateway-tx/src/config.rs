@@ -503,6 +503,7 @@ impl TxConfig {
             crate::policy::Rules::load(path)
                 .map_err(|e| invalid("policy.rules_file", e.to_string()))?;
         }
+        self.validate_pull()?;
         for m in &self.mapping {
             if m.from.is_empty() || m.from.starts_with('/') || m.to.starts_with('/') {
                 return Err(invalid(
@@ -515,6 +516,49 @@ impl TxConfig {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `[pull]` and `[[registry]]`: ranges, the sync list, credential and
+    /// CA files.
+    fn validate_pull(&self) -> Result<(), ConfigError> {
+        let mut hosts = std::collections::HashSet::new();
+        for r in &self.registry {
+            if !hosts.insert(r.host.as_str()) {
+                return Err(invalid(
+                    "registry.host",
+                    format!("{:?} is listed twice", r.host),
+                ));
+            }
+        }
+        crate::pull::source::SourceRegistries::new(&self.registry)
+            .map_err(|e| invalid("registry", e.to_string()))?;
+        let Some(p) = &self.pull else {
+            return Ok(());
+        };
+        if p.interval_s == 0 {
+            return Err(invalid("pull.interval_s", "must be at least 1"));
+        }
+        if p.scan_timeout_s == 0 {
+            return Err(invalid("pull.scan_timeout_s", "must be at least 1"));
+        }
+        match (&p.scanner, &p.scan_command) {
+            (Some(Scanner::Command), None) => {
+                return Err(invalid(
+                    "pull.scan_command",
+                    "required when scanner = \"command\"",
+                ))
+            }
+            (_, Some(argv)) if argv.is_empty() || argv[0].is_empty() => {
+                return Err(invalid(
+                    "pull.scan_command",
+                    "must name a program: [\"trivy\", \"image\", ...]",
+                ))
+            }
+            _ => {}
+        }
+        crate::pull::sync::SyncList::load(&p.sync_file)
+            .map_err(|e| invalid("pull.sync_file", e.to_string()))?;
         Ok(())
     }
 
@@ -692,6 +736,46 @@ impl TxConfig {
         }
         for m in &self.mapping {
             let _ = writeln!(s, "mapping        {} -> {}", m.from, m.to);
+        }
+        if let Some(p) = &self.pull {
+            let entries = match crate::pull::sync::SyncList::load(&p.sync_file) {
+                Ok(l) => format!("{} entries", l.entries.len()),
+                Err(e) => e.to_string(),
+            };
+            let scan = match (&p.scanner, &p.scan_command) {
+                (Some(Scanner::Quay), _) => "scan reports from the Quay security API".to_string(),
+                (_, Some(argv)) => format!(
+                    "scan command {:?} (at most {} s)",
+                    argv.join(" "),
+                    p.scan_timeout_s
+                ),
+                _ => "no scanner".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "pull           {}: {entries}; every {} s unless an entry says; {scan}",
+                p.sync_file.display(),
+                p.interval_s
+            );
+        }
+        for r in &self.registry {
+            let auth = match (&r.username, &r.token_file) {
+                (Some(u), _) => format!("user {u}"),
+                (None, Some(_)) => "bearer token".to_string(),
+                (None, None) => "anonymous".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "registry       {} over {}, {auth}, {} in flight, {} requests/s{}",
+                r.host,
+                if r.plain_http { "http" } else { "https" },
+                r.max_concurrent,
+                r.requests_per_second,
+                match &r.ca_file {
+                    Some(c) => format!(", CA {}", c.display()),
+                    None => String::new(),
+                }
+            );
         }
         if let Ok(k) = self.key() {
             let _ = writeln!(

@@ -50,7 +50,10 @@ impl CommandHandler for TxCommands {
 
     fn handle(&self, command: &str, args: &[&str]) -> Reply {
         match (command, args) {
-            ("status", []) => Reply::Text(self.status_text(&self.board.snapshot())),
+            ("status", []) => Reply::Text(status_text(
+                &self.board.snapshot(),
+                self.faults.reason().as_deref(),
+            )),
             ("images", []) => Reply::Text(images_text(&self.board.snapshot())),
             ("stats", []) => Reply::Text(stats_text(&self.board.snapshot())),
             ("keys", []) => Reply::Text(format!("signing key id: {}", self.key_id)),
@@ -71,53 +74,102 @@ impl CommandHandler for TxCommands {
     }
 }
 
-impl TxCommands {
-    fn status_text(&self, s: &Status) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "gateway-tx {}: {}, pass {}, up {}s, session {}",
-            env!("CARGO_PKG_VERSION"),
-            s.state,
-            s.pass,
-            s.uptime_s,
-            s.session_id
-        );
-        let _ = writeln!(
-            out,
-            "link: {}, {}; paced {} bit/s, measured {} bit/s",
-            s.link.target,
-            if s.link.up {
-                "up (frames going out)"
-            } else {
-                "down (nothing sent in 3 s)"
-            },
-            s.wire.rate_bps,
-            s.wire.measured_bps
-        );
-        let _ = writeln!(
-            out,
-            "queue: {} images, {} objects, {} owing passes",
-            s.queue.images,
-            s.queue.objects,
-            human_bytes(s.queue.bytes)
-        );
-        if let Some(current) = &s.ingest.current {
-            let _ = writeln!(out, "ingest: reading {current}");
-        }
-        report::fault_line(&mut out, self.faults.reason().as_deref());
-        report::list_heading(&mut out, "images", s.images.len(), Some("none"));
-        for i in &s.images {
-            let eta = i.eta_s.map(|e| format!(", eta {e}s")).unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "  {} {}: passes {}/{}, {:.1}% of this pass, {:.1}% overall{}",
-                i.destination, i.state, i.passes_done, i.passes, i.pass_percent, i.percent, eta
-            );
-        }
-        out
+/// The sender's state for people: the console's `status` and
+/// `gateway-tx status` print it.
+pub fn status_text(s: &Status, fault: Option<&str>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "gateway-tx {}: {}, pass {}, up {}s, session {}",
+        env!("CARGO_PKG_VERSION"),
+        s.state,
+        s.pass,
+        s.uptime_s,
+        s.session_id
+    );
+    let _ = writeln!(
+        out,
+        "link: {}, {}; paced {} bit/s, measured {} bit/s",
+        s.link.target,
+        if s.link.up {
+            "up (frames going out)"
+        } else {
+            "down (nothing sent in 3 s)"
+        },
+        s.wire.rate_bps,
+        s.wire.measured_bps
+    );
+    let _ = writeln!(
+        out,
+        "queue: {} images, {} objects, {} owing passes",
+        s.queue.images,
+        s.queue.objects,
+        human_bytes(s.queue.bytes)
+    );
+    if let Some(current) = &s.ingest.current {
+        let _ = writeln!(out, "ingest: reading {current}");
     }
+    report::fault_line(&mut out, fault);
+    report::list_heading(&mut out, "images", s.images.len(), Some("none"));
+    for i in &s.images {
+        let eta = i.eta_s.map(|e| format!(", eta {e}s")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {} {}: passes {}/{}, {:.1}% of this pass, {:.1}% overall{}",
+            i.destination, i.state, i.passes_done, i.passes, i.pass_percent, i.percent, eta
+        );
+    }
+    if let Some(p) = &s.pull {
+        pull_text(&mut out, p);
+    }
+    out
+}
 
+fn pull_text(out: &mut String, p: &crate::status::PullStatus) {
+    let now = crate::objects::unix_now();
+    let _ = writeln!(out, "pull: {}", p.sync_file);
+    if let Some(e) = &p.sync_error {
+        let _ = writeln!(
+            out,
+            "  sync file edit refused (previous list in force): {e}"
+        );
+    }
+    for r in &p.registries {
+        let state = match &r.last_error {
+            None => "answering".to_string(),
+            Some(e) => format!("{} failed poll(s) in a row: {e}", r.failures_in_a_row),
+        };
+        let _ = writeln!(out, "  registry {}: {state}", r.host);
+    }
+    for e in &p.entries {
+        let when = |t: Option<u64>, past: bool| match t {
+            None => "never".to_string(),
+            Some(t) if past => format!("{}s ago", now.saturating_sub(t)),
+            Some(t) => format!("in {}s", t.saturating_sub(now)),
+        };
+        let _ = writeln!(
+            out,
+            "  {} {} -> {}: polled {}, next {}; tags seen {}, selected {}, already sent {}, \
+             queued {}, refused {}, failed {}",
+            e.name,
+            e.source,
+            e.destination,
+            when(e.last_poll, true),
+            when(e.next_poll, false),
+            e.tags_seen,
+            e.selected,
+            e.already_sent,
+            e.queued,
+            e.refused,
+            e.failed
+        );
+        if let Some(err) = &e.last_error {
+            let _ = writeln!(out, "    last error: {err}");
+        }
+    }
+}
+
+impl TxCommands {
     fn resend(&self, typed: &str) -> Reply {
         let wanted = typed
             .strip_prefix("sha256:")

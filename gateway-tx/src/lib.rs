@@ -1,12 +1,13 @@
 //! gateway-tx: the low-side gateway of weir.
 //!
 //! ```text
-//!  spool_dir ──▶ ingest ──▶ policy ──▶ objects (sled + payload files)
-//!                                          │
+//!  spool_dir ──▶ ingest ──┐
+//!                         ├──▶ policy ──▶ objects (sled + payload files)
+//!  registries ──▶ pull ───┘                │
 //!                              carousel ◀──┘ ──▶ FEC ──▶ seal (HMAC) ──▶ pacing ──▶ emit (link)
 //! ```
 //!
-//! One module per stage under [`stages`]: [`ingest`], [`policy`],
+//! One module per stage under [`stages`]: [`ingest`] and [`pull`], [`policy`],
 //! [`carousel`], [`link`] (the emit stage) and the report stage
 //! (`status.json`, LEDs, console). The durable state stays apart:
 //! [`objects`] (the object store) and [`status`] (the status board);
@@ -26,7 +27,7 @@ pub mod stages;
 pub mod status;
 
 pub use stages::emit as link;
-pub use stages::{carousel, ingest, policy};
+pub use stages::{carousel, ingest, policy, pull};
 
 use anyhow::Context;
 use appliance::Faults;
@@ -93,6 +94,13 @@ pub fn run_with_sink(
     let control = Arc::new(carousel::CarouselControl::default());
     let (queue_tx, queue_rx) = std::sync::mpsc::channel();
     let settings = carousel::CarouselSettings::from_config(&config, &key)?;
+    let puller = pull::Puller::new(
+        &config,
+        store.clone(),
+        queue_tx.clone(),
+        board.clone(),
+        faults.clone(),
+    )?;
     let ingestor = ingest::Ingestor::new(&config, store.clone(), queue_tx, board.clone())?
         .with_faults(faults.clone());
     let key_id = key.id();
@@ -123,6 +131,9 @@ pub fn run_with_sink(
     let status_path = config.status_path();
     let mut stages = Stages::new(&shutdown);
     stages.spawn("ingest", move |s| ingestor.run(s))?;
+    if let Some(puller) = puller {
+        stages.spawn("pull", move |s| puller.run(s))?;
+    }
     stages.spawn("carousel", move |s| carousel.run(s).map_err(Into::into))?;
     stages.spawn("status", {
         let board = board.clone();

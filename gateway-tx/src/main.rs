@@ -14,6 +14,16 @@ enum Command {
         /// Configuration file to check.
         file: PathBuf,
     },
+    /// Shows what the running sender is doing: link, queue, images and,
+    /// in pull mode, each sync list entry's last poll (read from
+    /// state_dir/status.json, rewritten every second while it runs).
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print status.json as it is.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 weir_host::gateway_cli! {
@@ -34,6 +44,7 @@ fn main() -> std::process::ExitCode {
     weir_host::logging::init();
     let result = match (cli.command, cli.config) {
         (Some(Command::CheckConfig { file }), _) => check_config(file),
+        (Some(Command::Status { config, json }), _) => status(&config, json),
         (None, Some(file)) => run(file),
         (None, None) => Err(anyhow::anyhow!(
             "nothing to do: run with --config FILE, or check-config FILE (see --help)"
@@ -46,6 +57,33 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     let config = gateway_tx::TxConfig::load(&file)?;
     println!("{}: valid", file.display());
     print!("{}", config.summary());
+    Ok(())
+}
+
+fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let config = gateway_tx::TxConfig::load(file)?;
+    let path = config.status_path();
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading {} (written every second while gateway-tx runs)",
+            path.display()
+        )
+    })?;
+    let status: gateway_tx::status::Status = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a sender status file", path.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        let age = gateway_tx::objects::unix_now().saturating_sub(status.updated_at);
+        if age > 5 {
+            println!("(status.json is {age}s old: gateway-tx is not running, or stuck)");
+        }
+        print!(
+            "{}",
+            gateway_tx::console::status_text(&status, status.fault.as_deref())
+        );
+    }
     Ok(())
 }
 

@@ -15,6 +15,14 @@
 //!               "shard_frames": 80000, "heartbeats": 42, "link_errors": 0, "last_link_error": null},
 //!   "ingest":  {"accepted": 2, "rejected": 1, "already_sent": 0, "current": null,
 //!               "last": {"file": "app.tar", "outcome": "accepted", "code": null, "at": 1700000000}},
+//!   "pull": {"sync_file": "/etc/weir/sync.yaml", "sync_error": null,    // only with [pull]
+//!            "entries": [{"name": "images[0]", "source": "src:5000/team-a/app:1.4",
+//!                         "destination": "team-a/app:1.4", "last_poll": 1700000000,
+//!                         "next_poll": 1700000600, "tags_seen": 1, "selected": 1,
+//!                         "already_sent": 0, "queued": 1, "refused": 0, "failed": 0,
+//!                         "queued_total": 1, "refused_total": 0, "last_error": null}],
+//!            "registries": [{"host": "src:5000", "reachable": true,
+//!                            "failures_in_a_row": 0, "last_error": null}]},
 //!   "images": [{"image": "sha256:…", "destination": "team-a/app:1", "manifest_digest": "sha256:…",
 //!               "source": "app.tar", "bytes": 1048576, "passes": 3, "passes_done": 1,
 //!               "pass_percent": 40.0, "percent": 46.7, "eta_s": 3, "state": "sending"}]
@@ -26,7 +34,7 @@
 //! `link.up` means frames (heartbeats at least) went out in the last 3 s.
 
 use crate::ingest::DropOutcome;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -57,7 +65,8 @@ weir_host::named_states! {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Status {
     pub version: u32,
     pub updated_at: u64,
@@ -72,10 +81,63 @@ pub struct Status {
     pub objects: ObjectsStatus,
     pub wire: WireStatus,
     pub ingest: IngestStatus,
+    /// Pull mode; absent without `[pull]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullStatus>,
     pub images: Vec<ImageStatus>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+/// Pull mode: the sync list in force and each entry's last poll.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PullStatus {
+    pub sync_file: String,
+    /// Why the newest version of the sync file was refused (the previous
+    /// list stays in force); None when the file in force is the newest.
+    pub sync_error: Option<String>,
+    pub entries: Vec<PullEntryStatus>,
+    pub registries: Vec<SourceRegistryStatus>,
+}
+
+/// One sync list entry. The counts are those of its last poll, but
+/// `queued_total` and `refused_total`, which count since the start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PullEntryStatus {
+    /// `images[0]`, `repositories[1]`.
+    pub name: String,
+    pub source: String,
+    pub destination: String,
+    /// Unix seconds.
+    pub last_poll: Option<u64>,
+    pub next_poll: Option<u64>,
+    pub tags_seen: u64,
+    pub selected: u64,
+    pub already_sent: u64,
+    pub queued: u64,
+    pub refused: u64,
+    /// Images whose fetch failed this poll (tried again next poll).
+    pub failed: u64,
+    pub queued_total: u64,
+    pub refused_total: u64,
+    pub last_error: Option<String>,
+}
+
+/// A source registry as pull mode last found it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SourceRegistryStatus {
+    pub host: String,
+    /// The last request answered (any answer but a failure of the registry).
+    pub reachable: bool,
+    /// Polls in a row that failed because of the registry.
+    pub failures_in_a_row: u64,
+    /// The registry's own message, or what failed in reaching it.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LinkStatus {
     pub transport: String,
     /// Where frames go, e.g. `serial /dev/ttyS2 at 115200 baud`.
@@ -83,20 +145,23 @@ pub struct LinkStatus {
     pub up: bool,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct QueueStatus {
     pub images: usize,
     pub objects: usize,
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ObjectsStatus {
     pub count: usize,
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct WireStatus {
     pub rate_bps: u64,
     pub measured_bps: u64,
@@ -109,7 +174,8 @@ pub struct WireStatus {
     pub last_link_error: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct IngestStatus {
     pub accepted: u64,
     pub rejected: u64,
@@ -119,7 +185,8 @@ pub struct IngestStatus {
     pub last: Option<LastDrop>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LastDrop {
     pub file: String,
     pub outcome: String,
@@ -153,7 +220,8 @@ impl IngestStatus {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ImageStatus {
     pub image: String,
     pub destination: String,

@@ -101,6 +101,8 @@ pub enum ReasonCode {
     CorruptArchive,
     NoReference,
     AlreadySent,
+    /// A pulled blob or manifest whose bytes do not hash to its digest.
+    DigestMismatch,
 }
 
 impl ReasonCode {
@@ -118,6 +120,7 @@ impl ReasonCode {
             ReasonCode::CorruptArchive => "corrupt-archive",
             ReasonCode::NoReference => "no-reference",
             ReasonCode::AlreadySent => "already-sent",
+            ReasonCode::DigestMismatch => "digest-mismatch",
         }
     }
 }
