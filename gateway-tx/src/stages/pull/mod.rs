@@ -64,6 +64,9 @@ const TICK: Duration = Duration::from_millis(500);
 const MAX_CHILDREN: usize = 1024;
 /// Most blobs one image may name (the receiver's bound).
 const MAX_BLOBS: usize = 16384;
+/// Blobs of one image fetched at once; the registry's `max_concurrent`
+/// bounds the requests actually in flight.
+const PARALLEL_BLOBS: usize = 4;
 
 /// Where pulled images' scan reports come from.
 #[derive(Debug, Clone)]
@@ -578,35 +581,8 @@ impl Puller {
             }
         };
 
-        for b in &blobs {
-            let id = ObjectId::from_digest(&b.digest).map_err(|_| SourceError::Protocol {
-                host: registry.host().to_string(),
-                message: format!("bad digest {}", b.digest),
-            })?;
-            if self.store.reuse(&id) {
-                continue;
-            }
-            let mut writer = self.store.writer()?;
-            let got = registry.blob(repo, &b.digest, &mut writer, shutdown)?;
-            if got != b.size {
-                return refuse(
-                    ReasonCode::DigestMismatch,
-                    format!(
-                        "blob {} is {got} bytes, its descriptor says {}",
-                        b.digest, b.size
-                    ),
-                );
-            }
-            match writer.finish(Some(&id)) {
-                Ok(obj) => tracing::debug!(digest = %obj.id, size = obj.len, "blob pulled"),
-                Err(StoreError::DigestMismatch { expected, got }) => {
-                    return refuse(
-                        ReasonCode::DigestMismatch,
-                        format!("blob {expected} arrived with digest {got}"),
-                    )
-                }
-                Err(e) => return Err(e.into()),
-            }
+        if let Some(refusal) = self.fetch_blobs(registry, repo, &blobs, shutdown)? {
+            return self.refuse(&source_ref, &digest, &destination, refusal);
         }
 
         let ingested_at = unix_now();
@@ -664,6 +640,129 @@ impl Puller {
         // means it is stopping.
         let _ = self.queue.send(record.clone());
         Ok(PullOutcome::Queued(record))
+    }
+
+    /// Streams the blobs the store lacks into it, several at a time (the
+    /// registry's own limit still holds). The first failure stops the
+    /// others; what they wrote is thrown away. A blob whose bytes do not
+    /// match its descriptor is a refusal, not a failure.
+    fn fetch_blobs(
+        &self,
+        registry: &SourceRegistry,
+        repo: &str,
+        blobs: &[BlobRef],
+        shutdown: &Shutdown,
+    ) -> Result<Option<Refusal>, PullError> {
+        let mut missing = Vec::new();
+        for b in blobs {
+            let id = ObjectId::from_digest(&b.digest).map_err(|_| SourceError::Protocol {
+                host: registry.host().to_string(),
+                message: format!("bad digest {}", b.digest),
+            })?;
+            if !self.store.reuse(&id) {
+                missing.push((id, b));
+            }
+        }
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let stop = Shutdown::new();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let workers = missing.len().min(PARALLEL_BLOBS);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let done_tx = done_tx.clone();
+                let (stop, next, missing) = (&stop, &next, &missing);
+                scope.spawn(move || loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((id, b)) = missing.get(i) else {
+                        return;
+                    };
+                    if stop.is_triggered() {
+                        return;
+                    }
+                    let result = self.fetch_blob(registry, repo, id, b, stop);
+                    let failed = !matches!(result, Ok(None));
+                    let _ = done_tx.send(result);
+                    if failed {
+                        return;
+                    }
+                });
+            }
+            drop(done_tx);
+            let mut outcome: Result<Option<Refusal>, PullError> = Ok(None);
+            loop {
+                match done_rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(Ok(None)) => {}
+                    Ok(other) => {
+                        stop.trigger();
+                        // The first failure is the one to report; a
+                        // worker stopped by it only says "cancelled".
+                        if matches!(outcome, Ok(None)) {
+                            outcome = other;
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if shutdown.is_triggered() {
+                            stop.trigger();
+                            outcome = Err(SourceError::Cancelled.into());
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            outcome
+        })
+    }
+
+    fn fetch_blob(
+        &self,
+        registry: &SourceRegistry,
+        repo: &str,
+        id: &ObjectId,
+        b: &BlobRef,
+        stop: &Shutdown,
+    ) -> Result<Option<Refusal>, PullError> {
+        let mut writer = self.store.writer()?;
+        let mut bounded = Bounded {
+            inner: &mut writer,
+            left: b.size,
+        };
+        let got = match registry.blob(repo, &b.digest, &mut bounded, stop) {
+            Err(SourceError::Write { source, .. })
+                if source.kind() == std::io::ErrorKind::FileTooLarge =>
+            {
+                return Ok(Some(Refusal::new(
+                    ReasonCode::DigestMismatch,
+                    format!(
+                        "blob {} is longer than the {} bytes its descriptor says",
+                        b.digest, b.size
+                    ),
+                )))
+            }
+            other => other?,
+        };
+        if got != b.size {
+            return Ok(Some(Refusal::new(
+                ReasonCode::DigestMismatch,
+                format!(
+                    "blob {} is {got} bytes, its descriptor says {}",
+                    b.digest, b.size
+                ),
+            )));
+        }
+        match writer.finish(Some(id)) {
+            Ok(obj) => {
+                tracing::debug!(digest = %obj.id, size = obj.len, "blob pulled");
+                Ok(None)
+            }
+            Err(StoreError::DigestMismatch { expected, got }) => Ok(Some(Refusal::new(
+                ReasonCode::DigestMismatch,
+                format!("blob {expected} arrived with digest {got}"),
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn scan(
@@ -796,6 +895,31 @@ impl Puller {
             registries: self.registry_health.values().cloned().collect(),
         };
         self.board.update(|s| s.pull = Some(status));
+    }
+}
+
+/// A writer that refuses bytes past what the blob's descriptor announced,
+/// so a source sending more cannot fill the state disk.
+struct Bounded<'a, W: std::io::Write> {
+    inner: &'a mut W,
+    left: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Bounded<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                "more bytes than the descriptor announced",
+            ));
+        }
+        let n = self.inner.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
