@@ -1012,5 +1012,46 @@ passes = 3
         assert_eq!(c.link.datagram_size, 1400);
         let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/rules.yaml");
         crate::policy::Rules::load(&rules).unwrap();
+        let sync = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sync.yaml");
+        let list = crate::pull::sync::SyncList::load(&sync).unwrap();
+        assert_eq!(list.entries.len(), 3);
+    }
+
+    #[test]
+    fn pull_mode_keys_parse_and_a_bad_sync_file_is_refused_by_check_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = write_key(dir.path());
+        std::fs::write(
+            dir.path().join("sync.yaml"),
+            "repositories:\n  - source: 127.0.0.1:5001/team-b/svc\n    destination: mirror/svc\n    tags: {semver: 'not a range'}\n",
+        )
+        .unwrap();
+        let text = format!(
+            "state_dir = \"state\"\nspool_dir = \"spool\"\n[link]\ntransport = \"udp\"\n\
+             udp_peer = \"127.0.0.1:9\"\nrate_bps = 1000000\n[auth]\nkey_id = 1\nkey_file = {key:?}\n\
+             [pull]\nsync_file = \"sync.yaml\"\ninterval_s = 60\n\
+             [[registry]]\nhost = \"127.0.0.1:5001\"\nplain_http = true\nmax_concurrent = 2\n\
+             requests_per_second = 5\n"
+        );
+        let path = dir.path().join("tx.toml");
+        std::fs::write(&path, text).unwrap();
+        let err = format!("{:#}", TxConfig::load(&path).unwrap_err());
+        assert!(err.contains("tx.toml"), "{err}");
+        assert!(err.contains("pull.sync_file"), "{err}");
+        assert!(
+            err.contains("sync.yaml: repositories[0].tags.semver"),
+            "{err}"
+        );
+        std::fs::write(
+            dir.path().join("sync.yaml"),
+            "images:\n  - source: 127.0.0.1:5001/team-a/app:1.4\n    destination: team-a/app:1.4\n",
+        )
+        .unwrap();
+        let c = TxConfig::load(&path).unwrap();
+        let p = c.pull.as_ref().unwrap();
+        assert_eq!(p.interval_s, 60);
+        assert!(p.sync_file.is_absolute());
+        assert_eq!(c.registry[0].max_concurrent, 2);
+        assert!(c.summary().contains("pull           "), "{}", c.summary());
     }
 }
