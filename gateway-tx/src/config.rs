@@ -531,8 +531,10 @@ impl TxConfig {
                 ));
             }
         }
-        crate::pull::source::SourceRegistries::new(&self.registry)
-            .map_err(|e| invalid("registry", e.to_string()))?;
+        if !self.registry.is_empty() {
+            crate::pull::source::SourceRegistries::new(&self.registry)
+                .map_err(|e| invalid("registry", e.to_string()))?;
+        }
         let Some(p) = &self.pull else {
             return Ok(());
         };
