@@ -29,12 +29,10 @@ pub struct TcpProxy {
 struct Shared {
     upstream: SocketAddr,
     stop: AtomicBool,
-    /// New connections are accepted and closed at once.
+    /// New connections are accepted and closed at once, and connections
+    /// being cut forward nothing more.
     refusing: AtomicBool,
-    /// Cut when `down` reaches this many bytes (u64::MAX: not armed).
-    cut_at: AtomicU64,
-    /// Response bytes sent to clients, all connections.
-    down: AtomicU64,
+    meter: Mutex<Meter>,
     accepted: AtomicU64,
     refused: AtomicU64,
     cuts: AtomicU64,
@@ -47,6 +45,15 @@ struct Shared {
     next_id: AtomicU64,
 }
 
+/// Response bytes, counted under one lock with the cut mark so that no
+/// byte past the mark is forwarded whatever the number of connections.
+struct Meter {
+    /// Response bytes forwarded to clients, all connections.
+    down: u64,
+    /// Cut when `down` reaches this.
+    cut_at: Option<u64>,
+}
+
 /// Locks, ignoring poisoning: a panicked pump thread leaves nothing half
 /// done that the others could trip over.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,8 +61,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Shuts every open connection down; `refusing` must be set already.
     fn cut_all(&self) {
-        self.refusing.store(true, Ordering::SeqCst);
         self.cuts.fetch_add(1, Ordering::SeqCst);
         for [client, server] in lock(&self.conns).values() {
             let _ = client.shutdown(Shutdown::Both);
@@ -94,8 +101,10 @@ impl TcpProxy {
             upstream,
             stop: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
-            cut_at: AtomicU64::new(u64::MAX),
-            down: AtomicU64::new(0),
+            meter: Mutex::new(Meter {
+                down: 0,
+                cut_at: None,
+            }),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
@@ -125,23 +134,24 @@ impl TcpProxy {
     /// (exactly that many: the chunk that crosses the mark is split), every
     /// connection is cut and new ones are refused.
     pub fn cut_after(&self, bytes: u64) {
-        let at = self
-            .shared
-            .down
-            .load(Ordering::SeqCst)
-            .saturating_add(bytes);
-        self.shared.cut_at.store(at, Ordering::SeqCst);
+        let mut meter = lock(&self.shared.meter);
+        meter.cut_at = Some(meter.down.saturating_add(bytes));
     }
 
     /// Cuts every connection now and refuses new ones.
     pub fn cut_now(&self) {
-        self.shared.cut_at.store(u64::MAX, Ordering::SeqCst);
+        {
+            let mut meter = lock(&self.shared.meter);
+            meter.cut_at = None;
+            self.shared.refusing.store(true, Ordering::SeqCst);
+        }
         self.shared.cut_all();
     }
 
     /// Accepts and forwards again; disarms a pending cut.
     pub fn restore(&self) {
-        self.shared.cut_at.store(u64::MAX, Ordering::SeqCst);
+        let mut meter = lock(&self.shared.meter);
+        meter.cut_at = None;
         self.shared.refusing.store(false, Ordering::SeqCst);
     }
 
@@ -156,7 +166,7 @@ impl TcpProxy {
 
     /// Response bytes forwarded to clients so far.
     pub fn bytes_down(&self) -> u64 {
-        self.shared.down.load(Ordering::SeqCst)
+        lock(&self.shared.meter).down
     }
 
     /// Connections forwarded (refused ones not counted).
@@ -182,6 +192,7 @@ impl TcpProxy {
 impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.refusing.store(true, Ordering::SeqCst);
         self.shared.cut_all();
     }
 }
@@ -266,26 +277,29 @@ fn pump_down(from: &TcpStream, to: &TcpStream, shared: &Shared) {
             Ok(n) => n,
         };
         shared.pace(n);
-        let before = shared.down.fetch_add(n as u64, Ordering::SeqCst);
-        let cut_at = shared.cut_at.load(Ordering::SeqCst);
-        if before + n as u64 >= cut_at {
-            // The chunk crossing the mark goes out only up to it.
-            let allowed = cut_at.saturating_sub(before) as usize;
-            shared
-                .down
-                .fetch_sub((n - allowed) as u64, Ordering::SeqCst);
-            let _ = to.write_all(&buf[..allowed]);
-            let _ = to.flush();
-            if shared
-                .cut_at
-                .compare_exchange(cut_at, u64::MAX, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
-                shared.cut_all();
+        let (allowed, cut) = {
+            let mut meter = lock(&shared.meter);
+            if shared.refusing.load(Ordering::SeqCst) {
+                // Being cut: not a byte more.
+                (0, false)
+            } else {
+                let room = meter.cut_at.map_or(u64::MAX, |at| at - meter.down);
+                let allowed = n.min(usize::try_from(room).unwrap_or(usize::MAX));
+                meter.down += allowed as u64;
+                let cut = meter.cut_at.is_some_and(|at| meter.down >= at);
+                if cut {
+                    meter.cut_at = None;
+                    shared.refusing.store(true, Ordering::SeqCst);
+                }
+                (allowed, cut)
             }
-            break;
+        };
+        let written = allowed == 0 || to.write_all(&buf[..allowed]).is_ok();
+        if cut {
+            let _ = to.flush();
+            shared.cut_all();
         }
-        if to.write_all(&buf[..n]).is_err() {
+        if !written || allowed < n || cut {
             break;
         }
     }
@@ -357,6 +371,55 @@ mod tests {
         assert!(proxy.refused() >= 1);
         proxy.restore();
         assert_eq!(fetch(proxy.addr()).len(), 500_000);
+    }
+
+    #[test]
+    fn no_byte_past_the_mark_whatever_the_number_of_connections() {
+        let proxy = TcpProxy::start(server(1_000_000)).unwrap();
+        proxy.cut_after(700_000);
+        let addr = proxy.addr();
+        let readers: Vec<_> = (0..4).map(|_| thread::spawn(move || fetch(addr))).collect();
+        let received: usize = readers.into_iter().map(|r| r.join().unwrap().len()).sum();
+        assert_eq!(proxy.bytes_down(), 700_000);
+        assert!(received <= 700_000, "{received} bytes received");
+        assert_eq!(proxy.cuts(), 1);
+    }
+
+    /// The pull tests' use: a registry behind the proxy, a real client
+    /// (skopeo) cut in the middle of a 3 MB layer, then served once restored.
+    #[test]
+    fn a_pull_through_the_proxy_is_cut_mid_blob_and_succeeds_once_restored() {
+        if !crate::skopeo::available() {
+            return;
+        }
+        let Some(registry) = crate::Registry::start().unwrap() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let layers = [weir_imagegen::LayerSpec { size: 3_000_000 }];
+        let img = weir_imagegen::oci_archive(dir.path(), "big.tar", 7, &layers, "t/big:1").unwrap();
+        crate::skopeo::push_archive(&img.path, &registry.access(), "team-a/big:1").unwrap();
+        let proxy = TcpProxy::start(registry.addr()).unwrap();
+        proxy.cut_after(1 << 20);
+        let src = format!("docker://{}/team-a/big:1", proxy.host());
+        let first = dir.path().join("first");
+        let err = crate::skopeo::copy(&src, &format!("dir:{}", first.display()))
+            .expect_err("the copy must break at the cut");
+        assert_eq!(proxy.cuts(), 1, "{err:#}");
+        assert_eq!(proxy.bytes_down(), 1 << 20);
+        assert!(crate::skopeo::copy(&src, &format!("dir:{}", first.display())).is_err());
+        assert!(proxy.refused() >= 1);
+
+        proxy.restore();
+        let second = dir.path().join("second");
+        crate::skopeo::copy(&src, &format!("dir:{}", second.display())).unwrap();
+        let layer = &img.layer_digests[0];
+        let bytes = std::fs::read(second.join(layer.trim_start_matches("sha256:"))).unwrap();
+        let got = format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+        );
+        assert_eq!(&got, layer);
     }
 
     #[test]
