@@ -13,10 +13,15 @@
 //!   for a missing one: skip with the Debian package to install, except
 //!   under `CI=true`, where the test fails.
 //! - [`registry`]: Debian's `docker-registry` on a free loopback port with
-//!   temporary storage (optionally read-only or behind htpasswd), and
-//!   read-back checks (digests re-hashed).
-//! - [`skopeo`]: `skopeo copy`/`inspect`, e.g. to load a generated OCI
-//!   layout into a registry.
+//!   temporary storage (optionally read-only, behind htpasswd basic auth,
+//!   served over TLS), and read-back checks (digests re-hashed).
+//! - [`tls`]: a test CA and a server certificate for `127.0.0.1`, made
+//!   with the `openssl` CLI.
+//! - [`skopeo`]: `skopeo copy`/`inspect`/`delete`, e.g. to load a
+//!   generated OCI layout or archive into a registry (with credentials and
+//!   the test CA), returning the digest, and to move or delete a tag.
+//! - [`proxy`]: a TCP proxy that cuts every connection after N response
+//!   bytes (a source registry gone mid-blob), refuses, or throttles.
 //! - [`pty`]: socat pty pairs, for serial lines and consoles.
 //! - [`images`]: sample images as transfer manifests and blob bytes, from a
 //!   seed; [`imagegen`] writes OCI archives and layouts to disk.
@@ -27,20 +32,24 @@
 //! - [`wait`]: polling with a deadline.
 
 pub mod images;
+pub mod proxy;
 pub mod pty;
 pub mod receiver;
 pub mod registry;
 pub mod replies;
 pub mod sender;
 pub mod skopeo;
+pub mod tls;
 pub mod tools;
 pub mod wait;
 
 pub use images::{bytes_from, sample_image, sample_index, SampleImage};
+pub use proxy::TcpProxy;
 pub use receiver::{HeldObject, Reassembler, SeenShard};
 pub use registry::{
-    registry_or_skip, Registry, RegistryOptions, TestRegistry, RIGHT_PASSWORD_BCRYPT,
+    htpasswd_line, registry_or_skip, Registry, RegistryOptions, TestRegistry, RIGHT_PASSWORD_BCRYPT,
 };
 pub use sender::{Tamper, TestSender};
+pub use tls::TestCerts;
 pub use wait::wait_for;
 pub use weir_imagegen as imagegen;

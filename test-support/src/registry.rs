@@ -20,6 +20,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
+use crate::skopeo::Access;
+use crate::tls::TestCerts;
 use crate::tools::{self, MissingTool, DOCKER_REGISTRY};
 
 /// Overrides the binary (e.g. an upstream `registry` build elsewhere).
@@ -49,6 +51,34 @@ pub struct RegistryOptions {
     pub read_only: bool,
     /// (user, bcrypt hash): basic authentication through an htpasswd file.
     pub htpasswd: Option<(String, String)>,
+    /// (user, password): basic authentication through an htpasswd file
+    /// whose line is made here ([`htpasswd_line`]). The launcher's own
+    /// read-back calls and [`Registry::access`] use these credentials.
+    pub basic_auth: Option<(String, String)>,
+    /// Serve https with this server certificate; the launcher's read-back
+    /// calls trust its CA.
+    pub tls: Option<TestCerts>,
+}
+
+impl RegistryOptions {
+    /// Basic authentication for `user` with `password`.
+    pub fn with_basic_auth(user: &str, password: &str) -> RegistryOptions {
+        RegistryOptions {
+            basic_auth: Some((user.to_string(), password.to_string())),
+            ..RegistryOptions::default()
+        }
+    }
+}
+
+/// An htpasswd line (`user:$2b$04$...`) for distribution's `htpasswd`
+/// auth. Cost 4, the lowest bcrypt takes: the registry checks the password
+/// on every request, and tests make many.
+pub fn htpasswd_line(user: &str, password: &str) -> Result<String> {
+    if user.contains(':') || user.contains('\n') {
+        bail!("htpasswd user {user:?}: no ':' or newline allowed");
+    }
+    let hash = bcrypt::hash(password, 4).context("bcrypt hash of the test password")?;
+    Ok(format!("{user}:{hash}"))
 }
 
 /// A running `docker-registry serve` child. Killed on drop; its storage
@@ -163,6 +193,7 @@ impl Registry {
             child: None,
             client: RegistryClient::new(&format!("http://{addr}")),
         };
+        registry.client = registry.make_client()?;
         // A port found free by binding :0 can be taken again before the
         // registry binds it: retry a few times on early exit.
         let mut attempts = 1;
@@ -172,16 +203,49 @@ impl Registry {
                 Err(SpawnFailure::Exited(_)) if attempts < 5 => {
                     attempts += 1;
                     registry.addr = free_loopback_port()?;
-                    registry.client = RegistryClient::new(&format!("http://{}", registry.addr));
+                    registry.client = registry.make_client()?;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` when serving TLS)
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The options the registry runs with.
+    pub fn options(&self) -> &RegistryOptions {
+        &self.options
+    }
+
+    /// How skopeo reaches this registry: its host, the credentials of
+    /// `basic_auth`, and the CA of `tls` (plain http without it).
+    pub fn access(&self) -> Access {
+        Access {
+            host: self.host(),
+            creds: self.options.basic_auth.clone(),
+            cert_dir: self.options.tls.as_ref().map(|t| t.cert_dir.clone()),
+        }
+    }
+
+    /// A read-back client for this registry: over https trusting the
+    /// test CA when serving TLS, with the `basic_auth` credentials.
+    fn make_client(&self) -> Result<RegistryClient> {
+        let client = match &self.options.tls {
+            Some(tls) => RegistryClient::with_ca_file(&self.url(), &tls.ca_cert)?,
+            None => RegistryClient::new(&self.url()),
+        };
+        Ok(match &self.options.basic_auth {
+            Some((user, password)) => client.with_basic_auth(user, password),
+            None => client,
+        })
     }
 
     /// `127.0.0.1:PORT`, the host part of references to this registry
@@ -237,20 +301,35 @@ impl Registry {
     pub fn restart_with(&mut self, change: impl FnOnce(&mut RegistryOptions)) -> Result<()> {
         self.stop()?;
         change(&mut self.options);
+        self.client = self.make_client()?;
         self.restart()
     }
 
     fn write_config(&self) -> Result<PathBuf> {
-        let auth = match &self.options.htpasswd {
-            Some((user, hash)) => {
-                let file = self.work.path().join("htpasswd");
-                fs::write(&file, format!("{user}:{hash}\n"))
-                    .with_context(|| format!("writing {}", file.display()))?;
-                format!(
-                    "auth:\n  htpasswd:\n    realm: weir-test\n    path: {}\n",
-                    file.display()
-                )
-            }
+        let mut htpasswd = String::new();
+        if let Some((user, hash)) = &self.options.htpasswd {
+            htpasswd.push_str(&format!("{user}:{hash}\n"));
+        }
+        if let Some((user, password)) = &self.options.basic_auth {
+            htpasswd.push_str(&htpasswd_line(user, password)?);
+            htpasswd.push('\n');
+        }
+        let auth = if htpasswd.is_empty() {
+            String::new()
+        } else {
+            let file = self.work.path().join("htpasswd");
+            fs::write(&file, htpasswd).with_context(|| format!("writing {}", file.display()))?;
+            format!(
+                "auth:\n  htpasswd:\n    realm: weir-test\n    path: {}\n",
+                file.display()
+            )
+        };
+        let tls = match &self.options.tls {
+            Some(tls) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                tls.cert.display(),
+                tls.key.display()
+            ),
             None => String::new(),
         };
         let config = format!(
@@ -258,7 +337,7 @@ impl Registry {
              log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
              maintenance:\n    uploadpurging:\n      enabled: false\n    readonly:\n      enabled: {read_only}\n\
-             http:\n  addr: {addr}\n  secret: weir-test-harness\n{auth}",
+             http:\n  addr: {addr}\n  secret: weir-test-harness\n{tls}{auth}",
             storage = self.storage_dir().display(),
             read_only = self.options.read_only,
             addr = self.addr,
@@ -301,7 +380,7 @@ impl Registry {
                 }
             }
             // 401: ready, and asking for the htpasswd credentials.
-            if let Ok(response) = self.client.http.get(self.client.api("/v2/")).call() {
+            if let Ok(response) = self.client.get("/v2/", None) {
                 if matches!(response.status().as_u16(), 200 | 401) {
                     return Ok(());
                 }
@@ -349,22 +428,70 @@ impl Registry {
 pub struct RegistryClient {
     base: String,
     http: ureq::Agent,
+    /// `Authorization` header value, when credentials were given.
+    authorization: Option<String>,
+}
+
+fn agent(tls: Option<ureq::tls::TlsConfig>) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_connect(Some(Duration::from_secs(2)))
+        .timeout_global(Some(Duration::from_secs(300)));
+    if let Some(tls) = tls {
+        config = config.tls_config(tls);
+    }
+    config.build().into()
 }
 
 impl RegistryClient {
-    /// A client for `url` (`http://host:port`, no trailing slash needed).
+    /// A client for `url` (`http://host:port`, no trailing slash needed;
+    /// `https://` trusts the built-in web roots only).
     pub fn new(url: &str) -> RegistryClient {
-        let http: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .proxy(None)
-            .timeout_connect(Some(Duration::from_secs(2)))
-            .timeout_global(Some(Duration::from_secs(300)))
-            .build()
-            .into();
         RegistryClient {
             base: url.trim_end_matches('/').to_string(),
-            http,
+            http: agent(None),
+            authorization: None,
         }
+    }
+
+    /// A client for an `https://` `url` whose certificate chains to the CA
+    /// in `ca_file` (PEM), and to nothing else.
+    pub fn with_ca_file(url: &str, ca_file: &std::path::Path) -> Result<RegistryClient> {
+        let pem = fs::read(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+        let ca = ureq::tls::Certificate::from_pem(&pem)
+            .with_context(|| format!("{}: not a PEM certificate", ca_file.display()))?;
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+                ca,
+            ])))
+            .build();
+        Ok(RegistryClient {
+            base: url.trim_end_matches('/').to_string(),
+            http: agent(Some(tls)),
+            authorization: None,
+        })
+    }
+
+    /// The same client sending basic credentials with every request.
+    pub fn with_basic_auth(mut self, user: &str, password: &str) -> RegistryClient {
+        let token = base64(format!("{user}:{password}").as_bytes());
+        self.authorization = Some(format!("Basic {token}"));
+        self
+    }
+
+    /// `GET /v2/`: the status and the body (a registry's error JSON on 401).
+    pub fn ping(&self) -> Result<(u16, String)> {
+        let response = self.get("/v2/", None)?;
+        let status = response.status().as_u16();
+        let mut body = String::new();
+        response
+            .into_body()
+            .into_reader()
+            .take(64 * 1024)
+            .read_to_string(&mut body)
+            .with_context(|| format!("reading GET {}", self.api("/v2/")))?;
+        Ok((status, body))
     }
 
     pub fn url(&self) -> &str {
@@ -380,6 +507,9 @@ impl RegistryClient {
         if let Some(accept) = accept {
             request = request.header("Accept", accept);
         }
+        if let Some(authorization) = &self.authorization {
+            request = request.header("Authorization", authorization);
+        }
         request
             .call()
             .with_context(|| format!("GET {}", self.api(path)))
@@ -389,6 +519,9 @@ impl RegistryClient {
         let mut request = self.http.head(self.api(path));
         if let Some(accept) = accept {
             request = request.header("Accept", accept);
+        }
+        if let Some(authorization) = &self.authorization {
+            request = request.header("Authorization", authorization);
         }
         request
             .call()
@@ -658,6 +791,28 @@ impl TestRegistry {
     }
 }
 
+/// Standard base64 with padding (RFC 4648), for the basic auth header.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 struct HashingSink(Sha256);
 
 impl io::Write for HashingSink {
@@ -756,6 +911,96 @@ mod tests {
         assert_eq!(
             parse_access_line(r#"time="x" level=info msg="response completed""#),
             None
+        );
+    }
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foob"), "Zm9vYg==");
+        assert_eq!(
+            base64(b"mirror:right-password"),
+            "bWlycm9yOnJpZ2h0LXBhc3N3b3Jk"
+        );
+    }
+
+    #[test]
+    fn htpasswd_lines_hold_a_bcrypt_of_the_password() {
+        let line = htpasswd_line("mirror", "right-password").unwrap();
+        let (user, hash) = line.split_once(':').unwrap();
+        assert_eq!(user, "mirror");
+        assert!(hash.starts_with("$2"), "{hash}");
+        assert!(bcrypt::verify("right-password", hash).unwrap());
+        assert!(!bcrypt::verify("wrong-password", hash).unwrap());
+        assert!(htpasswd_line("a:b", "x").is_err());
+    }
+
+    /// What pull mode's wrong-password test relies on: the registry refuses
+    /// a wrong password with 401 and its own message, and serves the right one.
+    #[test]
+    fn an_htpasswd_registry_refuses_a_wrong_password_and_serves_the_right_one() {
+        let options = RegistryOptions::with_basic_auth("mirror", "right-password");
+        let Some(registry) = Registry::start_with(options).unwrap() else {
+            return;
+        };
+        let (status, _) = registry.ping().unwrap();
+        assert_eq!(status, 200, "the launcher's own client has the password");
+        let url = registry.url();
+        let wrong = RegistryClient::new(&url).with_basic_auth("mirror", "wrong-password");
+        let (status, body) = wrong.ping().unwrap();
+        assert_eq!(status, 401);
+        assert!(body.contains("authentication required"), "{body}");
+        assert!(
+            wrong.manifest_digest("team-a/app", "1").is_err(),
+            "401 is no answer"
+        );
+        let (status, _) = RegistryClient::new(&url).ping().unwrap();
+        assert_eq!(status, 401, "no credentials, no access");
+        let right = RegistryClient::new(&url).with_basic_auth("mirror", "right-password");
+        assert_eq!(right.ping().unwrap().0, 200);
+        assert_eq!(right.manifest_digest("team-a/app", "1").unwrap(), None);
+        let statuses: Vec<u16> = registry
+            .access_log()
+            .unwrap()
+            .iter()
+            .map(|e| e.status)
+            .collect();
+        assert!(statuses.contains(&401), "{statuses:?}");
+    }
+
+    #[test]
+    fn a_tls_registry_is_trusted_through_the_test_ca_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(certs) = crate::tls::certs_or_skip(dir.path()).unwrap() else {
+            return;
+        };
+        let options = RegistryOptions {
+            tls: Some(certs.clone()),
+            ..RegistryOptions::with_basic_auth("mirror", "right-password")
+        };
+        let Some(registry) = Registry::start_with(options).unwrap() else {
+            return;
+        };
+        assert!(registry.url().starts_with("https://127.0.0.1:"));
+        assert_eq!(registry.ping().unwrap().0, 200);
+        let trusting = RegistryClient::with_ca_file(&registry.url(), &certs.ca_cert)
+            .unwrap()
+            .with_basic_auth("mirror", "right-password");
+        assert_eq!(trusting.ping().unwrap().0, 200);
+        let err = RegistryClient::new(&registry.url())
+            .ping()
+            .expect_err("a client without the test CA must not connect");
+        assert!(
+            format!("{err:#}").contains("GET https://127.0.0.1"),
+            "{err:#}"
+        );
+        let plain = RegistryClient::new(&format!("http://{}", registry.host()));
+        assert!(
+            !matches!(plain.ping(), Ok((200, _))),
+            "plain http must not be served"
         );
     }
 

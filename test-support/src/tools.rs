@@ -1,8 +1,8 @@
 //! System programs some tests need (`docker-registry`, `socat`, `skopeo`,
-//! qemu), found on `PATH`, and the one rule for when one is missing: the
-//! test says which Debian package to install and skips, except under
-//! `CI=true`, where the same message fails it. A CI run must not pass by
-//! skipping the tests it exists to run.
+//! `openssl`, qemu), found on `PATH`, and the one rule for when one is
+//! missing: the test says which Debian package to install and skips, except
+//! under `CI=true`, where the same message fails it. A CI run must not pass
+//! by skipping the tests it exists to run.
 //!
 //! [`decide`] takes `PATH` and `CI` as arguments, so the rule itself is
 //! tested without depending on what this machine has installed; [`find`]
@@ -37,6 +37,12 @@ pub const SOCAT: Tool = Tool {
 pub const SKOPEO: Tool = Tool {
     program: "skopeo",
     package: "skopeo",
+};
+
+/// Makes the test CA and server certificates for TLS registries.
+pub const OPENSSL: Tool = Tool {
+    program: "openssl",
+    package: "openssl",
 };
 
 /// Boots the appliance image.

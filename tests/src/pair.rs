@@ -407,6 +407,138 @@ impl Site {
     }
 }
 
+/// A source registry as tx.toml's `[[registry]]` says how to reach it.
+#[derive(Debug, Clone, Default)]
+pub struct PullRegistry {
+    /// `host:port` exactly as the sync list's references write it.
+    pub host: String,
+    pub username: Option<String>,
+    /// Written beside tx.toml as `src<i>.pass` (mode 0600, as an operator
+    /// provisions it) and named by a relative path.
+    pub password: Option<String>,
+    /// Copied beside tx.toml as `src<i>-ca.pem` and named by a relative path.
+    pub ca_file: Option<PathBuf>,
+    pub plain_http: bool,
+    /// More keys of the table (e.g. `max_concurrent = 2`).
+    pub extra: String,
+}
+
+/// tx.toml's `[pull]` and its `[[registry]]` tables.
+#[derive(Debug, Clone)]
+pub struct PullSetup {
+    pub interval_s: u64,
+    /// argv; `{ref}` and `{digest}` are the gateway's to replace.
+    pub scan_command: Option<Vec<String>>,
+    pub scan_timeout_s: Option<u64>,
+    pub registries: Vec<PullRegistry>,
+    /// More keys of `[pull]`.
+    pub extra: String,
+}
+
+impl Default for PullSetup {
+    /// A short poll period: the tests wait for polls.
+    fn default() -> Self {
+        PullSetup {
+            interval_s: 2,
+            scan_command: None,
+            scan_timeout_s: None,
+            registries: Vec::new(),
+            extra: String::new(),
+        }
+    }
+}
+
+impl Site {
+    /// The sync list tx.toml's `[pull] sync_file` names (`sync.yaml` beside it).
+    pub fn sync_file(&self) -> PathBuf {
+        self.dir.path().join("sync.yaml")
+    }
+
+    /// Replaces the sync list the way an editor saving it would leave it:
+    /// written beside, then renamed over, so the gateway never reads half.
+    pub fn write_sync_file(&self, yaml: &str) -> Result<()> {
+        let partial = self.dir.path().join(".sync.yaml.partial");
+        std::fs::write(&partial, yaml).context("writing the sync list")?;
+        std::fs::rename(&partial, self.sync_file()).context("renaming the sync list into place")
+    }
+
+    /// The password file of the `index`th `[[registry]]`.
+    pub fn password_file(&self, index: usize) -> PathBuf {
+        self.dir.path().join(format!("src{index}.pass"))
+    }
+
+    /// Writes the password file of the `index`th `[[registry]]`, mode 0600.
+    pub fn write_password(&self, index: usize, password: &str) -> Result<()> {
+        let path = self.password_file(index);
+        std::fs::write(&path, format!("{password}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", path.display()))
+    }
+
+    /// Writes the sync list and each registry's password and CA files, and
+    /// returns the `[pull]` and `[[registry]]` TOML for
+    /// [`SiteOptions::tx_extra`]. Files are named relative to tx.toml, as
+    /// the configuration allows.
+    pub fn pull_toml(&self, setup: &PullSetup, sync_yaml: &str) -> Result<String> {
+        self.write_sync_file(sync_yaml)?;
+        let mut toml = format!(
+            "[pull]\nsync_file = \"sync.yaml\"\ninterval_s = {}\n",
+            setup.interval_s
+        );
+        if let Some(argv) = &setup.scan_command {
+            let words: Vec<String> = argv.iter().map(|w| toml_string(w)).collect();
+            toml.push_str(&format!("scan_command = [{}]\n", words.join(", ")));
+        }
+        if let Some(timeout) = setup.scan_timeout_s {
+            toml.push_str(&format!("scan_timeout_s = {timeout}\n"));
+        }
+        toml.push_str(&setup.extra);
+        for (i, r) in setup.registries.iter().enumerate() {
+            toml.push_str(&format!(
+                "\n[[registry]]\nhost = {}\nplain_http = {}\n",
+                toml_string(&r.host),
+                r.plain_http
+            ));
+            if let Some(user) = &r.username {
+                toml.push_str(&format!("username = {}\n", toml_string(user)));
+            }
+            if let Some(password) = &r.password {
+                self.write_password(i, password)?;
+                toml.push_str(&format!("password_file = \"src{i}.pass\"\n"));
+            }
+            if let Some(ca) = &r.ca_file {
+                let name = format!("src{i}-ca.pem");
+                std::fs::copy(ca, self.dir.path().join(&name))
+                    .with_context(|| format!("copying {}", ca.display()))?;
+                toml.push_str(&format!("ca_file = {}\n", toml_string(&name)));
+            }
+            toml.push_str(&r.extra);
+        }
+        Ok(toml)
+    }
+
+    /// gateway-tx's log so far (empty before it started).
+    pub fn tx_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tx.log")).unwrap_or_default()
+    }
+
+    /// Runs `gateway-tx ARGS` to completion (e.g. `check-config`, `status`).
+    pub fn run_tx_command(&self, args: &[&std::ffi::OsStr]) -> Result<std::process::Output> {
+        let bin = gateway_bin("gateway-tx")?;
+        Command::new(&bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", bin.display()))
+    }
+}
+
+/// A TOML basic string (JSON's escapes are TOML's for what tests write).
+fn toml_string(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
