@@ -89,7 +89,8 @@ pub struct PullConfig {
     #[serde(default)]
     pub scan_command: Option<Vec<String>>,
     /// Seconds a scan may take before it is killed (the image is then
-    /// refused with `bad-scan-report` and tried again next poll).
+    /// refused with `bad-scan-report`, and tried again only once the rules
+    /// or the scanner settings change).
     #[serde(default = "default_scan_timeout_s")]
     pub scan_timeout_s: u64,
 }
