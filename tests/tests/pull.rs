@@ -48,32 +48,14 @@ fn pull_field(site: &Site, source: &str, field: &str) -> Option<Value> {
     pull_field_in(&site.tx_status()?, source, field)
 }
 
-/// [`pull_field`] in a parsed status.json. Assumed shape: somewhere under
-/// `status["pull"]` (a list of entries, a map by entry name, or
-/// `{"entries": [...]}`) an object holds `source` as one of its string
-/// values, or is keyed by it, and has `field` among its keys:
-/// `last_error` (string or null), `already_sent`, `refused` (a number, or a
-/// list whose length counts), and, unasserted, `last_poll`, `next_poll`,
-/// `tags_seen`, `selected`, `queued`.
+/// [`pull_field`] in a parsed status.json: the entry of
+/// `pull.entries[]` whose `source` is `source` (README, status.json).
 fn pull_field_in(status: &Value, source: &str, field: &str) -> Option<Value> {
-    fn find<'a>(v: &'a Value, source: &str) -> Option<&'a Value> {
-        match v {
-            Value::Object(map) => {
-                if map.values().any(|x| x.as_str() == Some(source)) {
-                    return Some(v);
-                }
-                if let Some(entry) = map.get(source) {
-                    if entry.is_object() {
-                        return Some(entry);
-                    }
-                }
-                map.values().find_map(|x| find(x, source))
-            }
-            Value::Array(items) => items.iter().find_map(|x| find(x, source)),
-            _ => None,
-        }
-    }
-    find(&status["pull"], source).and_then(|entry| entry.get(field).cloned())
+    status["pull"]["entries"]
+        .as_array()?
+        .iter()
+        .find(|e| e["source"] == source)
+        .and_then(|e| e.get(field).cloned())
 }
 
 /// A count in the pull status: a number, or the length of a list.
@@ -1030,30 +1012,21 @@ repositories:
 /// The status helper finds an entry in each shape the pull section may
 /// take, and nothing for another entry.
 #[test]
-fn pull_field_finds_the_entry_whatever_the_shape() {
+fn pull_field_reads_the_documented_status_shape() {
     let src = "127.0.0.1:5001/team-a/app:1.4";
-    let entry = serde_json::json!({"name": "images[0]", "source": src,
-        "last_error": "authentication required", "refused": ["sha256:x"], "already_sent": 2});
-    let shapes = [
-        serde_json::json!({"pull": [entry.clone()]}),
-        serde_json::json!({"pull": {"entries": [entry.clone()]}}),
-        serde_json::json!({"pull": {"images[0]": entry.clone()}}),
-        serde_json::json!({"pull": {src: {"last_error": "authentication required",
-            "refused": ["sha256:x"], "already_sent": 2}}}),
-    ];
-    for status in &shapes {
-        assert_eq!(
-            pull_field_in(status, src, "last_error"),
-            Some(Value::from("authentication required")),
-            "{status}"
-        );
-        assert_eq!(count_of(pull_field_in(status, src, "refused")), 1);
-        assert_eq!(count_of(pull_field_in(status, src, "already_sent")), 2);
-        assert_eq!(
-            pull_field_in(status, "127.0.0.1:5001/other:1", "last_error"),
-            None
-        );
-    }
+    let status = serde_json::json!({"pull": {"sync_file": "sync.yaml", "entries": [
+        {"name": "images[0]", "source": src, "destination": "team-a/app:1.4",
+         "last_error": "authentication required", "refused": 1, "already_sent": 2}]}});
+    assert_eq!(
+        pull_field_in(&status, src, "last_error"),
+        Some(Value::from("authentication required"))
+    );
+    assert_eq!(count_of(pull_field_in(&status, src, "refused")), 1);
+    assert_eq!(count_of(pull_field_in(&status, src, "already_sent")), 2);
+    assert_eq!(
+        pull_field_in(&status, "127.0.0.1:5001/other:1", "last_error"),
+        None
+    );
     assert_eq!(
         pull_field_in(&serde_json::json!({"images": []}), src, "refused"),
         None
