@@ -779,17 +779,7 @@ impl Puller {
                 scan::run_scan_command(argv, source_ref, source_digest, *timeout, shutdown)
             }
             Some(ScanSource::Quay) => {
-                let path = format!(
-                    "api/v1/repository/{}/manifest/{source_digest}/security?vulnerabilities=true",
-                    entry.source.repository
-                );
-                match registry.get_document(&path, shutdown) {
-                    Ok(bytes) => match crate::policy::ScanSummary::parse(&bytes) {
-                        Ok(s) => ReportState::Read(s),
-                        Err(e) => ReportState::Unreadable(format!("Quay security API: {e}")),
-                    },
-                    Err(e) => ReportState::Unreadable(format!("Quay security API: {e}")),
-                }
+                scan::quay_report(registry, &entry.source.repository, source_digest, shutdown)
             }
         }
     }

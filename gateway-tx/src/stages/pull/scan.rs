@@ -324,6 +324,27 @@ fn exited_unreaped(pid: libc::pid_t) -> std::io::Result<bool> {
     }
 }
 
+/// The source registry's Quay security API report of one manifest, read
+/// by the same parser as a drop's report. A report Quay has not finished
+/// (`status` other than `scanned`), an error answer or an unreadable body
+/// are [`ReportState::Unreadable`], with what went wrong.
+pub fn quay_report(
+    registry: &super::source::SourceRegistry,
+    repository: &str,
+    digest: &str,
+    cancel: &Shutdown,
+) -> ReportState {
+    let path =
+        format!("api/v1/repository/{repository}/manifest/{digest}/security?vulnerabilities=true");
+    match registry.get_document(&path, cancel) {
+        Ok(bytes) => match crate::policy::ScanSummary::parse(&bytes) {
+            Ok(s) => ReportState::Read(s),
+            Err(e) => ReportState::Unreadable(format!("Quay security API: {e}")),
+        },
+        Err(e) => ReportState::Unreadable(format!("Quay security API: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1978,6 +1978,40 @@ mod tests {
     }
 
     #[test]
+    fn quay_security_reports_are_read_from_the_source_host() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let report = br#"{"status":"scanned","data":{"Layer":{"Features":[{"Name":"openssl","Vulnerabilities":[{"Name":"CVE-1","Severity":"High"}]}]}}}"#;
+        let server = canned(move |_, _, _| {
+            answer("200 OK", &[("Content-Type", "application/json")], report)
+        });
+        let client = client_of(&server, |_| {});
+        let state =
+            crate::pull::scan::quay_report(&client, "team-a/app", &digest, &Shutdown::new());
+        match state {
+            crate::policy::ReportState::Read(s) => {
+                assert_eq!(s.worst, Some(crate::policy::Severity::High));
+            }
+            other => panic!("expected a read report, got {other:?}"),
+        }
+        let seen = server.seen();
+        assert_eq!(
+            seen[0].target,
+            format!(
+                "/api/v1/repository/team-a/app/manifest/{digest}/security?vulnerabilities=true"
+            )
+        );
+        let pending =
+            canned(|_, _, _| answer("200 OK", &[], br#"{"status":"queued","data":null}"#));
+        let client = client_of(&pending, |_| {});
+        let state =
+            crate::pull::scan::quay_report(&client, "team-a/app", &digest, &Shutdown::new());
+        assert!(
+            matches!(&state, crate::policy::ReportState::Unreadable(m) if m.contains("Quay")),
+            "{state:?}"
+        );
+    }
+
+    #[test]
     fn waits_out_retry_after_then_succeeds() {
         let server = canned(|_, i, _| match i {
             0 => answer(
