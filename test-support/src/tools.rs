@@ -1,5 +1,5 @@
 //! System programs some tests need (`docker-registry`, `socat`, `skopeo`,
-//! qemu), found on `PATH`, and the one rule for when one is missing: the
+//! qemu, `promtool`), found on `PATH`, and the one rule for when one is missing: the
 //! test says which Debian package to install and skips, except under
 //! `CI=true`, where the same message fails it. A CI run must not pass by
 //! skipping the tests it exists to run.
@@ -43,6 +43,12 @@ pub const SKOPEO: Tool = Tool {
 pub const QEMU: Tool = Tool {
     program: "qemu-system-x86_64",
     package: "qemu-system-x86",
+};
+
+/// Checks the metrics endpoints' text (`promtool check metrics`).
+pub const PROMTOOL: Tool = Tool {
+    program: "promtool",
+    package: "prometheus",
 };
 
 /// A tool that is not on `PATH` while `CI=true`: the test must fail.
@@ -196,5 +202,10 @@ mod tests {
         assert_eq!(find_on_path("skopeo", Some(&path)), None);
         assert!(decide(SOCAT, Some(&path), Some(OsStr::new("true"))).is_err());
         assert!(decide(QEMU, Some(&path), Some(OsStr::new("true"))).is_err());
+        let err = decide(PROMTOOL, Some(&path), Some(OsStr::new("true"))).unwrap_err();
+        assert!(
+            err.to_string().contains("apt-get install -y prometheus"),
+            "{err}"
+        );
     }
 }
