@@ -1,7 +1,8 @@
 //! The receiver's configuration: one TOML file, one serde type.
-//! `[console]`, `[leds]`, the transport, the reading of the file and the
-//! errors are shared with gateway-tx ([`weir_host::config`]). Relative
-//! paths are taken relative to the directory of the configuration file.
+//! `[console]`, `[leds]`, `[metrics]`, the transport, the reading of the
+//! file and the errors are shared with gateway-tx ([`weir_host::config`]).
+//! Relative paths are taken relative to the directory of the configuration
+//! file.
 //!
 //! The published keys and their defaults:
 //!
@@ -51,6 +52,9 @@
 //! fault = "weir:fault"
 //! hmac_fault_threshold = 100      # default; fault when more bad tags than
 //!                                 # this arrived in the last minute
+//!
+//! [metrics]                       # optional; absent = no metrics endpoint
+//! listen = "127.0.0.1:9464"       # Prometheus text format at GET /metrics
 //! ```
 
 use serde::Deserialize;
@@ -61,8 +65,8 @@ use weir_host::config::{
     parse_toml, read_toml, resolve, resolve_console_and_leds, resolve_opt,
 };
 pub use weir_host::config::{
-    ConfigError, ConsoleConfig, LedsConfig, Transport, DEFAULT_BAUD, DEFAULT_DATAGRAM_SIZE,
-    DEFAULT_HMAC_FAULT_THRESHOLD, DEFAULT_STATE_MIN_FREE_MB,
+    ConfigError, ConsoleConfig, LedsConfig, MetricsConfig, Transport, DEFAULT_BAUD,
+    DEFAULT_DATAGRAM_SIZE, DEFAULT_HMAC_FAULT_THRESHOLD, DEFAULT_STATE_MIN_FREE_MB,
 };
 use weir_proto::KeyRing;
 /// Default cap of the backoff while a registry is down or answers 5xx.
@@ -99,6 +103,8 @@ pub struct RxConfig {
     /// The status LEDs and the fault threshold. Absent: no LEDs driven,
     /// faults still judged with the defaults and shown by `status`.
     pub leds: Option<LedsConfig>,
+    /// The Prometheus endpoint. Absent: none.
+    pub metrics: Option<MetricsConfig>,
     /// The file this configuration was read from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -417,6 +423,9 @@ impl RxConfig {
         if let Some(c) = &self.console {
             c.validate().map_err(|e| e.in_file(&self.source))?;
         }
+        if let Some(m) = &self.metrics {
+            m.validate().map_err(|e| e.in_file(&self.source))?;
+        }
         Ok(())
     }
 
@@ -671,6 +680,30 @@ mod tests {
         assert_eq!(leds.power, "weir:power");
         assert_eq!(leds.link, "");
         assert_eq!(leds.base, Path::new("/sys/class/leds"));
+    }
+
+    #[test]
+    fn metrics_is_optional_and_a_bad_listen_address_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = RxConfig::load(&write_config(dir.path(), &minimal(dir.path()))).unwrap();
+        assert!(c.metrics.is_none());
+        let with =
+            |listen: &str| format!("{}[metrics]\nlisten = \"{listen}\"\n", minimal(dir.path()));
+        let c = RxConfig::load(&write_config(dir.path(), &with("127.0.0.1:9464"))).unwrap();
+        assert_eq!(c.metrics.unwrap().listen, "127.0.0.1:9464");
+        let err = refusal(dir.path(), &with("127.0.0.1"));
+        assert!(
+            err.contains("rx.toml") && err.contains("metrics.listen"),
+            "{err}"
+        );
+        let err = refusal(
+            dir.path(),
+            &format!(
+                "{}[metrics]\nlisten = \"127.0.0.1:1\"\nport = 2\n",
+                minimal(dir.path())
+            ),
+        );
+        assert!(err.contains("port"), "{err}");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! Threads: the link (receive + verify), the store (this thread: shard
 //! batches and commits), the decoder (Reed-Solomon repair), the finisher
 //! (sha256, blob store, image completion), the status writer, the LED
-//! panel, the serial console (if configured), and a small tokio runtime
-//! for delivery. One module per stage under [`crate::stages`].
+//! panel, the serial console and the metrics endpoint (if configured), and
+//! a small tokio runtime for delivery. One module per stage under
+//! [`crate::stages`].
 //!
 //! Shutdown goes in steps, so that nothing is lost and the LEDs go dark
 //! last: the store closes its intake and commits; the link and the
@@ -102,6 +103,24 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let (decode, decode_rx) = mpsc::channel();
     let (finish, finish_rx) = mpsc::channel();
 
+    // Reporting: stopped last, once the state it shows is settled.
+    let faults = Arc::new(Faults::default());
+    let gauge = Arc::new(Mutex::new(LinkGauge::default()));
+    let board = Arc::new(Mutex::new(store.progress()));
+    let reporter = Arc::new(Reporter {
+        state_dir: config.state_dir.clone(),
+        counters: counters.clone(),
+        board: board.clone(),
+        ledger: ledger.clone(),
+        queue: queue.clone(),
+        sender: sender.clone(),
+        listening,
+        faults: faults.clone(),
+        gauge: gauge.clone(),
+    });
+    let mut reporting = Stages::new(&shutdown);
+    report::serve_metrics(&config, &reporter, delivery.stats(), &mut reporting)?;
+
     // Intake: stopped first, once the store no longer takes frames.
     let mut intake = Stages::new(&shutdown);
     intake.spawn("rx-link", {
@@ -125,23 +144,6 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             Ok(())
         }
     })?;
-
-    // Reporting: stopped last, once the state it shows is settled.
-    let faults = Arc::new(Faults::default());
-    let gauge = Arc::new(Mutex::new(LinkGauge::default()));
-    let board = Arc::new(Mutex::new(store.progress()));
-    let reporter = Arc::new(Reporter {
-        state_dir: config.state_dir.clone(),
-        counters: counters.clone(),
-        board: board.clone(),
-        ledger,
-        queue: queue.clone(),
-        sender,
-        listening,
-        faults: faults.clone(),
-        gauge: gauge.clone(),
-    });
-    let mut reporting = Stages::new(&shutdown);
     reporting.spawn("rx-status", {
         let reporter = reporter.clone();
         move |s| {
@@ -248,6 +250,54 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap()
+    }
+
+    fn free_tcp_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// The metrics endpoint at `addr` shows the counters of `report` (read
+    /// before it: counters only grow, and nothing moves once delivered).
+    fn assert_metrics_agree(addr: SocketAddr, report: &StatusReport) {
+        use weir_test_support::scrape::{self, sample};
+        let text = scrape::metrics(addr).unwrap();
+        let c = &report.counters;
+        for (series, want) in [
+            ("weir_rx_frames_total{result=\"bad_tag\"}", c.frames_bad_tag),
+            (
+                "weir_rx_frames_total{result=\"unknown_key\"}",
+                c.frames_unknown_key,
+            ),
+            ("weir_rx_blocks_repaired_total", c.blocks_repaired),
+            ("weir_rx_objects_total{kind=\"blob\",result=\"failed\"}", 1),
+            ("weir_rx_images{state=\"complete\"}", 1),
+            (
+                "weir_rx_deliveries{target=\"oci-layout\",state=\"done\"}",
+                1,
+            ),
+            ("weir_rx_delivery_attempts_total{target=\"oci-layout\"}", 1),
+            (
+                "weir_rx_push_duration_seconds_count{target=\"oci-layout\"}",
+                1,
+            ),
+        ] {
+            assert_eq!(
+                sample(&text, series),
+                Some(want as f64),
+                "{series} in\n{text}"
+            );
+        }
+        let accepted = sample(&text, "weir_rx_frames_total{result=\"accepted\"}").unwrap();
+        assert!(accepted >= c.frames_accepted as f64, "{text}");
+        if let Some(promtool) =
+            weir_test_support::tools::or_skip(weir_test_support::tools::PROMTOOL)
+        {
+            scrape::promtool_check(&promtool, &text).unwrap();
+        }
+        assert_eq!(scrape::http_get(addr, "/").unwrap().0, 404);
     }
 
     /// A config in `root` listening on `addr`, with `extra` appended.
@@ -399,7 +449,12 @@ mod tests {
     fn lossy_passes_deliver_to_the_layout_and_every_counter_has_its_cause() {
         let dir = tempfile::tempdir().unwrap();
         let addr = free_udp_port();
-        let config = write_config(dir.path(), addr, "");
+        let metrics = free_tcp_port();
+        let config = write_config(
+            dir.path(),
+            addr,
+            &format!("[metrics]\nlisten = \"{metrics}\"\n"),
+        );
         let gw = Running::start(&config);
         let img = sample_image("team/app", &["1.0"], 2, 150_000);
         let objects = img.objects();
@@ -478,6 +533,7 @@ mod tests {
         assert_eq!(c.image_objects_verified, 1, "{c:#?}");
         assert_eq!(c.images_complete, 1, "{c:#?}");
         assert_eq!((report.pushes_pending, report.pushes_failing), (0, 0));
+        assert_metrics_agree(metrics, &report);
         assert_eq!(report.images[0].state, "complete");
         assert_eq!(report.images[0].percent, 100.0);
         assert_eq!(report.deliveries[0].state, "done");

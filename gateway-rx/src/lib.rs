@@ -16,8 +16,8 @@
 //! durable state they work on stays apart: [`shards`] (the shard store),
 //! [`blobs`], [`images`] (the image ledger, and what a restart rebuilds),
 //! [`delivery`] (queue and targets), [`state`] (sled). The appliance
-//! surface: [`appliance`] (the receiver's faults) and [`console`] (the
-//! serial console's commands). [`CRASH_POINTS`] names every place a crash
+//! surface: [`appliance`] (the receiver's faults), [`console`] (the
+//! serial console's commands) and [`metrics`] (the Prometheus families). [`CRASH_POINTS`] names every place a crash
 //! is walked at.
 
 // statvfs, for the state disk's free space, has no safe wrapper in std.
@@ -29,6 +29,7 @@ pub mod console;
 pub mod delivery;
 pub mod gateway;
 pub mod images;
+pub mod metrics;
 // pwritev of shard buffers into object files has no safe wrapper in std.
 #[allow(unsafe_code)]
 pub mod shards;

@@ -65,7 +65,7 @@ fn main() -> std::process::ExitCode {
 fn check_config(file: &Path) -> anyhow::Result<()> {
     let config = RxConfig::load(file)?;
     println!(
-        "{}: ok (state_dir {}, {} key(s), targets: {})",
+        "{}: ok (state_dir {}, {} key(s), targets: {}{})",
         file.display(),
         config.state_dir.display(),
         config.auth.keys.len(),
@@ -73,7 +73,12 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
             .iter()
             .map(|t| t.name())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        config
+            .metrics
+            .as_ref()
+            .map(|m| format!("; metrics at http://{}/metrics", m.listen.trim()))
+            .unwrap_or_default()
     );
     Ok(())
 }

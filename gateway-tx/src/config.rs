@@ -3,8 +3,8 @@
 //! The published keys are the contract; everything else has a default,
 //! documented on its field and in `examples/tx.toml`. Relative paths are
 //! taken relative to the directory of the configuration file, so an example
-//! works wherever it is checked out. `[console]`, `[leds]`, the transport
-//! and the reading of the file are shared with gateway-rx
+//! works wherever it is checked out. `[console]`, `[leds]`, `[metrics]`,
+//! the transport and the reading of the file are shared with gateway-rx
 //! ([`weir_host::config`]).
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,7 @@ use weir_host::config::{
     base_dir, check_serial_link, default_baud, default_datagram_size, default_state_min_free_mb,
     read_toml, resolve, resolve_console_and_leds, resolve_opt, FieldError,
 };
-pub use weir_host::config::{ConsoleConfig, LedsConfig, Transport};
+pub use weir_host::config::{ConsoleConfig, LedsConfig, MetricsConfig, Transport};
 use weir_proto::{FecParams, Key};
 
 /// Largest UDP payload over IPv4.
@@ -57,6 +57,9 @@ pub struct TxConfig {
     /// status.json and on the console).
     #[serde(default)]
     pub leds: Option<LedsConfig>,
+    /// The Prometheus endpoint. Absent: none.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// Pull mode: images pulled from source registries by a sync list.
     /// Absent: only file drops.
     #[serde(default)]
@@ -429,6 +432,9 @@ impl TxConfig {
         if let Some(c) = &self.console {
             c.validate()?;
         }
+        if let Some(m) = &self.metrics {
+            m.validate()?;
+        }
         if self
             .leds
             .as_ref()
@@ -685,6 +691,9 @@ impl TxConfig {
                 c.baud
             );
         }
+        if let Some(m) = &self.metrics {
+            let _ = writeln!(s, "metrics        http://{}/metrics", m.listen.trim());
+        }
         if let Some(l) = &self.leds {
             let _ = writeln!(
                 s,
@@ -855,6 +864,27 @@ passes = 3
         assert_eq!(c.state_dir, dir.path().join("state"));
         assert!(c.policy.rules_file.is_none());
         assert!(c.fec_params().unwrap().shard_size > 1200);
+    }
+
+    #[test]
+    fn metrics_is_optional_and_a_bad_listen_address_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let published = published(dir.path());
+        assert!(load_text(dir.path(), &published).unwrap().metrics.is_none());
+        let with = |listen: &str| format!("{published}\n[metrics]\nlisten = \"{listen}\"\n");
+        let c = load_text(dir.path(), &with("127.0.0.1:9464")).unwrap();
+        assert_eq!(c.metrics.as_ref().unwrap().listen, "127.0.0.1:9464");
+        assert!(
+            c.summary()
+                .contains("metrics        http://127.0.0.1:9464/metrics"),
+            "{}",
+            c.summary()
+        );
+        let err = format!("{:#}", load_text(dir.path(), &with("9464")).unwrap_err());
+        assert!(
+            err.contains("tx.toml") && err.contains("metrics.listen"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -9,10 +9,11 @@
 //!
 //! One module per stage under [`stages`]: [`ingest`] and [`pull`], [`policy`],
 //! [`carousel`], [`link`] (the emit stage) and the report stage
-//! (`status.json`, LEDs, console). The durable state stays apart:
+//! (`status.json`, LEDs, console, metrics endpoint). The durable state stays apart:
 //! [`objects`] (the object store) and [`status`] (the status board);
 //! [`config`] and [`pacing`] serve the stages; [`appliance`] holds the
-//! sender's faults and [`console`] the serial console's commands.
+//! sender's faults, [`console`] the serial console's commands and
+//! [`metrics`] the Prometheus families.
 //! [`run`] starts the stages on threads of their own and returns once
 //! shutdown was asked for and the state is flushed; the LEDs go dark last.
 
@@ -21,6 +22,7 @@
 pub mod appliance;
 pub mod config;
 pub mod console;
+pub mod metrics;
 pub mod objects;
 pub mod pacing;
 pub mod stages;
@@ -60,6 +62,8 @@ pub fn run_with_sink(
             sink.max_frame_len()
         );
     }
+    // Bound before anything starts, so that a port in use fails the start.
+    let metrics_endpoint = weir_host::metrics::bind_configured(config.metrics.as_ref())?;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
     let store = Arc::new(
@@ -142,6 +146,13 @@ pub fn run_with_sink(
             Ok(())
         }
     })?;
+    if let Some(endpoint) = metrics_endpoint {
+        let metrics = metrics::TxMetrics::new(board.clone(), config.state_dir.clone());
+        stages.spawn("metrics", move |s| {
+            endpoint.serve(s, || metrics.render());
+            Ok(())
+        })?;
+    }
     stages.spawn("panel", {
         let (leds, read) = (leds.clone(), stages::report::panel_inputs(board, faults));
         move |s| {

@@ -1,14 +1,15 @@
 //! The configuration pieces both gateways share: reading the TOML file,
 //! the errors (each names the file, and the field where there is one), the
-//! link transport, `[console]`, `[leds]`, the state disk floor, and how a
-//! relative path is resolved: against the directory of the configuration
-//! file, so a configuration works wherever it is checked out and whatever
-//! the working directory of the process.
+//! link transport, `[console]`, `[leds]`, `[metrics]`, the state disk
+//! floor, and how a relative path is resolved: against the directory of
+//! the configuration file, so a configuration works wherever it is checked
+//! out and whatever the working directory of the process.
 //!
 //! Each gateway keeps its own top-level type (`TxConfig`, `RxConfig`) with
 //! the keys only it has; the TOML keys of both stay as they were.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Default largest frame, in bytes: an Ethernet MTU less IP/UDP headers,
@@ -251,6 +252,33 @@ impl LedsConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus endpoint (`GET /metrics`). Absent: none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `address:port` to listen on, e.g. `127.0.0.1:9464`. Required.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address to listen on; an error names `metrics.listen`.
+    pub fn listen_addr(&self) -> Result<SocketAddr, FieldError> {
+        self.listen.trim().parse().map_err(|_| {
+            FieldError::new(
+                "metrics.listen",
+                format!(
+                    "{:?} is not an IP address and port (e.g. \"127.0.0.1:9464\" or \"[::1]:9464\")",
+                    self.listen
+                ),
+            )
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.listen_addr().map(|_| ())
+    }
+}
+
 fn default_leds_base() -> PathBuf {
     PathBuf::from("/sys/class/leds")
 }
@@ -331,5 +359,27 @@ mod tests {
         );
         let err = check_serial_link(None, 9600).unwrap_err().to_string();
         assert!(err.contains("link.serial_device"), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_and_port() {
+        let ok = |listen: &str| MetricsConfig {
+            listen: listen.into(),
+        };
+        assert_eq!(
+            ok("127.0.0.1:9464").listen_addr().unwrap(),
+            "127.0.0.1:9464".parse::<SocketAddr>().unwrap()
+        );
+        assert!(ok("[::1]:9464").validate().is_ok());
+        for bad in [
+            "",
+            "127.0.0.1",
+            "localhost:9464",
+            "127.0.0.1:99999",
+            ":9464",
+        ] {
+            let err = ok(bad).validate().unwrap_err().to_string();
+            assert!(err.starts_with("metrics.listen: "), "{bad:?}: {err}");
+        }
     }
 }

@@ -17,6 +17,7 @@
 //! - [`link`]: the links frames travel on: UDP (GSO/GRO), serial, directory.
 //! - [`link_setup`]: why a configured link end did not open.
 //! - [`logging`]: the log output both gateway binaries set up.
+//! - [`metrics`]: the Prometheus text format and the `/metrics` endpoint.
 //! - [`report`]: the plain-text lines both consoles and `status` print.
 //! - [`shutdown`]: the stop signal every stage of a gateway shares.
 //! - [`signals`]: SIGTERM and SIGINT stop a gateway through its shutdown.
@@ -36,6 +37,7 @@ pub mod leds;
 pub mod link;
 pub mod link_setup;
 pub mod logging;
+pub mod metrics;
 pub mod report;
 pub mod shutdown;
 pub mod signals;

@@ -14,6 +14,9 @@ macro_rules! named_states {
         }
 
         impl $name {
+            /// Every state, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
             pub fn as_str(self) -> &'static str {
                 match self {
                     $($name::$variant => $word),+
@@ -49,5 +52,6 @@ mod tests {
         assert_eq!(back, Light::Green);
         assert_eq!(Light::Green.to_string(), "green");
         assert!(Light::Red == "red" && Light::Red != "green");
+        assert_eq!(Light::ALL, &[Light::Red, Light::Green]);
     }
 }

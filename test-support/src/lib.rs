@@ -29,6 +29,8 @@
 //!   them over UDP, dropping or altering what a test asks.
 //! - [`receiver`]: a receiver that verifies frames and rebuilds objects.
 //! - [`replies`]: a console handler's reply as text.
+//! - [`scrape`]: a metrics endpoint read over HTTP, its samples looked up,
+//!   its text checked by `promtool check metrics`.
 //! - [`wait`]: polling with a deadline.
 
 pub mod images;
@@ -37,6 +39,7 @@ pub mod pty;
 pub mod receiver;
 pub mod registry;
 pub mod replies;
+pub mod scrape;
 pub mod sender;
 pub mod skopeo;
 pub mod tls;

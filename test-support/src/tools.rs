@@ -1,8 +1,8 @@
 //! System programs some tests need (`docker-registry`, `socat`, `skopeo`,
-//! `openssl`, qemu), found on `PATH`, and the one rule for when one is
-//! missing: the test says which Debian package to install and skips, except
-//! under `CI=true`, where the same message fails it. A CI run must not pass
-//! by skipping the tests it exists to run.
+//! `openssl`, qemu, `promtool`), found on `PATH`, and the one rule for when
+//! one is missing: the test says which Debian package to install and skips,
+//! except under `CI=true`, where the same message fails it. A CI run must
+//! not pass by skipping the tests it exists to run.
 //!
 //! [`decide`] takes `PATH` and `CI` as arguments, so the rule itself is
 //! tested without depending on what this machine has installed; [`find`]
@@ -49,6 +49,12 @@ pub const OPENSSL: Tool = Tool {
 pub const QEMU: Tool = Tool {
     program: "qemu-system-x86_64",
     package: "qemu-system-x86",
+};
+
+/// Checks the metrics endpoints' text (`promtool check metrics`).
+pub const PROMTOOL: Tool = Tool {
+    program: "promtool",
+    package: "prometheus",
 };
 
 /// A tool that is not on `PATH` while `CI=true`: the test must fail.
@@ -202,5 +208,10 @@ mod tests {
         assert_eq!(find_on_path("skopeo", Some(&path)), None);
         assert!(decide(SOCAT, Some(&path), Some(OsStr::new("true"))).is_err());
         assert!(decide(QEMU, Some(&path), Some(OsStr::new("true"))).is_err());
+        let err = decide(PROMTOOL, Some(&path), Some(OsStr::new("true"))).unwrap_err();
+        assert!(
+            err.to_string().contains("apt-get install -y prometheus"),
+            "{err}"
+        );
     }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use weir_proto::{Body, FrameSealer, Heartbeat, Key};
+use weir_test_support::{scrape, tools};
 use weir_tests::diode::{Blackout, BurstLoss, Diode, DiodeConfig, DiodeHandle};
 use weir_tests::imagegen::{self, DockerFlavor, LayerSpec};
 use weir_tests::pair::{wait_until, Gateway, Site, SiteOptions, Target, TEST_SECRET};
@@ -541,5 +542,116 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
         !rx_images.to_string().contains(&refused_digest),
         "refused image reached the receiver: {rx_images}"
     );
+    Ok(())
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked).
+fn free_tcp_addr() -> Result<SocketAddr> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(probe.local_addr()?)
+}
+
+/// Both gateways serve `/metrics` while one image crosses into the
+/// registry; each text passes `promtool check metrics` and counts what
+/// happened: frames sent and accepted, the drop, the image complete, one
+/// delivery, one push timed. SIGTERM still stops both cleanly.
+#[test]
+fn both_gateways_serve_metrics_that_promtool_accepts_and_that_count_the_crossing() -> Result<()> {
+    let Some(promtool) = tools::or_skip(tools::PROMTOOL) else {
+        return Ok(());
+    };
+    let Some(registry) = registry() else {
+        return Ok(());
+    };
+    let (tx_metrics, rx_metrics) = (free_tcp_addr()?, free_tcp_addr()?);
+    let opts = SiteOptions {
+        passes: 1,
+        tx_extra: format!("[metrics]\nlisten = \"{tx_metrics}\"\n"),
+        rx_extra: format!("[metrics]\nlisten = \"{rx_metrics}\"\n"),
+        ..SiteOptions::default()
+    };
+    let site = Site::new(Target::Registry(registry.url()), &opts)?;
+    let image = imagegen::oci_archive(
+        site.dir.path(),
+        "img.tar",
+        51,
+        &layers(&[300_000]),
+        "team-a/watched:1",
+    )?;
+    let mut rx = site.start_rx()?;
+    // No diode: the sender sends straight to the receiver.
+    site.write_tx_config(site.rx_addr, &opts)?;
+    let mut tx = site.start_tx()?;
+    site.drop_image(&image.path, "img.tar")?;
+
+    let delivered = "weir_rx_deliveries{target=\"registry\",state=\"done\"}";
+    let mut rx_text = String::new();
+    expect_within(
+        "the delivery counted by gateway-rx's metrics",
+        DELIVERY_TIMEOUT,
+        &mut [&mut tx, &mut rx],
+        || {
+            rx_text = scrape::metrics(rx_metrics).unwrap_or_default();
+            scrape::sample(&rx_text, delivered) == Some(1.0)
+        },
+    );
+    // The sender's wire counters reach its status once a second.
+    let mut tx_text = String::new();
+    expect_within(
+        "the drop counted by gateway-tx's metrics",
+        Duration::from_secs(20),
+        &mut [&mut tx, &mut rx],
+        || {
+            tx_text = scrape::metrics(tx_metrics).unwrap_or_default();
+            scrape::sample(&tx_text, "weir_tx_drops_total{result=\"accepted\"}") == Some(1.0)
+                && scrape::sample(&tx_text, "weir_tx_shard_frames_total").unwrap_or(0.0) > 0.0
+        },
+    );
+    scrape::promtool_check(&promtool, &tx_text).context("gateway-tx's metrics")?;
+    scrape::promtool_check(&promtool, &rx_text).context("gateway-rx's metrics")?;
+
+    let tx_value = |series: &str| scrape::sample(&tx_text, series).unwrap_or(-1.0);
+    assert!(tx_value("weir_tx_frames_total") > 0.0, "{tx_text}");
+    assert!(
+        tx_value("weir_tx_sent_bytes_total") > 300_000.0,
+        "{tx_text}"
+    );
+    assert_eq!(tx_value("weir_tx_link_errors_total"), 0.0, "{tx_text}");
+    assert!(tx_value("weir_tx_disk_free_bytes") > 0.0, "{tx_text}");
+    let rx_value = |series: &str| scrape::sample(&rx_text, series).unwrap_or(-1.0);
+    assert!(
+        rx_value("weir_rx_frames_total{result=\"accepted\"}") > 0.0,
+        "{rx_text}"
+    );
+    for (series, want) in [
+        ("weir_rx_frames_total{result=\"bad_tag\"}", 0.0),
+        ("weir_rx_frames_total{result=\"replayed\"}", 0.0),
+        (
+            "weir_rx_objects_total{kind=\"image\",result=\"verified\"}",
+            1.0,
+        ),
+        ("weir_rx_images{state=\"complete\"}", 1.0),
+        ("weir_rx_images_complete_total", 1.0),
+        ("weir_rx_delivery_attempts_total{target=\"registry\"}", 1.0),
+        ("weir_rx_delivery_failures_total{target=\"registry\"}", 0.0),
+        (
+            "weir_rx_push_duration_seconds_count{target=\"registry\"}",
+            1.0,
+        ),
+        (
+            "weir_rx_push_duration_seconds_bucket{target=\"registry\",le=\"+Inf\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(rx_value(series), want, "{series} in\n{rx_text}");
+    }
+    assert!(rx_value("weir_rx_disk_free_bytes") > 0.0, "{rx_text}");
+    assert_eq!(scrape::http_get(rx_metrics, "/")?.0, 404);
+    assert!(registry.manifest_digest("team-a/watched", "1")?.is_some());
+
+    for gw in [&mut tx, &mut rx] {
+        let status = gw.terminate(Duration::from_secs(30))?;
+        assert!(status.success(), "{} exited {status}", gw.name);
+    }
     Ok(())
 }

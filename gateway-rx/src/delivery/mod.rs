@@ -13,9 +13,10 @@ pub mod layout;
 pub mod notify;
 pub mod queue;
 pub mod registry;
+pub mod stats;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use weir_proto::{ObjectId, TransferManifest};
 
@@ -23,6 +24,7 @@ pub use layout::LayoutExporter;
 pub use notify::{Notice, Notifier};
 pub use queue::{DeliveryJob, DeliveryQueue, FailureKind, JobState, Target};
 pub use registry::RegistryPusher;
+pub use stats::{DeliveryStats, TargetStats};
 
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
@@ -84,6 +86,7 @@ pub struct Delivery {
     retry_max_ms: u64,
     retry_refused_ms: u64,
     counters: Arc<Counters>,
+    stats: Arc<DeliveryStats>,
 }
 
 impl Delivery {
@@ -125,11 +128,17 @@ impl Delivery {
             retry_max_ms: config.delivery.retry_max_seconds * 1000,
             retry_refused_ms: config.delivery.retry_refused_seconds * 1000,
             counters,
+            stats: Arc::new(DeliveryStats::default()),
         })
     }
 
     pub fn queue(&self) -> &DeliveryQueue {
         &self.queue
+    }
+
+    /// Attempts, failures and push durations per target since start.
+    pub fn stats(&self) -> Arc<DeliveryStats> {
+        self.stats.clone()
     }
 
     /// Runs until `stop` turns true; `wake` is notified when jobs are added.
@@ -194,6 +203,8 @@ impl Delivery {
     ) -> Result<(), StateError> {
         job.attempts += 1;
         self.queue.save(&job)?;
+        self.stats.attempt_started(job.target);
+        let started = Instant::now();
         let outcome = tokio::select! {
             r = self.deliver(&mut job) => r,
             _ = stop.wait_for(|s| *s) => {
@@ -212,6 +223,7 @@ impl Delivery {
                 job.last_error = None;
                 self.queue.save(&job)?;
                 Counters::add(&self.counters.pushes_done, 1);
+                self.stats.delivered(job.target, started.elapsed());
                 tracing::info!(
                     digest = %job.manifest_digest, image = %job.image, reference = %job.reference(),
                     target = job.target.name(), blobs_uploaded = summary.blobs_uploaded,
@@ -235,6 +247,7 @@ impl Delivery {
                 job.last_error = Some(e.message.clone());
                 self.queue.save(&job)?;
                 Counters::add(&self.counters.push_attempts_failed, 1);
+                self.stats.attempt_failed(job.target);
                 match e.kind {
                     FailureKind::Unavailable => tracing::warn!(
                         digest = %job.manifest_digest, reference = %job.reference(),
@@ -664,6 +677,15 @@ pub(crate) mod tests {
         stop_tx.send(true).unwrap();
         runner.await.unwrap();
         assert_served(&reg, "team/app", &tm).await;
+        // Every attempt counted, the failed ones too; one push timed.
+        let job = d.queue().get(Target::Registry, &image).unwrap().unwrap();
+        let stats = d.stats();
+        let registry = stats.of(Target::Registry);
+        assert_eq!(registry.attempts(), u64::from(job.attempts));
+        assert_eq!(registry.failures(), u64::from(job.failures));
+        assert!(registry.failures() >= 2);
+        assert_eq!(registry.push_duration().count, 1);
+        assert_eq!(stats.of(Target::OciLayout).attempts(), 0);
     }
 
     #[tokio::test]

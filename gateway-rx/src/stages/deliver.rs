@@ -9,7 +9,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
-use crate::delivery::{Delivery, DeliveryQueue};
+use crate::delivery::{Delivery, DeliveryQueue, DeliveryStats};
 use crate::status::Counters;
 
 /// How long a delivery under way may take to end at shutdown.
@@ -20,6 +20,7 @@ pub struct DeliverStage {
     runtime: tokio::runtime::Runtime,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    stats: Arc<DeliveryStats>,
 }
 
 impl DeliverStage {
@@ -44,12 +45,19 @@ impl DeliverStage {
             )
         };
         let (stop, stopped) = watch::channel(false);
+        let stats = delivery.stats();
         let task = runtime.spawn(async move { delivery.run(wake, stopped).await });
         Ok(DeliverStage {
             runtime,
             stop,
             task,
+            stats,
         })
+    }
+
+    /// Attempts, failures and push durations per target, for the metrics.
+    pub fn stats(&self) -> Arc<DeliveryStats> {
+        self.stats.clone()
     }
 
     /// Asks delivery to stop starting work; it ends what is under way.

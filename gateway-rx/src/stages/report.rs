@@ -1,16 +1,18 @@
 //! The report stage: status.json every second (and the counters in the
 //! log), the LED panel's inputs and the faults it judges, the serial
-//! console; and the status of a stopped gateway, read from its database.
+//! console, the metrics endpoint; and the status of a stopped gateway,
+//! read from its database.
 
 use anyhow::Context;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use weir_host::stages::Stages;
 use weir_host::{Console, Shutdown};
 
 use crate::appliance::{CounterWindow, Fault, Faults, Lights, Movement};
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
-use crate::delivery::{DeliveryJob, DeliveryQueue};
+use crate::delivery::{DeliveryJob, DeliveryQueue, DeliveryStats};
 use crate::gateway::{blobs_dir, db_dir};
 use crate::images::ImageLedger;
 use crate::shards;
@@ -326,6 +328,24 @@ pub fn start_console(
     };
     let role = "rx";
     weir_host::appliance::start_console(config.console.as_ref(), role, Arc::new(commands), shutdown)
+}
+
+/// Binds the metrics endpoint, if `[metrics]` is configured, and serves it
+/// among `stages` until shutdown. A port that cannot be bound is an error.
+pub fn serve_metrics(
+    config: &RxConfig,
+    reporter: &Arc<Reporter>,
+    deliveries: Arc<DeliveryStats>,
+    stages: &mut Stages,
+) -> anyhow::Result<()> {
+    let Some(endpoint) = weir_host::metrics::bind_configured(config.metrics.as_ref())? else {
+        return Ok(());
+    };
+    let metrics = crate::metrics::RxMetrics::new(config, reporter.clone(), deliveries);
+    stages.spawn("rx-metrics", move |s| {
+        endpoint.serve(s, || metrics.render());
+        Ok(())
+    })
 }
 
 /// Writes the last report, once everything is flushed.

@@ -68,6 +68,7 @@ impl Setup {
             mapping: Vec::new(),
             console: None,
             leds: None,
+            metrics: None,
             pull: None,
             registry: Vec::new(),
         };
