@@ -205,12 +205,25 @@ fn every_format_crosses_a_faulty_link_with_digests_intact_and_a_redrop_crosses_o
                 .is_ok_and(|t| t.contains("already-sent"))
         },
     );
+    // status.json is rewritten every second: read one written after the
+    // re-drop was handled, then the carousel must still hold three images.
+    let handled_at = weir_host::clock::unix_ms() / 1000;
+    expect_within(
+        "a status.json written after the re-drop",
+        Duration::from_secs(10),
+        &mut [&mut tx, &mut rx],
+        || {
+            site.tx_status()
+                .is_some_and(|s| s["updated_at"].as_u64() > Some(handled_at))
+        },
+    );
     let tx_status = site.tx_status().context("tx status")?;
     let tx_images = tx_status["images"].as_array().map(Vec::len);
     assert_eq!(
         tx_images,
         Some(3),
-        "the re-drop added no image to the carousel: {tx_status:#}"
+        "the re-drop added no image to the carousel: {tx_status:#}\n{}",
+        tx.log_tail(40)
     );
     assert_eq!(
         registry.manifest_puts("team-b/svc", "2.0")?,
