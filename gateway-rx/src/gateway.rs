@@ -15,18 +15,21 @@ use anyhow::Context;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
+use weir_host::reload::{ReloadSource, Reloadable};
 use weir_host::stages::Stages;
-use weir_host::{Leds, Shutdown};
+use weir_host::Shutdown;
 
 use crate::appliance::{Faults, Intake, StateDisk};
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
 use crate::delivery::DeliveryQueue;
 use crate::images::ImageLedger;
-use crate::shards::ShardStore;
+use crate::reload::RxReloader;
+use crate::retention::{settled_objects, PrunedObjects, Retention, StoreNotice};
+use crate::shards::{ShardStore, Work};
 use crate::stages::deliver::DeliverStage;
-use crate::stages::report::{self, LinkGauge, PanelInputs, Reporter};
-use crate::stages::store::{DiskWatch, StoreStage};
+use crate::stages::report::{self, Reporter};
+use crate::stages::store::{DiskWatch, StagingUpkeep, StoreStage};
 use crate::stages::{decode, finish, link};
 use crate::state::StateDb;
 use crate::status::{Counters, SenderStatus};
@@ -52,9 +55,17 @@ pub fn staging_dir(config: &RxConfig) -> std::path::PathBuf {
 /// Runs the receiver until `shutdown` is triggered; returns with every
 /// state change flushed. Blocking; owns its tokio runtime for delivery.
 pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    let keys = config.key_ring()?;
-    // Ids only: the console lists them, never the keys.
-    let key_ids = keys.ids();
+    run_with_reloads(config, shutdown, None)
+}
+
+/// [`run`], reading `reloads.file` again whenever `reloads.requests` asks
+/// (SIGHUP; see [`crate::reload`]).
+pub fn run_with_reloads(
+    config: RxConfig,
+    shutdown: Shutdown,
+    reloads: Option<ReloadSource>,
+) -> anyhow::Result<()> {
+    let keys = Reloadable::new(config.key_ring()?);
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
     let db = StateDb::open(&db_dir(&config))?;
@@ -62,26 +73,9 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let queue = DeliveryQueue::open(&db)?;
     let wake = Arc::new(Notify::new());
-    let ledger = Arc::new(ImageLedger::open(
-        &db,
-        blobs.clone(),
-        queue.clone(),
-        &config,
-        counters.clone(),
-        Some(wake.clone()),
-    )?);
-    let resumed = ledger.recheck()?;
-    if !resumed.is_empty() {
-        tracing::info!(images = resumed.len(), "images completed at restart");
-    }
-    // After the recheck, which records what the blob store holds first.
-    let (store, initial_work) = ShardStore::open_with_limits(
-        &db,
-        &staging_dir(&config),
-        blobs.ids()?,
-        counters.clone(),
-        config.limits.into(),
-    )?;
+    let (notices, notices_rx) = mpsc::channel();
+    let recovered = recover(&config, &db, &blobs, &queue, &counters, &wake, &notices)?;
+    let (ledger, store) = (recovered.ledger, recovered.store);
 
     let delivery = DeliverStage::start(
         &config,
@@ -94,8 +88,13 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!(listening = %listening, state_dir = %config.state_dir.display(),
         targets = ?crate::delivery::targets(&config).iter().map(|t| t.name()).collect::<Vec<_>>(),
         "gateway-rx started");
-    let verifier = Verifier::new(keys, Some(SessionBook::open(&db)?), counters.clone())?
-        .with_session_horizon_hours(config.auth.max_session_ahead_hours);
+    let verifier = Verifier::new(
+        (*keys.current()).clone(),
+        Some(SessionBook::open(&db)?),
+        counters.clone(),
+    )?
+    .with_session_horizon_hours(config.auth.max_session_ahead_hours)
+    .with_key_updates(keys.reader());
     let sender = Arc::new(Mutex::new(None::<SenderStatus>));
     let (inbound_tx, inbound) = mpsc::sync_channel(INBOUND_BATCHES);
     let (result_tx, results) = mpsc::channel();
@@ -125,73 +124,77 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             Ok(())
         }
     })?;
+    let retention = Reloadable::new(config.retention);
+    let pruning = Retention {
+        ledger: ledger.clone(),
+        blobs,
+        queue: queue.clone(),
+        pruned: recovered.pruned,
+        db: db.clone(),
+        state_dir: config.state_dir.clone(),
+        policy: retention.reader(),
+        notices,
+        counters: counters.clone(),
+    };
+    intake.spawn("rx-retention", move |s| {
+        pruning.run(s);
+        Ok(())
+    })?;
 
     // Reporting: stopped last, once the state it shows is settled.
-    let faults = Arc::new(Faults::default());
-    let gauge = Arc::new(Mutex::new(LinkGauge::default()));
     let board = Arc::new(Mutex::new(store.progress()));
     let reporter = Arc::new(Reporter {
         state_dir: config.state_dir.clone(),
         counters: counters.clone(),
         board: board.clone(),
-        ledger,
-        queue: queue.clone(),
+        ledger: ledger.clone(),
+        queue,
         sender,
         listening,
-        faults: faults.clone(),
-        gauge: gauge.clone(),
+        faults: Arc::new(Faults::default()),
+        gauge: Default::default(),
     });
-    let mut reporting = Stages::new(&shutdown);
-    reporting.spawn("rx-status", {
-        let reporter = reporter.clone();
-        move |s| {
-            reporter.run(s);
+    let reporting = report::start_reporting(&config, &reporter, keys.clone(), &shutdown)?;
+    if let Some(reloads) = reloads {
+        let mut reloader = RxReloader {
+            file: reloads.file,
+            running: config.clone(),
+            keys,
+            ledger,
+            webhook: delivery.webhook_switch(),
+            leds: reporting.leds.clone(),
+            retention: retention.clone(),
+        };
+        intake.spawn("rx-reload", move |s| {
+            reloads.requests.serve(s, || drop(reloader.reload()));
             Ok(())
-        }
-    })?;
-    let leds = config
-        .leds
-        .as_ref()
-        .map(|l| Arc::new(Leds::new(&l.base, l.names())));
-    reporting.spawn("rx-panel", {
-        let leds = leds.clone();
-        let inputs = PanelInputs::new(
-            counters.clone(),
-            queue,
-            faults.clone(),
-            gauge,
-            config.hmac_fault_threshold(),
-        );
-        move |s| {
-            crate::appliance::run_panel(leds.as_deref(), s, inputs.into_reader());
-            Ok(())
-        }
-    })?;
-    let console = report::start_console(&config, &reporter, key_ids, &shutdown);
+        })?;
+    }
 
     let disk = StateDisk::new(&config.state_dir, config.state_min_free_mb, Intake::Shards);
     let store = StoreStage {
         store,
-        disk: DiskWatch::new(disk, faults, counters),
+        disk: DiskWatch::new(disk, reporter.faults.clone(), counters.clone()),
         inbound,
         results,
         decode,
         finish,
         board,
+        upkeep: StagingUpkeep::new(notices_rx, retention.reader(), counters),
     };
-    store.dispatch(initial_work);
+    store.dispatch(recovered.work);
     let settling = store.run(&shutdown);
     delivery.ask_to_stop();
     let intake_stopped = intake.join();
     settling.settle();
     delivery.stop();
-    let reporting_stopped = reporting.join();
+    let reporting_stopped = reporting.stages.join();
     let flushed = db.commit("rx.stopped");
     // Dark only once the state is safe: a lit power LED means "do not pull".
-    if let Some(l) = &leds {
+    if let Some(l) = &reporting.leds {
         l.all_off();
     }
-    if let Some(c) = console {
+    if let Some(c) = reporting.console {
         c.join();
     }
     flushed?;
@@ -199,6 +202,57 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     report::last_word(&reporter);
     tracing::info!("gateway-rx stopped");
     intake_stopped.and(reporting_stopped)
+}
+
+/// The durable state as a restart finds it, recovered.
+struct Recovered {
+    ledger: Arc<ImageLedger>,
+    store: ShardStore,
+    /// Blocks to decode and objects to finish, left over from the last run.
+    work: Vec<Work>,
+    pruned: PrunedObjects,
+}
+
+/// Opens the image ledger and the shard store in the order recovery needs
+/// (see [`crate::images`]): the ledger's recheck first (it finishes prunes
+/// a crash cut short and records what the blob store holds), then the
+/// shard store, which releases the staging of objects already verified.
+fn recover(
+    config: &RxConfig,
+    db: &StateDb,
+    blobs: &BlobStore,
+    queue: &DeliveryQueue,
+    counters: &Arc<Counters>,
+    wake: &Arc<Notify>,
+    notices: &mpsc::Sender<StoreNotice>,
+) -> anyhow::Result<Recovered> {
+    let ledger = ImageLedger::open(
+        db,
+        blobs.clone(),
+        queue.clone(),
+        config,
+        counters.clone(),
+        Some(wake.clone()),
+    )?
+    .with_store_notices(notices.clone());
+    let resumed = ledger.recheck()?;
+    if !resumed.is_empty() {
+        tracing::info!(images = resumed.len(), "images completed at restart");
+    }
+    let pruned = PrunedObjects::open(db)?;
+    let (store, work) = ShardStore::open_with_limits(
+        db,
+        &staging_dir(config),
+        settled_objects(blobs, &pruned)?,
+        counters.clone(),
+        config.limits.into(),
+    )?;
+    Ok(Recovered {
+        ledger: Arc::new(ledger),
+        store,
+        work,
+        pruned,
+    })
 }
 
 /// Forgets the newest sender session remembered for `key_id` (every key

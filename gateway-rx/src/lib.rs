@@ -15,7 +15,9 @@
 //! decode, finish, deliver, report); [`run`] wires them together. The
 //! durable state they work on stays apart: [`shards`] (the shard store),
 //! [`blobs`], [`images`] (the image ledger, and what a restart rebuilds),
-//! [`delivery`] (queue and targets), [`state`] (sled). The appliance
+//! [`delivery`] (queue and targets), [`state`] (sled); [`retention`]
+//! prunes what was delivered, [`reload`] applies a re-read configuration
+//! (SIGHUP). The appliance
 //! surface: [`appliance`] (the receiver's faults) and [`console`] (the
 //! serial console's commands). [`CRASH_POINTS`] names every place a crash
 //! is walked at.
@@ -29,6 +31,8 @@ pub mod console;
 pub mod delivery;
 pub mod gateway;
 pub mod images;
+pub mod reload;
+pub mod retention;
 // pwritev of shard buffers into object files has no safe wrapper in std.
 #[allow(unsafe_code)]
 pub mod shards;
@@ -57,6 +61,7 @@ pub const CRASH_POINTS: &[&str] = &[
     "rx.registry.tag-set",
     "rx.layout.exported",
     "rx.delivery.job-saved",
+    "rx.retention.pruned",
     "rx.stopped",
 ];
 

@@ -20,6 +20,22 @@ pub struct DeliverStage {
     runtime: tokio::runtime::Runtime,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    delivery: Arc<Delivery>,
+}
+
+/// Changes the running delivery's webhook (a configuration reload).
+#[derive(Clone)]
+pub struct WebhookSwitch {
+    runtime: tokio::runtime::Handle,
+    delivery: Arc<Delivery>,
+}
+
+impl WebhookSwitch {
+    /// Posts to `config`'s `[notify]` webhook from now on.
+    pub fn apply(&self, config: &RxConfig) -> Result<(), crate::delivery::DeliveryError> {
+        let _entered = self.runtime.enter();
+        self.delivery.set_webhook(&config.notify)
+    }
 }
 
 impl DeliverStage {
@@ -44,12 +60,24 @@ impl DeliverStage {
             )
         };
         let (stop, stopped) = watch::channel(false);
-        let task = runtime.spawn(async move { delivery.run(wake, stopped).await });
+        let task = runtime.spawn({
+            let delivery = delivery.clone();
+            async move { delivery.run(wake, stopped).await }
+        });
         Ok(DeliverStage {
             runtime,
             stop,
             task,
+            delivery,
         })
+    }
+
+    /// What a reload changes the webhook through.
+    pub fn webhook_switch(&self) -> WebhookSwitch {
+        WebhookSwitch {
+            runtime: self.runtime.handle().clone(),
+            delivery: self.delivery.clone(),
+        }
     }
 
     /// Asks delivery to stop starting work; it ends what is under way.
