@@ -808,6 +808,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.retention.keep_delivered_hours, 0.001);
         assert_eq!(c.retention.high_water_percent, 50);
+        let c = RxConfig::load(&write_config(
+            dir.path(),
+            &with("keep_delivered_hours = 24\n"),
+        ))
+        .unwrap();
+        assert_eq!(c.retention.keep_delivered_hours, 24.0);
         for (body, field) in [
             (
                 "keep_delivered_hours = -1.0\n",

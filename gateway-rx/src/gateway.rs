@@ -2,9 +2,11 @@
 //!
 //! Threads: the link (receive + verify), the store (this thread: shard
 //! batches and commits), the decoder (Reed-Solomon repair), the finisher
-//! (sha256, blob store, image completion), the status writer, the LED
-//! panel, the serial console (if configured), and a small tokio runtime
-//! for delivery. One module per stage under [`crate::stages`].
+//! (sha256, blob store, image completion), retention (pruning what was
+//! delivered, [`crate::retention`]), the reload watcher (SIGHUP, when the
+//! binary runs it; [`crate::reload`]), the status writer, the LED panel,
+//! the serial console (if configured), and a small tokio runtime for
+//! delivery. One module per stage under [`crate::stages`].
 //!
 //! Shutdown goes in steps, so that nothing is lost and the LEDs go dark
 //! last: the store closes its intake and commits; the link and the
@@ -285,6 +287,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
     use std::time::{Duration, Instant};
+    use weir_host::reload::ReloadSource;
     use weir_proto::Key;
     use weir_proto::ObjectId;
     use weir_test_support::{
@@ -340,6 +343,11 @@ mod tests {
 
     impl Running {
         fn start(config: &RxConfig) -> Running {
+            Self::start_reloading(config, None)
+        }
+
+        /// Started as the binary starts it, taking reloads from `reloads`.
+        fn start_reloading(config: &RxConfig, reloads: Option<ReloadSource>) -> Running {
             let _ = tracing_subscriber::fmt()
                 .with_test_writer()
                 .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -348,7 +356,7 @@ mod tests {
             let thread = std::thread::spawn({
                 let config = config.clone();
                 let shutdown = shutdown.clone();
-                move || run(config, shutdown)
+                move || run_with_reloads(config, shutdown, reloads)
             });
             let r = Running {
                 shutdown,
@@ -687,6 +695,64 @@ mod tests {
                 last = Some(Instant::now());
             }
         }
+    }
+
+    /// A second key added to the file and a reload: the sender signing
+    /// with it is accepted without a restart. A later edit that does not
+    /// validate changes nothing: the key stays accepted.
+    #[test]
+    fn a_reload_adds_a_key_without_a_restart_and_a_bad_edit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_udp_port();
+        let config = write_config(dir.path(), addr, "");
+        let requests = weir_host::reload::ReloadRequests::new();
+        let reloads = ReloadSource {
+            file: config.source.clone(),
+            requests: requests.clone(),
+        };
+        let gw = Running::start_reloading(&config, Some(reloads));
+        let second = [9u8; 32];
+        let mut tx = TestSender::new(Key::from_bytes(2, &second).unwrap(), 6000, addr, 1400, 8, 2);
+        let first = sample_image("team/rekeyed", &["1"], 1, 5_000);
+        tx.pass(&first.objects());
+        gw.wait_for("key 2 refused as unknown", |r| {
+            r.counters.frames_unknown_key > 0
+        });
+
+        let key_path = dir.path().join("2.key");
+        std::fs::write(&key_path, hex::encode(second)).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let good = std::fs::read_to_string(&config.source).unwrap()
+            + &format!("[[auth.keys]]\nid = 2\nfile = \"{}\"\n", key_path.display());
+        std::fs::write(&config.source, &good).unwrap();
+        requests.request();
+        gw.wait_or(
+            "delivery signed with the reloaded key",
+            Duration::from_secs(60),
+            |r| r.counters.pushes_done == 1,
+            &mut every_few_seconds(|| {
+                tx.pass(&first.objects());
+            }),
+        );
+
+        std::fs::write(
+            &config.source,
+            good + "[retention]\nhigh_water_percent = 0\n",
+        )
+        .unwrap();
+        requests.request();
+        let later = sample_image("team/rekeyed", &["2"], 1, 6_000);
+        gw.wait_or(
+            "delivery after a refused edit",
+            Duration::from_secs(60),
+            |r| r.counters.pushes_done == 2,
+            &mut every_few_seconds(|| {
+                tx.pass(&later.objects());
+            }),
+        );
+        let names = layout_names(&dir.path().join("out"));
+        assert_eq!(names.len(), 2, "{names:?}");
+        gw.stop();
     }
 
     #[test]

@@ -879,7 +879,7 @@ mod tests {
     fn past_the_high_water_mark_the_longest_delivered_go_first_until_enough_is_freed() {
         let objects = [
             obj(1, 40, Holding::DeliveredAt(3 * H)),
-            obj(2, 40, Holding::DeliveredAt(1 * H)),
+            obj(2, 40, Holding::DeliveredAt(H)),
             obj(3, 40, Holding::DeliveredAt(2 * H)),
             obj(4, 40, Holding::Needed),
         ];
