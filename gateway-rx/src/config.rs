@@ -40,6 +40,13 @@
 //! webhook_url = "http://chat.example/hooks/weir"   # optional; JSON POST per image
 //! timeout_seconds = 10                             # default
 //!
+//! [retention]
+//! keep_delivered_hours = 72       # default; a delivered image's objects (and
+//!                                 # staging without a shard) stay this long;
+//!                                 # fractions accepted
+//! high_water_percent = 90         # default; past this share of the state disk
+//!                                 # used, delivered images go early, oldest first
+//!
 //! [console]                       # optional; absent = no serial console
 //! device = "/dev/ttyS1"
 //! baud = 115200                   # default
@@ -57,7 +64,7 @@
 //! listen = "127.0.0.1:9464"       # Prometheus text format at GET /metrics
 //! ```
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use weir_host::config::{
@@ -77,7 +84,7 @@ pub const DEFAULT_RETRY_REFUSED_SECONDS: u64 = 1800;
 pub const DEFAULT_WEBHOOK_TIMEOUT_SECONDS: u64 = 10;
 
 /// gateway-rx configuration (`gateway-rx --config FILE`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RxConfig {
     /// Where all receiver state lives: `db/` (sled), `staging/` (shards being
@@ -98,6 +105,10 @@ pub struct RxConfig {
     pub notify: NotifyConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// What is pruned from the state disk, and when (see
+    /// [`crate::retention`]).
+    #[serde(default)]
+    pub retention: RetentionConfig,
     /// The serial console. Absent: no console.
     pub console: Option<ConsoleConfig>,
     /// The status LEDs and the fault threshold. Absent: no LEDs driven,
@@ -110,7 +121,7 @@ pub struct RxConfig {
     pub source: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkConfig {
     pub transport: Transport,
@@ -129,7 +140,7 @@ pub struct LinkConfig {
     pub datagram_size: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub keys: Vec<KeyFile>,
@@ -148,7 +159,7 @@ pub const DEFAULT_MAX_OBJECTS_IN_FLIGHT: usize = 1024;
 
 /// `[limits]`: what a sender (even one holding the key) can make the
 /// receiver hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest object; a longer one is refused before a byte is stored.
@@ -177,6 +188,44 @@ fn default_max_objects_in_flight() -> usize {
     DEFAULT_MAX_OBJECTS_IN_FLIGHT
 }
 
+/// Default hours a delivered image's objects stay in the blob store.
+pub const DEFAULT_KEEP_DELIVERED_HOURS: f64 = 72.0;
+/// Default share of the state disk in use above which delivered images are
+/// pruned early, oldest first.
+pub const DEFAULT_HIGH_WATER_PERCENT: u32 = 90;
+
+/// `[retention]`: how long what was delivered stays on the state disk.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Hours an image's objects stay in the blob store once it is delivered
+    /// to every target (and staging leftovers without a shard for as long).
+    /// Fractions are accepted (0.5 = 30 minutes).
+    #[serde(default = "default_keep_delivered_hours")]
+    pub keep_delivered_hours: f64,
+    /// Past this share of the state disk in use, delivered images are
+    /// pruned before their time, the longest delivered first.
+    #[serde(default = "default_high_water_percent")]
+    pub high_water_percent: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            keep_delivered_hours: DEFAULT_KEEP_DELIVERED_HOURS,
+            high_water_percent: DEFAULT_HIGH_WATER_PERCENT,
+        }
+    }
+}
+
+fn default_keep_delivered_hours() -> f64 {
+    DEFAULT_KEEP_DELIVERED_HOURS
+}
+
+fn default_high_water_percent() -> u32 {
+    DEFAULT_HIGH_WATER_PERCENT
+}
+
 /// Default bound on how far ahead of this clock a sender session may start.
 pub const DEFAULT_MAX_SESSION_AHEAD_HOURS: u64 = 24;
 
@@ -184,7 +233,7 @@ fn default_max_session_ahead_hours() -> u64 {
     DEFAULT_MAX_SESSION_AHEAD_HOURS
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyFile {
     pub id: u16,
@@ -192,7 +241,7 @@ pub struct KeyFile {
     pub file: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// `http://host[:port]` or `https://host[:port]`; without it images go to
@@ -231,14 +280,14 @@ impl Default for DeliveryConfig {
 }
 
 /// Rewrites a destination repository that starts with `from`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryMapping {
     pub from: String,
     pub to: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotifyConfig {
     pub webhook_url: Option<String>,
@@ -425,6 +474,23 @@ impl RxConfig {
         }
         if let Some(m) = &self.metrics {
             m.validate().map_err(|e| e.in_file(&self.source))?;
+        }
+        let r = &self.retention;
+        // At most ten years: beyond is surely a typo, and keeps the
+        // milliseconds far from overflowing.
+        if !(r.keep_delivered_hours.is_finite()
+            && (0.0..=87_600.0).contains(&r.keep_delivered_hours))
+        {
+            return Err(self.invalid(
+                "retention.keep_delivered_hours",
+                format!("{} is outside 0..=87600", r.keep_delivered_hours),
+            ));
+        }
+        if !(1..=100).contains(&r.high_water_percent) {
+            return Err(self.invalid(
+                "retention.high_water_percent",
+                format!("{} is outside 1..=100", r.high_water_percent),
+            ));
         }
         Ok(())
     }
@@ -758,6 +824,48 @@ mod tests {
         let creds = c.registry_credentials().unwrap().unwrap();
         assert_eq!(creds.password, "s3cret");
         assert!(!format!("{creds:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn retention_takes_fractions_of_hours_and_refuses_bad_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = RxConfig::load(&write_config(dir.path(), &minimal(dir.path()))).unwrap();
+        assert_eq!(c.retention, RetentionConfig::default());
+        assert_eq!(c.retention.keep_delivered_hours, 72.0);
+        assert_eq!(c.retention.high_water_percent, 90);
+        let with = |body: &str| format!("{}[retention]\n{body}", minimal(dir.path()));
+        let c = RxConfig::load(&write_config(
+            dir.path(),
+            &with("keep_delivered_hours = 0.001\nhigh_water_percent = 50\n"),
+        ))
+        .unwrap();
+        assert_eq!(c.retention.keep_delivered_hours, 0.001);
+        assert_eq!(c.retention.high_water_percent, 50);
+        let c = RxConfig::load(&write_config(
+            dir.path(),
+            &with("keep_delivered_hours = 24\n"),
+        ))
+        .unwrap();
+        assert_eq!(c.retention.keep_delivered_hours, 24.0);
+        for (body, field) in [
+            (
+                "keep_delivered_hours = -1.0\n",
+                "retention.keep_delivered_hours",
+            ),
+            (
+                "keep_delivered_hours = nan\n",
+                "retention.keep_delivered_hours",
+            ),
+            ("high_water_percent = 0\n", "retention.high_water_percent"),
+            ("high_water_percent = 101\n", "retention.high_water_percent"),
+            ("keep_days = 3\n", "keep_days"),
+        ] {
+            let err = refusal(dir.path(), &with(body));
+            assert!(
+                err.contains(field) && err.contains("rx.toml"),
+                "{body}: {err}"
+            );
+        }
     }
 
     #[test]

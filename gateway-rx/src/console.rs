@@ -25,7 +25,8 @@ pub type ReportFn = dyn Fn() -> StatusReport + Send + Sync;
 pub struct RxCommands {
     pub report: Box<ReportFn>,
     pub faults: Arc<Faults>,
-    pub key_ids: Vec<u16>,
+    /// The key ids accepted now (a reload may add some).
+    pub key_ids: Box<dyn Fn() -> Vec<u16> + Send + Sync>,
 }
 
 impl CommandHandler for RxCommands {
@@ -54,7 +55,7 @@ impl CommandHandler for RxCommands {
                 Reply::Text(out)
             }
             "keys" => {
-                let ids: Vec<String> = self.key_ids.iter().map(u16::to_string).collect();
+                let ids: Vec<String> = (self.key_ids)().iter().map(u16::to_string).collect();
                 Reply::Text(format!("accepted key ids: {}", ids.join(", ")))
             }
             other => Reply::error(format!("'{other}' is not handled")),
@@ -189,7 +190,7 @@ mod tests {
                 }
             }),
             faults: Arc::new(Faults::default()),
-            key_ids: vec![1, 5],
+            key_ids: Box::new(|| vec![1, 5]),
         }
     }
 

@@ -2,10 +2,11 @@
 //!
 //! Threads: the link (receive + verify), the store (this thread: shard
 //! batches and commits), the decoder (Reed-Solomon repair), the finisher
-//! (sha256, blob store, image completion), the status writer, the LED
-//! panel, the serial console and the metrics endpoint (if configured), and
-//! a small tokio runtime for delivery. One module per stage under
-//! [`crate::stages`].
+//! (sha256, blob store, image completion), retention (pruning what was
+//! delivered, [`crate::retention`]), the reload watcher (SIGHUP, when the
+//! binary runs it; [`crate::reload`]), the status writer, the LED panel,
+//! the serial console and the metrics endpoint (if configured), and a small
+//! tokio runtime for delivery. One module per stage under [`crate::stages`].
 //!
 //! Shutdown goes in steps, so that nothing is lost and the LEDs go dark
 //! last: the store closes its intake and commits; the link and the
@@ -16,18 +17,21 @@ use anyhow::Context;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
+use weir_host::reload::{ReloadSource, Reloadable};
 use weir_host::stages::Stages;
-use weir_host::{Leds, Shutdown};
+use weir_host::Shutdown;
 
 use crate::appliance::{Faults, Intake, StateDisk};
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
 use crate::delivery::DeliveryQueue;
 use crate::images::ImageLedger;
-use crate::shards::ShardStore;
+use crate::reload::RxReloader;
+use crate::retention::{settled_objects, PrunedObjects, Retention, StoreNotice};
+use crate::shards::{ShardStore, Work};
 use crate::stages::deliver::DeliverStage;
-use crate::stages::report::{self, LinkGauge, PanelInputs, Reporter};
-use crate::stages::store::{DiskWatch, StoreStage};
+use crate::stages::report::{self, Reporter};
+use crate::stages::store::{DiskWatch, StagingUpkeep, StoreStage};
 use crate::stages::{decode, finish, link};
 use crate::state::StateDb;
 use crate::status::{Counters, SenderStatus};
@@ -53,9 +57,17 @@ pub fn staging_dir(config: &RxConfig) -> std::path::PathBuf {
 /// Runs the receiver until `shutdown` is triggered; returns with every
 /// state change flushed. Blocking; owns its tokio runtime for delivery.
 pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    let keys = config.key_ring()?;
-    // Ids only: the console lists them, never the keys.
-    let key_ids = keys.ids();
+    run_with_reloads(config, shutdown, None)
+}
+
+/// [`run`], reading `reloads.file` again whenever `reloads.requests` asks
+/// (SIGHUP; see [`crate::reload`]).
+pub fn run_with_reloads(
+    config: RxConfig,
+    shutdown: Shutdown,
+    reloads: Option<ReloadSource>,
+) -> anyhow::Result<()> {
+    let keys = Reloadable::new(config.key_ring()?);
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
     let db = StateDb::open(&db_dir(&config))?;
@@ -63,26 +75,9 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let queue = DeliveryQueue::open(&db)?;
     let wake = Arc::new(Notify::new());
-    let ledger = Arc::new(ImageLedger::open(
-        &db,
-        blobs.clone(),
-        queue.clone(),
-        &config,
-        counters.clone(),
-        Some(wake.clone()),
-    )?);
-    let resumed = ledger.recheck()?;
-    if !resumed.is_empty() {
-        tracing::info!(images = resumed.len(), "images completed at restart");
-    }
-    // After the recheck, which records what the blob store holds first.
-    let (store, initial_work) = ShardStore::open_with_limits(
-        &db,
-        &staging_dir(&config),
-        blobs.ids()?,
-        counters.clone(),
-        config.limits.into(),
-    )?;
+    let (notices, notices_rx) = mpsc::channel();
+    let recovered = recover(&config, &db, &blobs, &queue, &counters, &wake, &notices)?;
+    let (ledger, store) = (recovered.ledger, recovered.store);
 
     let delivery = DeliverStage::start(
         &config,
@@ -95,31 +90,18 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!(listening = %listening, state_dir = %config.state_dir.display(),
         targets = ?crate::delivery::targets(&config).iter().map(|t| t.name()).collect::<Vec<_>>(),
         "gateway-rx started");
-    let verifier = Verifier::new(keys, Some(SessionBook::open(&db)?), counters.clone())?
-        .with_session_horizon_hours(config.auth.max_session_ahead_hours);
+    let verifier = Verifier::new(
+        (*keys.current()).clone(),
+        Some(SessionBook::open(&db)?),
+        counters.clone(),
+    )?
+    .with_session_horizon_hours(config.auth.max_session_ahead_hours)
+    .with_key_updates(keys.reader());
     let sender = Arc::new(Mutex::new(None::<SenderStatus>));
     let (inbound_tx, inbound) = mpsc::sync_channel(INBOUND_BATCHES);
     let (result_tx, results) = mpsc::channel();
     let (decode, decode_rx) = mpsc::channel();
     let (finish, finish_rx) = mpsc::channel();
-
-    // Reporting: stopped last, once the state it shows is settled.
-    let faults = Arc::new(Faults::default());
-    let gauge = Arc::new(Mutex::new(LinkGauge::default()));
-    let board = Arc::new(Mutex::new(store.progress()));
-    let reporter = Arc::new(Reporter {
-        state_dir: config.state_dir.clone(),
-        counters: counters.clone(),
-        board: board.clone(),
-        ledger: ledger.clone(),
-        queue: queue.clone(),
-        sender: sender.clone(),
-        listening,
-        faults: faults.clone(),
-        gauge: gauge.clone(),
-    });
-    let mut reporting = Stages::new(&shutdown);
-    report::serve_metrics(&config, &reporter, delivery.stats(), &mut reporting)?;
 
     // Intake: stopped first, once the store no longer takes frames.
     let mut intake = Stages::new(&shutdown);
@@ -144,56 +126,83 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             Ok(())
         }
     })?;
-    reporting.spawn("rx-status", {
-        let reporter = reporter.clone();
-        move |s| {
-            reporter.run(s);
-            Ok(())
-        }
+    let retention = Reloadable::new(config.retention);
+    let pruning = Retention {
+        ledger: ledger.clone(),
+        blobs,
+        queue: queue.clone(),
+        pruned: recovered.pruned,
+        db: db.clone(),
+        state_dir: config.state_dir.clone(),
+        policy: retention.reader(),
+        notices,
+        counters: counters.clone(),
+    };
+    intake.spawn("rx-retention", move |s| {
+        pruning.run(s);
+        Ok(())
     })?;
-    let leds = config
-        .leds
-        .as_ref()
-        .map(|l| Arc::new(Leds::new(&l.base, l.names())));
-    reporting.spawn("rx-panel", {
-        let leds = leds.clone();
-        let inputs = PanelInputs::new(
-            counters.clone(),
-            queue,
-            faults.clone(),
-            gauge,
-            config.hmac_fault_threshold(),
-        );
-        move |s| {
-            crate::appliance::run_panel(leds.as_deref(), s, inputs.into_reader());
+
+    // Reporting: stopped last, once the state it shows is settled.
+    let board = Arc::new(Mutex::new(store.progress()));
+    let reporter = Arc::new(Reporter {
+        state_dir: config.state_dir.clone(),
+        counters: counters.clone(),
+        board: board.clone(),
+        ledger: ledger.clone(),
+        queue,
+        sender,
+        listening,
+        faults: Arc::new(Faults::default()),
+        gauge: Default::default(),
+    });
+    let reporting = report::start_reporting(
+        &config,
+        &reporter,
+        keys.clone(),
+        delivery.stats(),
+        &shutdown,
+    )?;
+    if let Some(reloads) = reloads {
+        let mut reloader = RxReloader {
+            file: reloads.file,
+            running: config.clone(),
+            keys,
+            ledger,
+            webhook: delivery.webhook_switch(),
+            leds: reporting.leds.clone(),
+            retention: retention.clone(),
+        };
+        intake.spawn("rx-reload", move |s| {
+            reloads.requests.serve(s, || drop(reloader.reload()));
             Ok(())
-        }
-    })?;
-    let console = report::start_console(&config, &reporter, key_ids, &shutdown);
+        })?;
+    }
 
     let disk = StateDisk::new(&config.state_dir, config.state_min_free_mb, Intake::Shards);
     let store = StoreStage {
         store,
-        disk: DiskWatch::new(disk, faults, counters),
+        disk: DiskWatch::new(disk, reporter.faults.clone(), counters.clone()),
         inbound,
         results,
         decode,
         finish,
         board,
+        upkeep: StagingUpkeep::new(notices_rx, retention.reader(), counters),
     };
-    store.dispatch(initial_work);
+    store.dispatch(recovered.work);
     let settling = store.run(&shutdown);
     delivery.ask_to_stop();
     let intake_stopped = intake.join();
     settling.settle();
     delivery.stop();
-    let reporting_stopped = reporting.join();
+    let reporting_stopped = reporting.stages.join();
     let flushed = db.commit("rx.stopped");
     // Dark only once the state is safe: a lit power LED means "do not pull".
-    if let Some(l) = &leds {
+    if let Some(l) = &reporting.leds {
         l.all_off();
     }
-    if let Some(c) = console {
+    if let Some(c) = reporting.console {
         c.join();
     }
     flushed?;
@@ -201,6 +210,57 @@ pub fn run(config: RxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     report::last_word(&reporter);
     tracing::info!("gateway-rx stopped");
     intake_stopped.and(reporting_stopped)
+}
+
+/// The durable state as a restart finds it, recovered.
+struct Recovered {
+    ledger: Arc<ImageLedger>,
+    store: ShardStore,
+    /// Blocks to decode and objects to finish, left over from the last run.
+    work: Vec<Work>,
+    pruned: PrunedObjects,
+}
+
+/// Opens the image ledger and the shard store in the order recovery needs
+/// (see [`crate::images`]): the ledger's recheck first (it finishes prunes
+/// a crash cut short and records what the blob store holds), then the
+/// shard store, which releases the staging of objects already verified.
+fn recover(
+    config: &RxConfig,
+    db: &StateDb,
+    blobs: &BlobStore,
+    queue: &DeliveryQueue,
+    counters: &Arc<Counters>,
+    wake: &Arc<Notify>,
+    notices: &mpsc::Sender<StoreNotice>,
+) -> anyhow::Result<Recovered> {
+    let ledger = ImageLedger::open(
+        db,
+        blobs.clone(),
+        queue.clone(),
+        config,
+        counters.clone(),
+        Some(wake.clone()),
+    )?
+    .with_store_notices(notices.clone());
+    let resumed = ledger.recheck()?;
+    if !resumed.is_empty() {
+        tracing::info!(images = resumed.len(), "images completed at restart");
+    }
+    let pruned = PrunedObjects::open(db)?;
+    let (store, work) = ShardStore::open_with_limits(
+        db,
+        &staging_dir(config),
+        settled_objects(blobs, &pruned)?,
+        counters.clone(),
+        config.limits.into(),
+    )?;
+    Ok(Recovered {
+        ledger: Arc::new(ledger),
+        store,
+        work,
+        pruned,
+    })
 }
 
 /// Forgets the newest sender session remembered for `key_id` (every key
@@ -233,6 +293,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
     use std::time::{Duration, Instant};
+    use weir_host::reload::ReloadSource;
     use weir_proto::Key;
     use weir_proto::ObjectId;
     use weir_test_support::{
@@ -336,6 +397,11 @@ mod tests {
 
     impl Running {
         fn start(config: &RxConfig) -> Running {
+            Self::start_reloading(config, None)
+        }
+
+        /// Started as the binary starts it, taking reloads from `reloads`.
+        fn start_reloading(config: &RxConfig, reloads: Option<ReloadSource>) -> Running {
             let _ = tracing_subscriber::fmt()
                 .with_test_writer()
                 .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -344,7 +410,7 @@ mod tests {
             let thread = std::thread::spawn({
                 let config = config.clone();
                 let shutdown = shutdown.clone();
-                move || run(config, shutdown)
+                move || run_with_reloads(config, shutdown, reloads)
             });
             let r = Running {
                 shutdown,
@@ -689,6 +755,64 @@ mod tests {
                 last = Some(Instant::now());
             }
         }
+    }
+
+    /// A second key added to the file and a reload: the sender signing
+    /// with it is accepted without a restart. A later edit that does not
+    /// validate changes nothing: the key stays accepted.
+    #[test]
+    fn a_reload_adds_a_key_without_a_restart_and_a_bad_edit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_udp_port();
+        let config = write_config(dir.path(), addr, "");
+        let requests = weir_host::reload::ReloadRequests::new();
+        let reloads = ReloadSource {
+            file: config.source.clone(),
+            requests: requests.clone(),
+        };
+        let gw = Running::start_reloading(&config, Some(reloads));
+        let second = [9u8; 32];
+        let mut tx = TestSender::new(Key::from_bytes(2, &second).unwrap(), 6000, addr, 1400, 8, 2);
+        let first = sample_image("team/rekeyed", &["1"], 1, 5_000);
+        tx.pass(&first.objects());
+        gw.wait_for("key 2 refused as unknown", |r| {
+            r.counters.frames_unknown_key > 0
+        });
+
+        let key_path = dir.path().join("2.key");
+        std::fs::write(&key_path, hex::encode(second)).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let good = std::fs::read_to_string(&config.source).unwrap()
+            + &format!("[[auth.keys]]\nid = 2\nfile = \"{}\"\n", key_path.display());
+        std::fs::write(&config.source, &good).unwrap();
+        requests.request();
+        gw.wait_or(
+            "delivery signed with the reloaded key",
+            Duration::from_secs(60),
+            |r| r.counters.pushes_done == 1,
+            &mut every_few_seconds(|| {
+                tx.pass(&first.objects());
+            }),
+        );
+
+        std::fs::write(
+            &config.source,
+            good + "[retention]\nhigh_water_percent = 0\n",
+        )
+        .unwrap();
+        requests.request();
+        let later = sample_image("team/rekeyed", &["2"], 1, 6_000);
+        gw.wait_or(
+            "delivery after a refused edit",
+            Duration::from_secs(60),
+            |r| r.counters.pushes_done == 2,
+            &mut every_few_seconds(|| {
+                tx.pass(&later.objects());
+            }),
+        );
+        let names = layout_names(&dir.path().join("out"));
+        assert_eq!(names.len(), 2, "{names:?}");
+        gw.stop();
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! disk, before the shard store forgets the staging of objects that are in
 //! the blob store. The rules, in the order they run:
 //!
+//! 0. An object recorded as pruned ([`crate::retention`]) whose file is
+//!    still in the blob store (a crash between the prune's commit and the
+//!    deletion) is deleted now: it is not one the ledger forgot.
 //! 1. An object in the blob store that the ledger has no record of is
 //!    recorded now. Its kind is read from its bytes: an image object is one
 //!    that decodes as a transfer manifest whose manifest bytes hash to their
@@ -21,12 +24,19 @@
 //!    the image is marked complete, so a complete image always had its jobs
 //!    (delivered ones are later pruned as history, never re-queued).
 //!
+//! Retention prunes objects of delivered images only, and keeps the image
+//! records: an image once delivered is never queued again, even when its
+//! objects are received again later. A new image that names a pruned blob
+//! lifts the blob's prune mark as it registers, so its shards are taken
+//! again.
+//!
 //! Below the ledger, the delivery queue resumes every job not done; above
 //! it, the shard store resumes every object whose staging it claimed.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use weir_proto::{ObjectId, ObjectKind, TransferManifest};
 
@@ -34,6 +44,7 @@ use crate::blobs::BlobStore;
 use crate::config::RxConfig;
 use crate::delivery::queue::JobFor;
 use crate::delivery::{DeliveryJob, DeliveryQueue, Target};
+use crate::retention::{PrunedObjects, StoreNotice};
 use crate::state::{now_ms, StateDb, StateError};
 pub use crate::status::ImageState;
 use crate::status::{Counters, ImageProgress, ObjectProgress};
@@ -109,9 +120,26 @@ pub struct ImageLedger {
     store: BlobStore,
     queue: DeliveryQueue,
     targets: Vec<Target>,
-    mapping: Vec<(String, String)>,
+    /// Replaced by a configuration reload; applies to images registered
+    /// from then on.
+    mapping: Mutex<Vec<(String, String)>>,
     counters: Arc<Counters>,
     wake: Option<Arc<Notify>>,
+    pruned: PrunedObjects,
+    /// Held by whoever changes images or verified objects: the finisher's
+    /// completions and retention's prunes never interleave.
+    writes: Mutex<()>,
+    /// Where the shard store hears that a pruned object is wanted again.
+    notices: Option<Sender<StoreNotice>>,
+}
+
+fn mapping_pairs(config: &RxConfig) -> Vec<(String, String)> {
+    config
+        .delivery
+        .mapping
+        .iter()
+        .map(|m| (m.from.clone(), m.to.clone()))
+        .collect()
 }
 
 impl ImageLedger {
@@ -130,19 +158,36 @@ impl ImageLedger {
             store,
             queue,
             targets: crate::delivery::targets(config),
-            mapping: config
-                .delivery
-                .mapping
-                .iter()
-                .map(|m| (m.from.clone(), m.to.clone()))
-                .collect(),
+            mapping: Mutex::new(mapping_pairs(config)),
             counters,
             wake,
+            pruned: PrunedObjects::open(db)?,
+            writes: Mutex::new(()),
+            notices: None,
         })
     }
 
+    /// Tells the shard store (through `notices`) when a pruned object is
+    /// wanted again.
+    pub fn with_store_notices(mut self, notices: Sender<StoreNotice>) -> Self {
+        self.notices = Some(notices);
+        self
+    }
+
+    /// Takes `config`'s `[[delivery.mapping]]` for images registered from
+    /// now on (a reload).
+    pub fn set_mapping(&self, config: &RxConfig) {
+        *self.mapping.lock().unwrap_or_else(|e| e.into_inner()) = mapping_pairs(config);
+    }
+
+    /// Keeps the ledger's records still while held (see `writes`).
+    pub fn lock_writes(&self) -> MutexGuard<'_, ()> {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn map_repository(&self, repository: &str) -> String {
-        for (from, to) in &self.mapping {
+        let mapping = self.mapping.lock().unwrap_or_else(|e| e.into_inner());
+        for (from, to) in mapping.iter() {
             if let Some(rest) = repository.strip_prefix(from.as_str()) {
                 return format!("{to}{rest}");
             }
@@ -157,6 +202,8 @@ impl ImageLedger {
         kind: ObjectKind,
         first_seen_ms: u64,
     ) -> Result<Vec<ObjectId>, LedgerError> {
+        let _writing = self.lock_writes();
+        let mut wanted = Vec::new();
         let v = VerifiedObject {
             kind,
             first_seen_ms,
@@ -172,7 +219,7 @@ impl ImageLedger {
         let mut completed = Vec::new();
         match kind {
             ObjectKind::Image => {
-                let record = self.register(id, first_seen_ms)?;
+                let record = self.register(id, first_seen_ms, &mut wanted)?;
                 if record.state == ImageState::Receiving && self.try_complete(id, record)? {
                     completed.push(id);
                 }
@@ -189,11 +236,29 @@ impl ImageLedger {
             }
         }
         self.db.commit("rx.ledger.object-recorded")?;
+        self.notify_wanted(wanted);
         Ok(completed)
     }
 
-    /// Records a newly verified image object.
-    fn register(&self, id: ObjectId, first_seen_ms: u64) -> Result<ImageRecord, LedgerError> {
+    /// Tells the shard store to take shards of these pruned objects again;
+    /// called once their lifted marks are durable.
+    fn notify_wanted(&self, wanted: Vec<ObjectId>) {
+        if let Some(n) = &self.notices {
+            for id in wanted {
+                let _ = n.send(StoreNotice::Wanted(id));
+            }
+        }
+    }
+
+    /// Records a newly verified image object. Blobs it names that were
+    /// pruned are wanted again: their marks are lifted and they are added
+    /// to `wanted`.
+    fn register(
+        &self,
+        id: ObjectId,
+        first_seen_ms: u64,
+        wanted: &mut Vec<ObjectId>,
+    ) -> Result<ImageRecord, LedgerError> {
         if let Some(existing) = self.get(&id)? {
             return Ok(existing);
         }
@@ -233,8 +298,9 @@ impl ImageLedger {
             )));
         }
         let mut blobs = Vec::with_capacity(tm.blobs.len());
+        let mut ids = Vec::with_capacity(tm.blobs.len());
         for b in &tm.blobs {
-            ObjectId::from_digest(&b.digest).map_err(|e| invalid(e.to_string()))?;
+            ids.push(ObjectId::from_digest(&b.digest).map_err(|e| invalid(e.to_string()))?);
             blobs.push((b.digest.clone(), b.size));
         }
         let record = ImageRecord {
@@ -251,6 +317,13 @@ impl ImageLedger {
             reference = %record.reference(), blobs = record.blobs.len(),
             source = %tm.origin.source, "image object verified");
         self.put(&id, &record)?;
+        for blob in ids {
+            if self.pruned.lift(&blob)? {
+                tracing::info!(digest = %record.manifest_digest, object = %blob,
+                    "blob pruned after an earlier image's delivery is needed again; taken from the next pass");
+                wanted.push(blob);
+            }
+        }
         Ok(record)
     }
 
@@ -357,6 +430,9 @@ impl ImageLedger {
     /// Rebuilds at startup what the ledger owes from what is on disk (the
     /// rules are in the module doc). Returns the images this completed.
     pub fn recheck(&self) -> Result<Vec<ObjectId>, LedgerError> {
+        let _writing = self.lock_writes();
+        let mut wanted = Vec::new();
+        self.pruned.finish_deletions(&self.store)?;
         self.adopt_unrecorded_objects()?;
         let mut completed = Vec::new();
         for (id, record) in self.receiving()? {
@@ -383,7 +459,7 @@ impl ImageLedger {
             {
                 continue;
             }
-            match self.register(id, vo.first_seen_ms) {
+            match self.register(id, vo.first_seen_ms, &mut wanted) {
                 Ok(record) => {
                     if record.state == ImageState::Receiving && self.try_complete(id, record)? {
                         completed.push(id);
@@ -395,7 +471,49 @@ impl ImageLedger {
             }
         }
         self.db.commit("rx.ledger.recovered")?;
+        self.notify_wanted(wanted);
         Ok(completed)
+    }
+
+    /// Every verified object on record: id, kind, when it was verified.
+    pub fn verified_objects(&self) -> Result<Vec<(ObjectId, ObjectKind, u64)>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.verified.iter() {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let Ok(raw) = <[u8; 32]>::try_from(&k[..]) else {
+                continue;
+            };
+            if let Ok(vo) = serde_json::from_slice::<VerifiedObject>(&v) {
+                out.push((ObjectId(raw), vo.kind, vo.verified_ms));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a verified object (retention pruned it). Not durable until
+    /// the caller's commit; the caller holds [`ImageLedger::lock_writes`].
+    pub fn forget_verified(&self, id: &ObjectId) -> Result<(), LedgerError> {
+        self.verified
+            .remove(id.0)
+            .map_err(|e| self.db.sled_error(e))?;
+        Ok(())
+    }
+
+    /// Calls `f` with every image record, one at a time.
+    pub fn for_each_image(
+        &self,
+        f: &mut dyn FnMut(ObjectId, &ImageRecord),
+    ) -> Result<(), LedgerError> {
+        for item in self.images.iter() {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let Ok(raw) = <[u8; 32]>::try_from(&k[..]) else {
+                continue;
+            };
+            let record: ImageRecord =
+                serde_json::from_slice(&v).map_err(|e| self.db.corrupt(hex::encode(&k), e))?;
+            f(ObjectId(raw), &record);
+        }
+        Ok(())
     }
 
     /// Rule 1: objects the finisher moved into the blob store while the

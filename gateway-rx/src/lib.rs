@@ -15,9 +15,11 @@
 //! decode, finish, deliver, report); [`run`] wires them together. The
 //! durable state they work on stays apart: [`shards`] (the shard store),
 //! [`blobs`], [`images`] (the image ledger, and what a restart rebuilds),
-//! [`delivery`] (queue and targets), [`state`] (sled). The appliance
-//! surface: [`appliance`] (the receiver's faults), [`console`] (the
-//! serial console's commands) and [`metrics`] (the Prometheus families). [`CRASH_POINTS`] names every place a crash
+//! [`delivery`] (queue and targets), [`state`] (sled); [`retention`]
+//! prunes what was delivered, [`reload`] applies a re-read configuration
+//! (SIGHUP). The appliance surface: [`appliance`] (the receiver's faults),
+//! [`console`] (the serial console's commands) and [`metrics`] (the
+//! Prometheus families). [`CRASH_POINTS`] names every place a crash
 //! is walked at.
 
 // statvfs, for the state disk's free space, has no safe wrapper in std.
@@ -30,6 +32,8 @@ pub mod delivery;
 pub mod gateway;
 pub mod images;
 pub mod metrics;
+pub mod reload;
+pub mod retention;
 // pwritev of shard buffers into object files has no safe wrapper in std.
 #[allow(unsafe_code)]
 pub mod shards;
@@ -58,6 +62,7 @@ pub const CRASH_POINTS: &[&str] = &[
     "rx.registry.tag-set",
     "rx.layout.exported",
     "rx.delivery.job-saved",
+    "rx.retention.pruned",
     "rx.stopped",
 ];
 

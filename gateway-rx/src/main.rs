@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
+use weir_host::reload::{ReloadRequests, ReloadSource};
 use weir_host::signals::SignalWatch;
 use weir_host::Shutdown;
 
@@ -117,6 +118,10 @@ fn forget_session(file: &Path, key_id: Option<u16>) -> anyhow::Result<()> {
 fn run(file: &Path) -> anyhow::Result<()> {
     let config = RxConfig::load(file)?;
     let shutdown = Shutdown::new();
-    let _watch = SignalWatch::start("rx-signals", &shutdown)?;
-    gateway_rx::run(config, shutdown)
+    let reloads = ReloadSource {
+        file: file.to_path_buf(),
+        requests: ReloadRequests::new(),
+    };
+    let _watch = SignalWatch::start_with_reloads("rx-signals", &shutdown, &reloads.requests)?;
+    gateway_rx::gateway::run_with_reloads(config, shutdown, Some(reloads))
 }

@@ -130,6 +130,10 @@ struct ObjectRecord {
     first_seen_ms: u64,
     /// Shard frames received for it, duplicates included.
     receptions: u64,
+    /// When the last commit that took a shard of it ran (0 in records
+    /// written before it was kept: then `first_seen_ms` stands in).
+    #[serde(default)]
+    last_shard_ms: u64,
 }
 
 /// The two staging files of one object, shared with the decoder and finisher.
@@ -610,9 +614,50 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Whether the object is in the blob store already.
+    /// Whether the object is in the blob store already (or was pruned
+    /// from it after its images were delivered).
     pub fn is_complete(&self, id: &ObjectId) -> bool {
         self.complete.contains(id)
+    }
+
+    /// Takes shards of `id` again: a pruned object an arriving image needs,
+    /// or one retention no longer remembers.
+    pub fn admit_again(&mut self, id: &ObjectId) {
+        self.complete.remove(id);
+    }
+
+    /// Forgets the objects in staging that got no shard for `idle_ms` (as
+    /// of `now_ms`), records and files, except those being rebuilt or
+    /// verified. Their sender stopped sending them; should it send them
+    /// again, they start over. Returns each forgotten object with its
+    /// kind and length.
+    pub fn release_idle(
+        &mut self,
+        idle_ms: u64,
+        now_ms: u64,
+    ) -> Result<Vec<(ObjectId, ObjectKind, u64)>, ShardStoreError> {
+        let idle: Vec<(ObjectId, ObjectKind, u64)> = self
+            .live
+            .iter()
+            .filter(|(_, l)| {
+                !matches!(
+                    l.assembly.state(),
+                    ObjectState::Decoding | ObjectState::Finishing
+                )
+            })
+            .filter(|(_, l)| {
+                // A shard taken since the last commit is progress too.
+                let last = l.record.last_shard_ms.max(l.record.first_seen_ms);
+                !l.record_dirty && now_ms.saturating_sub(last) >= idle_ms
+            })
+            .map(|(id, l)| (*id, l.record.kind, l.record.len))
+            .collect();
+        for (id, _, _) in &idle {
+            // Not committed here: a crash brings the records back without
+            // their files, and the reload starts such an object over.
+            self.forget(id)?;
+        }
+        Ok(idle)
     }
 
     /// Registers an object announced by its header, so progress shows it
@@ -690,12 +735,14 @@ impl ShardStore {
             Counters::add(&self.counters.objects_refused, 1);
             return Ok(());
         }
+        let now = now_ms();
         let record = ObjectRecord {
             kind,
             len,
             fec,
-            first_seen_ms: now_ms(),
+            first_seen_ms: now,
             receptions: 0,
+            last_shard_ms: now,
         };
         let files = self.open_files(&id, &record, true)?;
         let mut live = self.new_live(record, files);
@@ -888,7 +935,9 @@ impl ShardStore {
             blocks_batch.insert(&chunk_key(&id, chunk)[..], value);
         }
         let mut objects_batch = sled::Batch::default();
+        let now = now_ms();
         for (id, live) in self.live.iter_mut().filter(|(_, l)| l.record_dirty) {
+            live.record.last_shard_ms = now;
             let v =
                 serde_json::to_vec(&live.record).map_err(|e| self.db.corrupt(id.digest(), e))?;
             objects_batch.insert(&id.0[..], v);
@@ -1563,6 +1612,61 @@ pub(crate) mod tests {
                                                                                 // parity was never needed, so never written.
         assert_eq!(rig.count(&rig.counters.shards_duplicate), 3 + 2);
         assert_eq!(rig.count(&rig.counters.shards_stored), all.len() as u64 - 2);
+    }
+
+    /// A staging leftover (its sender stopped sending it) is forgotten
+    /// after the idle time, files and records; one still getting shards
+    /// stays. A restart does not bring the forgotten one back.
+    #[test]
+    fn objects_idle_for_the_keep_time_leave_staging() {
+        let rig = Rig::new();
+        let (mut store, _, db) = rig.open();
+        let (idle, busy) = (bytes_from(5, 3000), bytes_from(6, 3000));
+        let idle_shards = shards_of(&idle, ObjectKind::Blob, fec(4, 2, 100));
+        let busy_shards = shards_of(&busy, ObjectKind::Blob, fec(4, 2, 100));
+        store.accept(idle_shards[0].clone()).unwrap();
+        store.accept(busy_shards[0].clone()).unwrap();
+        store.commit().unwrap();
+        assert_eq!(staging_files(&rig), 4);
+        let later = now_ms() + 10_000;
+        assert!(store.release_idle(20_000, later).unwrap().is_empty());
+        // A shard of one of them, not yet committed, counts as progress.
+        store.accept(busy_shards[1].clone()).unwrap();
+        let gone = store.release_idle(5_000, later).unwrap();
+        assert_eq!(
+            gone,
+            vec![(ObjectId::of_bytes(&idle), ObjectKind::Blob, 3000)]
+        );
+        assert_eq!(staging_files(&rig), 2);
+        store.commit().unwrap();
+        drop(store);
+        drop(db);
+        let (store, _, _db) = rig.open();
+        assert_eq!(store.progress().len(), 1);
+        assert_eq!(store.progress()[0].id, ObjectId::of_bytes(&busy).digest());
+    }
+
+    /// A pruned object's shards are duplicates until it is wanted again.
+    #[test]
+    fn an_object_admitted_again_is_stored_again() {
+        let rig = Rig::new();
+        let db = StateDb::open(&rig.dir.path().join("db")).unwrap();
+        let bytes = bytes_from(7, 300);
+        let id = ObjectId::of_bytes(&bytes);
+        let (mut store, _) = ShardStore::open(
+            &db,
+            &rig.dir.path().join("staging"),
+            [id],
+            rig.counters.clone(),
+        )
+        .unwrap();
+        let shards = shards_of(&bytes, ObjectKind::Blob, fec(2, 1, 100));
+        assert_eq!(
+            store.accept(shards[0].clone()).unwrap(),
+            Accepted::Duplicate
+        );
+        store.admit_again(&id);
+        assert_eq!(store.accept(shards[0].clone()).unwrap(), Accepted::Queued);
     }
 
     #[test]

@@ -105,6 +105,14 @@ counters! {
     pushes_done,
     /// Delivery attempts that failed (each is retried).
     push_attempts_failed,
+    /// Objects pruned from the blob store (their images delivered; see
+    /// `[retention]`).
+    objects_pruned,
+    /// Bytes those prunes freed.
+    bytes_pruned,
+    /// Objects in staging forgotten after `keep_delivered_hours` without a
+    /// shard.
+    staging_pruned,
 }
 
 impl Counters {

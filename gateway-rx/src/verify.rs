@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use weir_host::reload::ReloadReader;
 use weir_proto::{Frame, FrameError, FrameOpener, KeyRing, ReplayGuard, ReplayVerdict};
 
 use crate::state::{now_ms, StateDb, StateError};
@@ -29,6 +30,8 @@ pub struct Verifier {
     /// The last session refused as too far ahead, so the warning is logged
     /// once per session, not per frame.
     last_refused: Option<u64>,
+    /// Key rings a configuration reload sets.
+    key_updates: Option<ReloadReader<KeyRing>>,
 }
 
 /// The highest session id a sender whose clock reads `now_ms` plus
@@ -117,8 +120,28 @@ impl Verifier {
             horizon_ms,
             session_limit: 0,
             last_refused: None,
+            key_updates: None,
         }
         .within_horizon())
+    }
+
+    /// Takes the key rings a reload sets (see [`Verifier::pick_up_keys`]).
+    pub fn with_key_updates(mut self, keys: ReloadReader<KeyRing>) -> Verifier {
+        self.key_updates = Some(keys);
+        self
+    }
+
+    /// Verifies with the key ring a reload set, if one was set since the
+    /// last look. Sessions and replay windows of key ids kept stay as
+    /// they were.
+    pub fn pick_up_keys(&mut self) {
+        let Some(updates) = &mut self.key_updates else {
+            return;
+        };
+        if let Some(ring) = updates.changed() {
+            tracing::info!(key_ids = ?ring.ids(), "verifying with the reloaded keys");
+            self.opener = FrameOpener::new((*ring).clone());
+        }
     }
 
     /// Sets how far ahead of this clock a session may start.
@@ -293,6 +316,32 @@ mod tests {
         assert_eq!(get(&counters.frames_bad_tag), 2);
         assert_eq!(get(&counters.frames_unknown_key), 1);
         assert_eq!(get(&counters.frames_malformed), 2);
+    }
+
+    #[test]
+    fn a_key_added_by_a_reload_is_accepted_and_sessions_of_kept_keys_stay() {
+        let counters = Arc::new(Counters::default());
+        let ring = weir_host::reload::Reloadable::new(KeyRing::new(vec![key(1, 7)]).unwrap());
+        let mut v = Verifier::new((*ring.current()).clone(), None, counters.clone())
+            .unwrap()
+            .with_key_updates(ring.reader());
+        let mut first = FrameSealer::new(key(1, 7), 100);
+        let mut second = FrameSealer::new(key(3, 9), 100);
+        let replayed = sealed(&mut first, 1);
+        assert!(v.admit(&replayed).is_some());
+        assert!(v.admit(&sealed(&mut second, 2)).is_none());
+        v.pick_up_keys();
+        assert!(
+            v.admit(&sealed(&mut second, 3)).is_none(),
+            "not yet reloaded"
+        );
+        ring.set(KeyRing::new(vec![key(1, 7), key(3, 9)]).unwrap());
+        v.pick_up_keys();
+        assert!(v.admit(&sealed(&mut second, 4)).is_some());
+        assert!(v.admit(&replayed).is_none(), "key 1's replay window stays");
+        assert!(v.admit(&sealed(&mut first, 5)).is_some());
+        assert_eq!(get(&counters.frames_unknown_key), 2);
+        assert_eq!(get(&counters.frames_replayed), 1);
     }
 
     #[test]

@@ -230,7 +230,10 @@ pub struct CarouselConfig {
     #[serde(default = "default_passes")]
     pub passes: u32,
     /// How long after ingest an image keeps cycling on an idle link, and its
-    /// payload stays on disk. Default 72 (a diode may be down for days).
+    /// payload stays on disk: past it, once its passes are done, the image
+    /// leaves the queue and its payload files not named by another queued
+    /// image are deleted (the sender's retention). Default 72 (a diode may
+    /// be down for days).
     #[serde(default = "default_retention_hours")]
     pub retention_hours: u64,
     /// Blocks interleaved together: a burst of B lost frames costs each

@@ -25,6 +25,7 @@ pub mod console;
 pub mod metrics;
 pub mod objects;
 pub mod pacing;
+pub mod reload;
 pub mod stages;
 pub mod status;
 
@@ -34,6 +35,7 @@ pub use stages::{carousel, ingest, policy, pull};
 use anyhow::Context;
 use appliance::Faults;
 use std::sync::Arc;
+use weir_host::reload::{ReloadSource, Reloadable};
 use weir_host::stages::Stages;
 use weir_host::{FrameSink, Leds, Shutdown};
 
@@ -41,9 +43,19 @@ pub use config::TxConfig;
 
 /// Runs the sender on the configured link until `shutdown` is triggered.
 pub fn run(config: TxConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    run_with_reloads(config, shutdown, None)
+}
+
+/// [`run`], reading `reloads.file` again whenever `reloads.requests` asks
+/// (SIGHUP; see [`reload`]).
+pub fn run_with_reloads(
+    config: TxConfig,
+    shutdown: Shutdown,
+    reloads: Option<ReloadSource>,
+) -> anyhow::Result<()> {
     config.validate().context("configuration")?;
     let sink = link::open_sink(&config.link)?;
-    run_with_sink(config, shutdown, sink)
+    run_stages(config, shutdown, sink, reloads)
 }
 
 /// Runs the sender on a given frame sink (tests and harnesses capture
@@ -53,6 +65,15 @@ pub fn run_with_sink(
     config: TxConfig,
     shutdown: Shutdown,
     sink: Box<dyn FrameSink>,
+) -> anyhow::Result<()> {
+    run_stages(config, shutdown, sink, None)
+}
+
+fn run_stages(
+    config: TxConfig,
+    shutdown: Shutdown,
+    sink: Box<dyn FrameSink>,
+    reloads: Option<ReloadSource>,
 ) -> anyhow::Result<()> {
     let key = config.key().context("auth.key_file")?;
     if sink.max_frame_len() < config.link.datagram_size {
@@ -98,15 +119,19 @@ pub fn run_with_sink(
     let control = Arc::new(carousel::CarouselControl::default());
     let (queue_tx, queue_rx) = std::sync::mpsc::channel();
     let settings = carousel::CarouselSettings::from_config(&config, &key)?;
+    let intake =
+        Reloadable::new(reload::IntakeSettings::from_config(&config).context("policy.rules_file")?);
     let puller = pull::Puller::new(
         &config,
         store.clone(),
         queue_tx.clone(),
         board.clone(),
         faults.clone(),
-    )?;
+    )?
+    .map(|p| p.with_settings(intake.reader()));
     let ingestor = ingest::Ingestor::new(&config, store.clone(), queue_tx, board.clone())?
-        .with_faults(faults.clone());
+        .with_faults(faults.clone())
+        .with_settings(intake.reader());
     let key_id = key.id();
     let carousel = carousel::Carousel::new(
         settings,
@@ -160,6 +185,18 @@ pub fn run_with_sink(
             Ok(())
         }
     })?;
+    if let Some(reloads) = reloads {
+        let mut reloader = reload::TxReloader {
+            file: reloads.file,
+            running: config.clone(),
+            intake,
+            leds: leds.clone(),
+        };
+        stages.spawn("reload", move |s| {
+            reloads.requests.serve(s, || drop(reloader.reload()));
+            Ok(())
+        })?;
+    }
     let stopped = stages.join();
     let flushed = store.commit("tx.stopped").context("flushing state");
     // Dark only once the state is safe: a lit power LED means "do not pull".

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use weir_host::reload::{ReloadRequests, ReloadSource};
 use weir_host::signals::SignalWatch;
 use weir_host::Shutdown;
 
@@ -32,7 +33,8 @@ weir_host::gateway_cli! {
     /// FEC-protected, HMAC-signed frames in repeated carousel passes.
     ///
     /// Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=gateway_tx=debug) to
-    /// change the level. SIGTERM and SIGINT stop it cleanly, state flushed.
+    /// change the level. SIGTERM and SIGINT stop it cleanly, state flushed;
+    /// SIGHUP reads the configuration again.
     name = "gateway-tx";
     /// Configuration file (TOML; see examples/tx.toml).
     config;
@@ -90,6 +92,10 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
 fn run(file: PathBuf) -> anyhow::Result<()> {
     let config = gateway_tx::TxConfig::load(&file)?;
     let shutdown = Shutdown::new();
-    let _watch = SignalWatch::start("signals", &shutdown)?;
-    gateway_tx::run(config, shutdown)
+    let reloads = ReloadSource {
+        file,
+        requests: ReloadRequests::new(),
+    };
+    let _watch = SignalWatch::start_with_reloads("signals", &shutdown, &reloads.requests)?;
+    gateway_tx::run_with_reloads(config, shutdown, Some(reloads))
 }

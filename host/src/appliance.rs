@@ -62,8 +62,7 @@ impl<F: Ord + Copy> Faults<F> {
     }
 }
 
-/// Bytes free for this process on the filesystem holding `dir`.
-pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+fn statvfs(dir: &Path) -> std::io::Result<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "path holds a NUL byte")
@@ -74,7 +73,48 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(st)
+}
+
+/// Bytes free for this process on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = statvfs(dir)?;
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Size and use of the filesystem holding a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub total: u64,
+    /// Bytes in use (the root-reserved free blocks count as free).
+    pub used: u64,
+}
+
+impl DiskUsage {
+    /// Bytes in use above `percent` of the disk (0 below it).
+    pub fn above_percent(&self, percent: u32) -> u64 {
+        let mark = (self.total as u128 * percent.min(100) as u128 / 100) as u64;
+        self.used.saturating_sub(mark)
+    }
+
+    pub fn percent_used(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        100.0 * self.used as f64 / self.total as f64
+    }
+}
+
+/// How full the filesystem holding `dir` is.
+pub fn disk_usage(dir: &Path) -> std::io::Result<DiskUsage> {
+    let st = statvfs(dir)?;
+    let block = st.f_frsize as u64;
+    let total = st.f_blocks as u64 * block;
+    let free = st.f_bfree as u64 * block;
+    Ok(DiskUsage {
+        total,
+        used: total.saturating_sub(free),
+    })
 }
 
 /// True when `err`, or an error it wraps, says the disk (or the quota) is
@@ -418,6 +458,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(free_bytes(dir.path()).unwrap() > 0);
         assert!(free_bytes(Path::new("/nonexistent/dir")).is_err());
+        let usage = disk_usage(dir.path()).unwrap();
+        assert!(usage.total > 0 && usage.used <= usage.total);
+    }
+
+    #[test]
+    fn the_excess_over_a_high_water_mark_is_what_is_used_above_it() {
+        let usage = DiskUsage {
+            total: 100 * MIB,
+            used: 95 * MIB,
+        };
+        assert_eq!(usage.above_percent(90), 5 * MIB);
+        assert_eq!(usage.above_percent(96), 0);
+        assert_eq!(usage.above_percent(250), 0);
+        assert!((usage.percent_used() - 95.0).abs() < 1e-9);
     }
 
     #[test]

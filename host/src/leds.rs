@@ -239,6 +239,31 @@ impl Leds {
         }
     }
 
+    /// Drives other LEDs from now on (a configuration reload renamed them):
+    /// the old ones go dark, power lights on the new one, and the others
+    /// follow at the panel's next turn. The fault reason stays.
+    pub fn reconfigure(&self, base: &Path, names: LedNames) {
+        let mut panel = self.panel();
+        let power_on = panel.power.mode == Some(Mode::On);
+        for led in panel.each() {
+            led.set(Mode::Off);
+        }
+        let fault_reason = panel.fault_reason.take();
+        *panel = Panel {
+            power: Led::open(base, "power", &names.power),
+            link: Led::open(base, "link", &names.link),
+            activity: Led::open(base, "activity", &names.activity),
+            fault: Led::open(base, "fault", &names.fault),
+            fault_reason: None,
+        };
+        if power_on {
+            panel.power.set(Mode::On);
+        }
+        let fault_on = fault_reason.is_some();
+        panel.fault_reason = fault_reason;
+        panel.fault.set(Self::level(fault_on));
+    }
+
     /// Roles (`power`, `link`, `activity`, `fault`) of configured LEDs that
     /// were not found, for `status`.
     pub fn missing(&self) -> Vec<&'static str> {
@@ -370,6 +395,32 @@ mod tests {
         assert_eq!(read(base.path(), &n.activity, "brightness"), "0");
         leds.tick();
         assert_eq!(read(base.path(), &n.activity, "brightness"), "0");
+    }
+
+    #[test]
+    fn renamed_leds_take_over_power_and_fault_and_the_old_ones_go_dark() {
+        let (base, leds) = panel(false);
+        let n = names();
+        leds.set_power(true);
+        leds.set_fault(Some("state disk full".into()));
+        let renamed = LedNames {
+            power: "box:power".into(),
+            link: "box:link".into(),
+            activity: String::new(),
+            fault: "box:fault".into(),
+        };
+        for name in [&renamed.power, &renamed.link, &renamed.fault] {
+            fake_led(base.path(), name, 1, "[none]");
+        }
+        leds.reconfigure(base.path(), renamed.clone());
+        assert_eq!(read(base.path(), &n.power, "brightness"), "0");
+        assert_eq!(read(base.path(), &n.fault, "brightness"), "0");
+        assert_eq!(read(base.path(), &renamed.power, "brightness"), "1");
+        assert_eq!(read(base.path(), &renamed.fault, "brightness"), "1");
+        assert_eq!(leds.fault_reason().as_deref(), Some("state disk full"));
+        leds.set_link(true);
+        assert_eq!(read(base.path(), &renamed.link, "brightness"), "1");
+        assert_eq!(read(base.path(), &n.link, "brightness"), "0");
     }
 
     #[test]

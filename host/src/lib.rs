@@ -18,9 +18,12 @@
 //! - [`link_setup`]: why a configured link end did not open.
 //! - [`logging`]: the log output both gateway binaries set up.
 //! - [`metrics`]: the Prometheus text format and the `/metrics` endpoint.
+//! - [`reload`]: configuration reloads (SIGHUP): requests, values stages
+//!   pick up, which changed fields apply and which need a restart.
 //! - [`report`]: the plain-text lines both consoles and `status` print.
 //! - [`shutdown`]: the stop signal every stage of a gateway shares.
-//! - [`signals`]: SIGTERM and SIGINT stop a gateway through its shutdown.
+//! - [`signals`]: SIGTERM and SIGINT stop a gateway through its shutdown;
+//!   SIGHUP asks for a reload.
 //! - [`stages`]: the stage runner (named threads, first error stops all).
 //! - [`state`]: the sled database and its one commit point.
 //! - [`states`]: enums of states that show as the words status.json uses.
@@ -38,6 +41,7 @@ pub mod link;
 pub mod link_setup;
 pub mod logging;
 pub mod metrics;
+pub mod reload;
 pub mod report;
 pub mod shutdown;
 pub mod signals;

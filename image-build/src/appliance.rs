@@ -76,6 +76,8 @@ StartLimitIntervalSec=0
 
 [Service]
 ExecStart=/usr/bin/{bin} --config {config}
+# SIGHUP reads the configuration again (what needs a restart is logged).
+ExecReload=/bin/kill -HUP $MAINPID
 Restart=always
 RestartSec=3
 # SIGTERM makes the gateway flush its state; give it time before SIGKILL.
@@ -461,6 +463,7 @@ mod tests {
         let u = service_unit(Role::Rx);
         assert!(u.contains("ExecStart=/usr/bin/gateway-rx --config /data/weir/rx.toml\n"));
         assert!(u.contains("Restart=always\n"));
+        assert!(u.contains("ExecReload=/bin/kill -HUP $MAINPID\n"));
         assert!(u.contains("StartLimitIntervalSec=0\n"));
         assert!(u.contains("WantedBy=multi-user.target"));
         let t = service_unit(Role::Tx);

@@ -5,7 +5,7 @@
 //! keys. Gateways run as child processes (so a test can `kill -9` them),
 //! with their logs in the site directory; every child is killed on drop.
 
-// libc::kill sends SIGTERM to a gateway process; std can only SIGKILL.
+// libc::kill sends SIGTERM and SIGHUP to a gateway process; std can only SIGKILL.
 #![allow(unsafe_code)]
 
 use anyhow::{bail, Context, Result};
@@ -176,6 +176,16 @@ impl Gateway {
             // SAFETY: signalling our own child by pid.
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+        }
+    }
+
+    /// SIGHUP: the gateway reads its configuration file again.
+    pub fn reload(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child by pid.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGHUP);
             }
         }
     }

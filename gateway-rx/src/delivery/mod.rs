@@ -69,6 +69,16 @@ pub fn targets(config: &RxConfig) -> Vec<Target> {
     out
 }
 
+/// The webhook `notify` names, started (inside the tokio runtime).
+fn webhook(notify: &crate::config::NotifyConfig) -> Result<Option<Notifier>, DeliveryError> {
+    match &notify.webhook_url {
+        Some(url) => Notifier::start(url.clone(), Duration::from_secs(notify.timeout_seconds))
+            .map(Some)
+            .map_err(|e| DeliveryError::local(format!("notify.webhook_url: {e}"))),
+        None => Ok(None),
+    }
+}
+
 /// What one successful delivery did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeliverySummary {
@@ -82,7 +92,8 @@ pub struct Delivery {
     store: BlobStore,
     registry: Option<RegistryPusher>,
     layout: Option<Arc<LayoutExporter>>,
-    notifier: Option<Notifier>,
+    /// Replaced when a reload changes `[notify]`.
+    notifier: std::sync::Mutex<Option<Notifier>>,
     retry_max_ms: u64,
     retry_refused_ms: u64,
     counters: Arc<Counters>,
@@ -107,16 +118,7 @@ impl Delivery {
             )?),
             None => None,
         };
-        let notifier = match &config.notify.webhook_url {
-            Some(url) => Some(
-                Notifier::start(
-                    url.clone(),
-                    Duration::from_secs(config.notify.timeout_seconds),
-                )
-                .map_err(|e| DeliveryError::local(format!("notify.webhook_url: {e}")))?,
-            ),
-            None => None,
-        };
+        let notifier = webhook(&config.notify)?;
         Ok(Delivery {
             queue,
             store,
@@ -124,7 +126,7 @@ impl Delivery {
             layout: config
                 .layout_dir()
                 .map(|d| Arc::new(LayoutExporter::new(&d))),
-            notifier,
+            notifier: std::sync::Mutex::new(notifier),
             retry_max_ms: config.delivery.retry_max_seconds * 1000,
             retry_refused_ms: config.delivery.retry_refused_seconds * 1000,
             counters,
@@ -139,6 +141,15 @@ impl Delivery {
     /// Attempts, failures and push durations per target since start.
     pub fn stats(&self) -> Arc<DeliveryStats> {
         self.stats.clone()
+    }
+
+    /// Posts to the webhook `notify` names from now on (none: no posts).
+    /// Must run inside the tokio runtime (the new webhook starts its task);
+    /// the old webhook's task ends once its queue is drained.
+    pub fn set_webhook(&self, notify: &crate::config::NotifyConfig) -> Result<(), DeliveryError> {
+        let notifier = webhook(notify)?;
+        *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = notifier;
+        Ok(())
     }
 
     /// Runs until `stop` turns true; `wake` is notified when jobs are added.
@@ -271,7 +282,12 @@ impl Delivery {
     }
 
     fn notify(&self, job: &DeliveryJob, event: &str, seconds: f64, error: Option<String>) {
-        let Some(n) = &self.notifier else { return };
+        let notifier = self
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(n) = notifier else { return };
         let text = match &error {
             None => format!(
                 "weir: {} delivered to {} ({}) {:.0}s after its first frame",

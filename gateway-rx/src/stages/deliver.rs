@@ -21,6 +21,22 @@ pub struct DeliverStage {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     stats: Arc<DeliveryStats>,
+    delivery: Arc<Delivery>,
+}
+
+/// Changes the running delivery's webhook (a configuration reload).
+#[derive(Clone)]
+pub struct WebhookSwitch {
+    runtime: tokio::runtime::Handle,
+    delivery: Arc<Delivery>,
+}
+
+impl WebhookSwitch {
+    /// Posts to `config`'s `[notify]` webhook from now on.
+    pub fn apply(&self, config: &RxConfig) -> Result<(), crate::delivery::DeliveryError> {
+        let _entered = self.runtime.enter();
+        self.delivery.set_webhook(&config.notify)
+    }
 }
 
 impl DeliverStage {
@@ -46,18 +62,30 @@ impl DeliverStage {
         };
         let (stop, stopped) = watch::channel(false);
         let stats = delivery.stats();
-        let task = runtime.spawn(async move { delivery.run(wake, stopped).await });
+        let task = runtime.spawn({
+            let delivery = delivery.clone();
+            async move { delivery.run(wake, stopped).await }
+        });
         Ok(DeliverStage {
             runtime,
             stop,
             task,
             stats,
+            delivery,
         })
     }
 
     /// Attempts, failures and push durations per target, for the metrics.
     pub fn stats(&self) -> Arc<DeliveryStats> {
         self.stats.clone()
+    }
+
+    /// What a reload changes the webhook through.
+    pub fn webhook_switch(&self) -> WebhookSwitch {
+        WebhookSwitch {
+            runtime: self.runtime.handle().clone(),
+            delivery: self.delivery.clone(),
+        }
     }
 
     /// Asks delivery to stop starting work; it ends what is under way.

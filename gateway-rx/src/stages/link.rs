@@ -89,6 +89,7 @@ pub fn receive(
     let mut last_loss = Instant::now();
     let mut last_error: Option<Instant> = None;
     'recv: while !shutdown.is_triggered() {
+        verifier.pick_up_keys();
         if let Err(e) = source.recv(&mut batch, RECV_WAIT) {
             // Log once a minute at most; keep trying, the link may come back.
             if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {

@@ -6,8 +6,10 @@
 use anyhow::Context;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use weir_host::reload::Reloadable;
 use weir_host::stages::Stages;
-use weir_host::{Console, Shutdown};
+use weir_host::{Console, Leds, Shutdown};
+use weir_proto::KeyRing;
 
 use crate::appliance::{CounterWindow, Fault, Faults, Lights, Movement};
 use crate::blobs::BlobStore;
@@ -311,11 +313,62 @@ pub fn status(config: &RxConfig) -> anyhow::Result<StatusReport> {
     })
 }
 
+/// The reporting stages, started: status.json, the LED panel, the
+/// console. Stopped last, once the state they show is settled.
+pub struct Reporting {
+    pub stages: Stages,
+    pub leds: Option<Arc<Leds>>,
+    pub console: Option<Console>,
+}
+
+/// Starts status.json, the LED panel and the console on `reporter`.
+pub fn start_reporting(
+    config: &RxConfig,
+    reporter: &Arc<Reporter>,
+    keys: Arc<Reloadable<KeyRing>>,
+    deliveries: Arc<DeliveryStats>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Reporting> {
+    let mut stages = Stages::new(shutdown);
+    serve_metrics(config, reporter, deliveries, &mut stages)?;
+    stages.spawn("rx-status", {
+        let reporter = reporter.clone();
+        move |s| {
+            reporter.run(s);
+            Ok(())
+        }
+    })?;
+    let leds = config
+        .leds
+        .as_ref()
+        .map(|l| Arc::new(Leds::new(&l.base, l.names())));
+    stages.spawn("rx-panel", {
+        let leds = leds.clone();
+        let inputs = PanelInputs::new(
+            reporter.counters.clone(),
+            reporter.queue.clone(),
+            reporter.faults.clone(),
+            reporter.gauge.clone(),
+            config.hmac_fault_threshold(),
+        );
+        move |s| {
+            crate::appliance::run_panel(leds.as_deref(), s, inputs.into_reader());
+            Ok(())
+        }
+    })?;
+    let console = start_console(config, reporter, keys, shutdown);
+    Ok(Reporting {
+        stages,
+        leds,
+        console,
+    })
+}
+
 /// Starts the serial console, if one is configured.
 pub fn start_console(
     config: &RxConfig,
     reporter: &Arc<Reporter>,
-    key_ids: Vec<u16>,
+    keys: Arc<Reloadable<KeyRing>>,
     shutdown: &Shutdown,
 ) -> Option<Console> {
     let commands = crate::console::RxCommands {
@@ -324,7 +377,8 @@ pub fn start_console(
             move || reporter.report(true)
         }),
         faults: reporter.faults.clone(),
-        key_ids,
+        // Ids only: the console lists them, never the keys.
+        key_ids: Box::new(move || keys.current().ids()),
     };
     let role = "rx";
     weir_host::appliance::start_console(config.console.as_ref(), role, Arc::new(commands), shutdown)

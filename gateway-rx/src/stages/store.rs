@@ -8,17 +8,27 @@
 //! counted, nothing is written, and the fault "state disk full" stands.
 //! The bitmap never claimed a shard that is not on disk, so nothing is
 //! corrupted, and later passes bring the dropped shards again.
+//!
+//! Between batches the store keeps its own house ([`StagingUpkeep`]): it
+//! hears from retention and the image ledger which pruned objects to take
+//! shards of again, and forgets staging leftovers that got no shard for
+//! `keep_delivered_hours`.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_host::Shutdown;
 
+use weir_host::reload::ReloadReader;
+
 use super::finish::FinisherJob;
 use super::link::Inbound;
 use super::{FinishOutcome, WorkResult};
 use crate::appliance::{is_disk_full, Fault, Faults, StateDisk};
+use crate::config::RetentionConfig;
+use crate::retention::{keep_ms, pass_every, StoreNotice};
 use crate::shards::{DecodeJob, ShardStore, Work};
+use crate::state::now_ms;
 use crate::status::{Counters, ObjectProgress};
 
 /// Longest the store waits for frames before looking at its other work.
@@ -118,6 +128,53 @@ impl DiskWatch {
     }
 }
 
+/// What the store does between batches for retention.
+pub struct StagingUpkeep {
+    notices: Receiver<StoreNotice>,
+    policy: ReloadReader<RetentionConfig>,
+    counters: Arc<Counters>,
+    last_sweep: Instant,
+}
+
+impl StagingUpkeep {
+    pub fn new(
+        notices: Receiver<StoreNotice>,
+        policy: ReloadReader<RetentionConfig>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        StagingUpkeep {
+            notices,
+            policy,
+            counters,
+            last_sweep: Instant::now(),
+        }
+    }
+
+    fn run(&mut self, store: &mut ShardStore) {
+        while let Ok(notice) = self.notices.try_recv() {
+            match notice {
+                StoreNotice::Wanted(id) | StoreNotice::Released(id) => store.admit_again(&id),
+            }
+        }
+        let policy = **self.policy.get();
+        if self.last_sweep.elapsed() < pass_every(&policy) {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        match store.release_idle(keep_ms(&policy), now_ms()) {
+            Ok(gone) => {
+                for (id, kind, len) in &gone {
+                    tracing::info!(object = %id, kind = crate::shards::kind_name(*kind), len,
+                        idle_hours = policy.keep_delivered_hours,
+                        "staging leftover pruned: no shard for keep_delivered_hours (its shards start over if sent again)");
+                }
+                Counters::add(&self.counters.staging_pruned, gone.len() as u64);
+            }
+            Err(e) => tracing::error!(error = %e, "pruning staging leftovers failed"),
+        }
+    }
+}
+
 fn apply_result(store: &mut ShardStore, result: WorkResult) {
     match result {
         WorkResult::Decoded {
@@ -162,6 +219,7 @@ pub struct StoreStage {
     pub decode: Sender<DecodeJob>,
     pub finish: Sender<FinisherJob>,
     pub board: Arc<Mutex<Vec<ObjectProgress>>>,
+    pub upkeep: StagingUpkeep,
 }
 
 /// The store after its loop, with the intake closed: what remains is to
@@ -241,6 +299,7 @@ impl StoreStage {
         while let Ok(result) = self.results.try_recv() {
             apply_result(&mut self.store, result);
         }
+        self.upkeep.run(&mut self.store);
         if !self.disk.full && self.store.should_commit() {
             let shards = self.store.pending_len();
             match self.store.commit() {

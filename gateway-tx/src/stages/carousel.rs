@@ -181,7 +181,8 @@ pub struct Turn {
 /// Images and objects that left the carousel.
 #[derive(Debug, Default)]
 pub struct Expired {
-    pub images: Vec<String>,
+    pub images: Vec<ImageRecord>,
+    /// Objects no image left in the carousel names.
     pub objects: Vec<ObjectId>,
 }
 
@@ -496,7 +497,7 @@ impl Schedule {
             .flat_map(|q| q.members.iter().copied())
             .collect();
         for q in gone {
-            out.images.push(q.record.image.clone());
+            out.images.push(q.record.clone());
             for m in q.members {
                 if !still.contains(&m) && self.objects.remove(&m).is_some() {
                     out.objects.push(m);
@@ -1139,36 +1140,50 @@ impl Carousel {
         });
     }
 
-    /// Drops expired images and payload files nothing refers to.
+    /// Drops expired images and payload files nothing refers to: the
+    /// sender's side of retention. The records go first, durably; only
+    /// then the files. A crash between leaves payloads no queued image
+    /// names, which the next sweep removes; the other order could leave
+    /// an image record whose payloads are gone, reloaded at restart as owed
+    /// and never sendable.
     fn collect_garbage(&mut self) -> Result<(), CarouselError> {
         self.last_gc = Instant::now();
         let expired = self.schedule.expire(unix_now());
         for image in &expired.images {
-            tracing::info!(image = %image, "retention over; image leaves the carousel");
-            self.store.remove_image(image)?;
+            tracing::info!(digest = %image.manifest_digest, image = %image.image,
+                destination = %image.destination, "retention over; image leaves the carousel");
+            self.store.remove_image(&image.image)?;
         }
         for id in &expired.objects {
             self.store.remove_progress(id)?;
-            self.store.remove_object(id)?;
         }
+        self.store.commit("tx.carousel.pruned")?;
         let now = std::time::SystemTime::now();
         let is_old = |modified: std::time::SystemTime| {
             now.duration_since(modified).unwrap_or_default() > ORPHAN_GRACE
         };
+        // Looked at just before: an ingest may have reused a payload since
+        // (a new drop with a shared layer touches it before it commits).
+        let still_old = |path: &std::path::Path| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .is_ok_and(is_old)
+        };
+        for id in &expired.objects {
+            if still_old(&self.store.object_path(id)) {
+                tracing::info!(digest = %id, "retention over; payload removed");
+                self.store.remove_object(id)?;
+            }
+        }
         for (id, modified) in self.store.stored_objects()? {
             if !is_old(modified) || self.schedule.references(&id) {
                 continue;
             }
-            // Looked at again just before: an ingest may have reused it since.
-            let still_old = std::fs::metadata(self.store.object_path(&id))
-                .and_then(|m| m.modified())
-                .is_ok_and(is_old);
-            if still_old {
+            if still_old(&self.store.object_path(&id)) {
                 tracing::info!(digest = %id, "removing payload no queued image names");
                 self.store.remove_object(&id)?;
             }
         }
-        self.store.commit("tx.carousel.pruned")?;
         Ok(())
     }
 }
@@ -1395,6 +1410,126 @@ mod tests {
         // Two more whole passes of both objects: 2 × (1 + 5) groups.
         assert_eq!(drain(&mut s, 1000).len(), 12);
         assert_eq!(s.progress(&id(b"x")).unwrap().passes_done, 4);
+    }
+
+    struct NullSink;
+
+    impl FrameSink for NullSink {
+        fn send(&mut self, _: &[&[u8]]) -> Result<(), LinkError> {
+            Ok(())
+        }
+        fn max_frame_len(&self) -> usize {
+            1400
+        }
+    }
+
+    /// A payload file as ingest leaves it, last touched `age` ago.
+    fn payload(store: &ObjectStore, bytes: &[u8], age: Duration) -> ObjectId {
+        let stored = store.put_bytes(bytes).unwrap();
+        let f = std::fs::File::options()
+            .append(true)
+            .open(store.object_path(&stored.id))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::now() - age).unwrap();
+        stored.id
+    }
+
+    /// An image past retention with its passes done leaves: its record,
+    /// progress and payloads go, except a payload another queued image
+    /// names and one an ingest touched just now (about to reuse it).
+    #[test]
+    fn expired_images_lose_their_payloads_but_not_shared_or_reused_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ObjectStore::open(dir.path()).unwrap());
+        let day = Duration::from_secs(86_400);
+        let settings = CarouselSettings {
+            fec: FecParams::new(4, 2, 100).unwrap(),
+            passes: 1,
+            retention_s: 3600,
+            window_blocks: 2,
+            header_every: 256,
+            rate_bps: 1_000_000_000,
+            frame_overhead: 0,
+            datagram_size: 1400,
+            fingerprint: 0,
+        };
+        let old = payload(&store, b"old image object", day);
+        let shared = payload(&store, b"shared base layer", day);
+        let own = payload(&store, b"old image's own layer", day);
+        let reused = payload(&store, b"layer a new drop reuses", Duration::ZERO);
+        let new = payload(&store, b"new image object", Duration::ZERO);
+        let member = |id: &ObjectId| BlobMember {
+            digest: id.digest(),
+            size: 20,
+        };
+        let mut expired = record(1, "old", &[]);
+        expired.image = old.digest();
+        expired.ingested_at = unix_now() - 2 * 3600;
+        expired.blobs = vec![member(&shared), member(&own), member(&reused)];
+        let mut queued = record(2, "new", &[]);
+        queued.image = new.digest();
+        queued.ingested_at = unix_now();
+        queued.blobs = vec![member(&shared)];
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut carousel = Carousel::new(
+            settings,
+            store.clone(),
+            Box::new(NullSink),
+            Key::from_bytes(1, &[7; 32]).unwrap(),
+            1,
+            rx,
+            StatusBoard::new(),
+        )
+        .unwrap();
+        drop(tx);
+        for r in [&expired, &queued] {
+            let done = ObjectProgress {
+                passes_done: 1,
+                target: 1,
+                next_group: 0,
+                fec: settings.fec,
+            };
+            for m in std::iter::once(&r.image).chain(r.blobs.iter().map(|b| &b.digest)) {
+                let id = ObjectId::from_digest(m).unwrap();
+                store.set_progress(&id, &done).unwrap();
+            }
+        }
+        store
+            .commit_drop(&crate::objects::DropCommit {
+                source: "both.tar".into(),
+                drop: None,
+                images: vec![expired.clone(), queued.clone()],
+                audit: crate::objects::AuditEntry {
+                    at: 0,
+                    source: "both.tar".into(),
+                    outcome: "accepted".into(),
+                    code: None,
+                    message: String::new(),
+                    references: vec![],
+                    manifest_digests: vec![],
+                },
+            })
+            .unwrap();
+        // Loading sweeps once.
+        carousel.load().unwrap();
+
+        let images: Vec<String> = store
+            .images()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.image)
+            .collect();
+        assert_eq!(images, vec![queued.image.clone()]);
+        assert!(!store.has_object(&old) && !store.has_object(&own));
+        assert!(store.progress(&own).unwrap().is_none());
+        assert!(store.has_object(&shared), "a queued image still names it");
+        assert!(store.has_object(&new));
+        assert!(
+            store.has_object(&reused),
+            "touched just now: an ingest reuses it"
+        );
+        assert!(store.progress(&shared).unwrap().is_some());
+        assert_eq!(carousel.schedule.image_count(), 1);
     }
 
     #[test]

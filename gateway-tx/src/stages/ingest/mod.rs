@@ -28,6 +28,7 @@ use crate::objects::{
     unix_now, AuditEntry, BlobMember, DropCommit, DropRecord, ImageRecord, ObjectStore, StoreError,
 };
 use crate::policy::{decide, ReasonCode, Refusal, ReportState, Rules, Subject};
+use crate::reload::IntakeSettings;
 use crate::status::StatusBoard;
 use archive::TarIndex;
 use formats::{DropError, LayerCompression};
@@ -38,6 +39,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir_host::durable::fsync_dir;
+use weir_host::reload::ReloadReader;
 use weir_host::Shutdown;
 use weir_proto::{Destination, Origin, TransferManifest};
 
@@ -130,6 +132,8 @@ pub struct Ingestor {
     retry_at: HashMap<PathBuf, Instant>,
     disk: StateDisk,
     faults: Arc<Faults>,
+    /// Rules and mappings a configuration reload sets.
+    settings: Option<ReloadReader<IntakeSettings>>,
 }
 
 impl Ingestor {
@@ -161,7 +165,26 @@ impl Ingestor {
             retry_at: HashMap::new(),
             disk: StateDisk::new(&config.state_dir, config.state_min_free_mb, Intake::Spool),
             faults: Arc::new(Faults::default()),
+            settings: None,
         })
+    }
+
+    /// Takes the rules and mappings a reload sets, from the next drop on.
+    pub fn with_settings(mut self, settings: ReloadReader<IntakeSettings>) -> Self {
+        self.settings = Some(settings);
+        self
+    }
+
+    fn pick_up_settings(&mut self) {
+        if let Some(new) = self.settings.as_mut().and_then(|s| s.changed()) {
+            self.rules.clone_from(&new.rules);
+            self.mappings.clone_from(&new.mappings);
+            tracing::info!(
+                rules = new.rules.is_some(),
+                mappings = new.mappings.len(),
+                "file drops are judged by the reloaded rules and mappings"
+            );
+        }
     }
 
     /// Raises the state disk fault on `faults` (shared with the LEDs and
@@ -213,6 +236,7 @@ impl Ingestor {
         shutdown: &Shutdown,
     ) -> std::io::Result<Vec<(PathBuf, DropOutcome)>> {
         let mut outcomes = Vec::new();
+        self.pick_up_settings();
         if !self.disk_has_room() {
             return Ok(outcomes);
         }

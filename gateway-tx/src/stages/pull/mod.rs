@@ -40,6 +40,7 @@ use crate::objects::{
     unix_now, AuditEntry, BlobMember, DropCommit, ImageRecord, ObjectStore, PullRefusal, StoreError,
 };
 use crate::policy::{decide, ReasonCode, Refusal, ReportState, Rules, Subject};
+use crate::reload::IntakeSettings;
 use crate::status::{PullEntryStatus, PullStatus, SourceRegistryStatus, StatusBoard};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -50,6 +51,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use sync::{Platform, Selection, SyncEntry, SyncList};
+use weir_host::reload::ReloadReader;
 use weir_host::Shutdown;
 use weir_proto::{BlobRef, Destination, ManifestBytes, ObjectId, Origin, TransferManifest};
 
@@ -142,6 +144,16 @@ pub struct Puller {
     faults: Arc<Faults>,
     entries: HashMap<String, EntryState>,
     registry_health: BTreeMap<String, SourceRegistryStatus>,
+    /// Rules, sync file and interval a configuration reload sets.
+    settings: Option<ReloadReader<IntakeSettings>>,
+}
+
+/// Rules file and scanner settings, hashed: what a refusal is kept under.
+fn rules_fingerprint(rules_bytes: &[u8], scanner: &Option<ScanSource>) -> String {
+    let mut h = Sha256::new();
+    h.update(rules_bytes);
+    h.update(format!("{scanner:?}"));
+    hex::encode(&h.finalize()[..16])
 }
 
 impl Puller {
@@ -172,11 +184,11 @@ impl Puller {
             }),
             (Some(Scanner::Command), None) | (None, None) => None,
         };
-        let mut h = Sha256::new();
-        if let Some(p) = &config.policy.rules_file {
-            h.update(std::fs::read(p).unwrap_or_default());
-        }
-        h.update(format!("{scanner:?}"));
+        let rules_bytes = match &config.policy.rules_file {
+            Some(p) => std::fs::read(p).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let rules_fingerprint = rules_fingerprint(&rules_bytes, &scanner);
         Ok(Some(Puller {
             sync_path: pull.sync_file.clone(),
             sync,
@@ -187,13 +199,41 @@ impl Puller {
             registries,
             store,
             rules,
-            rules_fingerprint: hex::encode(&h.finalize()[..16]),
+            rules_fingerprint,
             queue,
             board,
             faults,
             entries: HashMap::new(),
             registry_health: BTreeMap::new(),
+            settings: None,
         }))
+    }
+
+    /// Takes the rules, sync file and poll interval a reload sets.
+    pub fn with_settings(mut self, settings: ReloadReader<IntakeSettings>) -> Self {
+        self.settings = Some(settings);
+        self
+    }
+
+    fn pick_up_settings(&mut self) {
+        let Some(new) = self.settings.as_mut().and_then(|s| s.changed()) else {
+            return;
+        };
+        self.rules.clone_from(&new.rules);
+        self.rules_fingerprint = rules_fingerprint(&new.rules_bytes, &self.scanner);
+        if let Some(path) = new.sync_file.as_ref().filter(|p| **p != self.sync_path) {
+            tracing::info!(sync_file = %path.display(), "pull: following another sync file");
+            self.sync_path = path.clone();
+            // Read at the next look, whatever its stamp.
+            self.sync_stamp = None;
+        }
+        if !new.pull_interval.is_zero() {
+            self.default_interval = new.pull_interval;
+        }
+        tracing::info!(
+            interval_s = self.default_interval.as_secs(),
+            "pull: the reloaded rules, sync file and interval are in force"
+        );
     }
 
     /// Polls every entry when due until shutdown.
@@ -202,6 +242,7 @@ impl Puller {
             "pull mode: following the sync list");
         self.publish();
         loop {
+            self.pick_up_settings();
             self.reload_if_changed();
             let due: Vec<SyncEntry> = self
                 .sync

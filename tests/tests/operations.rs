@@ -1,0 +1,348 @@
+//! Running the pair for longer than a test: retention keeps the receiver's
+//! state disk from filling while images keep crossing, and SIGHUP reloads
+//! the configuration of either gateway (a good file applied, a bad one
+//! refused with its file and field named). Both gateways are real
+//! processes; each test is bounded in time and stops by itself.
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use weir_tests::imagegen::{self, LayerSpec};
+use weir_tests::pair::{wait_until, write_key, Gateway, Site, SiteLinks, SiteOptions, Target};
+
+fn layers(sizes: &[u64]) -> Vec<LayerSpec> {
+    sizes.iter().map(|&size| LayerSpec { size }).collect()
+}
+
+/// Fails with both gateways' logs when `cond` does not hold in time.
+fn expect_within(
+    what: &str,
+    timeout: Duration,
+    gws: &mut [&mut Gateway],
+    cond: impl FnMut() -> bool,
+) {
+    let started = Instant::now();
+    let met = wait_until(timeout, cond);
+    eprintln!("{what}: {:.1?}", started.elapsed());
+    if !met {
+        let logs: Vec<String> = gws
+            .iter_mut()
+            .map(|g| {
+                let running = g.is_running();
+                format!("--- {} (running: {running})\n{}", g.name, g.log_tail(40))
+            })
+            .collect();
+        panic!("{what}: not within {timeout:?}\n{}", logs.join("\n"));
+    }
+}
+
+fn layout_lists(dir: &Path, digest: &str) -> bool {
+    std::fs::read_to_string(dir.join("index.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| {
+            v["manifests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["digest"] == digest)
+        })
+}
+
+fn rx_counter(site: &Site, name: &str) -> u64 {
+    site.rx_status()
+        .and_then(|s| s["counters"][name].as_u64())
+        .unwrap_or(0)
+}
+
+fn log_has(log: &Path, needles: &[&str]) -> bool {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().any(|l| needles.iter().all(|n| l.contains(n)))
+}
+
+/// Rules letting through any image of `namespaces`, no scan report asked.
+fn rules_allowing(namespaces: &[&str]) -> String {
+    format!(
+        "namespaces: [{}]\nrules:\n  - regex: '.*'\n",
+        namespaces.join(", ")
+    )
+}
+
+/// A small tmpfs mounted on a directory for a test's life, unmounted when
+/// dropped (also when the test fails). Mounting needs root: elsewhere the
+/// test is skipped, except under `CI=true`, where it fails.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let ci = weir_test_support::tools::is_ci(std::env::var_os("CI").as_deref());
+            assert!(
+                !ci,
+                "cannot mount a tmpfs on {} (CI=true: this test must run as root)",
+                dir.display()
+            );
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs on {} (needs root)",
+                dir.display()
+            );
+        }
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+
+    fn usage(&self) -> weir_host::appliance::DiskUsage {
+        weir_host::appliance::disk_usage(&self.0)
+            .unwrap_or(weir_host::appliance::DiskUsage { total: 0, used: 0 })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Retention on a 64 MiB state disk: five images of about 20 MB cross one
+/// after another, 100 MB in all. Delivered images are pruned as the disk
+/// passes its high-water mark (50 %), and the rest once kept for
+/// `keep_delivered_hours` (0.002 h, about 7 s): every image arrives, no
+/// frame is ever dropped for a full disk, and the blob store ends empty.
+/// Meanwhile the sender keeps cycling the images already sent: their
+/// pruned objects are not stored again.
+#[test]
+fn a_small_state_disk_keeps_taking_new_images_as_delivered_ones_are_pruned() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let layout = out.path().join("layout");
+    let opts = SiteOptions {
+        rate_bps: 80_000_000,
+        tx_extra: "[ingest]\npoll_interval_ms = 100\n".into(),
+        rx_extra: "[retention]\nkeep_delivered_hours = 0.002\nhigh_water_percent = 50\n".into(),
+        ..Default::default()
+    };
+    let links = SiteLinks {
+        rx_top: "state_min_free_mb = 4".into(),
+        ..Default::default()
+    };
+    let site = Site::with_links(Target::Layout(layout.clone()), &opts, links)?;
+    let Some(disk) = SmallDisk::mount(&site.rx_state, "64m") else {
+        return Ok(());
+    };
+    let mut images = Vec::new();
+    for n in 0..5u64 {
+        let img = imagegen::oci_archive(
+            site.dir.path(),
+            &format!("img{n}.tar"),
+            100 + n,
+            &layers(&[10_000_000, 10_000_000]),
+            &format!("team-a/big{n}:1"),
+        )?;
+        images.push(img);
+    }
+    let mut rx = site.start_rx()?;
+    site.write_tx_config(site.rx_addr, &opts)?;
+    let mut tx = site.start_tx()?;
+    let mut peak = 0.0f64;
+    for (n, img) in images.iter().enumerate() {
+        let digest = img.manifest_digest.clone().context("digest")?;
+        site.drop_image(&img.path, &format!("img{n}.tar"))?;
+        expect_within(
+            &format!("image {n} delivered"),
+            Duration::from_secs(120),
+            &mut [&mut tx, &mut rx],
+            || {
+                peak = peak.max(disk.usage().percent_used());
+                layout_lists(&layout, &digest)
+            },
+        );
+    }
+    // Kept long enough: everything delivered leaves the blob store.
+    let blobs = site.rx_state.join("blobs/sha256");
+    expect_within(
+        "the blob store emptied",
+        Duration::from_secs(60),
+        &mut [&mut tx, &mut rx],
+        || {
+            peak = peak.max(disk.usage().percent_used());
+            std::fs::read_dir(&blobs).is_ok_and(|d| d.count() == 0)
+        },
+    );
+    // Let the sender cycle the pruned images a while: nothing is stored.
+    let stored = rx_counter(&site, "shards_stored");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        rx_counter(&site, "shards_stored"),
+        stored,
+        "pruned objects came back"
+    );
+    assert!(rx_counter(&site, "shards_duplicate") > 0);
+    assert_eq!(
+        rx_counter(&site, "frames_dropped_disk_full"),
+        0,
+        "the disk filled"
+    );
+    assert!(
+        rx_counter(&site, "objects_pruned") >= 20,
+        "4 objects per image"
+    );
+    assert!(peak < 95.0, "state disk peaked at {peak:.0} %");
+    assert!(log_has(
+        &rx.log,
+        &["pruned from the blob store", "digest=sha256:"]
+    ));
+    assert!(log_has(
+        &rx.log,
+        &[
+            "pruned from the blob store",
+            "rule=\"state disk past its high-water mark\""
+        ]
+    ));
+    eprintln!("state disk peak {peak:.0} % of 64 MiB; 100 MB crossed");
+    tx.kill9();
+    rx.kill9();
+    drop(disk);
+    Ok(())
+}
+
+/// SIGHUP on both sides. The receiver starts with key 1 while the sender
+/// signs with key 2: frames are refused as an unknown key. Key 2 added to
+/// rx.toml and a SIGHUP: the image is delivered, no restart. An edit of
+/// rx.toml that does not validate is refused, naming file and field, and
+/// the receiver goes on with what it had (key 2 included). The sender's
+/// rules allow team-a only: a team-b drop is rejected; a rules file that
+/// does not parse is refused on SIGHUP; rules allowing team-b and a SIGHUP,
+/// and the same archive dropped again is accepted and delivered.
+#[test]
+fn sighup_applies_a_good_configuration_and_refuses_a_bad_one_on_both_sides() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let layout = out.path().join("layout");
+    let opts = SiteOptions {
+        rate_bps: 20_000_000,
+        tx_extra: "[ingest]\npoll_interval_ms = 100\n".into(),
+        rules_yaml: Some(rules_allowing(&["team-a"])),
+        ..Default::default()
+    };
+    let site = Site::new(Target::Layout(layout.clone()), &opts)?;
+    let work = site.dir.path();
+    let key2 = work.join("2.key");
+    write_key(&key2, b"the second key, added by reload!")?;
+    site.write_tx_config(site.rx_addr, &opts)?;
+    let tx_toml = std::fs::read_to_string(&site.tx_config)?
+        .replace("key_id = 1", "key_id = 2")
+        .replace(&site.key.display().to_string(), &key2.display().to_string());
+    std::fs::write(&site.tx_config, tx_toml)?;
+    let a = imagegen::oci_archive(work, "a.tar", 31, &layers(&[200_000]), "team-a/app:1")?;
+    let b = imagegen::oci_archive(work, "b.tar", 32, &layers(&[200_000]), "team-b/svc:1")?;
+    let (a_digest, b_digest) = (
+        a.manifest_digest.clone().context("digest")?,
+        b.manifest_digest.clone().context("digest")?,
+    );
+    let mut rx = site.start_rx()?;
+    let mut tx = site.start_tx()?;
+    let (rx_log, tx_log) = (rx.log.clone(), tx.log.clone());
+
+    site.drop_image(&b.path, "b.tar")?;
+    site.drop_image(&a.path, "a.tar")?;
+    expect_within(
+        "team-b refused, team-a sent with key 2 and refused as unknown",
+        Duration::from_secs(60),
+        &mut [&mut tx, &mut rx],
+        || {
+            site.spool.join("rejected/b.tar").exists()
+                && site.spool.join("done/a.tar").exists()
+                && rx_counter(&site, "frames_unknown_key") > 100
+        },
+    );
+    assert!(!layout_lists(&layout, &a_digest));
+
+    // The receiver: key 2 added, then SIGHUP.
+    let good_rx = std::fs::read_to_string(&site.rx_config)?
+        + &format!(
+            "\n[[auth.keys]]\nid = 2\nfile = {:?}\n",
+            key2.display().to_string()
+        );
+    std::fs::write(&site.rx_config, &good_rx)?;
+    rx.reload();
+    expect_within(
+        "delivery with the reloaded key",
+        Duration::from_secs(90),
+        &mut [&mut tx, &mut rx],
+        || layout_lists(&layout, &a_digest),
+    );
+    assert!(
+        log_has(&rx.log, &["configuration reloaded", "auth.keys"]),
+        "{}",
+        rx.log_tail(20)
+    );
+
+    // A bad edit: refused, file and field named; nothing changes.
+    std::fs::write(
+        &site.rx_config,
+        good_rx.clone() + "[retention]\nhigh_water_percent = 0\n",
+    )?;
+    rx.reload();
+    expect_within(
+        "the bad rx.toml refused",
+        Duration::from_secs(10),
+        &mut [&mut tx, &mut rx],
+        || {
+            log_has(
+                &rx_log,
+                &[
+                    "configuration not reloaded",
+                    "rx.toml",
+                    "retention.high_water_percent",
+                ],
+            )
+        },
+    );
+
+    // The sender: a rules file that does not parse, then one that allows team-b.
+    let rules = work.join("rules.yaml");
+    std::fs::write(&rules, "namespaces: [team-a, team-b\nrules: []\n")?;
+    tx.reload();
+    expect_within(
+        "the bad rules refused",
+        Duration::from_secs(10),
+        &mut [&mut tx, &mut rx],
+        || {
+            log_has(
+                &tx_log,
+                &["configuration not reloaded", "policy.rules_file"],
+            )
+        },
+    );
+    std::fs::write(&rules, rules_allowing(&["team-a", "team-b"]))?;
+    tx.reload();
+    expect_within(
+        "the new rules in force",
+        Duration::from_secs(10),
+        &mut [&mut tx, &mut rx],
+        || log_has(&tx_log, &["configuration reloaded: policy.rules_file"]),
+    );
+    site.drop_image(&b.path, "b-again.tar")?;
+    let started = Instant::now();
+    expect_within(
+        "the team-b drop accepted and delivered (key 2 still accepted)",
+        Duration::from_secs(90),
+        &mut [&mut tx, &mut rx],
+        || site.spool.join("done/b-again.tar").exists() && layout_lists(&layout, &b_digest),
+    );
+    eprintln!(
+        "team-b delivered {:.1?} after the reload",
+        started.elapsed()
+    );
+    assert!(rx.is_running() && tx.is_running());
+    tx.terminate(Duration::from_secs(20))?;
+    rx.terminate(Duration::from_secs(20))?;
+    Ok(())
+}
