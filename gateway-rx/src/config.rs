@@ -39,6 +39,12 @@
 //! webhook_url = "http://chat.example/hooks/weir"   # optional; JSON POST per image
 //! timeout_seconds = 10                             # default
 //!
+//! [ledger]
+//! gap_alert_hours = 6             # default; an image the sender announced and this
+//!                                 # side has not completed for this long is a gap
+//! report_key_file = "/etc/weir/keys/report.key"    # optional; `gateway-rx report`
+//!                                                  # signs with it (hex, mode 0600)
+//!
 //! [console]                       # optional; absent = no serial console
 //! device = "/dev/ttyS1"
 //! baud = 115200                   # default
@@ -94,6 +100,8 @@ pub struct RxConfig {
     pub notify: NotifyConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
     /// The serial console. Absent: no console.
     pub console: Option<ConsoleConfig>,
     /// The status LEDs and the fault threshold. Absent: no LEDs driven,
@@ -169,6 +177,36 @@ fn default_max_object_bytes() -> u64 {
 
 fn default_max_objects_in_flight() -> usize {
     DEFAULT_MAX_OBJECTS_IN_FLIGHT
+}
+
+/// Default time an announced image may stay incomplete before it is a gap.
+pub const DEFAULT_GAP_ALERT_HOURS: f64 = 6.0;
+
+/// `[ledger]`: the image ledger's gap alert and report key.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Hours an image the sender's heartbeats announced may stay
+    /// incomplete here before it is a gap (status, console, webhook event
+    /// `missing`, fault LED). Fractions allowed.
+    #[serde(default = "default_gap_alert_hours")]
+    pub gap_alert_hours: f64,
+    /// The key (hex, mode 0600, like the link keys) `gateway-rx report`
+    /// HMACs its report under; gateway-tx checks it with the same key.
+    pub report_key_file: Option<PathBuf>,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            gap_alert_hours: DEFAULT_GAP_ALERT_HOURS,
+            report_key_file: None,
+        }
+    }
+}
+
+fn default_gap_alert_hours() -> f64 {
+    DEFAULT_GAP_ALERT_HOURS
 }
 
 /// Default bound on how far ahead of this clock a sender session may start.
@@ -311,6 +349,7 @@ impl RxConfig {
         resolve_opt(base, &mut self.delivery.ca_file);
         resolve_opt(base, &mut self.delivery.password_file);
         resolve_opt(base, &mut self.delivery.oci_layout);
+        resolve_opt(base, &mut self.ledger.report_key_file);
         resolve_console_and_leds(base, &mut self.console, &mut self.leds);
     }
 
@@ -414,6 +453,14 @@ impl RxConfig {
         if self.notify.timeout_seconds == 0 {
             return Err(self.invalid("notify.timeout_seconds", "must be at least 1"));
         }
+        let hours = self.ledger.gap_alert_hours;
+        if !(hours.is_finite() && hours > 0.0 && hours <= 100_000.0) {
+            return Err(self.invalid(
+                "ledger.gap_alert_hours",
+                format!("{hours} is not a number of hours above 0 (at most 100000)"),
+            ));
+        }
+        self.report_key()?;
         if let Some(c) = &self.console {
             c.validate().map_err(|e| e.in_file(&self.source))?;
         }
@@ -432,6 +479,18 @@ impl RxConfig {
             keys.push(key);
         }
         KeyRing::new(keys).map_err(|e| self.invalid("auth.keys", e.to_string()))
+    }
+
+    /// The ledger report key, if one is configured.
+    pub fn report_key(&self) -> Result<Option<weir_proto::Key>, ConfigError> {
+        self.ledger
+            .report_key_file
+            .as_deref()
+            .map(|p| {
+                weir_host::load_key(0, p)
+                    .map_err(|e| self.invalid("ledger.report_key_file", e.to_string()))
+            })
+            .transpose()
     }
 
     /// The registry to push to, if any.

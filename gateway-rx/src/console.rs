@@ -106,6 +106,9 @@ impl RxCommands {
             r.counters.pushes_done
         );
         report::fault_line(&mut out, self.faults.reason().as_deref());
+        if let Some(l) = &r.ledger {
+            l.render(&mut out, crate::state::now_ms());
+        }
         report::list_heading(&mut out, "images", r.images.len(), Some("none yet"));
         for i in &r.images {
             let _ = writeln!(

@@ -14,7 +14,9 @@
 //! One module per pipeline stage under [`stages`] (link with verify, store,
 //! decode, finish, deliver, report); [`run`] wires them together. The
 //! durable state they work on stays apart: [`shards`] (the shard store),
-//! [`blobs`], [`images`] (the image ledger, and what a restart rebuilds),
+//! [`blobs`], [`images`] (the images and their completion, and what a
+//! restart rebuilds), [`ledger`] (the records of the sender's image
+//! ledger: its hash chain, the announced head, gaps, the report),
 //! [`delivery`] (queue and targets), [`state`] (sled). The appliance
 //! surface: [`appliance`] (the receiver's faults) and [`console`] (the
 //! serial console's commands). [`CRASH_POINTS`] names every place a crash
@@ -29,6 +31,7 @@ pub mod console;
 pub mod delivery;
 pub mod gateway;
 pub mod images;
+pub mod ledger;
 // pwritev of shard buffers into object files has no safe wrapper in std.
 #[allow(unsafe_code)]
 pub mod shards;

@@ -238,6 +238,7 @@ mod tests {
             pass,
             config_fingerprint: 0,
             sent_frames: 0,
+            ledger: None,
         })
     }
 

@@ -66,6 +66,19 @@ pub struct TxConfig {
     /// anonymously over https.
     #[serde(default)]
     pub registry: Vec<RegistryConfig>,
+    /// The image ledger.
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+}
+
+/// `[ledger]`: the image ledger's settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// The key (hex, mode 0600, like the link key) gateway-rx HMACs its
+    /// ledger report under; `reconcile` needs it. The same key on both
+    /// sides, and not the link key.
+    pub report_key_file: Option<PathBuf>,
 }
 
 /// `[pull]`: what to pull and how often.
@@ -385,6 +398,16 @@ impl TxConfig {
             resolve_opt(base, &mut r.token_file);
             resolve_opt(base, &mut r.ca_file);
         }
+        resolve_opt(base, &mut self.ledger.report_key_file);
+    }
+
+    /// The ledger report key, if one is configured.
+    pub fn report_key(&self) -> Result<Option<Key>, weir_host::KeyFileError> {
+        self.ledger
+            .report_key_file
+            .as_deref()
+            .map(|p| weir_host::load_key(0, p))
+            .transpose()
     }
 
     /// Checks every range and loads what must load (key, rules).
@@ -499,6 +522,8 @@ impl TxConfig {
         }
         self.key()
             .map_err(|e| invalid("auth.key_file", e.to_string()))?;
+        self.report_key()
+            .map_err(|e| invalid("ledger.report_key_file", e.to_string()))?;
         if let Some(path) = &self.policy.rules_file {
             crate::policy::Rules::load(path)
                 .map_err(|e| invalid("policy.rules_file", e.to_string()))?;

@@ -21,8 +21,10 @@
 pub mod appliance;
 pub mod config;
 pub mod console;
+pub mod ledger;
 pub mod objects;
 pub mod pacing;
+pub mod reconcile;
 pub mod stages;
 pub mod status;
 

@@ -36,7 +36,7 @@ pub mod skopeo;
 pub mod tools;
 pub mod wait;
 
-pub use images::{bytes_from, sample_image, sample_index, SampleImage};
+pub use images::{bytes_from, genesis_record, sample_image, sample_index, SampleImage};
 pub use receiver::{HeldObject, Reassembler, SeenShard};
 pub use registry::{
     registry_or_skip, Registry, RegistryOptions, TestRegistry, RIGHT_PASSWORD_BCRYPT,

@@ -257,6 +257,11 @@ impl Delivery {
         Ok(())
     }
 
+    /// The webhook's queue, if one is configured.
+    pub fn notifier(&self) -> Option<Notifier> {
+        self.notifier.clone()
+    }
+
     fn notify(&self, job: &DeliveryJob, event: &str, seconds: f64, error: Option<String>) {
         let Some(n) = &self.notifier else { return };
         let text = match &error {
@@ -282,6 +287,7 @@ impl Delivery {
             target: job.target.name().to_string(),
             seconds_from_first_frame: seconds,
             error,
+            missing: None,
         });
     }
 

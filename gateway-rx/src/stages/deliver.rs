@@ -9,7 +9,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
-use crate::delivery::{Delivery, DeliveryQueue};
+use crate::delivery::{Delivery, DeliveryQueue, Notifier};
 use crate::status::Counters;
 
 /// How long a delivery under way may take to end at shutdown.
@@ -20,6 +20,7 @@ pub struct DeliverStage {
     runtime: tokio::runtime::Runtime,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    notifier: Option<Notifier>,
 }
 
 impl DeliverStage {
@@ -44,12 +45,19 @@ impl DeliverStage {
             )
         };
         let (stop, stopped) = watch::channel(false);
+        let notifier = delivery.notifier();
         let task = runtime.spawn(async move { delivery.run(wake, stopped).await });
         Ok(DeliverStage {
             runtime,
             stop,
             task,
+            notifier,
         })
+    }
+
+    /// The webhook's queue, for other stages' events.
+    pub fn notifier(&self) -> Option<Notifier> {
+        self.notifier.clone()
     }
 
     /// Asks delivery to stop starting work; it ends what is under way.

@@ -1,19 +1,22 @@
 //! The report stage: status.json every second (and the counters in the
 //! log), the LED panel's inputs and the faults it judges, the serial
-//! console; and the status of a stopped gateway, read from its database.
+//! console, and starting the image ledger's watch beside them; and the
+//! status of a stopped gateway, read from its database.
 
 use anyhow::Context;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir_host::{Console, Shutdown};
+use weir_host::stages::Stages;
+use weir_host::{Console, Leds, Shutdown};
 
 use crate::appliance::{CounterWindow, Fault, Faults, Lights, Movement};
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
-use crate::delivery::{DeliveryJob, DeliveryQueue};
+use crate::delivery::{DeliveryJob, DeliveryQueue, Notifier};
 use crate::gateway::{blobs_dir, db_dir};
 use crate::images::ImageLedger;
 use crate::shards;
+use crate::stages::ledger::LedgerWatch;
 use crate::state::{now_ms, StateDb};
 use crate::status::{
     Counters, DeliveryState, DeliveryView, ObjectProgress, SenderStatus, StatusReport,
@@ -169,6 +172,7 @@ pub struct Reporter {
     pub listening: String,
     pub faults: Arc<Faults>,
     pub gauge: Arc<Mutex<LinkGauge>>,
+    pub gap_alert_hours: f64,
 }
 
 impl Reporter {
@@ -235,6 +239,17 @@ impl Reporter {
             receiving,
             images,
             deliveries: delivery_views(&jobs),
+            ledger: ledger_view(&self.ledger, self.gap_alert_hours),
+        }
+    }
+}
+
+fn ledger_view(ledger: &ImageLedger, gap_alert_hours: f64) -> Option<crate::ledger::LedgerView> {
+    match ledger.chains().view(now_ms(), gap_alert_hours) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, "image ledger view unavailable");
+            None
         }
     }
 }
@@ -306,7 +321,60 @@ pub fn status(config: &RxConfig) -> anyhow::Result<StatusReport> {
         receiving,
         images,
         deliveries: delivery_views(&jobs),
+        ledger: ledger_view(&ledger, config.ledger.gap_alert_hours),
     })
+}
+
+/// Starts the reporting stages: status.json, the LED panel and the image
+/// ledger's watch. Returns them (joined last, once the state they show is
+/// settled) and the LEDs, turned off once everything is flushed.
+pub fn start_reporting(
+    config: &RxConfig,
+    reporter: &Arc<Reporter>,
+    notifier: Option<Notifier>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<(Stages, Option<Arc<Leds>>)> {
+    let mut reporting = Stages::new(shutdown);
+    reporting.spawn("rx-status", {
+        let reporter = reporter.clone();
+        move |s| {
+            reporter.run(s);
+            Ok(())
+        }
+    })?;
+    let leds = config
+        .leds
+        .as_ref()
+        .map(|l| Arc::new(Leds::new(&l.base, l.names())));
+    reporting.spawn("rx-panel", {
+        let leds = leds.clone();
+        let inputs = PanelInputs::new(
+            reporter.counters.clone(),
+            reporter.queue.clone(),
+            reporter.faults.clone(),
+            reporter.gauge.clone(),
+            config.hmac_fault_threshold(),
+        );
+        move |s| {
+            crate::appliance::run_panel(leds.as_deref(), s, inputs.into_reader());
+            Ok(())
+        }
+    })?;
+    let watch = LedgerWatch {
+        chains: reporter.ledger.chains().clone(),
+        sender: reporter.sender.clone(),
+        faults: reporter.faults.clone(),
+        notifier,
+        queue: reporter.queue.clone(),
+        counters: reporter.counters.clone(),
+        state_dir: reporter.state_dir.clone(),
+        gap_alert_hours: reporter.gap_alert_hours,
+    };
+    reporting.spawn("rx-ledger", move |s| {
+        watch.run(s);
+        Ok(())
+    })?;
+    Ok((reporting, leds))
 }
 
 /// Starts the serial console, if one is configured.

@@ -650,6 +650,8 @@ struct Emitter {
     last_link_error: Option<String>,
     status: StatusBoard,
     rate_bps: u64,
+    /// Where the image ledger's head is read for each heartbeat.
+    store: Arc<ObjectStore>,
 }
 
 impl Emitter {
@@ -667,12 +669,14 @@ impl Emitter {
 
     fn push_heartbeat(&mut self) -> Result<(), LinkError> {
         self.last_heartbeat = Some(Instant::now());
+        let ledger = self.store.ledger_head();
         let hb = Body::Heartbeat(Heartbeat {
             uptime_s: self.started.elapsed().as_secs(),
             queued_objects: self.queued_objects,
             pass: self.pass,
             config_fingerprint: self.fingerprint,
             sent_frames: self.sealer.sealed(),
+            ledger: Some(ledger),
         });
         let now = Instant::now();
         let measured = self.meter.rate_bps(now);
@@ -687,6 +691,7 @@ impl Emitter {
             s.wire.heartbeats = self.heartbeats;
             s.wire.link_errors = self.link_errors;
             s.wire.last_link_error.clone_from(&self.last_link_error);
+            s.ledger = Some(ledger);
         });
         self.push_raw(&hb)
     }
@@ -825,6 +830,7 @@ impl Carousel {
                 last_link_error: None,
                 status: status.clone(),
                 rate_bps: settings.rate_bps,
+                store: store.clone(),
             },
             settings,
             store,

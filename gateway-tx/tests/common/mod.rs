@@ -70,6 +70,7 @@ impl Setup {
             leds: None,
             pull: None,
             registry: Vec::new(),
+            ledger: Default::default(),
         };
         std::fs::create_dir_all(&config.spool_dir).unwrap();
         Setup { dir, config }
