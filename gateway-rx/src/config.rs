@@ -633,6 +633,35 @@ mod tests {
         assert_eq!(c.layout_dir(), Some(dir.path().join("out")));
         assert_eq!(c.registry_endpoint().unwrap(), None);
         assert_eq!(c.key_ring().unwrap().ids(), vec![1]);
+        assert_eq!(c.ledger.gap_alert_hours, 6.0);
+        assert!(c.report_key().unwrap().is_none());
+    }
+
+    #[test]
+    fn ledger_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = minimal(dir.path());
+        for bad in ["0", "-1", "nan", "inf"] {
+            let err = refusal(
+                dir.path(),
+                &format!("{base}[ledger]\ngap_alert_hours = {bad}\n"),
+            );
+            assert!(err.contains("ledger.gap_alert_hours"), "{bad}: {err}");
+        }
+        let key = key_file(dir.path(), "report.key");
+        let p = write_config(
+            dir.path(),
+            &format!("{base}[ledger]\ngap_alert_hours = 0.5\nreport_key_file = {key:?}\n"),
+        );
+        let c = RxConfig::load(&p).unwrap();
+        assert_eq!(c.ledger.gap_alert_hours, 0.5);
+        assert!(c.report_key().unwrap().is_some());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = RxConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("ledger.report_key_file") && err.contains("chmod 600"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -642,6 +671,7 @@ mod tests {
                 .unwrap();
         let c = RxConfig::parse(&text, Path::new("examples/rx.toml")).unwrap();
         assert_eq!(c.link.transport, Transport::Udp);
+        assert_eq!(c.ledger.gap_alert_hours, DEFAULT_GAP_ALERT_HOURS);
         assert_eq!(
             c.registry_endpoint().unwrap(),
             Some(RegistryEndpoint {

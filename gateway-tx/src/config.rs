@@ -879,6 +879,28 @@ passes = 3
         assert_eq!(c.state_dir, dir.path().join("state"));
         assert!(c.policy.rules_file.is_none());
         assert!(c.fec_params().unwrap().shard_size > 1200);
+        assert!(c.report_key().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_report_key_file_is_resolved_and_held_to_the_key_file_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("report.key");
+        std::fs::write(&key, "cd".repeat(32)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!(
+            "{}\n[ledger]\nreport_key_file = \"report.key\"\n",
+            published(dir.path())
+        );
+        let c = load_text(dir.path(), &text).unwrap();
+        assert_eq!(c.ledger.report_key_file, Some(key.clone()));
+        assert!(c.report_key().unwrap().is_some());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
+        assert!(
+            err.contains("ledger.report_key_file") && err.contains("chmod 600"),
+            "{err}"
+        );
     }
 
     #[test]

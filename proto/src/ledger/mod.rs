@@ -49,12 +49,19 @@
 //! chain's genesis record (seq 1, prev zero). Records of an unknown chain
 //! that arrive before its genesis wait for it.
 //!
+//! # On the wire
+//!
+//! The record is the last field of the image object's [`TransferManifest`]
+//! (postcard, like the rest of it); the head is the heartbeat's `ledger`
+//! field (`None` from a sender without a ledger). Everything is bounded: a
+//! record's strings and lists have limits ([`ChainRecord::check`]) and the
+//! image object its own, since a compromised low side signs frames with the
+//! real key; a hostile head far ahead costs one range, not a list
+//! ([`missing`]), and the remembered announcement steps are capped
+//! ([`MAX_ANNOUNCEMENT_STEPS`]).
+//!
 //! [`report`] is the receiver's report, HMAC'd under a report key and
 //! carried back by hand.
-//!
-//! Everything here is bounded: a record's strings and lists have limits
-//! ([`ChainRecord::check`]) since a compromised low side signs frames with
-//! the real key.
 
 pub mod report;
 
