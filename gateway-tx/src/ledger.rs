@@ -63,8 +63,12 @@ pub struct LedgerSnapshot {
 pub struct LedgerChain {
     db: StateDb,
     records: sled::Tree,
-    /// The head, also the lock every record assignment holds.
-    head: Mutex<LedgerHead>,
+    /// The head, also the lock every record assignment holds (through the
+    /// write of its image objects and the commit).
+    assigning: Mutex<LedgerHead>,
+    /// The committed head, for heartbeats: read without waiting for an
+    /// assignment under way.
+    committed: Mutex<LedgerHead>,
     snapshot: PathBuf,
 }
 
@@ -105,22 +109,23 @@ impl LedgerChain {
         let ledger = LedgerChain {
             db: db.clone(),
             records,
-            head: Mutex::new(head),
+            assigning: Mutex::new(head),
+            committed: Mutex::new(head),
             snapshot: state_dir.join(SNAPSHOT_FILE),
         };
         ledger.write_snapshot(&head);
         Ok(ledger)
     }
 
-    /// The head heartbeats announce.
+    /// The committed head, as heartbeats announce it.
     pub fn head(&self) -> LedgerHead {
-        *self.lock()
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Holds the head for an assignment: no other record is numbered until
     /// the guard is dropped.
     pub fn lock(&self) -> MutexGuard<'_, LedgerHead> {
-        self.head.lock().unwrap_or_else(|e| e.into_inner())
+        self.assigning.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The tree records are committed into (in the intake's transaction).
@@ -140,6 +145,7 @@ impl LedgerChain {
     /// After the commit: the head moves and the copy is rewritten.
     pub fn committed(&self, guard: &mut MutexGuard<'_, LedgerHead>, head: LedgerHead) {
         **guard = head;
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = head;
         self.write_snapshot(&head);
     }
 

@@ -407,6 +407,14 @@ impl HeldChains {
             image: image.digest(),
             complete_at_ms: None,
         })?;
+        // Admitted at a restart after waiting (a crash before its release).
+        let waited = self
+            .waiting
+            .remove(waiting_key(record.chain, record.seq, &image))
+            .map_err(|e| self.db.sled_error(e))?;
+        if waited.is_some() {
+            followed.waiting = followed.waiting.saturating_sub(1);
+        }
         let released = if genesis {
             tracing::warn!(chain = %record.chain, digest = %record.manifest_digest,
                 image = %image, previous = ?followed.announced.head.map(|h| h.chain.to_string()),

@@ -24,6 +24,9 @@ const EVERY: Duration = Duration::from_secs(1);
 /// The copy is rewritten at least this often, so its age says the gateway
 /// is alive even when nothing changes.
 const COPY_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
+/// ... and at most this often: it holds every record, and a busy receiver
+/// changes the ledger many times a second.
+const COPY_AT_MOST_EVERY: Duration = Duration::from_secs(2);
 
 /// What the stage reads and where it tells.
 pub struct LedgerWatch {
@@ -59,7 +62,7 @@ impl LedgerWatch {
             }
         }
         // The last copy, with what the shutdown settled.
-        seen.copied = None;
+        seen.copied_at = None;
         self.copy(&mut seen);
     }
 
@@ -145,10 +148,12 @@ impl LedgerWatch {
     fn copy(&self, seen: &mut Seen) {
         let c = self.counters.snapshot();
         let state = (self.chains.changes(), c.pushes_done, c.push_attempts_failed);
-        let stale = seen
-            .copied_at
-            .is_none_or(|t| t.elapsed() >= COPY_AT_LEAST_EVERY);
-        if seen.copied == Some(state) && !stale {
+        let due = match seen.copied_at.map(|t| t.elapsed()) {
+            None => true,
+            Some(age) if seen.copied == Some(state) => age >= COPY_AT_LEAST_EVERY,
+            Some(age) => age >= COPY_AT_MOST_EVERY,
+        };
+        if !due {
             return;
         }
         let written = self

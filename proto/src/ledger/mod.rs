@@ -512,11 +512,16 @@ impl Announcements {
         if self.head.is_none_or(|h| seq == 0 || seq > h.seq) {
             return None;
         }
-        self.steps
-            .iter()
-            .take_while(|(from, _)| *from <= seq)
-            .last()
-            .map(|(_, ms)| *ms)
+        // Steps ascend by seq: the last one at or below `seq`.
+        let at = self.steps.partition_point(|(from, _)| *from <= seq);
+        at.checked_sub(1).map(|i| self.steps[i].1)
+    }
+
+    /// The steps starting inside `from + 1..=to`.
+    fn steps_within(&self, from: u64, to: u64) -> &[(u64, u64)] {
+        let start = self.steps.partition_point(|(s, _)| *s <= from);
+        let end = self.steps.partition_point(|(s, _)| *s <= to);
+        &self.steps[start..end.max(start)]
     }
 
     /// Forgets the steps wholly below `contiguous + 1`: everything up to
@@ -584,11 +589,7 @@ pub fn missing(
     for (from, to) in ranges {
         // Split at the announcement steps inside the range.
         let mut start = from;
-        for &(step, _) in announced
-            .steps
-            .iter()
-            .filter(|(s, _)| *s > from && *s <= to)
-        {
+        for &(step, _) in announced.steps_within(from, to) {
             out.push(Gap {
                 from: start,
                 to: step - 1,
