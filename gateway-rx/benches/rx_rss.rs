@@ -182,13 +182,29 @@ fn main() {
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_id.digest(), "size": size}],
     }))
     .expect("json");
+    let destination = Destination {
+        repository: "bench/big".into(),
+        tags: vec!["1".into()],
+    };
+    let manifest_digest = ObjectId::of_bytes(&manifest_bytes).digest();
+    let verdict = Verdict {
+        rule: None,
+        gate: None,
+        worst_severity: None,
+        signature: None,
+        summary: "bench".into(),
+    };
+    let ledger = weir_test_support::genesis_record(weir_proto::ledger::RecordFields {
+        manifest_digest: manifest_digest.clone(),
+        destination: destination.clone(),
+        source: "bench".into(),
+        verdict: verdict.clone(),
+        accepted_at: 0,
+    });
     let tm = TransferManifest {
-        destination: Destination {
-            repository: "bench/big".into(),
-            tags: vec!["1".into()],
-        },
+        destination,
         manifest: ManifestBytes {
-            digest: ObjectId::of_bytes(&manifest_bytes).digest(),
+            digest: manifest_digest,
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             bytes: manifest_bytes,
         },
@@ -210,11 +226,8 @@ fn main() {
             source_reference: None,
             ingested_at: 0,
         },
-        verdict: Verdict {
-            rule: None,
-            worst_severity: None,
-            summary: "bench".into(),
-        },
+        verdict,
+        ledger,
     };
     let image_bytes = tm.to_object_bytes();
     let image_id = ObjectId::of_bytes(&image_bytes);

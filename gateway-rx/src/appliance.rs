@@ -13,6 +13,8 @@ pub enum Fault {
     StateDiskFull,
     HmacFailures,
     DeliveryFailing,
+    /// Images the sender announced have not completed in time.
+    LedgerGap,
 }
 
 /// The receiver's faults raised now, each with its reason.

@@ -46,6 +46,11 @@
 //!                                 # fractions accepted
 //! high_water_percent = 90         # default; past this share of the state disk
 //!                                 # used, delivered images go early, oldest first
+//! [ledger]
+//! gap_alert_hours = 6             # default; an image the sender announced and this
+//!                                 # side has not completed for this long is a gap
+//! report_key_file = "/etc/weir/keys/report.key"    # optional; `gateway-rx report`
+//!                                                  # signs with it (hex, mode 0600)
 //!
 //! [console]                       # optional; absent = no serial console
 //! device = "/dev/ttyS1"
@@ -109,6 +114,8 @@ pub struct RxConfig {
     /// [`crate::retention`]).
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
     /// The serial console. Absent: no console.
     pub console: Option<ConsoleConfig>,
     /// The status LEDs and the fault threshold. Absent: no LEDs driven,
@@ -218,12 +225,42 @@ impl Default for RetentionConfig {
     }
 }
 
+/// Default time an announced image may stay incomplete before it is a gap.
+pub const DEFAULT_GAP_ALERT_HOURS: f64 = 6.0;
+
+/// `[ledger]`: the image ledger's gap alert and report key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Hours an image the sender's heartbeats announced may stay
+    /// incomplete here before it is a gap (status, console, webhook event
+    /// `missing`, fault LED). Fractions allowed.
+    #[serde(default = "default_gap_alert_hours")]
+    pub gap_alert_hours: f64,
+    /// The key (hex, mode 0600, like the link keys) `gateway-rx report`
+    /// HMACs its report under; gateway-tx checks it with the same key.
+    pub report_key_file: Option<PathBuf>,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            gap_alert_hours: DEFAULT_GAP_ALERT_HOURS,
+            report_key_file: None,
+        }
+    }
+}
+
 fn default_keep_delivered_hours() -> f64 {
     DEFAULT_KEEP_DELIVERED_HOURS
 }
 
 fn default_high_water_percent() -> u32 {
     DEFAULT_HIGH_WATER_PERCENT
+}
+
+fn default_gap_alert_hours() -> f64 {
+    DEFAULT_GAP_ALERT_HOURS
 }
 
 /// Default bound on how far ahead of this clock a sender session may start.
@@ -366,6 +403,7 @@ impl RxConfig {
         resolve_opt(base, &mut self.delivery.ca_file);
         resolve_opt(base, &mut self.delivery.password_file);
         resolve_opt(base, &mut self.delivery.oci_layout);
+        resolve_opt(base, &mut self.ledger.report_key_file);
         resolve_console_and_leds(base, &mut self.console, &mut self.leds);
     }
 
@@ -469,6 +507,14 @@ impl RxConfig {
         if self.notify.timeout_seconds == 0 {
             return Err(self.invalid("notify.timeout_seconds", "must be at least 1"));
         }
+        let hours = self.ledger.gap_alert_hours;
+        if !(hours.is_finite() && hours > 0.0 && hours <= 100_000.0) {
+            return Err(self.invalid(
+                "ledger.gap_alert_hours",
+                format!("{hours} is not a number of hours above 0 (at most 100000)"),
+            ));
+        }
+        self.report_key()?;
         if let Some(c) = &self.console {
             c.validate().map_err(|e| e.in_file(&self.source))?;
         }
@@ -507,6 +553,18 @@ impl RxConfig {
             keys.push(key);
         }
         KeyRing::new(keys).map_err(|e| self.invalid("auth.keys", e.to_string()))
+    }
+
+    /// The ledger report key, if one is configured.
+    pub fn report_key(&self) -> Result<Option<weir_proto::Key>, ConfigError> {
+        self.ledger
+            .report_key_file
+            .as_deref()
+            .map(|p| {
+                weir_host::load_key(0, p)
+                    .map_err(|e| self.invalid("ledger.report_key_file", e.to_string()))
+            })
+            .transpose()
     }
 
     /// The registry to push to, if any.
@@ -649,6 +707,35 @@ mod tests {
         assert_eq!(c.layout_dir(), Some(dir.path().join("out")));
         assert_eq!(c.registry_endpoint().unwrap(), None);
         assert_eq!(c.key_ring().unwrap().ids(), vec![1]);
+        assert_eq!(c.ledger.gap_alert_hours, 6.0);
+        assert!(c.report_key().unwrap().is_none());
+    }
+
+    #[test]
+    fn ledger_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = minimal(dir.path());
+        for bad in ["0", "-1", "nan", "inf"] {
+            let err = refusal(
+                dir.path(),
+                &format!("{base}[ledger]\ngap_alert_hours = {bad}\n"),
+            );
+            assert!(err.contains("ledger.gap_alert_hours"), "{bad}: {err}");
+        }
+        let key = key_file(dir.path(), "report.key");
+        let p = write_config(
+            dir.path(),
+            &format!("{base}[ledger]\ngap_alert_hours = 0.5\nreport_key_file = {key:?}\n"),
+        );
+        let c = RxConfig::load(&p).unwrap();
+        assert_eq!(c.ledger.gap_alert_hours, 0.5);
+        assert!(c.report_key().unwrap().is_some());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = RxConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("ledger.report_key_file") && err.contains("chmod 600"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -658,6 +745,7 @@ mod tests {
                 .unwrap();
         let c = RxConfig::parse(&text, Path::new("examples/rx.toml")).unwrap();
         assert_eq!(c.link.transport, Transport::Udp);
+        assert_eq!(c.ledger.gap_alert_hours, DEFAULT_GAP_ALERT_HOURS);
         assert_eq!(
             c.registry_endpoint().unwrap(),
             Some(RegistryEndpoint {

@@ -107,6 +107,9 @@ impl RxCommands {
             r.counters.pushes_done
         );
         report::fault_line(&mut out, self.faults.reason().as_deref());
+        if let Some(l) = &r.ledger {
+            l.render(&mut out, crate::state::now_ms());
+        }
         report::list_heading(&mut out, "images", r.images.len(), Some("none yet"));
         for i in &r.images {
             let _ = writeln!(
@@ -186,6 +189,20 @@ mod tests {
                         tags_done: vec![],
                         done_ms: None,
                     }],
+                    ledger: Some(crate::ledger::LedgerView {
+                        chain: Some(weir_proto::ChainId(0xab)),
+                        head_announced: 7,
+                        highest_contiguous: 4,
+                        gaps: vec![weir_proto::ledger::Gap {
+                            from: 5,
+                            to: 6,
+                            since_ms: crate::state::now_ms().saturating_sub(7 * 3_600_000),
+                        }],
+                        missing: 2,
+                        awaiting: 1,
+                        gap_alert_hours: 6.0,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }
             }),
@@ -201,6 +218,14 @@ mod tests {
         assert!(t.contains("link: up (frames arriving), 12 frames/s"), "{t}");
         assert!(t.contains("team/app:1 receiving: 1/2 blobs, 50.0%"), "{t}");
         assert!(t.contains("fault: none"), "{t}");
+        assert!(
+            t.contains("image ledger: chain 00000000000000ab, 7 images announced, complete up to 4 (1 on their way)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("ledger gaps: 2 images announced and not complete for more than 6 h:\n  seqs 5-6 (announced 7.0 h ago)"),
+            "{t}"
+        );
         c.faults.raise(
             Fault::HmacFailures,
             "HMAC failures: 150 bad tags in the last minute",

@@ -5,8 +5,9 @@
 //! (sha256, blob store, image completion), retention (pruning what was
 //! delivered, [`crate::retention`]), the reload watcher (SIGHUP, when the
 //! binary runs it; [`crate::reload`]), the status writer, the LED panel,
-//! the serial console and the metrics endpoint (if configured), and a small
-//! tokio runtime for delivery. One module per stage under [`crate::stages`].
+//! the image ledger's watch, the serial console and the metrics endpoint
+//! (if configured), and a small tokio runtime for delivery. One module per
+//! stage under [`crate::stages`].
 //!
 //! Shutdown goes in steps, so that nothing is lost and the LEDs go dark
 //! last: the store closes its intake and commits; the link and the
@@ -155,12 +156,14 @@ pub fn run_with_reloads(
         listening,
         faults: Arc::new(Faults::default()),
         gauge: Default::default(),
+        gap_alert_hours: config.ledger.gap_alert_hours,
     });
     let reporting = report::start_reporting(
         &config,
         &reporter,
         keys.clone(),
         delivery.stats(),
+        delivery.webhook_switch(),
         &shutdown,
     )?;
     if let Some(reloads) = reloads {
@@ -744,6 +747,86 @@ mod tests {
             ]
         );
         gw.stop();
+    }
+
+    /// A sender holding the HMAC key signs image objects whose ledger
+    /// records contradict the chain the receiver holds: another image as
+    /// record 2, and a record 3 that skips record 2. Both are refused and
+    /// counted, and their images never land; the genuine chain goes on. A
+    /// head announcing record 3 before it arrives is a gap (fault) once
+    /// `gap_alert_hours` pass, cleared when record 3's image completes.
+    #[test]
+    fn forged_ledger_records_are_refused_and_their_images_never_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_udp_port();
+        // About a second.
+        let config = write_config(dir.path(), addr, "[ledger]\ngap_alert_hours = 0.0003\n");
+        let gw = Running::start(&config);
+        let mut tx = TestSender::new(key(), 6000, addr, 1400, 8, 4);
+        let genesis = sample_image("team/a", &["1"], 1, 3_000);
+        let chain = genesis.tm.ledger.chain;
+        let second = sample_image("team/a", &["2"], 1, 3_000).following(&genesis.tm.ledger.head());
+        let third = sample_image("team/a", &["3"], 1, 3_000).following(&second.tm.ledger.head());
+        let sent = |tx: &mut TestSender, img: &SampleImage| {
+            tx.pass(&img.objects());
+        };
+        sent(&mut tx, &genesis);
+        sent(&mut tx, &second);
+        gw.wait_for("the genuine records delivered", |r| {
+            r.counters.pushes_done == 2
+        });
+
+        let forged = sample_image("evil/x", &["2"], 1, 3_000).following(&genesis.tm.ledger.head());
+        let mut skipping =
+            sample_image("evil/x", &["3"], 1, 3_000).following(&genesis.tm.ledger.head());
+        skipping.tm.ledger.seq = 3;
+        sent(&mut tx, &forged);
+        sent(&mut tx, &skipping);
+        let r = gw.wait_for("both forged records refused", |r| {
+            r.counters.ledger_records_refused == 2
+        });
+        assert_eq!(r.counters.images_complete, 2, "{:#?}", r.counters);
+        let ledger = r.ledger.unwrap();
+        assert_eq!(ledger.records_refused, 2);
+
+        tx.heartbeat(Some(third.tm.ledger.head()));
+        let r = gw.wait_for("a gap for record 3", |r| {
+            r.ledger.as_ref().is_some_and(|l| l.missing == 1)
+        });
+        assert!(
+            r.render().contains("ledger gaps: 1 images"),
+            "{}",
+            r.render()
+        );
+        let ledger = r.ledger.unwrap();
+        assert_eq!(ledger.chain, Some(chain));
+        assert_eq!((ledger.head_announced, ledger.highest_contiguous), (3, 2));
+        assert_eq!((ledger.gaps[0].from, ledger.gaps[0].to), (3, 3));
+        let fault = gw.wait_for("the ledger fault", |r| r.fault.is_some()).fault;
+        assert!(fault.unwrap().contains("ledger gap"));
+
+        sent(&mut tx, &third);
+        let r = gw.wait_for("record 3 delivered and the gap cleared", |r| {
+            r.counters.pushes_done == 3
+                && r.fault.is_none()
+                && r.ledger.as_ref().is_some_and(|l| l.missing == 0)
+        });
+        assert_eq!(r.ledger.unwrap().highest_contiguous, 3);
+        let mut names: Vec<String> = layout_names(&dir.path().join("out"))
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["team/a:1", "team/a:2", "team/a:3"]);
+        gw.stop();
+
+        // Stopped: the refusals and the chain are in the database.
+        let offline = status(&config).unwrap();
+        let ledger = offline.ledger.unwrap();
+        assert_eq!((ledger.records_refused, ledger.highest_contiguous), (2, 3));
+        let verified = crate::ledger::report::verify(&config).unwrap();
+        assert!(verified.bad.is_none(), "{:?}", verified.bad);
+        assert_eq!(verified.chains, vec![(chain, 3)]);
     }
 
     /// Sends a pass through `send` at most every few seconds while waiting.

@@ -32,6 +32,17 @@
 //!
 //! Below the ledger, the delivery queue resumes every job not done; above
 //! it, the shard store resumes every object whose staging it claimed.
+//!
+//! # The image ledger's records
+//!
+//! Every image object carries its record in the sender's image ledger
+//! ([`crate::ledger`]). Registering an image admits its record first (an
+//! image whose names are refused next still holds its place in the chain:
+//! a gap, not a broken chain): an image whose record is refused is not
+//! registered (never delivered), one whose chain has not started here waits
+//! unregistered until the chain's first record arrives. A completed image
+//! marks its record complete before its commit point; at open, rule 3 also
+//! marks the records of complete images.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -44,6 +55,7 @@ use crate::blobs::BlobStore;
 use crate::config::RxConfig;
 use crate::delivery::queue::JobFor;
 use crate::delivery::{DeliveryJob, DeliveryQueue, Target};
+use crate::ledger::{Admission, ChainPosition, HeldChains};
 use crate::retention::{PrunedObjects, StoreNotice};
 use crate::state::{now_ms, StateDb, StateError};
 pub use crate::status::ImageState;
@@ -90,6 +102,9 @@ pub struct ImageRecord {
     pub state: ImageState,
     pub first_frame_ms: u64,
     pub complete_at_ms: Option<u64>,
+    /// Its record in the sender's image ledger.
+    #[serde(default)]
+    pub ledger: Option<ChainPosition>,
 }
 
 impl ImageRecord {
@@ -131,6 +146,7 @@ pub struct ImageLedger {
     writes: Mutex<()>,
     /// Where the shard store hears that a pruned object is wanted again.
     notices: Option<Sender<StoreNotice>>,
+    chains: Arc<HeldChains>,
 }
 
 fn mapping_pairs(config: &RxConfig) -> Vec<(String, String)> {
@@ -140,6 +156,15 @@ fn mapping_pairs(config: &RxConfig) -> Vec<(String, String)> {
         .iter()
         .map(|m| (m.from.clone(), m.to.clone()))
         .collect()
+}
+
+/// What registering an image object came to.
+enum Registered {
+    Image(ImageRecord),
+    /// Its record waits for its chain's first record.
+    Waiting,
+    /// Its record was refused, or its names may not be delivered.
+    NotDelivered,
 }
 
 impl ImageLedger {
@@ -164,6 +189,7 @@ impl ImageLedger {
             pruned: PrunedObjects::open(db)?,
             writes: Mutex::new(()),
             notices: None,
+            chains: Arc::new(HeldChains::open(db)?),
         })
     }
 
@@ -183,6 +209,11 @@ impl ImageLedger {
     /// Keeps the ledger's records still while held (see `writes`).
     pub fn lock_writes(&self) -> MutexGuard<'_, ()> {
         self.writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The records of the sender's image ledger this receiver holds.
+    pub fn chains(&self) -> &Arc<HeldChains> {
+        &self.chains
     }
 
     fn map_repository(&self, repository: &str) -> String {
@@ -219,10 +250,7 @@ impl ImageLedger {
         let mut completed = Vec::new();
         match kind {
             ObjectKind::Image => {
-                let record = self.register(id, first_seen_ms, &mut wanted)?;
-                if record.state == ImageState::Receiving && self.try_complete(id, record)? {
-                    completed.push(id);
-                }
+                self.register_and_complete(id, first_seen_ms, &mut completed, &mut wanted)?
             }
             ObjectKind::Blob => {
                 let digest = id.digest();
@@ -250,17 +278,52 @@ impl ImageLedger {
         }
     }
 
-    /// Records a newly verified image object. Blobs it names that were
-    /// pruned are wanted again: their marks are lifted and they are added
-    /// to `wanted`.
+    /// Registers an image object and completes its image if it can; then
+    /// the same for the images its ledger record released (they waited for
+    /// this chain's first record). An error of the first is returned; of
+    /// the released ones, logged.
+    fn register_and_complete(
+        &self,
+        id: ObjectId,
+        first_seen_ms: u64,
+        completed: &mut Vec<ObjectId>,
+        wanted: &mut Vec<ObjectId>,
+    ) -> Result<(), LedgerError> {
+        let mut work = vec![(id, first_seen_ms)];
+        let mut first = true;
+        while let Some((id, seen)) = work.pop() {
+            let registered = match self.register(id, seen, wanted) {
+                Ok(r) => r,
+                Err(e) if first => return Err(e),
+                Err(e) => {
+                    tracing::error!(image = %id, error = %e, "image object cannot be delivered");
+                    continue;
+                }
+            };
+            first = false;
+            let (registered, released) = registered;
+            if let Registered::Image(record) = registered {
+                if record.state == ImageState::Receiving && self.try_complete(id, record)? {
+                    completed.push(id);
+                }
+            }
+            // Popped in seq order.
+            work.extend(released.into_iter().rev());
+        }
+        Ok(())
+    }
+
+    /// Records a newly verified image object, admitting its ledger record.
+    /// Blobs it names that were pruned are wanted again: their marks are
+    /// lifted and they are added to `wanted`.
     fn register(
         &self,
         id: ObjectId,
         first_seen_ms: u64,
         wanted: &mut Vec<ObjectId>,
-    ) -> Result<ImageRecord, LedgerError> {
+    ) -> Result<(Registered, Vec<(ObjectId, u64)>), LedgerError> {
         if let Some(existing) = self.get(&id)? {
-            return Ok(existing);
+            return Ok((Registered::Image(existing), Vec::new()));
         }
         let invalid = |reason: String| LedgerError::Invalid {
             image: id.digest(),
@@ -278,31 +341,46 @@ impl ImageLedger {
         }
         let bytes = self.store.read_object(&id).map_err(store_err)?;
         let tm = image_object(&bytes).map_err(invalid)?;
-        let repository = self.map_repository(&tm.destination.repository);
-        // Names become registry paths and layout refs: a compromised sender
-        // must not reach either with a name the spec does not allow.
-        weir_proto::check_repository(&repository).map_err(|e| invalid(e.to_string()))?;
-        if tm.destination.tags.len() > MAX_TAGS_PER_IMAGE {
-            return Err(invalid(format!(
-                "{} tags, more than the {MAX_TAGS_PER_IMAGE} an image may carry",
-                tm.destination.tags.len()
-            )));
-        }
-        for tag in &tm.destination.tags {
-            weir_proto::check_tag(tag).map_err(|e| invalid(e.to_string()))?;
-        }
-        if tm.blobs.len() > MAX_BLOBS_PER_IMAGE {
-            return Err(invalid(format!(
-                "{} blobs, more than the {MAX_BLOBS_PER_IMAGE} an image may name",
-                tm.blobs.len()
-            )));
-        }
-        let mut blobs = Vec::with_capacity(tm.blobs.len());
-        let mut ids = Vec::with_capacity(tm.blobs.len());
-        for b in &tm.blobs {
-            ids.push(ObjectId::from_digest(&b.digest).map_err(|e| invalid(e.to_string()))?);
-            blobs.push((b.digest.clone(), b.size));
-        }
+        // The record first: an image refused below for its names still
+        // holds its place in the chain (a gap, not a broken chain), and the
+        // images waiting for its chain are released.
+        let (position, released) = match self.chains.admit(&tm, id, first_seen_ms, now_ms())? {
+            Admission::Held { position, released } => (position, released),
+            Admission::Waiting => {
+                tracing::warn!(digest = %tm.manifest.digest, image = %id,
+                    chain = %tm.ledger.chain, seq = tm.ledger.seq,
+                    "image waits for the first record of its image ledger chain, which this \
+                     receiver does not hold yet");
+                return Ok((Registered::Waiting, Vec::new()));
+            }
+            Admission::Refused { reason, new } => {
+                if new {
+                    Counters::add(&self.counters.ledger_records_refused, 1);
+                    tracing::error!(digest = %tm.manifest.digest, image = %id,
+                        chain = %tm.ledger.chain, seq = tm.ledger.seq,
+                        destination = %tm.destination.display(), reason = %reason,
+                        "image ledger record refused; the image is not delivered");
+                } else {
+                    tracing::debug!(digest = %tm.manifest.digest, image = %id, reason = %reason,
+                        "image ledger record refused before");
+                }
+                return Ok((Registered::NotDelivered, Vec::new()));
+            }
+        };
+        let (repository, blobs) = match self.deliverable(&tm) {
+            Ok(checked) => checked,
+            Err(reason) if !released.is_empty() => {
+                tracing::error!(digest = %tm.manifest.digest, image = %id, error = %reason,
+                    "image object cannot be delivered");
+                return Ok((Registered::NotDelivered, released));
+            }
+            Err(reason) => return Err(invalid(reason)),
+        };
+        // Digests were checked by `deliverable`.
+        let ids: Vec<ObjectId> = blobs
+            .iter()
+            .filter_map(|(d, _)| ObjectId::from_digest(d).ok())
+            .collect();
         let record = ImageRecord {
             image: id.digest(),
             repository,
@@ -312,10 +390,12 @@ impl ImageLedger {
             state: ImageState::Receiving,
             first_frame_ms: first_seen_ms,
             complete_at_ms: None,
+            ledger: Some(position),
         };
         tracing::info!(digest = %record.manifest_digest, image = %record.image,
             reference = %record.reference(), blobs = record.blobs.len(),
-            source = %tm.origin.source, "image object verified");
+            source = %tm.origin.source, chain = %position.chain, seq = position.seq,
+            "image object verified");
         self.put(&id, &record)?;
         for blob in ids {
             if self.pruned.lift(&blob)? {
@@ -324,7 +404,37 @@ impl ImageLedger {
                 wanted.push(blob);
             }
         }
-        Ok(record)
+        Ok((Registered::Image(record), released))
+    }
+
+    /// The mapped repository and the blobs of an image object whose names
+    /// and counts may reach a registry and the layout; why not otherwise.
+    fn deliverable(&self, tm: &TransferManifest) -> Result<(String, Vec<(String, u64)>), String> {
+        let repository = self.map_repository(&tm.destination.repository);
+        // Names become registry paths and layout refs: a compromised sender
+        // must not reach either with a name the spec does not allow.
+        weir_proto::check_repository(&repository).map_err(|e| e.to_string())?;
+        if tm.destination.tags.len() > MAX_TAGS_PER_IMAGE {
+            return Err(format!(
+                "{} tags, more than the {MAX_TAGS_PER_IMAGE} an image may carry",
+                tm.destination.tags.len()
+            ));
+        }
+        for tag in &tm.destination.tags {
+            weir_proto::check_tag(tag).map_err(|e| e.to_string())?;
+        }
+        if tm.blobs.len() > MAX_BLOBS_PER_IMAGE {
+            return Err(format!(
+                "{} blobs, more than the {MAX_BLOBS_PER_IMAGE} an image may name",
+                tm.blobs.len()
+            ));
+        }
+        let mut blobs = Vec::with_capacity(tm.blobs.len());
+        for b in &tm.blobs {
+            ObjectId::from_digest(&b.digest).map_err(|e| e.to_string())?;
+            blobs.push((b.digest.clone(), b.size));
+        }
+        Ok((repository, blobs))
     }
 
     fn get(&self, id: &ObjectId) -> Result<Option<ImageRecord>, LedgerError> {
@@ -409,6 +519,9 @@ impl ImageLedger {
         }
         // Jobs durable before the image says complete.
         self.db.commit("rx.ledger.jobs-queued")?;
+        if let Some(position) = &record.ledger {
+            self.chains.complete(position, &id, now)?;
+        }
         record.state = ImageState::Complete;
         record.first_frame_ms = first;
         record.complete_at_ms = Some(now);
@@ -435,9 +548,19 @@ impl ImageLedger {
         self.pruned.finish_deletions(&self.store)?;
         self.adopt_unrecorded_objects()?;
         let mut completed = Vec::new();
-        for (id, record) in self.receiving()? {
-            if self.try_complete(id, record)? {
-                completed.push(id);
+        for (id, record) in self.all()? {
+            match (record.state, record.ledger) {
+                (ImageState::Receiving, _) => {
+                    if self.try_complete(id, record)? {
+                        completed.push(id);
+                    }
+                }
+                // A crash between the record's completion and the image's.
+                (ImageState::Complete, Some(position)) => {
+                    let at = record.complete_at_ms.unwrap_or_else(now_ms);
+                    self.chains.complete(&position, &id, at)?;
+                }
+                (ImageState::Complete, None) => {}
             }
         }
         // Image objects verified but not registered (a crash in between, or
@@ -459,15 +582,10 @@ impl ImageLedger {
             {
                 continue;
             }
-            match self.register(id, vo.first_seen_ms, &mut wanted) {
-                Ok(record) => {
-                    if record.state == ImageState::Receiving && self.try_complete(id, record)? {
-                        completed.push(id);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(image = %id, error = %e, "image object cannot be delivered")
-                }
+            if let Err(e) =
+                self.register_and_complete(id, vo.first_seen_ms, &mut completed, &mut wanted)
+            {
+                tracing::error!(image = %id, error = %e, "image object cannot be delivered")
             }
         }
         self.db.commit("rx.ledger.recovered")?;
@@ -848,13 +966,28 @@ mod tests {
             })
             .collect();
         cases.push(("blobs, more than", t));
-        for (want, t) in cases {
+        for (i, (want, mut t)) in cases.into_iter().enumerate() {
+            // Each signed as the first record of a chain of its own: the
+            // record is held, the names are what is refused.
+            t.ledger =
+                weir_test_support::genesis_record(weir_test_support::images::record_fields(&t));
+            t.ledger.chain = weir_proto::ChainId(1000 + i as u64);
             let image = r.store.insert_bytes(&t.to_object_bytes()).unwrap();
-            let err = ledger
-                .object_verified(image, ObjectKind::Image, 0)
-                .unwrap_err();
-            assert!(err.to_string().contains(want), "{want}: {err}");
+            match ledger.object_verified(image, ObjectKind::Image, 0) {
+                Err(err) => assert!(err.to_string().contains(want), "{want}: {err}"),
+                // Past the bounds of a ledger record too: refused there.
+                Ok(completed) => assert!(
+                    completed.is_empty() && ["longer than 255", "tags, more than"].contains(&want),
+                    "{want}"
+                ),
+            }
         }
+        assert_eq!(
+            r.counters
+                .ledger_records_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
         assert!(r.queue.all().unwrap().is_empty());
         // The legitimate image still completes beside them.
         let image = r.store.insert_bytes(&tm.to_object_bytes()).unwrap();

@@ -14,7 +14,9 @@
 //! One module per pipeline stage under [`stages`] (link with verify, store,
 //! decode, finish, deliver, report); [`run`] wires them together. The
 //! durable state they work on stays apart: [`shards`] (the shard store),
-//! [`blobs`], [`images`] (the image ledger, and what a restart rebuilds),
+//! [`blobs`], [`images`] (the images and their completion, and what a
+//! restart rebuilds), [`ledger`] (the records of the sender's image
+//! ledger: its hash chain, the announced head, gaps, the report),
 //! [`delivery`] (queue and targets), [`state`] (sled); [`retention`]
 //! prunes what was delivered, [`reload`] applies a re-read configuration
 //! (SIGHUP). The appliance surface: [`appliance`] (the receiver's faults),
@@ -31,6 +33,7 @@ pub mod console;
 pub mod delivery;
 pub mod gateway;
 pub mod images;
+pub mod ledger;
 pub mod metrics;
 pub mod reload;
 pub mod retention;

@@ -45,6 +45,36 @@ enum Command {
         #[arg(long, value_name = "ID")]
         key_id: Option<u16>,
     },
+    /// Writes what this side holds of the sender's image ledger (each
+    /// record's sequence number, manifest digest, destination, when its
+    /// image completed, where and when it was delivered; the records
+    /// refused; the announced records missing) as JSON with an HMAC under
+    /// [ledger] report_key_file, to carry to the low side by hand for
+    /// `gateway-tx reconcile`. Works while the gateway runs.
+    Report {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to write the report.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// The image ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Re-checks every chain held record by record (each record's hash,
+    /// its link to the record held before it) and names the first bad
+    /// record; exit status 1 when there is one. While the gateway runs it
+    /// checks the copy the gateway keeps (state_dir/ledger.json).
+    Verify {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +84,13 @@ fn main() -> std::process::ExitCode {
         (Some(Command::CheckConfig { file }), _) => check_config(&file),
         (Some(Command::Status { config, json }), _) => status(&config, json),
         (Some(Command::ForgetSession { config, key_id }), _) => forget_session(&config, key_id),
+        (Some(Command::Report { config, out }), _) => report(&config, &out),
+        (
+            Some(Command::Ledger {
+                command: LedgerCommand::Verify { config },
+            }),
+            _,
+        ) => verify_ledger(&config),
         (None, Some(config)) => run(&config),
         (None, None) => {
             eprintln!("gateway-rx: --config FILE is required (see --help)");
@@ -111,6 +148,44 @@ fn forget_session(file: &Path, key_id: Option<u16>) -> anyhow::Result<()> {
         println!(
             "forgot session {session} of key id {key_id}: the next session it starts is accepted"
         );
+    }
+    Ok(())
+}
+
+fn report(file: &Path, out: &Path) -> anyhow::Result<()> {
+    let config = RxConfig::load(file)?;
+    let w = gateway_rx::ledger::report::write_report(&config, out)?;
+    println!(
+        "wrote {}: {} records of {} chain(s), {} announced images not complete, {} records \
+         refused (read from {})",
+        out.display(),
+        w.records,
+        w.chains,
+        w.missing,
+        w.refused,
+        w.from
+    );
+    Ok(())
+}
+
+fn verify_ledger(file: &Path) -> anyhow::Result<()> {
+    let config = RxConfig::load(file)?;
+    let v = gateway_rx::ledger::report::verify(&config)?;
+    println!(
+        "image ledger of {} (read from {})",
+        config.state_dir.display(),
+        v.from
+    );
+    for (chain, count) in &v.chains {
+        println!("chain {chain}: {count} records checked");
+    }
+    if let Some((chain, bad)) = v.bad {
+        anyhow::bail!("chain {chain}: the first bad record is {bad}");
+    }
+    if v.chains.is_empty() {
+        println!("no record held yet");
+    } else {
+        println!("every record held is intact and links to the records held beside it");
     }
     Ok(())
 }

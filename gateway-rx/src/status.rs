@@ -101,6 +101,10 @@ counters! {
     image_objects_failed,
     /// Images whose image object and every blob are verified.
     images_complete,
+    /// Image ledger records refused (they did not chain: forged, replayed
+    /// or reordered history; or did not belong to their image object);
+    /// their images are not delivered.
+    ledger_records_refused,
     /// Deliveries finished (one per image and target).
     pushes_done,
     /// Delivery attempts that failed (each is retried).
@@ -135,6 +139,9 @@ pub struct SenderStatus {
     pub config_fingerprint: u64,
     pub sent_frames: u64,
     pub session_id: u64,
+    /// The head of the sender's image ledger.
+    #[serde(default)]
+    pub ledger: Option<weir_proto::LedgerHead>,
 }
 
 /// An object whose shards are being received.
@@ -245,6 +252,8 @@ pub struct StatusReport {
     pub receiving: Vec<ObjectProgress>,
     pub images: Vec<ImageProgress>,
     pub deliveries: Vec<DeliveryView>,
+    /// The image ledger: the head announced, what is complete, the gaps.
+    pub ledger: Option<crate::ledger::LedgerView>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -359,6 +368,9 @@ impl StatusReport {
                 s.uptime_s,
                 now_ms().saturating_sub(s.received_at_ms) as f64 / 1000.0
             );
+        }
+        if let Some(l) = &self.ledger {
+            l.render(&mut out, now_ms());
         }
         report::list_heading(&mut out, "images", self.images.len(), None);
         for i in &self.images {

@@ -261,6 +261,7 @@ mod tests {
             pass,
             config_fingerprint: 0,
             sent_frames: 0,
+            ledger: None,
         })
     }
 

@@ -69,6 +69,19 @@ pub struct TxConfig {
     /// anonymously over https.
     #[serde(default)]
     pub registry: Vec<RegistryConfig>,
+    /// The image ledger.
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+}
+
+/// `[ledger]`: the image ledger's settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// The key (hex, mode 0600, like the link key) gateway-rx HMACs its
+    /// ledger report under; `reconcile` needs it. The same key on both
+    /// sides, and not the link key.
+    pub report_key_file: Option<PathBuf>,
 }
 
 /// `[pull]`: what to pull and how often.
@@ -392,6 +405,16 @@ impl TxConfig {
             resolve_opt(base, &mut r.token_file);
             resolve_opt(base, &mut r.ca_file);
         }
+        resolve_opt(base, &mut self.ledger.report_key_file);
+    }
+
+    /// The ledger report key, if one is configured.
+    pub fn report_key(&self) -> Result<Option<Key>, weir_host::KeyFileError> {
+        self.ledger
+            .report_key_file
+            .as_deref()
+            .map(|p| weir_host::load_key(0, p))
+            .transpose()
     }
 
     /// Checks every range and loads what must load (key, rules).
@@ -509,6 +532,8 @@ impl TxConfig {
         }
         self.key()
             .map_err(|e| invalid("auth.key_file", e.to_string()))?;
+        self.report_key()
+            .map_err(|e| invalid("ledger.report_key_file", e.to_string()))?;
         if let Some(path) = &self.policy.rules_file {
             crate::policy::Rules::load(path)
                 .map_err(|e| invalid("policy.rules_file", e.to_string()))?;
@@ -867,6 +892,28 @@ passes = 3
         assert_eq!(c.state_dir, dir.path().join("state"));
         assert!(c.policy.rules_file.is_none());
         assert!(c.fec_params().unwrap().shard_size > 1200);
+        assert!(c.report_key().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_report_key_file_is_resolved_and_held_to_the_key_file_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("report.key");
+        std::fs::write(&key, "cd".repeat(32)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!(
+            "{}\n[ledger]\nreport_key_file = \"report.key\"\n",
+            published(dir.path())
+        );
+        let c = load_text(dir.path(), &text).unwrap();
+        assert_eq!(c.ledger.report_key_file, Some(key.clone()));
+        assert!(c.report_key().unwrap().is_some());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
+        assert!(
+            err.contains("ledger.report_key_file") && err.contains("chmod 600"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -109,6 +109,15 @@ pub fn status_text(s: &Status, fault: Option<&str>) -> String {
     if let Some(current) = &s.ingest.current {
         let _ = writeln!(out, "ingest: reading {current}");
     }
+    if let Some(l) = &s.ledger {
+        let _ = writeln!(
+            out,
+            "image ledger: chain {}, {} images numbered, head {}",
+            l.chain,
+            l.seq,
+            l.hash.short()
+        );
+    }
     report::fault_line(&mut out, fault);
     report::list_heading(&mut out, "images", s.images.len(), Some("none"));
     for i in &s.images {
@@ -277,7 +286,7 @@ fn stats_text(s: &Status) -> String {
 mod tests {
     use super::*;
     use crate::appliance::Fault;
-    use crate::objects::{AuditEntry, DropCommit, DropRecord};
+    use crate::objects::{DropCommit, DropRecord};
     use crate::status::ImageStatus;
     use weir_test_support::replies::text;
 
@@ -286,38 +295,21 @@ mod tests {
 
     fn commands(dir: &std::path::Path) -> TxCommands {
         let store = Arc::new(ObjectStore::open(dir).unwrap());
-        let image = ObjectId::of_bytes(b"image object").digest();
-        let record = ImageRecord {
-            image: image.clone(),
-            image_len: 12,
-            manifest_digest: MANIFEST.into(),
-            destination: "team/app:1".into(),
-            references: vec!["team/app:1".into()],
-            source: "app.tar".into(),
-            ingested_at: 5,
-            seq: store.next_seq().unwrap(),
-            blobs: vec![],
-        };
-        store
+        let mut img = crate::objects::tests::accepted("team/app", "1", b"manifest", "app.tar");
+        img.manifest.digest = MANIFEST.into();
+        let records = store
             .commit_drop(&DropCommit {
                 source: "app.tar".into(),
                 drop: Some(DropRecord {
                     size: 1,
                     modified_ns: 2,
-                    images: vec![image.clone()],
+                    images: vec![],
                 }),
-                images: vec![record],
-                audit: AuditEntry {
-                    at: 5,
-                    source: "app.tar".into(),
-                    outcome: "accepted".into(),
-                    code: None,
-                    message: "ok".into(),
-                    references: vec!["team/app:1".into()],
-                    manifest_digests: vec![MANIFEST.into()],
-                },
+                images: vec![img],
+                audit: crate::objects::tests::audit("app.tar"),
             })
             .unwrap();
+        let image = records[0].image.clone();
         let board = StatusBoard::new();
         board.update(|s| {
             s.link.target = "udp to 127.0.0.1:7700".into();

@@ -22,9 +22,11 @@
 pub mod appliance;
 pub mod config;
 pub mod console;
+pub mod ledger;
 pub mod metrics;
 pub mod objects;
 pub mod pacing;
+pub mod reconcile;
 pub mod reload;
 pub mod stages;
 pub mod status;

@@ -25,6 +25,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Checks a ledger report written by `gateway-rx report` (its HMAC,
+    /// under [ledger] report_key_file) and names, against this sender's
+    /// image ledger, the images that never arrived, arrived only in part,
+    /// were refused, or failed delivery.
+    ///
+    /// Exit status: 0 when every image numbered before the report was
+    /// written arrived and none failed delivery (deliveries still pending
+    /// are listed, not counted); 3 when some image never arrived, arrived
+    /// in part, was refused or failed delivery; 1 when the report cannot
+    /// be used (its tag does not verify, it is not a report, no key).
+    /// Works while the gateway runs.
+    Reconcile {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The report file, as `gateway-rx report --out` wrote it.
+        #[arg(value_name = "REPORT")]
+        report: PathBuf,
+    },
+    /// The image ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Re-checks the stored chain record by record (each record's hash,
+    /// its link to the one before, no hole) and names the first bad record;
+    /// exit status 1 when there is one. While the gateway runs it checks the
+    /// copy the gateway keeps (state_dir/ledger.json).
+    Verify {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 weir_host::gateway_cli! {
@@ -47,6 +82,13 @@ fn main() -> std::process::ExitCode {
     let result = match (cli.command, cli.config) {
         (Some(Command::CheckConfig { file }), _) => check_config(file),
         (Some(Command::Status { config, json }), _) => status(&config, json),
+        (Some(Command::Reconcile { config, report }), _) => return reconcile(&config, &report),
+        (
+            Some(Command::Ledger {
+                command: LedgerCommand::Verify { config },
+            }),
+            _,
+        ) => verify_ledger(&config),
         (None, Some(file)) => run(file),
         (None, None) => Err(anyhow::anyhow!(
             "nothing to do: run with --config FILE, or check-config FILE (see --help)"
@@ -85,6 +127,52 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
             "{}",
             gateway_tx::console::status_text(&status, status.fault.as_deref())
         );
+    }
+    Ok(())
+}
+
+/// Exit status when some image is unaccounted for (see `reconcile --help`).
+const SOMETHING_MISSING: u8 = 3;
+
+fn reconcile(file: &std::path::Path, report: &std::path::Path) -> std::process::ExitCode {
+    let outcome = gateway_tx::TxConfig::load(file)
+        .and_then(|config| gateway_tx::reconcile::reconcile(&config, report));
+    match outcome {
+        Ok(r) => {
+            print!("{}", r.render());
+            if r.all_accounted() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::from(SOMETHING_MISSING)
+            }
+        }
+        Err(e) => weir_host::cli::exit_code("gateway-tx", Err(e)),
+    }
+}
+
+fn verify_ledger(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = gateway_tx::TxConfig::load(file)?;
+    let v = gateway_tx::ledger::verify(&config.state_dir)?;
+    let chain = v
+        .chain
+        .map_or_else(|| "(none yet)".to_string(), |c| c.to_string());
+    println!(
+        "image ledger of {} (read from {})",
+        config.state_dir.display(),
+        v.from
+    );
+    if let Some(bad) = v.bad {
+        anyhow::bail!(
+            "chain {chain}: {} records good, then the first bad one: {bad}",
+            v.count
+        );
+    }
+    match v.head {
+        Some(head) if head.seq > 0 => println!(
+            "chain {chain}: {} records, 1..{} intact; head {}",
+            v.count, head.seq, head.hash
+        ),
+        _ => println!("chain {chain}: no record yet"),
     }
     Ok(())
 }

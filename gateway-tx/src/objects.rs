@@ -14,6 +14,11 @@
 //! | `layers` | `gzip-6 <diff id>` | digest of the compressed layer |
 //! | `drops` | drop file name | [`DropRecord`]: committed, not yet moved to done/ |
 //! | `meta` | `session_id` | last session id, u64 big-endian |
+//! | `ledger`, `meta` `ledger_chain` | see [`crate::ledger`] | the image ledger |
+//!
+//! Every accepted image is numbered in the image ledger when it is
+//! committed ([`ObjectStore::commit_drop`]): the record goes inside the
+//! image object, so the store, not the intake, writes that object.
 //!
 //! sled's own flush does not fsync on Linux, so every commit point calls
 //! [`ObjectStore::commit`]: the host's [`StateDb::commit`], the one commit
@@ -27,7 +32,12 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use weir_host::durable::fsync_dir;
 use weir_host::state::{StateDb, StateError};
-use weir_proto::{FecParams, ObjectId};
+use weir_proto::ledger::RecordFields;
+use weir_proto::{
+    BlobRef, Destination, FecParams, ManifestBytes, ObjectId, Origin, TransferManifest, Verdict,
+};
+
+use crate::ledger::{IssuedRecord, LedgerChain};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -137,14 +147,54 @@ pub struct StoredObject {
     pub len: u64,
 }
 
+/// An image intake accepted: its transfer manifest but for the ledger
+/// record, which the store assigns as it commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedImage {
+    pub destination: Destination,
+    /// The top-level manifest, or the index for a multi-arch image.
+    pub manifest: ManifestBytes,
+    pub children: Vec<ManifestBytes>,
+    pub blobs: Vec<BlobRef>,
+    pub origin: Origin,
+    pub verdict: Verdict,
+    /// Every `repository:tag` (or bare repository) it is sent to.
+    pub references: Vec<String>,
+}
+
+impl AcceptedImage {
+    fn record_fields(&self) -> RecordFields {
+        RecordFields {
+            manifest_digest: self.manifest.digest.clone(),
+            destination: self.destination.clone(),
+            source: self.origin.source.clone(),
+            verdict: self.verdict.clone(),
+            accepted_at: self.origin.ingested_at,
+        }
+    }
+
+    /// The image object's content, with its ledger record.
+    fn transfer_manifest(&self, ledger: weir_proto::ChainRecord) -> TransferManifest {
+        TransferManifest {
+            destination: self.destination.clone(),
+            manifest: self.manifest.clone(),
+            children: self.children.clone(),
+            blobs: self.blobs.clone(),
+            origin: self.origin.clone(),
+            verdict: self.verdict.clone(),
+            ledger,
+        }
+    }
+}
+
 /// Everything intake commits for one accepted drop or pulled image,
 /// landing together.
 pub struct DropCommit {
     pub source: String,
     /// A drop's record (what is left is moving it to done/); a pull has
-    /// no file to move.
+    /// no file to move. Its `images` are filled in by the commit.
     pub drop: Option<DropRecord>,
-    pub images: Vec<ImageRecord>,
+    pub images: Vec<AcceptedImage>,
     pub audit: AuditEntry,
 }
 
@@ -160,6 +210,7 @@ pub struct ObjectStore {
     drops: sled::Tree,
     meta: sled::Tree,
     pull_refusals: sled::Tree,
+    ledger: LedgerChain,
 }
 
 /// A pulled image the policy refused: not tried again until its digest or
@@ -209,7 +260,9 @@ impl ObjectStore {
             }
         }
         let db = StateDb::open(&state_dir.join("db"))?;
+        let ledger = LedgerChain::open(&db, state_dir)?;
         Ok(ObjectStore {
+            ledger,
             images: db.tree("images")?,
             progress: db.tree("progress")?,
             sent: db.tree("sent")?,
@@ -332,18 +385,59 @@ impl ObjectStore {
 
     // ---- queue ----
 
-    /// Lands an accepted drop: image records, sent marks, the drop record and
-    /// its audit entry, all or nothing, then a commit point.
-    pub fn commit_drop(&self, c: &DropCommit) -> Result<(), StoreError> {
+    /// Lands an accepted drop or pull: numbers each image in the image
+    /// ledger and writes its image object (the record inside), then commits
+    /// image records, ledger records, sent marks, the drop record and its
+    /// audit entry, all or nothing, and a commit point. Returns the queue's
+    /// records of the images, in order.
+    pub fn commit_drop(&self, c: &DropCommit) -> Result<Vec<ImageRecord>, StoreError> {
         let audit_key = self.db.sled().generate_id()?.to_be_bytes();
+        // Held until the head moves: one intake numbers at a time.
+        let mut head_guard = self.ledger.lock();
+        let mut head = *head_guard;
+        let mut records = Vec::with_capacity(c.images.len());
+        let mut issued = Vec::with_capacity(c.images.len());
+        for img in &c.images {
+            let record = head.next(img.record_fields());
+            let object =
+                self.put_bytes(&img.transfer_manifest(record.clone()).to_object_bytes())?;
+            head = record.head();
+            records.push(ImageRecord {
+                image: object.id.digest(),
+                image_len: object.len,
+                manifest_digest: img.manifest.digest.clone(),
+                destination: img.destination.display(),
+                references: img.references.clone(),
+                source: img.origin.source.clone(),
+                ingested_at: img.origin.ingested_at,
+                seq: self.next_seq()?,
+                blobs: img
+                    .blobs
+                    .iter()
+                    .map(|b| BlobMember {
+                        digest: b.digest.clone(),
+                        size: b.size,
+                    })
+                    .collect(),
+            });
+            issued.push(IssuedRecord {
+                record,
+                image: object.id.digest(),
+            });
+        }
+        let drop = c.drop.clone().map(|mut d| {
+            d.images = records.iter().map(|r| r.image.clone()).collect();
+            d
+        });
         let result: sled::transaction::TransactionResult<(), ()> = (
             &self.images,
             &self.sent,
             &self.drops,
             &self.audit,
+            self.ledger.records_tree(),
         )
-            .transaction(|(images, sent, drops, audit)| {
-                for img in &c.images {
+            .transaction(|(images, sent, drops, audit, ledger)| {
+                for img in &records {
                     images.insert(img.image.as_bytes(), to_json(img))?;
                     let rec = SentRecord {
                         image: img.image.clone(),
@@ -354,7 +448,11 @@ impl ObjectStore {
                         sent.insert(sent_key(&img.manifest_digest, r).as_bytes(), to_json(&rec))?;
                     }
                 }
-                if let Some(d) = &c.drop {
+                for i in &issued {
+                    let (key, value) = LedgerChain::entry(i);
+                    ledger.insert(&key, value)?;
+                }
+                if let Some(d) = &drop {
                     drops.insert(c.source.as_bytes(), to_json(d))?;
                 }
                 audit.insert(&audit_key, to_json(&c.audit))?;
@@ -366,7 +464,39 @@ impl ObjectStore {
                 StoreError::Db(sled::Error::Unsupported("transaction aborted".into()))
             }
         })?;
-        self.commit("tx.ingest.drop-committed")
+        self.commit("tx.ingest.drop-committed")?;
+        self.ledger.committed(&mut head_guard, head);
+        for i in &issued {
+            tracing::info!(digest = %i.record.manifest_digest, image = %i.image,
+                chain = %i.record.chain, seq = i.record.seq, hash = %i.record.hash().short(),
+                destination = %i.record.destination.display(), "image numbered in the image ledger");
+        }
+        Ok(records)
+    }
+
+    /// Lands one pulled image (no drop file): [`ObjectStore::commit_drop`]
+    /// for a single image; returns its queue record.
+    pub fn commit_pulled(
+        &self,
+        image: AcceptedImage,
+        audit: AuditEntry,
+    ) -> Result<ImageRecord, StoreError> {
+        let records = self.commit_drop(&DropCommit {
+            source: image.origin.source.clone(),
+            drop: None,
+            images: vec![image],
+            audit,
+        })?;
+        records.into_iter().next().ok_or_else(|| {
+            StoreError::Db(sled::Error::Unsupported(
+                "a commit of one image returned no record".into(),
+            ))
+        })
+    }
+
+    /// The image ledger's head, as heartbeats announce it.
+    pub fn ledger_head(&self) -> weir_proto::LedgerHead {
+        self.ledger.head()
     }
 
     /// The drop was moved to done/: nothing remains to finish.
@@ -380,6 +510,14 @@ impl ObjectStore {
             Some(v) => Ok(Some(from_json(source.as_bytes(), &v)?)),
             None => Ok(None),
         }
+    }
+
+    /// Puts a queue record in place as it is, with no ledger record or
+    /// sent mark: for tests of what reads the queue.
+    #[cfg(test)]
+    pub(crate) fn queue_record_for_test(&self, r: &ImageRecord) -> Result<(), StoreError> {
+        self.images.insert(r.image.as_bytes(), to_json(r))?;
+        self.commit("tx.ingest.drop-committed")
     }
 
     /// Every queued image, in ingest order.
@@ -579,7 +717,7 @@ impl Drop for ObjectWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -633,48 +771,132 @@ mod tests {
         assert!(b > a);
     }
 
+    /// An accepted image of `repo:tag` whose manifest is `manifest`.
+    pub(crate) fn accepted(repo: &str, tag: &str, manifest: &[u8], source: &str) -> AcceptedImage {
+        AcceptedImage {
+            destination: Destination {
+                repository: repo.into(),
+                tags: vec![tag.into()],
+            },
+            manifest: ManifestBytes {
+                digest: ObjectId::of_bytes(manifest).digest(),
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                bytes: manifest.to_vec(),
+            },
+            children: vec![],
+            blobs: vec![],
+            origin: Origin {
+                source: source.into(),
+                source_reference: None,
+                ingested_at: 5,
+            },
+            verdict: Verdict {
+                rule: None,
+                gate: None,
+                worst_severity: None,
+                signature: None,
+                summary: "ok".into(),
+            },
+            references: vec![format!("{repo}:{tag}")],
+        }
+    }
+
+    pub(crate) fn audit(source: &str) -> AuditEntry {
+        AuditEntry {
+            at: 5,
+            source: source.into(),
+            outcome: "accepted".into(),
+            code: None,
+            message: "ok".into(),
+            references: vec![],
+            manifest_digests: vec![],
+        }
+    }
+
+    fn image_object(store: &ObjectStore, record: &ImageRecord) -> TransferManifest {
+        let id = ObjectId::from_digest(&record.image).unwrap();
+        TransferManifest::from_object_bytes(&std::fs::read(store.object_path(&id)).unwrap())
+            .unwrap()
+    }
+
     #[test]
     fn drop_commit_lands_together_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let img = accepted("a/b", "1", b"manifest", "x.tar");
+        let digest = img.manifest.digest.clone();
+        let chain = {
             let store = ObjectStore::open(dir.path()).unwrap();
-            let img = ImageRecord {
-                image: ObjectId::of_bytes(b"img").digest(),
-                image_len: 3,
-                manifest_digest: "sha256:m".into(),
-                destination: "a/b:1".into(),
-                references: vec!["a/b:1".into()],
-                source: "x.tar".into(),
-                ingested_at: 5,
-                seq: store.next_seq().unwrap(),
-                blobs: vec![],
-            };
-            store
+            let records = store
                 .commit_drop(&DropCommit {
                     source: "x.tar".into(),
                     drop: Some(DropRecord {
                         size: 1,
                         modified_ns: 2,
-                        images: vec![img.image.clone()],
+                        images: vec![],
                     }),
                     images: vec![img],
-                    audit: AuditEntry {
-                        at: 5,
-                        source: "x.tar".into(),
-                        outcome: "accepted".into(),
-                        code: None,
-                        message: "ok".into(),
-                        references: vec!["a/b:1".into()],
-                        manifest_digests: vec!["sha256:m".into()],
-                    },
+                    audit: audit("x.tar"),
                 })
                 .unwrap();
-        }
+            assert_eq!(records.len(), 1);
+            store.ledger_head().chain
+        };
         let store = ObjectStore::open(dir.path()).unwrap();
-        assert_eq!(store.images().unwrap().len(), 1);
-        assert!(store.sent("sha256:m", "a/b:1").unwrap().is_some());
-        assert!(store.sent("sha256:m", "a/b:2").unwrap().is_none());
-        assert!(store.drop_record("x.tar").unwrap().is_some());
+        let images = store.images().unwrap();
+        assert_eq!(images.len(), 1);
+        assert!(store.sent(&digest, "a/b:1").unwrap().is_some());
+        assert!(store.sent(&digest, "a/b:2").unwrap().is_none());
+        assert_eq!(
+            store.drop_record("x.tar").unwrap().unwrap().images,
+            vec![images[0].image.clone()]
+        );
         assert_eq!(store.audit_entries().unwrap()[0].outcome, "accepted");
+        // The record is inside the image object, and the head survived.
+        let tm = image_object(&store, &images[0]);
+        assert_eq!((tm.ledger.chain, tm.ledger.seq), (chain, 1));
+        assert_eq!(tm.ledger.manifest_digest, digest);
+        assert_eq!(tm.ledger.source, "x.tar");
+        assert_eq!(store.ledger_head(), tm.ledger.head());
+    }
+
+    /// Both intakes number through the same chain, each record after the
+    /// last, also when they commit at once from two threads.
+    #[test]
+    fn drops_and_pulls_are_numbered_in_one_chain_without_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(ObjectStore::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..2)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..5 {
+                        let img = accepted(
+                            "team/app",
+                            &format!("t{t}-{i}"),
+                            format!("m{t}{i}").as_bytes(),
+                            "src",
+                        );
+                        store.commit_pulled(img, audit("src")).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let verified = crate::ledger::verify(dir.path());
+        // The gateway holds the database: verify reads the copy it keeps.
+        let verified = verified.unwrap();
+        assert!(verified.bad.is_none(), "{:?}", verified.bad);
+        assert_eq!(verified.count, 10);
+        assert_eq!(verified.head, Some(store.ledger_head()));
+        let mut seqs: Vec<u64> = store
+            .images()
+            .unwrap()
+            .iter()
+            .map(|r| image_object(&store, r).ledger.seq)
+            .collect();
+        seqs.sort();
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
     }
 }

@@ -84,6 +84,8 @@ pub struct Status {
     /// Pull mode; absent without `[pull]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pull: Option<PullStatus>,
+    /// The image ledger's head, as the last heartbeat announced it.
+    pub ledger: Option<weir_proto::LedgerHead>,
     pub images: Vec<ImageStatus>,
 }
 

@@ -16,6 +16,12 @@ pub fn new_session_id(previous: Option<u64>) -> u64 {
     weir_proto::new_session_id(previous, unix_ms(), rand::random::<u16>())
 }
 
+/// A new image ledger chain id, drawn at random: a sender whose state was
+/// lost must not restart a chain the receiver already holds.
+pub fn new_chain_id() -> weir_proto::ChainId {
+    weir_proto::ChainId(rand::random::<u64>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,29 @@ pub fn counter_lines<'a>(out: &mut String, counters: impl IntoIterator<Item = (&
     }
 }
 
+/// Unix seconds as UTC, `2024-05-01T12:00:00Z`: times an operator
+/// compares across the two sides (whose clocks may differ) and logs.
+pub fn utc_text(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let secs = unix_s % 86_400;
+    // Days to civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +115,12 @@ mod tests {
             out,
             "fault: none\nfault: state disk full\nimages: none\nimages:\n  manifest sha256:bb\n  image    sha256:aa\nframes 3\npass 0\n"
         );
+    }
+
+    #[test]
+    fn utc_text_writes_the_civil_date() {
+        assert_eq!(utc_text(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_text(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_text(1_714_564_800), "2024-05-01T12:00:00Z");
     }
 }

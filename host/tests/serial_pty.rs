@@ -33,6 +33,7 @@ fn sealed_frames(n: u32) -> Vec<Vec<u8>> {
                     pass: 1,
                     config_fingerprint: 0xfeed,
                     sent_frames: u64::from(i),
+                    ledger: None,
                 }),
                 _ => Body::Shard(ShardFrame {
                     object: ObjectId([0xab; 32]),

@@ -23,6 +23,7 @@
 //!                 block u32 index u16 payload(len, S bytes)
 //!  heartbeat:     uptime_s u64 queued_objects u32 pass u64
 //!                 config_fingerprint u64 sent_frames u64
+//!                 ledger: option{chain u64, seq u64, hash[32]}
 //! ```
 //!
 //! The receiver checks magic, version, key id and the tag — in constant
@@ -32,6 +33,7 @@
 
 use crate::auth::{Key, KeyRing};
 use crate::fec::FecParams;
+use crate::ledger::LedgerHead;
 use crate::manifest::{ObjectId, ObjectKind};
 use hmac::Mac;
 use serde::{Deserialize, Serialize};
@@ -107,6 +109,9 @@ pub struct Heartbeat {
     pub pass: u64,
     pub config_fingerprint: u64,
     pub sent_frames: u64,
+    /// The head of the sender's image ledger: how many images it accepted
+    /// in its chain, so the receiver can tell which it has not completed.
+    pub ledger: Option<LedgerHead>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -438,6 +443,11 @@ mod tests {
                 pass: u64::from(*i),
                 config_fingerprint: n.rotate_left(7),
                 sent_frames: n / 3,
+                ledger: (n % 2 == 0).then_some(LedgerHead {
+                    chain: crate::ledger::ChainId(n.rotate_left(3)),
+                    seq: *n,
+                    hash: crate::ledger::RecordHash(*id),
+                }),
             }),
         }
     }
@@ -469,6 +479,7 @@ mod tests {
             pass: 0,
             config_fingerprint: 0,
             sent_frames: 0,
+            ledger: None,
         });
         let mut out = Vec::new();
         FrameSealer::new(key(9), 1).seal(&body, &mut out);

@@ -42,6 +42,8 @@
 //! - [`fec`]: the Reed–Solomon block codec and the send order;
 //! - [`assembly`]: which shards of an object are held, and its lifecycle;
 //! - [`manifest`]: what an image object carries;
+//! - [`ledger`]: the image ledger's hash chain, heads, gaps and the
+//!   receiver's report;
 //! - [`names`]: repository and tag names as the distribution spec allows;
 //! - [`pacing`]: the token bucket every rate limit uses;
 //! - [`framing`]: COBS for byte streams, the directory link's batch file;
@@ -54,6 +56,7 @@ pub mod auth;
 pub mod fec;
 pub mod frame;
 pub mod framing;
+pub mod ledger;
 pub mod manifest;
 pub mod names;
 pub mod pacing;
@@ -68,6 +71,7 @@ pub use frame::{
     new_session_id, Body, Frame, FrameError, FrameKind, FrameOpener, FrameSealer, Header,
     Heartbeat, ObjectHeader, ShardFrame,
 };
+pub use ledger::{ChainId, ChainRecord, LedgerHead, RecordHash};
 pub use manifest::*;
 pub use names::{check_repository, check_tag, NameError};
 pub use pacing::{LinePacer, TokenBucket};

@@ -7,6 +7,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::ledger::ChainRecord;
+
 /// Identity of an object on the wire: the sha256 of the object's bytes.
 ///
 /// For a blob object this is the blob's OCI digest, so a blob shared by two
@@ -133,8 +135,12 @@ pub struct Origin {
 pub struct Verdict {
     /// The rule regex that matched, if rules were configured.
     pub rule: Option<String>,
+    /// The matching rule's severity gate (`Low`..`Critical`), if it has one.
+    pub gate: Option<String>,
     /// The worst severity found in the scan report, if there was one.
     pub worst_severity: Option<String>,
+    /// The signature check's result; None where none was asked for.
+    pub signature: Option<String>,
     /// A one-line human summary.
     pub summary: String,
 }
@@ -151,6 +157,10 @@ pub struct TransferManifest {
     pub blobs: Vec<BlobRef>,
     pub origin: Origin,
     pub verdict: Verdict,
+    /// The image's record in its sender's image ledger (see
+    /// [`crate::ledger`]): inside the object, so its sha256 and every
+    /// frame's HMAC cover it.
+    pub ledger: ChainRecord,
 }
 
 impl TransferManifest {

@@ -38,6 +38,7 @@ fn valid_frames(key: &Key) -> Vec<Vec<u8>> {
             pass: 1,
             config_fingerprint: 77,
             sent_frames: 1000,
+            ledger: None,
         }),
     ];
     let mut sealer = FrameSealer::new(key.clone(), 99);

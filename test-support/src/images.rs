@@ -3,8 +3,10 @@
 //! multi-arch index). OCI archives and layouts on disk come from
 //! `weir-imagegen`, re-exported as [`crate::imagegen`].
 
+use weir_proto::ledger::{ChainId, LedgerHead, RecordFields};
 use weir_proto::{
-    BlobRef, Destination, ManifestBytes, ObjectId, ObjectKind, Origin, TransferManifest, Verdict,
+    BlobRef, ChainRecord, Destination, ManifestBytes, ObjectId, ObjectKind, Origin,
+    TransferManifest, Verdict,
 };
 
 /// Deterministic bytes from a seed.
@@ -38,6 +40,13 @@ impl SampleImage {
 
     pub fn blob_ids(&self) -> Vec<ObjectId> {
         self.blobs.iter().map(|b| ObjectId::of_bytes(b)).collect()
+    }
+
+    /// The same image as record `head.seq + 1` of `head`'s chain (the image
+    /// object changes with it).
+    pub fn following(mut self, head: &LedgerHead) -> SampleImage {
+        self.tm.ledger = head.next(record_fields(&self.tm));
+        self
     }
 
     /// Every object that crosses for this image: the blobs, then the image object.
@@ -76,6 +85,35 @@ fn oci_manifest(config: &BlobRef, layers: &[BlobRef]) -> ManifestBytes {
     }
 }
 
+/// What a ledger record says of `tm`.
+pub fn record_fields(tm: &TransferManifest) -> RecordFields {
+    RecordFields {
+        manifest_digest: tm.manifest.digest.clone(),
+        destination: tm.destination.clone(),
+        source: tm.origin.source.clone(),
+        verdict: tm.verdict.clone(),
+        accepted_at: tm.origin.ingested_at,
+    }
+}
+
+/// The first record of a chain of its own, named after the image: each
+/// sample image is accepted by a receiver as a new chain (as from a sender
+/// whose state was lost), unless [`SampleImage::following`] numbers it
+/// into another chain.
+pub fn genesis_record(fields: RecordFields) -> ChainRecord {
+    let id = ObjectId::of_bytes(
+        format!(
+            "{} {}",
+            fields.manifest_digest,
+            fields.destination.display()
+        )
+        .as_bytes(),
+    );
+    let mut chain = [0u8; 8];
+    chain.copy_from_slice(&id.0[..8]);
+    LedgerHead::empty(ChainId(u64::from_be_bytes(chain))).next(fields)
+}
+
 fn transfer(
     repo: &str,
     tags: &[&str],
@@ -83,24 +121,37 @@ fn transfer(
     children: Vec<ManifestBytes>,
     blobs: Vec<BlobRef>,
 ) -> TransferManifest {
+    let destination = Destination {
+        repository: repo.into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+    };
+    let origin = Origin {
+        source: "test".into(),
+        source_reference: None,
+        ingested_at: 0,
+    };
+    let verdict = Verdict {
+        rule: None,
+        gate: None,
+        worst_severity: None,
+        signature: None,
+        summary: "test".into(),
+    };
+    let ledger = genesis_record(RecordFields {
+        manifest_digest: manifest.digest.clone(),
+        destination: destination.clone(),
+        source: origin.source.clone(),
+        verdict: verdict.clone(),
+        accepted_at: origin.ingested_at,
+    });
     TransferManifest {
-        destination: Destination {
-            repository: repo.into(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-        },
+        destination,
         manifest,
         children,
         blobs,
-        origin: Origin {
-            source: "test".into(),
-            source_reference: None,
-            ingested_at: 0,
-        },
-        verdict: Verdict {
-            rule: None,
-            worst_severity: None,
-            summary: "test".into(),
-        },
+        origin,
+        verdict,
+        ledger,
     }
 }
 

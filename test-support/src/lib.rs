@@ -46,7 +46,7 @@ pub mod tls;
 pub mod tools;
 pub mod wait;
 
-pub use images::{bytes_from, sample_image, sample_index, SampleImage};
+pub use images::{bytes_from, genesis_record, sample_image, sample_index, SampleImage};
 pub use proxy::TcpProxy;
 pub use receiver::{HeldObject, Reassembler, SeenShard};
 pub use registry::{

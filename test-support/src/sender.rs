@@ -5,8 +5,8 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 use weir_proto::{
-    interleave, BlockCodec, Body, FecParams, FrameSealer, Key, ObjectHeader, ObjectId, ObjectKind,
-    ShardFrame,
+    interleave, BlockCodec, Body, FecParams, FrameSealer, Heartbeat, Key, LedgerHead, ObjectHeader,
+    ObjectId, ObjectKind, ShardFrame,
 };
 
 /// Alters a shard payload before sealing: (object, block, index, payload).
@@ -121,6 +121,22 @@ impl TestSender {
         let frames = self.seal(objects, &mut |_, _| true, &mut |_, _, _, _| {});
         self.send(&frames);
         frames
+    }
+
+    /// Seals and sends a heartbeat announcing `ledger` as the head of the
+    /// sender's image ledger.
+    pub fn heartbeat(&mut self, ledger: Option<LedgerHead>) {
+        let body = Body::Heartbeat(Heartbeat {
+            uptime_s: 1,
+            queued_objects: 0,
+            pass: 1,
+            config_fingerprint: 0,
+            sent_frames: self.sealer.sealed(),
+            ledger,
+        });
+        self.sealer.seal(&body, &mut self.frame);
+        let frame = self.frame.clone();
+        self.send(&[frame]);
     }
 
     /// Sends frames as they are, one datagram each, paced so loopback

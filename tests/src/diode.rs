@@ -11,7 +11,10 @@
 //!   transition probabilities (`enter`, `exit`) and a loss probability in
 //!   the bad state, plus independent loss (`loss`) in either state;
 //! - corruption (one random byte flipped), duplication, reordering (a
-//!   datagram held back and released after the next 1–3).
+//!   datagram held back and released after the next 1–3);
+//! - an [`ObjectFilter`]: the frames of chosen objects dropped, whatever
+//!   pass carries them (one image that never arrives), changed while the
+//!   diode runs.
 //!
 //! Every datagram draws the same random numbers whatever happens to it, so
 //! the fate of the n-th datagram depends only on the seed and n (plus the
@@ -24,13 +27,14 @@
 // recvmmsg and a forced socket buffer size have no safe wrapper in std or socket2.
 #![allow(unsafe_code)]
 
+use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -116,6 +120,75 @@ impl FromStr for Blackout {
     }
 }
 
+/// Drops every frame (object header or shard) of chosen objects: a test's
+/// way to make exactly one image never arrive, until it is released.
+#[derive(Default)]
+pub struct ObjectFilter {
+    state: Mutex<FilterState>,
+}
+
+#[derive(Default)]
+struct FilterState {
+    image_objects: bool,
+    objects: HashSet<[u8; 32]>,
+}
+
+/// Where a header or shard frame names its object (its body's first 32
+/// bytes) and the object's kind (the byte after).
+const OBJECT_ID_AT: std::ops::Range<usize> = 28..60;
+const OBJECT_KIND_AT: usize = 60;
+
+impl ObjectFilter {
+    fn state(&self) -> std::sync::MutexGuard<'_, FilterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops every image object's frames (its blobs pass), or stops.
+    pub fn drop_image_objects(&self, on: bool) {
+        self.state().image_objects = on;
+    }
+
+    /// Drops the frames of object `id` (its sha256).
+    pub fn drop_object(&self, id: [u8; 32]) {
+        self.state().objects.insert(id);
+    }
+
+    /// Lets everything through again.
+    pub fn release(&self) {
+        let mut s = self.state();
+        s.image_objects = false;
+        s.objects.clear();
+    }
+
+    fn drops(&self, frame: &[u8]) -> bool {
+        // Kinds 1 and 2: object header and shard.
+        if frame.len() <= OBJECT_KIND_AT || !matches!(frame.get(5), Some(1 | 2)) {
+            return false;
+        }
+        let s = self.state();
+        (s.image_objects && frame[OBJECT_KIND_AT] == 1)
+            || frame[OBJECT_ID_AT]
+                .try_into()
+                .is_ok_and(|id: [u8; 32]| s.objects.contains(&id))
+    }
+}
+
+/// A shared [`ObjectFilter`] in a diode's configuration.
+#[derive(Clone, Default)]
+pub struct FilterHandle(pub Arc<ObjectFilter>);
+
+impl PartialEq for FilterHandle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl fmt::Debug for FilterHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FilterHandle")
+    }
+}
+
 /// Everything the diode does; `DiodeConfig::new` has every fault off.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiodeConfig {
@@ -143,6 +216,8 @@ pub struct DiodeConfig {
     pub duration: Option<Duration>,
     /// Receive/send buffer size asked for.
     pub socket_buffer: usize,
+    /// Frames of chosen objects dropped.
+    pub filter: Option<FilterHandle>,
 }
 
 impl DiodeConfig {
@@ -161,6 +236,7 @@ impl DiodeConfig {
             rate_burst_bytes: None,
             duration: None,
             socket_buffer: DEFAULT_SOCKET_BUFFER,
+            filter: None,
         }
     }
 
@@ -221,6 +297,8 @@ pub struct DiodeStats {
     pub dropped_burst: AtomicU64,
     pub dropped_blackout: AtomicU64,
     pub dropped_rate: AtomicU64,
+    /// Frames of an object the filter drops.
+    pub dropped_filter: AtomicU64,
     pub corrupted: AtomicU64,
     pub duplicated: AtomicU64,
     pub reordered: AtomicU64,
@@ -239,6 +317,7 @@ pub struct DiodeCounters {
     pub dropped_burst: u64,
     pub dropped_blackout: u64,
     pub dropped_rate: u64,
+    pub dropped_filter: u64,
     pub corrupted: u64,
     pub duplicated: u64,
     pub reordered: u64,
@@ -247,7 +326,11 @@ pub struct DiodeCounters {
 
 impl DiodeCounters {
     pub fn dropped(&self) -> u64 {
-        self.dropped_loss + self.dropped_burst + self.dropped_blackout + self.dropped_rate
+        self.dropped_loss
+            + self.dropped_burst
+            + self.dropped_blackout
+            + self.dropped_rate
+            + self.dropped_filter
     }
 }
 
@@ -256,7 +339,7 @@ impl fmt::Display for DiodeCounters {
         write!(
             f,
             "received={} forwarded={} dropped_loss={} dropped_burst={} dropped_blackout={} \
-             dropped_rate={} corrupted={} duplicated={} reordered={} send_errors={} \
+             dropped_rate={} dropped_filter={} corrupted={} duplicated={} reordered={} send_errors={} \
              received_bytes={} forwarded_bytes={}",
             self.received,
             self.forwarded,
@@ -264,6 +347,7 @@ impl fmt::Display for DiodeCounters {
             self.dropped_burst,
             self.dropped_blackout,
             self.dropped_rate,
+            self.dropped_filter,
             self.corrupted,
             self.duplicated,
             self.reordered,
@@ -286,6 +370,7 @@ impl DiodeStats {
             dropped_burst: r(&self.dropped_burst),
             dropped_blackout: r(&self.dropped_blackout),
             dropped_rate: r(&self.dropped_rate),
+            dropped_filter: r(&self.dropped_filter),
             corrupted: r(&self.corrupted),
             duplicated: r(&self.duplicated),
             reordered: r(&self.reordered),
@@ -307,6 +392,7 @@ impl DiodeStats {
         a(&self.dropped_burst, c.dropped_burst);
         a(&self.dropped_blackout, c.dropped_blackout);
         a(&self.dropped_rate, c.dropped_rate);
+        a(&self.dropped_filter, c.dropped_filter);
         a(&self.corrupted, c.corrupted);
         a(&self.duplicated, c.duplicated);
         a(&self.reordered, c.reordered);
@@ -658,6 +744,15 @@ impl Link {
             } else {
                 d.enter_or_exit < b.enter
             };
+        }
+        if self
+            .config
+            .filter
+            .as_ref()
+            .is_some_and(|f| f.0.drops(bytes))
+        {
+            c.dropped_filter += 1;
+            return Fate::Dropped;
         }
         if self.config.blackouts.iter().any(|w| w.contains(t)) {
             c.dropped_blackout += 1;

@@ -651,6 +651,7 @@ fn forged_frames(n: usize) -> Vec<Vec<u8>> {
                     pass: 0,
                     config_fingerprint: 0,
                     sent_frames: 0,
+                    ledger: None,
                 }),
                 &mut out,
             );

@@ -497,6 +497,7 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
         pass: 0,
         config_fingerprint: 0,
         sent_frames: 0,
+        ledger: None,
     });
     let mut frame = Vec::new();
     // Same key id as the real key, another secret: a forgery.

@@ -281,6 +281,14 @@ impl Delivery {
         Ok(())
     }
 
+    /// The webhook's queue, if one is configured.
+    pub fn notifier(&self) -> Option<Notifier> {
+        self.notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn notify(&self, job: &DeliveryJob, event: &str, seconds: f64, error: Option<String>) {
         let notifier = self
             .notifier
@@ -311,6 +319,7 @@ impl Delivery {
             target: job.target.name().to_string(),
             seconds_from_first_frame: seconds,
             error,
+            missing: None,
         });
     }
 

@@ -1,4 +1,5 @@
-//! Optional webhook: one JSON POST per image delivered or failing.
+//! Optional webhook: one JSON POST per image delivered or failing, and
+//! per image ledger gap (`missing`).
 //!
 //! Best effort by design: notices go through a small queue to a task of
 //! their own, each call has a timeout, and a full queue drops the notice
@@ -16,7 +17,7 @@ const QUEUE: usize = 64;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Notice {
     pub text: String,
-    /// "delivered" or "failing".
+    /// "delivered", "failing" or "missing".
     pub event: String,
     pub reference: String,
     pub digest: String,
@@ -24,6 +25,23 @@ pub struct Notice {
     /// Seconds from the first frame of the image to this event.
     pub seconds_from_first_frame: f64,
     pub error: Option<String>,
+    /// For `missing`: the images of the sender's ledger chain that did not
+    /// arrive complete in time (reference, digest and target are empty:
+    /// the receiver knows only their numbers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing: Option<MissingImages>,
+}
+
+/// A range of the sender's image ledger not complete in time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MissingImages {
+    /// The chain id, 16 hex digits.
+    pub chain: String,
+    pub from: u64,
+    pub to: u64,
+    pub count: u64,
+    /// When the sender first announced them (receiver's clock).
+    pub announced_at_ms: u64,
 }
 
 /// Handle that queues notices for the webhook task.

@@ -9,7 +9,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
-use crate::delivery::{Delivery, DeliveryQueue, DeliveryStats};
+use crate::delivery::{Delivery, DeliveryQueue, DeliveryStats, Notifier};
 use crate::status::Counters;
 
 /// How long a delivery under way may take to end at shutdown.
@@ -36,6 +36,12 @@ impl WebhookSwitch {
     pub fn apply(&self, config: &RxConfig) -> Result<(), crate::delivery::DeliveryError> {
         let _entered = self.runtime.enter();
         self.delivery.set_webhook(&config.notify)
+    }
+
+    /// The webhook's queue as it is now (other stages' events follow a
+    /// reload this way).
+    pub fn current(&self) -> Option<Notifier> {
+        self.delivery.notifier()
     }
 }
 

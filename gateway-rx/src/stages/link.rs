@@ -122,6 +122,7 @@ pub fn receive(
                         config_fingerprint: h.config_fingerprint,
                         sent_frames: h.sent_frames,
                         session_id: frame.header.session_id,
+                        ledger: h.ledger,
                     };
                     *sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
                 }

@@ -5,6 +5,7 @@
 //!  (receive,  (shard     (Reed-      (commit)  (sha256,    (registry push,
 //!   verify)    batches)   Solomon)              blob store) OCI layout)
 //!                              report: status.json, LEDs, console
+//!                              ledger: announced head, gaps, ledger copy
 //! ```
 //!
 //! [`crate::gateway::run`] wires them; the durable state they work on
@@ -14,6 +15,7 @@
 pub mod decode;
 pub mod deliver;
 pub mod finish;
+pub mod ledger;
 pub mod link;
 pub mod report;
 pub mod store;

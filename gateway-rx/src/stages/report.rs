@@ -1,7 +1,7 @@
 //! The report stage: status.json every second (and the counters in the
 //! log), the LED panel's inputs and the faults it judges, the serial
-//! console, the metrics endpoint; and the status of a stopped gateway,
-//! read from its database.
+//! console, the metrics endpoint, and the image ledger's watch beside
+//! them; and the status of a stopped gateway, read from its database.
 
 use anyhow::Context;
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,8 @@ use crate::delivery::{DeliveryJob, DeliveryQueue, DeliveryStats};
 use crate::gateway::{blobs_dir, db_dir};
 use crate::images::ImageLedger;
 use crate::shards;
+use crate::stages::deliver::WebhookSwitch;
+use crate::stages::ledger::LedgerWatch;
 use crate::state::{now_ms, StateDb};
 use crate::status::{
     Counters, DeliveryState, DeliveryView, ObjectProgress, SenderStatus, StatusReport,
@@ -173,6 +175,7 @@ pub struct Reporter {
     pub listening: String,
     pub faults: Arc<Faults>,
     pub gauge: Arc<Mutex<LinkGauge>>,
+    pub gap_alert_hours: f64,
 }
 
 impl Reporter {
@@ -239,6 +242,17 @@ impl Reporter {
             receiving,
             images,
             deliveries: delivery_views(&jobs),
+            ledger: ledger_view(&self.ledger, self.gap_alert_hours),
+        }
+    }
+}
+
+fn ledger_view(ledger: &ImageLedger, gap_alert_hours: f64) -> Option<crate::ledger::LedgerView> {
+    match ledger.chains().view(now_ms(), gap_alert_hours) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, "image ledger view unavailable");
+            None
         }
     }
 }
@@ -310,23 +324,27 @@ pub fn status(config: &RxConfig) -> anyhow::Result<StatusReport> {
         receiving,
         images,
         deliveries: delivery_views(&jobs),
+        ledger: ledger_view(&ledger, config.ledger.gap_alert_hours),
     })
 }
 
 /// The reporting stages, started: status.json, the LED panel, the
-/// console. Stopped last, once the state they show is settled.
+/// console, the metrics endpoint and the image ledger's watch. Stopped
+/// last, once the state they show is settled.
 pub struct Reporting {
     pub stages: Stages,
     pub leds: Option<Arc<Leds>>,
     pub console: Option<Console>,
 }
 
-/// Starts status.json, the LED panel and the console on `reporter`.
+/// Starts status.json, the LED panel, the console, the metrics endpoint
+/// and the image ledger's watch on `reporter`.
 pub fn start_reporting(
     config: &RxConfig,
     reporter: &Arc<Reporter>,
     keys: Arc<Reloadable<KeyRing>>,
     deliveries: Arc<DeliveryStats>,
+    webhook: WebhookSwitch,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Reporting> {
     let mut stages = Stages::new(shutdown);
@@ -355,6 +373,20 @@ pub fn start_reporting(
             crate::appliance::run_panel(leds.as_deref(), s, inputs.into_reader());
             Ok(())
         }
+    })?;
+    let watch = LedgerWatch {
+        chains: reporter.ledger.chains().clone(),
+        sender: reporter.sender.clone(),
+        faults: reporter.faults.clone(),
+        webhook,
+        queue: reporter.queue.clone(),
+        counters: reporter.counters.clone(),
+        state_dir: reporter.state_dir.clone(),
+        gap_alert_hours: reporter.gap_alert_hours,
+    };
+    stages.spawn("rx-ledger", move |s| {
+        watch.run(s);
+        Ok(())
     })?;
     let console = start_console(config, reporter, keys, shutdown);
     Ok(Reporting {

@@ -120,6 +120,7 @@ mod tests {
                 pass: 0,
                 config_fingerprint: 0,
                 sent_frames: 0,
+                ledger: None,
             }),
             &mut frame,
         );

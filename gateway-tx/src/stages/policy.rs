@@ -331,7 +331,9 @@ pub fn decide(
     let Some(rules) = rules else {
         return Ok(weir_proto::Verdict {
             rule: None,
+            gate: None,
             worst_severity: worst,
+            signature: None,
             summary: "no rules configured: every image passes".into(),
         });
     };
@@ -354,7 +356,9 @@ pub fn decide(
             Ok(summary) => {
                 return Ok(weir_proto::Verdict {
                     rule: Some(rule.regex.clone()),
+                    gate: rule.gate.map(|g| g.to_string()),
                     worst_severity: worst,
+                    signature: None,
                     summary,
                 })
             }

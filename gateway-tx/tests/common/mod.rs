@@ -71,6 +71,7 @@ impl Setup {
             metrics: None,
             pull: None,
             registry: Vec::new(),
+            ledger: Default::default(),
         };
         std::fs::create_dir_all(&config.spool_dir).unwrap();
         Setup { dir, config }

@@ -588,6 +588,7 @@ mod tests {
                         pass: 2,
                         config_fingerprint: 3,
                         sent_frames: i,
+                        ledger: None,
                     }),
                     &mut out,
                 );

@@ -164,6 +164,7 @@ pub(crate) mod tests {
                         pass: i * 1000,
                         config_fingerprint: 0,
                         sent_frames: i,
+                        ledger: None,
                     }),
                     &mut out,
                 );

@@ -25,7 +25,8 @@ pub mod reference;
 use crate::appliance::{is_disk_full, Fault, Faults, Intake, StateDisk};
 use crate::config::{Mapping, TxConfig};
 use crate::objects::{
-    unix_now, AuditEntry, BlobMember, DropCommit, DropRecord, ImageRecord, ObjectStore, StoreError,
+    unix_now, AcceptedImage, AuditEntry, DropCommit, DropRecord, ImageRecord, ObjectStore,
+    StoreError,
 };
 use crate::policy::{decide, ReasonCode, Refusal, ReportState, Rules, Subject};
 use crate::reload::IntakeSettings;
@@ -41,7 +42,7 @@ use std::time::{Duration, Instant};
 use weir_host::durable::fsync_dir;
 use weir_host::reload::ReloadReader;
 use weir_host::Shutdown;
-use weir_proto::{Destination, Origin, TransferManifest};
+use weir_proto::{Destination, Origin};
 
 /// After a failure on our side (disk full...), a drop waits this long.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -430,7 +431,7 @@ impl Ingestor {
                         "image already sent to this destination; not queued again");
                     continue;
                 }
-                let tm = TransferManifest {
+                new_images.push(AcceptedImage {
                     destination: Destination {
                         repository: repository.clone(),
                         tags,
@@ -444,25 +445,7 @@ impl Ingestor {
                         ingested_at,
                     },
                     verdict: verdict.clone(),
-                };
-                let object = self.store.put_bytes(&tm.to_object_bytes())?;
-                new_images.push(ImageRecord {
-                    image: object.id.digest(),
-                    image_len: object.len,
-                    manifest_digest: stored.manifest.digest.clone(),
-                    destination: tm.destination.display(),
                     references,
-                    source: source.to_string(),
-                    ingested_at,
-                    seq: self.store.next_seq()?,
-                    blobs: stored
-                        .blobs
-                        .iter()
-                        .map(|b| BlobMember {
-                            digest: b.digest.clone(),
-                            size: b.size,
-                        })
-                        .collect(),
                 });
             }
         }
@@ -487,24 +470,26 @@ impl Ingestor {
             return Ok(DropOutcome::AlreadySent(message));
         }
 
-        self.store.commit_drop(&DropCommit {
+        let message = new_images
+            .iter()
+            .map(|i| format!("{} as {}", i.destination.display(), i.manifest.digest))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let new_images = self.store.commit_drop(&DropCommit {
             source: source.to_string(),
+            // Its images are named by the commit, once their objects exist.
             drop: Some(DropRecord {
                 size,
                 modified_ns,
-                images: new_images.iter().map(|i| i.image.clone()).collect(),
+                images: Vec::new(),
             }),
-            images: new_images.clone(),
+            images: new_images,
             audit: AuditEntry {
                 at: ingested_at,
                 source: source.to_string(),
                 outcome: "accepted".into(),
                 code: None,
-                message: new_images
-                    .iter()
-                    .map(|i| format!("{} as {}", i.destination, i.manifest_digest))
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                message,
                 references: all_refs,
                 manifest_digests: digests,
             },

@@ -37,7 +37,7 @@ use crate::appliance::{Fault, Faults};
 use crate::config::{Scanner, TxConfig};
 use crate::ingest::formats::{MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST};
 use crate::objects::{
-    unix_now, AuditEntry, BlobMember, DropCommit, ImageRecord, ObjectStore, PullRefusal, StoreError,
+    unix_now, AcceptedImage, AuditEntry, ImageRecord, ObjectStore, PullRefusal, StoreError,
 };
 use crate::policy::{decide, ReasonCode, Refusal, ReportState, Rules, Subject};
 use crate::reload::IntakeSettings;
@@ -53,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sync::{Platform, Selection, SyncEntry, SyncList};
 use weir_host::reload::ReloadReader;
 use weir_host::Shutdown;
-use weir_proto::{BlobRef, Destination, ManifestBytes, ObjectId, Origin, TransferManifest};
+use weir_proto::{BlobRef, Destination, ManifestBytes, ObjectId, Origin};
 
 /// Polls in a row a registry may fail before the fault is raised.
 pub const FAULT_AFTER_FAILURES: u64 = 3;
@@ -627,7 +627,7 @@ impl Puller {
         }
 
         let ingested_at = unix_now();
-        let tm = TransferManifest {
+        let image = AcceptedImage {
             destination: Destination {
                 repository: entry.destination.repository.clone(),
                 tags: vec![dest_tag.to_string()],
@@ -641,30 +641,11 @@ impl Puller {
                 ingested_at,
             },
             verdict,
-        };
-        let object = self.store.put_bytes(&tm.to_object_bytes())?;
-        let record = ImageRecord {
-            image: object.id.digest(),
-            image_len: object.len,
-            manifest_digest: digest.clone(),
-            destination: destination.clone(),
             references: vec![destination.clone()],
-            source: source_ref.clone(),
-            ingested_at,
-            seq: self.store.next_seq()?,
-            blobs: blobs
-                .iter()
-                .map(|b| BlobMember {
-                    digest: b.digest.clone(),
-                    size: b.size,
-                })
-                .collect(),
         };
-        self.store.commit_drop(&DropCommit {
-            source: source_ref.clone(),
-            drop: None,
-            images: vec![record.clone()],
-            audit: AuditEntry {
+        let record = self.store.commit_pulled(
+            image,
+            AuditEntry {
                 at: ingested_at,
                 source: source_ref.clone(),
                 outcome: "accepted".into(),
@@ -673,7 +654,7 @@ impl Puller {
                 references: vec![destination.clone()],
                 manifest_digests: vec![digest.clone()],
             },
-        })?;
+        )?;
         tracing::info!(entry = %entry.name, source = %source_ref, digest = %digest, image = %record.image,
             destination = %destination, blobs = blobs.len(), bytes = blobs.iter().map(|b| b.size).sum::<u64>(),
             "image pulled and queued");

@@ -1,0 +1,918 @@
+//! The image ledger on the high side: the records of the sender's hash
+//! chain(s) this receiver holds, the head the sender announces, and the
+//! gaps between the two (the chain itself: [`weir_proto::ledger`]).
+//!
+//! # Records fill in out of order
+//!
+//! Passes repeat and images complete in any order, so records are held by
+//! (chain, sequence number) and checked against whichever neighbours are
+//! held when they arrive, and again (from the other side) when a neighbour
+//! arrives later ([`weir_proto::ledger::check_links`]). A record is
+//! admitted when its image object is verified, after the object's names
+//! and counts were checked ([`crate::images`]), and before its image may
+//! complete:
+//!
+//! - the same record again, with the same image object: nothing to do;
+//! - a record at a sequence number already held with another hash, one
+//!   that does not link to a held neighbour, one that fails its bounds, or
+//!   one that does not belong to its image object (another manifest digest
+//!   or destination): **refused**. Its image is not delivered, the refusal
+//!   is kept (`ledger_refused`, so it is counted once,
+//!   `ledger_records_refused`) and logged with the image's digest. The
+//!   record held first stands; a sender holding the HMAC key can sign a
+//!   forged record, but not make the receiver drop what it holds unseen.
+//! - a record of a chain this receiver holds no first record of: it
+//!   **waits** (`ledger_waiting`, at most [`MAX_WAITING`] records) until
+//!   the chain's record 1 arrives (a genesis record: prev zero). Then the
+//!   chain is accepted, logged loudly ("sender started a new image ledger
+//!   chain"), and the waiting records are admitted in order.
+//!
+//! # Gaps
+//!
+//! Each heartbeat carries the sender's head (chain, seq, hash). The chain
+//! it names is the one followed; [`Announcements`] remember when each of
+//! its sequence numbers was first announced. A sequence number announced
+//! and not completed (its record held and its image complete) for
+//! `[ledger] gap_alert_hours` is a gap: the ledger stage raises the fault,
+//! posts the webhook event `missing` and shows it in status. It clears
+//! when the record arrives and its image completes. A new chain announced
+//! (a sender whose state was lost) replaces the one followed; the old
+//! chain's missing records are logged as an error then, and stay in the
+//! report.
+//!
+//! # State
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `ledger_records` | chain + seq, big-endian | [`StoredRecord`] (JSON) |
+//! | `ledger_waiting` | chain + seq + image id | first seen, ms (JSON) |
+//! | `ledger_refused` | image id | [`RefusedRecord`] (JSON) |
+//! | `ledger_meta` | `announced` | [`Announcements`] (JSON) |
+//!
+//! Records, refusals and completions are written before the image
+//! ledger's commit points (`rx.ledger.object-recorded`,
+//! `rx.ledger.image-complete`) and land with them. An announcement is
+//! written when the head moves and made durable by the next commit point;
+//! a power cut before it only restarts the clock of the newest ones.
+
+pub mod report;
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use weir_proto::ledger::report::RefusedRecord;
+use weir_proto::ledger::{check_links, missing, Announced, Announcements, Gap};
+use weir_proto::{ChainId, ChainRecord, LedgerHead, ObjectId, RecordHash, TransferManifest};
+
+use crate::state::{StateDb, StateError};
+
+const RECORDS_TREE: &str = "ledger_records";
+const WAITING_TREE: &str = "ledger_waiting";
+const REFUSED_TREE: &str = "ledger_refused";
+const META_TREE: &str = "ledger_meta";
+const ANNOUNCED_KEY: &str = "announced";
+/// Most records waiting for their chain's first record: a sender holding
+/// the key could otherwise fill the database with chains that never start.
+pub const MAX_WAITING: usize = 4096;
+/// Most missing ranges computed at once (a range may be one seq or
+/// billions: a hostile head is one range).
+const MAX_RANGES: usize = 10_000;
+
+/// Where an image stands in its sender's chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainPosition {
+    pub chain: ChainId,
+    pub seq: u64,
+}
+
+/// A record held, the image object it came in, and when that image
+/// completed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub record: ChainRecord,
+    pub hash: RecordHash,
+    /// `sha256:` id of the image object.
+    pub image: String,
+    pub complete_at_ms: Option<u64>,
+}
+
+/// The outcome of admitting a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Held (now, or before with the same image object). `released`: the
+    /// images that waited for this chain's first record, in seq order, with
+    /// when they were first seen.
+    Held {
+        position: ChainPosition,
+        released: Vec<(ObjectId, u64)>,
+    },
+    /// Its chain is unknown here: it waits for the chain's record 1.
+    Waiting,
+    /// Refused; `new` is false when this image was refused before.
+    Refused { reason: String, new: bool },
+}
+
+/// The ledger as status.json shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LedgerView {
+    /// The chain the sender announced last.
+    pub chain: Option<ChainId>,
+    /// Records it announced (its head's seq).
+    pub head_announced: u64,
+    /// Every seq up to this one completed.
+    pub highest_contiguous: u64,
+    /// Announced records not completed within `gap_alert_hours`, as ranges
+    /// (at most 20 listed).
+    pub gaps: Vec<Gap>,
+    /// Seqs in all gaps.
+    pub missing: u64,
+    /// Announced records not completed, not overdue yet.
+    pub awaiting: u64,
+    /// Records refused, ever.
+    pub records_refused: u64,
+    /// Records waiting for their chain's first record.
+    pub waiting_for_first_record: u64,
+    /// The sender's head names a hash other than the record held at its
+    /// seq (this seq).
+    pub head_conflict: Option<u64>,
+    pub gap_alert_hours: f64,
+}
+
+/// Status lists this many gap ranges at most.
+const GAPS_SHOWN: usize = 20;
+
+impl LedgerView {
+    /// One line per fact, for `status` and the console.
+    pub fn render(&self, out: &mut String, now_ms: u64) {
+        use std::fmt::Write;
+        let Some(chain) = self.chain else {
+            let _ = writeln!(out, "image ledger: no head announced yet");
+            return;
+        };
+        let mut also = Vec::new();
+        if self.awaiting > 0 {
+            also.push(format!("{} on their way", self.awaiting));
+        }
+        if self.records_refused > 0 {
+            also.push(format!("{} records refused", self.records_refused));
+        }
+        if self.waiting_for_first_record > 0 {
+            also.push(format!(
+                "{} waiting for their chain's first record",
+                self.waiting_for_first_record
+            ));
+        }
+        let _ = writeln!(
+            out,
+            "image ledger: chain {chain}, {} images announced, complete up to {}{}",
+            self.head_announced,
+            self.highest_contiguous,
+            if also.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", also.join(", "))
+            }
+        );
+        if let Some(seq) = self.head_conflict {
+            let _ = writeln!(
+                out,
+                "image ledger: the sender's head names another record than the one held at seq {seq}"
+            );
+        }
+        if self.gaps.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "ledger gaps: {} images announced and not complete for more than {} h:",
+            self.missing, self.gap_alert_hours
+        );
+        for g in &self.gaps {
+            let _ = writeln!(
+                out,
+                "  {g} (announced {:.1} h ago)",
+                now_ms.saturating_sub(g.since_ms) as f64 / 3_600_000.0
+            );
+        }
+    }
+
+    /// The fault reason while there are gaps.
+    pub fn fault_reason(&self) -> Option<String> {
+        let first = self.gaps.first()?;
+        Some(format!(
+            "ledger gap: {} images the sender announced are not complete after {} h              (chain {}, first {first})",
+            self.missing,
+            self.gap_alert_hours,
+            self.chain.unwrap_or_default()
+        ))
+    }
+}
+
+#[derive(Default)]
+struct Followed {
+    announced: Announcements,
+    /// Highest contiguous complete seq per chain (only grows).
+    contiguous: HashMap<ChainId, u64>,
+    waiting: usize,
+}
+
+/// The records held, by chain and seq, and the announced head.
+pub struct HeldChains {
+    db: StateDb,
+    records: sled::Tree,
+    waiting: sled::Tree,
+    refused: sled::Tree,
+    meta: sled::Tree,
+    followed: Mutex<Followed>,
+    /// Bumped on every change, so views are rebuilt only when needed.
+    changes: AtomicU64,
+}
+
+fn record_key(chain: ChainId, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&chain.0.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn waiting_key(chain: ChainId, seq: u64, image: &ObjectId) -> [u8; 48] {
+    let mut k = [0u8; 48];
+    k[..16].copy_from_slice(&record_key(chain, seq));
+    k[16..].copy_from_slice(&image.0);
+    k
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(8..16)?.try_into().ok()?))
+}
+
+fn chain_of(key: &[u8]) -> Option<ChainId> {
+    Some(ChainId(u64::from_be_bytes(key.get(..8)?.try_into().ok()?)))
+}
+
+impl HeldChains {
+    pub fn open(db: &StateDb) -> Result<HeldChains, StateError> {
+        let meta = db.tree(META_TREE)?;
+        let announced = match meta.get(ANNOUNCED_KEY).map_err(|e| db.sled_error(e))? {
+            Some(v) => {
+                serde_json::from_slice(&v).map_err(|e| db.corrupt("ledger_meta/announced", e))?
+            }
+            None => Announcements::default(),
+        };
+        let waiting = db.tree(WAITING_TREE)?;
+        let chains = HeldChains {
+            db: db.clone(),
+            records: db.tree(RECORDS_TREE)?,
+            refused: db.tree(REFUSED_TREE)?,
+            meta,
+            followed: Mutex::new(Followed {
+                announced,
+                contiguous: HashMap::new(),
+                waiting: waiting.len(),
+            }),
+            waiting,
+            changes: AtomicU64::new(0),
+        };
+        Ok(chains)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Followed> {
+        self.followed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A number that moves whenever what the ledger holds changes.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    pub fn get(&self, chain: ChainId, seq: u64) -> Result<Option<StoredRecord>, StateError> {
+        let key = record_key(chain, seq);
+        match self.records.get(key).map_err(|e| self.db.sled_error(e))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(|e| {
+                self.db.corrupt(format!("ledger_records/{chain}/{seq}"), e)
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put(&self, stored: &StoredRecord) -> Result<(), StateError> {
+        let key = record_key(stored.record.chain, stored.record.seq);
+        let value = serde_json::to_vec(stored).map_err(|e| {
+            self.db
+                .corrupt(format!("ledger_records/{}", stored.record.seq), e)
+        })?;
+        self.records
+            .insert(key, value)
+            .map_err(|e| self.db.sled_error(e))?;
+        self.changed();
+        Ok(())
+    }
+
+    fn known(&self, chain: ChainId) -> Result<bool, StateError> {
+        self.records
+            .contains_key(record_key(chain, 1))
+            .map_err(|e| self.db.sled_error(e))
+    }
+
+    /// Admits the record `tm` carries, which came in image object `image`
+    /// (see the module doc for the rules).
+    pub fn admit(
+        &self,
+        tm: &TransferManifest,
+        image: ObjectId,
+        first_seen_ms: u64,
+        now_ms: u64,
+    ) -> Result<Admission, StateError> {
+        let mut followed = self.lock();
+        let record = &tm.ledger;
+        if let Some(v) = self
+            .refused
+            .get(image.0)
+            .map_err(|e| self.db.sled_error(e))?
+        {
+            let reason = serde_json::from_slice::<RefusedRecord>(&v)
+                .map(|r| r.reason)
+                .unwrap_or_else(|_| "refused before".into());
+            return Ok(Admission::Refused { reason, new: false });
+        }
+        let hash = record.hash();
+        if let Err(e) = record.check().and_then(|()| record.belongs_to(tm)) {
+            return self.refuse(record, hash, &image, e.to_string(), now_ms);
+        }
+        let position = ChainPosition {
+            chain: record.chain,
+            seq: record.seq,
+        };
+        if let Some(held) = self.get(record.chain, record.seq)? {
+            if held.hash != hash {
+                let reason = weir_proto::ledger::ChainBreak::Conflict {
+                    chain: record.chain,
+                    seq: record.seq,
+                };
+                return self.refuse(record, hash, &image, reason.to_string(), now_ms);
+            }
+            if held.image != image.digest() {
+                let reason = weir_proto::ledger::ChainBreak::OtherImage {
+                    chain: record.chain,
+                    seq: record.seq,
+                };
+                return self.refuse(record, hash, &image, reason.to_string(), now_ms);
+            }
+            return Ok(Admission::Held {
+                position,
+                released: Vec::new(),
+            });
+        }
+        let genesis = record.seq == 1;
+        if !genesis && !self.known(record.chain)? {
+            if followed.waiting >= MAX_WAITING {
+                let reason = format!(
+                    "chain {} is unknown here and {MAX_WAITING} records already wait for their \
+                     chain's first record",
+                    record.chain
+                );
+                return self.refuse(record, hash, &image, reason, now_ms);
+            }
+            let key = waiting_key(record.chain, record.seq, &image);
+            let fresh = self
+                .waiting
+                .insert(key, &first_seen_ms.to_be_bytes())
+                .map_err(|e| self.db.sled_error(e))?
+                .is_none();
+            if fresh {
+                followed.waiting += 1;
+                self.changed();
+            }
+            return Ok(Admission::Waiting);
+        }
+        let before = match record.seq {
+            1 => None,
+            seq => self.get(record.chain, seq - 1)?.map(|r| r.hash),
+        };
+        let after_prev = self
+            .get(record.chain, record.seq.saturating_add(1))?
+            .map(|r| r.record.prev);
+        if let Err(e) = check_links(record, hash, before, after_prev) {
+            return self.refuse(record, hash, &image, e.to_string(), now_ms);
+        }
+        self.put(&StoredRecord {
+            record: record.clone(),
+            hash,
+            image: image.digest(),
+            complete_at_ms: None,
+        })?;
+        // Admitted at a restart after waiting (a crash before its release).
+        let waited = self
+            .waiting
+            .remove(waiting_key(record.chain, record.seq, &image))
+            .map_err(|e| self.db.sled_error(e))?;
+        if waited.is_some() {
+            followed.waiting = followed.waiting.saturating_sub(1);
+        }
+        let released = if genesis {
+            tracing::warn!(chain = %record.chain, digest = %record.manifest_digest,
+                image = %image, previous = ?followed.announced.head.map(|h| h.chain.to_string()),
+                "sender started a new image ledger chain: accepted with its first record \
+                 (a new sender, or one whose state was lost)");
+            self.release(record.chain, &mut followed)?
+        } else {
+            Vec::new()
+        };
+        Ok(Admission::Held { position, released })
+    }
+
+    /// Takes the records of `chain` that waited for its first record.
+    fn release(
+        &self,
+        chain: ChainId,
+        followed: &mut Followed,
+    ) -> Result<Vec<(ObjectId, u64)>, StateError> {
+        let mut out = Vec::new();
+        for item in self.waiting.scan_prefix(chain.0.to_be_bytes()) {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let (Some(raw), Ok(seen)) = (k.get(16..48), <[u8; 8]>::try_from(v.as_ref())) else {
+                continue;
+            };
+            let mut id = [0u8; 32];
+            id.copy_from_slice(raw);
+            out.push((ObjectId(id), u64::from_be_bytes(seen)));
+            self.waiting.remove(k).map_err(|e| self.db.sled_error(e))?;
+            followed.waiting = followed.waiting.saturating_sub(1);
+        }
+        if !out.is_empty() {
+            tracing::info!(chain = %chain, images = out.len(),
+                "images that waited for their chain's first record are admitted now");
+        }
+        Ok(out)
+    }
+
+    fn refuse(
+        &self,
+        record: &ChainRecord,
+        hash: RecordHash,
+        image: &ObjectId,
+        reason: String,
+        now_ms: u64,
+    ) -> Result<Admission, StateError> {
+        let mut digest = record.manifest_digest.clone();
+        digest.truncate(80);
+        let refused = RefusedRecord {
+            chain: record.chain,
+            seq: record.seq,
+            hash,
+            manifest_digest: digest,
+            image: image.digest(),
+            reason: reason.clone(),
+            at_ms: now_ms,
+        };
+        let value = serde_json::to_vec(&refused)
+            .map_err(|e| self.db.corrupt(format!("ledger_refused/{image}"), e))?;
+        self.refused
+            .insert(image.0, value)
+            .map_err(|e| self.db.sled_error(e))?;
+        self.changed();
+        Ok(Admission::Refused { reason, new: true })
+    }
+
+    /// The image of the record at `position` completed (idempotent).
+    pub fn complete(
+        &self,
+        position: &ChainPosition,
+        image: &ObjectId,
+        now_ms: u64,
+    ) -> Result<(), StateError> {
+        let _followed = self.lock();
+        let Some(mut held) = self.get(position.chain, position.seq)? else {
+            return Ok(());
+        };
+        if held.complete_at_ms.is_some() || held.image != image.digest() {
+            return Ok(());
+        }
+        held.complete_at_ms = Some(now_ms);
+        self.put(&held)
+    }
+
+    /// Every seq up to the returned one of `chain` completed.
+    fn contiguous(&self, chain: ChainId, followed: &mut Followed) -> Result<u64, StateError> {
+        let mut c = followed.contiguous.get(&chain).copied().unwrap_or(0);
+        let start = record_key(chain, c.saturating_add(1));
+        let end = record_key(chain, u64::MAX);
+        for item in self.records.range(start..=end) {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            if seq_of(&k) != Some(c + 1) {
+                break;
+            }
+            let held: StoredRecord = serde_json::from_slice(&v).map_err(|e| {
+                self.db
+                    .corrupt(format!("ledger_records/{chain}/{}", c + 1), e)
+            })?;
+            if held.complete_at_ms.is_none() {
+                break;
+            }
+            c += 1;
+        }
+        followed.contiguous.insert(chain, c);
+        Ok(c)
+    }
+
+    /// Complete seqs of `chain` above `from`, up to `to`, ascending.
+    fn completed_between(
+        &self,
+        chain: ChainId,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<u64>, StateError> {
+        let mut out = Vec::new();
+        if from > to {
+            return Ok(out);
+        }
+        for item in self
+            .records
+            .range(record_key(chain, from)..=record_key(chain, to))
+        {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let held: StoredRecord = serde_json::from_slice(&v)
+                .map_err(|e| self.db.corrupt(format!("ledger_records/{chain}"), e))?;
+            if held.complete_at_ms.is_some() {
+                if let Some(seq) = seq_of(&k) {
+                    out.push(seq);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes the head of a heartbeat, heard at `now_ms`.
+    pub fn announce(&self, head: &LedgerHead, now_ms: u64) -> Result<Announced, StateError> {
+        let mut followed = self.lock();
+        let previous = followed.announced.head;
+        let outcome = followed.announced.observe(head, now_ms);
+        match outcome {
+            Announced::Same | Announced::Behind => return Ok(outcome),
+            Announced::NewChain {
+                previous: Some(old),
+            } => {
+                let old_head = previous.map_or(0, |h| h.seq);
+                let contiguous = self.contiguous(old, &mut followed)?;
+                let mut old_announced = Announcements::default();
+                if let Some(h) = previous {
+                    old_announced.observe(&h, now_ms);
+                }
+                let done = self.completed_between(old, contiguous + 1, old_head)?;
+                let lost = missing(&old_announced, contiguous, done, MAX_RANGES);
+                let lost_list: Vec<String> = lost.iter().map(|g| g.to_string()).collect();
+                tracing::error!(chain = %head.chain, previous = %old, previous_head = old_head,
+                    missing = %lost_list.join(", "),
+                    "the sender announces a new image ledger chain: its state was lost, or \
+                     another sender signs with the key; records of the previous chain it \
+                     announced and this receiver never completed will not come");
+            }
+            Announced::NewChain { previous: None } => {
+                tracing::info!(chain = %head.chain, head = head.seq, "following the sender's image ledger chain");
+            }
+            Announced::Grew { from, to } => {
+                tracing::debug!(chain = %head.chain, from, to, "the sender announced new images");
+            }
+        }
+        let contiguous = self.contiguous(head.chain, &mut followed)?;
+        followed.announced.settle_below(contiguous);
+        let value = serde_json::to_vec(&followed.announced)
+            .map_err(|e| self.db.corrupt("ledger_meta/announced", e))?;
+        self.meta
+            .insert(ANNOUNCED_KEY, value)
+            .map_err(|e| self.db.sled_error(e))?;
+        self.changed();
+        Ok(outcome)
+    }
+
+    /// What status shows, gaps judged at `now_ms` against `alert_ms`.
+    pub fn view(&self, now_ms: u64, alert_hours: f64) -> Result<LedgerView, StateError> {
+        let alert_ms = (alert_hours * 3_600_000.0) as u64;
+        let (announced, contiguous, waiting) = {
+            let mut followed = self.lock();
+            let announced = followed.announced.clone();
+            let contiguous = match announced.head {
+                Some(h) => self.contiguous(h.chain, &mut followed)?,
+                None => 0,
+            };
+            (announced, contiguous, followed.waiting)
+        };
+        let mut view = LedgerView {
+            gap_alert_hours: alert_hours,
+            highest_contiguous: contiguous,
+            waiting_for_first_record: waiting as u64,
+            records_refused: self.refused.len() as u64,
+            ..LedgerView::default()
+        };
+        let Some(head) = announced.head else {
+            return Ok(view);
+        };
+        view.chain = Some(head.chain);
+        view.head_announced = head.seq;
+        if head.seq > 0 {
+            if let Some(held) = self.get(head.chain, head.seq)? {
+                if held.hash != head.hash {
+                    view.head_conflict = Some(head.seq);
+                }
+            }
+        }
+        let done = self.completed_between(head.chain, contiguous.saturating_add(1), head.seq)?;
+        for gap in missing(&announced, contiguous, done, MAX_RANGES) {
+            if now_ms.saturating_sub(gap.since_ms) >= alert_ms {
+                view.missing = view.missing.saturating_add(gap.count());
+                if view.gaps.len() < GAPS_SHOWN {
+                    view.gaps.push(gap);
+                }
+            } else {
+                view.awaiting = view.awaiting.saturating_add(gap.count());
+            }
+        }
+        Ok(view)
+    }
+
+    /// The head announced last, and the records announced and not completed.
+    pub fn announced(&self) -> Result<Option<(LedgerHead, u64, Vec<Gap>)>, StateError> {
+        let mut followed = self.lock();
+        let Some(head) = followed.announced.head else {
+            return Ok(None);
+        };
+        let contiguous = self.contiguous(head.chain, &mut followed)?;
+        let done = self.completed_between(head.chain, contiguous.saturating_add(1), head.seq)?;
+        let gaps = missing(&followed.announced, contiguous, done, MAX_RANGES);
+        Ok(Some((head, contiguous, gaps)))
+    }
+
+    /// Every record held, in (chain, seq) order.
+    pub fn all(&self) -> Result<Vec<StoredRecord>, StateError> {
+        let mut out = Vec::new();
+        for item in self.records.iter() {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let chain = chain_of(&k).unwrap_or_default();
+            out.push(
+                serde_json::from_slice(&v)
+                    .map_err(|e| self.db.corrupt(format!("ledger_records/{chain}"), e))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every stored record with the (chain, seq) it is stored under.
+    pub fn stored(&self) -> Result<Vec<(ChainPosition, StoredRecord)>, StateError> {
+        let mut out = Vec::new();
+        for item in self.records.iter() {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let (Some(chain), Some(seq)) = (chain_of(&k), seq_of(&k)) else {
+                continue;
+            };
+            let held: StoredRecord = serde_json::from_slice(&v)
+                .map_err(|e| self.db.corrupt(format!("ledger_records/{chain}/{seq}"), e))?;
+            out.push((ChainPosition { chain, seq }, held));
+        }
+        Ok(out)
+    }
+
+    /// Highest contiguous complete seq of `chain`.
+    pub fn highest_contiguous(&self, chain: ChainId) -> Result<u64, StateError> {
+        let mut followed = self.lock();
+        self.contiguous(chain, &mut followed)
+    }
+
+    /// Every refusal, oldest first.
+    pub fn refusals(&self) -> Result<Vec<RefusedRecord>, StateError> {
+        let mut out = Vec::new();
+        for item in self.refused.iter() {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            out.push(serde_json::from_slice::<RefusedRecord>(&v).map_err(|e| {
+                self.db
+                    .corrupt(format!("ledger_refused/{}", hex::encode(&k)), e)
+            })?);
+        }
+        out.sort_by_key(|r| r.at_ms);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_test_support::sample_image;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        chains: HeldChains,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("db")).unwrap();
+        Rig {
+            chains: HeldChains::open(&db).unwrap(),
+            _dir: dir,
+        }
+    }
+
+    /// Images 1..=n of one sender's chain.
+    fn chain(n: usize) -> Vec<TransferManifest> {
+        let mut head = LedgerHead::empty(ChainId(0x5eed));
+        (0..n)
+            .map(|i| {
+                let img = sample_image("team/app", &[&format!("v{i}")], 1, 100).following(&head);
+                head = img.tm.ledger.head();
+                img.tm
+            })
+            .collect()
+    }
+
+    fn id(tm: &TransferManifest) -> ObjectId {
+        ObjectId::of_bytes(&tm.to_object_bytes())
+    }
+
+    fn admit(r: &Rig, tm: &TransferManifest) -> Admission {
+        r.chains.admit(tm, id(tm), 5, 10).unwrap()
+    }
+
+    fn held(a: &Admission) -> bool {
+        matches!(a, Admission::Held { .. })
+    }
+
+    #[test]
+    fn records_arriving_in_any_order_are_held_and_checked_as_they_fill_in() {
+        let r = rig();
+        let c = chain(4);
+        // 3 first, then 1 (the genesis), then 4, then 2 between held 1 and 3.
+        assert_eq!(admit(&r, &c[2]), Admission::Waiting);
+        let Admission::Held { released, .. } = admit(&r, &c[0]) else {
+            panic!("genesis not held")
+        };
+        assert_eq!(released, vec![(id(&c[2]), 5)]);
+        assert!(held(&admit(&r, &c[2])));
+        assert!(held(&admit(&r, &c[3])));
+        assert!(held(&admit(&r, &c[1])));
+        // The same record again with the same image: nothing new.
+        assert!(held(&admit(&r, &c[1])));
+        assert_eq!(r.chains.refusals().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_record_that_does_not_chain_is_refused_once_and_the_held_one_stands() {
+        let r = rig();
+        let c = chain(3);
+        for tm in &c[..2] {
+            assert!(held(&admit(&r, tm)));
+        }
+        // A sender holding the key signs another image as record 2.
+        let mut forged = sample_image("evil/app", &["1"], 1, 100)
+            .following(&c[0].ledger.head())
+            .tm;
+        let a = admit(&r, &forged);
+        assert!(
+            matches!(&a, Admission::Refused { reason, new: true } if reason.contains("already holds another record at seq 2")),
+            "{a:?}"
+        );
+        // Seen again (a later pass, a restart): refused, not counted again.
+        assert!(matches!(
+            admit(&r, &forged),
+            Admission::Refused { new: false, .. }
+        ));
+        // A record 3 that skips 2 (its prev is record 1's hash).
+        forged = sample_image("evil/app", &["2"], 1, 100)
+            .following(&c[0].ledger.head())
+            .tm;
+        forged.ledger.seq = 3;
+        let a = admit(&r, &forged);
+        assert!(
+            matches!(&a, Admission::Refused { reason, .. } if reason.contains("does not follow the record held at seq 2")),
+            "{a:?}"
+        );
+        // A record that is not its image's (copied from another image).
+        let mut copied = sample_image("team/other", &["1"], 1, 100).tm;
+        copied.ledger = c[2].ledger.clone();
+        let a = admit(&r, &copied);
+        assert!(
+            matches!(&a, Admission::Refused { reason, .. } if reason.contains("its image object carries")),
+            "{a:?}"
+        );
+        assert_eq!(r.chains.refusals().unwrap().len(), 3);
+        // The genuine record 3 still fits.
+        assert!(held(&admit(&r, &c[2])));
+        // A replayed record 2 in another image object: refused.
+        let mut replay = c[1].clone();
+        replay.origin.source = "replayed".into();
+        assert!(matches!(admit(&r, &replay), Admission::Refused { .. }));
+    }
+
+    #[test]
+    fn waiting_records_are_bounded() {
+        let r = rig();
+        r.chains.lock().waiting = MAX_WAITING;
+        let c = chain(2);
+        assert!(matches!(admit(&r, &c[1]), Admission::Refused { .. }));
+    }
+
+    fn head_of(tm: &TransferManifest) -> LedgerHead {
+        tm.ledger.head()
+    }
+
+    #[test]
+    fn gaps_are_announced_seqs_not_completed_in_time_and_clear_on_completion() {
+        let r = rig();
+        let c = chain(3);
+        let hours_ms = 3_600_000;
+        r.chains.announce(&head_of(&c[2]), 1000).unwrap();
+        // Images 1 and 3 arrive and complete; 2 does not.
+        for tm in [&c[0], &c[2]] {
+            let Admission::Held { position, .. } = admit(&r, tm) else {
+                panic!()
+            };
+            r.chains.complete(&position, &id(tm), 2000).unwrap();
+        }
+        let early = r.chains.view(1000 + hours_ms, 6.0).unwrap();
+        assert_eq!((early.head_announced, early.highest_contiguous), (3, 1));
+        assert_eq!((early.gaps.len(), early.awaiting), (0, 1));
+        let late = r.chains.view(1000 + 6 * hours_ms, 6.0).unwrap();
+        assert_eq!(
+            late.gaps,
+            vec![Gap {
+                from: 2,
+                to: 2,
+                since_ms: 1000
+            }]
+        );
+        assert_eq!(late.missing, 1);
+        // Held but not complete is still missing; complete clears it.
+        let Admission::Held { position, .. } = admit(&r, &c[1]) else {
+            panic!()
+        };
+        assert_eq!(r.chains.view(1000 + 6 * hours_ms, 6.0).unwrap().missing, 1);
+        r.chains.complete(&position, &id(&c[1]), 3000).unwrap();
+        let clear = r.chains.view(1000 + 6 * hours_ms, 6.0).unwrap();
+        assert_eq!((clear.missing, clear.highest_contiguous), (0, 3));
+        assert_eq!(clear.gaps, vec![]);
+    }
+
+    #[test]
+    fn a_new_chain_announced_replaces_the_followed_one() {
+        let r = rig();
+        let old = chain(2);
+        r.chains.announce(&head_of(&old[1]), 0).unwrap();
+        let fresh = sample_image("team/app", &["new"], 1, 100).tm;
+        let outcome = r.chains.announce(&head_of(&fresh), 10).unwrap();
+        assert_eq!(
+            outcome,
+            Announced::NewChain {
+                previous: Some(ChainId(0x5eed))
+            }
+        );
+        let v = r.chains.view(10 + 7 * 3_600_000, 6.0).unwrap();
+        assert_eq!(v.chain, Some(fresh.ledger.chain));
+        assert_eq!((v.head_announced, v.missing), (1, 1));
+        // The new chain's genesis is accepted and completes.
+        let Admission::Held { position, .. } = admit(&r, &fresh) else {
+            panic!()
+        };
+        r.chains.complete(&position, &id(&fresh), 20).unwrap();
+        assert_eq!(r.chains.view(10 + 7 * 3_600_000, 6.0).unwrap().missing, 0);
+    }
+
+    #[test]
+    fn what_is_held_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = chain(2);
+        {
+            let db = StateDb::open(&dir.path().join("db")).unwrap();
+            let chains = HeldChains::open(&db).unwrap();
+            chains.announce(&head_of(&c[1]), 7).unwrap();
+            let Admission::Held { position, .. } = chains.admit(&c[0], id(&c[0]), 1, 1).unwrap()
+            else {
+                panic!()
+            };
+            chains.complete(&position, &id(&c[0]), 8).unwrap();
+            assert_eq!(
+                chains.admit(&c[1], id(&c[1]), 1, 1).unwrap(),
+                Admission::Held {
+                    position: ChainPosition {
+                        chain: ChainId(0x5eed),
+                        seq: 2
+                    },
+                    released: vec![]
+                }
+            );
+            db.commit("test").unwrap();
+        }
+        let db = StateDb::open(&dir.path().join("db")).unwrap();
+        let chains = HeldChains::open(&db).unwrap();
+        let v = chains.view(7 + 7 * 3_600_000, 6.0).unwrap();
+        assert_eq!(
+            (v.head_announced, v.highest_contiguous, v.missing),
+            (2, 1, 1)
+        );
+        assert_eq!(v.gaps[0].since_ms, 7);
+        assert_eq!(chains.all().unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,345 @@
+//! The sender's image ledger: the hash chain numbering every image accepted,
+//! by a drop or a pull (the record, the chain and what the receiver does
+//! with them: [`weir_proto::ledger`]).
+//!
+//! # Where a record is made
+//!
+//! The record travels inside the image's transfer object, and the object is
+//! written before the intake commits. So the object store assigns it
+//! ([`crate::objects::ObjectStore::commit_drop`]): under the ledger's lock
+//! it takes the head, builds each image's record from it, writes the image
+//! object with the record inside, and commits the records together with the
+//! queue entries in one sled transaction; only then does the head move.
+//! Both intakes get records without knowing of the ledger. A crash before
+//! the commit leaves an image object no record names (swept as any
+//! unreferenced payload) and the sequence number is simply used again.
+//!
+//! # State
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `ledger` | seq, u64 big-endian | [`IssuedRecord`] (JSON) |
+//! | `meta` | `ledger_chain` | the chain id, u64 big-endian |
+//!
+//! The chain id is drawn at random when the ledger is created; a sender
+//! whose state was lost starts a new chain, which the receiver accepts only
+//! with its first record.
+//!
+//! sled admits one process, so while the gateway runs it keeps a copy of
+//! the chain in `state_dir/ledger.json` (rewritten after every commit), for
+//! `reconcile` and `ledger verify` to read.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use weir_host::state::{StateDb, StateError};
+use weir_proto::ledger::{BadRecord, ChainWalk};
+use weir_proto::{ChainId, ChainRecord, LedgerHead};
+
+const RECORDS_TREE: &str = "ledger";
+const META_TREE: &str = "meta";
+const CHAIN_KEY: &str = "ledger_chain";
+/// The running gateway's copy of its chain, in `state_dir`.
+pub const SNAPSHOT_FILE: &str = "ledger.json";
+
+/// One record the sender issued, and the image object it travels in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedRecord {
+    pub record: ChainRecord,
+    /// `sha256:` id of the image object carrying the record.
+    pub image: String,
+}
+
+/// The chain as `state_dir/ledger.json` holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerSnapshot {
+    pub written_at_ms: u64,
+    pub chain: ChainId,
+    pub head: LedgerHead,
+    pub records: Vec<IssuedRecord>,
+}
+
+/// The sender's chain in its state database.
+pub struct LedgerChain {
+    db: StateDb,
+    records: sled::Tree,
+    /// The head, also the lock every record assignment holds (through the
+    /// write of its image objects and the commit).
+    assigning: Mutex<LedgerHead>,
+    /// The committed head, for heartbeats: read without waiting for an
+    /// assignment under way.
+    committed: Mutex<LedgerHead>,
+    snapshot: PathBuf,
+}
+
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+impl LedgerChain {
+    /// Opens the chain of the database `db` (in `state_dir`), drawing a new
+    /// chain id if it has none.
+    pub fn open(db: &StateDb, state_dir: &Path) -> Result<LedgerChain, StateError> {
+        let records = db.tree(RECORDS_TREE)?;
+        let meta = db.tree(META_TREE)?;
+        let last = last_record(db, &records)?;
+        let chain = match stored_chain(db, &meta)? {
+            Some(chain) => chain,
+            None => {
+                let chain = match &last {
+                    // The id's own key was lost but records were kept.
+                    Some(r) => r.record.chain,
+                    None => weir_host::clock::new_chain_id(),
+                };
+                meta.insert(CHAIN_KEY, &chain.0.to_be_bytes())
+                    .map_err(|e| db.sled_error(e))?;
+                if last.is_none() {
+                    tracing::warn!(chain = %chain,
+                        "no image ledger in the state directory: starting a new chain; \
+                         the receiver accepts it with its first record");
+                }
+                chain
+            }
+        };
+        let head = match &last {
+            Some(r) if r.record.chain == chain => r.record.head(),
+            _ => LedgerHead::empty(chain),
+        };
+        tracing::info!(chain = %chain, seq = head.seq, hash = %head.hash.short(), "image ledger opened");
+        let ledger = LedgerChain {
+            db: db.clone(),
+            records,
+            assigning: Mutex::new(head),
+            committed: Mutex::new(head),
+            snapshot: state_dir.join(SNAPSHOT_FILE),
+        };
+        ledger.write_snapshot(&head);
+        Ok(ledger)
+    }
+
+    /// The committed head, as heartbeats announce it.
+    pub fn head(&self) -> LedgerHead {
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds the head for an assignment: no other record is numbered until
+    /// the guard is dropped.
+    pub fn lock(&self) -> MutexGuard<'_, LedgerHead> {
+        self.assigning.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The tree records are committed into (in the intake's transaction).
+    pub fn records_tree(&self) -> &sled::Tree {
+        &self.records
+    }
+
+    /// The key and value of a record to insert.
+    pub fn entry(issued: &IssuedRecord) -> ([u8; 8], Vec<u8>) {
+        // Plain records of strings and numbers always serialize.
+        (
+            seq_key(issued.record.seq),
+            serde_json::to_vec(issued).unwrap_or_default(),
+        )
+    }
+
+    /// After the commit: the head moves and the copy is rewritten.
+    pub fn committed(&self, guard: &mut MutexGuard<'_, LedgerHead>, head: LedgerHead) {
+        **guard = head;
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = head;
+        self.write_snapshot(&head);
+    }
+
+    fn write_snapshot(&self, head: &LedgerHead) {
+        let result = issued_records(&self.db, &self.records).and_then(|records| {
+            let snapshot = LedgerSnapshot {
+                written_at_ms: weir_host::clock::unix_ms(),
+                chain: head.chain,
+                head: *head,
+                records,
+            };
+            let bytes = serde_json::to_vec_pretty(&snapshot).unwrap_or_default();
+            weir_host::durable::replace_quickly(&self.snapshot, &bytes).map_err(|source| {
+                StateError::Io {
+                    path: self.snapshot.clone(),
+                    what: "writing the ledger copy",
+                    source,
+                }
+            })
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "the ledger copy for reconcile was not written");
+        }
+    }
+}
+
+fn stored_chain(db: &StateDb, meta: &sled::Tree) -> Result<Option<ChainId>, StateError> {
+    Ok(meta
+        .get(CHAIN_KEY)
+        .map_err(|e| db.sled_error(e))?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(|b| ChainId(u64::from_be_bytes(b))))
+}
+
+fn decode(db: &StateDb, key: &[u8], value: &[u8]) -> Result<IssuedRecord, StateError> {
+    serde_json::from_slice(value).map_err(|e| db.corrupt(format!("ledger/{}", hex::encode(key)), e))
+}
+
+fn last_record(db: &StateDb, records: &sled::Tree) -> Result<Option<IssuedRecord>, StateError> {
+    match records.last().map_err(|e| db.sled_error(e))? {
+        Some((k, v)) => Ok(Some(decode(db, &k, &v)?)),
+        None => Ok(None),
+    }
+}
+
+fn issued_records(db: &StateDb, records: &sled::Tree) -> Result<Vec<IssuedRecord>, StateError> {
+    let mut out = Vec::new();
+    for item in records.iter() {
+        let (k, v) = item.map_err(|e| db.sled_error(e))?;
+        out.push(decode(db, &k, &v)?);
+    }
+    Ok(out)
+}
+
+/// Where a read of the chain came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// The state database (the gateway is stopped).
+    Database,
+    /// The copy the running gateway keeps, written at this time.
+    RunningCopy { path: PathBuf, written_at_ms: u64 },
+}
+
+impl std::fmt::Display for ReadFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadFrom::Database => write!(f, "the state database"),
+            ReadFrom::RunningCopy { path, .. } => write!(
+                f,
+                "{} (gateway-tx runs and holds the database; this is its copy)",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// The chain as it stands: its id (None: no ledger yet) and records.
+#[derive(Debug, Clone)]
+pub struct IssuedChain {
+    pub chain: Option<ChainId>,
+    pub records: Vec<IssuedRecord>,
+    pub from: ReadFrom,
+}
+
+/// Reads the chain of `state_dir`: from the database when the gateway is
+/// stopped, from its copy while it runs. Changes nothing.
+pub fn read_chain(state_dir: &Path) -> anyhow::Result<IssuedChain> {
+    use anyhow::Context;
+    let db_path = state_dir.join("db");
+    match StateDb::open_now(&db_path) {
+        Ok(db) => {
+            let records = db.tree(RECORDS_TREE)?;
+            let chain = stored_chain(&db, &db.tree(META_TREE)?)?;
+            Ok(IssuedChain {
+                chain,
+                records: issued_records(&db, &records)?,
+                from: ReadFrom::Database,
+            })
+        }
+        Err(StateError::Locked { .. }) => {
+            let path = state_dir.join(SNAPSHOT_FILE);
+            let bytes = std::fs::read(&path).with_context(|| {
+                format!(
+                    "gateway-tx runs, and its ledger copy {} cannot be read",
+                    path.display()
+                )
+            })?;
+            let snapshot: LedgerSnapshot = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a ledger copy", path.display()))?;
+            Ok(IssuedChain {
+                chain: Some(snapshot.chain),
+                records: snapshot.records,
+                from: ReadFrom::RunningCopy {
+                    path,
+                    written_at_ms: snapshot.written_at_ms,
+                },
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What `ledger verify` found.
+#[derive(Debug)]
+pub struct Verified {
+    pub chain: Option<ChainId>,
+    pub count: u64,
+    pub head: Option<LedgerHead>,
+    pub from: ReadFrom,
+    pub bad: Option<BadRecord>,
+}
+
+/// Re-checks the stored chain record by record (ranges, order, no hole,
+/// each record's prev the hash of the one before).
+pub fn verify(state_dir: &Path) -> anyhow::Result<Verified> {
+    let issued = read_chain(state_dir)?;
+    let Some(chain) = issued.chain else {
+        return Ok(Verified {
+            chain: None,
+            count: 0,
+            head: None,
+            from: issued.from,
+            bad: issued.records.first().map(|r| BadRecord {
+                seq: r.record.seq,
+                why: "records are stored but the chain id is not".into(),
+            }),
+        });
+    };
+    let mut walk = ChainWalk::new(chain, true);
+    let mut head = LedgerHead::empty(chain);
+    let mut bad = None;
+    for r in &issued.records {
+        match walk.step(r.record.seq, &r.record, None) {
+            Ok(hash) => {
+                head = LedgerHead {
+                    chain,
+                    seq: r.record.seq,
+                    hash,
+                }
+            }
+            Err(e) => {
+                bad = Some(e);
+                break;
+            }
+        }
+    }
+    Ok(Verified {
+        chain: Some(chain),
+        count: walk.count(),
+        head: Some(head),
+        from: issued.from,
+        bad,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_id_is_drawn_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("db")).unwrap();
+        let a = LedgerChain::open(&db, dir.path()).unwrap().head();
+        assert_eq!(a.seq, 0);
+        db.commit("test").unwrap();
+        let b = LedgerChain::open(&db, dir.path()).unwrap().head();
+        assert_eq!(a, b);
+        // A database that lost its state gets another chain.
+        let other = tempfile::tempdir().unwrap();
+        let db2 = StateDb::open(&other.path().join("db")).unwrap();
+        assert_ne!(
+            LedgerChain::open(&db2, other.path()).unwrap().head().chain,
+            a.chain
+        );
+    }
+}
