@@ -256,8 +256,32 @@ pub fn expose(s: &RxScrape, targets: &[Target], deliveries: &DeliveryStats) -> E
             free as f64,
         );
     }
-    // The image ledger's head and gap count join here once the ledger
-    // exists (weir_rx_ledger_head, weir_rx_ledger_gaps).
+    if let Some(l) = &r.ledger {
+        e.gauge(
+            "weir_rx_ledger_head",
+            "Image ledger records the sender announced (its head's sequence number).",
+            &[],
+            l.head_announced as f64,
+        );
+        e.gauge(
+            "weir_rx_ledger_contiguous",
+            "Every image ledger record up to this sequence number is complete here.",
+            &[],
+            l.highest_contiguous as f64,
+        );
+        e.gauge(
+            "weir_rx_ledger_gaps",
+            "Images announced and not complete within ledger.gap_alert_hours.",
+            &[],
+            l.missing as f64,
+        );
+        e.counter(
+            "weir_rx_ledger_records_refused_total",
+            "Image ledger records refused (they contradict the chain held).",
+            &[],
+            l.records_refused,
+        );
+    }
     e
 }
 

@@ -202,8 +202,14 @@ pub fn expose(s: &Status, disk_free_bytes: Option<u64>) -> Exposition {
             free as f64,
         );
     }
-    // The sender's ledger head joins here once the ledger exists
-    // (weir_tx_ledger_head).
+    if let Some(head) = &s.ledger {
+        e.gauge(
+            "weir_tx_ledger_head",
+            "Records in the image ledger's chain (the sequence number of its head).",
+            &[],
+            head.seq as f64,
+        );
+    }
     e
 }
 

@@ -357,9 +357,18 @@ fn an_image_crosses_a_file_service_that_delivers_late_twice_truncated_and_corrup
         l.files > 8,
         "the sender cut the stream into bounded files: {l:?}"
     );
-    assert!(std::fs::read_dir(&outbox)?
+    // A running sender always has its next batch file under a temporary
+    // name; once stopped, it leaves none behind.
+    tx.terminate(Duration::from_secs(20))?;
+    let leftovers: Vec<String> = std::fs::read_dir(&outbox)?
         .flatten()
-        .all(|e| !e.file_name().to_string_lossy().ends_with(".tmp")));
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary batch files left in the outbox: {leftovers:?}"
+    );
     Ok(())
 }
 
