@@ -87,6 +87,47 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Waits for `cond` up to `timeout`; if it never holds, fails the test
+/// with `what` and the tail of each gateway's log.
+pub fn expect_within(
+    what: &str,
+    timeout: Duration,
+    gws: &mut [&mut Gateway],
+    cond: impl FnMut() -> bool,
+) {
+    if !wait_until(timeout, cond) {
+        let logs: Vec<String> = gws
+            .iter_mut()
+            .map(|g| {
+                let running = g.is_running();
+                format!("--- {} (running: {running})\n{}", g.name, g.log_tail(40))
+            })
+            .collect();
+        panic!("{what}: not within {timeout:?}\n{}", logs.join("\n"));
+    }
+}
+
+/// Whether the OCI layout at `dir` lists a manifest of `digest`.
+pub fn layout_lists(dir: &Path, digest: &str) -> bool {
+    std::fs::read_to_string(dir.join("index.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| {
+            v["manifests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["digest"] == digest)
+        })
+}
+
+/// A counter of gateway-rx's status.json (0 until it is there).
+pub fn rx_counter(site: &Site, name: &str) -> u64 {
+    site.rx_status()
+        .and_then(|s| s["counters"][name].as_u64())
+        .unwrap_or(0)
+}
+
 /// Writes a hex key file with mode 0600, as an operator provisions it.
 pub fn write_key(path: &Path, secret: &[u8]) -> Result<()> {
     std::fs::write(path, hex::encode(secret) + "\n")

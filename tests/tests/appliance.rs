@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_proto::{Body, FrameSealer, Heartbeat, Key};
 use weir_tests::imagegen::{self, LayerSpec};
-use weir_tests::pair::{wait_until, Gateway, Site, SiteLinks, SiteOptions, Target, TEST_SECRET};
+use weir_tests::pair::{
+    expect_within, layout_lists, rx_counter, Gateway, Site, SiteLinks, SiteOptions, Target,
+    TEST_SECRET,
+};
 use weir_tests::serial_line::{self, FaultyLine, LineFaults, PtyPair};
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -21,44 +24,6 @@ const LED_NAMES: [&str; 4] = ["weir:power", "weir:link", "weir:activity", "weir:
 
 fn layers(sizes: &[u64]) -> Vec<LayerSpec> {
     sizes.iter().map(|&size| LayerSpec { size }).collect()
-}
-
-/// Fails with both gateways' logs when `cond` does not hold in time.
-fn expect_within(
-    what: &str,
-    timeout: Duration,
-    gws: &mut [&mut Gateway],
-    cond: impl FnMut() -> bool,
-) {
-    if !wait_until(timeout, cond) {
-        let logs: Vec<String> = gws
-            .iter_mut()
-            .map(|g| {
-                let running = g.is_running();
-                format!("--- {} (running: {running})\n{}", g.name, g.log_tail(40))
-            })
-            .collect();
-        panic!("{what}: not within {timeout:?}\n{}", logs.join("\n"));
-    }
-}
-
-fn layout_lists(dir: &Path, digest: &str) -> bool {
-    std::fs::read_to_string(dir.join("index.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| {
-            v["manifests"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|m| m["digest"] == digest)
-        })
-}
-
-fn rx_counter(site: &Site, name: &str) -> u64 {
-    site.rx_status()
-        .and_then(|s| s["counters"][name].as_u64())
-        .unwrap_or(0)
 }
 
 fn tx_image_state(site: &Site) -> Option<(String, u64)> {

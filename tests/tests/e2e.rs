@@ -4,7 +4,6 @@
 
 use anyhow::{Context, Result};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +11,9 @@ use weir_proto::{Body, FrameSealer, Heartbeat, Key};
 use weir_test_support::{scrape, tools};
 use weir_tests::diode::{Blackout, BurstLoss, Diode, DiodeConfig, DiodeHandle};
 use weir_tests::imagegen::{self, DockerFlavor, LayerSpec};
-use weir_tests::pair::{wait_until, Gateway, Site, SiteOptions, Target, TEST_SECRET};
+use weir_tests::pair::{
+    expect_within, layout_lists, rx_counter, Site, SiteOptions, Target, TEST_SECRET,
+};
 use weir_tests::registry::Registry;
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(150);
@@ -34,31 +35,6 @@ fn diode_to(site: &Site, f: impl FnOnce(&mut DiodeConfig)) -> Result<DiodeHandle
     Ok(Diode::spawn(cfg)?)
 }
 
-/// Fails with both gateways' logs when `cond` does not hold in time.
-fn expect_within(
-    what: &str,
-    timeout: Duration,
-    gws: &mut [&mut Gateway],
-    cond: impl FnMut() -> bool,
-) {
-    if !wait_until(timeout, cond) {
-        let logs: Vec<String> = gws
-            .iter_mut()
-            .map(|g| {
-                let running = g.is_running();
-                format!("--- {} (running: {running})\n{}", g.name, g.log_tail(40))
-            })
-            .collect();
-        panic!("{what}: not within {timeout:?}\n{}", logs.join("\n"));
-    }
-}
-
-fn counter(site: &Site, name: &str) -> u64 {
-    site.rx_status()
-        .and_then(|s| s["counters"][name].as_u64())
-        .unwrap_or(0)
-}
-
 fn delivered(site: &Site, digest: &str) -> bool {
     site.rx_status().is_some_and(|s| {
         s["deliveries"]
@@ -67,19 +43,6 @@ fn delivered(site: &Site, digest: &str) -> bool {
             .flatten()
             .any(|d| d["manifest_digest"] == digest && d["state"] == "done")
     })
-}
-
-fn layout_lists(dir: &Path, digest: &str) -> bool {
-    std::fs::read_to_string(dir.join("index.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| {
-            v["manifests"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|m| m["digest"] == digest)
-        })
 }
 
 /// 1 and 7: every archive format crosses a link with loss, bursts,
@@ -191,7 +154,7 @@ fn every_format_crosses_a_faulty_link_with_digests_intact_and_a_redrop_crosses_o
         "corrupted frames dropped by the tag check",
         Duration::from_secs(20),
         &mut [&mut tx, &mut rx],
-        || counter(&site, "frames_bad_tag") > 0,
+        || rx_counter(&site, "frames_bad_tag") > 0,
     );
 
     // 7: the OCI image again, under another name: not sent again.
@@ -315,7 +278,7 @@ fn kill_9_of_both_gateways_mid_transfer_still_delivers_each_tag_once() -> Result
         "receiver mid-transfer",
         Duration::from_secs(60),
         &mut [&mut tx, &mut rx],
-        || counter(&site, "shards_stored") > 1500,
+        || rx_counter(&site, "shards_stored") > 1500,
     );
     rx.kill9();
     std::thread::sleep(Duration::from_millis(500));
@@ -382,7 +345,10 @@ fn a_registry_down_while_images_complete_gets_them_once_it_is_back() -> Result<(
         "image complete, push failing",
         DELIVERY_TIMEOUT,
         &mut [&mut tx, &mut rx],
-        || counter(&site, "images_complete") >= 1 && counter(&site, "push_attempts_failed") >= 1,
+        || {
+            rx_counter(&site, "images_complete") >= 1
+                && rx_counter(&site, "push_attempts_failed") >= 1
+        },
     );
     assert!(!delivered(&site, &digest));
     registry.restart()?;
@@ -534,12 +500,12 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
         Duration::from_secs(10),
         &mut [&mut tx, &mut rx],
         || {
-            counter(&site, "frames_unknown_key") == 30
-                && counter(&site, "frames_replayed") >= 2 * REPLAYED - GENUINE_LOSS_ALLOWED
+            rx_counter(&site, "frames_unknown_key") == 30
+                && rx_counter(&site, "frames_replayed") >= 2 * REPLAYED - GENUINE_LOSS_ALLOWED
         },
     );
     assert_eq!(
-        counter(&site, "frames_bad_tag"),
+        rx_counter(&site, "frames_bad_tag"),
         50,
         "exactly the forgeries failed the tag check"
     );

@@ -14,13 +14,15 @@
 use anyhow::{Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use weir_tests::diode::{Diode, DiodeConfig, DiodeHandle, FilterHandle, ObjectFilter};
 use weir_tests::imagegen::{self, GeneratedImage, LayerSpec};
-use weir_tests::pair::{gateway_bin, wait_until, write_key, Gateway, Site, SiteOptions, Target};
+use weir_tests::pair::{
+    gateway_bin, layout_lists, wait_until, write_key, Gateway, Site, SiteOptions, Target,
+};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -58,19 +60,6 @@ fn expect(what: &str, gws: &mut [&mut Gateway], cond: impl FnMut() -> bool) {
             .collect();
         panic!("{what}: not within {LIMIT:?}\n{}", logs.join("\n"));
     }
-}
-
-fn in_layout(layout: &Path, digest: &str) -> bool {
-    std::fs::read_to_string(layout.join("index.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| {
-            v["manifests"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|m| m["digest"] == digest)
-        })
 }
 
 fn rx_ledger(site: &Site) -> serde_json::Value {
@@ -220,7 +209,7 @@ fn a_missing_image_raises_a_gap_is_named_by_reconcile_and_clears_when_a_later_pa
     // The chain's first record arrives (a new chain starts with it).
     site.drop_image(&first.path, "first.tar")?;
     expect("the first image delivered", &mut [&mut tx, &mut rx], || {
-        in_layout(&s.layout, &digest(&first))
+        layout_lists(&s.layout, &digest(&first))
     });
     // No image object passes until the lost one's id is known; then only
     // its frames are dropped, in every pass.
@@ -238,7 +227,7 @@ fn a_missing_image_raises_a_gap_is_named_by_reconcile_and_clears_when_a_later_pa
     s.filter.drop_image_objects(false);
     site.drop_image(&later.path, "later.tar")?;
     expect("the later image delivered", &mut [&mut tx, &mut rx], || {
-        in_layout(&s.layout, &digest(&later))
+        layout_lists(&s.layout, &digest(&later))
     });
 
     // Announced as record 2 and never complete: a gap, once 3.6 s passed.
@@ -320,7 +309,7 @@ fn a_missing_image_raises_a_gap_is_named_by_reconcile_and_clears_when_a_later_pa
         &mut [&mut tx, &mut rx],
         || {
             let st = site.rx_status().unwrap_or_default();
-            in_layout(&s.layout, &digest(&lost))
+            layout_lists(&s.layout, &digest(&lost))
                 && st["ledger"]["missing"] == 0
                 && st["ledger"]["highest_contiguous"] == 3
                 && st["fault"].is_null()
@@ -378,7 +367,7 @@ fn the_ledger_survives_a_crash_of_each_side_and_a_lost_sender_starts_a_new_chain
     let mut tx = site.start_tx()?;
     site.drop_image(&imgs[0].path, "img0.tar")?;
     expect("image 0 delivered", &mut [&mut tx, &mut rx], || {
-        in_layout(&s.layout, &digest(&imgs[0]))
+        layout_lists(&s.layout, &digest(&imgs[0]))
     });
     let mut chain = serde_json::Value::Null;
     expect(
@@ -396,7 +385,7 @@ fn the_ledger_survives_a_crash_of_each_side_and_a_lost_sender_starts_a_new_chain
         tx_image_object(site, "crash/img1:1").is_some()
     });
     assert!(
-        !in_layout(&s.layout, &digest(&imgs[1])),
+        !layout_lists(&s.layout, &digest(&imgs[1])),
         "image 1 crossed before the crash"
     );
     rx.kill9();
@@ -406,7 +395,7 @@ fn the_ledger_survives_a_crash_of_each_side_and_a_lost_sender_starts_a_new_chain
     expect(
         "image 1 delivered after both crashes",
         &mut [&mut tx, &mut rx],
-        || in_layout(&s.layout, &digest(&imgs[1])),
+        || layout_lists(&s.layout, &digest(&imgs[1])),
     );
     site.drop_image(&imgs[2].path, "img2.tar")?;
     expect(
@@ -414,7 +403,7 @@ fn the_ledger_survives_a_crash_of_each_side_and_a_lost_sender_starts_a_new_chain
         &mut [&mut tx, &mut rx],
         || {
             let l = rx_ledger(site);
-            in_layout(&s.layout, &digest(&imgs[2]))
+            layout_lists(&s.layout, &digest(&imgs[2]))
                 && l["highest_contiguous"] == 3
                 && l["head_announced"] == 3
         },
@@ -457,7 +446,7 @@ fn the_ledger_survives_a_crash_of_each_side_and_a_lost_sender_starts_a_new_chain
         &mut [&mut tx, &mut rx],
         || {
             let l = rx_ledger(site);
-            in_layout(&s.layout, &digest(&imgs[3]))
+            layout_lists(&s.layout, &digest(&imgs[3]))
                 && l["chain"] != chain
                 && l["highest_contiguous"] == 1
         },

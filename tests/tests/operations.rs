@@ -8,51 +8,12 @@ use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use weir_tests::imagegen::{self, LayerSpec};
-use weir_tests::pair::{wait_until, write_key, Gateway, Site, SiteLinks, SiteOptions, Target};
+use weir_tests::pair::{
+    expect_within, layout_lists, rx_counter, write_key, Site, SiteLinks, SiteOptions, Target,
+};
 
 fn layers(sizes: &[u64]) -> Vec<LayerSpec> {
     sizes.iter().map(|&size| LayerSpec { size }).collect()
-}
-
-/// Fails with both gateways' logs when `cond` does not hold in time.
-fn expect_within(
-    what: &str,
-    timeout: Duration,
-    gws: &mut [&mut Gateway],
-    cond: impl FnMut() -> bool,
-) {
-    let started = Instant::now();
-    let met = wait_until(timeout, cond);
-    eprintln!("{what}: {:.1?}", started.elapsed());
-    if !met {
-        let logs: Vec<String> = gws
-            .iter_mut()
-            .map(|g| {
-                let running = g.is_running();
-                format!("--- {} (running: {running})\n{}", g.name, g.log_tail(40))
-            })
-            .collect();
-        panic!("{what}: not within {timeout:?}\n{}", logs.join("\n"));
-    }
-}
-
-fn layout_lists(dir: &Path, digest: &str) -> bool {
-    std::fs::read_to_string(dir.join("index.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| {
-            v["manifests"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|m| m["digest"] == digest)
-        })
-}
-
-fn rx_counter(site: &Site, name: &str) -> u64 {
-    site.rx_status()
-        .and_then(|s| s["counters"][name].as_u64())
-        .unwrap_or(0)
 }
 
 fn log_has(log: &Path, needles: &[&str]) -> bool {
