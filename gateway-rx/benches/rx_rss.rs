@@ -209,6 +209,7 @@ fn main() {
             bytes: manifest_bytes,
         },
         children: vec![],
+        referrers: vec![],
         blobs: vec![
             BlobRef {
                 digest: config_id.digest(),

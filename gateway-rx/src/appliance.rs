@@ -13,6 +13,8 @@ pub enum Fault {
     StateDiskFull,
     HmacFailures,
     DeliveryFailing,
+    /// An image's signature does not pass `[delivery] verify_signatures`.
+    SignatureRefused,
     /// Images the sender announced have not completed in time.
     LedgerGap,
 }

@@ -80,6 +80,7 @@ pub use weir_host::config::{
     ConfigError, ConsoleConfig, LedsConfig, MetricsConfig, Transport, DEFAULT_BAUD,
     DEFAULT_DATAGRAM_SIZE, DEFAULT_HMAC_FAULT_THRESHOLD, DEFAULT_STATE_MIN_FREE_MB,
 };
+use weir_host::signatures::TrustedKeys;
 use weir_proto::KeyRing;
 /// Default cap of the backoff while a registry is down or answers 5xx.
 pub const DEFAULT_RETRY_MAX_SECONDS: u64 = 300;
@@ -299,6 +300,10 @@ pub struct DeliveryConfig {
     pub retry_refused_seconds: u64,
     #[serde(default)]
     pub mapping: Vec<RepositoryMapping>,
+    /// PEM public keys (ECDSA P-256): when set, an image is pushed only if
+    /// a cosign signature among its referrers verifies under one of them.
+    #[serde(default)]
+    pub verify_signatures: Vec<PathBuf>,
 }
 
 impl Default for DeliveryConfig {
@@ -312,6 +317,7 @@ impl Default for DeliveryConfig {
             retry_max_seconds: DEFAULT_RETRY_MAX_SECONDS,
             retry_refused_seconds: DEFAULT_RETRY_REFUSED_SECONDS,
             mapping: Vec::new(),
+            verify_signatures: Vec::new(),
         }
     }
 }
@@ -422,6 +428,16 @@ impl RxConfig {
         }
     }
 
+    /// The keys `[delivery] verify_signatures` names; None when unset.
+    pub fn signature_keys(&self) -> Result<Option<TrustedKeys>, ConfigError> {
+        if self.delivery.verify_signatures.is_empty() {
+            return Ok(None);
+        }
+        TrustedKeys::load(&self.delivery.verify_signatures)
+            .map(Some)
+            .map_err(|e| self.invalid("delivery.verify_signatures", e.to_string()))
+    }
+
     /// Checks every field that can be checked without starting anything.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         if self.state_dir.as_os_str().is_empty() {
@@ -461,6 +477,7 @@ impl RxConfig {
             ));
         }
         self.key_ring()?;
+        self.signature_keys()?;
         self.registry_endpoint()?;
         self.registry_credentials()?;
         if let Some(ca) = &self.delivery.ca_file {

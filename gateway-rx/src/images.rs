@@ -434,6 +434,9 @@ impl ImageLedger {
             ObjectId::from_digest(&b.digest).map_err(|e| e.to_string())?;
             blobs.push((b.digest.clone(), b.size));
         }
+        // Referrers become tags and referrers-list entries: bounded, and
+        // only of this image's manifests.
+        tm.check_referrers().map_err(|e| e.to_string())?;
         Ok((repository, blobs))
     }
 
@@ -966,6 +969,59 @@ mod tests {
             })
             .collect();
         cases.push(("blobs, more than", t));
+        // Referrers that would push a tag or a list entry for another image.
+        let sig = |subject: &str, attachment: weir_proto::Attachment, body: &str| {
+            let bytes = body.as_bytes().to_vec();
+            weir_proto::Referrer {
+                subject: subject.to_string(),
+                attachment,
+                manifest: weir_proto::ManifestBytes {
+                    digest: ObjectId::of_bytes(&bytes).digest(),
+                    media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                    bytes,
+                },
+            }
+        };
+        let other = ObjectId::of_bytes(b"someone else's image").digest();
+        let own = tm.manifest.digest.clone();
+        let own_tag = weir_proto::referrers::cosign_tag(&own, "sig").unwrap();
+        let other_tag = weir_proto::referrers::cosign_tag(&other, "sig").unwrap();
+        let mut t = tm.clone();
+        t.referrers = vec![sig(
+            &other,
+            weir_proto::Attachment::Tag(other_tag.clone()),
+            "{}",
+        )];
+        cases.push(("neither the image nor one of its children", t));
+        let mut t = tm.clone();
+        t.referrers = vec![sig(&own, weir_proto::Attachment::Tag(other_tag), "{}")];
+        cases.push(("is not a cosign tag of its subject", t));
+        let mut t = tm.clone();
+        let names_other = format!(r#"{{"subject":{{"digest":"{other}","size":1}}}}"#);
+        t.referrers = vec![sig(&own, weir_proto::Attachment::Subject, &names_other)];
+        cases.push(("its subject field says", t));
+        let mut t = tm.clone();
+        let missing_blob = format!(
+            r#"{{"layers":[{{"digest":"{}","size":1}}]}}"#,
+            ObjectId::of_bytes(b"not carried").digest()
+        );
+        t.referrers = vec![sig(
+            &own,
+            weir_proto::Attachment::Tag(own_tag.clone()),
+            &missing_blob,
+        )];
+        cases.push(("which the image object does not carry", t));
+        let mut t = tm.clone();
+        t.referrers = (0..=weir_proto::referrers::MAX_REFERRERS)
+            .map(|i| {
+                sig(
+                    &own,
+                    weir_proto::Attachment::Tag(own_tag.clone()),
+                    &format!("{{\"n\":{i}}}"),
+                )
+            })
+            .collect();
+        cases.push(("referrers, more than", t));
         for (i, (want, mut t)) in cases.into_iter().enumerate() {
             // Each signed as the first record of a chain of its own: the
             // record is held, the names are what is refused.

@@ -208,6 +208,9 @@ weir_host::named_states! {
         Pending = "pending",
         /// Pending, and the last attempt failed.
         Failing = "failing",
+        /// Kept and not pushed: its signature does not pass
+        /// `[delivery] verify_signatures`.
+        Refused = "refused",
         Done = "done",
     }
 }
@@ -247,7 +250,8 @@ pub struct StatusReport {
     pub fault: Option<String>,
     pub counters: CounterSnapshot,
     pub pushes_pending: u64,
-    pub pushes_failing: u64, // also counted in pushes_pending
+    /// Failing or refused; also counted in pushes_pending.
+    pub pushes_failing: u64,
     pub sender: Option<SenderStatus>,
     pub receiving: Vec<ObjectProgress>,
     pub images: Vec<ImageProgress>,

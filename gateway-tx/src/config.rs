@@ -312,6 +312,22 @@ pub struct PolicyConfig {
     /// Rules YAML (namespaces + rules with gates). None: every image passes.
     #[serde(default)]
     pub rules_file: Option<PathBuf>,
+    /// What becomes of an image's signatures, attestations and SBOMs.
+    #[serde(default)]
+    pub referrers: ReferrersMode,
+}
+
+/// `[policy] referrers`: whether referrers cross with their image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferrersMode {
+    /// They cross when the image has them.
+    #[default]
+    Carry,
+    /// They cross, and an image without any is refused (`referrers-missing`).
+    Require,
+    /// They are read for the signature gate but do not cross.
+    Drop,
 }
 
 /// Rewrites a repository prefix: `from = "team-a/"`, `to = "mirror/team-a/"`.

@@ -34,7 +34,8 @@ use weir_host::durable::fsync_dir;
 use weir_host::state::{StateDb, StateError};
 use weir_proto::ledger::RecordFields;
 use weir_proto::{
-    BlobRef, Destination, FecParams, ManifestBytes, ObjectId, Origin, TransferManifest, Verdict,
+    BlobRef, Destination, FecParams, ManifestBytes, ObjectId, Origin, Referrer, TransferManifest,
+    Verdict,
 };
 
 use crate::ledger::{IssuedRecord, LedgerChain};
@@ -155,7 +156,10 @@ pub struct AcceptedImage {
     /// The top-level manifest, or the index for a multi-arch image.
     pub manifest: ManifestBytes,
     pub children: Vec<ManifestBytes>,
+    /// The blobs of the manifests and of the referrers, each once.
     pub blobs: Vec<BlobRef>,
+    /// Signatures, attestations and SBOMs that cross with it.
+    pub referrers: Vec<Referrer>,
     pub origin: Origin,
     pub verdict: Verdict,
     /// Every `repository:tag` (or bare repository) it is sent to.
@@ -180,6 +184,7 @@ impl AcceptedImage {
             manifest: self.manifest.clone(),
             children: self.children.clone(),
             blobs: self.blobs.clone(),
+            referrers: self.referrers.clone(),
             origin: self.origin.clone(),
             verdict: self.verdict.clone(),
             ledger,
@@ -785,6 +790,7 @@ pub(crate) mod tests {
             },
             children: vec![],
             blobs: vec![],
+            referrers: vec![],
             origin: Origin {
                 source: source.into(),
                 source_reference: None,

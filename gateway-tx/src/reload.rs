@@ -6,6 +6,7 @@
 //! | field | takes effect |
 //! |---|---|
 //! | `policy.rules_file`, and the rules file's content | for the next drop, and the next pull (a pull refused under other rules is tried again) |
+//! | `policy.referrers` | for the next drop and the next pull |
 //! | `[[mapping]]` | for the next drop |
 //! | `pull.sync_file`, `pull.interval_s` | at the pull stage's next look (the new file is read then; an entry's next poll keeps the time already set) |
 //! | `[leds]` names and base | at once (the old LEDs go dark); adding or removing the table needs a restart |
@@ -22,7 +23,7 @@ use std::time::Duration;
 use weir_host::reload::{ConfigChanges, Reloadable};
 use weir_host::Leds;
 
-use crate::config::{Mapping, TxConfig};
+use crate::config::{Mapping, ReferrersMode, TxConfig};
 use crate::policy::{Rules, RulesError};
 
 /// The fields a running sender applies. (`metrics.listen` is not one: the
@@ -30,6 +31,7 @@ use crate::policy::{Rules, RulesError};
 /// restart like any field not listed.)
 pub const RELOADABLE: &[&str] = &[
     "policy.rules_file",
+    "policy.referrers",
     "mapping",
     "pull.sync_file",
     "pull.interval_s",
@@ -49,6 +51,8 @@ pub struct IntakeSettings {
     /// hash, so a refusal under other rules is tried again.
     pub rules_bytes: Vec<u8>,
     pub mappings: Vec<Mapping>,
+    /// `[policy] referrers`.
+    pub referrers: ReferrersMode,
     /// `[pull] sync_file`, when pull mode is on.
     pub sync_file: Option<PathBuf>,
     /// `[pull] interval_s`.
@@ -77,6 +81,7 @@ impl IntakeSettings {
             rules,
             rules_bytes,
             mappings: config.mapping.clone(),
+            referrers: config.policy.referrers,
             sync_file: config.pull.as_ref().map(|p| p.sync_file.clone()),
             pull_interval: Duration::from_secs(config.pull.as_ref().map_or(0, |p| p.interval_s)),
         })
@@ -115,6 +120,7 @@ impl TxReloader {
         }
         let intake_changed = [
             "policy.rules_file",
+            "policy.referrers",
             "mapping",
             "pull.sync_file",
             "pull.interval_s",

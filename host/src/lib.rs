@@ -45,6 +45,7 @@ pub mod reload;
 pub mod report;
 pub mod shutdown;
 pub mod signals;
+pub mod signatures;
 pub mod stages;
 pub mod state;
 pub mod states;

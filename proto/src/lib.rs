@@ -44,6 +44,8 @@
 //! - [`manifest`]: what an image object carries;
 //! - [`ledger`]: the image ledger's hash chain, heads, gaps and the
 //!   receiver's report;
+//! - [`referrers`]: signatures, attestations and SBOMs that cross with
+//!   their image, and what bounds them;
 //! - [`names`]: repository and tag names as the distribution spec allows;
 //! - [`pacing`]: the token bucket every rate limit uses;
 //! - [`framing`]: COBS for byte streams, the directory link's batch file;
@@ -60,6 +62,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod names;
 pub mod pacing;
+pub mod referrers;
 pub mod replay;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -75,4 +78,5 @@ pub use ledger::{ChainId, ChainRecord, LedgerHead, RecordHash};
 pub use manifest::*;
 pub use names::{check_repository, check_tag, NameError};
 pub use pacing::{LinePacer, TokenBucket};
+pub use referrers::{Attachment, Referrer, ReferrerError};
 pub use replay::{LossEstimate, ReplayGuard, ReplayVerdict};

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::ledger::ChainRecord;
+use crate::referrers::Referrer;
 
 /// Identity of an object on the wire: the sha256 of the object's bytes.
 ///
@@ -153,8 +154,11 @@ pub struct TransferManifest {
     pub manifest: ManifestBytes,
     /// For an index: the child manifests it names (pushed before the index).
     pub children: Vec<ManifestBytes>,
-    /// Every blob the manifest and children name, each once.
+    /// Every blob the manifest, children and referrers name, each once.
     pub blobs: Vec<BlobRef>,
+    /// Signatures, attestations and SBOMs of the image and its children
+    /// (see [`crate::referrers`]); pushed after their subject.
+    pub referrers: Vec<Referrer>,
     pub origin: Origin,
     pub verdict: Verdict,
     /// The image's record in its sender's image ledger (see

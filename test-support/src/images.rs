@@ -149,6 +149,7 @@ fn transfer(
         manifest,
         children,
         blobs,
+        referrers: Vec::new(),
         origin,
         verdict,
         ledger,

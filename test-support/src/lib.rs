@@ -33,6 +33,7 @@
 //!   its text checked by `promtool check metrics`.
 //! - [`wait`]: polling with a deadline.
 
+pub mod cosign;
 pub mod images;
 pub mod proxy;
 pub mod pty;

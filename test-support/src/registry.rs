@@ -562,6 +562,84 @@ impl RegistryClient {
         }
     }
 
+    /// Uploads a blob (monolithic: `POST` then `PUT ?digest=`).
+    pub fn put_blob(&self, repo: &str, bytes: &[u8]) -> Result<String> {
+        let digest = crate::cosign::sha256(bytes);
+        let path = format!("/v2/{repo}/blobs/uploads/");
+        let mut request = self.http.post(self.api(&path));
+        if let Some(authorization) = &self.authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let response = request
+            .send_empty()
+            .with_context(|| format!("POST {path}"))?;
+        if response.status().as_u16() != 202 {
+            anyhow::bail!("POST {path}: {}", response.status());
+        }
+        let location = header(&response, "Location").context("upload without Location")?;
+        let location = if location.starts_with('/') {
+            self.api(&location)
+        } else {
+            location
+        };
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let url = format!("{location}{separator}digest={digest}");
+        let mut request = self
+            .http
+            .put(&url)
+            .header("Content-Type", "application/octet-stream");
+        if let Some(authorization) = &self.authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let response = request.send(bytes).with_context(|| format!("PUT {url}"))?;
+        if response.status().as_u16() != 201 {
+            anyhow::bail!("PUT blob {digest} into {repo}: {}", response.status());
+        }
+        Ok(digest)
+    }
+
+    /// Puts manifest bytes under `reference` (a tag or their digest).
+    pub fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let mut request = self
+            .http
+            .put(self.api(&path))
+            .header("Content-Type", media_type);
+        if let Some(authorization) = &self.authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let mut response = request.send(bytes).with_context(|| format!("PUT {path}"))?;
+        if response.status().as_u16() != 201 {
+            let body = response.body_mut().read_to_string().unwrap_or_default();
+            anyhow::bail!("PUT {path}: {}: {body}", response.status());
+        }
+        Ok(())
+    }
+
+    /// Pushes an artifact's blobs and manifest, by tag or by digest.
+    pub fn push_artifact(
+        &self,
+        repo: &str,
+        artifact: &crate::cosign::Artifact,
+        tag: Option<&str>,
+    ) -> Result<()> {
+        for b in &artifact.blobs {
+            self.put_blob(repo, b)?;
+        }
+        self.put_manifest(
+            repo,
+            tag.unwrap_or(&artifact.digest),
+            &artifact.media_type,
+            &artifact.manifest,
+        )
+    }
+
     /// A manifest by tag or digest, as served.
     pub fn get_manifest(&self, repo: &str, reference: &str) -> Result<RegistryManifest> {
         let path = format!("/v2/{repo}/manifests/{reference}");

@@ -7,7 +7,7 @@
 use serde_json::{json, Value};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use weir_proto::{ManifestBytes, ObjectId, TransferManifest};
+use weir_proto::{Attachment, ManifestBytes, ObjectId, Referrer, TransferManifest};
 
 use super::DeliveryError;
 use crate::blobs::BlobStore;
@@ -68,8 +68,11 @@ impl LayoutExporter {
         {
             self.place_manifest(m)?;
         }
+        for r in &manifest.referrers {
+            self.place_manifest(&r.manifest)?;
+        }
         fsync_dir(&blobs_dir).map_err(|e| self.local("fsync", &blobs_dir, e))?;
-        self.update_index(&manifest.manifest, repository, tags)
+        self.update_index(&manifest.manifest, repository, tags, &manifest.referrers)
     }
 
     fn write_layout_marker(&self) -> Result<(), DeliveryError> {
@@ -128,11 +131,15 @@ impl LayoutExporter {
         write_atomically(&dest, &m.bytes).map_err(|e| self.local("writing", &dest, e))
     }
 
+    /// Lists the image under its names, then its referrers: a cosign tag
+    /// as `repository:sha256-<hex>.sig`, an OCI referrer by digest with its
+    /// artifact type and annotations (each listed once).
     fn update_index(
         &self,
         m: &ManifestBytes,
         repository: &str,
         tags: &[String],
+        referrers: &[Referrer],
     ) -> Result<(), DeliveryError> {
         let path = self.dir.join("index.json");
         let mut index: Value = match std::fs::read(&path) {
@@ -182,6 +189,37 @@ impl LayoutExporter {
             }
             manifests.push(entry);
         }
+        for r in referrers {
+            let entry = match &r.attachment {
+                Attachment::Tag(tag) => {
+                    let name = format!("{repository}:{tag}");
+                    manifests.retain(|e| {
+                        e.pointer(&format!("/annotations/{}", REF_NAME.replace('/', "~1")))
+                            .and_then(Value::as_str)
+                            != Some(name.as_str())
+                    });
+                    json!({
+                        "mediaType": r.manifest.media_type,
+                        "digest": r.manifest.digest,
+                        "size": r.manifest.bytes.len(),
+                        "annotations": { REF_NAME: name },
+                    })
+                }
+                Attachment::Subject => {
+                    let listed = manifests.iter().any(|e| {
+                        e.get("digest").and_then(Value::as_str) == Some(r.manifest.digest.as_str())
+                            && e.pointer(&format!("/annotations/{}", REF_NAME.replace('/', "~1")))
+                                .is_none()
+                    });
+                    if listed {
+                        continue;
+                    }
+                    r.list_entry()
+                        .map_err(|e| DeliveryError::local(e.to_string()))?
+                }
+            };
+            manifests.push(entry);
+        }
         let bytes =
             serde_json::to_vec_pretty(&index).map_err(|e| self.local("encoding", &path, e))?;
         write_atomically(&path, &bytes).map_err(|e| self.local("writing", &path, e))
@@ -229,6 +267,65 @@ mod tests {
             count += 1;
         }
         assert_eq!(count, tm.blobs.len() + 1);
+    }
+
+    #[test]
+    fn referrers_are_listed_beside_their_image_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&dir.path().join("blobs")).unwrap();
+        let (mut tm, _) = sample_image(&store, "team/app", &["1.0"], 1, 100);
+        let subject = tm.manifest.digest.clone();
+        let manifest = |body: String| {
+            let bytes = body.into_bytes();
+            ManifestBytes {
+                digest: ObjectId::of_bytes(&bytes).digest(),
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                bytes,
+            }
+        };
+        let tag = weir_proto::referrers::cosign_tag(&subject, "sig").unwrap();
+        tm.referrers = vec![
+            Referrer {
+                subject: subject.clone(),
+                attachment: Attachment::Tag(tag.clone()),
+                manifest: manifest(r#"{"layers":[]}"#.into()),
+            },
+            Referrer {
+                subject: subject.clone(),
+                attachment: Attachment::Subject,
+                manifest: manifest(format!(
+                    r#"{{"artifactType":"application/spdx+json","subject":{{"digest":"{subject}","size":1}}}}"#
+                )),
+            },
+        ];
+        let out = dir.path().join("out");
+        let exporter = LayoutExporter::new(&out);
+        for _ in 0..2 {
+            exporter
+                .export(&tm, "mirror/app", &tm.destination.tags, &store)
+                .unwrap();
+        }
+        let index: Value =
+            serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+        let entries = index["manifests"].as_array().unwrap();
+        assert_eq!(entries.len(), 3, "{index}");
+        let sig = entries
+            .iter()
+            .find(|e| e["annotations"][REF_NAME] == format!("mirror/app:{tag}").as_str())
+            .expect("the cosign tag is named");
+        assert_eq!(sig["digest"], tm.referrers[0].manifest.digest);
+        let sbom = entries
+            .iter()
+            .find(|e| e["digest"] == tm.referrers[1].manifest.digest.as_str())
+            .expect("the OCI referrer is listed");
+        assert_eq!(sbom["artifactType"], "application/spdx+json");
+        for r in &tm.referrers {
+            let id = ObjectId::from_digest(&r.manifest.digest).unwrap();
+            assert_eq!(
+                std::fs::read(out.join("blobs/sha256").join(id.hex())).unwrap(),
+                r.manifest.bytes
+            );
+        }
     }
 
     #[test]

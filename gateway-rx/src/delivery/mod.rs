@@ -18,7 +18,8 @@ pub mod stats;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
-use weir_proto::{ObjectId, TransferManifest};
+use weir_host::signatures::{self, TrustedKeys};
+use weir_proto::{Attachment, ObjectId, TransferManifest};
 
 pub use layout::LayoutExporter;
 pub use notify::{Notice, Notifier};
@@ -96,6 +97,9 @@ pub struct Delivery {
     notifier: std::sync::Mutex<Option<Notifier>>,
     retry_max_ms: u64,
     retry_refused_ms: u64,
+    /// `[delivery] verify_signatures`: an image is pushed only if one of
+    /// its cosign signatures verifies under these keys.
+    signature_keys: Option<TrustedKeys>,
     counters: Arc<Counters>,
     stats: Arc<DeliveryStats>,
 }
@@ -119,6 +123,7 @@ impl Delivery {
             None => None,
         };
         let notifier = webhook(&config.notify)?;
+        let signature_keys = config.signature_keys().map_err(cfg_err)?;
         Ok(Delivery {
             queue,
             store,
@@ -129,6 +134,7 @@ impl Delivery {
             notifier: std::sync::Mutex::new(notifier),
             retry_max_ms: config.delivery.retry_max_seconds * 1000,
             retry_refused_ms: config.delivery.retry_refused_seconds * 1000,
+            signature_keys,
             counters,
             stats: Arc::new(DeliveryStats::default()),
         })
@@ -250,7 +256,7 @@ impl Delivery {
                         let exp = (job.failures - 1).min(20);
                         (1000u64 << exp).min(self.retry_max_ms)
                     }
-                    FailureKind::Refused => self.retry_refused_ms,
+                    FailureKind::Refused | FailureKind::Unverified => self.retry_refused_ms,
                 };
                 job.next_attempt_ms = now + delay;
                 let newly_failing = job.failure != Some(e.kind);
@@ -272,9 +278,19 @@ impl Delivery {
                         retry_in_s = delay / 1000, reason = %e.message,
                         "delivery refused; will retry on the slow schedule"
                     ),
+                    FailureKind::Unverified => tracing::error!(
+                        digest = %job.manifest_digest, reference = %job.reference(),
+                        target = job.target.name(), attempts = job.attempts,
+                        retry_in_s = delay / 1000, reason = %e.message,
+                        "image not pushed: its signature does not pass [delivery] verify_signatures; kept"
+                    ),
                 }
                 if newly_failing {
-                    self.notify(&job, "failing", seconds, Some(e.message));
+                    let event = match e.kind {
+                        FailureKind::Unverified => "refused",
+                        _ => "failing",
+                    };
+                    self.notify(&job, event, seconds, Some(e.message));
                 }
             }
         }
@@ -328,6 +344,9 @@ impl Delivery {
             DeliveryError::local(format!("job names no image id: {:?}", job.image))
         })?;
         let tm = self.load_manifest(&image)?;
+        if let Some(keys) = &self.signature_keys {
+            self.check_signature(&tm, keys)?;
+        }
         match job.target {
             Target::Registry => self.push_to_registry(job, &tm).await,
             Target::OciLayout => {
@@ -350,6 +369,44 @@ impl Delivery {
                     blobs_present: 0,
                 })
             }
+        }
+    }
+
+    /// The receiver's own signature check: a sender holding the link key
+    /// still cannot get an unsigned image pushed. The payloads are read
+    /// from the blob store, where they arrived as blobs of the image.
+    fn check_signature(
+        &self,
+        tm: &TransferManifest,
+        keys: &TrustedKeys,
+    ) -> Result<(), DeliveryError> {
+        let digest = &tm.manifest.digest;
+        let layers = signatures::signature_layers(digest, &tm.referrers);
+        let payloads: Vec<Result<Vec<u8>, String>> = layers
+            .iter()
+            .map(|l| {
+                let id = ObjectId::from_digest(&l.payload_digest).map_err(|e| e.to_string())?;
+                match self.store.len_of(&id) {
+                    Ok(n) if n > signatures::MAX_PAYLOAD_BYTES => Err(format!(
+                        "payload of {n} bytes, more than {}",
+                        signatures::MAX_PAYLOAD_BYTES
+                    )),
+                    Ok(_) => self.store.read_object(&id).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .collect();
+        let found = signatures::check(digest, &layers, &payloads, keys);
+        match found.reason_code() {
+            None => {
+                tracing::info!(digest = %digest, signature = %found.describe(digest),
+                    "signature verified before the push");
+                Ok(())
+            }
+            Some(code) => Err(DeliveryError {
+                kind: FailureKind::Unverified,
+                message: format!("{code}: {}", found.describe(digest)),
+            }),
         }
     }
 
@@ -423,6 +480,25 @@ impl Delivery {
             self.queue
                 .save(job)
                 .map_err(|e| DeliveryError::local(e.to_string()))?;
+        }
+        // Referrers after their subject: a registry may refuse a manifest
+        // whose subject it does not hold, and a reader finds no signature
+        // of an image that is not there yet. Every step is idempotent, so an
+        // interrupted attempt simply does them again.
+        for r in &tm.referrers {
+            match &r.attachment {
+                Attachment::Tag(tag) => reg.put_tag(&repo, tag, &r.manifest).await?,
+                Attachment::Subject => {
+                    reg.put_manifest(&repo, &r.manifest).await?;
+                    let how = reg.ensure_referrer_listed(&repo, r).await?;
+                    tracing::debug!(digest = %tm.manifest.digest, referrer = %r.manifest.digest,
+                        listing = ?how, "referrer listed for its subject");
+                }
+            }
+        }
+        if !tm.referrers.is_empty() {
+            tracing::info!(digest = %tm.manifest.digest, repository = %repo,
+                referrers = tm.referrers.len(), "referrers pushed after their image");
         }
         Ok(summary)
     }

@@ -44,6 +44,10 @@ pub enum FailureKind {
     /// 4xx or a local problem someone must fix: retried every
     /// `retry_refused_seconds`.
     Refused,
+    /// The image's signature does not pass `[delivery] verify_signatures`:
+    /// kept, never pushed as it is; checked again every
+    /// `retry_refused_seconds` (a restart with another key may pass it).
+    Unverified,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +132,7 @@ impl DeliveryJob {
     pub fn view(&self) -> DeliveryView {
         let state = match (self.state, self.failure) {
             (JobState::Done, _) => DeliveryState::Done,
+            (JobState::Pending, Some(FailureKind::Unverified)) => DeliveryState::Refused,
             (JobState::Pending, Some(_)) => DeliveryState::Failing,
             (JobState::Pending, None) => DeliveryState::Pending,
         };

@@ -10,10 +10,12 @@ use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientP
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
-use weir_proto::{BlobRef, ManifestBytes, ObjectId};
+use weir_proto::referrers::fallback_tag;
+use weir_proto::{BlobRef, ManifestBytes, ObjectId, Referrer};
 
 use super::{DeliveryError, FailureKind};
 use crate::blobs::BlobStore;
@@ -191,6 +193,116 @@ impl RegistryPusher {
             self.client.fetch_manifest_digest(&reference, &self.auth).await,
             Ok(d) if d == digest
         )
+    }
+}
+
+/// How a referrer came to be listed for its subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReferrerListing {
+    /// The registry's referrers API (or an earlier delivery) lists it.
+    Listed,
+    /// The registry lacks the API: the `sha256-<hex>` tag's index now
+    /// lists it, as the distribution spec's fallback says.
+    FallbackTag,
+}
+
+impl RegistryPusher {
+    /// Makes sure a referrer pushed by digest is listed for its subject:
+    /// through the referrers API where the registry has one, otherwise by
+    /// adding it to the index under the referrers tag (created when absent,
+    /// never listing a manifest twice).
+    pub async fn ensure_referrer_listed(
+        &self,
+        repository: &str,
+        referrer: &Referrer,
+    ) -> Result<ReferrerListing, DeliveryError> {
+        self.prepare().await;
+        let subject = self.by_digest(repository, &referrer.subject);
+        let what = format!("referrers of {repository}@{}", referrer.subject);
+        // A 404 from the API makes the client read the fallback tag
+        // instead; either way a listed referrer is done.
+        let listed = self
+            .client
+            .pull_referrers(&subject, None)
+            .await
+            .map_err(|e| classify(&format!("reading {what}"), e))?;
+        if listed
+            .manifests
+            .iter()
+            .any(|m| m.digest == referrer.manifest.digest)
+        {
+            return Ok(ReferrerListing::Listed);
+        }
+        let tag = fallback_tag(&referrer.subject).ok_or_else(|| {
+            DeliveryError::local(format!(
+                "referrer subject {:?} is not a digest",
+                referrer.subject
+            ))
+        })?;
+        let fallback = self.by_tag(repository, &tag);
+        let mut index: Value = match self
+            .client
+            .pull_manifest_raw(&fallback, &self.auth, &[MT_OCI_INDEX])
+            .await
+        {
+            Ok((bytes, _)) => serde_json::from_slice(&bytes).map_err(|e| DeliveryError {
+                kind: FailureKind::Refused,
+                message: format!("{repository}:{tag} is not a referrers index: {e}"),
+            })?,
+            Err(e) if is_not_found(&e) => json!({
+                "schemaVersion": 2,
+                "mediaType": MT_OCI_INDEX,
+                "manifests": [],
+            }),
+            Err(e) => return Err(classify(&format!("reading {repository}:{tag}"), e)),
+        };
+        let entry = referrer
+            .list_entry()
+            .map_err(|e| DeliveryError::local(e.to_string()))?;
+        let manifests = index
+            .get_mut("manifests")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| DeliveryError {
+                kind: FailureKind::Refused,
+                message: format!(
+                    "{repository}:{tag} holds a manifest, not a referrers index; {} is not listed",
+                    referrer.manifest.digest
+                ),
+            })?;
+        let digest = referrer.manifest.digest.as_str();
+        if !manifests
+            .iter()
+            .any(|m| m.get("digest").and_then(Value::as_str) == Some(digest))
+        {
+            manifests.push(entry);
+        }
+        let bytes = serde_json::to_vec(&index)
+            .map_err(|e| DeliveryError::local(format!("encoding {tag}: {e}")))?;
+        let content_type = MT_OCI_INDEX
+            .parse()
+            .map_err(|_| DeliveryError::local("index media type"))?;
+        self.client
+            .push_manifest_raw(&fallback, Bytes::from(bytes), content_type)
+            .await
+            .map_err(|e| classify(&format!("putting {repository}:{tag}"), e))?;
+        Ok(ReferrerListing::FallbackTag)
+    }
+}
+
+const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+fn is_not_found(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => true,
+        OciDistributionError::ServerError { code: 404, .. } => true,
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|err| {
+            matches!(
+                err.code,
+                oci_client::errors::OciErrorCode::ManifestUnknown
+                    | oci_client::errors::OciErrorCode::NameUnknown
+            )
+        }),
+        _ => false,
     }
 }
 

@@ -138,9 +138,24 @@ impl PanelInputs {
                 return;
             }
         };
-        let failing: Vec<_> = jobs
+        let views: Vec<_> = jobs.iter().map(|j| j.view()).collect();
+        match views.iter().find(|v| v.state == DeliveryState::Refused) {
+            None => self.faults.clear(Fault::SignatureRefused),
+            Some(first) => self.faults.raise(
+                Fault::SignatureRefused,
+                format!(
+                    "image kept, not pushed: {} -> {}: {}",
+                    first.reference,
+                    first.target,
+                    first
+                        .last_error
+                        .as_deref()
+                        .unwrap_or("signature check failed")
+                ),
+            ),
+        }
+        let failing: Vec<_> = views
             .iter()
-            .map(|j| j.view())
             .filter(|v| v.state == DeliveryState::Failing)
             .collect();
         match failing.first() {
@@ -233,7 +248,9 @@ impl Reporter {
             fault: self.faults.reason(),
             counters: self.counters.snapshot(),
             pushes_pending: count_state(&jobs, |s| s != DeliveryState::Done),
-            pushes_failing: count_state(&jobs, |s| s == DeliveryState::Failing),
+            pushes_failing: count_state(&jobs, |s| {
+                matches!(s, DeliveryState::Failing | DeliveryState::Refused)
+            }),
             sender: self
                 .sender
                 .lock()
@@ -319,7 +336,9 @@ pub fn status(config: &RxConfig) -> anyhow::Result<StatusReport> {
         fault: last.fault,
         counters: last.counters,
         pushes_pending: count_state(&jobs, |s| s != DeliveryState::Done),
-        pushes_failing: count_state(&jobs, |s| s == DeliveryState::Failing),
+        pushes_failing: count_state(&jobs, |s| {
+            matches!(s, DeliveryState::Failing | DeliveryState::Refused)
+        }),
         sender: last.sender,
         receiving,
         images,

@@ -12,7 +12,16 @@
 //!     allow_unknown: true     # findings of unknown severity do not refuse
 //!     allow_unsupported: true # a scanner that declared the image unsupported does not refuse
 //!   - regex: "team-b/base:.*" # no gate: no scan report needed
+//!   - regex: "team-c/.*"
+//!     require_signature:      # a cosign signature under one of these keys
+//!       keys: [/etc/weir/cosign-team-c.pub]
 //! ```
+//!
+//! `require_signature` counts a cosign signature (a `.sig` tag or an OCI
+//! 1.1 referrer) whose simple-signing payload names the image's digest and
+//! verifies under one of the PEM ECDSA P-256 keys (paths relative to the
+//! rules file); none: `signature-missing`, none valid: `signature-invalid`
+//! with the key fingerprints tried.
 //!
 //! An image passes when its namespace is listed and some rule matches
 //! `namespace/repo:tag` (the regex must match the whole name) and lets its
@@ -37,6 +46,7 @@ use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use weir_host::signatures::{self, SignatureCheck, SignatureLayer, TrustedKeys};
 
 /// Vulnerability severity, ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -103,6 +113,12 @@ pub enum ReasonCode {
     AlreadySent,
     /// A pulled blob or manifest whose bytes do not hash to its digest.
     DigestMismatch,
+    /// A rule requires a signature and none speaks of the image.
+    SignatureMissing,
+    /// Signatures speak of the image; none verifies under the rule's keys.
+    SignatureInvalid,
+    /// `[policy] referrers = "require"` and the image has none.
+    ReferrersMissing,
 }
 
 impl ReasonCode {
@@ -121,6 +137,9 @@ impl ReasonCode {
             ReasonCode::NoReference => "no-reference",
             ReasonCode::AlreadySent => "already-sent",
             ReasonCode::DigestMismatch => "digest-mismatch",
+            ReasonCode::SignatureMissing => "signature-missing",
+            ReasonCode::SignatureInvalid => "signature-invalid",
+            ReasonCode::ReferrersMissing => "referrers-missing",
         }
     }
 }
@@ -170,6 +189,9 @@ pub struct Rule {
     pub gate: Option<Severity>,
     pub allow_unknown: bool,
     pub allow_unsupported: bool,
+    /// Keys one of which must have signed the image; None: no signature
+    /// needed.
+    pub require_signature: Option<TrustedKeys>,
 }
 
 /// The loaded rules file.
@@ -197,6 +219,14 @@ struct RuleFile {
     allow_unknown: bool,
     #[serde(default)]
     allow_unsupported: bool,
+    #[serde(default)]
+    require_signature: Option<RequireSignatureFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequireSignatureFile {
+    keys: Vec<PathBuf>,
 }
 
 impl Rules {
@@ -208,7 +238,8 @@ impl Rules {
         Rules::parse(&text, &path.display().to_string())
     }
 
-    /// Parses rules YAML; `origin` names the source in errors.
+    /// Parses rules YAML; `origin` names the source in errors, and key
+    /// paths that are relative are taken from its directory.
     pub fn parse(text: &str, origin: &str) -> Result<Rules, RulesError> {
         let bad = |message: String| RulesError::Invalid {
             origin: origin.to_string(),
@@ -227,12 +258,29 @@ impl Rules {
                     ))
                 })?),
             };
+            let require_signature = match r.require_signature {
+                None => None,
+                Some(req) => {
+                    if req.keys.is_empty() {
+                        return Err(bad(format!(
+                            "rules[{i}].require_signature.keys: at least one key file is needed"
+                        )));
+                    }
+                    let base = Path::new(origin).parent().unwrap_or(Path::new(""));
+                    let paths: Vec<PathBuf> = req.keys.iter().map(|k| base.join(k)).collect();
+                    Some(
+                        TrustedKeys::load(&paths)
+                            .map_err(|e| bad(format!("rules[{i}].require_signature.keys: {e}")))?,
+                    )
+                }
+            };
             rules.push(Rule {
                 regex: r.regex,
                 matcher,
                 gate,
                 allow_unknown: r.allow_unknown,
                 allow_unsupported: r.allow_unsupported,
+                require_signature,
             });
         }
         Ok(Rules {
@@ -251,6 +299,24 @@ pub struct Subject<'a> {
     pub namespace: &'a str,
     /// Config digests of the image (several for a multi-arch index).
     pub config_digests: &'a [String],
+    /// The signatures found on the image, for rules that require one.
+    pub signatures: &'a SignatureEvidence,
+}
+
+/// The signatures that speak of an image, with their payloads as read
+/// from wherever the image came from.
+#[derive(Debug, Clone, Default)]
+pub struct SignatureEvidence {
+    pub image_digest: String,
+    pub layers: Vec<SignatureLayer>,
+    /// One per layer: its payload bytes or why they could not be read.
+    pub payloads: Vec<Result<Vec<u8>, String>>,
+}
+
+impl SignatureEvidence {
+    pub fn check(&self, keys: &TrustedKeys) -> SignatureCheck {
+        signatures::check(&self.image_digest, &self.layers, &self.payloads, keys)
+    }
 }
 
 /// What is known of the drop's scan report.
@@ -353,12 +419,12 @@ pub fn decide(
         .filter(|r| r.matcher.is_match(subject.name))
     {
         match check_rule(rule, subject, report) {
-            Ok(summary) => {
+            Ok((summary, signature)) => {
                 return Ok(weir_proto::Verdict {
                     rule: Some(rule.regex.clone()),
                     gate: rule.gate.map(|g| g.to_string()),
                     worst_severity: worst,
-                    signature: None,
+                    signature,
                     summary,
                 })
             }
@@ -375,7 +441,39 @@ pub fn decide(
     }))
 }
 
-fn check_rule(rule: &Rule, subject: &Subject<'_>, report: &ReportState) -> Result<String, Refusal> {
+/// A rule's verdict: its summary and, when it asked for one, the
+/// signature check's result.
+fn check_rule(
+    rule: &Rule,
+    subject: &Subject<'_>,
+    report: &ReportState,
+) -> Result<(String, Option<String>), Refusal> {
+    let signature = match &rule.require_signature {
+        None => None,
+        Some(keys) => {
+            let found = subject.signatures.check(keys);
+            let text = found.describe(&subject.signatures.image_digest);
+            let code = match found {
+                SignatureCheck::Verified { .. } => None,
+                SignatureCheck::Missing => Some(ReasonCode::SignatureMissing),
+                SignatureCheck::Invalid { .. } => Some(ReasonCode::SignatureInvalid),
+            };
+            if let Some(code) = code {
+                return Err(Refusal::new(
+                    code,
+                    format!(
+                        "{}: rule {:?} requires a signature: {text}",
+                        subject.name, rule.regex
+                    ),
+                ));
+            }
+            Some(text)
+        }
+    };
+    check_gate(rule, subject, report).map(|summary| (summary, signature))
+}
+
+fn check_gate(rule: &Rule, subject: &Subject<'_>, report: &ReportState) -> Result<String, Refusal> {
     let Some(gate) = rule.gate else {
         return Ok(format!("rule {:?} has no gate", rule.regex));
     };
@@ -739,9 +837,81 @@ rules:
                 name: &n,
                 namespace: &ns,
                 config_digests: &cfg,
+                signatures: &SignatureEvidence::default(),
             },
             report,
         )
+    }
+
+    const PUBLIC_KEY: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEvXgDDih1Jgpottp54XwdUdIZ+iA
+0u1J5weQA4aAxKKym4QrKJ98oO2SXolrIXKtFKy2ELvaWtoJ26tUdxGsuw==
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn a_rule_requiring_a_signature_refuses_missing_and_invalid_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("team-c.pub"), PUBLIC_KEY).unwrap();
+        let rules_path = dir.path().join("rules.yaml");
+        // The key path is relative: taken from the rules file's directory.
+        let rules = Rules::parse(
+            "namespaces: [team-c]\nrules:\n  - regex: 'team-c/.*'\n    require_signature:\n      keys: [team-c.pub]\n",
+            &rules_path.display().to_string(),
+        )
+        .unwrap();
+        let cfg = [CONFIG.to_string()];
+        let judge = |evidence: &SignatureEvidence| {
+            decide(
+                Some(&rules),
+                &Subject {
+                    name: "team-c/tool:1",
+                    namespace: "team-c",
+                    config_digests: &cfg,
+                    signatures: evidence,
+                },
+                &ReportState::Missing,
+            )
+        };
+        let none = SignatureEvidence {
+            image_digest: CONFIG.into(),
+            ..Default::default()
+        };
+        assert_eq!(code(judge(&none)), "signature-missing");
+        let forged = SignatureEvidence {
+            image_digest: CONFIG.into(),
+            layers: vec![SignatureLayer {
+                referrer: CONFIG.into(),
+                payload_digest: CONFIG.into(),
+                payload_size: 2,
+                signature: "AAAA".into(),
+            }],
+            payloads: vec![Ok(b"{}".to_vec())],
+        };
+        let refusal = judge(&forged).unwrap_err();
+        assert_eq!(refusal.code.as_str(), "signature-invalid");
+        assert!(
+            refusal.message.contains("keys tried: sha256:")
+                && refusal.message.contains("team-c.pub"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
+    fn a_signature_key_that_is_not_a_p256_public_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bad.pub"), "not a key").unwrap();
+        let e = Rules::parse(
+            "namespaces: [a]\nrules:\n  - regex: 'a/.*'\n    require_signature:\n      keys: [bad.pub]\n",
+            &dir.path().join("r.yaml").display().to_string(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("rules[0].require_signature.keys") && e.contains("bad.pub"),
+            "{e}"
+        );
     }
 
     fn code(r: Result<weir_proto::Verdict, Refusal>) -> &'static str {
@@ -924,6 +1094,7 @@ rules:
                 name: "anyone/anything:1",
                 namespace: "anyone",
                 config_digests: &cfg,
+                signatures: &SignatureEvidence::default(),
             },
             &ReportState::Missing,
         )

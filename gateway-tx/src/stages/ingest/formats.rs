@@ -11,16 +11,25 @@
 //! - OCI archive (`oci-layout` + `index.json` + `blobs/`), including an
 //!   index of platform manifests: everything crosses as it is, so every
 //!   digest is unchanged.
+//!   Entries of index.json that are referrers (a cosign tag, `ref.name`
+//!   `sha256-<hex>.sig`, `.att` or `.sbom`; a manifest with a `subject`; a
+//!   referrers index tagged `sha256-<hex>`) are not images: they cross with
+//!   the image they speak of.
 
 use super::archive::{ArchiveError, TarIndex};
 use crate::config::Compression;
 use crate::objects::{ObjectStore, StoreError, StoredObject};
+use crate::policy::SignatureEvidence;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use weir_host::signatures::{signature_layers, MAX_PAYLOAD_BYTES};
 use weir_host::Shutdown;
-use weir_proto::{BlobRef, ManifestBytes, ObjectId};
+use weir_proto::referrers::{
+    is_attachment_tag, ReferrerDoc, MAX_REFERRERS, MAX_REFERRER_MANIFEST_BYTES,
+};
+use weir_proto::{Attachment, BlobRef, ManifestBytes, ObjectId, Referrer};
 
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -71,6 +80,12 @@ pub struct ImagePlan {
     /// Config digests: one, or one per platform.
     pub config_digests: Vec<String>,
     pub content: PlanContent,
+    /// Referrers of the image and its children found in the drop.
+    pub referrers: Vec<Referrer>,
+    /// The blobs those referrers name (not among the image's own).
+    pub referrer_blobs: Vec<BlobRef>,
+    /// Signatures among the referrers, with their payloads.
+    pub signatures: SignatureEvidence,
 }
 
 #[derive(Debug, Clone)]
@@ -94,7 +109,9 @@ pub enum PlanContent {
 pub struct StoredImage {
     pub manifest: ManifestBytes,
     pub children: Vec<ManifestBytes>,
+    /// The image's blobs and, when referrers cross, theirs.
     pub blobs: Vec<BlobRef>,
+    pub referrers: Vec<Referrer>,
 }
 
 /// How docker-archive layers are compressed.
@@ -188,6 +205,9 @@ fn plan_docker(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
                 layers: e.layers,
                 diff_ids,
             },
+            referrers: Vec::new(),
+            referrer_blobs: Vec::new(),
+            signatures: SignatureEvidence::default(),
         });
     }
     Ok(plans)
@@ -261,6 +281,7 @@ fn store_docker(
         },
         children: Vec::new(),
         blobs,
+        referrers: Vec::new(),
     })
 }
 
@@ -541,6 +562,202 @@ fn oci_references(d: &Descriptor) -> Vec<String> {
     }
 }
 
+/// The tag part of a `ref.name`: `sha256-<hex>.sig` whether written alone
+/// or as `repo:sha256-<hex>.sig`.
+fn ref_tag(d: &Descriptor) -> Option<&str> {
+    let name = d.annotations.get(REF_NAME)?;
+    let last = name.rsplit('/').next().unwrap_or(name);
+    Some(last.rsplit_once(':').map(|(_, t)| t).unwrap_or(last))
+}
+
+fn subject_of_tag(tag: &str) -> String {
+    let hex_part = tag.trim_start_matches("sha256-");
+    let hex_part = hex_part.split('.').next().unwrap_or(hex_part);
+    format!("sha256:{hex_part}")
+}
+
+/// Reads a referrer manifest, bounded, checked against its descriptor.
+fn read_referrer(index: &TarIndex, d: &Descriptor) -> Result<(Vec<u8>, ReferrerDoc), DropError> {
+    let member = blob_member(&d.digest)?;
+    let size = index.size(&member)?;
+    if size > MAX_REFERRER_MANIFEST_BYTES as u64 {
+        return Err(format_err(format!(
+            "referrer manifest {} is {size} bytes, more than {MAX_REFERRER_MANIFEST_BYTES}",
+            d.digest
+        )));
+    }
+    let bytes = read_verified(index, d)?;
+    let doc = ReferrerDoc::parse(&bytes)
+        .map_err(|e| format_err(format!("referrer manifest {}: {e}", d.digest)))?;
+    Ok((bytes, doc))
+}
+
+fn referrer(subject: String, attachment: Attachment, d: &Descriptor, bytes: Vec<u8>) -> Referrer {
+    Referrer {
+        subject,
+        attachment,
+        manifest: ManifestBytes {
+            digest: d.digest.clone(),
+            media_type: d
+                .media_type
+                .clone()
+                .unwrap_or_else(|| MT_OCI_MANIFEST.to_string()),
+            bytes,
+        },
+    }
+}
+
+/// Tells the referrers among index.json's entries from the images.
+fn split_referrers(
+    index: &TarIndex,
+    entries: &[Descriptor],
+) -> Result<(Vec<Descriptor>, Vec<Referrer>), DropError> {
+    let mut images = Vec::new();
+    let mut referrers: Vec<Referrer> = Vec::new();
+    let add = |r: Referrer, all: &mut Vec<Referrer>| {
+        if !all
+            .iter()
+            .any(|x| x.manifest.digest == r.manifest.digest && x.attachment == r.attachment)
+        {
+            all.push(r);
+        }
+    };
+    for d in entries {
+        match ref_tag(d).filter(|t| is_attachment_tag(t)) {
+            Some(tag) if tag.contains('.') => {
+                let (bytes, _) = read_referrer(index, d)?;
+                let r = referrer(
+                    subject_of_tag(tag),
+                    Attachment::Tag(tag.to_string()),
+                    d,
+                    bytes,
+                );
+                add(r, &mut referrers);
+            }
+            Some(tag) => {
+                // A referrers index kept by the tag schema: each entry is a
+                // manifest whose subject is the tag's digest.
+                let subject = subject_of_tag(tag);
+                let listed: IndexDoc = serde_json::from_slice(&read_verified(index, d)?)
+                    .map_err(|e| format_err(format!("referrers index {tag}: {e}")))?;
+                for m in &listed.manifests {
+                    let (bytes, doc) = read_referrer(index, m)?;
+                    if doc.subject.as_ref().map(|s| s.digest.as_str()) == Some(subject.as_str()) {
+                        add(
+                            referrer(subject.clone(), Attachment::Subject, m, bytes),
+                            &mut referrers,
+                        );
+                    }
+                }
+            }
+            None => {
+                let bytes = read_verified(index, d)?;
+                match ReferrerDoc::parse(&bytes).ok().and_then(|doc| doc.subject) {
+                    Some(subject) => {
+                        if bytes.len() > MAX_REFERRER_MANIFEST_BYTES {
+                            return Err(format_err(format!(
+                                "referrer manifest {} is {} bytes, more than {MAX_REFERRER_MANIFEST_BYTES}",
+                                d.digest,
+                                bytes.len()
+                            )));
+                        }
+                        add(
+                            referrer(subject.digest, Attachment::Subject, d, bytes),
+                            &mut referrers,
+                        );
+                    }
+                    None => images.push(d.clone()),
+                }
+            }
+        }
+        if referrers.len() > MAX_REFERRERS {
+            return Err(format_err(format!(
+                "more than {MAX_REFERRERS} referrers in index.json"
+            )));
+        }
+    }
+    Ok((images, referrers))
+}
+
+/// Gives each plan the referrers that speak of it or of its children, the
+/// blobs they name and the signatures among them.
+fn attach_referrers(
+    index: &TarIndex,
+    plans: &mut [ImagePlan],
+    referrers: Vec<Referrer>,
+) -> Result<(), DropError> {
+    let mut left = referrers;
+    for plan in plans.iter_mut() {
+        let PlanContent::Oci {
+            manifest,
+            children,
+            blobs,
+        } = &plan.content
+        else {
+            continue;
+        };
+        let subjects: Vec<&str> = std::iter::once(manifest.digest.as_str())
+            .chain(children.iter().map(|c| c.digest.as_str()))
+            .collect();
+        let (mine, rest): (Vec<Referrer>, Vec<Referrer>) = left
+            .into_iter()
+            .partition(|r| subjects.contains(&r.subject.as_str()));
+        left = rest;
+        let mut referrer_blobs: Vec<BlobRef> = Vec::new();
+        for r in &mine {
+            let doc = ReferrerDoc::parse(&r.manifest.bytes)
+                .map_err(|e| format_err(format!("referrer manifest {}: {e}", r.manifest.digest)))?;
+            for b in doc.blobs() {
+                if blobs
+                    .iter()
+                    .chain(referrer_blobs.iter())
+                    .any(|x| x.digest == b.digest)
+                {
+                    continue;
+                }
+                let size = index.size(&blob_member(&b.digest)?)?;
+                if size != b.size {
+                    return Err(DropError::Corrupt(format!(
+                        "blob {} of referrer {} is {size} bytes, its descriptor says {}",
+                        b.digest, r.manifest.digest, b.size
+                    )));
+                }
+                referrer_blobs.push(BlobRef {
+                    digest: b.digest.clone(),
+                    size,
+                    media_type: b.media_type.clone().unwrap_or_default(),
+                });
+            }
+        }
+        let layers = signature_layers(&manifest.digest, &mine);
+        let payloads = layers
+            .iter()
+            .map(|l| {
+                let member = blob_member(&l.payload_digest).map_err(|e| e.to_string())?;
+                match index.size(&member) {
+                    Ok(n) if n > MAX_PAYLOAD_BYTES => Err(format!(
+                        "payload of {n} bytes, more than {MAX_PAYLOAD_BYTES}"
+                    )),
+                    Ok(_) => index.read_small(&member).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .collect();
+        plan.signatures = SignatureEvidence {
+            image_digest: manifest.digest.clone(),
+            layers,
+            payloads,
+        };
+        plan.referrers = mine;
+        plan.referrer_blobs = referrer_blobs;
+    }
+    for r in &left {
+        tracing::warn!(referrer = %r.manifest.digest, subject = %r.subject,
+            "referrer speaks of a manifest this drop does not hold; it does not cross");
+    }
+    Ok(())
+}
+
 fn plan_oci(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
     let bytes = index.read_small("index.json")?;
     let doc: IndexDoc =
@@ -548,8 +765,12 @@ fn plan_oci(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
     if doc.manifests.is_empty() {
         return Err(format_err("index.json lists no manifest"));
     }
+    let (image_entries, referrers) = split_referrers(index, &doc.manifests)?;
+    if image_entries.is_empty() {
+        return Err(format_err("index.json lists only referrers, no image"));
+    }
     let mut plans = Vec::new();
-    for d in &doc.manifests {
+    for d in &image_entries {
         let top_bytes = read_verified(index, d)?;
         let top: ManifestDoc = serde_json::from_slice(&top_bytes)
             .map_err(|e| format_err(format!("manifest {}: {e}", d.digest)))?;
@@ -625,19 +846,25 @@ fn plan_oci(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
                 children,
                 blobs,
             },
+            referrers: Vec::new(),
+            referrer_blobs: Vec::new(),
+            signatures: SignatureEvidence::default(),
         });
     }
+    attach_referrers(index, &mut plans, referrers)?;
     Ok(plans)
 }
 
 /// Writes a planned image's blobs into the store (skipping those already
-/// there) and returns what the transfer manifest needs.
+/// there), with its referrers' when they cross, and returns what the
+/// transfer manifest needs.
 pub fn store_image(
     cancel: &Shutdown,
     index: &TarIndex,
     store: &ObjectStore,
     compression: LayerCompression,
     plan: &ImagePlan,
+    carry_referrers: bool,
 ) -> Result<StoredImage, DropError> {
     match &plan.content {
         PlanContent::Docker {
@@ -650,7 +877,13 @@ pub fn store_image(
             children,
             blobs,
         } => {
-            for b in blobs {
+            let mut blobs = blobs.clone();
+            let mut referrers = Vec::new();
+            if carry_referrers {
+                blobs.extend(plan.referrer_blobs.iter().cloned());
+                referrers.clone_from(&plan.referrers);
+            }
+            for b in &blobs {
                 let id = ObjectId::from_digest(&b.digest)
                     .map_err(|_| format_err(format!("bad digest {}", b.digest)))?;
                 if store.reuse(&id) {
@@ -662,7 +895,8 @@ pub fn store_image(
             Ok(StoredImage {
                 manifest: manifest.clone(),
                 children: children.clone(),
-                blobs: blobs.clone(),
+                blobs,
+                referrers,
             })
         }
     }

@@ -23,7 +23,7 @@ pub mod formats;
 pub mod reference;
 
 use crate::appliance::{is_disk_full, Fault, Faults, Intake, StateDisk};
-use crate::config::{Mapping, TxConfig};
+use crate::config::{Mapping, ReferrersMode, TxConfig};
 use crate::objects::{
     unix_now, AcceptedImage, AuditEntry, DropCommit, DropRecord, ImageRecord, ObjectStore,
     StoreError,
@@ -126,6 +126,7 @@ pub struct Ingestor {
     store: Arc<ObjectStore>,
     rules: Option<Rules>,
     mappings: Vec<Mapping>,
+    referrers: ReferrersMode,
     compression: LayerCompression,
     poll: Duration,
     queue: Sender<ImageRecord>,
@@ -156,6 +157,7 @@ impl Ingestor {
             store,
             rules,
             mappings: config.mapping.clone(),
+            referrers: config.policy.referrers,
             compression: LayerCompression {
                 kind: config.ingest.compression,
                 level: config.ingest.gzip_level,
@@ -180,6 +182,7 @@ impl Ingestor {
         if let Some(new) = self.settings.as_mut().and_then(|s| s.changed()) {
             self.rules.clone_from(&new.rules);
             self.mappings.clone_from(&new.mappings);
+            self.referrers = new.referrers;
             tracing::info!(
                 rules = new.rules.is_some(),
                 mappings = new.mappings.len(),
@@ -363,6 +366,17 @@ impl Ingestor {
                     }
                 }
             }
+            if self.referrers == ReferrersMode::Require && plan.referrers.is_empty() {
+                return self.refuse(
+                    path,
+                    source,
+                    ReasonCode::ReferrersMissing,
+                    format!(
+                        "image {} has no signature, attestation or SBOM in the drop, and [policy] referrers = \"require\"",
+                        plan.config_digests.join(", ")
+                    ),
+                );
+            }
             if refs.is_empty() {
                 return self.refuse(
                     path,
@@ -383,6 +397,7 @@ impl Ingestor {
                     name: &name,
                     namespace: r.namespace(),
                     config_digests: &plan.config_digests,
+                    signatures: &plan.signatures,
                 };
                 match decide(self.rules.as_ref(), &subject, &report) {
                     Ok(v) => verdicts.push(v),
@@ -398,8 +413,9 @@ impl Ingestor {
         let mut all_refs = Vec::new();
         let mut digests = Vec::new();
         for (plan, refs, verdict) in decided {
+            let carry = self.referrers != ReferrersMode::Drop;
             let stored =
-                formats::store_image(shutdown, &index, &self.store, self.compression, plan)?;
+                formats::store_image(shutdown, &index, &self.store, self.compression, plan, carry)?;
             digests.push(stored.manifest.digest.clone());
             let mut by_repo: BTreeMap<String, (Vec<String>, String)> = BTreeMap::new();
             for (raw, r) in &refs {
@@ -439,6 +455,7 @@ impl Ingestor {
                     manifest: stored.manifest.clone(),
                     children: stored.children.clone(),
                     blobs: stored.blobs.clone(),
+                    referrers: stored.referrers.clone(),
                     origin: Origin {
                         source: source.to_string(),
                         source_reference: Some(raw),

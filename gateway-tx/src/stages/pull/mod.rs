@@ -29,17 +29,18 @@
 //! index, with a new digest, which is what crosses and what the high side
 //! gets; the log says so.
 
+mod referrers;
 pub mod scan;
 pub mod source;
 pub mod sync;
 
 use crate::appliance::{Fault, Faults};
-use crate::config::{Scanner, TxConfig};
+use crate::config::{ReferrersMode, Scanner, TxConfig};
 use crate::ingest::formats::{MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST};
 use crate::objects::{
     unix_now, AcceptedImage, AuditEntry, ImageRecord, ObjectStore, PullRefusal, StoreError,
 };
-use crate::policy::{decide, ReasonCode, Refusal, ReportState, Rules, Subject};
+use crate::policy::{decide, ReasonCode, Refusal, ReportState, Rules, SignatureEvidence, Subject};
 use crate::reload::IntakeSettings;
 use crate::status::{PullEntryStatus, PullStatus, SourceRegistryStatus, StatusBoard};
 use serde::Deserialize;
@@ -53,6 +54,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sync::{Platform, Selection, SyncEntry, SyncList};
 use weir_host::reload::ReloadReader;
 use weir_host::Shutdown;
+use weir_proto::referrers::is_attachment_tag;
 use weir_proto::{BlobRef, Destination, ManifestBytes, ObjectId, Origin};
 
 /// Polls in a row a registry may fail before the fault is raised.
@@ -139,6 +141,8 @@ pub struct Puller {
     /// Rules file and scanner settings, hashed: a refusal under other
     /// rules is tried again.
     rules_fingerprint: String,
+    /// `[policy] referrers`.
+    referrers: ReferrersMode,
     queue: Sender<ImageRecord>,
     board: StatusBoard,
     faults: Arc<Faults>,
@@ -149,10 +153,14 @@ pub struct Puller {
 }
 
 /// Rules file and scanner settings, hashed: what a refusal is kept under.
-fn rules_fingerprint(rules_bytes: &[u8], scanner: &Option<ScanSource>) -> String {
+fn rules_fingerprint(
+    rules_bytes: &[u8],
+    scanner: &Option<ScanSource>,
+    referrers: ReferrersMode,
+) -> String {
     let mut h = Sha256::new();
     h.update(rules_bytes);
-    h.update(format!("{scanner:?}"));
+    h.update(format!("{scanner:?} {referrers:?}"));
     hex::encode(&h.finalize()[..16])
 }
 
@@ -188,7 +196,8 @@ impl Puller {
             Some(p) => std::fs::read(p).unwrap_or_default(),
             None => Vec::new(),
         };
-        let rules_fingerprint = rules_fingerprint(&rules_bytes, &scanner);
+        let referrers = config.policy.referrers;
+        let rules_fingerprint = rules_fingerprint(&rules_bytes, &scanner, referrers);
         Ok(Some(Puller {
             sync_path: pull.sync_file.clone(),
             sync,
@@ -200,6 +209,7 @@ impl Puller {
             store,
             rules,
             rules_fingerprint,
+            referrers,
             queue,
             board,
             faults,
@@ -220,7 +230,8 @@ impl Puller {
             return;
         };
         self.rules.clone_from(&new.rules);
-        self.rules_fingerprint = rules_fingerprint(&new.rules_bytes, &self.scanner);
+        self.referrers = new.referrers;
+        self.rules_fingerprint = rules_fingerprint(&new.rules_bytes, &self.scanner, new.referrers);
         if let Some(path) = new.sync_file.as_ref().filter(|p| **p != self.sync_path) {
             tracing::info!(sync_file = %path.display(), "pull: following another sync file");
             self.sync_path = path.clone();
@@ -410,7 +421,8 @@ impl Puller {
                 st.tags_seen = tags.len() as u64;
                 let selected: Vec<(String, String)> = tags
                     .into_iter()
-                    .filter(|t| filter.selects(t))
+                    // Signature and referrer tags cross with their image.
+                    .filter(|t| !is_attachment_tag(t) && filter.selects(t))
                     .map(|t| (t.clone(), t))
                     .collect();
                 st.selected = selected.len() as u64;
@@ -592,6 +604,23 @@ impl Puller {
             );
         }
 
+        // Referrers of what crosses: a platform-filtered index is a new
+        // manifest no source referrer speaks of; its children still are.
+        let subjects: Vec<String> = std::iter::once(&manifest)
+            .filter(|m| m.digest == source_digest)
+            .chain(children.iter())
+            .map(|m| m.digest.clone())
+            .collect();
+        let found = referrers::discover(registry, repo, &digest, &subjects, &blobs, shutdown)?;
+        if self.referrers == ReferrersMode::Require && found.referrers.is_empty() {
+            return refuse(
+                ReasonCode::ReferrersMissing,
+                format!(
+                    "{source_digest} has no signature, attestation or SBOM in the source, and [policy] referrers = \"require\""
+                ),
+            );
+        }
+
         // The policy, on the source reference, before a byte of blob.
         let source_name = match reference.starts_with("sha256:") {
             true => repo.clone(),
@@ -600,7 +629,7 @@ impl Puller {
         let verdict = match &self.rules {
             None => decide(
                 None,
-                &subject(&source_name, &config_digests),
+                &subject(&source_name, &config_digests, &found.signatures),
                 &ReportState::Missing,
             ),
             Some(rules) => {
@@ -610,7 +639,7 @@ impl Puller {
                 }
                 decide(
                     Some(rules),
-                    &subject(&source_name, &config_digests),
+                    &subject(&source_name, &config_digests, &found.signatures),
                     &report,
                 )
             }
@@ -622,6 +651,22 @@ impl Puller {
             }
         };
 
+        let carried = match self.referrers {
+            ReferrersMode::Drop => Vec::new(),
+            ReferrersMode::Carry | ReferrersMode::Require => {
+                blobs.extend(found.blobs.iter().cloned());
+                found.referrers
+            }
+        };
+        if blobs.len() > MAX_BLOBS {
+            return refuse(
+                ReasonCode::UnsupportedImage,
+                format!(
+                    "{} blobs with its referrers'; at most {MAX_BLOBS} are carried per image",
+                    blobs.len()
+                ),
+            );
+        }
         if let Some(refusal) = self.fetch_blobs(registry, repo, &blobs, shutdown)? {
             return self.refuse(&source_ref, &digest, &destination, refusal);
         }
@@ -635,6 +680,7 @@ impl Puller {
             manifest: manifest.clone(),
             children,
             blobs: blobs.clone(),
+            referrers: carried,
             origin: Origin {
                 source: source_ref.clone(),
                 source_reference: Some(source_ref.clone()),
@@ -912,9 +958,9 @@ impl Puller {
 
 /// A writer that refuses bytes past what the blob's descriptor announced,
 /// so a source sending more cannot fill the state disk.
-struct Bounded<'a, W: std::io::Write> {
-    inner: &'a mut W,
-    left: u64,
+pub(crate) struct Bounded<'a, W: std::io::Write> {
+    pub(crate) inner: &'a mut W,
+    pub(crate) left: u64,
 }
 
 impl<W: std::io::Write> std::io::Write for Bounded<'_, W> {
@@ -935,11 +981,16 @@ impl<W: std::io::Write> std::io::Write for Bounded<'_, W> {
     }
 }
 
-fn subject<'a>(name: &'a str, config_digests: &'a [String]) -> Subject<'a> {
+fn subject<'a>(
+    name: &'a str,
+    config_digests: &'a [String],
+    signatures: &'a SignatureEvidence,
+) -> Subject<'a> {
     Subject {
         name,
         namespace: name.split_once('/').map(|(ns, _)| ns).unwrap_or(""),
         config_digests,
+        signatures,
     }
 }
 

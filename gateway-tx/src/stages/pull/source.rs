@@ -369,6 +369,32 @@ impl SourceRegistry {
         })
     }
 
+    /// The referrers list (an OCI index) the registry's referrers API gives
+    /// for `digest`; None when the registry has no such API (it answers
+    /// 404), and the caller falls back to the `sha256-<hex>` tag.
+    pub fn referrers(
+        &self,
+        repository: &str,
+        digest: &str,
+        cancel: &Shutdown,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
+        let repo = self.repository(repository)?;
+        check_digest(digest).map_err(|m| self.protocol(m))?;
+        let target = Target {
+            url: self.url(&format!("/v2/{repo}/referrers/{digest}")),
+            accept: Some("application/vnd.oci.image.index.v1+json"),
+            auth: Auth::Registry(&repo),
+            what: format!("referrers of {repo}@{digest}"),
+        };
+        match self.call(&target, cancel, |response| {
+            self.read_bounded(response, MAX_MANIFEST_BYTES, &target.url)
+        }) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(SourceError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A JSON document from another API of the same host (the Quay
     /// security API), with the same credentials and limits; at most
     /// [`MAX_DOCUMENT_BYTES`].
