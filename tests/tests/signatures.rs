@@ -74,6 +74,22 @@ fn referrers_index(client: &RegistryClient, repo: &str, subject: &str) -> Result
     Ok(serde_json::from_slice(&m.bytes)?)
 }
 
+/// Whether `repo:tag` serves `digest`, its `.sig` tag is there and the
+/// referrers index lists `sbom`.
+fn crossed_with_referrers(
+    dest: &RegistryClient,
+    repo: &str,
+    tag: &str,
+    digest: &str,
+    sig_tag: &str,
+    sbom: &str,
+) -> bool {
+    let has = |tag: &str| dest.manifest_digest(repo, tag).ok().flatten();
+    has(tag).as_deref() == Some(digest)
+        && has(sig_tag).is_some()
+        && referrers_index(dest, repo, digest).is_ok_and(|i| i.to_string().contains(sbom))
+}
+
 /// What an independent client checks at the destination: the `.sig` tag is
 /// there with its digest unchanged, its payload verifies under `key` (and a
 /// tampered copy does not), and the referrers list names the SBOM, which
@@ -223,19 +239,7 @@ fn a_signed_drop_crosses_with_its_signature_and_sbom_and_unsigned_or_foreign_one
         "the signed image and its .sig tag delivered",
         CROSSING,
         &mut [&mut tx, &mut rx],
-        || {
-            dest.manifest_digest("team-a/app", "1")
-                .ok()
-                .flatten()
-                .as_deref()
-                == Some(digest.as_str())
-                && dest
-                    .manifest_digest("team-a/app", &sig_tag)
-                    .ok()
-                    .flatten()
-                    .is_some()
-                && referrers_index(&dest, "team-a/app", &digest).is_ok()
-        },
+        || crossed_with_referrers(&dest, "team-a/app", "1", &digest, &sig_tag, &sbom.digest),
     );
     let checker = Checker {
         python: &python,
@@ -417,20 +421,7 @@ fn a_pulled_image_crosses_with_its_signature_and_sbom_from_the_source_registry()
         "the pulled image and its referrers delivered",
         CROSSING,
         &mut [&mut tx, &mut rx],
-        || {
-            dest.manifest_digest("team-a/app", "3")
-                .ok()
-                .flatten()
-                .as_deref()
-                == Some(digest.as_str())
-                && dest
-                    .manifest_digest("team-a/app", &sig_tag)
-                    .ok()
-                    .flatten()
-                    .is_some()
-                && referrers_index(&dest, "team-a/app", &digest)
-                    .is_ok_and(|i| i.to_string().contains(&sbom.digest))
-        },
+        || crossed_with_referrers(&dest, "team-a/app", "3", &digest, &sig_tag, &sbom.digest),
     );
     let checker = Checker {
         python: &python,
