@@ -21,6 +21,7 @@
 pub mod archive;
 pub mod formats;
 pub mod reference;
+mod watch;
 
 use crate::appliance::{is_disk_full, Fault, Faults, Intake, StateDisk};
 use crate::config::{Mapping, ReferrersMode, TxConfig};
@@ -136,6 +137,7 @@ pub struct Ingestor {
     faults: Arc<Faults>,
     /// Rules and mappings a configuration reload sets.
     settings: Option<ReloadReader<IntakeSettings>>,
+    watch: watch::SpoolWatch,
 }
 
 impl Ingestor {
@@ -169,6 +171,7 @@ impl Ingestor {
             disk: StateDisk::new(&config.state_dir, config.state_min_free_mb, Intake::Spool),
             faults: Arc::new(Faults::default()),
             settings: None,
+            watch: watch::SpoolWatch::new(&config.spool_dir),
         })
     }
 
@@ -218,7 +221,7 @@ impl Ingestor {
         }
     }
 
-    /// Polls the spool until shutdown.
+    /// Takes drops from the spool until shutdown.
     pub fn run(mut self, shutdown: &Shutdown) -> anyhow::Result<()> {
         tracing::info!(spool = %self.spool.dir.display(), "watching the spool directory");
         loop {
@@ -228,7 +231,9 @@ impl Ingestor {
             if let Err(e) = self.poll_once(shutdown) {
                 tracing::error!(error = %e, spool = %self.spool.dir.display(), "listing the spool failed");
             }
-            if shutdown.sleep(self.poll) {
+            // A drop renamed into place wakes intake at once; the listing
+            // every `poll` catches anything the watch could not tell.
+            if self.watch.wait(self.poll, shutdown) {
                 return Ok(());
             }
         }
