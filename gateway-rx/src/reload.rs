@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `[[auth.keys]]` and the key files | at the link's next batch: a key id added is accepted, one removed is not; the files are read again even when the table did not change |
 //! | `[[delivery.mapping]]` | for images whose image object arrives from then on |
+//! | `delivery.verify_signatures` and the key files | at the next delivery attempt (an image kept for its signature is checked again then) |
 //! | `[notify]` | for the next notice |
 //! | `[leds]` names and base | at once (the old LEDs go dark); adding or removing the table needs a restart |
 //! | `[retention]` | at the next retention pass |
@@ -31,6 +32,7 @@ use crate::stages::deliver::WebhookSwitch;
 pub const RELOADABLE: &[&str] = &[
     "auth.keys",
     "delivery.mapping",
+    "delivery.verify_signatures",
     "notify",
     "leds.base",
     "leds.power",
@@ -71,6 +73,13 @@ impl RxReloader {
         let key_ids = keys.ids();
         self.keys.set(keys);
         self.running.auth.keys.clone_from(&new.auth.keys);
+        // Read again even when the list did not change: a key file may
+        // have been replaced under the same name.
+        self.webhook.apply_signature_keys(&new)?;
+        self.running
+            .delivery
+            .verify_signatures
+            .clone_from(&new.delivery.verify_signatures);
         if changes.applies("delivery.mapping") {
             self.ledger.set_mapping(&new);
             self.running

@@ -98,8 +98,8 @@ pub struct Delivery {
     retry_max_ms: u64,
     retry_refused_ms: u64,
     /// `[delivery] verify_signatures`: an image is pushed only if one of
-    /// its cosign signatures verifies under these keys.
-    signature_keys: Option<TrustedKeys>,
+    /// its cosign signatures verifies under these keys. Replaced on reload.
+    signature_keys: std::sync::Mutex<Option<TrustedKeys>>,
     counters: Arc<Counters>,
     stats: Arc<DeliveryStats>,
 }
@@ -134,7 +134,7 @@ impl Delivery {
             notifier: std::sync::Mutex::new(notifier),
             retry_max_ms: config.delivery.retry_max_seconds * 1000,
             retry_refused_ms: config.delivery.retry_refused_seconds * 1000,
-            signature_keys,
+            signature_keys: std::sync::Mutex::new(signature_keys),
             counters,
             stats: Arc::new(DeliveryStats::default()),
         })
@@ -156,6 +156,15 @@ impl Delivery {
         let notifier = webhook(notify)?;
         *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = notifier;
         Ok(())
+    }
+
+    /// Checks signatures under `keys` from the next attempt on (None: no
+    /// check).
+    pub fn set_signature_keys(&self, keys: Option<TrustedKeys>) {
+        *self
+            .signature_keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = keys;
     }
 
     /// Runs until `stop` turns true; `wake` is notified when jobs are added.
@@ -344,7 +353,12 @@ impl Delivery {
             DeliveryError::local(format!("job names no image id: {:?}", job.image))
         })?;
         let tm = self.load_manifest(&image)?;
-        if let Some(keys) = &self.signature_keys {
+        let keys = self
+            .signature_keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(keys) = &keys {
             self.check_signature(&tm, keys)?;
         }
         match job.target {
@@ -925,6 +939,52 @@ pub(crate) mod tests {
             1,
             "the tag was put again"
         );
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_image_is_kept_refused_and_goes_once_the_check_allows_it() {
+        let f = fixture();
+        let key = f.root.join("cosign.pub");
+        std::fs::write(
+            &key,
+            "-----BEGIN PUBLIC KEY-----\n\
+             MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEvXgDDih1Jgpottp54XwdUdIZ+iA\n\
+             0u1J5weQA4aAxKKym4QrKJ98oO2SXolrIXKtFKy2ELvaWtoJ26tUdxGsuw==\n\
+             -----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        let config = config_for(
+            &f.root,
+            &format!(
+                "[delivery]\nverify_signatures = [{:?}]\n",
+                key.display().to_string()
+            ),
+        );
+        let d = Delivery::from_config(
+            &config,
+            DeliveryQueue::open(&f.db).unwrap(),
+            f.store.clone(),
+            f.counters.clone(),
+        )
+        .unwrap();
+        let (tm, _) = sample_image(&f.store, "team/app", &["1.0"], 1, 1000);
+        let image = enqueue(&f, &tm, Target::OciLayout);
+        let (_tx, mut stop) = no_stop();
+        d.run_due(&mut stop).await.unwrap();
+        let job = d.queue().get(Target::OciLayout, &image).unwrap().unwrap();
+        assert_eq!(job.view().state, crate::status::DeliveryState::Refused);
+        let error = job.last_error.clone().unwrap_or_default();
+        assert!(error.starts_with("signature-missing: "), "{error}");
+        assert!(!f.root.join("out/index.json").exists(), "nothing exported");
+
+        // Keys removed by a reload: the kept image goes at its next attempt.
+        d.set_signature_keys(None);
+        let mut job = job;
+        job.next_attempt_ms = 0;
+        d.queue().save(&job).unwrap();
+        d.run_due(&mut stop).await.unwrap();
+        let job = d.queue().get(Target::OciLayout, &image).unwrap().unwrap();
+        assert_eq!(job.state, JobState::Done, "{:?}", job.last_error);
     }
 
     #[tokio::test]

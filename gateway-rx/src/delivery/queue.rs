@@ -46,7 +46,7 @@ pub enum FailureKind {
     Refused,
     /// The image's signature does not pass `[delivery] verify_signatures`:
     /// kept, never pushed as it is; checked again every
-    /// `retry_refused_seconds` (a restart with another key may pass it).
+    /// `retry_refused_seconds` (a key added by a reload may pass it).
     Unverified,
 }
 

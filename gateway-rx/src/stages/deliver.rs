@@ -38,6 +38,16 @@ impl WebhookSwitch {
         self.delivery.set_webhook(&config.notify)
     }
 
+    /// Checks signatures before a push under `config`'s
+    /// `[delivery] verify_signatures` from the next attempt on.
+    pub fn apply_signature_keys(
+        &self,
+        config: &RxConfig,
+    ) -> Result<(), crate::config::ConfigError> {
+        self.delivery.set_signature_keys(config.signature_keys()?);
+        Ok(())
+    }
+
     /// The webhook's queue as it is now (other stages' events follow a
     /// reload this way).
     pub fn current(&self) -> Option<Notifier> {
