@@ -158,10 +158,12 @@ pub fn run_with_reloads(
         gauge: Default::default(),
         gap_alert_hours: config.ledger.gap_alert_hours,
     });
+    let metrics_listen = Reloadable::new(config.metrics.clone());
     let reporting = report::start_reporting(
         &config,
         &reporter,
         keys.clone(),
+        &metrics_listen,
         delivery.stats(),
         delivery.webhook_switch(),
         &shutdown,
@@ -175,6 +177,7 @@ pub fn run_with_reloads(
             webhook: delivery.webhook_switch(),
             leds: reporting.leds.clone(),
             retention: retention.clone(),
+            metrics_listen,
         };
         intake.spawn("rx-reload", move |s| {
             reloads.requests.serve(s, || drop(reloader.reload()));
