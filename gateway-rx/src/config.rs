@@ -51,6 +51,8 @@
 //!                                 # side has not completed for this long is a gap
 //! report_key_file = "/etc/weir/keys/report.key"    # optional; `gateway-rx report`
 //!                                                  # signs with it (hex, mode 0600)
+//! keep_records = 10000            # default; records of each chain always kept; older
+//!                                 # ones delivered keep_delivered_hours ago are pruned
 //!
 //! [console]                       # optional; absent = no serial console
 //! device = "/dev/ttyS1"
@@ -241,6 +243,15 @@ pub struct LedgerConfig {
     /// The key (hex, mode 0600, like the link keys) `gateway-rx report`
     /// HMACs its report under; gateway-tx checks it with the same key.
     pub report_key_file: Option<PathBuf>,
+    /// Records of each chain always kept; older ones whose images were
+    /// delivered to every target `[retention] keep_delivered_hours` ago
+    /// are pruned, the last one kept as the chain's checkpoint.
+    #[serde(default = "default_keep_records")]
+    pub keep_records: u64,
+}
+
+fn default_keep_records() -> u64 {
+    weir_proto::ledger::DEFAULT_KEEP_RECORDS
 }
 
 impl Default for LedgerConfig {
@@ -248,6 +259,7 @@ impl Default for LedgerConfig {
         LedgerConfig {
             gap_alert_hours: DEFAULT_GAP_ALERT_HOURS,
             report_key_file: None,
+            keep_records: default_keep_records(),
         }
     }
 }
@@ -530,6 +542,9 @@ impl RxConfig {
                 "ledger.gap_alert_hours",
                 format!("{hours} is not a number of hours above 0 (at most 100000)"),
             ));
+        }
+        if self.ledger.keep_records == 0 {
+            return Err(self.invalid("ledger.keep_records", "must be at least 1"));
         }
         self.report_key()?;
         if let Some(c) = &self.console {

@@ -21,12 +21,14 @@ use tokio::sync::Notify;
 use weir_host::reload::{ReloadSource, Reloadable};
 use weir_host::stages::Stages;
 use weir_host::Shutdown;
+use weir_proto::ChainId;
 
 use crate::appliance::{Faults, Intake, StateDisk};
 use crate::blobs::BlobStore;
 use crate::config::RxConfig;
 use crate::delivery::DeliveryQueue;
 use crate::images::ImageLedger;
+use crate::ledger::HeldChains;
 use crate::reload::RxReloader;
 use crate::retention::{settled_objects, PrunedObjects, Retention, StoreNotice};
 use crate::shards::{ShardStore, Work};
@@ -34,7 +36,7 @@ use crate::stages::deliver::DeliverStage;
 use crate::stages::report::{self, Reporter};
 use crate::stages::store::{DiskWatch, StagingUpkeep, StoreStage};
 use crate::stages::{decode, finish, link};
-use crate::state::StateDb;
+use crate::state::{StateDb, StateError};
 use crate::status::{Counters, SenderStatus};
 use crate::verify::{SessionBook, Verifier};
 
@@ -138,6 +140,7 @@ pub fn run_with_reloads(
         policy: retention.reader(),
         notices,
         counters: counters.clone(),
+        keep_records: config.ledger.keep_records,
     };
     intake.spawn("rx-retention", move |s| {
         pruning.run(s);
@@ -158,10 +161,12 @@ pub fn run_with_reloads(
         gauge: Default::default(),
         gap_alert_hours: config.ledger.gap_alert_hours,
     });
+    let metrics_listen = Reloadable::new(config.metrics.clone());
     let reporting = report::start_reporting(
         &config,
         &reporter,
         keys.clone(),
+        &metrics_listen,
         delivery.stats(),
         delivery.webhook_switch(),
         &shutdown,
@@ -175,6 +180,7 @@ pub fn run_with_reloads(
             webhook: delivery.webhook_switch(),
             leds: reporting.leds.clone(),
             retention: retention.clone(),
+            metrics_listen,
         };
         intake.spawn("rx-reload", move |s| {
             reloads.requests.serve(s, || drop(reloader.reload()));
@@ -286,6 +292,42 @@ pub fn forget_session(config: &RxConfig, key_id: Option<u16>) -> anyhow::Result<
         );
     }
     Ok(gone)
+}
+
+/// `ledger accept`: the operator trusts `chain` from record `from` on, its
+/// first record never to come (see [`crate::ledger`]). Refuses while a
+/// gateway runs on this state directory; the images waiting are admitted
+/// at the gateway's next start. Returns the images of the chain waiting
+/// now from `from` on.
+pub fn accept_chain(config: &RxConfig, chain: ChainId, from: u64) -> anyhow::Result<u64> {
+    let db = match StateDb::open_now(&db_dir(config)) {
+        Ok(db) => db,
+        Err(StateError::Locked { .. }) => anyhow::bail!(
+            "gateway-rx runs and holds {}: stop it first (the chain is accepted with the \
+             gateway stopped, and its waiting images are admitted when it starts again)",
+            db_dir(config).display()
+        ),
+        Err(e) => {
+            return Err(
+                anyhow::Error::from(e).context(format!("opening {}", db_dir(config).display()))
+            )
+        }
+    };
+    let chains = HeldChains::open(&db)?;
+    let waiting = chains
+        .waiting_chains()?
+        .into_iter()
+        .find(|w| w.chain == chain);
+    chains
+        .accept_from(chain, from, crate::state::now_ms())
+        .with_context(|| format!("chain {chain} not accepted"))?;
+    db.commit("rx.operator.ledger-accept")?;
+    let admitted = waiting.map_or(0, |w| w.images);
+    tracing::warn!(chain = %chain, from_seq = from, images_waiting = admitted,
+        "OPERATOR: image ledger chain {chain} accepted from seq {from} without its first \
+         record; its records from seq {from} on are admitted (the waiting ones when \
+         gateway-rx starts), the ones below it never");
+    Ok(admitted)
 }
 
 #[cfg(test)]

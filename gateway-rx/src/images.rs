@@ -353,6 +353,13 @@ impl ImageLedger {
                      receiver does not hold yet");
                 return Ok((Registered::Waiting, Vec::new()));
             }
+            Admission::Pruned => {
+                tracing::debug!(digest = %tm.manifest.digest, image = %id,
+                    chain = %tm.ledger.chain, seq = tm.ledger.seq,
+                    "image ledger record at or below its chain's checkpoint: delivered and \
+                     pruned before, not delivered again");
+                return Ok((Registered::NotDelivered, Vec::new()));
+            }
             Admission::Refused { reason, new } => {
                 if new {
                     Counters::add(&self.counters.ledger_records_refused, 1);

@@ -46,7 +46,7 @@ pub mod status;
 pub mod verify;
 
 pub use config::RxConfig;
-pub use gateway::{forget_session, run, status};
+pub use gateway::{accept_chain, forget_session, run, status};
 
 /// Every crash point of the receiver (see `weir_host::crash`), roughly in
 /// the order an image meets them. A test aborts the gateway at each in turn
@@ -71,7 +71,7 @@ pub const CRASH_POINTS: &[&str] = &[
 
 /// Commit points of operator commands: one step each, with nothing between
 /// two durable states to crash in, so they are listed but not walked.
-pub const OPERATOR_COMMITS: &[&str] = &["rx.operator.forget-session"];
+pub const OPERATOR_COMMITS: &[&str] = &["rx.operator.forget-session", "rx.operator.ledger-accept"];
 
 #[cfg(test)]
 mod tests {

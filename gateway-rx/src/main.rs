@@ -75,6 +75,23 @@ enum LedgerCommand {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Accepts a sender's chain from a given record on, without its first
+    /// record: for a receiver whose state was lost after that record left
+    /// the sender's retention, so that the chain's later images stop
+    /// waiting. Records from SEQ on are admitted (the images waiting now
+    /// when the gateway starts again), the ones below it never. `status`
+    /// lists the chains waiting, with their lowest seq. Logged and audited;
+    /// run with the gateway stopped.
+    Accept {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The chain id, 16 hex digits as `status` shows it.
+        #[arg(long, value_name = "ID")]
+        chain: String,
+        /// The first sequence number admitted.
+        #[arg(long = "from", value_name = "SEQ")]
+        from: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -91,6 +108,17 @@ fn main() -> std::process::ExitCode {
             }),
             _,
         ) => verify_ledger(&config),
+        (
+            Some(Command::Ledger {
+                command:
+                    LedgerCommand::Accept {
+                        config,
+                        chain,
+                        from,
+                    },
+            }),
+            _,
+        ) => accept_chain(&config, &chain, from),
         (None, Some(config)) => run(&config),
         (None, None) => {
             eprintln!("gateway-rx: --config FILE is required (see --help)");
@@ -187,6 +215,19 @@ fn verify_ledger(file: &Path) -> anyhow::Result<()> {
     } else {
         println!("every record held is intact and links to the records held beside it");
     }
+    Ok(())
+}
+
+fn accept_chain(file: &Path, chain: &str, from: u64) -> anyhow::Result<()> {
+    let config = RxConfig::load(file)?;
+    let id: weir_proto::ChainId = chain
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--chain: {e} (as `gateway-rx status` shows it)"))?;
+    let waiting = gateway_rx::accept_chain(&config, id, from)?;
+    println!(
+        "chain {id} accepted from seq {from}: {waiting} image(s) of it waiting are admitted          when gateway-rx starts; records below seq {from} are never admitted"
+    );
     Ok(())
 }
 

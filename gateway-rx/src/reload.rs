@@ -11,13 +11,15 @@
 //! | `[notify]` | for the next notice |
 //! | `[leds]` names and base | at once (the old LEDs go dark); adding or removing the table needs a restart |
 //! | `[retention]` | at the next retention pass |
+//! | `[metrics]` | at once: the endpoint moves to a new `listen` address (the old one closes), opens when the table is added, closes when it is removed; an address that cannot be bound is logged and the endpoint stays where it was until a reload that can bind |
 //!
 //! Every other field (state_dir, link, limits, delivery targets, console,
-//! metrics, ...) needs a restart: a change is logged with the fields'
+//! ...) needs a restart: a change is logged with the fields'
 //! names, and the running values stay.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use weir_host::config::MetricsConfig;
 use weir_host::reload::{ConfigChanges, Reloadable};
 use weir_host::Leds;
 use weir_proto::KeyRing;
@@ -26,9 +28,7 @@ use crate::config::{ConfigError, RetentionConfig, RxConfig};
 use crate::images::ImageLedger;
 use crate::stages::deliver::WebhookSwitch;
 
-/// The fields a running receiver applies. (`metrics.listen` is not one:
-/// the endpoint is bound at start, so a change to it is logged as needing
-/// a restart like any field not listed.)
+/// The fields a running receiver applies.
 pub const RELOADABLE: &[&str] = &[
     "auth.keys",
     "delivery.mapping",
@@ -40,6 +40,7 @@ pub const RELOADABLE: &[&str] = &[
     "leds.activity",
     "leds.fault",
     "retention",
+    "metrics",
 ];
 
 /// What a reload changes, and the configuration in force.
@@ -53,6 +54,8 @@ pub struct RxReloader {
     pub webhook: WebhookSwitch,
     pub leds: Option<Arc<Leds>>,
     pub retention: Arc<Reloadable<RetentionConfig>>,
+    /// `[metrics]`, which the metrics stage follows.
+    pub metrics_listen: Arc<Reloadable<Option<MetricsConfig>>>,
 }
 
 impl RxReloader {
@@ -108,6 +111,10 @@ impl RxReloader {
                 running.hmac_fault_threshold = threshold;
             }
         }
+        // Set at every reload, changed or not: an address that could not be
+        // bound last time is tried again.
+        self.metrics_listen.set(new.metrics.clone());
+        self.running.metrics.clone_from(&new.metrics);
         if changes.applies("retention") {
             self.retention.set(new.retention);
             self.running.retention = new.retention;

@@ -358,6 +358,9 @@ pub struct Retention {
     pub policy: ReloadReader<RetentionConfig>,
     pub notices: Sender<StoreNotice>,
     pub counters: Arc<Counters>,
+    /// `[ledger] keep_records`: the image ledger records of a chain kept
+    /// whatever their age.
+    pub keep_records: u64,
 }
 
 /// What one pass did.
@@ -366,6 +369,8 @@ pub struct PassOutcome {
     pub pruned: usize,
     pub bytes: u64,
     pub forgotten: usize,
+    /// Image ledger records pruned.
+    pub records: u64,
 }
 
 impl Retention {
@@ -424,6 +429,7 @@ impl Retention {
         // Under the ledger's lock: no image registers or completes while
         // the pass decides and prunes, so what it judged unneeded stays so.
         let _writing = self.ledger.lock_writes();
+        let records = self.prune_ledger(keep, now)?;
         let (objects, names) = self.stored_objects()?;
         let chosen = plan(&objects, now, keep, over_high_water);
         let tombstone_keep = keep.max(TOMBSTONE_MIN_KEEP_MS);
@@ -434,7 +440,13 @@ impl Retention {
             .filter(|(_, r)| now.saturating_sub(r.pruned_ms) >= tombstone_keep)
             .collect();
         if chosen.is_empty() && expired.is_empty() {
-            return Ok(PassOutcome::default());
+            if records > 0 {
+                self.db.commit("rx.retention.pruned")?;
+            }
+            return Ok(PassOutcome {
+                records,
+                ..Default::default()
+            });
         }
         let by_id: HashMap<ObjectId, &StoredObject> = objects.iter().map(|o| (o.id, o)).collect();
         for (id, _) in &expired {
@@ -454,6 +466,7 @@ impl Retention {
         self.db.commit("rx.retention.pruned")?;
         let mut outcome = PassOutcome {
             forgotten: expired.len(),
+            records,
             ..Default::default()
         };
         for (id, rule) in &chosen {
@@ -497,6 +510,44 @@ impl Retention {
                 forgotten = outcome.forgotten, "retention pass");
         }
         Ok(outcome)
+    }
+
+    /// Prunes the image ledger's records of images delivered to every
+    /// target `keep` ms ago (see [`crate::ledger`]); logged per chain with
+    /// its new checkpoint. Not durable until the pass commits.
+    fn prune_ledger(&self, keep: u64, now: u64) -> Result<u64, RetentionError> {
+        let mut delivered: HashMap<String, u64> = HashMap::new();
+        let mut failed = None;
+        self.ledger.for_each_image(
+            &mut |id, record| match delivered_at(&self.queue, &id, record) {
+                Ok(Some(at)) => {
+                    delivered.insert(id.digest(), at);
+                }
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        let pruned = self.ledger.chains().prune(
+            self.keep_records,
+            |r| {
+                delivered
+                    .get(&r.image)
+                    .is_some_and(|at| now.saturating_sub(*at) >= keep)
+            },
+            now,
+        )?;
+        let mut count = 0;
+        for (chain, records, checkpoint) in pruned {
+            count += records;
+            tracing::info!(chain = %chain, records, checkpoint_seq = checkpoint.seq,
+                checkpoint_hash = %checkpoint.hash.short(),
+                "image ledger records of delivered images pruned; the chain is checked from \
+                 its checkpoint on");
+        }
+        Ok(count)
     }
 
     /// Every object in the blob store with how its images stand, and for
@@ -637,6 +688,7 @@ mod tests {
             policy: weir_host::reload::Reloadable::new(RetentionConfig::default()).reader(),
             notices: tx,
             counters,
+            keep_records: 1,
         };
         Rig {
             dir,
@@ -713,6 +765,33 @@ mod tests {
         assert_eq!(job.state, JobState::Done);
         // ...and gone again at the next pass: its image is long delivered.
         assert_eq!(r.pass(8.0, 0).pruned, 4);
+    }
+
+    #[test]
+    fn ledger_records_of_images_delivered_long_ago_are_pruned_to_a_checkpoint() {
+        let r = rig();
+        let first = sample_image("team/app", &["1"], 1, 3000);
+        let second = sample_image("team/app", &["2"], 1, 3000).following(&first.tm.ledger.head());
+        let third = sample_image("team/app", &["3"], 1, 3000).following(&second.tm.ledger.head());
+        let images = [r.receive(&first), r.receive(&second), r.receive(&third)];
+        r.delivered(&images[0], 100);
+        r.delivered(&images[1], 10);
+        r.delivered(&images[2], 100);
+        // Image 2 not delivered long enough: the prune stops before it.
+        assert_eq!(r.pass(72.0, 0).records, 1);
+        let chains = r.ledger.chains();
+        let chain = first.tm.ledger.chain;
+        let start = chains.start_of(chain).unwrap().expect("a checkpoint");
+        assert_eq!(start.checkpoint.map(|c| c.seq), Some(1));
+        // Then image 2 goes; the newest record (keep_records = 1) stays.
+        assert_eq!(r.pass(8.0, 0).records, 1);
+        assert!(chains.get(chain, 2).unwrap().is_none());
+        assert!(chains.get(chain, 3).unwrap().is_some());
+        assert_eq!(chains.highest_contiguous(chain).unwrap(), 3);
+        // Image 1 sent again after all that: never delivered again.
+        let r = restart(r);
+        r.receive(&first);
+        assert_eq!(r.jobs(), 3);
     }
 
     #[test]

@@ -75,13 +75,31 @@ pub struct TxConfig {
 }
 
 /// `[ledger]`: the image ledger's settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerConfig {
     /// The key (hex, mode 0600, like the link key) gateway-rx HMACs its
     /// ledger report under; `reconcile` needs it. The same key on both
     /// sides, and not the link key.
     pub report_key_file: Option<PathBuf>,
+    /// Newest records always kept; older ones whose images left the
+    /// carousel (retention over, passes done) are pruned, the last one
+    /// kept as the chain's checkpoint.
+    #[serde(default = "default_keep_records")]
+    pub keep_records: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            report_key_file: None,
+            keep_records: default_keep_records(),
+        }
+    }
+}
+
+fn default_keep_records() -> u64 {
+    weir_proto::ledger::DEFAULT_KEEP_RECORDS
 }
 
 /// `[pull]`: what to pull and how often.
@@ -550,6 +568,9 @@ impl TxConfig {
             .map_err(|e| invalid("auth.key_file", e.to_string()))?;
         self.report_key()
             .map_err(|e| invalid("ledger.report_key_file", e.to_string()))?;
+        if self.ledger.keep_records == 0 {
+            return Err(invalid("ledger.keep_records", "must be at least 1"));
+        }
         if let Some(path) = &self.policy.rules_file {
             crate::policy::Rules::load(path)
                 .map_err(|e| invalid("policy.rules_file", e.to_string()))?;

@@ -20,6 +20,16 @@
 //! |---|---|---|
 //! | `ledger` | seq, u64 big-endian | [`IssuedRecord`] (JSON) |
 //! | `meta` | `ledger_chain` | the chain id, u64 big-endian |
+//! | `meta` | `ledger_checkpoint` | the last record pruned: [`Checkpoint`] (JSON) |
+//!
+//! # Pruning
+//!
+//! Records beyond the newest `[ledger] keep_records` whose images left the
+//! carousel (retention over, passes done) are pruned, oldest first and
+//! without a hole ([`LedgerChain::prune`], at the carousel's retention
+//! sweep). The last one pruned stays as the checkpoint (seq and hash):
+//! `ledger verify` walks the chain from it, the record after it must name
+//! its hash, and `reconcile` says how many records it no longer compares.
 //!
 //! The chain id is drawn at random when the ledger is created; a sender
 //! whose state was lost starts a new chain, which the receiver accepts only
@@ -33,12 +43,13 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use weir_host::state::{StateDb, StateError};
-use weir_proto::ledger::{BadRecord, ChainWalk};
+use weir_proto::ledger::{BadRecord, ChainWalk, Checkpoint};
 use weir_proto::{ChainId, ChainRecord, LedgerHead};
 
 const RECORDS_TREE: &str = "ledger";
 const META_TREE: &str = "meta";
 const CHAIN_KEY: &str = "ledger_chain";
+const CHECKPOINT_KEY: &str = "ledger_checkpoint";
 /// The running gateway's copy of its chain, in `state_dir`.
 pub const SNAPSHOT_FILE: &str = "ledger.json";
 
@@ -56,6 +67,9 @@ pub struct LedgerSnapshot {
     pub written_at_ms: u64,
     pub chain: ChainId,
     pub head: LedgerHead,
+    /// The last record pruned; the records kept follow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
     pub records: Vec<IssuedRecord>,
 }
 
@@ -63,6 +77,7 @@ pub struct LedgerSnapshot {
 pub struct LedgerChain {
     db: StateDb,
     records: sled::Tree,
+    meta: sled::Tree,
     /// The head, also the lock every record assignment holds (through the
     /// write of its image objects and the commit).
     assigning: Mutex<LedgerHead>,
@@ -109,6 +124,7 @@ impl LedgerChain {
         let ledger = LedgerChain {
             db: db.clone(),
             records,
+            meta,
             assigning: Mutex::new(head),
             committed: Mutex::new(head),
             snapshot: state_dir.join(SNAPSHOT_FILE),
@@ -149,12 +165,57 @@ impl LedgerChain {
         self.write_snapshot(&head);
     }
 
+    /// Prunes the records beyond the newest `keep_records` whose images
+    /// `left_carousel` says left the carousel, oldest first, stopping at
+    /// the first one still needed; the last one pruned becomes the
+    /// checkpoint. Holds the assignment lock, so no record is numbered
+    /// meanwhile. Returns the records pruned and the checkpoint; not
+    /// durable until the caller's commit (the copy is rewritten now).
+    pub fn prune(
+        &self,
+        keep_records: u64,
+        left_carousel: impl Fn(&IssuedRecord) -> bool,
+        now_ms: u64,
+    ) -> Result<Option<(u64, Checkpoint)>, StateError> {
+        let guard = self.lock();
+        let head = *guard;
+        let limit = head.seq.saturating_sub(keep_records);
+        let mut checkpoint = None;
+        let mut pruned = 0;
+        for item in self.records.range(..=seq_key(limit)) {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let issued = decode(&self.db, &k, &v)?;
+            if !left_carousel(&issued) {
+                break;
+            }
+            self.records.remove(&k).map_err(|e| self.db.sled_error(e))?;
+            checkpoint = Some(Checkpoint {
+                seq: issued.record.seq,
+                hash: issued.record.hash(),
+                at_ms: now_ms,
+            });
+            pruned += 1;
+        }
+        let Some(checkpoint) = checkpoint else {
+            return Ok(None);
+        };
+        let value = serde_json::to_vec(&checkpoint)
+            .map_err(|e| self.db.corrupt("meta/ledger_checkpoint", e))?;
+        self.meta
+            .insert(CHECKPOINT_KEY, value)
+            .map_err(|e| self.db.sled_error(e))?;
+        self.write_snapshot(&head);
+        drop(guard);
+        Ok(Some((pruned, checkpoint)))
+    }
+
     fn write_snapshot(&self, head: &LedgerHead) {
         let result = issued_records(&self.db, &self.records).and_then(|records| {
             let snapshot = LedgerSnapshot {
                 written_at_ms: weir_host::clock::unix_ms(),
                 chain: head.chain,
                 head: *head,
+                checkpoint: stored_checkpoint(&self.db, &self.meta)?,
                 records,
             };
             let bytes = serde_json::to_vec_pretty(&snapshot).unwrap_or_default();
@@ -178,6 +239,15 @@ fn stored_chain(db: &StateDb, meta: &sled::Tree) -> Result<Option<ChainId>, Stat
         .map_err(|e| db.sled_error(e))?
         .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
         .map(|b| ChainId(u64::from_be_bytes(b))))
+}
+
+fn stored_checkpoint(db: &StateDb, meta: &sled::Tree) -> Result<Option<Checkpoint>, StateError> {
+    match meta.get(CHECKPOINT_KEY).map_err(|e| db.sled_error(e))? {
+        Some(v) => Ok(Some(
+            serde_json::from_slice(&v).map_err(|e| db.corrupt("meta/ledger_checkpoint", e))?,
+        )),
+        None => Ok(None),
+    }
 }
 
 fn decode(db: &StateDb, key: &[u8], value: &[u8]) -> Result<IssuedRecord, StateError> {
@@ -226,6 +296,8 @@ impl std::fmt::Display for ReadFrom {
 #[derive(Debug, Clone)]
 pub struct IssuedChain {
     pub chain: Option<ChainId>,
+    /// The last record pruned; `records` follow it.
+    pub checkpoint: Option<Checkpoint>,
     pub records: Vec<IssuedRecord>,
     pub from: ReadFrom,
 }
@@ -238,9 +310,11 @@ pub fn read_chain(state_dir: &Path) -> anyhow::Result<IssuedChain> {
     match StateDb::open_now(&db_path) {
         Ok(db) => {
             let records = db.tree(RECORDS_TREE)?;
-            let chain = stored_chain(&db, &db.tree(META_TREE)?)?;
+            let meta = db.tree(META_TREE)?;
+            let chain = stored_chain(&db, &meta)?;
             Ok(IssuedChain {
                 chain,
+                checkpoint: stored_checkpoint(&db, &meta)?,
                 records: issued_records(&db, &records)?,
                 from: ReadFrom::Database,
             })
@@ -257,6 +331,7 @@ pub fn read_chain(state_dir: &Path) -> anyhow::Result<IssuedChain> {
                 .with_context(|| format!("{} is not a ledger copy", path.display()))?;
             Ok(IssuedChain {
                 chain: Some(snapshot.chain),
+                checkpoint: snapshot.checkpoint,
                 records: snapshot.records,
                 from: ReadFrom::RunningCopy {
                     path,
@@ -272,6 +347,8 @@ pub fn read_chain(state_dir: &Path) -> anyhow::Result<IssuedChain> {
 #[derive(Debug)]
 pub struct Verified {
     pub chain: Option<ChainId>,
+    /// The last record pruned: the walk started after it.
+    pub checkpoint: Option<Checkpoint>,
     pub count: u64,
     pub head: Option<LedgerHead>,
     pub from: ReadFrom,
@@ -285,6 +362,7 @@ pub fn verify(state_dir: &Path) -> anyhow::Result<Verified> {
     let Some(chain) = issued.chain else {
         return Ok(Verified {
             chain: None,
+            checkpoint: issued.checkpoint,
             count: 0,
             head: None,
             from: issued.from,
@@ -294,8 +372,18 @@ pub fn verify(state_dir: &Path) -> anyhow::Result<Verified> {
             }),
         });
     };
-    let mut walk = ChainWalk::new(chain, true);
-    let mut head = LedgerHead::empty(chain);
+    // Records pruned up to the checkpoint: the walk starts from its hash.
+    let (mut walk, mut head) = match &issued.checkpoint {
+        Some(c) => (
+            ChainWalk::after(chain, true, c),
+            LedgerHead {
+                chain,
+                seq: c.seq,
+                hash: c.hash,
+            },
+        ),
+        None => (ChainWalk::new(chain, true), LedgerHead::empty(chain)),
+    };
     let mut bad = None;
     for r in &issued.records {
         match walk.step(r.record.seq, &r.record, None) {
@@ -314,6 +402,7 @@ pub fn verify(state_dir: &Path) -> anyhow::Result<Verified> {
     }
     Ok(Verified {
         chain: Some(chain),
+        checkpoint: issued.checkpoint,
         count: walk.count(),
         head: Some(head),
         from: issued.from,
@@ -341,5 +430,82 @@ mod tests {
             LedgerChain::open(&db2, other.path()).unwrap().head().chain,
             a.chain
         );
+    }
+
+    /// Issues `n` records on `ledger`, images `sha256:1`, `sha256:2`, ...
+    fn issue(ledger: &LedgerChain, n: u64) {
+        let mut guard = ledger.lock();
+        for i in 0..n {
+            let head = *guard;
+            let record = head.next(weir_proto::ledger::RecordFields {
+                manifest_digest: weir_proto::ObjectId::of_bytes(&i.to_be_bytes()).digest(),
+                destination: weir_proto::Destination {
+                    repository: "team/app".into(),
+                    tags: vec![format!("v{i}")],
+                },
+                source: format!("{i}.tar"),
+                verdict: weir_proto::Verdict {
+                    rule: None,
+                    gate: None,
+                    worst_severity: None,
+                    signature: None,
+                    summary: String::new(),
+                },
+                accepted_at: 1_700_000_000 + i,
+            });
+            let issued = IssuedRecord {
+                image: format!("sha256:{}", record.seq),
+                record,
+            };
+            let (key, value) = LedgerChain::entry(&issued);
+            ledger.records_tree().insert(key, value).unwrap();
+            ledger.committed(&mut guard, issued.record.head());
+        }
+    }
+
+    #[test]
+    fn records_beyond_the_newest_whose_images_left_are_pruned_to_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = StateDb::open(&dir.path().join("db")).unwrap();
+            let ledger = LedgerChain::open(&db, dir.path()).unwrap();
+            issue(&ledger, 6);
+            // Image 3 still in the carousel: the prune stops before it.
+            let (count, checkpoint) = ledger
+                .prune(2, |i| i.image != "sha256:3", 7)
+                .unwrap()
+                .expect("pruned");
+            assert_eq!((count, checkpoint.seq), (2, 2));
+            // Image 3 left: 3 and 4 go, the newest 2 stay.
+            let (count, checkpoint) = ledger.prune(2, |_| true, 8).unwrap().expect("pruned");
+            assert_eq!((count, checkpoint.seq), (2, 4));
+            assert!(ledger.prune(2, |_| true, 9).unwrap().is_none());
+            // The copy the running gateway keeps says so.
+            let copy: LedgerSnapshot =
+                serde_json::from_slice(&std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap())
+                    .unwrap();
+            assert_eq!(copy.checkpoint.map(|c| c.seq), Some(4));
+            assert_eq!(copy.records.len(), 2);
+            db.commit("test").unwrap();
+        }
+        // Stopped: verify walks from the checkpoint, and the head survives.
+        let v = verify(dir.path()).unwrap();
+        assert!(v.bad.is_none(), "{:?}", v.bad);
+        assert_eq!((v.count, v.head.map(|h| h.seq)), (2, Some(6)));
+        assert_eq!(v.checkpoint.map(|c| c.seq), Some(4));
+        let db = StateDb::open(&dir.path().join("db")).unwrap();
+        let ledger = LedgerChain::open(&db, dir.path()).unwrap();
+        assert_eq!(ledger.head().seq, 6);
+        // A kept record tampered with after the checkpoint is named.
+        let tree = db.tree(RECORDS_TREE).unwrap();
+        let mut fifth: IssuedRecord =
+            serde_json::from_slice(&tree.get(seq_key(5)).unwrap().unwrap()).unwrap();
+        fifth.record.prev = weir_proto::RecordHash([7; 32]);
+        tree.insert(seq_key(5), serde_json::to_vec(&fifth).unwrap())
+            .unwrap();
+        db.commit("test").unwrap();
+        drop((ledger, tree, db));
+        let v = verify(dir.path()).unwrap();
+        assert_eq!(v.bad.map(|b| b.seq), Some(5));
     }
 }

@@ -173,13 +173,16 @@ fn run_stages(
             Ok(())
         }
     })?;
-    if let Some(endpoint) = metrics_endpoint {
+    // Always running: a reload may turn the endpoint on, off, or move it.
+    let metrics_listen = Reloadable::new(config.metrics.clone());
+    stages.spawn("metrics", {
         let metrics = metrics::TxMetrics::new(board.clone(), config.state_dir.clone());
-        stages.spawn("metrics", move |s| {
-            endpoint.serve(s, || metrics.render());
+        let listen = metrics_listen.reader();
+        move |s| {
+            weir_host::metrics::serve_following(metrics_endpoint, listen, s, || metrics.render());
             Ok(())
-        })?;
-    }
+        }
+    })?;
     stages.spawn("panel", {
         let (leds, read) = (leds.clone(), stages::report::panel_inputs(board, faults));
         move |s| {
@@ -193,6 +196,7 @@ fn run_stages(
             running: config.clone(),
             intake,
             leds: leds.clone(),
+            metrics_listen,
         };
         stages.spawn("reload", move |s| {
             reloads.requests.serve(s, || drop(reloader.reload()));

@@ -167,8 +167,18 @@ fn verify_ledger(file: &std::path::Path) -> anyhow::Result<()> {
             v.count
         );
     }
-    match v.head {
-        Some(head) if head.seq > 0 => println!(
+    match (v.head, v.checkpoint) {
+        (Some(head), Some(c)) => println!(
+            "chain {chain}: records 1..{} pruned (checkpoint {}), {} records kept, {}..{} \
+             intact from it; head {}",
+            c.seq,
+            c.hash.short(),
+            v.count,
+            c.seq + 1,
+            head.seq,
+            head.hash
+        ),
+        (Some(head), None) if head.seq > 0 => println!(
             "chain {chain}: {} records, 1..{} intact; head {}",
             v.count, head.seq, head.hash
         ),

@@ -499,6 +499,22 @@ impl ObjectStore {
         })
     }
 
+    /// Prunes the image ledger's records beyond the newest `keep_records`
+    /// whose images left the queue (retention over, passes done); see
+    /// [`crate::ledger`]. Not durable until the caller's commit.
+    pub fn prune_ledger(
+        &self,
+        keep_records: u64,
+    ) -> Result<Option<(u64, weir_proto::ledger::Checkpoint)>, StoreError> {
+        let queued: std::collections::HashSet<String> =
+            self.images()?.into_iter().map(|r| r.image).collect();
+        Ok(self.ledger.prune(
+            keep_records,
+            |issued| !queued.contains(&issued.image),
+            weir_host::clock::unix_ms(),
+        )?)
+    }
+
     /// The image ledger's head, as heartbeats announce it.
     pub fn ledger_head(&self) -> weir_proto::LedgerHead {
         self.ledger.head()

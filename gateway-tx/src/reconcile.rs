@@ -11,6 +11,7 @@ use std::fmt::Write;
 use std::path::Path;
 use weir_host::report::utc_text;
 use weir_proto::ledger::report::{HeldRecord, LedgerReport, RefusedRecord, MAX_REPORT_BYTES};
+use weir_proto::ledger::Checkpoint;
 use weir_proto::ChainId;
 
 use crate::config::TxConfig;
@@ -57,6 +58,9 @@ pub struct Reconciliation {
     /// Whether the report holds records of this sender's chain at all.
     pub chain_in_report: bool,
     pub other_chains: Vec<ChainId>,
+    /// This side's checkpoint: records up to it were pruned here (their
+    /// images had left the carousel) and are not compared.
+    pub pruned_here: Option<Checkpoint>,
     pub fates: Vec<(IssuedRecord, Fate)>,
 }
 
@@ -95,6 +99,8 @@ pub fn compare(
         .filter(|c| Some(c.chain) == chain)
         .flat_map(|c| c.records.iter().map(|r| (r.record.seq, r)))
         .collect();
+    // Records the receiver delivered and then pruned: its checkpoint says so.
+    let ours = report.chains.iter().find(|c| Some(c.chain) == chain);
     let chain_in_report = report.chains.iter().any(|c| Some(c.chain) == chain);
     let refused: HashMap<(ChainId, u64), &RefusedRecord> = report
         .refused
@@ -105,10 +111,15 @@ pub fn compare(
         .iter()
         .map(|i| {
             let r = &i.record;
+            let checkpoint = ours.and_then(|c| c.checkpoint);
             let fate = match held.get(&r.seq) {
                 Some(h) if h.hash != r.hash() => Fate::Different,
                 Some(h) if h.complete_at_ms.is_none() => Fate::InPart,
                 Some(h) => delivery_fate(h),
+                None if checkpoint.is_some_and(|c| c.seq == r.seq && c.hash != r.hash()) => {
+                    Fate::Different
+                }
+                None if ours.is_some_and(|c| c.pruned_delivered(r.seq)) => Fate::Delivered,
                 None => match refused.get(&(r.chain, r.seq)) {
                     Some(x) if x.hash == r.hash() => Fate::Refused {
                         reason: x.reason.clone(),
@@ -155,6 +166,7 @@ pub fn reconcile(config: &TxConfig, report_path: &Path) -> anyhow::Result<Reconc
         from: issued.from,
         report_written_at_ms: report.written_at_ms,
         chain_in_report,
+        pruned_here: issued.checkpoint,
         other_chains: report
             .chains
             .iter()
@@ -215,6 +227,15 @@ impl Reconciliation {
             self.fates.len(),
             self.from
         );
+        if let Some(c) = &self.pruned_here {
+            let _ = writeln!(
+                out,
+                "records 1..{} were pruned here once their images left the carousel; the {} \
+                 kept are compared",
+                c.seq,
+                self.fates.len()
+            );
+        }
         if !self.chain_in_report && !self.fates.is_empty() {
             let others: Vec<String> = self.other_chains.iter().map(|c| c.to_string()).collect();
             let _ = writeln!(
@@ -335,6 +356,8 @@ mod tests {
             chains: vec![HeldChain {
                 chain: ChainId(3),
                 highest_contiguous: 1,
+                accepted_from: None,
+                checkpoint: None,
                 records: vec![
                     held(&chain[0], true, "done"),
                     held(&chain[2], true, "failing"),
@@ -362,6 +385,7 @@ mod tests {
             report_written_at_ms: report.written_at_ms,
             chain_in_report: true,
             other_chains: vec![],
+            pruned_here: None,
             fates: compare(&chain, Some(ChainId(3)), &report).1,
         };
         assert!(!r.all_accounted());
@@ -371,5 +395,60 @@ mod tests {
         assert!(text.contains("failed delivery (1):\n  seq 3"), "{text}");
         assert!(text.contains("-> registry: 503"), "{text}");
         assert!(text.contains("delivered: 1 of 7"), "{text}");
+    }
+
+    #[test]
+    fn records_the_receiver_delivered_and_pruned_are_delivered_not_missing() {
+        let chain = issued(5);
+        let report = LedgerReport {
+            format: REPORT_FORMAT.into(),
+            written_at_ms: 1_000_000,
+            announced: None,
+            chains: vec![HeldChain {
+                chain: ChainId(3),
+                highest_contiguous: 4,
+                accepted_from: None,
+                checkpoint: Some(Checkpoint {
+                    seq: 3,
+                    hash: chain[2].record.hash(),
+                    at_ms: 5,
+                }),
+                records: vec![held(&chain[3], true, "done")],
+            }],
+            refused: vec![],
+        };
+        let fates: Vec<Fate> = compare(&chain, Some(ChainId(3)), &report)
+            .1
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(
+            fates,
+            vec![
+                Fate::Delivered,
+                Fate::Delivered,
+                Fate::Delivered,
+                Fate::Delivered,
+                Fate::NeverArrived
+            ]
+        );
+        // A checkpoint naming another hash at its seq: not this history.
+        let mut other = report.clone();
+        other.chains[0].checkpoint = Some(Checkpoint {
+            seq: 3,
+            hash: chain[0].record.hash(),
+            at_ms: 5,
+        });
+        assert_eq!(
+            compare(&chain, Some(ChainId(3)), &other).1[2].1,
+            Fate::Different
+        );
+        // Accepted mid-way from seq 2: record 1 never arrived there.
+        other = report.clone();
+        other.chains[0].accepted_from = Some(2);
+        assert_eq!(
+            compare(&chain, Some(ChainId(3)), &other).1[0].1,
+            Fate::NeverArrived
+        );
     }
 }

@@ -10,25 +10,25 @@
 //! | `[[mapping]]` | for the next drop |
 //! | `pull.sync_file`, `pull.interval_s` | at the pull stage's next look (the new file is read then; an entry's next poll keeps the time already set) |
 //! | `[leds]` names and base | at once (the old LEDs go dark); adding or removing the table needs a restart |
+//! | `[metrics]` | at once: the endpoint moves to a new `listen` address (the old one closes), opens when the table is added, closes when it is removed; an address that cannot be bound is logged and the endpoint stays where it was until a reload that can bind |
 //!
 //! The sync list itself needs no reload: the pull stage reads it again
 //! whenever the file changes. Every other field (state_dir, spool_dir,
-//! link, fec, carousel, auth, registries, scanner, console, metrics, ...)
+//! link, fec, carousel, auth, registries, scanner, console, ...)
 //! needs a restart: a change is logged with the fields' names, and the
 //! running values stay.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use weir_host::config::MetricsConfig;
 use weir_host::reload::{ConfigChanges, Reloadable};
 use weir_host::Leds;
 
 use crate::config::{Mapping, ReferrersMode, TxConfig};
 use crate::policy::{Rules, RulesError};
 
-/// The fields a running sender applies. (`metrics.listen` is not one: the
-/// endpoint is bound at start, so a change to it is logged as needing a
-/// restart like any field not listed.)
+/// The fields a running sender applies.
 pub const RELOADABLE: &[&str] = &[
     "policy.rules_file",
     "policy.referrers",
@@ -40,6 +40,7 @@ pub const RELOADABLE: &[&str] = &[
     "leds.link",
     "leds.activity",
     "leds.fault",
+    "metrics",
 ];
 
 /// What intake (file drops and pulls) decides by; a reload replaces it
@@ -96,6 +97,8 @@ pub struct TxReloader {
     pub running: TxConfig,
     pub intake: Arc<Reloadable<IntakeSettings>>,
     pub leds: Option<Arc<Leds>>,
+    /// `[metrics]`, which the metrics stage follows.
+    pub metrics_listen: Arc<Reloadable<Option<MetricsConfig>>>,
 }
 
 impl TxReloader {
@@ -144,6 +147,10 @@ impl TxReloader {
                 *running = new_leds.clone();
             }
         }
+        // Set at every reload, changed or not: an address that could not be
+        // bound last time is tried again.
+        self.metrics_listen.set(new.metrics.clone());
+        self.running.metrics.clone_from(&new.metrics);
         let fields = if changes.applied.is_empty() {
             "nothing changed".to_string()
         } else {
@@ -202,6 +209,7 @@ mod tests {
             TxReloader {
                 file: self.file.clone(),
                 intake: Reloadable::new(IntakeSettings::from_config(&running).unwrap()),
+                metrics_listen: Reloadable::new(running.metrics.clone()),
                 running,
                 leds: None,
             }

@@ -9,7 +9,10 @@
 //! - the chain survives SIGKILL of each side mid-transfer (the next image
 //!   follows the last one), both `ledger verify` commands find it intact,
 //!   and a sender whose state was lost starts a new chain the receiver
-//!   accepts with its first record.
+//!   accepts with its first record;
+//! - a receiver whose state was lost while the sender's chain is past its
+//!   first record: a new image waits, status names its chain, and the
+//!   operator's `gateway-rx ledger accept` lets it be delivered.
 
 use anyhow::{Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -194,10 +197,14 @@ fn ledger_site(rx_ledger: &str, rx_more: &str) -> Result<LedgerSite> {
 fn a_missing_image_raises_a_gap_is_named_by_reconcile_and_clears_when_a_later_pass_brings_it(
 ) -> Result<()> {
     let (hook, notices) = webhook()?;
-    // 0.001 h: 3.6 s.
+    // 0.001 h: 3.6 s. Records of images delivered that long ago are
+    // pruned down to a checkpoint (the newest one kept): no gap for them,
+    // and reconcile counts them delivered.
     let s = ledger_site(
-        "gap_alert_hours = 0.001\n",
-        &format!("\n[notify]\nwebhook_url = {hook:?}\n"),
+        "gap_alert_hours = 0.001\nkeep_records = 1\n",
+        &format!(
+            "\n[notify]\nwebhook_url = {hook:?}\n\n[retention]\nkeep_delivered_hours = 0.001\n"
+        ),
     )?;
     let site = &s.site;
     let first = image(site, "first", 61, "ledger/first:1")?;
@@ -341,6 +348,16 @@ fn a_missing_image_raises_a_gap_is_named_by_reconcile_and_clears_when_a_later_pa
     );
     assert!(tx.terminate(Duration::from_secs(20))?.success());
     assert!(rx.terminate(Duration::from_secs(20))?.success());
+    // The receiver pruned its delivered records to a checkpoint, and its
+    // chain still verifies from it.
+    let rx_log = std::fs::read_to_string(&rx.log)?;
+    assert!(
+        rx_log.contains("image ledger records of delivered images pruned"),
+        "{}",
+        rx.log_tail(40)
+    );
+    let out = run("gateway-rx", &["ledger", "verify", "--config", &rx_config])?;
+    assert!(out.status.success(), "{}", text(&out));
     Ok(())
 }
 
@@ -461,6 +478,130 @@ fn the_ledger_survives_a_crash_of_each_side_and_a_lost_sender_starts_a_new_chain
         log.contains("sender started a new image ledger chain"),
         "{}",
         rx.log_tail(40)
+    );
+    assert!(tx.terminate(Duration::from_secs(20))?.success());
+    assert!(rx.terminate(Duration::from_secs(20))?.success());
+    let out = run("gateway-rx", &["ledger", "verify", "--config", &rx_config])?;
+    assert!(out.status.success(), "{}", text(&out));
+    Ok(())
+}
+
+/// The receiver's state is wiped while the sender's chain is past its
+/// first record (the diode drops record 1's image object from then on, as
+/// if it had left the sender's retention): a new image waits, `status`
+/// names its chain and lowest seq; `ledger accept` is refused while the
+/// gateway runs and for a malformed chain id, then, gateway stopped,
+/// accepts the chain from that seq, and the image is delivered at the next
+/// start with the source's digest.
+#[test]
+fn a_receiver_that_lost_its_state_delivers_a_waiting_chain_once_the_operator_accepts_it(
+) -> Result<()> {
+    let s = ledger_site("", "")?;
+    let site = &s.site;
+    let first = image(site, "first", 81, "accept/first:1")?;
+    let second = image(site, "second", 82, "accept/second:1")?;
+    let mut rx = site.start_rx()?;
+    let mut tx = site.start_tx()?;
+    site.drop_image(&first.path, "first.tar")?;
+    expect("the first image delivered", &mut [&mut tx, &mut rx], || {
+        layout_lists(&s.layout, &digest(&first))
+    });
+    let mut chain = String::new();
+    let mut first_object = None;
+    expect(
+        "the sender's chain and first image object",
+        &mut [&mut tx, &mut rx],
+        || {
+            chain = site.tx_status().unwrap_or_default()["ledger"]["chain"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            first_object = tx_image_object(site, "accept/first:1");
+            !chain.is_empty() && first_object.is_some()
+        },
+    );
+    let mut id = [0u8; 32];
+    hex::decode_to_slice(
+        first_object
+            .context("image object id")?
+            .trim_start_matches("sha256:"),
+        &mut id,
+    )?;
+    s.filter.drop_object(id);
+
+    // The receiver's state is lost.
+    assert!(rx.terminate(Duration::from_secs(20))?.success());
+    std::fs::remove_dir_all(&site.rx_state)?;
+    let mut rx = site.start_rx()?;
+    site.drop_image(&second.path, "second.tar")?;
+    expect(
+        "the second image waits, status names its chain",
+        &mut [&mut tx, &mut rx],
+        || {
+            let l = rx_ledger(site);
+            l["waiting_chains"][0]["chain"] == chain.as_str()
+                && l["waiting_chains"][0]["lowest_seq"] == 2
+                && l["waiting_chains"][0]["images"] == 1
+        },
+    );
+    assert!(!layout_lists(&s.layout, &digest(&second)));
+
+    let rx_config = site.rx_config.display().to_string();
+    let accept = |chain: &str| {
+        run(
+            "gateway-rx",
+            &[
+                "ledger", "accept", "--config", &rx_config, "--chain", chain, "--from", "2",
+            ],
+        )
+    };
+    let out = accept(&chain)?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop it first"),
+        "{}",
+        text(&out)
+    );
+    assert!(rx.terminate(Duration::from_secs(20))?.success());
+    let out = accept("not-a-chain")?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--chain"),
+        "{}",
+        text(&out)
+    );
+    // Stopped, the status names the chain in words too.
+    let out = run("gateway-rx", &["status", "--config", &rx_config])?;
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("ledger accept --chain {chain} --from 2")),
+        "{}",
+        text(&out)
+    );
+    let out = accept(&chain)?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("chain {chain} accepted from seq 2")),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("OPERATOR"),
+        "{}",
+        text(&out)
+    );
+
+    let mut rx = site.start_rx()?;
+    expect(
+        "the second image delivered, nothing waits",
+        &mut [&mut tx, &mut rx],
+        || {
+            let l = rx_ledger(site);
+            layout_lists(&s.layout, &digest(&second))
+                && l["waiting_for_first_record"] == 0
+                && l["highest_contiguous"] == 2
+        },
     );
     assert!(tx.terminate(Duration::from_secs(20))?.success());
     assert!(rx.terminate(Duration::from_secs(20))?.success());

@@ -1,12 +1,15 @@
 //! Running the pair for longer than a test: retention keeps the receiver's
 //! state disk from filling while images keep crossing, and SIGHUP reloads
 //! the configuration of either gateway (a good file applied, a bad one
-//! refused with its file and field named). Both gateways are real
+//! refused with its file and field named; the metrics endpoint moved,
+//! closed and opened). Both gateways are real
 //! processes; each test is bounded in time and stops by itself.
 
 use anyhow::{Context, Result};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use weir_test_support::scrape;
 use weir_tests::imagegen::{self, LayerSpec};
 use weir_tests::pair::{
     expect_within, layout_lists, rx_counter, write_key, Site, SiteLinks, SiteOptions, Target,
@@ -302,6 +305,149 @@ fn sighup_applies_a_good_configuration_and_refuses_a_bad_one_on_both_sides() -> 
         "team-b delivered {:.1?} after the reload",
         started.elapsed()
     );
+    assert!(rx.is_running() && tx.is_running());
+    tx.terminate(Duration::from_secs(20))?;
+    rx.terminate(Duration::from_secs(20))?;
+    Ok(())
+}
+
+fn free_tcp_addr() -> Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Whether `addr` serves `/metrics` with `family` in it.
+fn serves_metrics(addr: SocketAddr, family: &str) -> bool {
+    scrape::metrics(addr).is_ok_and(|text| text.contains(family))
+}
+
+fn refuses_connections(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err()
+}
+
+/// SIGHUP moves the metrics endpoint of both gateways: a new
+/// `[metrics] listen` port serves `/metrics` and the old one no longer
+/// accepts connections, with no restart. A port that cannot be bound is
+/// logged naming `[metrics] listen` and the endpoint stays where it was; an
+/// address that does not parse is refused with the whole file; `[metrics]`
+/// removed closes the endpoint.
+#[test]
+fn sighup_moves_the_metrics_endpoint_of_both_gateways() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let (tx_old, rx_old) = (free_tcp_addr()?, free_tcp_addr()?);
+    let opts = SiteOptions {
+        tx_extra: format!("[metrics]\nlisten = \"{tx_old}\"\n"),
+        rx_extra: format!("[metrics]\nlisten = \"{rx_old}\"\n"),
+        ..Default::default()
+    };
+    let site = Site::new(Target::Layout(out.path().join("layout")), &opts)?;
+    site.write_tx_config(site.rx_addr, &opts)?;
+    let mut rx = site.start_rx()?;
+    let mut tx = site.start_tx()?;
+    let sides = [
+        ("rx", site.rx_config.clone(), rx_old, "weir_rx_build_info"),
+        ("tx", site.tx_config.clone(), tx_old, "weir_tx_build_info"),
+    ];
+    expect_within(
+        "both endpoints serving at their first address",
+        Duration::from_secs(30),
+        &mut [&mut tx, &mut rx],
+        || sides.iter().all(|(_, _, a, f)| serves_metrics(*a, f)),
+    );
+
+    // A new port in each file, then SIGHUP.
+    let mut moved = Vec::new();
+    for (_, file, old, _) in &sides {
+        let new = free_tcp_addr()?;
+        let text = std::fs::read_to_string(file)?.replace(&old.to_string(), &new.to_string());
+        std::fs::write(file, text)?;
+        moved.push(new);
+    }
+    rx.reload();
+    tx.reload();
+    expect_within(
+        "the new ports serve /metrics, the old ones are closed",
+        Duration::from_secs(20),
+        &mut [&mut tx, &mut rx],
+        || {
+            sides.iter().zip(&moved).all(|((_, _, old, family), new)| {
+                serves_metrics(*new, family) && refuses_connections(*old)
+            })
+        },
+    );
+    for (gw, name) in [(&rx, "rx"), (&tx, "tx")] {
+        assert!(
+            log_has(&gw.log, &["configuration reloaded", "metrics.listen"]),
+            "{name}: {}",
+            gw.log_tail(20)
+        );
+        assert!(
+            !log_has(&gw.log, &["restart to apply", "metrics"]),
+            "{name}: {}",
+            gw.log_tail(20)
+        );
+    }
+
+    // A port another process holds: logged naming the field; the endpoint
+    // stays where it was.
+    let holder = TcpListener::bind("127.0.0.1:0")?;
+    let busy = holder.local_addr()?;
+    let rx_file = &site.rx_config;
+    let rx_moved = std::fs::read_to_string(rx_file)?;
+    std::fs::write(
+        rx_file,
+        rx_moved.replace(&moved[0].to_string(), &busy.to_string()),
+    )?;
+    rx.reload();
+    let rx_log = rx.log.clone();
+    expect_within(
+        "the unbindable port named in the log",
+        Duration::from_secs(10),
+        &mut [&mut tx, &mut rx],
+        || {
+            log_has(
+                &rx_log,
+                &["[metrics] listen", &busy.to_string(), "cannot be bound"],
+            )
+        },
+    );
+    assert!(serves_metrics(moved[0], "weir_rx_build_info"));
+
+    // An address that does not parse: the whole file is refused.
+    std::fs::write(
+        rx_file,
+        rx_moved.replace(&moved[0].to_string(), "localhost-9464"),
+    )?;
+    rx.reload();
+    expect_within(
+        "the bad address refused with the file",
+        Duration::from_secs(10),
+        &mut [&mut tx, &mut rx],
+        || {
+            log_has(
+                &rx_log,
+                &["configuration not reloaded", "rx.toml", "metrics.listen"],
+            )
+        },
+    );
+    assert!(serves_metrics(moved[0], "weir_rx_build_info"));
+
+    // [metrics] removed from tx.toml: the sender's endpoint closes.
+    let tx_text = std::fs::read_to_string(&site.tx_config)?;
+    let without: String = tx_text
+        .lines()
+        .filter(|l| *l != "[metrics]" && !l.starts_with("listen = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without, tx_text);
+    std::fs::write(&site.tx_config, without)?;
+    tx.reload();
+    expect_within(
+        "the sender's endpoint closed",
+        Duration::from_secs(10),
+        &mut [&mut tx, &mut rx],
+        || refuses_connections(moved[1]),
+    );
+    drop(holder);
     assert!(rx.is_running() && tx.is_running());
     tx.terminate(Duration::from_secs(20))?;
     rx.terminate(Duration::from_secs(20))?;

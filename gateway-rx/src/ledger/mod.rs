@@ -26,6 +26,24 @@
 //!   the chain's record 1 arrives (a genesis record: prev zero). Then the
 //!   chain is accepted, logged loudly ("sender started a new image ledger
 //!   chain"), and the waiting records are admitted in order.
+//! - a record whose chain's first record will never come (this receiver
+//!   lost its state after that record left the sender's retention): the
+//!   operator accepts the chain from a given seq with `gateway-rx ledger
+//!   accept` ([`HeldChains::accept_from`], gateway stopped); records from
+//!   that seq on are admitted as if the chain started there, records below
+//!   it keep waiting and are never delivered.
+//!
+//! # Pruning
+//!
+//! Records of images delivered to every target longer than
+//! `[retention] keep_delivered_hours` ago leave the tree, beyond the newest
+//! `[ledger] keep_records` of each chain, from the chain's start upward
+//! only ([`HeldChains::prune`]). The last one pruned stays as the chain's
+//! checkpoint (seq and hash): the record after it is still checked against
+//! its hash, gaps are counted from it, `ledger verify` walks from it, and
+//! the report carries it (everything up to it was delivered). A record at
+//! or below the checkpoint seen again is not admitted again
+//! ([`Admission::Pruned`]): its image was delivered.
 //!
 //! # Gaps
 //!
@@ -48,6 +66,7 @@
 //! | `ledger_waiting` | chain + seq + image id | first seen, ms (JSON) |
 //! | `ledger_refused` | image id | [`RefusedRecord`] (JSON) |
 //! | `ledger_meta` | `announced` | [`Announcements`] (JSON) |
+//! | `ledger_chain_starts` | chain, big-endian | [`ChainStart`] (JSON) |
 //!
 //! Records, refusals and completions are written before the image
 //! ledger's commit points (`rx.ledger.object-recorded`,
@@ -62,7 +81,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use weir_proto::ledger::report::RefusedRecord;
-use weir_proto::ledger::{check_links, missing, Announced, Announcements, Gap};
+use weir_proto::ledger::{check_links, missing, Announced, Announcements, Checkpoint, Gap};
 use weir_proto::{ChainId, ChainRecord, LedgerHead, ObjectId, RecordHash, TransferManifest};
 
 use crate::state::{StateDb, StateError};
@@ -71,6 +90,7 @@ const RECORDS_TREE: &str = "ledger_records";
 const WAITING_TREE: &str = "ledger_waiting";
 const REFUSED_TREE: &str = "ledger_refused";
 const META_TREE: &str = "ledger_meta";
+const STARTS_TREE: &str = "ledger_chain_starts";
 const ANNOUNCED_KEY: &str = "announced";
 /// Most records waiting for their chain's first record: a sender holding
 /// the key could otherwise fill the database with chains that never start.
@@ -97,6 +117,53 @@ pub struct StoredRecord {
     pub complete_at_ms: Option<u64>,
 }
 
+/// Where this receiver's hold of a chain starts when that is not the
+/// chain's record 1 held here: the operator accepted it mid-way, or records
+/// were pruned.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainStart {
+    /// `gateway-rx ledger accept`: records from this seq on are admitted
+    /// without the chain's first record; the ones below it never are.
+    pub accepted_from: Option<u64>,
+    pub accepted_at_ms: Option<u64>,
+    /// The last record pruned (see the module doc).
+    pub checkpoint: Option<Checkpoint>,
+}
+
+impl ChainStart {
+    /// Every record of the chain up to this seq is accounted for without
+    /// being held: pruned after delivery, or below an operator's acceptance.
+    pub fn floor(&self) -> u64 {
+        match (&self.checkpoint, self.accepted_from) {
+            (Some(c), _) => c.seq,
+            (None, Some(from)) => from.saturating_sub(1),
+            (None, None) => 0,
+        }
+    }
+}
+
+/// A chain whose records wait for its first record, as status shows it:
+/// what `gateway-rx ledger accept` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingChain {
+    pub chain: ChainId,
+    /// The lowest seq of the records waiting.
+    pub lowest_seq: u64,
+    /// Images waiting.
+    pub images: u64,
+}
+
+/// Why `ledger accept` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("seq 0: a chain starts at 1")]
+    SeqZero,
+    #[error("chain {chain} is already accepted {how}; records of it are admitted as they come")]
+    AlreadyAccepted { chain: ChainId, how: String },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
 /// The outcome of admitting a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
@@ -107,8 +174,11 @@ pub enum Admission {
         position: ChainPosition,
         released: Vec<(ObjectId, u64)>,
     },
-    /// Its chain is unknown here: it waits for the chain's record 1.
+    /// Its chain is unknown here: it waits for the chain's record 1 (or,
+    /// below an operator's acceptance, for ever).
     Waiting,
+    /// At or below the chain's checkpoint: delivered and pruned before.
+    Pruned,
     /// Refused; `new` is false when this image was refused before.
     Refused { reason: String, new: bool },
 }
@@ -134,6 +204,8 @@ pub struct LedgerView {
     pub records_refused: u64,
     /// Records waiting for their chain's first record.
     pub waiting_for_first_record: u64,
+    /// The chains those records belong to (what `ledger accept` takes).
+    pub waiting_chains: Vec<WaitingChain>,
     /// The sender's head names a hash other than the record held at its
     /// seq (this seq).
     pub head_conflict: Option<u64>,
@@ -175,6 +247,15 @@ impl LedgerView {
                 format!(" ({})", also.join(", "))
             }
         );
+        for w in &self.waiting_chains {
+            let _ = writeln!(
+                out,
+                "image ledger: chain {} is unknown here: {} images wait for its first record, \
+                 lowest seq {} (if that record will never come: gateway-rx ledger accept \
+                 --chain {} --from {}, gateway stopped)",
+                w.chain, w.images, w.lowest_seq, w.chain, w.lowest_seq
+            );
+        }
         if let Some(seq) = self.head_conflict {
             let _ = writeln!(
                 out,
@@ -225,6 +306,7 @@ pub struct HeldChains {
     waiting: sled::Tree,
     refused: sled::Tree,
     meta: sled::Tree,
+    starts: sled::Tree,
     followed: Mutex<Followed>,
     /// Bumped on every change, so views are rebuilt only when needed.
     changes: AtomicU64,
@@ -266,6 +348,7 @@ impl HeldChains {
             db: db.clone(),
             records: db.tree(RECORDS_TREE)?,
             refused: db.tree(REFUSED_TREE)?,
+            starts: db.tree(STARTS_TREE)?,
             meta,
             followed: Mutex::new(Followed {
                 announced,
@@ -320,6 +403,169 @@ impl HeldChains {
             .map_err(|e| self.db.sled_error(e))
     }
 
+    /// Where this receiver's hold of `chain` starts, when not at a record 1.
+    pub fn start_of(&self, chain: ChainId) -> Result<Option<ChainStart>, StateError> {
+        match self
+            .starts
+            .get(chain.0.to_be_bytes())
+            .map_err(|e| self.db.sled_error(e))?
+        {
+            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(|e| {
+                self.db.corrupt(format!("ledger_chain_starts/{chain}"), e)
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_start(&self, chain: ChainId, start: &ChainStart) -> Result<(), StateError> {
+        let value = serde_json::to_vec(start)
+            .map_err(|e| self.db.corrupt(format!("ledger_chain_starts/{chain}"), e))?;
+        self.starts
+            .insert(chain.0.to_be_bytes(), value)
+            .map_err(|e| self.db.sled_error(e))?;
+        self.changed();
+        Ok(())
+    }
+
+    /// Every chain start recorded, by chain.
+    pub fn starts(&self) -> Result<Vec<(ChainId, ChainStart)>, StateError> {
+        let mut out = Vec::new();
+        for item in self.starts.iter() {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            let Some(chain) = chain_of(&k) else { continue };
+            out.push((
+                chain,
+                serde_json::from_slice(&v)
+                    .map_err(|e| self.db.corrupt(format!("ledger_chain_starts/{chain}"), e))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The operator's word that `chain` is trusted from record `from` on
+    /// (its first record will never come here): records from `from` on
+    /// are admitted as they come (the images waiting now, at the next
+    /// start), records below it never. Not durable until the caller's
+    /// commit.
+    pub fn accept_from(
+        &self,
+        chain: ChainId,
+        from: u64,
+        now_ms: u64,
+    ) -> Result<ChainStart, AcceptError> {
+        let _followed = self.lock();
+        if from == 0 {
+            return Err(AcceptError::SeqZero);
+        }
+        let mut start = self.start_of(chain)?.unwrap_or_default();
+        if self.known(chain)? {
+            return Err(AcceptError::AlreadyAccepted {
+                chain,
+                how: "with its first record".into(),
+            });
+        }
+        // Lowering an acceptance is allowed (more records admitted); a
+        // checkpoint means records were delivered, and lower ones are gone
+        // from the sender long ago.
+        if let Some(c) = &start.checkpoint {
+            return Err(AcceptError::AlreadyAccepted {
+                chain,
+                how: format!("and delivered up to seq {}", c.seq),
+            });
+        }
+        if let Some(was) = start.accepted_from {
+            if was <= from {
+                return Err(AcceptError::AlreadyAccepted {
+                    chain,
+                    how: format!("from seq {was}"),
+                });
+            }
+        }
+        start.accepted_from = Some(from);
+        start.accepted_at_ms = Some(now_ms);
+        self.put_start(chain, &start)?;
+        Ok(start)
+    }
+
+    /// Chains whose records wait for their first record: the lowest seq
+    /// waiting and how many images.
+    pub fn waiting_chains(&self) -> Result<Vec<WaitingChain>, StateError> {
+        let mut out: Vec<WaitingChain> = Vec::new();
+        for item in self.waiting.iter() {
+            let (k, _) = item.map_err(|e| self.db.sled_error(e))?;
+            let (Some(chain), Some(seq)) = (chain_of(&k), seq_of(&k)) else {
+                continue;
+            };
+            match out.last_mut() {
+                // Keys sort by chain, then seq: the first of a chain is its lowest.
+                Some(w) if w.chain == chain => w.images += 1,
+                _ => out.push(WaitingChain {
+                    chain,
+                    lowest_seq: seq,
+                    images: 1,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Prunes, from each chain's start upward, the records whose image
+    /// `delivered_long_ago` says was delivered to every target long
+    /// enough ago, keeping the newest `keep_records` held of each chain;
+    /// the last one pruned becomes the chain's checkpoint. Returns, per
+    /// chain pruned, the records pruned and the new checkpoint. Not durable
+    /// until the caller's commit.
+    pub fn prune(
+        &self,
+        keep_records: u64,
+        delivered_long_ago: impl Fn(&StoredRecord) -> bool,
+        now_ms: u64,
+    ) -> Result<Vec<(ChainId, u64, Checkpoint)>, StateError> {
+        let _followed = self.lock();
+        let mut chains: Vec<(ChainId, u64)> = Vec::new();
+        for item in self.records.iter().keys() {
+            let k = item.map_err(|e| self.db.sled_error(e))?;
+            let Some(chain) = chain_of(&k) else { continue };
+            match chains.last_mut() {
+                Some((c, n)) if *c == chain => *n += 1,
+                _ => chains.push((chain, 1)),
+            }
+        }
+        let mut out = Vec::new();
+        for (chain, held) in chains {
+            let prunable = held.saturating_sub(keep_records);
+            if prunable == 0 {
+                continue;
+            }
+            let mut start = self.start_of(chain)?.unwrap_or_default();
+            let mut next = start.floor().saturating_add(1);
+            let mut pruned = 0;
+            while pruned < prunable {
+                let Some(r) = self.get(chain, next)? else {
+                    break;
+                };
+                if r.complete_at_ms.is_none() || !delivered_long_ago(&r) {
+                    break;
+                }
+                self.records
+                    .remove(record_key(chain, next))
+                    .map_err(|e| self.db.sled_error(e))?;
+                start.checkpoint = Some(Checkpoint {
+                    seq: next,
+                    hash: r.hash,
+                    at_ms: now_ms,
+                });
+                pruned += 1;
+                next = next.saturating_add(1);
+            }
+            if let (true, Some(checkpoint)) = (pruned > 0, start.checkpoint) {
+                self.put_start(chain, &start)?;
+                out.push((chain, pruned, checkpoint));
+            }
+        }
+        Ok(out)
+    }
+
     /// Admits the record `tm` carries, which came in image object `image`
     /// (see the module doc for the rules).
     pub fn admit(
@@ -369,8 +615,30 @@ impl HeldChains {
                 released: Vec::new(),
             });
         }
+        let start = self.start_of(record.chain)?;
+        if let Some(checkpoint) = start.as_ref().and_then(|s| s.checkpoint) {
+            if record.seq == checkpoint.seq && hash != checkpoint.hash {
+                let reason = weir_proto::ledger::ChainBreak::Conflict {
+                    chain: record.chain,
+                    seq: record.seq,
+                };
+                return self.refuse(record, hash, &image, reason.to_string(), now_ms);
+            }
+            let below_acceptance = start
+                .as_ref()
+                .and_then(|s| s.accepted_from)
+                .is_some_and(|from| record.seq < from);
+            if record.seq <= checkpoint.seq && !below_acceptance {
+                return Ok(Admission::Pruned);
+            }
+        }
         let genesis = record.seq == 1;
-        if !genesis && !self.known(record.chain)? {
+        let below_acceptance = start
+            .as_ref()
+            .and_then(|s| s.accepted_from)
+            .is_some_and(|from| record.seq < from);
+        let known = start.is_some() || self.known(record.chain)?;
+        if below_acceptance || (!genesis && !known) {
             if followed.waiting >= MAX_WAITING {
                 let reason = format!(
                     "chain {} is unknown here and {MAX_WAITING} records already wait for their \
@@ -391,9 +659,13 @@ impl HeldChains {
             }
             return Ok(Admission::Waiting);
         }
+        let checkpoint = start.as_ref().and_then(|s| s.checkpoint);
         let before = match record.seq {
             1 => None,
-            seq => self.get(record.chain, seq - 1)?.map(|r| r.hash),
+            seq => match checkpoint {
+                Some(c) if c.seq == seq - 1 => Some(c.hash),
+                _ => self.get(record.chain, seq - 1)?.map(|r| r.hash),
+            },
         };
         let after_prev = self
             .get(record.chain, record.seq.saturating_add(1))?
@@ -500,7 +772,14 @@ impl HeldChains {
 
     /// Every seq up to the returned one of `chain` completed.
     fn contiguous(&self, chain: ChainId, followed: &mut Followed) -> Result<u64, StateError> {
-        let mut c = followed.contiguous.get(&chain).copied().unwrap_or(0);
+        // Below the floor nothing is held, and nothing is owed.
+        let floor = self.start_of(chain)?.map_or(0, |s| s.floor());
+        let mut c = followed
+            .contiguous
+            .get(&chain)
+            .copied()
+            .unwrap_or(0)
+            .max(floor);
         let start = record_key(chain, c.saturating_add(1));
         let end = record_key(chain, u64::MAX);
         for item in self.records.range(start..=end) {
@@ -607,6 +886,11 @@ impl HeldChains {
             gap_alert_hours: alert_hours,
             highest_contiguous: contiguous,
             waiting_for_first_record: waiting as u64,
+            waiting_chains: if waiting > 0 {
+                self.waiting_chains()?
+            } else {
+                Vec::new()
+            },
             records_refused: self.refused.len() as u64,
             ..LedgerView::default()
         };
@@ -616,10 +900,16 @@ impl HeldChains {
         view.chain = Some(head.chain);
         view.head_announced = head.seq;
         if head.seq > 0 {
-            if let Some(held) = self.get(head.chain, head.seq)? {
-                if held.hash != head.hash {
-                    view.head_conflict = Some(head.seq);
-                }
+            let held = match self.get(head.chain, head.seq)? {
+                Some(r) => Some(r.hash),
+                None => self
+                    .start_of(head.chain)?
+                    .and_then(|s| s.checkpoint)
+                    .filter(|c| c.seq == head.seq)
+                    .map(|c| c.hash),
+            };
+            if held.is_some_and(|h| h != head.hash) {
+                view.head_conflict = Some(head.seq);
             }
         }
         let done = self.completed_between(head.chain, contiguous.saturating_add(1), head.seq)?;
@@ -914,5 +1204,161 @@ mod tests {
         );
         assert_eq!(v.gaps[0].since_ms, 7);
         assert_eq!(chains.all().unwrap().len(), 2);
+    }
+
+    /// Admits and completes `tms` in order.
+    fn complete_all(r: &Rig, tms: &[TransferManifest]) {
+        for tm in tms {
+            let Admission::Held { position, .. } = admit(r, tm) else {
+                panic!("not held: seq {}", tm.ledger.seq)
+            };
+            r.chains.complete(&position, &id(tm), 100).unwrap();
+        }
+    }
+
+    #[test]
+    fn delivered_records_are_pruned_to_a_checkpoint_that_still_checks_the_chain() {
+        let r = rig();
+        let c = chain(6);
+        complete_all(&r, &c[..4]);
+        r.chains.announce(&head_of(&c[5]), 0).unwrap();
+        // Image 3 not delivered long enough: the prune stops before it, and
+        // the newest 2 records are kept whatever their age.
+        let not_yet = id(&c[2]).digest();
+        let pruned = r
+            .chains
+            .prune(2, |held| held.image != not_yet, 500)
+            .unwrap();
+        assert_eq!(pruned.len(), 1);
+        let (chain, count, checkpoint) = pruned[0];
+        assert_eq!((chain, count), (ChainId(0x5eed), 2));
+        assert_eq!(checkpoint.seq, 2);
+        assert_eq!(checkpoint.hash, c[1].ledger.hash());
+        assert!(r.chains.get(chain, 1).unwrap().is_none());
+        assert!(r.chains.get(chain, 3).unwrap().is_some());
+        // Gaps count from the checkpoint: only 5 and 6 are missing.
+        let v = r.chains.view(7 * 3_600_000, 6.0).unwrap();
+        assert_eq!((v.highest_contiguous, v.missing), (4, 2), "{v:?}");
+        assert_eq!(v.gaps[0].from, 5);
+        // Now everything delivered, keeping the newest 1: 3 goes, 4 stays.
+        let pruned = r.chains.prune(1, |_| true, 600).unwrap();
+        assert_eq!((pruned[0].1, pruned[0].2.seq), (1, 3));
+        // A pruned record seen again is not admitted again (nor is anything
+        // claiming a seq below the checkpoint); one claiming the
+        // checkpoint's seq with another hash is refused.
+        assert_eq!(admit(&r, &c[0]), Admission::Pruned);
+        let mut forged = sample_image("evil/app", &["1"], 1, 100)
+            .following(&c[0].ledger.head())
+            .tm;
+        assert_eq!(admit(&r, &forged), Admission::Pruned);
+        forged = sample_image("evil/app", &["2"], 1, 100)
+            .following(&c[1].ledger.head())
+            .tm;
+        forged.ledger.seq = 3;
+        assert!(matches!(
+            admit(&r, &forged),
+            Admission::Refused { new: true, .. }
+        ));
+        // Record 5 still has to follow the records held; 5 and 6 complete.
+        complete_all(&r, &c[4..]);
+        let v = r.chains.view(7 * 3_600_000, 6.0).unwrap();
+        assert_eq!((v.highest_contiguous, v.missing), (6, 0));
+        // The report carries the checkpoint and the records kept.
+        let report = report::build(&r.chains, &[]).unwrap();
+        assert_eq!(report.chains[0].checkpoint.map(|c| c.seq), Some(3));
+        assert_eq!(report.chains[0].records.len(), 3);
+        assert!(report.chains[0].pruned_delivered(2));
+        assert!(!report.chains[0].pruned_delivered(4));
+    }
+
+    #[test]
+    fn a_pruned_chain_verifies_from_its_checkpoint_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = chain(4);
+        {
+            let db = StateDb::open(&dir.path().join("db")).unwrap();
+            let r = Rig {
+                chains: HeldChains::open(&db).unwrap(),
+                _dir: tempfile::tempdir().unwrap(),
+            };
+            complete_all(&r, &c);
+            r.chains.prune(1, |_| true, 1).unwrap();
+            db.commit("test").unwrap();
+        }
+        let db = StateDb::open(&dir.path().join("db")).unwrap();
+        let chains = HeldChains::open(&db).unwrap();
+        let report = report::build(&chains, &[]).unwrap();
+        let held = &report.chains[0];
+        let checkpoint = held.checkpoint.expect("checkpoint kept");
+        assert_eq!(checkpoint.seq, 3);
+        let mut walk = weir_proto::ledger::ChainWalk::after(held.chain, false, &checkpoint);
+        for r in &held.records {
+            walk.step(r.record.seq, &r.record, Some(r.hash)).unwrap();
+        }
+        assert_eq!(walk.count(), 1);
+        // The contiguous count starts at the checkpoint after a reopen.
+        assert_eq!(chains.highest_contiguous(held.chain).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_chain_accepted_mid_way_admits_records_from_that_seq_only() {
+        let r = rig();
+        let c = chain(5);
+        // This receiver lost its state: records 3 and 4 come, 1 never will.
+        assert_eq!(admit(&r, &c[3]), Admission::Waiting);
+        assert_eq!(admit(&r, &c[2]), Admission::Waiting);
+        assert_eq!(
+            r.chains.waiting_chains().unwrap(),
+            vec![WaitingChain {
+                chain: ChainId(0x5eed),
+                lowest_seq: 3,
+                images: 2
+            }]
+        );
+        let v = r.chains.view(0, 6.0).unwrap();
+        assert_eq!(v.waiting_chains.len(), 1);
+        let mut text = String::new();
+        r.chains.announce(&head_of(&c[4]), 0).unwrap();
+        r.chains.view(0, 6.0).unwrap().render(&mut text, 0);
+        assert!(
+            text.contains("ledger accept --chain 0000000000005eed --from 3"),
+            "{text}"
+        );
+
+        assert!(matches!(
+            r.chains.accept_from(ChainId(0x5eed), 0, 1),
+            Err(AcceptError::SeqZero)
+        ));
+        let start = r.chains.accept_from(ChainId(0x5eed), 4, 1).unwrap();
+        assert_eq!(start.accepted_from, Some(4));
+        // Raising it is refused; lowering it is allowed.
+        assert!(matches!(
+            r.chains.accept_from(ChainId(0x5eed), 5, 2),
+            Err(AcceptError::AlreadyAccepted { .. })
+        ));
+        r.chains.accept_from(ChainId(0x5eed), 3, 2).unwrap();
+        // Record 2 (below the acceptance) still waits; 3.. are admitted.
+        assert_eq!(admit(&r, &c[1]), Admission::Waiting);
+        complete_all(&r, &c[2..]);
+        let v = r.chains.view(7 * 3_600_000, 6.0).unwrap();
+        assert_eq!((v.highest_contiguous, v.missing), (5, 0), "{v:?}");
+        // The records waited on were admitted; 2 still waits.
+        assert_eq!(
+            r.chains.waiting_chains().unwrap(),
+            vec![WaitingChain {
+                chain: ChainId(0x5eed),
+                lowest_seq: 2,
+                images: 1
+            }]
+        );
+        // A chain with its first record held needs no acceptance.
+        let other = rig();
+        assert!(held(&admit(&other, &c[0])));
+        assert!(matches!(
+            other.chains.accept_from(ChainId(0x5eed), 3, 1),
+            Err(AcceptError::AlreadyAccepted { .. })
+        ));
+        let report = report::build(&r.chains, &[]).unwrap();
+        assert_eq!(report.chains[0].accepted_from, Some(3));
     }
 }

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use weir_proto::ledger::report::{
     AnnouncedChain, DeliveryOutcome, HeldChain, HeldRecord, LedgerReport, REPORT_FORMAT,
 };
-use weir_proto::ledger::{BadRecord, ChainWalk};
-use weir_proto::ChainId;
+use weir_proto::ledger::{BadRecord, ChainWalk, Checkpoint};
+use weir_proto::{ChainId, ChainRecord, RecordHash};
 
-use super::HeldChains;
+use super::{ChainStart, HeldChains};
 use crate::config::RxConfig;
 use crate::delivery::{DeliveryJob, DeliveryQueue};
 use crate::gateway::db_dir;
@@ -40,15 +40,22 @@ pub fn build(chains: &HeldChains, jobs: &[DeliveryJob]) -> Result<LedgerReport, 
                 last_error: v.last_error,
             });
     }
+    let starts: HashMap<ChainId, ChainStart> = chains.starts()?.into_iter().collect();
+    let held_chain = |chain: ChainId| -> Result<HeldChain, StateError> {
+        let start = starts.get(&chain);
+        Ok(HeldChain {
+            chain,
+            highest_contiguous: chains.highest_contiguous(chain)?,
+            accepted_from: start.and_then(|s| s.accepted_from),
+            checkpoint: start.and_then(|s| s.checkpoint),
+            records: Vec::new(),
+        })
+    };
     let mut held: Vec<HeldChain> = Vec::new();
     for r in chains.all()? {
         let chain = r.record.chain;
         if held.last().is_none_or(|c| c.chain != chain) {
-            held.push(HeldChain {
-                chain,
-                highest_contiguous: chains.highest_contiguous(chain)?,
-                records: Vec::new(),
-            });
+            held.push(held_chain(chain)?);
         }
         let outcomes = deliveries
             .get(r.image.as_str())
@@ -64,6 +71,13 @@ pub fn build(chains: &HeldChains, jobs: &[DeliveryJob]) -> Result<LedgerReport, 
             });
         }
     }
+    // A chain pruned whole, or accepted with nothing admitted yet.
+    for chain in starts.keys() {
+        if !held.iter().any(|c| c.chain == *chain) {
+            held.push(held_chain(*chain)?);
+        }
+    }
+    held.sort_by_key(|c| c.chain);
     Ok(LedgerReport {
         format: REPORT_FORMAT.into(),
         written_at_ms: now_ms(),
@@ -195,49 +209,65 @@ pub struct Verified {
 /// its link to the record held just before it (holes are allowed: images
 /// still to come).
 pub fn verify(config: &RxConfig) -> anyhow::Result<Verified> {
-    let (stored, from) = match StateDb::open_now(&db_dir(config)) {
+    // Per chain: its checkpoint, and each record with the seq it is stored under.
+    type Held = (
+        ChainId,
+        Option<Checkpoint>,
+        Vec<(u64, ChainRecord, RecordHash)>,
+    );
+    let (held, from): (Vec<Held>, ReadFrom) = match StateDb::open_now(&db_dir(config)) {
         Ok(db) => {
             let chains = HeldChains::open(&db)?;
-            let stored = chains
-                .stored()?
-                .into_iter()
-                .map(|(at, r)| (at.chain, at.seq, r.record, r.hash))
-                .collect::<Vec<_>>();
-            (stored, ReadFrom::Database)
+            let starts: HashMap<ChainId, ChainStart> = chains.starts()?.into_iter().collect();
+            let mut held: Vec<Held> = Vec::new();
+            for (at, r) in chains.stored()? {
+                if held.last().is_none_or(|(c, _, _)| *c != at.chain) {
+                    let checkpoint = starts.get(&at.chain).and_then(|s| s.checkpoint);
+                    held.push((at.chain, checkpoint, Vec::new()));
+                }
+                if let Some((_, _, records)) = held.last_mut() {
+                    records.push((at.seq, r.record, r.hash));
+                }
+            }
+            (held, ReadFrom::Database)
         }
         Err(StateError::Locked { .. }) => {
             let (report, from) = current(config)?;
-            let stored = report
+            let held = report
                 .chains
                 .into_iter()
-                .flat_map(|c| {
-                    let chain = c.chain;
-                    c.records
+                .map(|c| {
+                    let records = c
+                        .records
                         .into_iter()
-                        .map(move |r| (chain, r.record.seq, r.record, r.hash))
+                        .map(|r| (r.record.seq, r.record, r.hash))
+                        .collect();
+                    (c.chain, c.checkpoint, records)
                 })
                 .collect();
-            (stored, from)
+            (held, from)
         }
         Err(e) => return Err(e.into()),
     };
     let mut chains: Vec<(ChainId, u64)> = Vec::new();
-    let mut walk: Option<ChainWalk> = None;
-    for (chain, seq, record, hash) in stored {
-        if chains.last().is_none_or(|(c, _)| *c != chain) {
-            chains.push((chain, 0));
-            walk = Some(ChainWalk::new(chain, false));
-        }
-        let Some(w) = walk.as_mut() else { continue };
-        if let Err(bad) = w.step(seq, &record, Some(hash)) {
-            return Ok(Verified {
-                from,
-                chains,
-                bad: Some((chain, bad)),
-            });
+    for (chain, checkpoint, records) in held {
+        // Records pruned up to the checkpoint: the walk starts from its hash.
+        let mut walk = match &checkpoint {
+            Some(c) => ChainWalk::after(chain, false, c),
+            None => ChainWalk::new(chain, false),
+        };
+        chains.push((chain, 0));
+        for (seq, record, hash) in records {
+            if let Err(bad) = walk.step(seq, &record, Some(hash)) {
+                return Ok(Verified {
+                    from,
+                    chains,
+                    bad: Some((chain, bad)),
+                });
+            }
         }
         if let Some(last) = chains.last_mut() {
-            last.1 = w.count();
+            last.1 = walk.count();
         }
     }
     Ok(Verified {

@@ -6,6 +6,7 @@
 use anyhow::Context;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use weir_host::config::MetricsConfig;
 use weir_host::reload::Reloadable;
 use weir_host::stages::Stages;
 use weir_host::{Console, Leds, Shutdown};
@@ -362,12 +363,13 @@ pub fn start_reporting(
     config: &RxConfig,
     reporter: &Arc<Reporter>,
     keys: Arc<Reloadable<KeyRing>>,
+    metrics_listen: &Arc<Reloadable<Option<MetricsConfig>>>,
     deliveries: Arc<DeliveryStats>,
     webhook: WebhookSwitch,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Reporting> {
     let mut stages = Stages::new(shutdown);
-    serve_metrics(config, reporter, deliveries, &mut stages)?;
+    serve_metrics(config, metrics_listen, reporter, deliveries, &mut stages)?;
     stages.spawn("rx-status", {
         let reporter = reporter.clone();
         move |s| {
@@ -436,19 +438,20 @@ pub fn start_console(
 }
 
 /// Binds the metrics endpoint, if `[metrics]` is configured, and serves it
-/// among `stages` until shutdown. A port that cannot be bound is an error.
+/// among `stages` until shutdown, following `listen` as reloads set it (on,
+/// off, another address). A port that cannot be bound at start is an error.
 pub fn serve_metrics(
     config: &RxConfig,
+    listen: &Arc<Reloadable<Option<MetricsConfig>>>,
     reporter: &Arc<Reporter>,
     deliveries: Arc<DeliveryStats>,
     stages: &mut Stages,
 ) -> anyhow::Result<()> {
-    let Some(endpoint) = weir_host::metrics::bind_configured(config.metrics.as_ref())? else {
-        return Ok(());
-    };
+    let endpoint = weir_host::metrics::bind_configured(config.metrics.as_ref())?;
     let metrics = crate::metrics::RxMetrics::new(config, reporter.clone(), deliveries);
+    let listen = listen.reader();
     stages.spawn("rx-metrics", move |s| {
-        endpoint.serve(s, || metrics.render());
+        weir_host::metrics::serve_following(endpoint, listen, s, || metrics.render());
         Ok(())
     })
 }

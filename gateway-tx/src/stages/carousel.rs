@@ -69,6 +69,8 @@ pub struct CarouselSettings {
     pub frame_overhead: u32,
     pub datagram_size: usize,
     pub fingerprint: u64,
+    /// `[ledger] keep_records`.
+    pub ledger_keep_records: u64,
 }
 
 impl CarouselSettings {
@@ -84,6 +86,7 @@ impl CarouselSettings {
             frame_overhead: pacing.frame_overhead,
             datagram_size: c.link.datagram_size,
             fingerprint: c.fingerprint(key),
+            ledger_keep_records: c.ledger.keep_records,
         })
     }
 }
@@ -1163,6 +1166,15 @@ impl Carousel {
         for id in &expired.objects {
             self.store.remove_progress(id)?;
         }
+        // After the images left: their records may go with them.
+        if let Some((records, checkpoint)) =
+            self.store.prune_ledger(self.settings.ledger_keep_records)?
+        {
+            tracing::info!(records, checkpoint_seq = checkpoint.seq,
+                checkpoint_hash = %checkpoint.hash.short(),
+                "image ledger records of images that left the carousel pruned; the chain is \
+                 checked from its checkpoint on");
+        }
         self.store.commit("tx.carousel.pruned")?;
         let now = std::time::SystemTime::now();
         let is_old = |modified: std::time::SystemTime| {
@@ -1458,6 +1470,7 @@ mod tests {
             frame_overhead: 0,
             datagram_size: 1400,
             fingerprint: 0,
+            ledger_keep_records: 10_000,
         };
         let old = payload(&store, b"old image object", day);
         let shared = payload(&store, b"shared base layer", day);

@@ -20,7 +20,7 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// Time a client has to take each part of the answer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the accept loop looks at the shutdown while nobody connects.
-const ACCEPT_POLL: Duration = Duration::from_millis(100);
+pub(crate) const ACCEPT_POLL: Duration = Duration::from_millis(100);
 /// After refusing a request, how long what the client still sends is read
 /// and dropped, and how much of it.
 const LINGER: Duration = Duration::from_millis(250);
@@ -45,6 +45,8 @@ pub enum MetricsError {
 #[derive(Debug)]
 pub struct MetricsEndpoint {
     listener: TcpListener,
+    /// The address asked for (`[metrics] listen`).
+    configured: SocketAddr,
     addr: SocketAddr,
 }
 
@@ -55,8 +57,17 @@ impl MetricsEndpoint {
         let listener = TcpListener::bind(addr).map_err(bind_err)?;
         // Non-blocking accepts let the loop notice the shutdown.
         listener.set_nonblocking(true).map_err(bind_err)?;
-        let addr = listener.local_addr().map_err(bind_err)?;
-        Ok(MetricsEndpoint { listener, addr })
+        let bound = listener.local_addr().map_err(bind_err)?;
+        Ok(MetricsEndpoint {
+            listener,
+            configured: addr,
+            addr: bound,
+        })
+    }
+
+    /// The address asked for (port 0 stays 0 here).
+    pub fn configured_addr(&self) -> SocketAddr {
+        self.configured
     }
 
     /// The address bound (the port the system chose for port 0).
@@ -69,24 +80,38 @@ impl MetricsEndpoint {
     pub fn serve(self, shutdown: &Shutdown, render: impl Fn() -> String) {
         tracing::info!(address = %self.addr, "metrics endpoint listening (GET {METRICS_PATH})");
         while !shutdown.is_triggered() {
-            match self.listener.accept() {
-                Ok((stream, peer)) => {
-                    if let Err(e) = answer(stream, &render) {
-                        tracing::debug!(peer = %peer, error = %e, "metrics request abandoned");
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    shutdown.sleep(ACCEPT_POLL);
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // Out of descriptors, say: wait rather than spin.
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    shutdown.sleep(ACCEPT_POLL);
-                }
+            if self.accept_one(&render) == Accepted::Nobody {
+                shutdown.sleep(ACCEPT_POLL);
             }
         }
     }
+
+    /// Answers the connection waiting, if one is.
+    pub(crate) fn accept_one(&self, render: &impl Fn() -> String) -> Accepted {
+        match self.listener.accept() {
+            Ok((stream, peer)) => {
+                if let Err(e) = answer(stream, render) {
+                    tracing::debug!(peer = %peer, error = %e, "metrics request abandoned");
+                }
+                Accepted::Answered
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Accepted::Nobody,
+            Err(e) if e.kind() == ErrorKind::Interrupted => Accepted::Answered,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                Accepted::Nobody
+            }
+        }
+    }
+}
+
+/// What one look at the listener found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    Answered,
+    /// Nobody waiting (or accept failed): the caller sleeps a little.
+    Nobody,
 }
 
 /// What the request asks for, as far as the answer depends on it.

@@ -8,6 +8,7 @@
 
 mod endpoint;
 mod exposition;
+mod following;
 
 pub use endpoint::{
     MetricsEndpoint, MetricsError, MAX_REQUEST_BYTES, METRICS_PATH, REQUEST_DEADLINE, WRITE_TIMEOUT,
@@ -16,6 +17,7 @@ pub use exposition::{
     escape_label_value, Exposition, Histogram, HistogramSnapshot, MetricKind, CONTENT_TYPE,
     LATENCY_BUCKETS_SECONDS,
 };
+pub use following::serve_following;
 
 use crate::config::MetricsConfig;
 

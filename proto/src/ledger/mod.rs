@@ -84,6 +84,9 @@ pub const MAX_REPOSITORY_BYTES: usize = 255;
 pub const MAX_TAGS: usize = 256;
 /// Longest tag (the distribution spec's bound).
 pub const MAX_TAG_BYTES: usize = 128;
+/// Records each side keeps of a chain by default before pruning the older
+/// ones it has accounted for (`[ledger] keep_records`).
+pub const DEFAULT_KEEP_RECORDS: u64 = 10_000;
 /// Most remembered announcement steps; older ones merge (see
 /// [`Announcements::observe`]).
 pub const MAX_ANNOUNCEMENT_STEPS: usize = 4096;
@@ -610,6 +613,18 @@ pub fn missing(
     out
 }
 
+/// The last record pruned from a chain: every record up to `seq` was
+/// accounted for (delivered, on the receiver; its image's passes done, on
+/// the sender) and is no longer stored. `hash` is record `seq`'s, so the
+/// record after it is still checked against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub hash: RecordHash,
+    /// Milliseconds since the Unix epoch, when it was last moved.
+    pub at_ms: u64,
+}
+
 /// The first bad record of a stored chain, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("record {seq}: {why}")]
@@ -634,6 +649,18 @@ impl ChainWalk {
             chain,
             contiguous,
             last: None,
+            count: 0,
+        }
+    }
+
+    /// A walk of a chain whose records up to `checkpoint` were pruned: the
+    /// first record stored must come after it (and, at its next seq, name
+    /// its hash as `prev`).
+    pub fn after(chain: ChainId, contiguous: bool, checkpoint: &Checkpoint) -> ChainWalk {
+        ChainWalk {
+            chain,
+            contiguous,
+            last: Some((checkpoint.seq, checkpoint.hash)),
             count: 0,
         }
     }
@@ -931,5 +958,32 @@ pub(crate) mod tests {
         let mut walk = ChainWalk::new(ChainId(9), true);
         walk.step(1, &c[0], None).unwrap();
         assert!(walk.step(3, &c[2], None).is_err());
+    }
+
+    #[test]
+    fn a_walk_after_a_checkpoint_starts_from_its_hash() {
+        let c = chain_of(9, 4);
+        let checkpoint = Checkpoint {
+            seq: 2,
+            hash: c[1].hash(),
+            at_ms: 0,
+        };
+        let mut walk = ChainWalk::after(ChainId(9), true, &checkpoint);
+        walk.step(3, &c[2], None).unwrap();
+        walk.step(4, &c[3], None).unwrap();
+        assert_eq!(walk.count(), 2);
+        // A record at or below the checkpoint, or a hole after it, is bad.
+        let mut walk = ChainWalk::after(ChainId(9), true, &checkpoint);
+        assert!(walk.step(2, &c[1], None).is_err());
+        let mut walk = ChainWalk::after(ChainId(9), true, &checkpoint);
+        assert!(walk.step(4, &c[3], None).is_err());
+        // A checkpoint whose hash is not record 2's: record 3 does not follow.
+        let wrong = Checkpoint {
+            hash: c[0].hash(),
+            ..checkpoint
+        };
+        let mut walk = ChainWalk::after(ChainId(9), false, &wrong);
+        let err = walk.step(3, &c[2], None).unwrap_err();
+        assert!(err.why.contains("prev"), "{err}");
     }
 }

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ChainId, ChainRecord, Gap, RecordHash};
+use super::{ChainId, ChainRecord, Checkpoint, Gap, RecordHash};
 use crate::auth::Key;
 use hmac::Mac;
 
@@ -54,7 +54,24 @@ pub struct AnnouncedChain {
 pub struct HeldChain {
     pub chain: ChainId,
     pub highest_contiguous: u64,
+    /// The operator accepted this chain from this seq (its first record
+    /// never came): the records below it were never admitted here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_from: Option<u64>,
+    /// Every record from the chain's start here (1, or `accepted_from`) up
+    /// to this one was complete, delivered to every target, and pruned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
     pub records: Vec<HeldRecord>,
+}
+
+impl HeldChain {
+    /// Whether record `seq` was delivered and pruned (the checkpoint
+    /// covers it).
+    pub fn pruned_delivered(&self, seq: u64) -> bool {
+        self.checkpoint.is_some_and(|c| seq <= c.seq)
+            && self.accepted_from.is_none_or(|from| seq >= from)
+    }
 }
 
 /// One record held, what became of its image, and where it was delivered.
@@ -183,6 +200,8 @@ mod tests {
             chains: vec![HeldChain {
                 chain: ChainId(5),
                 highest_contiguous: 2,
+                accepted_from: None,
+                checkpoint: None,
                 records: records
                     .iter()
                     .map(|r| HeldRecord {
