@@ -85,6 +85,8 @@ pub struct Plan {
     pub passes: u32,
     /// FEC data and parity shards per block.
     pub fec: (u16, u16),
+    /// Datagram size of both sides; None: the site's 1400 bytes.
+    pub datagram: Option<usize>,
     /// Faults between the sides; None: gateway-tx sends straight to gateway-rx.
     pub link: Option<LinkFaults>,
     pub target: Target,
@@ -144,7 +146,7 @@ fn fail_with_logs(what: &str, gws: &mut [&mut Gateway]) -> anyhow::Error {
 
 /// Drops the image as a hard link (4 GiB images: no copy), renamed into
 /// place; falls back to a copy across file systems.
-fn drop_linked(spool: &Path, image: &Path, name: &str) -> Result<()> {
+pub fn drop_linked(spool: &Path, image: &Path, name: &str) -> Result<()> {
     let partial = spool.join(format!("{name}.partial"));
     if std::fs::hard_link(image, &partial).is_err() {
         std::fs::copy(image, &partial)
@@ -173,6 +175,40 @@ fn log_contains(log: &Path, offset: &mut u64, needle: &str) -> bool {
     String::from_utf8_lossy(&buf).contains(needle)
 }
 
+/// Sets `datagram_size` in the `[link]` table of a gateway's config as
+/// `pair::Site` wrote it (tx.toml has the key, rx.toml takes the default).
+pub fn set_datagram_size(config: &Path, bytes: usize) -> Result<()> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut in_link = false;
+    let mut set = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            if in_link && !set {
+                out.push_str(&format!("datagram_size = {bytes}\n"));
+                set = true;
+            }
+            in_link = t == "[link]";
+        } else if in_link && t.starts_with("datagram_size") {
+            out.push_str(&format!("datagram_size = {bytes}\n"));
+            set = true;
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if in_link && !set {
+        out.push_str(&format!("datagram_size = {bytes}\n"));
+        set = true;
+    }
+    if !set {
+        bail!("{} has no [link] table", config.display());
+    }
+    std::fs::write(config, out).with_context(|| format!("writing {}", config.display()))
+}
+
 pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
     let opts = SiteOptions {
         rate_bps: plan.rate_bps,
@@ -186,6 +222,9 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
         rx_extra: String::new(),
     };
     let site = Site::new(plan.target, &opts).context("laying out the site")?;
+    if let Some(d) = plan.datagram {
+        set_datagram_size(&site.rx_config, d)?;
+    }
     let mut rx = site.start_rx()?;
     let ready = |site: &Site| {
         gateway_rx::status::StatusReport::read(&site.rx_state)
@@ -217,6 +256,9 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
         .map(|d| d.local_addr())
         .unwrap_or(site.rx_addr);
     site.write_tx_config(peer, &opts)?;
+    if let Some(d) = plan.datagram {
+        set_datagram_size(&site.tx_config, d)?;
+    }
     let mut tx = site.start_tx()?;
     let t = Instant::now();
     while site.tx_status().is_none() {

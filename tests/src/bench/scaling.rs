@@ -1,0 +1,582 @@
+//! Each gateway alone, pinned with `taskset` to one core and to two, to
+//! see how it scales and what it costs per GiB:
+//!
+//! - **sender alone**: gateway-tx sends one pass of the image, unpaced, into
+//!   a UDP sink in the bench that only counts datagrams and bytes. Timed
+//!   from acceptance (the drop moved to `spool/done/`, as in the crossing)
+//!   to the last datagram of the pass (the sink's clock: the last datagram
+//!   that arrived within 20 ms of the one before, so the idle heartbeats
+//!   after the pass do not count).
+//! - **receiver alone**: the frames of one pass of the same image, recorded
+//!   once from gateway-tx by the same sink (paced, so the recording loses
+//!   nothing), are replayed from that file into gateway-rx's UDP port as
+//!   fast as gateway-rx takes them: the replayer keeps gateway-rx's socket
+//!   queue between 8 and 16 MiB (read from /proc/net/udp) so the receiver
+//!   always has frames waiting and the kernel drops none (a replayed frame
+//!   cannot be sent again: the receiver's replay guard refuses it). Timed
+//!   from the first frame replayed to the delivery done in the OCI layout
+//!   (gateway-rx's status.json).
+//!
+//! CPU: utime + stime of the gateway process over the timed span
+//! (/proc/PID/stat), per GiB of image blobs. The sink and the replayer are
+//! threads of the bench, not pinned: on loopback the kernel's delivery of a
+//! datagram runs in the sending thread, so the sender's CPU includes the
+//! sink socket's share and the replayer carries the receiver's.
+
+// recvmmsg, to count and record datagrams at line rate, has no safe
+// wrapper in std.
+#![allow(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use weir_tests::pair::{Site, SiteOptions, Target};
+
+use crate::crossing::{drop_linked, set_datagram_size, Image};
+use crate::procfs::{child_pid, now_ms, thread_cpu, ProcTrace};
+
+const BATCH: usize = 64;
+const SLOT: usize = 2048;
+const GIB: f64 = (1u64 << 30) as f64;
+/// A datagram within this of the one before is part of the stream.
+const BUSY_GAP: Duration = Duration::from_millis(20);
+
+#[derive(Default)]
+struct SinkState {
+    datagrams: AtomicU64,
+    bytes: AtomicU64,
+    /// now_ms() of the last datagram that arrived within BUSY_GAP of the
+    /// one before it.
+    last_busy_ms: AtomicU64,
+}
+
+/// A UDP receiver on a thread that counts, and optionally records each
+/// datagram (u16 little-endian length, then the bytes).
+pub struct Sink {
+    addr: SocketAddr,
+    state: Arc<SinkState>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<u8>>>,
+}
+
+impl Sink {
+    pub fn start(record_capacity: Option<usize>) -> Result<Sink> {
+        let sock =
+            Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("UDP socket")?;
+        let _ = sock.set_recv_buffer_size(256 << 20);
+        sock.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())
+            .context("binding the sink")?;
+        let sock: UdpSocket = sock.into();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let addr = sock.local_addr()?;
+        let state = Arc::new(SinkState::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (state.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("bench-sink".into())
+            .spawn(move || sink_loop(sock, &s, &st, record_capacity))?;
+        Ok(Sink {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.state.datagrams.load(Ordering::Relaxed),
+            self.state.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn last_busy_ms(&self) -> u64 {
+        self.state.last_busy_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn kernel_drops(&self) -> u64 {
+        weir_tests::diode::kernel_udp_drops(self.addr).unwrap_or(0)
+    }
+
+    /// Stops the thread; the recording (empty when not recording).
+    pub fn finish(mut self) -> Vec<u8> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sink_loop(
+    sock: UdpSocket,
+    state: &SinkState,
+    stop: &AtomicBool,
+    record_capacity: Option<usize>,
+) -> Vec<u8> {
+    let mut record = record_capacity.map(Vec::with_capacity);
+    let mut bufs = vec![[0u8; SLOT]; BATCH];
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: SLOT,
+        })
+        .collect();
+    // SAFETY: a zeroed mmsghdr is a valid empty header; each is pointed at
+    // its iovec below, and the buffers outlive every recvmmsg call.
+    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut last: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: msgs holds BATCH valid headers pointing at live buffers;
+        // the socket has a receive timeout, so the call returns.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        let now = Instant::now();
+        if last.is_some_and(|l| now - l <= BUSY_GAP) || n > 1 {
+            state.last_busy_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        last = Some(now);
+        let msgs = &msgs[..n as usize];
+        let bytes: u64 = msgs.iter().map(|m| m.msg_len as u64).sum();
+        if let Some(r) = record.as_mut() {
+            for (m, b) in msgs.iter().zip(bufs.iter()) {
+                let len = m.msg_len as usize;
+                r.extend_from_slice(&(len as u16).to_le_bytes());
+                r.extend_from_slice(&b[..len]);
+            }
+        }
+        state.datagrams.fetch_add(n as u64, Ordering::Relaxed);
+        state.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+    record.unwrap_or_default()
+}
+
+/// Pins every thread of `pid` (and so the threads they start) to `cpus`.
+fn pin(pid: u32, cpus: &str) -> Result<()> {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .context("running taskset (util-linux)")?;
+    if !out.status.success() {
+        bail!(
+            "taskset -a -p -c {cpus} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// One gateway alone on a CPU set.
+#[derive(Debug, Clone)]
+pub struct SideRun {
+    /// `taskset -c` list, or "any" (not pinned).
+    pub cpus: String,
+    /// Bytes of the image's blobs.
+    pub payload_bytes: u64,
+    pub seconds: f64,
+    /// utime + stime of the gateway over the timed span.
+    pub cpu_s: f64,
+    /// Datagrams and bytes on the wire (sent by gateway-tx, or replayed).
+    pub datagrams: u64,
+    pub wire_bytes: u64,
+    /// Datagrams the kernel dropped at the receiving socket.
+    pub kernel_drops: u64,
+    pub threads: Vec<(String, f64)>,
+}
+
+impl SideRun {
+    pub fn bytes_per_s(&self) -> f64 {
+        self.payload_bytes as f64 / self.seconds
+    }
+
+    /// Share of its CPU set the gateway used over the span, 0..1.
+    pub fn cpu_share(&self) -> f64 {
+        let cores = self.cpus.split(',').count().max(1) as f64;
+        self.cpu_s / (self.seconds * cores)
+    }
+
+    pub fn cpu_s_per_gib(&self) -> f64 {
+        self.cpu_s / (self.payload_bytes as f64 / GIB)
+    }
+}
+
+/// Both sides' settings, as the lidi comparison's crossing has them.
+pub struct Setup {
+    pub fec: (u16, u16),
+    pub datagram: usize,
+    pub timeout: Duration,
+}
+
+fn tx_image_status(site: &Site, digest: &str) -> Option<serde_json::Value> {
+    site.tx_status()?["images"]
+        .as_array()?
+        .iter()
+        .find(|i| i["manifest_digest"] == digest)
+        .cloned()
+}
+
+/// gateway-tx sends one pass of `image` at `rate_bps` into a sink, pinned
+/// to `cpus` (None: not pinned); with `record`, the sink keeps every
+/// datagram and the recording is returned.
+pub fn sender_alone(
+    image: &Image,
+    setup: &Setup,
+    cpus: Option<&str>,
+    rate_bps: u64,
+    record: bool,
+) -> Result<(SideRun, Vec<u8>)> {
+    let opts = SiteOptions {
+        rate_bps,
+        passes: 1,
+        data_shards: setup.fec.0,
+        parity_shards: setup.fec.1,
+        rules_yaml: None,
+        tx_extra: "[ingest]\npoll_interval_ms = 50\n".into(),
+        rx_extra: String::new(),
+    };
+    let layout = std::env::temp_dir().join("weir-bench-unused-layout");
+    let site = Site::new(Target::Layout(layout), &opts).context("laying out the site")?;
+    // One pass is about 1.2× the image with 128+20 and 1472 B datagrams.
+    let capacity = record.then(|| (image.archive_bytes as f64 * 1.3) as usize + (64 << 20));
+    let sink = Sink::start(capacity)?;
+    site.write_tx_config(sink.addr(), &opts)?;
+    set_datagram_size(&site.tx_config, setup.datagram)?;
+    let mut tx = site.start_tx()?;
+    let fail = |what: String, tx: &weir_tests::pair::Gateway| {
+        anyhow::anyhow!("{what}\n--- gateway-tx\n{}", tx.log_tail(20))
+    };
+    let t = Instant::now();
+    while site.tx_status().is_none() {
+        if !tx.is_running() || t.elapsed() > Duration::from_secs(30) {
+            return Err(fail("gateway-tx did not come up".into(), &tx));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = child_pid("gateway-tx").context("finding gateway-tx's pid")?;
+    if let Some(c) = cpus {
+        pin(pid, c)?;
+    }
+    let mut trace = ProcTrace::start(vec![("tx", pid)], Duration::from_millis(50));
+    let name = "bench.tar";
+    let deadline = Instant::now() + setup.timeout;
+    drop_linked(&site.spool, &image.path, name)?;
+    let accepted_ms = loop {
+        if site.spool.join("done").join(name).exists() {
+            break now_ms();
+        }
+        if site.spool.join("rejected").join(name).exists() {
+            bail!("gateway-tx rejected the drop");
+        }
+        if !tx.is_running() || Instant::now() > deadline {
+            return Err(fail("drop not accepted".into(), &tx));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let digest = &image.manifest_digest;
+    let status = loop {
+        if let Some(s) = tx_image_status(&site, digest) {
+            if s["passes_done"].as_u64() >= Some(1) {
+                break s;
+            }
+        }
+        if !tx.is_running() || Instant::now() > deadline {
+            return Err(fail(
+                format!("one pass not sent within {:?}", setup.timeout),
+                &tx,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The sink may be behind: let it drain its socket before reading when
+    // the last datagram arrived (a lagging sink makes the span longer, never
+    // shorter).
+    let t = Instant::now();
+    while udp_rx_queue(sink.addr()).unwrap_or(0) > 0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let end_ms = sink.last_busy_ms();
+    trace.sample_now("tx", pid);
+    let threads = thread_cpu(pid);
+    trace.stop();
+    drop(tx);
+    let (datagrams, wire_bytes) = sink.counts();
+    let kernel_drops = sink.kernel_drops();
+    let recording = sink.finish();
+    let cpu = |at| trace.cpu_at("tx", at).unwrap_or(0.0);
+    if end_ms <= accepted_ms {
+        bail!("the sink saw no stream after acceptance");
+    }
+    Ok((
+        SideRun {
+            cpus: cpus.unwrap_or("any").to_string(),
+            payload_bytes: status["bytes"].as_u64().unwrap_or(image.archive_bytes),
+            seconds: (end_ms - accepted_ms) as f64 / 1000.0,
+            cpu_s: cpu(end_ms) - cpu(accepted_ms),
+            datagrams,
+            wire_bytes,
+            kernel_drops,
+            threads,
+        },
+        recording,
+    ))
+}
+
+/// Records one pass of `image` from gateway-tx (paced at `rate_bps`, not
+/// pinned) into `file`. Fails if the sink's socket dropped a datagram.
+pub fn record(image: &Image, setup: &Setup, rate_bps: u64, file: &Path) -> Result<SideRun> {
+    let (run, recording) = sender_alone(image, setup, None, rate_bps, true)?;
+    if run.kernel_drops > 0 {
+        bail!(
+            "the recording sink's socket dropped {} datagrams at {} Mb/s: lower --scaling-record-mbps",
+            run.kernel_drops,
+            rate_bps / 1_000_000
+        );
+    }
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?,
+    );
+    f.write_all(&recording)?;
+    f.flush()?;
+    Ok(run)
+}
+
+/// The `rx_queue` column of /proc/net/udp for the socket bound to `addr`:
+/// bytes waiting in its receive buffer.
+fn udp_rx_queue(addr: SocketAddr) -> Option<u64> {
+    let SocketAddr::V4(a) = addr else {
+        return None;
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(a.ip().octets()),
+        a.port()
+    );
+    let text = std::fs::read_to_string("/proc/net/udp").ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&local.as_str()) {
+            return None;
+        }
+        u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()
+    })
+}
+
+/// The frames of a recording: (offset, length) of each.
+fn frames_of(recording: &[u8]) -> Result<Vec<(usize, usize)>> {
+    let mut v = Vec::with_capacity(recording.len() / 1400);
+    let mut at = 0;
+    while at < recording.len() {
+        let len_bytes = recording
+            .get(at..at + 2)
+            .context("truncated recording (length)")?;
+        let len = u16::from_le_bytes([len_bytes[0], len_bytes[1]]) as usize;
+        if at + 2 + len > recording.len() {
+            bail!("truncated recording (frame at {at})");
+        }
+        v.push((at + 2, len));
+        at += 2 + len;
+    }
+    Ok(v)
+}
+
+/// gateway-rx pinned to `cpus`, fed the recorded frames of `image` from
+/// `file` as fast as it takes them, into an OCI layout under `work`.
+pub fn receiver_alone(
+    image: &Image,
+    setup: &Setup,
+    file: &Path,
+    cpus: &str,
+    work: &Path,
+) -> Result<SideRun> {
+    let mut recording = Vec::new();
+    std::fs::File::open(file)
+        .with_context(|| format!("opening {}", file.display()))?
+        .read_to_end(&mut recording)?;
+    let frames = frames_of(&recording)?;
+    let layout: PathBuf = work.join(format!("scaling-rx-{}", cpus.replace(',', "-")));
+    let _ = std::fs::remove_dir_all(&layout);
+    let opts = SiteOptions {
+        data_shards: setup.fec.0,
+        parity_shards: setup.fec.1,
+        ..SiteOptions::default()
+    };
+    let site = Site::new(Target::Layout(layout.clone()), &opts).context("laying out the site")?;
+    set_datagram_size(&site.rx_config, setup.datagram)?;
+    let mut rx = site.start_rx()?;
+    let fail = |what: String, rx: &weir_tests::pair::Gateway| {
+        anyhow::anyhow!("{what}\n--- gateway-rx\n{}", rx.log_tail(20))
+    };
+    let t = Instant::now();
+    loop {
+        let listening = gateway_rx::status::StatusReport::read(&site.rx_state)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.listening.is_some());
+        if listening {
+            break;
+        }
+        if !rx.is_running() || t.elapsed() > Duration::from_secs(30) {
+            return Err(fail("gateway-rx did not come up".into(), &rx));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = child_pid("gateway-rx").context("finding gateway-rx's pid")?;
+    pin(pid, cpus)?;
+    let mut trace = ProcTrace::start(vec![("rx", pid)], Duration::from_millis(50));
+
+    // Keep the receiver's queue between LOW and HIGH (in the kernel's
+    // accounting, a loopback datagram of 1472 B takes a few KiB), below
+    // what its buffer may hold.
+    let rmem_max = crate::machine::read_sysctl("net.core.rmem_max").unwrap_or(212_992);
+    let high = (16u64 << 20).min(rmem_max / 2);
+    let low = high / 2;
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.connect(site.rx_addr)?;
+    let deadline = Instant::now() + setup.timeout;
+    let start_ms = now_ms();
+    let mut wire_bytes = 0u64;
+    for (i, &(at, len)) in frames.iter().enumerate() {
+        if i % 256 == 0 && udp_rx_queue(site.rx_addr).unwrap_or(0) > high {
+            while udp_rx_queue(site.rx_addr).unwrap_or(0) > low {
+                std::thread::sleep(Duration::from_micros(200));
+                if Instant::now() > deadline || !rx.is_running() {
+                    return Err(fail("gateway-rx stopped taking frames".into(), &rx));
+                }
+            }
+        }
+        sock.send(&recording[at..at + len])
+            .context("replaying a frame")?;
+        wire_bytes += len as u64;
+    }
+    drop(recording);
+    let digest = &image.manifest_digest;
+    let (img, done_ms) = loop {
+        if let Ok(Some(s)) = gateway_rx::status::StatusReport::read(&site.rx_state) {
+            let img = s
+                .images
+                .iter()
+                .find(|i| &i.manifest_digest == digest)
+                .cloned();
+            let done = s
+                .deliveries
+                .iter()
+                .find(|d| &d.manifest_digest == digest && d.state == "done")
+                .and_then(|d| d.done_ms);
+            if let (Some(img), Some(done)) = (img, done) {
+                break (img, done);
+            }
+        }
+        if !rx.is_running() || Instant::now() > deadline {
+            let drops = weir_tests::diode::kernel_udp_drops(site.rx_addr).unwrap_or(0);
+            return Err(fail(
+                format!(
+                    "the replayed image was not delivered within {:?} (socket drops {drops})",
+                    setup.timeout
+                ),
+                &rx,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    trace.sample_now("rx", pid);
+    let threads = thread_cpu(pid);
+    trace.stop();
+    let kernel_drops = weir_tests::diode::kernel_udp_drops(site.rx_addr).unwrap_or(0);
+    drop(rx);
+    let _ = std::fs::remove_dir_all(&layout);
+    let cpu = |at| trace.cpu_at("rx", at).unwrap_or(0.0);
+    Ok(SideRun {
+        cpus: cpus.to_string(),
+        payload_bytes: img.bytes_total,
+        seconds: done_ms.saturating_sub(start_ms) as f64 / 1000.0,
+        cpu_s: cpu(done_ms) - cpu(start_ms),
+        datagrams: frames.len() as u64,
+        wire_bytes,
+        kernel_drops,
+        threads,
+    })
+}
+
+/// The 16-core projection of one gateway from its 1-core and 2-core runs:
+/// Amdahl's law with the parallel fraction p the 2-core speed-up S₂ gives
+/// (S₂ = 1 / ((1 − p) + p/2), so p = 2 (1 − 1/S₂), kept within 0..1), applied
+/// to the 1-core cost: GiB/s(n) = (1 / c₁) / ((1 − p) + p/n), c₁ the CPU
+/// seconds per GiB on one core. Returns (p, bytes per second at n cores).
+pub fn project(c1_cpu_s_per_gib: f64, s2: f64, cores: f64) -> (f64, f64) {
+    let p = (2.0 * (1.0 - 1.0 / s2)).clamp(0.0, 1.0);
+    let gib_per_s = (1.0 / c1_cpu_s_per_gib) / ((1.0 - p) + p / cores);
+    (p, gib_per_s * GIB)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recording_splits_back_into_its_frames() {
+        let mut r = Vec::new();
+        for len in [1usize, 1472, 0, 300] {
+            r.extend_from_slice(&(len as u16).to_le_bytes());
+            r.extend(std::iter::repeat_n(7u8, len));
+        }
+        let f = frames_of(&r).unwrap();
+        assert_eq!(
+            f.iter().map(|&(_, l)| l).collect::<Vec<_>>(),
+            [1, 1472, 0, 300]
+        );
+        r.pop();
+        assert!(frames_of(&r).is_err());
+    }
+
+    #[test]
+    fn the_projection_is_amdahl_from_the_two_core_speed_up() {
+        // Perfect scaling: 16 cores do 16 times one core's GiB per CPU-s.
+        let (p, b) = project(2.0, 2.0, 16.0);
+        assert_eq!(p, 1.0);
+        assert!((b / GIB - 8.0).abs() < 1e-9);
+        // No scaling: one core's figure.
+        let (p, b) = project(2.0, 1.0, 16.0);
+        assert_eq!(p, 0.0);
+        assert!((b / GIB - 0.5).abs() < 1e-9);
+        // S₂ = 1.7: p ≈ 0.82, about 4.4× on 16 cores.
+        let (p, b) = project(1.0, 1.7, 16.0);
+        assert!((p - 0.8235).abs() < 1e-3, "{p}");
+        assert!((b / GIB - 4.39).abs() < 0.01, "{}", b / GIB);
+    }
+}
