@@ -1,4 +1,4 @@
-//! The anchor of the issue: lidi (ANSSI's diode tool), file to file on
+//! The anchor users compare weir with: lidi (ANSSI's diode tool), file to file on
 //! loopback, with its defaults (1500 MTU, RaptorQ blocks of 734,928 bytes,
 //! 2 % repair), on the same archive the weir crossing moves.
 //!
@@ -50,7 +50,7 @@ const BINS: [&str; 4] = [
     "diode-receive-file",
 ];
 
-/// The tarball the issue names, beside the workspace: `../shared/anchors/`
+/// lidi's source tarball, beside the workspace: `../shared/anchors/`
 /// from the workspace root.
 pub fn default_tarball() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))

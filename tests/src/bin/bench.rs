@@ -53,12 +53,12 @@ const FIGURES: [&str; 8] = [
 ];
 const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
-/// FEC of the goodput and push figures (the issue's): k=32, m=8, 1400-byte
+/// FEC of the goodput and push figures: k=32, m=8, 1400-byte
 /// datagrams. The loss figure uses gateway-tx's default FEC.
 const DATA_SHARDS: u16 = 32;
 const PARITY_SHARDS: u16 = 8;
 const DATAGRAM: usize = 1400;
-/// Datagrams of the lidi comparison and of the scaling rows (the issue's:
+/// Datagrams of the lidi comparison and of the scaling rows (as compared:
 /// weir with its default FEC, 128+20, in 1472-byte datagrams, the most a
 /// 1500-byte MTU carries).
 const LIDI_DATAGRAM: usize = 1472;
