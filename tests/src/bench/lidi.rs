@@ -24,9 +24,8 @@
 //! [`LidiSysctls`] raises each that is lower for lidi's run and restores the
 //! old values when dropped.
 
+use super::udpcast::sha256_file;
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -369,20 +368,6 @@ fn tcp_listening(port: u16) -> bool {
             })
         })
         .unwrap_or(false)
-}
-
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// Moves `file` through lidi once, with its defaults, and checks the copy.

@@ -63,7 +63,8 @@ fn free_portbase() -> Result<u16> {
     bail!("no free even UDP port pair for udpcast")
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// The sha256 (hex) of a file, read in 1 MiB pieces.
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
