@@ -171,6 +171,11 @@ pub enum FrameError {
 }
 
 /// Signs frames for one key and one sender session, numbering them.
+///
+/// A sender that seals on several threads gives each a clone and numbers
+/// the frames itself ([`seal_numbered`](Self::seal_numbered)): the numbers
+/// must still never repeat within the session.
+#[derive(Clone)]
 pub struct FrameSealer {
     key: Key,
     session_id: u64,
@@ -194,7 +199,7 @@ impl FrameSealer {
         self.key.id()
     }
 
-    /// Frames sealed so far.
+    /// Frames sealed so far by [`seal`](Self::seal).
     pub fn sealed(&self) -> u64 {
         self.next_seq
     }
@@ -205,6 +210,13 @@ impl FrameSealer {
         let seq = self.next_seq;
         self.next_seq += 1;
         out.clear();
+        self.seal_numbered(seq, body, out);
+        seq
+    }
+
+    /// Appends the complete frame for `body`, numbered `seq`, to `out`.
+    pub fn seal_numbered(&self, seq: u64, body: &Body<'_>, out: &mut Vec<u8>) {
+        let start = out.len();
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
         out.push(body.kind() as u8);
@@ -219,12 +231,27 @@ impl FrameSealer {
             Body::Heartbeat(h) => postcard::to_extend(h, std::mem::take(out)),
         };
         *out = encoded.expect("postcard encoding into a Vec");
-        let body_len = (out.len() - HEADER_LEN) as u32;
-        out[24..28].copy_from_slice(&body_len.to_be_bytes());
+        let body_len = (out.len() - start - HEADER_LEN) as u32;
+        out[start + 24..start + 28].copy_from_slice(&body_len.to_be_bytes());
         let mut mac = self.key.mac();
-        mac.update(out);
+        mac.update(&out[start..]);
         out.extend_from_slice(&mac.finalize().into_bytes());
-        seq
+    }
+
+    /// Gives a frame this sealer made a new sequence number and tag: a
+    /// frame held back (a paused link) must not fall behind the receiver's
+    /// replay window. Returns false, leaving it untouched, for a buffer too
+    /// short to be a frame.
+    pub fn renumber(&self, frame: &mut [u8], seq: u64) -> bool {
+        if frame.len() < HEADER_LEN + TAG_LEN {
+            return false;
+        }
+        frame[16..24].copy_from_slice(&seq.to_be_bytes());
+        let signed = frame.len() - TAG_LEN;
+        let mut mac = self.key.mac();
+        mac.update(&frame[..signed]);
+        frame[signed..].copy_from_slice(&mac.finalize().into_bytes());
+        true
     }
 }
 
@@ -488,6 +515,37 @@ mod tests {
         let forged = Key::from_bytes(1, &[0x11; 32]).unwrap();
         FrameSealer::new(forged, 1).seal(&body, &mut out);
         assert_eq!(opener().open(&out), Err(FrameError::BadTag));
+    }
+
+    #[test]
+    fn frames_sealed_side_by_side_and_renumbered_open_with_their_numbers() {
+        let hb = |uptime_s| {
+            Body::Heartbeat(Heartbeat {
+                uptime_s,
+                queued_objects: 0,
+                pass: 0,
+                config_fingerprint: 0,
+                sent_frames: 0,
+                ledger: None,
+            })
+        };
+        let sealer = FrameSealer::new(key(1), 5);
+        let mut out = Vec::new();
+        sealer.seal_numbered(40, &hb(1), &mut out);
+        let first = out.len();
+        sealer.seal_numbered(41, &hb(2), &mut out);
+        let (a, b) = out.split_at_mut(first);
+        let opened = opener().open(a).unwrap();
+        assert_eq!((opened.header.seq, opened.body), (40, hb(1)));
+        assert_eq!(opener().open(b).unwrap().header.seq, 41);
+        assert!(sealer.renumber(b, 9000));
+        let opened = opener().open(b).unwrap();
+        assert_eq!((opened.header.seq, opened.body), (9000, hb(2)));
+        assert!(!sealer.renumber(&mut [0u8; 10], 1));
+        // Renumbered by another key: the receiver refuses it.
+        let other = FrameSealer::new(Key::from_bytes(1, &[0x11; 32]).unwrap(), 5);
+        assert!(other.renumber(a, 7));
+        assert_eq!(opener().open(a), Err(FrameError::BadTag));
     }
 
     #[test]

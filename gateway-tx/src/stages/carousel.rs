@@ -34,23 +34,26 @@
 use crate::config::TxConfig;
 use crate::objects::{unix_now, ImageRecord, ObjectProgress, ObjectStore, StoreError};
 use crate::pacing::{Pacer, RateMeter, TokenBucket};
+use crate::stages::emit::{CarouselGauges, Done, Emitter, Outcome, Pending};
+use crate::stages::sealing::{group_frames, run_worker, GroupJob, Work};
 use crate::status::{
     ImageState, ImageStatus, ObjectsStatus, QueueStatus, SenderState, StatusBoard,
 };
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_host::{FrameSink, LinkError, Shutdown};
-use weir_proto::{
-    interleave, Body, Codecs, FecParams, FrameSealer, Heartbeat, Key, ObjectHeader, ObjectId,
-    ObjectKind, ShardFrame,
-};
+use weir_proto::{FecParams, FrameSealer, Key, ObjectId, ObjectKind};
 
+/// How often status.json is refreshed from the schedule.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Groups given out and not yet sent: enough to keep every worker busy
+/// while the link sends.
+const MAX_JOBS: usize = 8;
+/// Frames reserved and not yet sent, at most (one larger group aside).
+const MAX_AHEAD: u64 = weir_proto::replay::WINDOW / 2;
 /// Expired images and unreferenced payload files are swept this often.
 const GC_EVERY: Duration = Duration::from_secs(600);
 /// An unreferenced payload younger than this may belong to an ingest that
@@ -124,13 +127,6 @@ impl CarouselControl {
     pub(crate) fn take_resends(&self) -> Vec<ObjectId> {
         std::mem::take(&mut *self.resend.lock().unwrap_or_else(|e| e.into_inner()))
     }
-}
-
-/// Why a group stopped before its end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    Shutdown,
-    Paused,
 }
 
 /// Groups an object of `blocks` blocks is sent in (proto's interleave groups).
@@ -456,9 +452,11 @@ impl Schedule {
     }
 
     /// The payload is unreadable: stop choosing it (logged by the caller).
-    pub fn mark_broken(&mut self, id: &ObjectId) {
-        if let Some(t) = self.objects.get_mut(id) {
-            t.broken = true;
+    /// True the first time.
+    pub fn mark_broken(&mut self, id: &ObjectId) -> bool {
+        match self.objects.get_mut(id) {
+            Some(t) => !std::mem::replace(&mut t.broken, true),
+            None => false,
         }
     }
 
@@ -630,127 +628,6 @@ pub struct ScheduleReport {
     pub images: Vec<ImageStatus>,
 }
 
-/// Seals frames into batches and puts them on the link at the paced rate;
-/// adds a heartbeat whenever one is due.
-struct Emitter {
-    sealer: FrameSealer,
-    sink: Box<dyn FrameSink>,
-    pacer: Pacer,
-    batch: Vec<Vec<u8>>,
-    batch_len: usize,
-    frame_overhead: u64,
-    started: Instant,
-    last_heartbeat: Option<Instant>,
-    fingerprint: u64,
-    /// Carried in heartbeats; set by the carousel.
-    queued_objects: u32,
-    pass: u64,
-    meter: RateMeter,
-    frames: u64,
-    bytes: u64,
-    shard_frames: u64,
-    heartbeats: u64,
-    link_errors: u64,
-    last_link_error: Option<String>,
-    status: StatusBoard,
-    rate_bps: u64,
-    /// Where the image ledger's head is read for each heartbeat.
-    store: Arc<ObjectStore>,
-}
-
-impl Emitter {
-    fn push(&mut self, body: &Body<'_>) -> Result<(), LinkError> {
-        if self.heartbeat_due() {
-            self.push_heartbeat()?;
-        }
-        self.push_raw(body)
-    }
-
-    fn heartbeat_due(&self) -> bool {
-        self.last_heartbeat
-            .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY)
-    }
-
-    fn push_heartbeat(&mut self) -> Result<(), LinkError> {
-        self.last_heartbeat = Some(Instant::now());
-        let ledger = self.store.ledger_head();
-        let hb = Body::Heartbeat(Heartbeat {
-            uptime_s: self.started.elapsed().as_secs(),
-            queued_objects: self.queued_objects,
-            pass: self.pass,
-            config_fingerprint: self.fingerprint,
-            sent_frames: self.sealer.sealed(),
-            ledger: Some(ledger),
-        });
-        let now = Instant::now();
-        let measured = self.meter.rate_bps(now);
-        self.heartbeats += 1;
-        self.status.update(|s| {
-            s.uptime_s = self.started.elapsed().as_secs();
-            s.wire.rate_bps = self.rate_bps;
-            s.wire.measured_bps = measured;
-            s.wire.frames = self.frames;
-            s.wire.bytes = self.bytes;
-            s.wire.shard_frames = self.shard_frames;
-            s.wire.heartbeats = self.heartbeats;
-            s.wire.link_errors = self.link_errors;
-            s.wire.last_link_error.clone_from(&self.last_link_error);
-            s.ledger = Some(ledger);
-        });
-        self.push_raw(&hb)
-    }
-
-    fn push_raw(&mut self, body: &Body<'_>) -> Result<(), LinkError> {
-        if matches!(body, Body::Shard(_)) {
-            self.shard_frames += 1;
-        }
-        let slot = &mut self.batch[self.batch_len];
-        self.sealer.seal(body, slot);
-        self.batch_len += 1;
-        if self.batch_len == self.batch.len() {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Paces and sends what is batched. Transport errors lose the frames,
-    /// as a diode would, and are counted; a frame too large is a bug.
-    fn flush(&mut self) -> Result<(), LinkError> {
-        if self.batch_len == 0 {
-            return Ok(());
-        }
-        let frames: Vec<&[u8]> = self.batch[..self.batch_len]
-            .iter()
-            .map(Vec::as_slice)
-            .collect();
-        let wire: u64 = frames
-            .iter()
-            .map(|f| f.len() as u64 + self.frame_overhead)
-            .sum();
-        self.pacer.acquire(wire);
-        let result = self.sink.send(&frames);
-        let n = frames.len() as u64;
-        self.batch_len = 0;
-        match result {
-            Ok(()) => {
-                self.frames += n;
-                self.bytes += wire;
-                self.meter.add(wire, Instant::now());
-                Ok(())
-            }
-            Err(e @ LinkError::FrameTooLarge { .. }) => Err(e),
-            Err(e) => {
-                self.link_errors += 1;
-                self.last_link_error = Some(e.to_string());
-                if self.link_errors == 1 || self.link_errors.is_multiple_of(1000) {
-                    tracing::warn!(error = %e, errors = self.link_errors, "link send failed; frames lost");
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
 /// Why a group could not go out.
 #[derive(Debug, thiserror::Error)]
 pub enum CarouselError {
@@ -764,21 +641,57 @@ pub enum CarouselError {
     Fec(#[from] weir_proto::FecError),
 }
 
-/// The carousel stage: schedule, FEC, sealing, pacing, link.
+/// A group handed to the sealing workers and the link, and what the
+/// carousel needs back once it is on the wire.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    pub object: ObjectId,
+    pub group: u32,
+    pub frames: u64,
+    /// The object's progress once this group is sent; `None` for the
+    /// uncounted repeat of an image object.
+    pub progress: Option<ObjectProgress>,
+}
+
+/// Groups given out and not yet told back.
+#[derive(Debug, Default)]
+struct InFlight {
+    jobs: usize,
+    frames: u64,
+}
+
+/// The channels from the carousel to its workers and its link.
+struct Pipeline<'a> {
+    work: &'a Sender<Work>,
+    pending: &'a SyncSender<Pending>,
+    done: &'a Receiver<Done>,
+}
+
+/// The carousel stage: the schedule, and the threads it drives — sealing
+/// workers (read, FEC, seal) and the emitter (pacing, link, heartbeats).
 pub struct Carousel {
     schedule: Schedule,
     settings: CarouselSettings,
     store: Arc<ObjectStore>,
-    codecs: Codecs,
-    emitter: Emitter,
+    sealer: FrameSealer,
+    emitter: Option<Emitter>,
+    gauges: Arc<CarouselGauges>,
+    next_seq: Arc<AtomicU64>,
+    in_flight: InFlight,
     incoming: Receiver<ImageRecord>,
     status: StatusBoard,
     control: Arc<CarouselControl>,
-    block: Vec<u8>,
-    shards: Vec<Vec<Vec<u8>>>,
-    since_header: u32,
     last_status: Option<Instant>,
     last_gc: Instant,
+}
+
+/// Sealing workers: one per core, a few at most (the link thread and the
+/// receiver, on a shared machine, need cores too).
+fn sealing_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
 }
 
 impl Carousel {
@@ -792,6 +705,7 @@ impl Carousel {
         status: StatusBoard,
     ) -> Result<Carousel, CarouselError> {
         let fec = settings.fec;
+        weir_proto::BlockCodec::new(fec)?;
         let frame_bytes = settings.datagram_size as u64 + settings.frame_overhead as u64;
         // About a millisecond of frames per system call, at most 64.
         let per_ms = settings.rate_bps / 8 / 1000 / frame_bytes.max(1);
@@ -805,6 +719,10 @@ impl Carousel {
             s.session_id = session_id;
             s.wire.rate_bps = settings.rate_bps;
         });
+        let sealer = FrameSealer::new(key, session_id);
+        let gauges = Arc::new(CarouselGauges::default());
+        let next_seq = Arc::new(AtomicU64::new(0));
+        let control = Arc::new(CarouselControl::default());
         Ok(Carousel {
             schedule: Schedule::new(
                 fec,
@@ -812,19 +730,18 @@ impl Carousel {
                 settings.passes,
                 settings.retention_s,
             ),
-            codecs: Codecs::default(),
-            emitter: Emitter {
-                sealer: FrameSealer::new(key, session_id),
+            emitter: Some(Emitter {
+                sealer: sealer.clone(),
                 sink,
                 pacer: Pacer::new(settings.rate_bps, capacity),
-                batch: vec![Vec::with_capacity(settings.datagram_size); batch_max],
-                batch_len: 0,
+                batch_max,
                 frame_overhead: settings.frame_overhead as u64,
                 started: Instant::now(),
                 last_heartbeat: None,
                 fingerprint: settings.fingerprint,
-                queued_objects: 0,
-                pass: 0,
+                gauges: gauges.clone(),
+                next_seq: next_seq.clone(),
+                control: control.clone(),
                 meter: RateMeter::new(Instant::now()),
                 frames: 0,
                 bytes: 0,
@@ -835,15 +752,17 @@ impl Carousel {
                 status: status.clone(),
                 rate_bps: settings.rate_bps,
                 store: store.clone(),
-            },
+                heartbeat_frame: Vec::new(),
+            }),
+            sealer,
+            gauges,
+            next_seq,
+            in_flight: InFlight::default(),
             settings,
             store,
             incoming,
             status,
-            control: Arc::new(CarouselControl::default()),
-            block: vec![0; fec.block_bytes() as usize],
-            shards: Vec::new(),
-            since_header: 0,
+            control,
             last_status: None,
             last_gc: Instant::now(),
         })
@@ -852,6 +771,9 @@ impl Carousel {
     /// Takes console control from `control` (pause, resume, resend)
     /// instead of a private one nobody else holds.
     pub fn with_control(mut self, control: Arc<CarouselControl>) -> Self {
+        if let Some(e) = &mut self.emitter {
+            e.control = control.clone();
+        }
         self.control = control;
         self
     }
@@ -891,120 +813,241 @@ impl Carousel {
         Ok(())
     }
 
-    /// Runs until shutdown; progress is committed before returning.
+    /// Runs until shutdown; progress of what reached the wire is committed
+    /// before returning.
     pub fn run(mut self, shutdown: &Shutdown) -> Result<(), CarouselError> {
         self.load()?;
-        let result = self.run_loop(shutdown);
-        let _ = self.emitter.flush();
+        let Some(emitter) = self.emitter.take() else {
+            return Ok(());
+        };
+        let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
+        let work_rx = Mutex::new(work_rx);
+        let free = Mutex::new(Vec::new());
+        let (pending_tx, pending_rx) = std::sync::mpsc::sync_channel::<Pending>(MAX_JOBS);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
+        let workers = sealing_workers();
+        tracing::info!(workers, "sealing workers started");
+        let result = std::thread::scope(|scope| {
+            for i in 0..workers {
+                let (jobs, free, sealer) = (&work_rx, &free, self.sealer.clone());
+                std::thread::Builder::new()
+                    .name(format!("seal-{i}"))
+                    .spawn_scoped(scope, move || run_worker(jobs, free, sealer))
+                    .map_err(|e| CarouselError::Object {
+                        id: ObjectId([0; 32]),
+                        why: format!("starting a sealing worker: {e}"),
+                    })?;
+            }
+            let link = std::thread::Builder::new()
+                .name("link-tx".into())
+                .spawn_scoped(scope, {
+                    let free = &free;
+                    move || emitter.run(pending_rx, done_tx, free, shutdown)
+                })
+                .map_err(|e| CarouselError::Object {
+                    id: ObjectId([0; 32]),
+                    why: format!("starting the link thread: {e}"),
+                })?;
+            let pipeline = Pipeline {
+                work: &work_tx,
+                pending: &pending_tx,
+                done: &done_rx,
+            };
+            let result = self.run_loop(shutdown, &pipeline);
+            drop((work_tx, pending_tx));
+            let link_result = link.join();
+            // What reached the wire before the link stopped.
+            while let Ok(d) = done_rx.try_recv() {
+                self.settle(d)?;
+            }
+            match link_result {
+                Ok(Ok(())) => result,
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => {
+                    shutdown.trigger();
+                    result.and(Err(CarouselError::Object {
+                        id: ObjectId([0; 32]),
+                        why: "the link thread panicked".into(),
+                    }))
+                }
+            }
+        });
         self.publish_status();
         self.store.commit("tx.carousel.stopped")?;
         result
     }
 
-    fn run_loop(&mut self, shutdown: &Shutdown) -> Result<(), CarouselError> {
+    fn run_loop(&mut self, shutdown: &Shutdown, pipe: &Pipeline) -> Result<(), CarouselError> {
         loop {
             if shutdown.is_triggered() {
                 return Ok(());
             }
-            while let Ok(record) = self.incoming.try_recv() {
-                self.add(record, true)?;
+            while let Ok(d) = pipe.done.try_recv() {
+                self.settle(d)?;
             }
-            self.apply_resends()?;
-            if self
-                .last_status
-                .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY)
-            {
-                self.publish_status();
-            }
-            if self.last_gc.elapsed() >= GC_EVERY {
-                self.collect_garbage()?;
-            }
+            self.housekeeping()?;
             let turn = if self.control.is_paused() {
                 None
             } else {
                 self.schedule.next_turn(unix_now())
             };
             let Some(turn) = turn else {
-                // Nothing to send (or paused): heartbeats only, and wait
-                // for new images.
-                if self.emitter.heartbeat_due() {
-                    self.emitter.push_heartbeat()?;
-                }
-                self.emitter.flush()?;
-                let wait = HEARTBEAT_EVERY
-                    .saturating_sub(
-                        self.emitter
-                            .last_heartbeat
-                            .map(|t| t.elapsed())
-                            .unwrap_or_default(),
-                    )
-                    .min(Duration::from_millis(100));
-                match self.incoming.recv_timeout(wait) {
+                // Nothing to send (or paused): the link sends heartbeats;
+                // wait for new images and for groups told back.
+                match self.incoming.recv_timeout(Duration::from_millis(50)) {
                     Ok(record) => self.add(record, true)?,
                     Err(RecvTimeoutError::Timeout) => {}
                     // Ingest stopped (the gateway is stopping): wait here
                     // rather than spin.
                     Err(RecvTimeoutError::Disconnected) => {
-                        if shutdown.sleep(wait) {
+                        if shutdown.sleep(Duration::from_millis(50)) {
                             return Ok(());
                         }
                     }
                 }
                 continue;
             };
-            self.emitter.queued_objects = self.schedule.pending_objects() as u32;
-            self.emitter.pass = turn.level;
-            match self.send_group(turn.object, turn.group, shutdown) {
-                Ok(None) => {
-                    let (progress, trailers) = self.schedule.finish_turn(&turn);
-                    self.store.set_progress(&turn.object, &progress)?;
-                    if progress.next_group == 0 {
-                        tracing::debug!(object = %turn.object, passes_done = progress.passes_done,
-                            owed = turn.owed, "object pass complete");
-                    }
-                    for image in trailers {
-                        match self.send_whole(image, shutdown)? {
-                            None => {}
-                            Some(Stop::Shutdown) => return Ok(()),
-                            Some(Stop::Paused) => break,
-                        }
+            self.gauges
+                .queued_objects
+                .store(self.schedule.pending_objects() as u32, Ordering::Relaxed);
+            self.gauges.pass.store(turn.level, Ordering::Relaxed);
+            // The schedule moves on as the group is given out; its progress
+            // is persisted only once the link says it was sent.
+            let (progress, trailers) = self.schedule.finish_turn(&turn);
+            if self.give_out(turn.object, turn.group, Some(progress), pipe, shutdown)? {
+                return Ok(());
+            }
+            if progress.next_group == 0 {
+                tracing::debug!(object = %turn.object, passes_done = progress.passes_done,
+                    owed = turn.owed, "object pass given out");
+            }
+            for image in trailers {
+                let Some((_, len)) = self.schedule.object(&image) else {
+                    continue;
+                };
+                for g in 0..self.schedule.groups_of(len) {
+                    if self.give_out(image, g, None, pipe, shutdown)? {
+                        return Ok(());
                     }
                 }
-                Ok(Some(Stop::Shutdown)) => return Ok(()),
-                // The group counts as not sent; it goes again on resume.
-                Ok(Some(Stop::Paused)) => self.publish_status(),
-                Err(CarouselError::Object { id, why }) => {
-                    tracing::error!(digest = %id, error = %why, "object payload unusable; it is no longer sent");
-                    self.schedule.mark_broken(&id);
-                }
-                Err(e) => return Err(e),
             }
         }
     }
 
-    /// Sends every group of an object once, uncounted (the image object
-    /// after its blobs). `Some` if shutdown or a pause cut it short.
-    fn send_whole(
+    /// New images, console resends, status and retention: done between
+    /// groups, also while waiting for the link (a paused link holds groups).
+    fn housekeeping(&mut self) -> Result<(), CarouselError> {
+        while let Ok(record) = self.incoming.try_recv() {
+            self.add(record, true)?;
+        }
+        self.apply_resends()?;
+        if self
+            .last_status
+            .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY)
+        {
+            self.publish_status();
+        }
+        if self.last_gc.elapsed() >= GC_EVERY {
+            self.collect_garbage()?;
+        }
+        Ok(())
+    }
+
+    /// Reserves the group's sequence numbers and hands it to the workers
+    /// and the link. Waits while what is reserved and unsent would pass
+    /// half the receiver's replay window (a heartbeat numbered after it
+    /// all must not push it out of the window). True when shutdown came.
+    fn give_out(
         &mut self,
-        id: ObjectId,
+        object: ObjectId,
+        group: u32,
+        progress: Option<ObjectProgress>,
+        pipe: &Pipeline,
         shutdown: &Shutdown,
-    ) -> Result<Option<Stop>, CarouselError> {
-        let Some((_, len)) = self.schedule.object(&id) else {
-            return Ok(None);
+    ) -> Result<bool, CarouselError> {
+        let Some((kind, len)) = self.schedule.object(&object) else {
+            return Ok(false);
         };
-        for g in 0..self.schedule.groups_of(len) {
-            match self.send_group(id, g, shutdown) {
-                Ok(None) => {}
-                Ok(stop) => return Ok(stop),
-                Err(CarouselError::Object { id, why }) => {
-                    tracing::error!(digest = %id, error = %why, "object payload unusable; it is no longer sent");
-                    self.schedule.mark_broken(&id);
-                    return Ok(None);
-                }
-                Err(e) => return Err(e),
+        let fec = self.settings.fec.for_object(len);
+        let (first_block, blocks) =
+            group_span(fec.blocks_for(len), self.settings.window_blocks, group);
+        let frames = group_frames(blocks, fec, self.settings.header_every);
+        while self.in_flight.jobs > 0
+            && (self.in_flight.jobs >= MAX_JOBS || self.in_flight.frames + frames > MAX_AHEAD)
+        {
+            if shutdown.is_triggered() {
+                return Ok(true);
+            }
+            self.housekeeping()?;
+            match pipe.done.recv_timeout(Duration::from_millis(100)) {
+                Ok(d) => self.settle(d)?,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(true),
             }
         }
-        Ok(None)
+        let first_seq = self.next_seq.fetch_add(frames, Ordering::SeqCst);
+        let (reply, sealed) = std::sync::mpsc::sync_channel(1);
+        let job = GroupJob {
+            object,
+            kind,
+            len,
+            fec,
+            first_block,
+            blocks,
+            path: self.store.object_path(&object),
+            first_seq,
+            header_every: self.settings.header_every,
+        };
+        if pipe.work.send(Work { job, reply }).is_err() {
+            return Ok(true);
+        }
+        let ticket = Ticket {
+            object,
+            group,
+            frames,
+            progress,
+        };
+        if pipe.pending.send(Pending { ticket, sealed }).is_err() {
+            return Ok(true); // the link stopped
+        }
+        self.in_flight.jobs += 1;
+        self.in_flight.frames += frames;
+        Ok(false)
+    }
+
+    /// A group told back by the link: its progress persisted once sent,
+    /// its object set aside if its payload is unusable.
+    fn settle(&mut self, done: Done) -> Result<(), CarouselError> {
+        let t = done.ticket;
+        self.in_flight.jobs = self.in_flight.jobs.saturating_sub(1);
+        self.in_flight.frames = self.in_flight.frames.saturating_sub(t.frames);
+        match done.outcome {
+            Outcome::Sent => {
+                let (Some(sent), Some(now)) = (t.progress, self.schedule.progress(&t.object))
+                else {
+                    return Ok(());
+                };
+                // A resend or a new image may have re-armed the object since
+                // the group was given out: its target is the one now, and a
+                // pass it restarted is not overwritten by an older position.
+                if (sent.passes_done, sent.next_group) <= (now.passes_done, now.next_group) {
+                    let persisted = ObjectProgress {
+                        passes_done: sent.passes_done,
+                        next_group: sent.next_group,
+                        ..now
+                    };
+                    self.store.set_progress(&t.object, &persisted)?;
+                }
+            }
+            Outcome::Broken(why) => {
+                if self.schedule.mark_broken(&t.object) {
+                    tracing::error!(digest = %t.object, error = %why,
+                        "object payload unusable; it is no longer sent");
+                }
+            }
+            Outcome::Unsent => {}
+        }
+        Ok(())
     }
 
     /// Owes the images the console asked for new passes, and persists it.
@@ -1026,105 +1069,6 @@ impl Carousel {
             }
         }
         Ok(())
-    }
-
-    /// Reads, encodes and sends one group. `Some` if shutdown or a pause
-    /// interrupted it (the group then counts as not sent).
-    fn send_group(
-        &mut self,
-        id: ObjectId,
-        group: u32,
-        shutdown: &Shutdown,
-    ) -> Result<Option<Stop>, CarouselError> {
-        let Some((kind, len)) = self.schedule.object(&id) else {
-            return Ok(None);
-        };
-        let fec = self.settings.fec.for_object(len);
-        let blocks = fec.blocks_for(len);
-        let (start, count) = group_span(blocks, self.settings.window_blocks, group);
-        let path = self.store.object_path(&id);
-        let obj_err = |why: String| CarouselError::Object { id, why };
-        let file = File::open(&path).map_err(|e| obj_err(format!("{}: {e}", path.display())))?;
-        let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if on_disk != len {
-            return Err(obj_err(format!(
-                "{} is {on_disk} bytes, expected {len}",
-                path.display()
-            )));
-        }
-        if self.shards.len() < count as usize {
-            self.shards.resize_with(count as usize, Vec::new);
-        }
-        let block_bytes = fec.block_bytes();
-        let codec = self.codecs.get(fec)?;
-        for rel in 0..count {
-            let b = start + rel;
-            let n = fec.block_len(len, b);
-            file.read_exact_at(&mut self.block[..n], b as u64 * block_bytes)
-                .map_err(|e| obj_err(format!("{}: {e}", path.display())))?;
-            codec.split(&self.block[..n], &mut self.shards[rel as usize])?;
-        }
-        let header = Body::ObjectHeader(ObjectHeader {
-            id,
-            kind,
-            len,
-            sha256: id.0,
-            fec,
-        });
-        self.emitter.push(&header)?;
-        self.since_header = 0;
-        let Carousel {
-            emitter,
-            shards,
-            since_header,
-            settings,
-            control,
-            codecs,
-            ..
-        } = self;
-        let codec = codecs.get(fec)?;
-        // The group goes out shard index by shard index. Data shards need no
-        // coding, so parity is folded in one data index at a time as that
-        // index goes out: coding a whole group up front would stall the link
-        // for milliseconds, longer than the pacer's bucket holds at 1 Gb/s.
-        let mut folding: Option<u16> = None;
-        for (rel, index) in interleave(count, fec.total_shards(), count) {
-            if let Some(f) = folding.filter(|&f| f != index) {
-                for block in &mut shards[..count as usize] {
-                    codec.add_to_parity(f, block)?;
-                }
-                folding = None;
-            }
-            if index < fec.data_shards {
-                folding = Some(index);
-            }
-            if *since_header >= settings.header_every {
-                emitter.push(&header)?;
-                *since_header = 0;
-            }
-            emitter.push(&Body::Shard(ShardFrame {
-                object: id,
-                kind,
-                object_len: len,
-                fec,
-                block: start + rel,
-                index,
-                payload: &shards[rel as usize][index as usize],
-            }))?;
-            *since_header += 1;
-            if emitter.batch_len == 0 {
-                if shutdown.is_triggered() {
-                    return Ok(Some(Stop::Shutdown));
-                }
-                if control.is_paused() {
-                    tracing::info!(digest = %id, group, "paused mid-group; the group goes again on resume");
-                    return Ok(Some(Stop::Paused));
-                }
-            }
-        }
-        // On the wire before its progress is recorded.
-        self.emitter.flush()?;
-        Ok(None)
     }
 
     fn publish_status(&mut self) {
@@ -1210,6 +1154,7 @@ impl Carousel {
 mod tests {
     use super::*;
     use crate::objects::BlobMember;
+    use weir_proto::interleave;
 
     fn fec() -> FecParams {
         FecParams::new(4, 2, 10).unwrap() // 40 bytes per block
@@ -1538,6 +1483,131 @@ mod tests {
         );
         assert!(store.progress(&shared).unwrap().is_some());
         assert_eq!(carousel.schedule.image_count(), 1);
+    }
+
+    /// Keeps every frame, and can hold the link (paused) for a while.
+    #[derive(Clone, Default)]
+    struct RecordingSink(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl FrameSink for RecordingSink {
+        fn send(&mut self, frames: &[&[u8]]) -> Result<(), LinkError> {
+            let mut all = self.0.lock().unwrap();
+            all.extend(frames.iter().map(|f| f.to_vec()));
+            Ok(())
+        }
+        fn max_frame_len(&self) -> usize {
+            1400
+        }
+    }
+
+    /// The whole stage: groups sealed on workers come out in carousel
+    /// order, each (block, shard) once per pass, every number fresh to the
+    /// receiver's replay guard; heartbeats among them; the progress of
+    /// what was sent is persisted; a pause holds shard frames and resume
+    /// finishes the pass.
+    #[test]
+    fn sealed_groups_reach_the_link_in_order_and_a_pause_holds_them() {
+        use weir_proto::{Body, FrameOpener, KeyRing, ReplayGuard, ReplayVerdict};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ObjectStore::open(dir.path()).unwrap());
+        let fec = FecParams::new(4, 2, 100).unwrap();
+        let settings = CarouselSettings {
+            fec,
+            passes: 2,
+            retention_s: 0,
+            window_blocks: 2,
+            header_every: 7,
+            rate_bps: 400_000_000,
+            frame_overhead: 0,
+            datagram_size: 1400,
+            fingerprint: 0,
+            ledger_keep_records: 10_000,
+        };
+        let blob: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let blob_id = payload(&store, &blob, Duration::ZERO);
+        let image_id = payload(&store, b"the image object", Duration::ZERO);
+        let mut r = record(1, "pipe", &[]);
+        r.image = image_id.digest();
+        r.image_len = 16;
+        r.ingested_at = unix_now();
+        r.blobs = vec![BlobMember {
+            digest: blob_id.digest(),
+            size: blob.len() as u64,
+        }];
+        let key = Key::from_bytes(1, &[7; 32]).unwrap();
+        let sink = RecordingSink::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let control = Arc::new(CarouselControl::default());
+        control.pause();
+        let carousel = Carousel::new(
+            settings,
+            store.clone(),
+            Box::new(sink.clone()),
+            key.clone(),
+            9,
+            rx,
+            StatusBoard::new(),
+        )
+        .unwrap()
+        .with_control(control.clone());
+        let shutdown = Shutdown::new();
+        let running = std::thread::spawn({
+            let shutdown = shutdown.clone();
+            move || carousel.run(&shutdown)
+        });
+        tx.send(r).unwrap();
+        let opener = FrameOpener::new(KeyRing::new(vec![key]).unwrap());
+        let shards = |frames: &[Vec<u8>]| {
+            frames
+                .iter()
+                .filter(|f| matches!(opener.open(f).unwrap().body, Body::Shard(_)))
+                .count()
+        };
+        // Paused: heartbeats, no shard frame.
+        std::thread::sleep(Duration::from_millis(1300));
+        assert_eq!(shards(&sink.0.lock().unwrap()), 0);
+        control.resume();
+        let done = |id: &ObjectId| {
+            store
+                .progress(id)
+                .unwrap()
+                .is_some_and(|p| p.passes_done >= 2)
+        };
+        let t = Instant::now();
+        while !(done(&blob_id) && done(&image_id)) {
+            assert!(t.elapsed() < Duration::from_secs(20), "two passes not sent");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        shutdown.trigger();
+        running.join().unwrap().unwrap();
+
+        let frames = sink.0.lock().unwrap().clone();
+        let mut guard = ReplayGuard::new();
+        let mut blob_shards = HashMap::new();
+        let mut heartbeats = 0;
+        for f in &frames {
+            let frame = opener.open(f).unwrap();
+            let h = frame.header;
+            assert!(
+                matches!(
+                    guard.check(h.key_id, h.session_id, h.seq),
+                    ReplayVerdict::Fresh { .. }
+                ),
+                "seq {} refused",
+                h.seq
+            );
+            match frame.body {
+                Body::Shard(s) if s.object == blob_id => {
+                    *blob_shards.entry((s.block, s.index)).or_insert(0) += 1
+                }
+                Body::Heartbeat(_) => heartbeats += 1,
+                _ => {}
+            }
+        }
+        let per_pass = (fec.for_object(20_000).blocks_for(20_000) * 6) as usize;
+        assert_eq!(blob_shards.len(), per_pass);
+        assert!(blob_shards.values().all(|&n| n == 2), "{blob_shards:?}");
+        assert!(heartbeats >= 2, "heartbeats while paused and after");
     }
 
     #[test]

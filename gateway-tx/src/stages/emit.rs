@@ -1,9 +1,274 @@
-//! The link: builds the proto frame sink the configuration names.
+//! The link end: opens the frame sink the configuration names, and the
+//! emitter that puts sealed groups on it, in the order the carousel chose
+//! them, at the paced rate, with a heartbeat every second.
+//!
+//! Groups are sealed ahead on worker threads with sequence numbers the
+//! carousel reserved for them; a heartbeat takes the next number nobody
+//! holds, so it can pass the few groups waiting here. The carousel keeps
+//! what is reserved and not yet sent within half the receiver's replay
+//! window, so those groups still arrive inside it; frames held longer (a
+//! paused link, a group larger than that) get fresh numbers before they go.
 
 use crate::config::{LinkConfig, Transport};
-use std::time::Duration;
+use crate::objects::ObjectStore;
+use crate::pacing::{Pacer, RateMeter};
+use crate::stages::carousel::{CarouselControl, Ticket};
+use crate::stages::sealing::SealedGroup;
+use crate::status::StatusBoard;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 pub use weir_host::link_setup::LinkSetupError;
-use weir_host::{DirSink, FrameSink, LinkError, SerialSink, UdpSink};
+use weir_host::{DirSink, FrameSink, LinkError, SerialSink, Shutdown, UdpSink};
+use weir_proto::{Body, FrameSealer, Heartbeat};
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Frames numbered this far behind the newest number go again with fresh
+/// numbers: the receiver refuses what falls a whole window behind, and
+/// the diode may reorder a little on top.
+const RENUMBER_BEHIND: u64 = weir_proto::replay::WINDOW * 3 / 4;
+
+/// A group on its way: sealed by a worker, sent here in carousel order.
+pub struct Pending {
+    pub ticket: Ticket,
+    pub sealed: Receiver<Result<SealedGroup, String>>,
+}
+
+/// What became of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// All its frames are on the wire.
+    Sent,
+    /// Its payload could not be read; why.
+    Broken(String),
+    /// Shutdown came first; it counts as not sent.
+    Unsent,
+}
+
+/// Told back to the carousel, in the order the groups were given.
+pub struct Done {
+    pub ticket: Ticket,
+    pub outcome: Outcome,
+}
+
+/// What heartbeats say of the carousel; it keeps these up to date.
+#[derive(Debug, Default)]
+pub struct CarouselGauges {
+    pub queued_objects: AtomicU32,
+    pub pass: AtomicU64,
+}
+
+/// Puts sealed groups on the link; heartbeats in between and when idle.
+pub struct Emitter {
+    pub(crate) sealer: FrameSealer,
+    pub(crate) sink: Box<dyn FrameSink>,
+    pub(crate) pacer: Pacer,
+    pub(crate) batch_max: usize,
+    pub(crate) frame_overhead: u64,
+    pub(crate) started: Instant,
+    pub(crate) last_heartbeat: Option<Instant>,
+    pub(crate) fingerprint: u64,
+    pub(crate) gauges: Arc<CarouselGauges>,
+    /// The next sequence number no group or heartbeat holds.
+    pub(crate) next_seq: Arc<AtomicU64>,
+    pub(crate) control: Arc<CarouselControl>,
+    pub(crate) meter: RateMeter,
+    pub(crate) frames: u64,
+    pub(crate) bytes: u64,
+    pub(crate) shard_frames: u64,
+    pub(crate) heartbeats: u64,
+    pub(crate) link_errors: u64,
+    pub(crate) last_link_error: Option<String>,
+    pub(crate) status: StatusBoard,
+    pub(crate) rate_bps: u64,
+    /// Where the image ledger's head is read for each heartbeat.
+    pub(crate) store: Arc<ObjectStore>,
+    pub(crate) heartbeat_frame: Vec<u8>,
+}
+
+impl Emitter {
+    /// Sends what `pending` brings until the carousel hangs up or shutdown;
+    /// every group is told back on `done`, and its buffer returned to
+    /// `free`. A frame larger than the link takes is a bug: it stops the
+    /// gateway.
+    pub fn run(
+        mut self,
+        pending: Receiver<Pending>,
+        done: Sender<Done>,
+        free: &Mutex<Vec<SealedGroup>>,
+        shutdown: &Shutdown,
+    ) -> Result<(), LinkError> {
+        let result = self.run_loop(pending, done, free, shutdown);
+        self.publish_wire();
+        if result.is_err() {
+            shutdown.trigger();
+        }
+        result
+    }
+
+    fn run_loop(
+        &mut self,
+        pending: Receiver<Pending>,
+        done: Sender<Done>,
+        free: &Mutex<Vec<SealedGroup>>,
+        shutdown: &Shutdown,
+    ) -> Result<(), LinkError> {
+        loop {
+            if shutdown.is_triggered() {
+                return Ok(());
+            }
+            if self.heartbeat_due() {
+                self.send_heartbeat()?;
+            }
+            let wait = HEARTBEAT_EVERY
+                .saturating_sub(self.last_heartbeat.map(|t| t.elapsed()).unwrap_or_default())
+                .min(Duration::from_millis(100));
+            let p = match pending.recv_timeout(wait) {
+                Ok(p) => p,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            };
+            let outcome = match p.sealed.recv() {
+                Ok(Ok(mut group)) => {
+                    let outcome = self.send_group(&mut group, shutdown)?;
+                    free.lock().unwrap_or_else(|e| e.into_inner()).push(group);
+                    outcome
+                }
+                Ok(Err(why)) => Outcome::Broken(why),
+                // The workers stopped: shutdown.
+                Err(_) => Outcome::Unsent,
+            };
+            let stop = outcome == Outcome::Unsent;
+            if done
+                .send(Done {
+                    ticket: p.ticket,
+                    outcome,
+                })
+                .is_err()
+                || stop
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    fn heartbeat_due(&self) -> bool {
+        self.last_heartbeat
+            .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY)
+    }
+
+    /// Sends `group` batch by batch; holds it while the console has the
+    /// link paused (heartbeats go on).
+    fn send_group(
+        &mut self,
+        group: &mut SealedGroup,
+        shutdown: &Shutdown,
+    ) -> Result<Outcome, LinkError> {
+        let mut at = 0;
+        let mut said_paused = false;
+        while at < group.len() {
+            if shutdown.is_triggered() {
+                return Ok(Outcome::Unsent);
+            }
+            if self.control.is_paused() {
+                if !said_paused {
+                    tracing::info!(sent = at, left = group.len() - at,
+                        "paused mid-group; the rest of the group goes on resume");
+                    said_paused = true;
+                }
+                if self.heartbeat_due() {
+                    self.send_heartbeat()?;
+                }
+                shutdown.sleep(Duration::from_millis(20));
+                continue;
+            }
+            if self.heartbeat_due() {
+                self.send_heartbeat()?;
+            }
+            let newest = self.next_seq.load(Ordering::SeqCst);
+            if newest.saturating_sub(group.seq_of(at)) >= RENUMBER_BEHIND {
+                let left = (group.len() - at) as u64;
+                let first = self.next_seq.fetch_add(left, Ordering::SeqCst);
+                tracing::debug!(frames = left, from = first, "held frames renumbered");
+                group.renumber_from(at, first, &self.sealer);
+            }
+            let end = (at + self.batch_max).min(group.len());
+            let shards = (at..end).filter(|&i| group.is_shard(i)).count() as u64;
+            let frames: Vec<&[u8]> = group.frames(at, end).collect();
+            self.send_batch(&frames)?;
+            self.shard_frames += shards;
+            at = end;
+        }
+        Ok(Outcome::Sent)
+    }
+
+    fn send_heartbeat(&mut self) -> Result<(), LinkError> {
+        self.last_heartbeat = Some(Instant::now());
+        let ledger = self.store.ledger_head();
+        let hb = Body::Heartbeat(Heartbeat {
+            uptime_s: self.started.elapsed().as_secs(),
+            queued_objects: self.gauges.queued_objects.load(Ordering::Relaxed),
+            pass: self.gauges.pass.load(Ordering::Relaxed),
+            config_fingerprint: self.fingerprint,
+            sent_frames: self.frames,
+            ledger: Some(ledger),
+        });
+        self.heartbeats += 1;
+        self.publish_wire();
+        self.status.update(|s| s.ledger = Some(ledger));
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        let mut frame = std::mem::take(&mut self.heartbeat_frame);
+        frame.clear();
+        self.sealer.seal_numbered(seq, &hb, &mut frame);
+        let result = self.send_batch(&[&frame]);
+        self.heartbeat_frame = frame;
+        result
+    }
+
+    fn publish_wire(&mut self) {
+        let measured = self.meter.rate_bps(Instant::now());
+        self.status.update(|s| {
+            s.uptime_s = self.started.elapsed().as_secs();
+            s.wire.rate_bps = self.rate_bps;
+            s.wire.measured_bps = measured;
+            s.wire.frames = self.frames;
+            s.wire.bytes = self.bytes;
+            s.wire.shard_frames = self.shard_frames;
+            s.wire.heartbeats = self.heartbeats;
+            s.wire.link_errors = self.link_errors;
+            s.wire.last_link_error.clone_from(&self.last_link_error);
+        });
+    }
+
+    /// Paces and sends one batch. Transport errors lose the frames, as a
+    /// diode would, and are counted; a frame too large is a bug.
+    fn send_batch(&mut self, frames: &[&[u8]]) -> Result<(), LinkError> {
+        let wire: u64 = frames
+            .iter()
+            .map(|f| f.len() as u64 + self.frame_overhead)
+            .sum();
+        self.pacer.acquire(wire);
+        let n = frames.len() as u64;
+        match self.sink.send(frames) {
+            Ok(()) => {
+                self.frames += n;
+                self.bytes += wire;
+                self.meter.add(wire, Instant::now());
+                Ok(())
+            }
+            Err(e @ LinkError::FrameTooLarge { .. }) => Err(e),
+            Err(e) => {
+                self.link_errors += 1;
+                self.last_link_error = Some(e.to_string());
+                if self.link_errors == 1 || self.link_errors.is_multiple_of(1000) {
+                    tracing::warn!(error = %e, errors = self.link_errors, "link send failed; frames lost");
+                }
+                Ok(())
+            }
+        }
+    }
+}
 
 /// Opens the sending end of the configured link.
 pub fn open_sink(config: &LinkConfig) -> Result<Box<dyn FrameSink>, LinkSetupError> {

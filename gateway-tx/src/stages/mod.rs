@@ -1,9 +1,9 @@
 //! The sender's stages, one module each, in the order an image meets them:
 //!
 //! ```text
-//!  spool_dir ──▶ ingest ──▶ policy ──▶ object store ──▶ carousel ──▶ emit
-//!               (archives)  (rules,     (payload files   (FEC, seal,  (udp, serial,
-//!                            scans)      + sled)          pacing)      dir outbox)
+//!  spool_dir ──▶ ingest ──▶ policy ──▶ object store ──▶ carousel ──▶ sealing ──▶ emit
+//!               (archives)  (rules,     (payload files   (schedule,   (FEC, HMAC,  (order, pacing,
+//!                            scans)      + sled)          passes)      workers)     heartbeats, link)
 //!                               report: status.json, LEDs, console
 //! ```
 //!
@@ -16,3 +16,4 @@ pub mod ingest;
 pub mod policy;
 pub mod pull;
 pub mod report;
+pub mod sealing;

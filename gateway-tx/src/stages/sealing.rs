@@ -1,0 +1,336 @@
+//! Sealing: one group of an object turned into its frames, on worker
+//! threads, so that coding and signing use every core while the link sends
+//! earlier groups in order.
+//!
+//! A [`GroupJob`] names the group (object, first block, block count) and
+//! the sequence numbers the carousel reserved for it. A worker reads the
+//! blocks from the payload file, computes their parity, and seals the
+//! group's frames in wire order into one [`SealedGroup`]: the object header
+//! first and again before every `header_every`-th shard frame after it,
+//! the shards index by index across the group's blocks (proto's
+//! interleave), so that a burst of lost frames costs each block few shards.
+//! The frames are numbered `first_seq`, `first_seq + 1`, … in that order.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Mutex;
+use weir_proto::{
+    interleave, Body, Codecs, FecParams, FrameSealer, ObjectHeader, ObjectId, ObjectKind,
+    ShardFrame,
+};
+
+/// Frames of a group of `blocks` blocks: its shard frames and the object
+/// headers among them.
+pub fn group_frames(blocks: u32, fec: FecParams, header_every: u32) -> u64 {
+    let shards = u64::from(blocks) * u64::from(fec.total_shards());
+    1 + shards.saturating_sub(1) / u64::from(header_every.max(1)) + shards
+}
+
+/// One group to seal.
+#[derive(Debug, Clone)]
+pub struct GroupJob {
+    pub object: ObjectId,
+    pub kind: ObjectKind,
+    pub len: u64,
+    /// The object's parameters ([`FecParams::for_object`]).
+    pub fec: FecParams,
+    pub first_block: u32,
+    pub blocks: u32,
+    pub path: PathBuf,
+    pub first_seq: u64,
+    pub header_every: u32,
+}
+
+/// A group's frames, back to back, in wire order.
+#[derive(Debug, Default)]
+pub struct SealedGroup {
+    bytes: Vec<u8>,
+    /// Where each frame ends in `bytes`.
+    ends: Vec<usize>,
+    first_seq: u64,
+    shard_frames: u64,
+}
+
+impl SealedGroup {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn shard_frames(&self) -> u64 {
+        self.shard_frames
+    }
+
+    /// Sequence number of frame `i`.
+    pub fn seq_of(&self, i: usize) -> u64 {
+        self.first_seq + i as u64
+    }
+
+    fn range(&self, i: usize) -> std::ops::Range<usize> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        start..self.ends[i]
+    }
+
+    /// Frames `from..to`.
+    pub fn frames(&self, from: usize, to: usize) -> impl Iterator<Item = &[u8]> + '_ {
+        (from..to).map(|i| &self.bytes[self.range(i)])
+    }
+
+    /// Whether frame `i` is a shard frame (the others are headers).
+    pub fn is_shard(&self, i: usize) -> bool {
+        self.bytes.get(self.range(i).start + 5) == Some(&(weir_proto::FrameKind::Shard as u8))
+    }
+
+    /// Numbers frames `from..` anew from `first`: frames held back (a
+    /// paused link) must not fall behind the receiver's replay window.
+    pub fn renumber_from(&mut self, from: usize, first: u64, sealer: &FrameSealer) {
+        for i in from..self.len() {
+            let r = self.range(i);
+            sealer.renumber(&mut self.bytes[r], first + (i - from) as u64);
+        }
+        self.first_seq = first.wrapping_sub(from as u64);
+    }
+
+    fn clear(&mut self, first_seq: u64) {
+        self.bytes.clear();
+        self.ends.clear();
+        self.first_seq = first_seq;
+        self.shard_frames = 0;
+    }
+}
+
+/// A worker's tools: its copy of the sealer, codecs, and block buffers
+/// reused from group to group.
+pub struct GroupSealer {
+    sealer: FrameSealer,
+    codecs: Codecs,
+    block: Vec<u8>,
+    shards: Vec<Vec<Vec<u8>>>,
+}
+
+impl GroupSealer {
+    pub fn new(sealer: FrameSealer) -> Self {
+        GroupSealer {
+            sealer,
+            codecs: Codecs::default(),
+            block: Vec::new(),
+            shards: Vec::new(),
+        }
+    }
+
+    /// Seals `job` into `out`. An error names why the payload cannot be
+    /// sent (missing, short, unreadable file).
+    pub fn seal(&mut self, job: &GroupJob, out: &mut SealedGroup) -> Result<(), String> {
+        out.clear(job.first_seq);
+        let file = File::open(&job.path).map_err(|e| format!("{}: {e}", job.path.display()))?;
+        let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if on_disk != job.len {
+            return Err(format!(
+                "{} is {on_disk} bytes, expected {}",
+                job.path.display(),
+                job.len
+            ));
+        }
+        let fec = job.fec;
+        let codec = self.codecs.get(fec).map_err(|e| e.to_string())?;
+        let count = job.blocks as usize;
+        if self.shards.len() < count {
+            self.shards.resize_with(count, Vec::new);
+        }
+        self.block.resize(fec.block_bytes() as usize, 0);
+        for rel in 0..job.blocks {
+            let b = job.first_block + rel;
+            let n = fec.block_len(job.len, b);
+            file.read_exact_at(&mut self.block[..n], u64::from(b) * fec.block_bytes())
+                .map_err(|e| format!("{}: {e}", job.path.display()))?;
+            codec
+                .encode(&self.block[..n], &mut self.shards[rel as usize])
+                .map_err(|e| e.to_string())?;
+        }
+        let header = Body::ObjectHeader(ObjectHeader {
+            id: job.object,
+            kind: job.kind,
+            len: job.len,
+            sha256: job.object.0,
+            fec,
+        });
+        let frames = group_frames(job.blocks, fec, job.header_every) as usize;
+        out.bytes.reserve(frames * (fec.shard_size as usize + 128));
+        let mut seq = job.first_seq;
+        let mut push = |out: &mut SealedGroup, body: &Body<'_>| {
+            self.sealer.seal_numbered(seq, body, &mut out.bytes);
+            out.ends.push(out.bytes.len());
+            seq += 1;
+        };
+        push(out, &header);
+        let mut since_header = 0;
+        for (rel, index) in interleave(job.blocks, fec.total_shards(), job.blocks) {
+            if since_header >= job.header_every {
+                push(out, &header);
+                since_header = 0;
+            }
+            push(
+                out,
+                &Body::Shard(ShardFrame {
+                    object: job.object,
+                    kind: job.kind,
+                    object_len: job.len,
+                    fec,
+                    block: job.first_block + rel,
+                    index,
+                    payload: &self.shards[rel as usize][index as usize],
+                }),
+            );
+            out.shard_frames += 1;
+            since_header += 1;
+        }
+        debug_assert_eq!(out.len(), frames);
+        Ok(())
+    }
+}
+
+/// A job and where its result goes.
+pub struct Work {
+    pub job: GroupJob,
+    pub reply: SyncSender<Result<SealedGroup, String>>,
+}
+
+/// Seals jobs until the carousel hangs up. Buffers come from `free` (the
+/// link gives them back once sent), so memory stays a few groups' worth.
+pub fn run_worker(jobs: &Mutex<Receiver<Work>>, free: &Mutex<Vec<SealedGroup>>, sealer: FrameSealer) {
+    let mut tools = GroupSealer::new(sealer);
+    loop {
+        let work = {
+            let jobs = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            match jobs.recv() {
+                Ok(w) => w,
+                Err(_) => return,
+            }
+        };
+        let mut out = free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
+        let result = tools.seal(&work.job, &mut out).map(|()| out);
+        // The link stopped (shutdown): nobody wants the result.
+        let _ = work.reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_proto::{Frame, FrameOpener, Key, KeyRing};
+
+    fn key() -> Key {
+        Key::from_bytes(1, &[9; 32]).unwrap()
+    }
+
+    fn open(frame: &[u8]) -> Frame<'_> {
+        FrameOpener::new(KeyRing::new(vec![key()]).unwrap())
+            .open(frame)
+            .unwrap()
+    }
+
+    fn job(dir: &std::path::Path, data: &[u8], fec: FecParams, header_every: u32) -> GroupJob {
+        let path = dir.join("payload");
+        std::fs::write(&path, data).unwrap();
+        let len = data.len() as u64;
+        let fec = fec.for_object(len);
+        GroupJob {
+            object: ObjectId([3; 32]),
+            kind: ObjectKind::Blob,
+            len,
+            fec,
+            first_block: 0,
+            blocks: fec.blocks_for(len),
+            path,
+            first_seq: 100,
+            header_every,
+        }
+    }
+
+    #[test]
+    fn a_group_is_sealed_in_wire_order_with_consecutive_numbers_and_the_data_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let fec = FecParams::new(4, 2, 100).unwrap();
+        let job = job(dir.path(), &data, fec, 5);
+        let mut out = SealedGroup::default();
+        GroupSealer::new(FrameSealer::new(key(), 1))
+            .seal(&job, &mut out)
+            .unwrap();
+        let blocks = job.blocks;
+        assert_eq!(out.len() as u64, group_frames(blocks, job.fec, 5));
+        assert_eq!(out.shard_frames(), u64::from(blocks) * 6);
+        let mut rebuilt = vec![0u8; blocks as usize * 400];
+        let mut order = Vec::new();
+        let mut since_header = 0;
+        for (i, f) in out.frames(0, out.len()).enumerate() {
+            let frame = open(f);
+            assert_eq!(frame.header.seq, 100 + i as u64);
+            match frame.body {
+                Body::ObjectHeader(h) => {
+                    assert!(i == 0 || since_header == 5, "header at {i}");
+                    assert!(!out.is_shard(i));
+                    assert_eq!((h.id, h.len), (job.object, 3000));
+                    since_header = 0;
+                }
+                Body::Shard(s) => {
+                    assert!(out.is_shard(i));
+                    order.push((s.block, s.index));
+                    if s.index < 4 {
+                        let at = (s.block as usize * 4 + s.index as usize) * 100;
+                        rebuilt[at..at + 100].copy_from_slice(s.payload);
+                    }
+                    since_header += 1;
+                }
+                Body::Heartbeat(_) => panic!("no heartbeat in a group"),
+            }
+        }
+        let expected: Vec<_> = interleave(blocks, 6, blocks).collect();
+        assert_eq!(order, expected);
+        assert_eq!(&rebuilt[..3000], &data[..]);
+    }
+
+    #[test]
+    fn a_payload_of_the_wrong_size_is_named_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let fec = FecParams::new(4, 2, 100).unwrap();
+        let mut job = job(dir.path(), &[1; 500], fec, 256);
+        job.len = 600;
+        let mut out = SealedGroup::default();
+        let err = GroupSealer::new(FrameSealer::new(key(), 1))
+            .seal(&job, &mut out)
+            .unwrap_err();
+        assert!(err.contains("expected 600"), "{err}");
+        std::fs::remove_file(&job.path).unwrap();
+        let err = GroupSealer::new(FrameSealer::new(key(), 1))
+            .seal(&job, &mut out)
+            .unwrap_err();
+        assert!(err.contains("payload"), "{err}");
+    }
+
+    #[test]
+    fn renumbered_frames_carry_fresh_numbers_from_where_the_link_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let fec = FecParams::new(4, 2, 100).unwrap();
+        let job = job(dir.path(), &[5; 800], fec, 256);
+        let sealer = FrameSealer::new(key(), 1);
+        let mut out = SealedGroup::default();
+        GroupSealer::new(sealer.clone())
+            .seal(&job, &mut out)
+            .unwrap();
+        out.renumber_from(3, 50_000, &sealer);
+        let seqs: Vec<u64> = out.frames(0, out.len()).map(|f| open(f).header.seq).collect();
+        assert_eq!(&seqs[..3], &[100, 101, 102]);
+        assert!(seqs[3..].iter().copied().eq(50_000..50_000 + (seqs.len() as u64 - 3)));
+        assert_eq!(out.seq_of(3), 50_000);
+    }
+}
