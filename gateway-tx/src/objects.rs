@@ -2,7 +2,13 @@
 //!
 //! Payloads (blobs, image objects) are files `state_dir/objects/<hex>`,
 //! written under `state_dir/objects/tmp/`, fsynced, renamed into place and
-//! the directory fsynced: a file under its final name is always whole. sled
+//! the directory fsynced: a file under its final name is always whole. A
+//! blob that is a member of a dropped archive as it is (an OCI archive's
+//! blobs, compressed layers) is not copied: the archive is hard-linked
+//! into `state_dir/objects/archives/` (fsynced once) and the blob is a
+//! small `objects/<hex>.extent` file naming that link, the offset and the
+//! length, written the same way. Where the link cannot be made (the spool
+//! on another file system) the blob is copied as before. sled
 //! (`state_dir/db`) keeps only small records:
 //!
 //! | tree | key | value |
@@ -69,6 +75,35 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Where a payload's bytes are: its own file, or a range of a dropped
+/// archive the store holds a hard link to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadSource {
+    pub path: PathBuf,
+    pub offset: u64,
+    /// The payload's length (the file's, or the extent's).
+    pub len: u64,
+}
+
+/// The content of an `<hex>.extent` file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Extent {
+    /// File name under `objects/archives/`.
+    archive: String,
+    offset: u64,
+    len: u64,
+}
+
+/// Largest `.extent` file read: they are a line of JSON.
+const MAX_EXTENT_FILE: u64 = 4096;
+
+/// A dropped archive hard-linked into the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkedArchive {
+    name: String,
+    path: PathBuf,
 }
 
 /// One blob an image names, as the queue keeps it.
@@ -216,6 +251,10 @@ pub struct ObjectStore {
     meta: sled::Tree,
     pull_refusals: sled::Tree,
     ledger: LedgerChain,
+    archives_dir: PathBuf,
+    /// Archives linked by this process, by (device, inode) of the drop: the
+    /// blobs of one drop share one link.
+    linked: std::sync::Mutex<std::collections::HashMap<(u64, u64), LinkedArchive>>,
 }
 
 /// A pulled image the policy refused: not tried again until its digest or
@@ -264,9 +303,13 @@ impl ObjectStore {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        let archives_dir = objects_dir.join("archives");
+        std::fs::create_dir_all(&archives_dir).map_err(io("creating", &archives_dir))?;
         let db = StateDb::open(&state_dir.join("db"))?;
         let ledger = LedgerChain::open(&db, state_dir)?;
         Ok(ObjectStore {
+            archives_dir,
+            linked: Default::default(),
             ledger,
             images: db.tree("images")?,
             progress: db.tree("progress")?,
@@ -294,25 +337,81 @@ impl ObjectStore {
         self.objects_dir.join(id.hex())
     }
 
+    fn extent_path(&self, id: &ObjectId) -> PathBuf {
+        self.objects_dir.join(format!("{}.extent", id.hex()))
+    }
+
     pub fn has_object(&self, id: &ObjectId) -> bool {
-        self.object_path(id).is_file()
+        self.object_path(id).is_file() || self.extent_path(id).is_file()
+    }
+
+    /// Where the payload's bytes are, if it is here. An extent file that
+    /// does not parse or names something outside the archives folder is
+    /// an error: the store wrote it.
+    pub fn payload(&self, id: &ObjectId) -> Result<Option<PayloadSource>, StoreError> {
+        let file = self.object_path(id);
+        if let Ok(m) = std::fs::metadata(&file) {
+            if m.is_file() {
+                return Ok(Some(PayloadSource {
+                    path: file,
+                    offset: 0,
+                    len: m.len(),
+                }));
+            }
+        }
+        let path = self.extent_path(id);
+        let bytes = match File::open(&path) {
+            Ok(f) => {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_EXTENT_FILE), &mut v)
+                    .map_err(io("reading", &path))?;
+                v
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("reading", &path)(e)),
+        };
+        let key = path.display().to_string();
+        let extent: Extent = from_json(key.as_bytes(), &bytes)?;
+        if extent.archive.is_empty()
+            || extent.archive.contains('/')
+            || extent.archive.starts_with('.')
+        {
+            return Err(StoreError::Io {
+                what: "reading",
+                path,
+                source: std::io::Error::other(format!("archive name {:?}", extent.archive)),
+            });
+        }
+        Ok(Some(PayloadSource {
+            path: self.archives_dir.join(&extent.archive),
+            offset: extent.offset,
+            len: extent.len,
+        }))
     }
 
     /// True if the payload is here; marks it as just used, so the sweep of
     /// unreferenced files (which spares recent ones) cannot take it while
     /// the ingest that reuses it has not committed yet.
     pub fn reuse(&self, id: &ObjectId) -> bool {
-        let p = self.object_path(id);
-        match std::fs::File::options().append(true).open(&p) {
-            Ok(f) => {
-                let _ = f.set_modified(std::time::SystemTime::now());
-                true
-            }
-            Err(_) => false,
-        }
+        [self.object_path(id), self.extent_path(id)]
+            .iter()
+            .any(|p| match std::fs::File::options().append(true).open(p) {
+                Ok(f) => {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                    true
+                }
+                Err(_) => false,
+            })
     }
 
-    /// Payload files in the store: (id, modified time).
+    /// When the payload's file or extent was last written or reused.
+    pub fn modified(&self, id: &ObjectId) -> Option<std::time::SystemTime> {
+        [self.object_path(id), self.extent_path(id)]
+            .iter()
+            .find_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+    }
+
+    /// Payloads in the store: (id, modified time of its file or extent).
     pub fn stored_objects(&self) -> Result<Vec<(ObjectId, std::time::SystemTime)>, StoreError> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&self.objects_dir).map_err(io("listing", &self.objects_dir))? {
@@ -320,9 +419,10 @@ impl ObjectStore {
             let name = e.file_name();
             let Some(id) = name
                 .to_str()
+                .map(|n| n.strip_suffix(".extent").unwrap_or(n))
                 .and_then(|n| ObjectId::from_digest(&format!("sha256:{n}")).ok())
             else {
-                continue; // tmp/ and anything else
+                continue; // tmp/, archives/ and anything else
             };
             let modified = e
                 .metadata()
@@ -331,6 +431,119 @@ impl ObjectStore {
             out.push((id, modified));
         }
         Ok(out)
+    }
+
+    /// Hard-links the archive `drop` into the store and makes its bytes
+    /// durable, once per archive; `None` where no link can be made (another
+    /// file system): the caller copies instead.
+    pub fn link_archive(&self, drop: &Path) -> Result<Option<LinkedArchive>, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(drop).map_err(io("reading", drop))?;
+        let key = (meta.dev(), meta.ino());
+        let mut linked = self.linked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = linked.get(&key) {
+            let same = std::fs::metadata(&l.path).is_ok_and(|m| (m.dev(), m.ino()) == key);
+            if same {
+                return Ok(Some(l.clone()));
+            }
+            linked.remove(&key);
+        }
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{}-{}-{n}.tar", unix_now(), std::process::id());
+        let path = self.archives_dir.join(&name);
+        if let Err(e) = std::fs::hard_link(drop, &path) {
+            tracing::debug!(drop = %drop.display(), error = %e,
+                "archive not linked into the state directory; its blobs are copied");
+            return Ok(None);
+        }
+        // The drop's bytes may still be in the page cache only.
+        File::open(&path)
+            .and_then(|f| f.sync_data())
+            .map_err(io("syncing", &path))?;
+        fsync_dir(&self.archives_dir).map_err(io("syncing directory", &self.archives_dir))?;
+        let l = LinkedArchive { name, path };
+        linked.insert(key, l.clone());
+        Ok(Some(l))
+    }
+
+    /// Records that the payload `id` is `len` bytes at `offset` of a linked
+    /// archive. The caller has checked the bytes hash to `id`.
+    pub fn put_extent(
+        &self,
+        archive: &LinkedArchive,
+        offset: u64,
+        len: u64,
+        id: &ObjectId,
+    ) -> Result<StoredObject, StoreError> {
+        if self.reuse(id) {
+            return Ok(StoredObject { id: *id, len });
+        }
+        let extent = Extent {
+            archive: archive.name.clone(),
+            offset,
+            len,
+        };
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .tmp_dir
+            .join(format!("{}-extent-{n}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&to_json(&extent))?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io("writing", &tmp)(e));
+        }
+        let final_path = self.extent_path(id);
+        std::fs::rename(&tmp, &final_path).map_err(io("renaming into", &final_path))?;
+        fsync_dir(&self.objects_dir).map_err(io("syncing directory", &self.objects_dir))?;
+        weir_host::crash::crash_point("tx.objects.payload-stored");
+        Ok(StoredObject { id: *id, len })
+    }
+
+    /// Removes linked archives no extent names any more, once older than
+    /// `grace` (an ingest links its archive before it writes the extents).
+    /// Returns how many went.
+    pub fn sweep_archives(&self, grace: std::time::Duration) -> Result<usize, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let mut named = std::collections::HashSet::new();
+        for e in std::fs::read_dir(&self.objects_dir).map_err(io("listing", &self.objects_dir))? {
+            let e = e.map_err(io("listing", &self.objects_dir))?;
+            let name = e.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".extent")) else {
+                continue;
+            };
+            let Ok(id) = ObjectId::from_digest(&format!("sha256:{hex}")) else {
+                continue;
+            };
+            if let Ok(Some(src)) = self.payload(&id) {
+                if let Some(f) = src.path.file_name() {
+                    named.insert(f.to_os_string());
+                }
+            }
+        }
+        let now = unix_now() as i64;
+        let mut removed = 0;
+        for e in std::fs::read_dir(&self.archives_dir).map_err(io("listing", &self.archives_dir))? {
+            let e = e.map_err(io("listing", &self.archives_dir))?;
+            if named.contains(&e.file_name()) {
+                continue;
+            }
+            // The link itself changed the inode's ctime: its age in the store.
+            let age = e.metadata().map(|m| now - m.ctime()).unwrap_or(0);
+            if age >= grace.as_secs() as i64 {
+                let p = e.path();
+                std::fs::remove_file(&p).map_err(io("removing", &p))?;
+                let mut linked = self.linked.lock().unwrap_or_else(|e| e.into_inner());
+                linked.retain(|_, l| l.path != p);
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Starts writing a payload; the id is known once it is finished.
@@ -364,13 +577,18 @@ impl ObjectStore {
         w.finish(Some(&id))
     }
 
-    /// Deletes a payload file (retention expired).
+    /// Deletes a payload file or extent (retention expired); a linked
+    /// archive goes once no extent names it ([`sweep_archives`](Self::sweep_archives)).
     pub fn remove_object(&self, id: &ObjectId) -> Result<(), StoreError> {
-        let p = self.object_path(id);
-        match std::fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("removing", &p)(e)),
-            _ => Ok(()),
+        for p in [self.object_path(id), self.extent_path(id)] {
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io("removing", &p)(e))
+                }
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     // ---- session ----
@@ -740,6 +958,71 @@ impl Drop for ObjectWriter {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A blob kept as a range of a hard-linked drop: readable where the
+    /// store says, the same inode as the drop (no copy), shared by the
+    /// blobs of one drop; removed with its extent, and the archive swept
+    /// once nothing names it.
+    #[test]
+    fn a_blob_in_a_linked_archive_is_a_range_of_the_drop_not_a_copy() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(&dir.path().join("state")).unwrap();
+        let drop = dir.path().join("drop.tar");
+        std::fs::write(&drop, b"....blob-one....blob-two").unwrap();
+        let a = store.link_archive(&drop).unwrap().unwrap();
+        assert_eq!(
+            store.link_archive(&drop).unwrap().unwrap(),
+            a,
+            "one link per drop"
+        );
+        let one = ObjectId::of_bytes(b"blob-one");
+        let two = ObjectId::of_bytes(b"blob-two");
+        store.put_extent(&a, 4, 8, &one).unwrap();
+        store.put_extent(&a, 16, 8, &two).unwrap();
+        for (id, want) in [(one, b"blob-one"), (two, b"blob-two")] {
+            assert!(store.has_object(&id));
+            let src = store.payload(&id).unwrap().unwrap();
+            assert_eq!(
+                std::fs::metadata(&src.path).unwrap().ino(),
+                std::fs::metadata(&drop).unwrap().ino()
+            );
+            let mut got = vec![0; src.len as usize];
+            File::open(&src.path)
+                .unwrap()
+                .read_exact_at(&mut got, src.offset)
+                .unwrap();
+            assert_eq!(&got, want);
+        }
+        let listed: Vec<ObjectId> = store
+            .stored_objects()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert!(listed.contains(&one) && listed.contains(&two));
+        store.remove_object(&one).unwrap();
+        assert!(!store.has_object(&one));
+        assert_eq!(store.sweep_archives(std::time::Duration::ZERO).unwrap(), 0);
+        store.remove_object(&two).unwrap();
+        assert_eq!(
+            store
+                .sweep_archives(std::time::Duration::from_secs(3600))
+                .unwrap(),
+            0,
+            "a link younger than the grace may belong to an ingest under way"
+        );
+        assert_eq!(store.sweep_archives(std::time::Duration::ZERO).unwrap(), 1);
+        assert!(!a.path.exists() && drop.exists());
+        // A hand-edited extent pointing outside the store is refused.
+        std::fs::write(
+            dir.path()
+                .join(format!("state/objects/{}.extent", one.hex())),
+            br#"{"archive":"../../etc/passwd","offset":0,"len":1}"#,
+        )
+        .unwrap();
+        assert!(store.payload(&one).is_err());
+    }
 
     #[test]
     fn payload_lands_whole_under_its_digest() {

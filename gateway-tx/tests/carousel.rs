@@ -141,7 +141,7 @@ fn restart_mid_pass_resumes_where_it_stopped() {
     assert!(!sent_first.is_empty());
     let store = ObjectStore::open(&setup.config.state_dir).unwrap();
     let saved = store.progress(&layer).unwrap().unwrap();
-    let len = std::fs::metadata(store.object_path(&layer)).unwrap().len();
+    let len = store.payload(&layer).unwrap().unwrap().len;
     drop(store);
     assert_eq!(saved.passes_done, 0);
     assert!(saved.next_group > 0, "{saved:?}");

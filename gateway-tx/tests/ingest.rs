@@ -68,8 +68,16 @@ impl Harness {
     }
 
     fn object(&self, digest: &str) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
         let id = ObjectId::from_digest(digest).unwrap();
-        std::fs::read(self.store.object_path(&id)).unwrap()
+        // A payload file, or a range of the linked archive.
+        let src = self.store.payload(&id).unwrap().unwrap();
+        let mut bytes = vec![0; src.len as usize];
+        std::fs::File::open(&src.path)
+            .unwrap()
+            .read_exact_at(&mut bytes, src.offset)
+            .unwrap();
+        bytes
     }
 
     fn manifest(&self, image: &ImageRecord) -> TransferManifest {

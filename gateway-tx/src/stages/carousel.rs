@@ -985,6 +985,17 @@ impl Carousel {
                 Err(RecvTimeoutError::Disconnected) => return Ok(true),
             }
         }
+        let source = match self.store.payload(&object) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.payload_unusable(&object, "payload missing from the object store");
+                return Ok(false);
+            }
+            Err(e) => {
+                self.payload_unusable(&object, &e.to_string());
+                return Ok(false);
+            }
+        };
         let first_seq = self.next_seq.fetch_add(frames, Ordering::SeqCst);
         let (reply, sealed) = std::sync::mpsc::sync_channel(1);
         let job = GroupJob {
@@ -994,7 +1005,8 @@ impl Carousel {
             fec,
             first_block,
             blocks,
-            path: self.store.object_path(&object),
+            path: source.path,
+            offset: source.offset,
             first_seq,
             header_every: self.settings.header_every,
         };
@@ -1039,15 +1051,17 @@ impl Carousel {
                     self.store.set_progress(&t.object, &persisted)?;
                 }
             }
-            Outcome::Broken(why) => {
-                if self.schedule.mark_broken(&t.object) {
-                    tracing::error!(digest = %t.object, error = %why,
-                        "object payload unusable; it is no longer sent");
-                }
-            }
+            Outcome::Broken(why) => self.payload_unusable(&t.object, &why),
             Outcome::Unsent => {}
         }
         Ok(())
+    }
+
+    fn payload_unusable(&mut self, object: &ObjectId, why: &str) {
+        if self.schedule.mark_broken(object) {
+            tracing::error!(digest = %object, error = %why,
+                "object payload unusable; it is no longer sent");
+        }
     }
 
     /// Owes the images the console asked for new passes, and persists it.
@@ -1126,13 +1140,9 @@ impl Carousel {
         };
         // Looked at just before: an ingest may have reused a payload since
         // (a new drop with a shared layer touches it before it commits).
-        let still_old = |path: &std::path::Path| {
-            std::fs::metadata(path)
-                .and_then(|m| m.modified())
-                .is_ok_and(is_old)
-        };
+        let still_old = |store: &ObjectStore, id: &ObjectId| store.modified(id).is_some_and(is_old);
         for id in &expired.objects {
-            if still_old(&self.store.object_path(id)) {
+            if still_old(&self.store, id) {
                 tracing::info!(digest = %id, "retention over; payload removed");
                 self.store.remove_object(id)?;
             }
@@ -1141,10 +1151,17 @@ impl Carousel {
             if !is_old(modified) || self.schedule.references(&id) {
                 continue;
             }
-            if still_old(&self.store.object_path(&id)) {
+            if still_old(&self.store, &id) {
                 tracing::info!(digest = %id, "removing payload no queued image names");
                 self.store.remove_object(&id)?;
             }
+        }
+        let archives = self.store.sweep_archives(ORPHAN_GRACE)?;
+        if archives > 0 {
+            tracing::info!(
+                archives,
+                "dropped archives no payload names any more removed"
+            );
         }
         Ok(())
     }

@@ -173,8 +173,11 @@ impl Emitter {
             }
             if self.control.is_paused() {
                 if !said_paused {
-                    tracing::info!(sent = at, left = group.len() - at,
-                        "paused mid-group; the rest of the group goes on resume");
+                    tracing::info!(
+                        sent = at,
+                        left = group.len() - at,
+                        "paused mid-group; the rest of the group goes on resume"
+                    );
                     said_paused = true;
                 }
                 if self.heartbeat_due() {

@@ -38,7 +38,9 @@ pub struct GroupJob {
     pub fec: FecParams,
     pub first_block: u32,
     pub blocks: u32,
+    /// Where the payload's bytes are: its file, or a linked archive.
     pub path: PathBuf,
+    pub offset: u64,
     pub first_seq: u64,
     pub header_every: u32,
 }
@@ -129,11 +131,12 @@ impl GroupSealer {
         out.clear(job.first_seq);
         let file = File::open(&job.path).map_err(|e| format!("{}: {e}", job.path.display()))?;
         let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if on_disk != job.len {
+        let wanted = job.offset.saturating_add(job.len);
+        // A payload file is exactly the object; an archive holds it at offset.
+        if (job.offset == 0 && on_disk != job.len) || on_disk < wanted {
             return Err(format!(
-                "{} is {on_disk} bytes, expected {}",
+                "{} is {on_disk} bytes, expected {wanted}",
                 job.path.display(),
-                job.len
             ));
         }
         let fec = job.fec;
@@ -146,8 +149,11 @@ impl GroupSealer {
         for rel in 0..job.blocks {
             let b = job.first_block + rel;
             let n = fec.block_len(job.len, b);
-            file.read_exact_at(&mut self.block[..n], u64::from(b) * fec.block_bytes())
-                .map_err(|e| format!("{}: {e}", job.path.display()))?;
+            file.read_exact_at(
+                &mut self.block[..n],
+                job.offset + u64::from(b) * fec.block_bytes(),
+            )
+            .map_err(|e| format!("{}: {e}", job.path.display()))?;
             codec
                 .encode(&self.block[..n], &mut self.shards[rel as usize])
                 .map_err(|e| e.to_string())?;
@@ -202,7 +208,11 @@ pub struct Work {
 
 /// Seals jobs until the carousel hangs up. Buffers come from `free` (the
 /// link gives them back once sent), so memory stays a few groups' worth.
-pub fn run_worker(jobs: &Mutex<Receiver<Work>>, free: &Mutex<Vec<SealedGroup>>, sealer: FrameSealer) {
+pub fn run_worker(
+    jobs: &Mutex<Receiver<Work>>,
+    free: &Mutex<Vec<SealedGroup>>,
+    sealer: FrameSealer,
+) {
     let mut tools = GroupSealer::new(sealer);
     loop {
         let work = {
@@ -251,6 +261,7 @@ mod tests {
             first_block: 0,
             blocks: fec.blocks_for(len),
             path,
+            offset: 0,
             first_seq: 100,
             header_every,
         }
@@ -328,9 +339,15 @@ mod tests {
             .seal(&job, &mut out)
             .unwrap();
         out.renumber_from(3, 50_000, &sealer);
-        let seqs: Vec<u64> = out.frames(0, out.len()).map(|f| open(f).header.seq).collect();
+        let seqs: Vec<u64> = out
+            .frames(0, out.len())
+            .map(|f| open(f).header.seq)
+            .collect();
         assert_eq!(&seqs[..3], &[100, 101, 102]);
-        assert!(seqs[3..].iter().copied().eq(50_000..50_000 + (seqs.len() as u64 - 3)));
+        assert!(seqs[3..]
+            .iter()
+            .copied()
+            .eq(50_000..50_000 + (seqs.len() as u64 - 3)));
         assert_eq!(out.seq_of(3), 50_000);
     }
 }

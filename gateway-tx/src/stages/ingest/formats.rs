@@ -448,6 +448,39 @@ fn copy_member(
     member: &str,
     expected: Option<&ObjectId>,
 ) -> Result<StoredObject, DropError> {
+    let mismatch = |got: &ObjectId, want: &ObjectId| {
+        DropError::Corrupt(format!(
+            "blob {member} has digest {}, its name says {}",
+            got.digest(),
+            want.digest()
+        ))
+    };
+    // Sent from the drop's own bytes where the store can hold a link to it:
+    // no copy, and one fsync of the archive instead of one per blob.
+    if let Some(archive) = store.link_archive(index.path())? {
+        let (offset, size) = index.locate(member)?;
+        let mut reader = HashingReader {
+            inner: index.reader(member)?,
+            hasher: Sha256::new(),
+        };
+        copy(cancel, &mut reader, &mut std::io::sink()).map_err(|e| {
+            let source = match e {
+                CopyError::Read(e) | CopyError::Write(e) => e,
+                CopyError::Cancelled => return DropError::Interrupted,
+            };
+            DropError::Archive(ArchiveError::Io {
+                path: index.path().to_path_buf(),
+                source,
+            })
+        })?;
+        let id = ObjectId(reader.hasher.finalize().into());
+        if let Some(want) = expected {
+            if *want != id {
+                return Err(mismatch(&id, want));
+            }
+        }
+        return Ok(store.put_extent(&archive, offset, size, &id)?);
+    }
     let mut reader = index.reader(member)?;
     let mut w = store.writer()?;
     copy(cancel, &mut reader, &mut w).map_err(|e| {
