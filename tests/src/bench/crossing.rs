@@ -107,6 +107,9 @@ pub struct Crossing {
     pub payload_bytes: u64,
     /// Drop renamed into the spool → accepted (ingest, with spool polling).
     pub ingest_s: f64,
+    /// Drop renamed into the spool → delivery done: what a user waits for,
+    /// ingest included (one span, not a sum of rounded parts).
+    pub drop_to_delivered_s: f64,
     /// Accepted → every blob verified at the receiver.
     pub to_complete_s: f64,
     /// Accepted → delivery done.
@@ -145,14 +148,18 @@ fn fail_with_logs(what: &str, gws: &mut [&mut Gateway]) -> anyhow::Error {
 }
 
 /// Drops the image as a hard link (4 GiB images: no copy), renamed into
-/// place; falls back to a copy across file systems.
-pub fn drop_linked(spool: &Path, image: &Path, name: &str) -> Result<()> {
+/// place; falls back to a copy across file systems. Returns now_ms() just
+/// before the rename: the moment the drop exists for gateway-tx, so a
+/// fallback copy is not timed as ingest.
+pub fn drop_linked(spool: &Path, image: &Path, name: &str) -> Result<u64> {
     let partial = spool.join(format!("{name}.partial"));
     if std::fs::hard_link(image, &partial).is_err() {
         std::fs::copy(image, &partial)
             .with_context(|| format!("copying {} into the spool", image.display()))?;
     }
-    std::fs::rename(&partial, spool.join(name)).context("renaming the drop into place")
+    let renamed_ms = now_ms();
+    std::fs::rename(&partial, spool.join(name)).context("renaming the drop into place")?;
+    Ok(renamed_ms)
 }
 
 /// Whether gateway-rx's log, from `offset`, contains `needle`; moves `offset`
@@ -178,35 +185,53 @@ fn log_contains(log: &Path, offset: &mut u64, needle: &str) -> bool {
 /// Sets `datagram_size` in the `[link]` table of a gateway's config as
 /// `pair::Site` wrote it (tx.toml has the key, rx.toml takes the default).
 pub fn set_datagram_size(config: &Path, bytes: usize) -> Result<()> {
+    set_config_key(config, "link", "datagram_size", &bytes.to_string())
+}
+
+/// Sets `key = value` (`value` as TOML) in the `[table]` of a gateway's
+/// config as `pair::Site` wrote it, replacing the key or adding it to the
+/// table: the table exists already, and appending a second one (as
+/// `SiteOptions`' extra text would) is a TOML error.
+pub fn set_config_key(config: &Path, table: &str, key: &str, value: &str) -> Result<()> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    std::fs::write(config, with_key(&text, table, key, value)?)
+        .with_context(|| format!("writing {}", config.display()))
+}
+
+fn with_key(text: &str, table: &str, key: &str, value: &str) -> Result<String> {
+    let header = format!("[{table}]");
+    let is_key = |t: &str| {
+        t.strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+    };
     let mut out = String::with_capacity(text.len() + 32);
-    let mut in_link = false;
+    let mut in_table = false;
     let mut set = false;
     for line in text.lines() {
         let t = line.trim();
         if t.starts_with('[') {
-            if in_link && !set {
-                out.push_str(&format!("datagram_size = {bytes}\n"));
+            if in_table && !set {
+                out.push_str(&format!("{key} = {value}\n"));
                 set = true;
             }
-            in_link = t == "[link]";
-        } else if in_link && t.starts_with("datagram_size") {
-            out.push_str(&format!("datagram_size = {bytes}\n"));
+            in_table = t == header;
+        } else if in_table && is_key(t) {
+            out.push_str(&format!("{key} = {value}\n"));
             set = true;
             continue;
         }
         out.push_str(line);
         out.push('\n');
     }
-    if in_link && !set {
-        out.push_str(&format!("datagram_size = {bytes}\n"));
+    if in_table && !set {
+        out.push_str(&format!("{key} = {value}\n"));
         set = true;
     }
     if !set {
-        bail!("{} has no [link] table", config.display());
+        bail!("the config has no {header} table");
     }
-    std::fs::write(config, out).with_context(|| format!("writing {}", config.display()))
+    Ok(out)
 }
 
 pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
@@ -287,8 +312,7 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
 
     let name = "bench.tar";
     let deadline = Instant::now() + plan.timeout;
-    let dropped_ms = now_ms();
-    drop_linked(&site.spool, &image.path, name)?;
+    let dropped_ms = drop_linked(&site.spool, &image.path, name)?;
     let accepted_ms = loop {
         if site.spool.join("done").join(name).exists() {
             break now_ms();
@@ -409,6 +433,7 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
     Ok(Crossing {
         payload_bytes: image_status.bytes_total,
         ingest_s: s(dropped_ms, accepted_ms),
+        drop_to_delivered_s: s(dropped_ms, done_ms),
         to_complete_s: s(accepted_ms, complete_ms),
         to_delivered_s: s(accepted_ms, done_ms),
         delivery_s: s(complete_ms, done_ms),
@@ -424,4 +449,29 @@ pub fn run(image: &Image, plan: Plan) -> Result<Crossing> {
         rx_threads,
         link,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_replaced_or_added_in_its_own_table() {
+        let toml = "a = 1\n\n[link]\ndatagram_size = 1400\n\n[carousel]\npasses = 1\n\n[ingest]\npoll_interval_ms = 50\n";
+        let out = with_key(toml, "carousel", "retention_hours", "0").unwrap();
+        assert_eq!(
+            out,
+            "a = 1\n\n[link]\ndatagram_size = 1400\n\n[carousel]\npasses = 1\n\nretention_hours = 0\n[ingest]\npoll_interval_ms = 50\n"
+        );
+        let out = with_key(&out, "link", "datagram_size", "1472").unwrap();
+        assert!(out.contains("[link]\ndatagram_size = 1472\n"), "{out}");
+        assert!(!out.contains("1400"));
+        // A key that only starts like another is not it.
+        let out = with_key("[carousel]\npasses_x = 2\n", "carousel", "passes", "1").unwrap();
+        assert_eq!(out, "[carousel]\npasses_x = 2\npasses = 1\n");
+        // The last table takes the key too.
+        let out = with_key("[carousel]\npasses = 1", "carousel", "retention_hours", "0").unwrap();
+        assert_eq!(out, "[carousel]\npasses = 1\nretention_hours = 0\n");
+        assert!(with_key("[link]\n", "carousel", "passes", "1").is_err());
+    }
 }

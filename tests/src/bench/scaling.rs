@@ -2,11 +2,13 @@
 //! see how it scales and what it costs per GiB:
 //!
 //! - **sender alone**: gateway-tx sends one pass of the image, unpaced, into
-//!   a UDP sink in the bench that only counts datagrams and bytes. Timed
-//!   from acceptance (the drop moved to `spool/done/`, as in the crossing)
-//!   to the last datagram of the pass (the sink's clock: the last datagram
-//!   that arrived within 20 ms of the one before, so the idle heartbeats
-//!   after the pass do not count).
+//!   a UDP sink in the bench that only counts datagrams and bytes. Its
+//!   retention is 0 hours, so once the owed pass is out the carousel does
+//!   not go on cycling the image on the idle link (that would add datagrams
+//!   to the count). Timed from acceptance (the drop moved to
+//!   `spool/done/`, as in the crossing) to the last datagram of the pass
+//!   (the sink's clock: the last datagram that arrived within 20 ms of the
+//!   one before, so the idle heartbeats after the pass do not count).
 //! - **receiver alone**: the frames of one pass of the same image, recorded
 //!   once from gateway-tx by the same sink (paced, so the recording loses
 //!   nothing), are replayed from that file into gateway-rx's UDP port as
@@ -19,12 +21,17 @@
 //!
 //! CPU: utime + stime of the gateway process over the timed span
 //! (/proc/PID/stat), per GiB of image blobs. The sink and the replayer are
-//! threads of the bench, not pinned: on loopback the kernel's delivery of a
-//! datagram runs in the sending thread, so the sender's CPU includes the
-//! sink socket's share and the replayer carries the receiver's.
+//! threads of the bench, not pinned. On loopback the receiving socket's
+//! share of a datagram's path runs in the sending thread, and a GSO message
+//! reaching a socket without UDP GRO is cut into its datagrams there too.
+//! So that neither gateway is charged for the bench's side, both ends look
+//! like the real peer: the sink turns on UDP GRO, as gateway-rx does, and
+//! takes gateway-tx's GSO messages whole; the replayer sends runs of
+//! equal-length frames as GSO messages, as gateway-tx does, which
+//! gateway-rx takes whole.
 
-// recvmmsg, to count and record datagrams at line rate, has no safe
-// wrapper in std.
+// recvmmsg with UDP GRO and sendmsg with UDP GSO, to count, record and
+// replay datagrams at line rate, have no safe wrapper in std or socket2.
 #![allow(unsafe_code)]
 
 use anyhow::{bail, Context, Result};
@@ -39,11 +46,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use weir_tests::pair::{Site, SiteOptions, Target};
 
-use crate::crossing::{drop_linked, set_datagram_size, Image};
+use crate::crossing::{drop_linked, set_config_key, set_datagram_size, Image};
 use crate::procfs::{child_pid, now_ms, thread_cpu, ProcTrace};
 
+/// Messages per recvmmsg of the sink.
 const BATCH: usize = 64;
-const SLOT: usize = 2048;
+/// Receive room per message: the largest coalesced (GRO) message fits.
+const REGION: usize = 65_536;
+/// Segments per GSO message: the kernel's UDP_MAX_SEGMENTS before 6.x
+/// raised it, the bound gateway-tx keeps too.
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Largest UDP payload of one IPv4 datagram, a GSO message included.
+const MAX_UDP_PAYLOAD: usize = 65_507;
+/// Frames replayed between two looks at gateway-rx's queue.
+const QUEUE_CHECK_FRAMES: usize = 256;
 const GIB: f64 = (1u64 << 30) as f64;
 /// A datagram within this of the one before is part of the stream.
 const BUSY_GAP: Duration = Duration::from_millis(20);
@@ -51,6 +67,9 @@ const BUSY_GAP: Duration = Duration::from_millis(20);
 #[derive(Default)]
 struct SinkState {
     datagrams: AtomicU64,
+    /// Messages received: fewer than datagrams when GSO messages arrived
+    /// whole (GRO).
+    messages: AtomicU64,
     bytes: AtomicU64,
     /// now_ms() of the last datagram that arrived within BUSY_GAP of the
     /// one before it.
@@ -73,6 +92,9 @@ impl Sink {
         let _ = sock.set_recv_buffer_size(256 << 20);
         sock.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())
             .context("binding the sink")?;
+        // As gateway-rx does: gateway-tx's GSO messages then reach the
+        // socket whole instead of being cut into datagrams on its thread.
+        udp_sockopt(&sock, libc::UDP_GRO, 1).context("enabling UDP GRO on the sink")?;
         let sock: UdpSocket = sock.into();
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let addr = sock.local_addr()?;
@@ -99,6 +121,10 @@ impl Sink {
             self.state.datagrams.load(Ordering::Relaxed),
             self.state.bytes.load(Ordering::Relaxed),
         )
+    }
+
+    pub fn messages(&self) -> u64 {
+        self.state.messages.load(Ordering::Relaxed)
     }
 
     pub fn last_busy_ms(&self) -> u64 {
@@ -128,6 +154,52 @@ impl Drop for Sink {
     }
 }
 
+/// Control buffer of one message: room for one cmsg carrying an int.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct Cmsg([u8; 32]);
+
+fn udp_sockopt(sock: &Socket, name: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: an int option on a socket we own.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The segment size of a coalesced message, from its UDP_GRO cmsg.
+///
+/// # Safety
+/// `h` must be a msghdr the kernel filled, its control pointer still valid.
+unsafe fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+    let mut c = libc::CMSG_FIRSTHDR(h);
+    while !c.is_null() {
+        if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+            let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+            return usize::try_from(v).ok().filter(|&s| s > 0);
+        }
+        c = libc::CMSG_NXTHDR(h, c);
+    }
+    None
+}
+
+/// The datagrams of a message of `len` bytes received with GRO segment
+/// size `seg` (None: one datagram): every one `seg` long but the last.
+fn segments(len: usize, seg: Option<usize>) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let seg = seg.filter(|&s| s < len).unwrap_or(len.max(1));
+    (0..len.div_ceil(seg).max(1)).map(move |i| i * seg..((i + 1) * seg).min(len))
+}
+
 fn sink_loop(
     sock: UdpSocket,
     state: &SinkState,
@@ -135,25 +207,32 @@ fn sink_loop(
     record_capacity: Option<usize>,
 ) -> Vec<u8> {
     let mut record = record_capacity.map(Vec::with_capacity);
-    let mut bufs = vec![[0u8; SLOT]; BATCH];
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
+    let mut buf = vec![0u8; BATCH * REGION];
+    let mut ctl = vec![Cmsg([0; 32]); BATCH];
+    let mut iovs: Vec<libc::iovec> = buf
+        .chunks_exact_mut(REGION)
         .map(|b| libc::iovec {
             iov_base: b.as_mut_ptr().cast(),
-            iov_len: SLOT,
+            iov_len: REGION,
         })
         .collect();
     // SAFETY: a zeroed mmsghdr is a valid empty header; each is pointed at
-    // its iovec below, and the buffers outlive every recvmmsg call.
+    // its iovec and control buffer below, and both outlive every recvmmsg
+    // call.
     let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-    for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-        m.msg_hdr.msg_iov = iov;
-        m.msg_hdr.msg_iovlen = 1;
-    }
     let mut last: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: msgs holds BATCH valid headers pointing at live buffers;
-        // the socket has a receive timeout, so the call returns.
+        for ((m, iov), c) in msgs.iter_mut().zip(iovs.iter_mut()).zip(ctl.iter_mut()) {
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            // The kernel shortens msg_controllen to what it wrote: reset it.
+            m.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = std::mem::size_of::<Cmsg>() as _;
+            m.msg_hdr.msg_flags = 0;
+        }
+        // SAFETY: msgs holds BATCH valid headers pointing at live buffers
+        // and control buffers; the socket has a receive timeout, so the
+        // call returns.
         let n = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
@@ -167,20 +246,31 @@ fn sink_loop(
             continue;
         }
         let now = Instant::now();
-        if last.is_some_and(|l| now - l <= BUSY_GAP) || n > 1 {
+        let mut datagrams = 0u64;
+        let mut bytes = 0u64;
+        for (i, m) in msgs[..n as usize].iter().enumerate() {
+            let len = (m.msg_len as usize).min(REGION);
+            // SAFETY: the kernel filled this msghdr; its control buffer is
+            // still alive.
+            let seg = unsafe { gro_segment(&m.msg_hdr) };
+            let region = &buf[i * REGION..i * REGION + len];
+            for r in segments(len, seg) {
+                datagrams += 1;
+                if let Some(rec) = record.as_mut() {
+                    rec.extend_from_slice(&(r.len() as u16).to_le_bytes());
+                    rec.extend_from_slice(&region[r]);
+                }
+            }
+            bytes += len as u64;
+        }
+        // Heartbeats come one a second, alone: more than one datagram at
+        // once, or one soon after the last, is the stream.
+        if last.is_some_and(|l| now - l <= BUSY_GAP) || datagrams > 1 {
             state.last_busy_ms.store(now_ms(), Ordering::Relaxed);
         }
         last = Some(now);
-        let msgs = &msgs[..n as usize];
-        let bytes: u64 = msgs.iter().map(|m| m.msg_len as u64).sum();
-        if let Some(r) = record.as_mut() {
-            for (m, b) in msgs.iter().zip(bufs.iter()) {
-                let len = m.msg_len as usize;
-                r.extend_from_slice(&(len as u16).to_le_bytes());
-                r.extend_from_slice(&b[..len]);
-            }
-        }
-        state.datagrams.fetch_add(n as u64, Ordering::Relaxed);
+        state.datagrams.fetch_add(datagrams, Ordering::Relaxed);
+        state.messages.fetch_add(n as u64, Ordering::Relaxed);
         state.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
     record.unwrap_or_default()
@@ -217,6 +307,11 @@ pub struct SideRun {
     /// Datagrams the kernel dropped at the receiving socket.
     pub kernel_drops: u64,
     pub threads: Vec<(String, f64)>,
+    /// Messages the datagrams went in: received by the sink (GRO), or sent
+    /// by the replayer (GSO).
+    pub messages: u64,
+    /// The receiver's own count of what it was fed (None: the sender's run).
+    pub rx_taken: Option<RxTaken>,
 }
 
 impl SideRun {
@@ -233,6 +328,17 @@ impl SideRun {
     pub fn cpu_s_per_gib(&self) -> f64 {
         self.cpu_s / (self.payload_bytes as f64 / GIB)
     }
+}
+
+/// gateway-rx's counters after a replay.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RxTaken {
+    /// Frames it read from its socket: accepted, refused as replays,
+    /// malformed, bad tag, unknown key, future session.
+    pub frames: u64,
+    pub accepted: u64,
+    /// Frames it counted lost from sequence-number gaps.
+    pub lost_estimate: u64,
 }
 
 /// Both sides' settings, as the lidi comparison's crossing has them.
@@ -276,6 +382,10 @@ pub fn sender_alone(
     let sink = Sink::start(capacity)?;
     site.write_tx_config(sink.addr(), &opts)?;
     set_datagram_size(&site.tx_config, setup.datagram)?;
+    // No retention: once its one owed pass is out, the carousel does not go
+    // on cycling the image on the idle link, so the sink counts one pass
+    // and the span ends with it.
+    set_config_key(&site.tx_config, "carousel", "retention_hours", "0")?;
     let mut tx = site.start_tx()?;
     let fail = |what: String, tx: &weir_tests::pair::Gateway| {
         anyhow::anyhow!("{what}\n--- gateway-tx\n{}", tx.log_tail(20))
@@ -336,6 +446,7 @@ pub fn sender_alone(
     trace.stop();
     drop(tx);
     let (datagrams, wire_bytes) = sink.counts();
+    let messages = sink.messages();
     let kernel_drops = sink.kernel_drops();
     let recording = sink.finish();
     let cpu = |at| trace.cpu_at("tx", at).unwrap_or(0.0);
@@ -352,6 +463,8 @@ pub fn sender_alone(
             wire_bytes,
             kernel_drops,
             threads,
+            messages,
+            rx_taken: None,
         },
         recording,
     ))
@@ -466,23 +579,41 @@ pub fn receiver_alone(
     let rmem_max = crate::machine::read_sysctl("net.core.rmem_max").unwrap_or(212_992);
     let high = (16u64 << 20).min(rmem_max / 2);
     let low = high / 2;
-    let sock = UdpSocket::bind("127.0.0.1:0")?;
-    sock.connect(site.rx_addr)?;
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("UDP socket")?;
+    // Room for a few GSO messages in flight.
+    let _ = sock.set_send_buffer_size(4 << 20);
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())
+        .context("binding the replayer")?;
+    sock.connect(&site.rx_addr.into())
+        .context("connecting the replayer to gateway-rx")?;
+    let sock: UdpSocket = sock.into();
+    let mut replayer = Replayer {
+        sock,
+        gso: true,
+        messages: 0,
+    };
     let deadline = Instant::now() + setup.timeout;
     let start_ms = now_ms();
     let mut wire_bytes = 0u64;
-    for (i, &(at, len)) in frames.iter().enumerate() {
-        if i % 256 == 0 && udp_rx_queue(site.rx_addr).unwrap_or(0) > high {
-            while udp_rx_queue(site.rx_addr).unwrap_or(0) > low {
-                std::thread::sleep(Duration::from_micros(200));
-                if Instant::now() > deadline || !rx.is_running() {
-                    return Err(fail("gateway-rx stopped taking frames".into(), &rx));
+    let mut replayed = 0usize;
+    let mut since_check = 0usize;
+    while replayed < frames.len() {
+        if since_check >= QUEUE_CHECK_FRAMES {
+            since_check = 0;
+            if udp_rx_queue(site.rx_addr).unwrap_or(0) > high {
+                while udp_rx_queue(site.rx_addr).unwrap_or(0) > low {
+                    std::thread::sleep(Duration::from_micros(200));
+                    if Instant::now() > deadline || !rx.is_running() {
+                        return Err(fail("gateway-rx stopped taking frames".into(), &rx));
+                    }
                 }
             }
         }
-        sock.send(&recording[at..at + len])
-            .context("replaying a frame")?;
-        wire_bytes += len as u64;
+        let run = &frames[replayed..replayed + gso_run(&frames[replayed..])];
+        replayer.send(&recording, run).context("replaying frames")?;
+        wire_bytes += run.iter().map(|&(_, len)| len as u64).sum::<u64>();
+        replayed += run.len();
+        since_check += run.len();
     }
     drop(recording);
     let digest = &image.manifest_digest;
@@ -517,6 +648,7 @@ pub fn receiver_alone(
     trace.sample_now("rx", pid);
     let threads = thread_cpu(pid);
     trace.stop();
+    let taken = frames_taken(&site, site.rx_addr, replayed as u64);
     let kernel_drops = weir_tests::diode::kernel_udp_drops(site.rx_addr).unwrap_or(0);
     drop(rx);
     let _ = std::fs::remove_dir_all(&layout);
@@ -526,11 +658,153 @@ pub fn receiver_alone(
         payload_bytes: img.bytes_total,
         seconds: done_ms.saturating_sub(start_ms) as f64 / 1000.0,
         cpu_s: cpu(done_ms) - cpu(start_ms),
-        datagrams: frames.len() as u64,
+        datagrams: replayed as u64,
         wire_bytes,
         kernel_drops,
         threads,
+        messages: replayer.messages,
+        rx_taken: Some(taken),
     })
+}
+
+/// After the timed span: the frames gateway-rx took, once its socket is
+/// empty and a later status.json is out (the last frames of the pass may
+/// still be queued when the delivery is done). Every replayed frame should
+/// be there, in some counter: the GSO replay must not lose or add any.
+fn frames_taken(site: &Site, addr: SocketAddr, replayed: u64) -> RxTaken {
+    let t = Instant::now();
+    let mut empty_ms = None;
+    let mut taken = RxTaken::default();
+    while t.elapsed() < Duration::from_secs(5) {
+        if empty_ms.is_none() && udp_rx_queue(addr).unwrap_or(0) == 0 {
+            empty_ms = Some(now_ms());
+        }
+        if let Ok(Some(s)) = gateway_rx::status::StatusReport::read(&site.rx_state) {
+            let c = &s.counters;
+            taken = RxTaken {
+                frames: c.frames_accepted
+                    + c.frames_replayed
+                    + c.frames_malformed
+                    + c.frames_bad_tag
+                    + c.frames_unknown_key
+                    + c.frames_future_session,
+                accepted: c.frames_accepted,
+                lost_estimate: c.frames_lost_estimate,
+            };
+            let settled = empty_ms.is_some_and(|e| s.written_at_ms > e + 100);
+            if taken.frames >= replayed || settled {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    taken
+}
+
+/// How many frames from the start of `frames` (offset, length) leave as one
+/// GSO message: a run of equal lengths, at most GSO_MAX_SEGMENTS and
+/// MAX_UDP_PAYLOAD bytes, closed by at most one shorter frame (the kernel
+/// cuts a message into segments of the first frame's length; only the last
+/// may be short). A run ends at a shorter frame.
+fn gso_run(frames: &[(usize, usize)]) -> usize {
+    let Some(&(_, seg)) = frames.first() else {
+        return 0;
+    };
+    if seg == 0 {
+        return 1;
+    }
+    let max = GSO_MAX_SEGMENTS.min(MAX_UDP_PAYLOAD / seg);
+    let mut n = 1;
+    while n < frames.len() && n < max && frames[n].1 == seg {
+        n += 1;
+    }
+    if n < frames.len()
+        && n < max
+        && frames[n].1 > 0
+        && frames[n].1 < seg
+        && n * seg + frames[n].1 <= MAX_UDP_PAYLOAD
+    {
+        n += 1;
+    }
+    n
+}
+
+/// Sends runs of recorded frames into gateway-rx, each run one UDP GSO
+/// message, as gateway-tx sends them: gateway-rx has UDP GRO on and takes
+/// the message whole, so the replayer's thread does not also cut it into
+/// datagrams and run the receive path once per frame on the cores gateway-rx
+/// is measured on.
+struct Replayer {
+    sock: UdpSocket,
+    /// False once the kernel refused a GSO message: one frame per message
+    /// from then on.
+    gso: bool,
+    /// Messages sent (fewer than frames when runs went as GSO messages).
+    messages: u64,
+}
+
+impl Replayer {
+    fn send(&mut self, recording: &[u8], run: &[(usize, usize)]) -> Result<()> {
+        if run.len() > 1 && !self.gso {
+            for f in run {
+                self.send(recording, std::slice::from_ref(f))?;
+            }
+            return Ok(());
+        }
+        if run.len() > GSO_MAX_SEGMENTS || run.iter().any(|&(at, len)| at + len > recording.len()) {
+            bail!("a replayed run outside the recording");
+        }
+        // SAFETY (zeroed): plain C structs; null pointers and zero lengths
+        // are their empty values.
+        let mut iovs: [libc::iovec; GSO_MAX_SEGMENTS] = unsafe { std::mem::zeroed() };
+        for (iov, &(at, len)) in iovs.iter_mut().zip(run) {
+            *iov = libc::iovec {
+                // sendmsg only reads through it.
+                iov_base: recording[at..].as_ptr() as *mut libc::c_void,
+                iov_len: len,
+            };
+        }
+        let mut ctl = Cmsg([0; 32]);
+        // SAFETY: as above.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        h.msg_iov = iovs.as_mut_ptr();
+        h.msg_iovlen = run.len() as _;
+        if run.len() > 1 {
+            // SAFETY: ctl is aligned for cmsghdr and larger than
+            // CMSG_SPACE(2); the cmsg is written inside it.
+            unsafe {
+                h.msg_control = ctl.0.as_mut_ptr().cast();
+                h.msg_controllen = libc::CMSG_SPACE(2) as _;
+                let c = libc::CMSG_FIRSTHDR(&h);
+                (*c).cmsg_level = libc::SOL_UDP;
+                (*c).cmsg_type = libc::UDP_SEGMENT;
+                (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                // gso_run keeps a segment under MAX_UDP_PAYLOAD.
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), run[0].1 as u16);
+            }
+        }
+        loop {
+            // SAFETY: h points at iovecs into `recording` and at `ctl`, all
+            // alive across the call.
+            let r = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &h, 0) };
+            if r >= 0 {
+                self.messages += 1;
+                return Ok(());
+            }
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // The kernel will not segment (an old kernel, a route
+                // without it): frame by frame, as gateway-tx falls back.
+                Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EMSGSIZE) if run.len() > 1 => {
+                    eprintln!("  UDP GSO refused ({err}); replaying one frame per message");
+                    self.gso = false;
+                    return self.send(recording, run);
+                }
+                _ => return Err(err).context("sendmsg"),
+            }
+        }
+    }
 }
 
 /// The 16-core projection of one gateway from its 1-core and 2-core runs:
@@ -562,6 +836,78 @@ mod tests {
         );
         r.pop();
         assert!(frames_of(&r).is_err());
+    }
+
+    #[test]
+    fn a_gso_run_is_equal_frames_closed_by_at_most_one_shorter() {
+        let f = |lens: &[usize]| lens.iter().map(|&l| (0, l)).collect::<Vec<_>>();
+        assert_eq!(gso_run(&f(&[1472, 1472, 1472, 900, 1472])), 4);
+        assert_eq!(gso_run(&f(&[1472, 1472, 1500])), 2);
+        assert_eq!(gso_run(&f(&[900, 1472])), 1);
+        assert_eq!(gso_run(&f(&[1472, 0])), 1);
+        assert_eq!(gso_run(&f(&[0, 0])), 1);
+        assert_eq!(gso_run(&f(&[])), 0);
+        assert_eq!(gso_run(&f(&[8; 100])), GSO_MAX_SEGMENTS);
+        assert_eq!(gso_run(&f(&[1472; 64])), MAX_UDP_PAYLOAD / 1472);
+        // The closing short frame must fit too.
+        let n = MAX_UDP_PAYLOAD / 1472;
+        let mut lens = vec![1472; n];
+        lens.push(1400);
+        assert_eq!(gso_run(&f(&lens)), n);
+    }
+
+    #[test]
+    fn a_coalesced_message_splits_into_its_datagrams() {
+        let r = |len, seg| {
+            segments(len, seg)
+                .map(|r| (r.start, r.end))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(r(1472, None), [(0, 1472)]);
+        assert_eq!(r(2944, Some(1472)), [(0, 1472), (1472, 2944)]);
+        assert_eq!(r(3844, Some(1472)), [(0, 1472), (1472, 2944), (2944, 3844)]);
+        assert_eq!(r(900, Some(1472)), [(0, 900)]);
+        assert_eq!(r(0, None), [(0, 0)]);
+    }
+
+    /// The replayer's GSO messages reach the sink whole (GRO) and come out
+    /// of the recording as the frames that went in, in order.
+    #[test]
+    fn replayed_frames_cross_gso_and_gro_as_they_were() {
+        let lens: Vec<usize> = [vec![1472; 70], vec![1000, 77], vec![1472; 3], vec![0, 5]].concat();
+        let mut recording = Vec::new();
+        let mut frames = Vec::new();
+        for (i, &len) in lens.iter().enumerate() {
+            recording.extend_from_slice(&(len as u16).to_le_bytes());
+            frames.push((recording.len(), len));
+            recording.extend((0..len).map(|j| (i + j) as u8));
+        }
+        assert_eq!(frames_of(&recording).unwrap(), frames);
+        let sink = Sink::start(Some(1 << 20)).unwrap();
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.connect(sink.addr()).unwrap();
+        let mut replayer = Replayer {
+            sock,
+            gso: true,
+            messages: 0,
+        };
+        let mut at = 0;
+        while at < frames.len() {
+            let n = gso_run(&frames[at..]);
+            replayer.send(&recording, &frames[at..at + n]).unwrap();
+            at += n;
+        }
+        assert!(replayer.gso, "this kernel has UDP GSO (Linux 4.18+)");
+        assert!((replayer.messages as usize) < frames.len());
+        let t = Instant::now();
+        while sink.counts().0 < frames.len() as u64 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (datagrams, bytes) = sink.counts();
+        assert_eq!(datagrams, frames.len() as u64);
+        assert!(sink.messages() < datagrams, "GSO messages arrived whole");
+        assert_eq!(bytes, lens.iter().sum::<usize>() as u64);
+        assert_eq!(sink.finish(), recording);
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //!
 //! `lidi` builds lidi 2.1.1 from its tarball outside the repository and
 //! compares its file-to-file goodput with weir's drop-to-delivered goodput
-//! on the same archive (lidi.rs); `scaling` runs each gateway alone under
-//! `taskset` on one core and on two (scaling.rs).
+//! (ingest included) on the same archive (lidi.rs); `scaling` runs each
+//! gateway alone under `taskset` on one core and on two (scaling.rs).
 //!
 //! Images are uncompressed OCI archives (cheap to make at 4 GiB), dropped
 //! into the spool as hard links. Each measurement is bounded by
@@ -467,9 +467,13 @@ impl Bench<'_> {
     /// One goodput row per crossing of the same image (at different
     /// sender rates), against one udpcast run.
     fn goodput(&mut self, image: &Image, crossings: &[(Option<u64>, &Crossing)]) -> Result<()> {
+        // Deliberately from acceptance, ingest not counted: udpcast, the
+        // anchor here, is timed from its first byte written, not from a drop.
         let figure = |rate: Option<u64>| match rate {
-            Some(m) => format!("goodput, FEC 32+8, 1400 B datagrams, paced at {m} Mb/s"),
-            None => "goodput, FEC 32+8, 1400 B datagrams, unpaced".into(),
+            Some(m) => {
+                format!("goodput from acceptance, FEC 32+8, 1400 B datagrams, paced at {m} Mb/s")
+            }
+            None => "goodput from acceptance, FEC 32+8, 1400 B datagrams, unpaced".into(),
         };
         let row = |rate: Option<u64>, measured: String, met| {
             Row::new(
@@ -656,7 +660,7 @@ impl Bench<'_> {
         }
         self.notes.push(format!(
             "memory: VmHWM of each process (sampled every 50 ms and just before the end) over the whole crossing, \
-             ingest included, at the goodput rate into an OCI layout; {} GiB delivered in {:.1} s, {} GiB in {:.1} s.",
+             ingest included, at the goodput rate into an OCI layout; {} GiB delivered {:.1} s after acceptance, {} GiB {:.1} s.",
             a.small_gib, s.to_delivered_s, a.big_gib, b.to_delivered_s
         ));
     }
@@ -829,18 +833,18 @@ impl Bench<'_> {
             .max_by_key(|(bps, _)| *bps);
         let send = match paced {
             Some((bps, s)) => format!(
-                "{s:.2} s per GiB of frames at {} Mb/s; {} until complete at the goodput rate",
+                "{s:.2} s per GiB of frames at {} Mb/s; {} from acceptance until complete at the goodput rate",
                 bps / 1_000_000,
                 per(c.tx_cpu_send_s)
             ),
             None => format!(
-                "{} until complete at the goodput rate",
+                "{} from acceptance until complete at the goodput rate",
                 per(c.tx_cpu_send_s)
             ),
         };
         self.rows.push(Row::new(
             "6",
-            "CPU gateway-tx, send (FEC, HMAC, pacing, UDP)",
+            "CPU gateway-tx, send (FEC, HMAC, pacing, UDP): steady pacing window, and from acceptance to complete",
             send,
             "report",
             None,
@@ -868,8 +872,10 @@ impl Bench<'_> {
         ));
     }
 
-    /// weir's drop-to-delivered goodput with its default FEC in 1472-byte
-    /// datagrams, and lidi's file-to-file goodput, on the same archive.
+    /// weir's drop-to-delivered goodput (ingest included) with its default
+    /// FEC in 1472-byte datagrams, and lidi's file-to-file goodput, on the
+    /// same archive: each from the moment the file is handed over to the
+    /// moment it is out on the other side, what a user waits for.
     fn lidi(&mut self, image: &Image) {
         let a = self.args;
         let fec = gateway_tx::config::FecConfig::default();
@@ -879,8 +885,9 @@ impl Bench<'_> {
             .map(|m| m * 1_000_000)
             .unwrap_or(UNPACED_BPS);
         let figure = format!(
-            "goodput against lidi: weir drop-to-delivered (FEC {k}+{m}, {LIDI_DATAGRAM} B datagrams, OCI layout) \
-             vs lidi file-to-file (defaults, 1500 MTU), same {:.0} MiB archive",
+            "goodput against lidi: weir drop-to-delivered (from the drop renamed into the spool to delivery done, \
+             ingest included; FEC {k}+{m}, {LIDI_DATAGRAM} B datagrams, OCI layout) vs lidi file-to-file (defaults, \
+             1500 MTU), same {:.0} MiB archive",
             image.archive_bytes as f64 / MIB
         );
         eprintln!("lidi row: weir crossing, FEC {k}+{m}, {LIDI_DATAGRAM} B datagrams...");
@@ -901,7 +908,7 @@ impl Bench<'_> {
             },
         );
         let _ = std::fs::remove_dir_all(&layout);
-        let weir = c.map(|c| (c.payload_bytes as f64 / c.to_delivered_s, c));
+        let weir = c.map(|c| (c.payload_bytes as f64 / c.drop_to_delivered_s, c));
         if let Err(e) = &weir {
             eprintln!("  weir's crossing failed: {e:#}");
         }
@@ -1023,13 +1030,15 @@ impl Bench<'_> {
         let mut note = String::from("lidi row: ");
         if let Ok((_, c)) = &weir {
             note.push_str(&format!(
-                "weir moved {:.0} MiB of blobs from acceptance to delivery done in {:.2} s (complete at {:.2} s; ingest {:.2} s, not counted), \
+                "weir moved {:.0} MiB of blobs from the drop renamed into the spool to delivery done in {:.2} s, ingest included \
+                 (ingest to acceptance {:.2} s; then complete {:.2} s and delivered {:.2} s after acceptance), \
                  sender {}; gateway-rx's socket dropped {} datagrams, it accepted {} frames, counted {} lost, repaired {} blocks. \
                  CPU seconds by thread: gateway-tx {}; gateway-rx {}. ",
                 c.payload_bytes as f64 / MIB,
-                c.to_delivered_s,
-                c.to_complete_s,
+                c.drop_to_delivered_s,
                 c.ingest_s,
+                c.to_complete_s,
+                c.to_delivered_s,
                 match a.goodput_rate_mbps {
                     Some(m) => format!("paced at {m} Mb/s"),
                     None => "unpaced".into(),
@@ -1120,7 +1129,7 @@ impl Bench<'_> {
             }
         }
         self.scaling_rows(
-            "gateway-tx alone → UDP sink that only counts, unpaced, one pass",
+            "gateway-tx alone → UDP sink that only counts, unpaced, one pass, from acceptance",
             &what,
             &tx_runs,
         );
@@ -1140,6 +1149,25 @@ impl Bench<'_> {
                     r.wire_bytes as f64 / MIB,
                     r.kernel_drops
                 ));
+                // Every sender run is the same one pass: the counts differ
+                // only by headers and heartbeats, else something besides
+                // the pass was counted.
+                let counts: Vec<u64> = tx_runs
+                    .iter()
+                    .map(|t| t.datagrams)
+                    .chain([r.datagrams])
+                    .collect();
+                if let (Some(lo), Some(hi)) = (counts.iter().min(), counts.iter().max()) {
+                    self.notes.push(format!(
+                        "scaling, one pass each: datagrams at the sink {} (taskset runs, then the recording), spread {:.2} %.",
+                        counts
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        100.0 * (hi - lo) as f64 / (*lo).max(1) as f64
+                    ));
+                }
                 for cpus in &sets {
                     eprintln!("scaling: gateway-rx alone, replayed frames, taskset -c {cpus}...");
                     match scaling::receiver_alone(image, &setup, &rec, cpus, &self.work) {
@@ -1158,7 +1186,8 @@ impl Bench<'_> {
         }
         let _ = std::fs::remove_file(&rec);
         self.scaling_rows(
-            "gateway-rx alone ← frames recorded from gateway-tx, replayed as fast as it takes them, into an OCI layout",
+            "gateway-rx alone ← frames recorded from gateway-tx, replayed as fast as it takes them, into an OCI layout, \
+             from the first frame replayed",
             &what,
             &rx_runs,
         );
@@ -1176,10 +1205,14 @@ impl Bench<'_> {
         }
         self.notes.push(
             "scaling: each gateway alone as a release process, every thread pinned with `taskset -a -p -c LIST` once it is up \
-             (before the image is dropped); the sink and the replayer are threads of the bench, not pinned, and on loopback the \
-             kernel's delivery of a datagram runs in the sending thread (the sender's CPU includes its sink's share; the replayer \
-             carries the receiver's). gateway-tx: acceptance to the last datagram of its one pass; gateway-rx: first frame \
-             replayed to delivery done. MB/s of image blobs; CPU-s/GiB = utime+stime of the gateway over that span ÷ GiB of blobs. \
+             (before the image is dropped); the sink and the replayer are threads of the bench, not pinned. On loopback the \
+             receiving socket's share of a datagram's path runs in the sending thread, so both bench ends do what the real peer \
+             does: the sink has UDP GRO on, as gateway-rx, and takes gateway-tx's GSO messages whole (not cut into datagrams on \
+             gateway-tx's thread); the replayer sends runs of equal-length frames as UDP GSO messages, as gateway-tx, which \
+             gateway-rx's GRO socket takes whole. gateway-tx runs with `[carousel] retention_hours = 0`, so after its one owed \
+             pass it does not cycle the image on the idle link. gateway-tx: acceptance to the last datagram of its one pass; \
+             gateway-rx: first frame replayed to delivery done. MB/s of image blobs; CPU-s/GiB = utime+stime of the gateway \
+             over that span ÷ GiB of blobs. \
              Projected 16-core = (1 ÷ c₁) ÷ ((1 − p) + p ÷ 16) GiB/s, Amdahl's law with c₁ the CPU-s/GiB on one core and the \
              parallel fraction p = 2 (1 − 1 ÷ S₂) from the measured 2-core/1-core ratio S₂ (kept within 0..1): a projection from \
              two points, not a measurement."
@@ -1215,15 +1248,24 @@ impl Bench<'_> {
                 ratio.map(|x| x >= 1.7),
             ));
             self.notes.push(format!(
-                "{side}, taskset -c {}: {:.0} MiB of blobs in {:.2} s, {:.2} CPU-s; {} datagrams, {:.0} MiB on the wire; \
-                 receiving socket drops {}; CPU seconds by thread: {}.",
+                "{side}, taskset -c {}: {:.0} MiB of blobs in {:.2} s, {:.2} CPU-s; {} datagrams in {} messages ({:.1} per \
+                 message: GSO/GRO), {:.0} MiB on the wire; receiving socket drops {}{}; CPU seconds by thread: {}.",
                 r.cpus,
                 r.payload_bytes as f64 / MIB,
                 r.seconds,
                 r.cpu_s,
                 r.datagrams,
+                r.messages,
+                r.datagrams as f64 / r.messages.max(1) as f64,
                 r.wire_bytes as f64 / MIB,
                 r.kernel_drops,
+                match r.rx_taken {
+                    Some(t) => format!(
+                        "; gateway-rx read {} frames ({} accepted), counted {} lost",
+                        t.frames, t.accepted, t.lost_estimate
+                    ),
+                    None => String::new(),
+                },
                 threads(&r.threads)
             ));
         }
