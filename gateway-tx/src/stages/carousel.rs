@@ -22,10 +22,14 @@
 //!   frame, repeated every `header_every` shard frames; a heartbeat goes out
 //!   every second, also when idle.
 //! - **Console control** ([`CarouselControl`]). `pause` stops shard frames
-//!   at the next frame (the group under way counts as not sent; heartbeats
-//!   go on); `resume` continues. Pausing is not persisted: a restarted
+//!   at the next batch (the link holds the groups under way, heartbeats go
+//!   on); `resume` continues them. Pausing is not persisted: a restarted
 //!   sender sends. `resend` owes an image's objects `passes` new passes,
 //!   whatever they had done.
+//! - **Threads.** This stage schedules and reserves sequence numbers; the
+//!   groups are sealed by workers ([`crate::stages::sealing`]) and sent in
+//!   order by the link thread ([`crate::stages::emit`]), which tells each
+//!   one back: its progress is persisted only then.
 //!
 //! A blob shared by two images is one object: it crosses once per pass. An
 //! image dropped later that needs a blob whose passes are done re-arms it for
