@@ -42,6 +42,10 @@ const BATCH_FRAMES: usize = 512;
 /// fewer frames, so the buffers in flight stay a few MiB whatever the
 /// configured datagram size.
 const BATCH_BYTES: usize = 1 << 20;
+/// Frames a batch gathers before it is dealt to a worker when receives
+/// come back small: handing a batch on costs a few wake-ups, spread over
+/// this many frames.
+const DEAL_FRAMES: usize = 256;
 /// Frames per batch handed to the store: the channel's bound in batches
 /// stays the bound in memory, whatever a receive returned.
 const OUT_FRAMES: usize = 256;
@@ -151,7 +155,8 @@ pub fn receive(
     let workers = workers.clamp(1, MAX_VERIFY_WORKERS);
     let (mut keys, replay) = verifier.into_parts();
     // One being filled, two per worker (one opened, one waiting, so a
-    // worker never idles for want of a batch), one at rx-admit.
+    // worker never idles for want of a batch), one at rx-admit; the link
+    // thread's own receive buffer comes on top.
     let in_flight = 2 * workers + 2;
     let frames_per_batch = (BATCH_BYTES / datagram_size.max(1)).clamp(1, BATCH_FRAMES);
     let (give_back, free) = mpsc::sync_channel(in_flight);
@@ -187,7 +192,15 @@ pub fn receive(
             .spawn_scoped(scope, move || {
                 admit_in_order(from_workers, replay, give_back, out, sender)
             })?;
-        receive_batches(source.as_mut(), &mut keys, &free, &to_workers, &shutdown);
+        let received = FrameBatch::new(frames_per_batch, datagram_size);
+        receive_batches(
+            source.as_mut(),
+            &mut keys,
+            received,
+            &free,
+            &to_workers,
+            &shutdown,
+        );
         // Dropping `to_workers` on return lets the workers finish what
         // they hold and stop; rx-admit stops after their last batch.
         Ok(())
@@ -196,40 +209,91 @@ pub fn receive(
 
 /// The link thread: fills free buffers from the transport and deals them
 /// to the workers in turn, until shutdown or until the others stopped.
+///
+/// A receive that comes back large is dealt as it is (its buffer swapped
+/// with a free one). Small ones (datagrams that were not coalesced, which
+/// a UDP source with GRO takes only 16 to a system call) are gathered by
+/// copy into one batch while more are waiting, so that the hand-offs
+/// between threads, a few wake-ups per batch, are not paid every few
+/// frames.
 fn receive_batches(
     source: &mut dyn FrameSource,
     keys: &mut FrameKeys,
+    mut received: FrameBatch,
     free: &Receiver<Batch>,
     workers: &[SyncSender<Batch>],
     shutdown: &Shutdown,
 ) {
+    let deal_at = DEAL_FRAMES.min(received.capacity()).max(1);
     let mut last_error: Option<Instant> = None;
     let mut next = 0;
-    // A buffer taken whose receive came back empty, kept for the next one.
-    let mut held: Option<Batch> = None;
+    // `received` holds frames not yet placed in a batch.
+    let mut pending = false;
+    let mut filling: Option<Batch> = None;
     while !shutdown.is_triggered() {
-        let mut batch = match held.take() {
+        let mut batch = match filling.take() {
             Some(batch) => batch,
             None => match free.recv_timeout(RECV_WAIT) {
-                Ok(batch) => batch,
+                Ok(mut batch) => {
+                    batch.frames.clear();
+                    batch
+                }
                 // Every buffer is out: the store is behind.
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return, // rx-admit stopped
             },
         };
-        keys.pick_up_keys();
-        if let Err(e) = source.recv(&mut batch.frames, RECV_WAIT) {
-            // Log once a minute at most; keep trying, the link may come back.
-            if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                tracing::error!(error = %e, "link receive failed; retrying");
-                last_error = Some(Instant::now());
+        // Nothing more waiting: what was gathered goes on now.
+        let mut drained = false;
+        if !pending {
+            // Once frames are gathered, take only what is already there. A
+            // reload is picked up between batches, so that all the frames
+            // of one were received under the key ring it carries.
+            let wait = if batch.frames.is_empty() {
+                keys.pick_up_keys();
+                RECV_WAIT
+            } else {
+                Duration::ZERO
+            };
+            match source.recv(&mut received, wait) {
+                Ok(()) => {
+                    pending = !received.is_empty();
+                    drained = !pending;
+                }
+                Err(e) => {
+                    // Log once a minute at most; keep trying, the link may
+                    // come back.
+                    if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        tracing::error!(error = %e, "link receive failed; retrying");
+                        last_error = Some(Instant::now());
+                    }
+                    if batch.frames.is_empty() {
+                        filling = Some(batch);
+                        shutdown.sleep(Duration::from_millis(500));
+                        continue;
+                    }
+                    drained = true;
+                }
             }
-            held = Some(batch);
-            shutdown.sleep(Duration::from_millis(500));
-            continue;
         }
-        if batch.frames.is_empty() {
-            held = Some(batch);
+        if pending {
+            let room = batch.frames.capacity().saturating_sub(batch.frames.len());
+            if batch.frames.is_empty() && received.len() >= deal_at {
+                std::mem::swap(&mut batch.frames, &mut received);
+                pending = false;
+            } else if received.len() <= room {
+                for datagram in received.iter() {
+                    // Cannot fail: there is room, and every batch has the
+                    // slot size `received` has.
+                    let _ = batch.frames.push(datagram);
+                }
+                pending = false;
+            }
+            // Otherwise they go into the next batch, once this one is dealt.
+        }
+        let ready = pending || drained || batch.frames.len() >= deal_at;
+        if batch.frames.is_empty() || !ready {
+            filling = Some(batch);
             continue;
         }
         batch.opener = keys.opener().clone();
@@ -401,6 +465,9 @@ mod tests {
 
     enum Step {
         Frames(Vec<Vec<u8>>),
+        /// Nothing waiting: the receive comes back empty, so what the link
+        /// gathered goes on.
+        Pause,
         /// A reload of the key ring while the link waits for frames.
         Reload(Arc<Reloadable<KeyRing>>, KeyRing),
     }
@@ -421,6 +488,7 @@ mod tests {
                         assert!(batch.push(&f), "a test batch fits");
                     }
                 }
+                Some(Step::Pause) => {}
                 Some(Step::Reload(ring, keys)) => ring.set(keys),
                 None => self.shutdown.trigger(),
             }
@@ -505,6 +573,9 @@ mod tests {
                 })
                 .collect();
             steps.push(Step::Frames(frames));
+            if i % 3 == 0 {
+                steps.push(Step::Pause);
+            }
         }
         steps.push(Step::Frames(vec![heartbeat(&mut sealer, 42)]));
         let r = run(steps, 3, &ring(vec![key(1, 7)]));
@@ -532,13 +603,16 @@ mod tests {
         let forger = key(1, 99);
         let steps = vec![
             Step::Frames(real[..5].to_vec()),
+            Step::Pause,
             Step::Frames(vec![
                 forged(&real[5], &forger, session, 5),
                 real[5].clone(),
                 forged(&real[5], &forger, session, 1_000_000),
                 forged(&real[5], &forger, session + 1, 0),
             ]),
+            Step::Pause,
             Step::Frames(real[6..].to_vec()),
+            Step::Pause,
             Step::Frames(vec![real[2].clone()]),
         ];
         let r = run(steps, 2, &ring(vec![key(1, 7)]));
@@ -573,6 +647,28 @@ mod tests {
         assert_eq!(r.numbers(), vec![1, 3, 4, 5]);
         assert_eq!(r.count(|c| &c.frames_unknown_key), 2);
         assert_eq!(r.count(|c| &c.frames_accepted), 4);
+    }
+
+    /// Receives of a few frames each (datagrams that were not coalesced)
+    /// are gathered while more are waiting: the store gets them in batches
+    /// of OUT_FRAMES, not of 16, and a large receive goes on whole.
+    #[test]
+    fn small_receives_are_gathered_and_large_ones_go_on_whole() {
+        let mut sealer = FrameSealer::new(key(1, 7), 100);
+        let mut n = 0;
+        let mut frames = |count: u32| {
+            let batch = (n..n + count).map(|i| shard(&mut sealer, i)).collect();
+            n += count;
+            Step::Frames(batch)
+        };
+        let mut steps: Vec<Step> = (0..16).map(|_| frames(16)).collect();
+        steps.push(frames(5));
+        steps.push(Step::Pause);
+        steps.push(frames(300));
+        let r = run(steps, 2, &ring(vec![key(1, 7)]));
+        assert_eq!(r.numbers(), (0..n).collect::<Vec<_>>());
+        let sizes: Vec<usize> = r.batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![256, 5, 256, 44]);
     }
 
     /// An idle link: receives come back empty after a while.
