@@ -1,12 +1,14 @@
 //! Wires the receiver's stages together and runs them until shutdown.
 //!
-//! Threads: the link (receive + verify), the store (this thread: shard
-//! batches and commits), the decoder (Reed-Solomon repair), the finisher
-//! (sha256, blob store, image completion), retention (pruning what was
-//! delivered, [`crate::retention`]), the reload watcher (SIGHUP, when the
-//! binary runs it; [`crate::reload`]), the status writer, the LED panel,
-//! the image ledger's watch, the serial console and the metrics endpoint
-//! (if configured), and a small tokio runtime for delivery. One module per
+//! Threads: the link (receive; the tag check on up to four `rx-verify-N`
+//! threads, the replay check in receive order on `rx-admit`; see
+//! [`crate::stages::link`]), the store (this thread: shard batches and
+//! commits), the decoder (Reed-Solomon repair), the finisher (sha256, blob
+//! store, image completion), retention (pruning what was delivered,
+//! [`crate::retention`]), the reload watcher (SIGHUP, when the binary runs
+//! it; [`crate::reload`]), the status writer, the LED panel, the image
+//! ledger's watch, the serial console and the metrics endpoint (if
+//! configured), and a small tokio runtime for delivery. One module per
 //! stage under [`crate::stages`].
 //!
 //! Shutdown goes in steps, so that nothing is lost and the LEDs go dark
@@ -111,8 +113,17 @@ pub fn run_with_reloads(
     intake.spawn("rx-link", {
         let (sender, size) = (sender.clone(), config.link.datagram_size);
         move |s| {
-            link::receive(source, verifier, size, inbound_tx, sender, s.clone());
-            Ok(())
+            let workers = link::verify_workers();
+            link::receive(
+                source,
+                verifier,
+                size,
+                workers,
+                inbound_tx,
+                sender,
+                s.clone(),
+            )
+            .context("starting the frame verification threads")
         }
     })?;
     intake.spawn("rx-decoder", {

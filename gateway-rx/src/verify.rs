@@ -2,11 +2,16 @@
 //! constant time, before its body is parsed), then its session and sequence
 //! number against replays. Only what passes both goes further; everything
 //! else is counted by cause and dropped.
+//!
+//! The two checks come apart ([`Verifier::into_parts`]) so that the link can
+//! run the first, which costs a SHA-256 per frame and depends on no other
+//! frame, on several threads ([`FrameKeys`]), and the second, which must see
+//! frames in the order they were received, on one ([`ReplayCheck`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use weir_host::reload::ReloadReader;
-use weir_proto::{Frame, FrameError, FrameOpener, KeyRing, ReplayGuard, ReplayVerdict};
+use weir_proto::{Frame, FrameError, FrameOpener, Header, KeyRing, ReplayGuard, ReplayVerdict};
 
 use crate::state::{now_ms, StateDb, StateError};
 use crate::status::Counters;
@@ -15,7 +20,24 @@ const SESSIONS_TREE: &str = "sender_sessions";
 
 /// Checks frames for one receiver.
 pub struct Verifier {
-    opener: FrameOpener,
+    keys: FrameKeys,
+    replay: ReplayCheck,
+}
+
+/// The key ring frames are opened with, following reloads. Shared whole
+/// ([`FrameKeys::opener`]) with the threads that open frames: a batch
+/// carries the opener it is to be checked with.
+pub struct FrameKeys {
+    opener: Arc<FrameOpener>,
+    /// Key rings a configuration reload sets.
+    updates: Option<ReloadReader<KeyRing>>,
+}
+
+/// What must see authentic frames in receive order: the session horizon,
+/// the sessions of earlier runs, the replay window and the loss estimate.
+/// It also counts every frame refused before it, so that all the frame
+/// counters move in one place.
+pub struct ReplayCheck {
     guard: ReplayGuard,
     /// Newest sender session per key id seen by earlier runs: frames of
     /// older sessions are replays even though this run's guard is fresh.
@@ -30,8 +52,6 @@ pub struct Verifier {
     /// The last session refused as too far ahead, so the warning is logged
     /// once per session, not per frame.
     last_refused: Option<u64>,
-    /// Key rings a configuration reload sets.
-    key_updates: Option<ReloadReader<KeyRing>>,
 }
 
 /// The highest session id a sender whose clock reads `now_ms` plus
@@ -112,22 +132,26 @@ impl Verifier {
         };
         let horizon_ms = crate::config::DEFAULT_MAX_SESSION_AHEAD_HOURS * 3_600_000;
         Ok(Verifier {
-            opener: FrameOpener::new(keys),
-            guard: ReplayGuard::new(),
-            floors,
-            counters,
-            sessions,
-            horizon_ms,
-            session_limit: 0,
-            last_refused: None,
-            key_updates: None,
-        }
-        .within_horizon())
+            keys: FrameKeys {
+                opener: Arc::new(FrameOpener::new(keys)),
+                updates: None,
+            },
+            replay: ReplayCheck {
+                guard: ReplayGuard::new(),
+                floors,
+                counters,
+                sessions,
+                horizon_ms,
+                session_limit: 0,
+                last_refused: None,
+            }
+            .within_horizon(),
+        })
     }
 
     /// Takes the key rings a reload sets (see [`Verifier::pick_up_keys`]).
     pub fn with_key_updates(mut self, keys: ReloadReader<KeyRing>) -> Verifier {
-        self.key_updates = Some(keys);
+        self.keys.updates = Some(keys);
         self
     }
 
@@ -135,26 +159,64 @@ impl Verifier {
     /// last look. Sessions and replay windows of key ids kept stay as
     /// they were.
     pub fn pick_up_keys(&mut self) {
-        let Some(updates) = &mut self.key_updates else {
-            return;
-        };
-        if let Some(ring) = updates.changed() {
-            tracing::info!(key_ids = ?ring.ids(), "verifying with the reloaded keys");
-            self.opener = FrameOpener::new((*ring).clone());
-        }
+        self.keys.pick_up_keys();
     }
 
     /// Sets how far ahead of this clock a session may start.
     pub fn with_session_horizon_hours(mut self, hours: u64) -> Verifier {
-        self.horizon_ms = hours.saturating_mul(3_600_000);
-        self.session_limit = 0;
-        self.within_horizon()
+        self.replay.horizon_ms = hours.saturating_mul(3_600_000);
+        self.replay.session_limit = 0;
+        self.replay = self.replay.within_horizon();
+        self
     }
 
+    /// The frame if it is authentic and new; otherwise None, counted.
+    pub fn admit<'a>(&mut self, datagram: &'a [u8]) -> Option<Frame<'a>> {
+        match self.keys.opener.open(datagram) {
+            Ok(frame) => self.replay.admit(&frame.header).then_some(frame),
+            Err(e) => {
+                self.replay.refuse(&e);
+                None
+            }
+        }
+    }
+
+    /// Publishes the loss estimate (from sequence gaps) to the counters.
+    pub fn publish_loss(&self) {
+        self.replay.publish_loss();
+    }
+
+    /// The check that may run on many threads at once, and the one that
+    /// must see authentic frames one at a time in receive order.
+    pub fn into_parts(self) -> (FrameKeys, ReplayCheck) {
+        (self.keys, self.replay)
+    }
+}
+
+impl FrameKeys {
+    /// Opens with the key ring a reload set, if one was set since the last
+    /// look. Batches handed out before keep the opener they carry.
+    pub fn pick_up_keys(&mut self) {
+        let Some(updates) = &mut self.updates else {
+            return;
+        };
+        if let Some(ring) = updates.changed() {
+            tracing::info!(key_ids = ?ring.ids(), "verifying with the reloaded keys");
+            self.opener = Arc::new(FrameOpener::new((*ring).clone()));
+        }
+    }
+
+    /// The opener of the current key ring.
+    pub fn opener(&self) -> &Arc<FrameOpener> {
+        &self.opener
+    }
+}
+
+impl ReplayCheck {
     /// Drops remembered floors beyond the horizon: a store written before
     /// sessions were bounded may hold a forged far-future one, which would
     /// keep every real session stale for good.
-    fn within_horizon(mut self) -> Verifier {
+    fn within_horizon(mut self) -> ReplayCheck {
         let limit = session_limit(now_ms(), self.horizon_ms);
         self.floors.retain(|&key_id, &mut session| {
             let keep = session <= limit;
@@ -170,27 +232,28 @@ impl Verifier {
         self
     }
 
-    /// The frame if it is authentic and new; otherwise None, counted.
-    pub fn admit<'a>(&mut self, datagram: &'a [u8]) -> Option<Frame<'a>> {
+    /// Counts a frame `FrameOpener::open` refused. Its header was never
+    /// trusted, so nothing else moves.
+    pub fn refuse(&self, error: &FrameError) {
         let c = &self.counters;
-        let frame = match self.opener.open(datagram) {
-            Ok(f) => f,
-            Err(FrameError::BadTag) => {
-                Counters::add(&c.frames_bad_tag, 1);
-                return None;
-            }
-            Err(FrameError::UnknownKey(id)) => {
+        match error {
+            FrameError::BadTag => Counters::add(&c.frames_bad_tag, 1),
+            FrameError::UnknownKey(id) => {
                 Counters::add(&c.frames_unknown_key, 1);
                 tracing::debug!(key_id = id, "frame signed with an unknown key id");
-                return None;
             }
-            Err(e) => {
+            e => {
                 Counters::add(&c.frames_malformed, 1);
                 tracing::trace!(error = %e, "malformed frame");
-                return None;
             }
-        };
-        let h = &frame.header;
+        }
+    }
+
+    /// Whether the frame with this header, whose tag verified, is new; it
+    /// is counted either way. Only ever call it on authenticated headers:
+    /// it moves the replay window.
+    pub fn admit(&mut self, h: &Header) -> bool {
+        let c = &self.counters;
         // The clock is read only when a frame claims more than the last
         // limit allowed.
         if h.session_id > self.session_limit {
@@ -204,7 +267,7 @@ impl Verifier {
                     "authentic frames of a sender session that starts too far ahead of this clock are refused \
                      (a sender holding the key, or clocks apart by more than auth.max_session_ahead_hours)");
             }
-            return None;
+            return false;
         }
         if self
             .floors
@@ -212,12 +275,12 @@ impl Verifier {
             .is_some_and(|&floor| h.session_id < floor)
         {
             Counters::add(&c.frames_replayed, 1);
-            return None;
+            return false;
         }
         match self.guard.check(h.key_id, h.session_id, h.seq) {
             ReplayVerdict::Replayed | ReplayVerdict::Stale => {
                 Counters::add(&c.frames_replayed, 1);
-                None
+                false
             }
             ReplayVerdict::Fresh { new_session, .. } => {
                 if new_session {
@@ -232,7 +295,7 @@ impl Verifier {
                     }
                 }
                 Counters::add(&c.frames_accepted, 1);
-                Some(frame)
+                true
             }
         }
     }
