@@ -903,7 +903,9 @@ impl Bench<'_> {
         );
         let mut runs: Vec<(String, Result<(f64, crossing::Crossing)>)> = Vec::new();
         for (label, rate_bps) in &rates {
-            eprintln!("lidi row: weir crossing, FEC {k}+{m}, {LIDI_DATAGRAM} B datagrams, {label}...");
+            eprintln!(
+                "lidi row: weir crossing, FEC {k}+{m}, {LIDI_DATAGRAM} B datagrams, {label}..."
+            );
             let layout = self.work.join("lidi-weir-layout");
             let c = crossing::run(
                 image,
