@@ -25,10 +25,10 @@ const BATCH: usize = 64;
 const RECV_MSGS: usize = 128;
 /// Segments per GSO message: the kernel's UDP_MAX_SEGMENTS (64 before 6.x
 /// raised it; the older bound works everywhere).
-const GSO_MAX_SEGMENTS: usize = 64;
+pub const GSO_MAX_SEGMENTS: usize = 64;
 /// Largest UDP payload of one IPv4 datagram: a GSO message is one datagram
 /// until the stack cuts it.
-const MAX_UDP_PAYLOAD: usize = 65_507;
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
 /// Receive room per message with GRO: the largest coalesced datagram fits.
 const GRO_REGION: usize = 65_536;
 /// Messages per recvmmsg with GRO (each up to GRO_REGION bytes).
@@ -37,9 +37,10 @@ const GRO_MAX_MSGS: usize = 16;
 /// Control buffer of one message: room for one cmsg carrying an int.
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
-struct Cmsg([u8; 32]);
+pub struct Cmsg(pub [u8; 32]);
 
-fn udp_sockopt(sock: &Socket, name: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
+/// Sets an int option at the UDP level (UDP_GRO, UDP_SEGMENT).
+pub fn udp_sockopt(sock: &Socket, name: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
     // SAFETY: an int option on a socket we own.
     let r = unsafe {
         libc::setsockopt(
@@ -78,24 +79,33 @@ fn gso_supported(sock: &Socket) -> bool {
 /// run of equal lengths, closed by at most one shorter frame (the kernel
 /// cuts a message into gso_size pieces; only the last may be short).
 fn gso_run(frames: &[&[u8]]) -> usize {
-    let seg = frames[0].len();
+    gso_run_of(frames.len(), |i| frames[i].len())
+}
+
+/// [`gso_run`] over `n` frames whose lengths `len(i)` gives: also for
+/// frames that are not slices (a recording's offsets). 0 for no frame.
+pub fn gso_run_of(n: usize, len: impl Fn(usize) -> usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    let seg = len(0);
     if seg == 0 {
         return 1;
     }
     let max = GSO_MAX_SEGMENTS.min(MAX_UDP_PAYLOAD / seg);
-    let mut n = 1;
-    while n < frames.len() && n < max && frames[n].len() == seg {
-        n += 1;
+    let mut run = 1;
+    while run < n && run < max && len(run) == seg {
+        run += 1;
     }
-    if n < frames.len()
-        && n < max
-        && !frames[n].is_empty()
-        && frames[n].len() < seg
-        && n * seg + frames[n].len() <= MAX_UDP_PAYLOAD
+    if run < n
+        && run < max
+        && len(run) > 0
+        && len(run) < seg
+        && run * seg + len(run) <= MAX_UDP_PAYLOAD
     {
-        n += 1;
+        run += 1;
     }
-    n
+    run
 }
 
 /// The segment size of a coalesced message, from its UDP_GRO cmsg.

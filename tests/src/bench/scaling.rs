@@ -48,16 +48,12 @@ use weir_tests::pair::{Site, SiteOptions, Target};
 
 use crate::crossing::{drop_linked, set_config_key, set_datagram_size, Image};
 use crate::procfs::{child_pid, now_ms, thread_cpu, ProcTrace};
+use weir_host::link::udp::{gso_run_of, udp_sockopt, Cmsg, GSO_MAX_SEGMENTS};
 
 /// Messages per recvmmsg of the sink.
 const BATCH: usize = 64;
 /// Receive room per message: the largest coalesced (GRO) message fits.
 const REGION: usize = 65_536;
-/// Segments per GSO message: the kernel's UDP_MAX_SEGMENTS before 6.x
-/// raised it, the bound gateway-tx keeps too.
-const GSO_MAX_SEGMENTS: usize = 64;
-/// Largest UDP payload of one IPv4 datagram, a GSO message included.
-const MAX_UDP_PAYLOAD: usize = 65_507;
 /// Frames replayed between two looks at gateway-rx's queue.
 const QUEUE_CHECK_FRAMES: usize = 256;
 const GIB: f64 = (1u64 << 30) as f64;
@@ -151,29 +147,6 @@ impl Drop for Sink {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// Control buffer of one message: room for one cmsg carrying an int.
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-struct Cmsg([u8; 32]);
-
-fn udp_sockopt(sock: &Socket, name: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: an int option on a socket we own.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -702,31 +675,9 @@ fn frames_taken(site: &Site, addr: SocketAddr, replayed: u64) -> RxTaken {
 }
 
 /// How many frames from the start of `frames` (offset, length) leave as one
-/// GSO message: a run of equal lengths, at most GSO_MAX_SEGMENTS and
-/// MAX_UDP_PAYLOAD bytes, closed by at most one shorter frame (the kernel
-/// cuts a message into segments of the first frame's length; only the last
-/// may be short). A run ends at a shorter frame.
+/// GSO message, as gateway-tx forms them.
 fn gso_run(frames: &[(usize, usize)]) -> usize {
-    let Some(&(_, seg)) = frames.first() else {
-        return 0;
-    };
-    if seg == 0 {
-        return 1;
-    }
-    let max = GSO_MAX_SEGMENTS.min(MAX_UDP_PAYLOAD / seg);
-    let mut n = 1;
-    while n < frames.len() && n < max && frames[n].1 == seg {
-        n += 1;
-    }
-    if n < frames.len()
-        && n < max
-        && frames[n].1 > 0
-        && frames[n].1 < seg
-        && n * seg + frames[n].1 <= MAX_UDP_PAYLOAD
-    {
-        n += 1;
-    }
-    n
+    gso_run_of(frames.len(), |i| frames[i].1)
 }
 
 /// Sends runs of recorded frames into gateway-rx, each run one UDP GSO
@@ -821,6 +772,7 @@ pub fn project(c1_cpu_s_per_gib: f64, s2: f64, cores: f64) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weir_host::link::udp::MAX_UDP_PAYLOAD;
 
     #[test]
     fn a_recording_splits_back_into_its_frames() {
