@@ -112,7 +112,7 @@ pub fn gso_run_of(n: usize, len: impl Fn(usize) -> usize) -> usize {
 ///
 /// # Safety
 /// `h` must be a msghdr the kernel filled, its control pointer still valid.
-unsafe fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+pub unsafe fn gro_segment(h: &libc::msghdr) -> Option<usize> {
     let mut c = libc::CMSG_FIRSTHDR(h);
     while !c.is_null() {
         if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {

@@ -48,7 +48,7 @@ use weir_tests::pair::{Site, SiteOptions, Target};
 
 use crate::crossing::{drop_linked, set_config_key, set_datagram_size, Image};
 use crate::procfs::{child_pid, now_ms, thread_cpu, ProcTrace};
-use weir_host::link::udp::{gso_run_of, udp_sockopt, Cmsg, GSO_MAX_SEGMENTS};
+use weir_host::link::udp::{gro_segment, gso_run_of, udp_sockopt, Cmsg, GSO_MAX_SEGMENTS};
 
 /// Messages per recvmmsg of the sink.
 const BATCH: usize = 64;
@@ -148,22 +148,6 @@ impl Drop for Sink {
             let _ = t.join();
         }
     }
-}
-
-/// The segment size of a coalesced message, from its UDP_GRO cmsg.
-///
-/// # Safety
-/// `h` must be a msghdr the kernel filled, its control pointer still valid.
-unsafe fn gro_segment(h: &libc::msghdr) -> Option<usize> {
-    let mut c = libc::CMSG_FIRSTHDR(h);
-    while !c.is_null() {
-        if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
-            let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
-            return usize::try_from(v).ok().filter(|&s| s > 0);
-        }
-        c = libc::CMSG_NXTHDR(h, c);
-    }
-    None
 }
 
 /// The datagrams of a message of `len` bytes received with GRO segment
