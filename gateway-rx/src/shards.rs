@@ -41,8 +41,8 @@ use weir_proto::{BlockCodec, FecParams, ObjectId, ObjectKind, ShardFrame};
 
 use crate::state::{now_ms, StateDb, StateError};
 use crate::status::{Counters, ObjectProgress};
-use durable::Durable;
 pub use durable::RebuiltShards;
+use durable::{Durable, Failed, Writer};
 
 mod durable;
 
@@ -64,6 +64,8 @@ const REMOVE_BATCH: usize = 256;
 pub enum ShardStoreError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("the shard writer thread is gone")]
+    WriterGone,
     #[error("staging file {path}: {what}: {source}")]
     Io {
         path: PathBuf,
@@ -266,9 +268,31 @@ fn chunk_key(id: &ObjectId, chunk: u32) -> [u8; 36] {
 
 struct PendingShard {
     object: ObjectId,
+    /// The object's generation when the shard was queued: a batch claimed
+    /// after its object started over must not claim into the new files.
+    generation: u64,
     block: u32,
     index: u16,
     payload: Vec<u8>,
+}
+
+/// A batch with the writer.
+struct InFlight {
+    /// The decoder's shards, claimed with the batch.
+    rebuilt: Vec<RebuiltBlock>,
+    shards: usize,
+    /// (generation, block, index) of each shard in the batch.
+    keys: Vec<(u64, u32, u16)>,
+    /// Written in place (no writer thread): its outcome already.
+    done: Option<Result<Durable, Failed>>,
+}
+
+/// A batch not made durable, or not claimed: none of its shards count.
+#[derive(Debug)]
+pub struct BatchFailed {
+    pub error: ShardStoreError,
+    /// Shards in the batch.
+    pub shards: usize,
 }
 
 struct RebuiltBlock {
@@ -364,6 +388,11 @@ pub struct ShardStore {
     pending: Vec<PendingShard>,
     pending_bytes: usize,
     pending_since: Option<Instant>,
+    /// Batches with the writer, oldest first: what each claims besides its
+    /// own shards once durable.
+    in_flight: std::collections::VecDeque<InFlight>,
+    /// None when no thread could be had: batches are written in place.
+    writer: Option<Writer>,
     /// Data shards the decoder rebuilt, to claim at the next commit.
     rebuilt: Vec<RebuiltBlock>,
     /// Staging files were created since the last commit: fsync the directory.
@@ -415,6 +444,8 @@ impl ShardStore {
             pending: Vec::new(),
             pending_bytes: 0,
             pending_since: None,
+            in_flight: Default::default(),
+            writer: Writer::spawn(),
             rebuilt: Vec::new(),
             dir_dirty: false,
             ready: Vec::new(),
@@ -803,10 +834,12 @@ impl ShardStore {
             }
             Err(_) => return Ok(Accepted::Duplicate),
         }
+        let generation = live.generation;
         self.pending_bytes += shard.payload.len();
         self.pending_since.get_or_insert_with(Instant::now);
         self.pending.push(PendingShard {
             object: shard.object,
+            generation,
             block: shard.block,
             index: shard.index,
             payload: shard.payload,
@@ -838,66 +871,182 @@ impl ShardStore {
     }
 
     /// Writes the batch, fsyncs the files, then claims the shards in sled
-    /// (fsynced). Returns blocks to decode and objects to finish.
+    /// (fsynced), together with any batch still with the writer. Returns
+    /// blocks to decode and objects to finish.
     pub fn commit(&mut self) -> Result<Vec<Work>, ShardStoreError> {
+        self.start_commit();
+        let mut work = Vec::new();
+        let mut failed = None;
+        while let Some(done) = self.claim_next(true) {
+            match done {
+                Ok(w) => work.extend(w),
+                Err(f) => failed = Some(f.error),
+            }
+        }
+        match failed {
+            None => Ok(work),
+            Some(e) => {
+                // Claimed batches' work is not lost with the failed one's.
+                self.ready.append(&mut work);
+                Err(e)
+            }
+        }
+    }
+
+    /// Hands the pending batch to the writer, which writes and fsyncs it
+    /// while the store takes the next frames; [`claim_next`](Self::claim_next)
+    /// claims it once durable. Its shards stay queued until then, so
+    /// their duplicates are not queued again.
+    pub fn start_commit(&mut self) {
         let pending = std::mem::take(&mut self.pending);
         let rebuilt = std::mem::take(&mut self.rebuilt);
         self.pending_bytes = 0;
         self.pending_since = None;
         self.commits += 1;
-        let result = self.commit_batch(&pending, &rebuilt).map(|mut work| {
-            work.append(&mut self.ready);
-            work
+        let new_files_in = self.dir_dirty.then(|| self.dir.clone());
+        self.dir_dirty = false;
+        // Should the writer die with the batch, these leave the queue.
+        let keys = pending
+            .iter()
+            .map(|p| (p.generation, p.block, p.index))
+            .collect();
+        let batch = durable::plan(pending, &self.live, new_files_in);
+        let shards = batch.len();
+        let inline = match &self.writer {
+            Some(w) => w.send(batch).err(),
+            None => Some(batch),
+        };
+        let done = inline.map(|batch| {
+            if self.writer.take().is_some() {
+                tracing::warn!("the writer thread is gone; the store writes its batches itself");
+            }
+            batch.write()
         });
-        // Whatever happened, the batch is no longer queued: on failure its
-        // shards are not claimed and come again with the next pass.
-        self.unqueue(&pending);
-        if result.is_err() {
-            for r in &rebuilt {
-                if let Some(live) = self.live.get_mut(&r.object) {
-                    if live.generation == r.generation {
-                        live.assembly.stop_decoding(r.block);
+        self.in_flight.push_back(InFlight {
+            rebuilt,
+            shards,
+            keys,
+            done,
+        });
+    }
+
+    /// Batches handed to the writer and not yet claimed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Claims the oldest batch with the writer once it is durable (with
+    /// `wait`, waits for it). None when there is none, or it is not done.
+    pub fn claim_next(&mut self, wait: bool) -> Option<Result<Vec<Work>, BatchFailed>> {
+        let front = self.in_flight.front_mut()?;
+        let done = match front.done.take() {
+            Some(done) => done,
+            None => {
+                match self.writer.as_ref().and_then(|w| w.next_done(wait)) {
+                    Some(done) => done,
+                    None if self.writer.is_some() && !wait => return None,
+                    None => {
+                        // The thread is gone with the batch: write the next
+                        // ones here.
+                        if self.writer.take().is_some() {
+                            tracing::error!("the shard writer thread is gone; the store writes its batches itself");
+                        }
+                        Err(Failed {
+                            error: ShardStoreError::WriterGone,
+                        })
                     }
                 }
             }
-        }
-        result
+        };
+        let InFlight {
+            rebuilt,
+            shards,
+            keys,
+            ..
+        } = self.in_flight.pop_front()?;
+        let result = match done {
+            Ok(durable) => {
+                crash_point("rx.shards.payload-written");
+                self.claim(durable, &rebuilt)
+            }
+            Err(failed) => {
+                self.unqueue_keys(&keys);
+                Err(failed.error)
+            }
+        };
+        Some(match result {
+            Ok(work) => Ok(work),
+            Err(error) => {
+                // Not claimed: the rebuilt blocks are decoded again.
+                for r in &rebuilt {
+                    if let Some(live) = self.live.get_mut(&r.object) {
+                        if live.generation == r.generation {
+                            live.assembly.stop_decoding(r.block);
+                        }
+                    }
+                }
+                Err(BatchFailed { error, shards })
+            }
+        })
     }
 
+    /// Whatever happened, a claimed or failed batch is no longer queued;
+    /// shards not claimed come again with the next pass.
     fn unqueue(&mut self, pending: &[PendingShard]) {
         for p in pending {
             if let Some(live) = self.live.get_mut(&p.object) {
-                live.assembly.unqueue(p.block, p.index);
+                if live.generation == p.generation {
+                    live.assembly.unqueue(p.block, p.index);
+                }
             }
         }
     }
 
-    /// Each step takes what only the one before makes: payloads written,
-    /// then fsynced (`Durable`), then claimed in sled (`Claimed`), then
-    /// taken into memory, where the work is found.
-    fn commit_batch(
+    /// [`unqueue`](Self::unqueue) by (generation, block, index).
+    fn unqueue_keys(&mut self, keys: &[(u64, u32, u16)]) {
+        let by_generation: HashMap<u64, ObjectId> = self
+            .live
+            .iter()
+            .map(|(id, l)| (l.generation, *id))
+            .collect();
+        for &(generation, block, index) in keys {
+            if let Some(live) = by_generation
+                .get(&generation)
+                .and_then(|id| self.live.get_mut(id))
+            {
+                live.assembly.unqueue(block, index);
+            }
+        }
+    }
+
+    /// Claims a durable batch in sled, then takes it into memory, where
+    /// the work is found; the batch's shards leave the queue either way.
+    fn claim(
         &mut self,
-        pending: &[PendingShard],
+        durable: Durable,
         rebuilt: &[RebuiltBlock],
     ) -> Result<Vec<Work>, ShardStoreError> {
-        let written = durable::write(pending, &self.live)?;
-        let durable = written.sync(self.dir_dirty.then_some(self.dir.as_path()))?;
-        self.dir_dirty = false;
-        crash_point("rx.shards.payload-written");
-        let claimed = self.claim(durable, rebuilt)?;
-        Ok(self.take_claimed(claimed, rebuilt))
+        let claimed = self.claim_in_sled(&durable, rebuilt);
+        self.unqueue(&durable.into_pending());
+        let mut work = self.take_claimed(claimed?, rebuilt);
+        work.append(&mut self.ready);
+        Ok(work)
     }
 
     /// Commits to sled the bitmaps with the batch's durable shards and the
     /// decoder's rebuilt ones added, and the objects' records.
-    fn claim(
+    fn claim_in_sled(
         &mut self,
-        durable: Durable<'_>,
+        durable: &Durable,
         rebuilt: &[RebuiltBlock],
     ) -> Result<Claimed, ShardStoreError> {
         let mut bitmaps: HashMap<(ObjectId, u32), BlockBitmap> = HashMap::default();
         for p in durable.shards() {
-            let Some(live) = self.live.get(&p.object) else {
+            let Some(live) = self
+                .live
+                .get(&p.object)
+                .filter(|l| l.generation == p.generation)
+            else {
                 continue;
             };
             let map = bitmaps
@@ -1683,6 +1832,42 @@ pub(crate) mod tests {
         let new = shards_of(&bytes, ObjectKind::Blob, fec(3, 1, 120));
         assert_eq!(store.accept(new[0].clone()).unwrap(), Accepted::Conflict);
         assert_eq!(rig.count(&rig.counters.shards_conflicting), 1);
+        for s in new.into_iter().skip(1) {
+            store.accept(s).unwrap();
+        }
+        let done = drive(&mut store, vec![], &blobs);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+    }
+
+    /// A batch still with the writer when its object starts over claims
+    /// nothing into the new files; the new layout's shards complete the
+    /// object byte for byte, and shards queued meanwhile are not queued
+    /// twice.
+    #[test]
+    fn a_batch_with_the_writer_claims_nothing_of_a_restarted_object() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(9, 1000);
+        let old = shards_of(&bytes, ObjectKind::Blob, fec(4, 2, 100));
+        store.accept(old[0].clone()).unwrap();
+        store.start_commit();
+        assert_eq!(store.in_flight(), 1);
+        // Queued while the batch is with the writer: a duplicate.
+        assert_eq!(store.accept(old[0].clone()).unwrap(), Accepted::Duplicate);
+        let new = shards_of(&bytes, ObjectKind::Blob, fec(3, 1, 120));
+        assert_eq!(store.accept(new[0].clone()).unwrap(), Accepted::Conflict);
+        let work = store.claim_next(true).expect("a batch in flight").unwrap();
+        assert!(work.is_empty());
+        let id = ObjectId::of_bytes(&bytes);
+        assert_eq!(
+            store.live[&id].assembly.shards_held(),
+            0,
+            "the old layout's shard is not claimed into the new files"
+        );
+        assert!(store.live[&id]
+            .assembly
+            .is_queued(new[0].block, new[0].index));
         for s in new.into_iter().skip(1) {
             store.accept(s).unwrap();
         }

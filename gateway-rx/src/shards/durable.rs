@@ -7,7 +7,7 @@
 
 use rustc_hash::FxHashMap as HashMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use weir_proto::ObjectId;
 
@@ -19,26 +19,47 @@ const WRITE_RUN: usize = 1 << 20;
 /// Parts per `pwritev` (the kernel's IOV_MAX).
 const WRITE_PARTS: usize = 1024;
 
-/// A batch's payloads written to the staging files, not yet fsynced.
-pub(super) struct Written<'a> {
-    pending: &'a [PendingShard],
-    /// Per pending shard: not written, so never to be claimed.
+/// A batch planned on the store's thread: which payloads go where, and
+/// which are dropped. Written and fsynced on the writer's thread, so the
+/// store takes the next frames while the page cache fills and the disk
+/// syncs.
+pub(super) struct WriteBatch {
+    pending: Vec<PendingShard>,
+    /// Per pending shard: not to be written, so never to be claimed.
     dropped: Vec<bool>,
+    /// Each object's files, once; `writes` refer to them by position.
+    objects: Vec<Arc<StagingFiles>>,
+    /// (object, parity file?, offset, pending shard), sorted.
+    writes: Vec<(u16, bool, u64, usize)>,
+    /// Staging files were created in this directory since the last batch:
+    /// their directory entries are fsynced too.
+    new_files_in: Option<PathBuf>,
+}
+
+/// A batch's payloads written to the staging files, not yet fsynced.
+struct Written {
+    batch: WriteBatch,
     /// Each file written (data or parity of one object), once.
     touched: Vec<(bool, Arc<StagingFiles>)>,
 }
 
-/// A batch's shards durably on disk.
-pub(super) struct Durable<'a> {
-    pending: &'a [PendingShard],
+/// A batch's shards durably on disk: made only by [`WriteBatch::write`],
+/// after the fsync.
+pub(super) struct Durable {
+    pending: Vec<PendingShard>,
     dropped: Vec<bool>,
 }
 
-impl<'a> Durable<'a> {
+/// A batch that could not be made durable: none of its shards may be
+/// claimed; they come again with a later pass.
+pub(super) struct Failed {
+    pub(super) error: ShardStoreError,
+}
+
+impl Durable {
     /// The batch's shards that are on disk.
-    pub(super) fn shards(&self) -> impl Iterator<Item = &'a PendingShard> + '_ {
-        let pending = self.pending;
-        pending
+    pub(super) fn shards(&self) -> impl Iterator<Item = &PendingShard> + '_ {
+        self.pending
             .iter()
             .zip(&self.dropped)
             .filter(|(_, dropped)| !**dropped)
@@ -54,20 +75,26 @@ impl<'a> Durable<'a> {
     pub(super) fn len(&self) -> usize {
         self.pending.len()
     }
+
+    /// The batch's shards, claimed or not, to take off the queue.
+    pub(super) fn into_pending(self) -> Vec<PendingShard> {
+        self.pending
+    }
 }
 
-/// Writes a batch's payloads, adjacent shards coalesced into one write.
-/// Parity of a block whose data shards are all in once this batch lands is
-/// never needed: it is dropped, not written.
-pub(super) fn write<'a>(
-    pending: &'a [PendingShard],
+/// Plans a batch: where each payload goes, adjacent shards to be coalesced
+/// into one write. Parity of a block whose data shards are all in once the
+/// shards queued so far land is never needed: it is dropped, not written.
+pub(super) fn plan(
+    pending: Vec<PendingShard>,
     live: &HashMap<ObjectId, LiveObject>,
-) -> Result<Written<'a>, ShardStoreError> {
+    new_files_in: Option<PathBuf>,
+) -> WriteBatch {
     let mut objects: Vec<(ObjectId, Arc<StagingFiles>)> = Vec::new();
     let mut dropped = vec![false; pending.len()];
     let mut writes: Vec<(u16, bool, u64, usize)> = Vec::with_capacity(pending.len());
     for (i, p) in pending.iter().enumerate() {
-        let Some(live) = live.get(&p.object) else {
+        let Some(live) = live.get(&p.object).filter(|l| l.generation == p.generation) else {
             dropped[i] = true;
             continue;
         };
@@ -98,50 +125,78 @@ pub(super) fn write<'a>(
         writes.push((at as u16, parity, off, i));
     }
     writes.sort_unstable();
-    let mut touched: Vec<(u16, bool, Arc<StagingFiles>)> = Vec::new();
-    let mut run = WriteRun::default();
-    for &(at, parity, off, i) in &writes {
-        let files = &objects[at as usize].1;
-        // Sorted: each file's writes are one stretch, fsynced once.
-        if !touched
-            .last()
-            .is_some_and(|(o, par, _)| *o == at && *par == parity)
-        {
-            touched.push((at, parity, files.clone()));
-        }
-        let payload = &pending[i].payload;
-        if !run.extends(files, parity, off, payload.len()) {
-            run.flush()?;
-            run.start(files.clone(), parity, off);
-        }
-        run.push(payload);
-    }
-    run.flush()?;
-    Ok(Written {
+    WriteBatch {
         pending,
         dropped,
-        touched: touched.into_iter().map(|(_, p, f)| (p, f)).collect(),
-    })
+        objects: objects.into_iter().map(|(_, f)| f).collect(),
+        writes,
+        new_files_in,
+    }
 }
 
-impl<'a> Written<'a> {
+impl WriteBatch {
+    /// Shards in the batch, dropped ones too.
+    pub(super) fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Writes the payloads, then fsyncs what was written: the only way to
+    /// a [`Durable`] batch.
+    pub(super) fn write(self) -> Result<Durable, Failed> {
+        let touched = self.write_payloads().map_err(|error| Failed { error })?;
+        Written {
+            batch: self,
+            touched,
+        }
+        .sync()
+    }
+
+    fn write_payloads(&self) -> Result<Vec<(bool, Arc<StagingFiles>)>, ShardStoreError> {
+        let mut touched: Vec<(u16, bool, Arc<StagingFiles>)> = Vec::new();
+        let mut run = WriteRun::default();
+        for &(at, parity, off, i) in &self.writes {
+            let files = &self.objects[at as usize];
+            // Sorted: each file's writes are one stretch, fsynced once.
+            if !touched
+                .last()
+                .is_some_and(|(o, par, _)| *o == at && *par == parity)
+            {
+                touched.push((at, parity, files.clone()));
+            }
+            let payload = &self.pending[i].payload;
+            if !run.extends(files, parity, off, payload.len()) {
+                run.flush()?;
+                run.start(files.clone(), parity, off);
+            }
+            run.push(payload);
+        }
+        run.flush()?;
+        Ok(touched.into_iter().map(|(_, p, f)| (p, f)).collect())
+    }
+}
+
+impl Written {
     /// Fsyncs every file written and, when staging files were created
-    /// since the last batch, `new_files_in` (their directory entries).
-    pub(super) fn sync(self, new_files_in: Option<&Path>) -> Result<Durable<'a>, ShardStoreError> {
+    /// since the last batch, their directory.
+    fn sync(self) -> Result<Durable, Failed> {
         for (parity, f) in &self.touched {
             let (file, path) = if *parity {
                 (&f.parity, &f.parity_path)
             } else {
                 (&f.data, &f.data_path)
             };
-            file.sync_data().map_err(io_err(path, "fsync"))?;
+            file.sync_data().map_err(|e| Failed {
+                error: io_err(path, "fsync")(e),
+            })?;
         }
-        if let Some(dir) = new_files_in {
-            fsync_dir(dir).map_err(io_err(dir, "fsync"))?;
+        if let Some(dir) = &self.batch.new_files_in {
+            fsync_dir(dir).map_err(|e| Failed {
+                error: io_err(dir, "fsync")(e),
+            })?;
         }
         Ok(Durable {
-            pending: self.pending,
-            dropped: self.dropped,
+            pending: self.batch.pending,
+            dropped: self.batch.dropped,
         })
     }
 }
@@ -264,4 +319,66 @@ fn write_parts_at(file: &File, parts: &[&[u8]], offset: u64) -> std::io::Result<
         }
     }
     Ok(())
+}
+
+/// The thread that writes and fsyncs the store's batches, in the order
+/// given, one at a time.
+pub(super) struct Writer {
+    jobs: Option<std::sync::mpsc::Sender<WriteBatch>>,
+    done: std::sync::mpsc::Receiver<Result<Durable, Failed>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the thread; None when the system refuses one (the store then
+    /// writes its batches itself).
+    pub(super) fn spawn() -> Option<Writer> {
+        let (jobs, inbox) = std::sync::mpsc::channel::<WriteBatch>();
+        let (outbox, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("rx-writer".into())
+            .spawn(move || {
+                for batch in inbox {
+                    if outbox.send(batch.write()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| tracing::warn!(error = %e, "no writer thread; the store writes its batches itself"))
+            .ok()?;
+        Some(Writer {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a batch over; gives it back when the thread is gone.
+    pub(super) fn send(&self, batch: WriteBatch) -> Result<(), WriteBatch> {
+        match &self.jobs {
+            Some(jobs) => jobs.send(batch).map_err(|e| e.0),
+            None => Err(batch),
+        }
+    }
+
+    /// The next batch done, in the order sent; with `wait`, waits for it.
+    /// None when none is done (or, waiting, the thread is gone).
+    pub(super) fn next_done(&self, wait: bool) -> Option<Result<Durable, Failed>> {
+        if wait {
+            self.done.recv().ok()
+        } else {
+            self.done.try_recv().ok()
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// Batches still queued are written, never claimed: as after a crash
+    /// between the two, their shards come again.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

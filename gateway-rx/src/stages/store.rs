@@ -27,7 +27,7 @@ use super::{FinishOutcome, WorkResult};
 use crate::appliance::{is_disk_full, Fault, Faults, StateDisk};
 use crate::config::RetentionConfig;
 use crate::retention::{keep_ms, pass_every, StoreNotice};
-use crate::shards::{DecodeJob, ShardStore, Work};
+use crate::shards::{BatchFailed, DecodeJob, ShardStore, Work};
 use crate::state::now_ms;
 use crate::status::{Counters, ObjectProgress};
 
@@ -37,6 +37,12 @@ const STORE_POLL: Duration = Duration::from_millis(20);
 const DISK_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// How often the progress board the report reads is refreshed.
 const BOARD_EVERY: Duration = Duration::from_millis(500);
+/// Longest the store waits for frames while the writer has a batch: its
+/// claim should not wait for the next frame.
+const CLAIM_POLL: Duration = Duration::from_millis(2);
+/// Batches with the writer at once: while the store claims one, the
+/// writer has the next.
+const MAX_IN_FLIGHT: usize = 2;
 
 /// The store loop's view of the state disk: whether shards may be written,
 /// and the fault when not.
@@ -278,7 +284,11 @@ impl StoreStage {
             .commit_deadline()
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(STORE_POLL)
-            .min(STORE_POLL);
+            .min(if self.store.in_flight() > 0 {
+                CLAIM_POLL
+            } else {
+                STORE_POLL
+            });
         match self.inbound.recv_timeout(wait) {
             Ok(frames) => self.disk.store_or_drop(&mut self.store, frames),
             Err(RecvTimeoutError::Timeout) => {}
@@ -300,14 +310,28 @@ impl StoreStage {
             apply_result(&mut self.store, result);
         }
         self.upkeep.run(&mut self.store);
+        while let Some(done) = self.store.claim_next(false) {
+            self.take_claimed(done);
+        }
         if !self.disk.full && self.store.should_commit() {
-            let shards = self.store.pending_len();
-            match self.store.commit() {
-                Ok(work) => self.dispatch(work),
-                Err(e) if is_disk_full(&e) => self.disk.ran_out(&e, shards),
-                Err(e) => {
-                    tracing::error!(error = %e, "shard batch not committed; its shards come again with the next pass")
+            // Memory holds the batches with the writer and the one filling.
+            while self.store.in_flight() >= MAX_IN_FLIGHT {
+                match self.store.claim_next(true) {
+                    Some(done) => self.take_claimed(done),
+                    None => break,
                 }
+            }
+            self.store.start_commit();
+        }
+    }
+
+    /// Hands out the work a claimed batch brought, or says why it was not.
+    fn take_claimed(&mut self, done: Result<Vec<Work>, BatchFailed>) {
+        match done {
+            Ok(work) => self.dispatch(work),
+            Err(f) if is_disk_full(&f.error) => self.disk.ran_out(&f.error, f.shards),
+            Err(f) => {
+                tracing::error!(error = %f.error, "shard batch not committed; its shards come again with the next pass")
             }
         }
     }

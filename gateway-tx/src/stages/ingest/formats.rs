@@ -441,6 +441,71 @@ fn split_io(
 }
 
 /// Copies a member into the store as it is, checking `expected` if given.
+/// Blobs hashed at once: each thread reads and hashes one whole blob, so
+/// an image of several large layers is checked at the speed of the cores,
+/// not of one.
+const BLOB_THREADS: usize = 4;
+
+/// Checks and stores each (member, digest) of `wanted`, several blobs at a
+/// time. Once one fails no other starts; the error reported is the first
+/// in the image's order of the blobs tried.
+fn store_blobs(
+    cancel: &Shutdown,
+    index: &TarIndex,
+    store: &ObjectStore,
+    wanted: &[(String, ObjectId)],
+) -> Result<(), DropError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, BLOB_THREADS)
+        .min(wanted.len());
+    if threads <= 1 {
+        for (member, id) in wanted {
+            let obj = copy_member(cancel, index, store, member, Some(id))?;
+            tracing::debug!(digest = %obj.id, size = obj.len, "blob stored");
+        }
+        return Ok(());
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let mut results: Vec<(usize, Result<(), DropError>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        // After a failure the drop is refused: no new blob.
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((member, id)) = wanted.get(i) else {
+                            break;
+                        };
+                        let r = copy_member(cancel, index, store, member, Some(id)).map(|obj| {
+                            tracing::debug!(digest = %obj.id, size = obj.len, "blob stored");
+                        });
+                        if r.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        done.push((i, r));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().try_for_each(|(_, r)| r)
+}
+
 fn copy_member(
     cancel: &Shutdown,
     index: &TarIndex,
@@ -916,15 +981,15 @@ pub fn store_image(
                 blobs.extend(plan.referrer_blobs.iter().cloned());
                 referrers.clone_from(&plan.referrers);
             }
+            let mut wanted = Vec::new();
             for b in &blobs {
                 let id = ObjectId::from_digest(&b.digest)
                     .map_err(|_| format_err(format!("bad digest {}", b.digest)))?;
-                if store.reuse(&id) {
-                    continue;
+                if !store.reuse(&id) {
+                    wanted.push((blob_member(&b.digest)?, id));
                 }
-                let obj = copy_member(cancel, index, store, &blob_member(&b.digest)?, Some(&id))?;
-                tracing::debug!(digest = %obj.id, size = obj.len, "blob stored");
             }
+            store_blobs(cancel, index, store, &wanted)?;
             Ok(StoredImage {
                 manifest: manifest.clone(),
                 children: children.clone(),
