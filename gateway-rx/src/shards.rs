@@ -13,7 +13,11 @@
 //! fsynced). The claim takes a value only the fsync makes (`durable`), so
 //! a bitmap never claims a shard that is not durably on disk; after a crash
 //! the bitmap is the truth and anything written past it is simply received
-//! again.
+//! again. The writing and the fsync happen on the `rx-writer` thread while
+//! the store takes the next batch's frames (landing bytes in the page cache
+//! is the costliest step of the receiver's path); batches are claimed in
+//! the order they were handed over, and a batch's shards stay queued until
+//! then, so their duplicates are not written twice.
 //!
 //! Which shards are held or queued, which blocks are complete, decodable or
 //! being decoded, and where each object is in its life is the protocol's
@@ -25,8 +29,9 @@
 //! ones. An object whose blocks are all complete goes to the finisher, which
 //! checks its sha256 and moves the data file into the blob store.
 //!
-//! Memory: one batch of payloads (a few MiB) and two bits per shard of the
-//! objects in flight; nothing grows with object size but those bitmaps.
+//! Memory: a few batches of payloads (4 MiB each: the one filling and those
+//! with the writer) and two bits per shard of the objects in flight;
+//! nothing grows with object size but those bitmaps.
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,7 @@
 //! The store stage, on the gateway's own thread: takes verified frames in
-//! batches into the shard store, commits them, hands finished blocks to the
-//! decoder and whole objects to the finisher, and applies what they report.
+//! batches into the shard store, hands each batch to the writer thread and
+//! claims it once durable, hands finished blocks to the decoder and whole
+//! objects to the finisher, and applies what they report.
 //!
 //! A full state disk stops the store, not the gateway: while the disk of
 //! state_dir holds less than `state_min_free_mb` (or after a write failed

@@ -304,6 +304,8 @@ pub struct LidiRun {
     pub seconds: f64,
     /// What the receiver's UDP socket dropped (kernel counter).
     pub rx_kernel_drops: u64,
+    /// utime+stime of lidi's four processes over the same span, seconds.
+    pub cpu_s: f64,
 }
 
 impl LidiRun {
@@ -329,6 +331,11 @@ impl Proc {
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         Ok(Proc { name, child, log })
+    }
+
+    /// utime+stime so far, seconds (0 once it has exited and been reaped).
+    fn cpu_s(&self) -> f64 {
+        super::procfs::sample(self.child.id()).map_or(0.0, |s| s.cpu_s)
     }
 
     fn running(&mut self) -> bool {
@@ -426,6 +433,8 @@ pub fn run(bins: &LidiBins, file: &Path, work: &Path, timeout: Duration) -> Resu
     )?);
     wait_for("diode-send", &mut procs, &|| tcp_listening(send_tcp))?;
 
+    // The daemons' CPU before the file is handed over (start-up, idle).
+    let cpu_before: f64 = procs.iter().map(Proc::cpu_s).sum();
     let started = Instant::now();
     let mut sender = Proc::spawn(
         "diode-send-file",
@@ -467,6 +476,7 @@ pub fn run(bins: &LidiBins, file: &Path, work: &Path, timeout: Duration) -> Resu
         std::thread::sleep(Duration::from_millis(5));
     };
     let seconds = (full - started).as_secs_f64();
+    let cpu_s = procs.iter().map(Proc::cpu_s).sum::<f64>() + sender.cpu_s() - cpu_before;
     // diode-receive-file exits once its one file is written; give it and
     // the sender a moment to finish on their own.
     let t = Instant::now();
@@ -485,6 +495,7 @@ pub fn run(bins: &LidiBins, file: &Path, work: &Path, timeout: Duration) -> Resu
         bytes: total,
         seconds,
         rx_kernel_drops,
+        cpu_s,
     })
 }
 

@@ -92,9 +92,9 @@ struct Args {
     /// A second goodput crossing (and lidi row run) with the sender paced
     /// at this rate, Mb/s (0: none). On this 2-core machine, where both
     /// gateways share the cores, the receiver drains about this much
-    /// without losing a frame; unpaced, the sender's workers take the cores
-    /// the receiver needs.
-    #[arg(long, default_value_t = 2000)]
+    /// without losing a frame; unpaced, the sender's workers take cores
+    /// the receiver needs and its later passes add frames on both sides.
+    #[arg(long, default_value_t = 3500)]
     goodput_paced_mbps: u64,
     /// Image of the loss-efficiency figure, MiB.
     #[arg(long, default_value_t = 128)]
@@ -1075,7 +1075,8 @@ impl Bench<'_> {
                 "weir {label} moved {:.0} MiB of blobs from the drop renamed into the spool to delivery done in {:.2} s, ingest included \
                  (ingest to acceptance {:.2} s; then complete {:.2} s and delivered {:.2} s after acceptance); \
                  gateway-rx's socket dropped {} datagrams, it accepted {} frames, counted {} lost, repaired {} blocks. \
-                 CPU seconds by thread: gateway-tx {}; gateway-rx {}. ",
+                 CPU: gateway-tx {:.1} s to image complete, gateway-rx {:.1} s to delivered, the pair {:.2} CPU-s/GiB; \
+                 by thread (those alive at the end): gateway-tx {}; gateway-rx {}. ",
                 c.payload_bytes as f64 / MIB,
                 c.drop_to_delivered_s,
                 c.ingest_s,
@@ -1085,6 +1086,9 @@ impl Bench<'_> {
                 c.rx_counters.frames_accepted,
                 c.rx_counters.frames_lost_estimate,
                 c.rx_counters.blocks_repaired,
+                c.tx_cpu_ingest_s + c.tx_cpu_send_s,
+                c.rx_cpu_s,
+                (c.tx_cpu_ingest_s + c.tx_cpu_send_s + c.rx_cpu_s) / (c.payload_bytes as f64 / GIB).max(1e-9),
                 threads(&c.tx_threads),
                 threads(&c.rx_threads)
             ));
@@ -1094,13 +1098,15 @@ impl Bench<'_> {
                 "{} (built from {} into {}, outside the repository) moved the archive ({:.0} MiB) in {:.2} s, from diode-send-file \
                  started to the output file at full size, sha256 equal; diode-send → diode-receive over UDP 127.0.0.1 with lidi's \
                  defaults (MTU 1500, blocks of 734928 B, 2 % repair, 1 encode and 1 decode thread); diode-receive's socket dropped {} \
-                 datagrams. {}.",
+                 datagrams; its four processes used {:.1} CPU-s over that span ({:.2} CPU-s/GiB). {}.",
                 b.version,
                 tarball.display(),
                 b.dir.display(),
                 l.bytes as f64 / MIB,
                 l.seconds,
                 l.rx_kernel_drops,
+                l.cpu_s,
+                l.cpu_s / (l.bytes as f64 / GIB),
                 sysctls.join("; ")
             )),
             (_, Err(e)) => {
