@@ -309,7 +309,7 @@ impl ReplayCheck {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use weir_proto::{Body, FrameSealer, Heartbeat, Key};
 
@@ -317,7 +317,8 @@ mod tests {
         Key::from_bytes(id, &[fill; 32]).unwrap()
     }
 
-    fn heartbeat(pass: u64) -> Body<'static> {
+    /// A heartbeat body of sender pass `pass`, the rest zero.
+    pub(crate) fn heartbeat(pass: u64) -> Body<'static> {
         Body::Heartbeat(Heartbeat {
             uptime_s: 1,
             queued_objects: 0,

@@ -442,16 +442,8 @@ mod tests {
     }
 
     fn heartbeat(sealer: &mut FrameSealer, pass: u64) -> Vec<u8> {
-        let body = Body::Heartbeat(Heartbeat {
-            uptime_s: 1,
-            queued_objects: 0,
-            pass,
-            config_fingerprint: 0,
-            sent_frames: 0,
-            ledger: None,
-        });
         let mut out = Vec::new();
-        sealer.seal(&body, &mut out);
+        sealer.seal(&crate::verify::tests::heartbeat(pass), &mut out);
         out
     }
 
