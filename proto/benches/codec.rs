@@ -1,4 +1,4 @@
-//! Codec throughput: sign+encode and verify+decode at S=1400, for k=32 m=8
+//! Codec throughput: encode, sign+encode and verify+decode at S=1400, for k=32 m=8
 //! (the goodput figure's layout) and k=128 m=20 (gateway-tx's default).
 //!
 //! Run: `cargo bench -p weir-proto --bench codec`
@@ -26,19 +26,38 @@ fn object() -> Vec<u8> {
         .collect()
 }
 
-/// Cuts, encodes and seals every shard of the object into frames.
-fn seal_object(
-    codec: &BlockCodec,
-    sealer: &mut FrameSealer,
-    data: &[u8],
-    frames: &mut Vec<Vec<u8>>,
-) {
+/// Frames back to back, as gateway-tx keeps a sealed group.
+#[derive(Default)]
+struct Frames {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Frames {
+    fn get(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+}
+
+/// Cuts, encodes and seals every shard of the object into frames, as
+/// gateway-tx does: each block's frames written, then signed at once.
+fn seal_object(codec: &BlockCodec, sealer: &FrameSealer, data: &[u8], out: &mut Frames) {
     let p = codec.params();
     let id = ObjectId([3; 32]);
     let mut shards = Vec::new();
-    let mut n = 0;
+    let mut block_frames = Frames::default();
+    out.bytes.clear();
+    out.ends.clear();
+    let mut seq = 0;
     for (block, chunk) in data.chunks(p.block_bytes() as usize).enumerate() {
         codec.encode(chunk, &mut shards).unwrap();
+        block_frames.bytes.clear();
+        block_frames.ends.clear();
         for (index, payload) in shards.iter().enumerate() {
             let body = Body::Shard(ShardFrame {
                 object: id,
@@ -49,14 +68,15 @@ fn seal_object(
                 index: index as u16,
                 payload,
             });
-            if frames.len() <= n {
-                frames.push(Vec::with_capacity(1500));
-            }
-            sealer.seal(&body, &mut frames[n]);
-            n += 1;
+            sealer.seal_unsigned(seq, &body, &mut block_frames.bytes);
+            block_frames.ends.push(block_frames.bytes.len());
+            seq += 1;
         }
+        assert!(sealer.sign_run(&mut block_frames.bytes, &block_frames.ends));
+        let base = out.bytes.len();
+        out.bytes.extend_from_slice(&block_frames.bytes);
+        out.ends.extend(block_frames.ends.iter().map(|e| base + e));
     }
-    frames.truncate(n);
 }
 
 /// Which shards of each block arrive.
@@ -71,7 +91,7 @@ enum Loss {
 fn bench(c: &mut Criterion) {
     let key = Key::from_bytes(1, &[7; 32]).unwrap();
     let data = object();
-    let mut frames = Vec::new();
+    let mut frames = Frames::default();
 
     let mut g = c.benchmark_group("codec");
     g.throughput(Throughput::Bytes(OBJECT_LEN as u64));
@@ -81,13 +101,21 @@ fn bench(c: &mut Criterion) {
         let params = FecParams::new(k, m, S).unwrap();
         let codec = BlockCodec::new(params).unwrap();
         let layout = format!("{k}+{m}");
+        g.bench_function(BenchmarkId::new("encode", &layout), |b| {
+            let mut shards = Vec::new();
+            b.iter(|| {
+                for chunk in data.chunks(params.block_bytes() as usize) {
+                    codec.encode(chunk, &mut shards).unwrap();
+                }
+            })
+        });
         g.bench_function(BenchmarkId::new("sign+encode", &layout), |b| {
-            let mut sealer = FrameSealer::new(key.clone(), 1);
-            b.iter(|| seal_object(&codec, &mut sealer, &data, &mut frames))
+            let sealer = FrameSealer::new(key.clone(), 1);
+            b.iter(|| seal_object(&codec, &sealer, &data, &mut frames))
         });
 
-        let mut sealer = FrameSealer::new(key.clone(), 1);
-        seal_object(&codec, &mut sealer, &data, &mut frames);
+        let sealer = FrameSealer::new(key.clone(), 1);
+        seal_object(&codec, &sealer, &data, &mut frames);
         let opener = FrameOpener::new(KeyRing::new(vec![key.clone()]).unwrap());
         let n = params.total_shards() as usize;
         let losses: &[Loss] = if k == 32 {
@@ -110,10 +138,10 @@ fn bench(c: &mut Criterion) {
             // every iteration decodes the same patterns. Blocks that lost
             // more than m keep k of their shards (a later pass would fill them).
             let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-            let arrived: Vec<Vec<bool>> = frames
-                .chunks(n)
-                .map(|block| {
-                    let mut keep: Vec<bool> = (0..block.len())
+            let arrived: Vec<Vec<bool>> = (0..frames.len())
+                .step_by(n)
+                .map(|first| {
+                    let mut keep: Vec<bool> = (first..(first + n).min(frames.len()))
                         .map(|i| match loss {
                             Loss::FirstData(lost) => i >= lost,
                             Loss::Random(p) => !rng.gen_bool(p),
@@ -136,15 +164,21 @@ fn bench(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("verify+decode", name), |b| {
                 let mut block: Vec<Option<Vec<u8>>> = vec![None; n];
                 let mut out = Vec::with_capacity(OBJECT_LEN);
+                let mut opened = Vec::new();
                 b.iter(|| {
                     out.clear();
-                    for (bi, block_frames) in frames.chunks(n).enumerate() {
+                    for (bi, keep) in arrived.iter().enumerate() {
                         for slot in block.iter_mut() {
                             *slot = None;
                         }
-                        for (f, _) in block_frames.iter().zip(&arrived[bi]).filter(|(_, a)| **a) {
-                            let frame = opener.open(f).unwrap();
-                            if let Body::Shard(s) = frame.body {
+                        // A batch as the link hands it to a verifier.
+                        let batch: Vec<&[u8]> = (0..keep.len())
+                            .filter(|&i| keep[i])
+                            .map(|i| frames.get(bi * n + i))
+                            .collect();
+                        opener.open_many(&batch, &mut opened);
+                        for frame in opened.drain(..) {
+                            if let Body::Shard(s) = frame.unwrap().body {
                                 block[s.index as usize] = Some(s.payload.to_vec());
                             }
                         }

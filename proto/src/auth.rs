@@ -7,6 +7,7 @@
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use weir_kernels::HmacKey;
 
 /// Shortest secret accepted, in bytes (HMAC-SHA256's block of security).
 pub const MIN_KEY_BYTES: usize = 32;
@@ -26,8 +27,10 @@ pub enum KeyError {
 #[derive(Clone)]
 pub struct Key {
     id: u16,
-    /// HMAC state already keyed, cloned per frame (saves two compressions).
+    /// HMAC state already keyed, for tags computed piece by piece (reports).
     mac: HmacSha256,
+    /// The same key for frames: pads compressed once, many frames at a time.
+    frames: HmacKey,
     fingerprint: [u8; 8],
 }
 
@@ -61,6 +64,7 @@ impl Key {
         Key {
             id,
             mac,
+            frames: HmacKey::new(secret),
             fingerprint,
         }
     }
@@ -77,6 +81,16 @@ impl Key {
 
     pub(crate) fn mac(&self) -> HmacSha256 {
         self.mac.clone()
+    }
+
+    /// HMAC-SHA256 of one message.
+    pub(crate) fn tag(&self, message: &[u8]) -> [u8; 32] {
+        self.frames.tag(message)
+    }
+
+    /// HMAC-SHA256 of many messages: `tags[i]` for `messages[i]`.
+    pub(crate) fn tags(&self, messages: &[&[u8]], tags: &mut [[u8; 32]]) {
+        self.frames.tag_many(messages, tags)
     }
 }
 
@@ -116,6 +130,22 @@ mod tests {
             Key::from_bytes(4, &[1; 31]),
             Err(KeyError::TooShort { len: 31, .. })
         ));
+    }
+
+    #[test]
+    fn frame_tags_are_the_streamed_macs() {
+        let key = Key::from_bytes(3, &[0x42; 40]).unwrap();
+        let msgs: Vec<Vec<u8>> = (0..40).map(|n| vec![n as u8; n * 37]).collect();
+        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+        let mut tags = vec![[0u8; 32]; msgs.len()];
+        key.tags(&refs, &mut tags);
+        for (m, t) in msgs.iter().zip(&tags) {
+            let mut mac = key.mac();
+            mac.update(m);
+            let want: [u8; 32] = mac.finalize().into_bytes().into();
+            assert_eq!(*t, want);
+            assert_eq!(key.tag(m), want);
+        }
     }
 
     #[test]

@@ -176,20 +176,56 @@ pub struct BlockCodec {
     params: FecParams,
     /// None when m = 0: there is nothing to compute.
     rs: Option<ReedSolomon>,
+    /// The same parity rows for the GFNI kernel, where the CPU has one.
+    parity: Option<weir_kernels::ParityRows>,
+}
+
+/// reed-solomon-erasure's field: x^8 + x^4 + x^3 + x^2 + 1 (low bits).
+const FIELD_POLY: u8 = 0x1d;
+
+/// The codec's parity rows, read off by encoding unit vectors: RS encoding
+/// is linear, so data shard `i` set to 1 and the rest 0 leaves column `i`
+/// of the parity matrix in the parity shards. Byte for byte the codec's.
+fn parity_coefficients(rs: &ReedSolomon, k: usize, m: usize) -> Result<Vec<u8>, FecError> {
+    let mut coefficients = vec![0u8; k * m];
+    let mut shards = vec![vec![0u8; 1]; k + m];
+    for i in 0..k {
+        for s in shards.iter_mut() {
+            s[0] = 0;
+        }
+        shards[i][0] = 1;
+        rs.encode(&mut shards)
+            .map_err(|e| FecError::Codec(format!("{e:?}")))?;
+        for j in 0..m {
+            coefficients[j * k + i] = shards[k + j][0];
+        }
+    }
+    Ok(coefficients)
 }
 
 impl BlockCodec {
     pub fn new(params: FecParams) -> Result<Self, FecError> {
         FecParams::new(params.data_shards, params.parity_shards, params.shard_size)?;
-        let rs = if params.parity_shards == 0 {
+        let (k, m) = (params.data_shards as usize, params.parity_shards as usize);
+        let rs = if m == 0 {
             None
         } else {
-            Some(
-                ReedSolomon::new(params.data_shards as usize, params.parity_shards as usize)
-                    .map_err(|e| FecError::Codec(format!("{e:?}")))?,
-            )
+            Some(ReedSolomon::new(k, m).map_err(|e| FecError::Codec(format!("{e:?}")))?)
         };
-        Ok(BlockCodec { params, rs })
+        let parity = match &rs {
+            Some(rs) if weir_kernels::parity::supported() => {
+                let coefficients = parity_coefficients(rs, k, m)?;
+                weir_kernels::ParityRows::new(FIELD_POLY, k, m, &coefficients)
+            }
+            _ => None,
+        };
+        Ok(BlockCodec { params, rs, parity })
+    }
+
+    /// Whether parity is computed with the GFNI kernel (else the portable
+    /// codec); the parity is the same either way.
+    pub fn accelerated(&self) -> bool {
+        self.parity.is_some()
     }
 
     pub fn params(&self) -> FecParams {
@@ -200,7 +236,12 @@ impl BlockCodec {
     /// and computes m parity shards; `shards` is resized to k + m shards of S.
     pub fn encode(&self, data: &[u8], shards: &mut Vec<Vec<u8>>) -> Result<(), FecError> {
         self.split(data, shards)?;
-        if let Some(rs) = &self.rs {
+        if let Some(rows) = &self.parity {
+            let (data, parity) = shards.split_at_mut(self.params.data_shards as usize);
+            let data: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+            let mut parity: Vec<&mut [u8]> = parity.iter_mut().map(Vec::as_mut_slice).collect();
+            rows.encode(&data, &mut parity);
+        } else if let Some(rs) = &self.rs {
             rs.encode(shards)
                 .map_err(|e| FecError::Codec(format!("{e:?}")))?;
         }
@@ -385,6 +426,32 @@ mod tests {
         codec.reconstruct_data(&mut opt).unwrap();
         opt[1] = None;
         assert!(codec.reconstruct_data(&mut opt).is_err());
+    }
+
+    /// The GFNI kernel's parity is the portable codec's, byte for byte: a
+    /// receiver without the kernel rebuilds what a sender with it made.
+    #[test]
+    fn accelerated_parity_is_the_portable_codecs() {
+        for (k, m, s) in [(128, 20, 1400), (32, 8, 1400), (5, 4, 3), (60, 60, 100)] {
+            let p = params(k, m, s);
+            let codec = BlockCodec::new(p).unwrap();
+            if !codec.accelerated() {
+                eprintln!("skipped: this CPU has no GFNI with AVX-512BW");
+                return;
+            }
+            let data: Vec<u8> = (0..p.block_bytes() - 7)
+                .map(|i| i.wrapping_mul(0x9e37_79b9).to_le_bytes()[3])
+                .collect();
+            let mut fast = Vec::new();
+            codec.encode(&data, &mut fast).unwrap();
+            let mut portable = Vec::new();
+            codec.split(&data, &mut portable).unwrap();
+            ReedSolomon::new(k as usize, m as usize)
+                .unwrap()
+                .encode(&mut portable)
+                .unwrap();
+            assert_eq!(fast, portable, "k={k} m={m} S={s}");
+        }
     }
 
     proptest! {

@@ -168,8 +168,10 @@ impl GroupSealer {
         let frames = group_frames(job.blocks, fec, job.header_every) as usize;
         out.bytes.reserve(frames * (fec.shard_size as usize + 128));
         let mut seq = job.first_seq;
+        // Tags are left for the end: signing the whole group at once hashes
+        // several frames side by side.
         let mut push = |out: &mut SealedGroup, body: &Body<'_>| {
-            self.sealer.seal_numbered(seq, body, &mut out.bytes);
+            self.sealer.seal_unsigned(seq, body, &mut out.bytes);
             out.ends.push(out.bytes.len());
             seq += 1;
         };
@@ -196,6 +198,12 @@ impl GroupSealer {
             since_header += 1;
         }
         debug_assert_eq!(out.len(), frames);
+        if !self.sealer.sign_run(&mut out.bytes, &out.ends) {
+            return Err(format!(
+                "{}: frames of the group out of place",
+                job.path.display()
+            ));
+        }
         Ok(())
     }
 }
