@@ -94,7 +94,7 @@ struct Args {
     /// gateways share the cores, the receiver drains about this much
     /// without losing a frame; unpaced, the sender's workers take cores
     /// the receiver needs and its later passes add frames on both sides.
-    #[arg(long, default_value_t = 3500)]
+    #[arg(long, default_value_t = 4500)]
     goodput_paced_mbps: u64,
     /// Image of the loss-efficiency figure, MiB.
     #[arg(long, default_value_t = 128)]
