@@ -408,12 +408,25 @@ impl Site {
         std::fs::write(&self.tx_config, tx).context("writing tx.toml")
     }
 
+    /// Starts gateway-rx and, on the default UDP link, returns once it
+    /// holds its port: a sender started right after binds an ephemeral
+    /// port of its own, which could otherwise be the one picked for the
+    /// receiver before the receiver took it.
     pub fn start_rx(&self) -> Result<Gateway> {
-        Gateway::start(
+        let mut rx = Gateway::start(
             "gateway-rx",
             &self.rx_config,
             &self.dir.path().join("rx.log"),
-        )
+        )?;
+        if self.links.rx_link.is_none() {
+            let addr = self.rx_addr;
+            // Read from /proc: a probe bind would hold the port for a moment
+            // and could make the receiver's own bind fail.
+            wait_until(Duration::from_secs(20), || {
+                crate::diode::kernel_udp_drops(addr).is_some() || !rx.is_running()
+            });
+        }
+        Ok(rx)
     }
 
     pub fn start_tx(&self) -> Result<Gateway> {
