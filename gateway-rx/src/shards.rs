@@ -13,7 +13,8 @@
 //! fsynced). The claim takes a value only the fsync makes (`durable`), so
 //! a bitmap never claims a shard that is not durably on disk; after a crash
 //! the bitmap is the truth and anything written past it is simply received
-//! again. The writing and the fsync happen on the `rx-writer` thread while
+//! again. The writing happens on the `rx-writer` thread and the fsync on
+//! `rx-sync` (one for every batch written while the last one ran) while
 //! the store takes the next batch's frames (landing bytes in the page cache
 //! is the costliest step of the receiver's path); batches are claimed in
 //! the order they were handed over, and a batch's shards stay queued until
@@ -30,8 +31,9 @@
 //! checks its sha256 and moves the data file into the blob store.
 //!
 //! Memory: a few batches of payloads (4 MiB each: the one filling and those
-//! with the writer) and two bits per shard of the objects in flight;
-//! nothing grows with object size but those bitmaps.
+//! the writer has yet to write; a written batch waiting for its fsync
+//! keeps only its shards' keys) and two bits per shard of the objects in
+//! flight; nothing grows with object size but those bitmaps.
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use serde::{Deserialize, Serialize};
@@ -398,6 +400,8 @@ pub struct ShardStore {
     in_flight: std::collections::VecDeque<InFlight>,
     /// None when no thread could be had: batches are written in place.
     writer: Option<Writer>,
+    /// Batches with the writer whose payloads are still in memory.
+    unlanded: usize,
     /// Data shards the decoder rebuilt, to claim at the next commit.
     rebuilt: Vec<RebuiltBlock>,
     /// Staging files were created since the last commit: fsync the directory.
@@ -451,6 +455,7 @@ impl ShardStore {
             pending_since: None,
             in_flight: Default::default(),
             writer: Writer::spawn(),
+            unlanded: 0,
             rebuilt: Vec::new(),
             dir_dirty: false,
             ready: Vec::new(),
@@ -921,6 +926,9 @@ impl ShardStore {
             Some(w) => w.send(batch).err(),
             None => Some(batch),
         };
+        if inline.is_none() {
+            self.unlanded += 1;
+        }
         let done = inline.map(|batch| {
             if self.writer.take().is_some() {
                 tracing::warn!("the writer thread is gone; the store writes its batches itself");
@@ -938,6 +946,36 @@ impl ShardStore {
     /// Batches handed to the writer and not yet claimed.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// Batches with the writer whose payloads it has not written yet: what
+    /// they hold in memory is what bounds how many the store hands over.
+    pub fn unlanded(&mut self) -> usize {
+        let landed = self
+            .writer
+            .as_ref()
+            .map_or(self.unlanded, |w| w.landed(false));
+        self.unlanded = self.unlanded.saturating_sub(landed);
+        self.unlanded
+    }
+
+    /// Waits until the writer has written one more batch (at once when it
+    /// has none, or is gone).
+    pub fn wait_landed(&mut self) {
+        if self.unlanded == 0 {
+            return;
+        }
+        let landed = match &self.writer {
+            Some(w) => w.landed(true),
+            None => 0,
+        };
+        // Nothing landed while waiting: the writer is gone, and its
+        // batches are failed when claimed.
+        self.unlanded = if landed == 0 {
+            0
+        } else {
+            self.unlanded.saturating_sub(landed)
+        };
     }
 
     /// Claims the oldest batch with the writer once it is durable (with
@@ -1841,6 +1879,37 @@ pub(crate) mod tests {
             store.accept(s).unwrap();
         }
         let done = drive(&mut store, vec![], &blobs);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+    }
+
+    /// Batches handed over one after another, none claimed meanwhile: the
+    /// writer lets go of each one's payloads once written (the store may
+    /// hand over more), their fsyncs may be shared, and each is claimed in
+    /// turn; the object comes out byte for byte.
+    #[test]
+    fn batches_written_ahead_of_their_fsync_are_claimed_in_order_and_whole() {
+        let rig = Rig::new();
+        let (mut store, _, _db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(5, 4000);
+        let shards = shards_of(&bytes, ObjectKind::Blob, fec(4, 2, 100));
+        let batches = shards.len().div_ceil(3);
+        for chunk in shards.chunks(3) {
+            for s in chunk {
+                store.accept(s.clone()).unwrap();
+            }
+            store.start_commit();
+        }
+        assert_eq!(store.in_flight(), batches);
+        while store.unlanded() > 0 {
+            store.wait_landed();
+        }
+        let mut work = Vec::new();
+        for _ in 0..batches {
+            work.extend(store.claim_next(true).expect("a batch in flight").unwrap());
+        }
+        assert_eq!(store.in_flight(), 0);
+        let done = drive(&mut store, work, &blobs);
         assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
     }
 

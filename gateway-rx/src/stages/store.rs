@@ -41,9 +41,12 @@ const BOARD_EVERY: Duration = Duration::from_millis(500);
 /// Longest the store waits for frames while the writer has a batch: its
 /// claim should not wait for the next frame.
 const CLAIM_POLL: Duration = Duration::from_millis(2);
-/// Batches with the writer at once: while the store claims one, the
-/// writer has the next.
-const MAX_IN_FLIGHT: usize = 2;
+/// Batches whose payloads are with the writer, not yet written, at once:
+/// while it writes one, the next is ready.
+const MAX_UNLANDED: usize = 2;
+/// Batches written and not yet claimed, at once: they wait for the fsync
+/// that covers them, and hold only their shards' keys.
+const MAX_UNCLAIMED: usize = 16;
 
 /// The store loop's view of the state disk: whether shards may be written,
 /// and the fault when not.
@@ -315,8 +318,12 @@ impl StoreStage {
             self.take_claimed(done);
         }
         if !self.disk.full && self.store.should_commit() {
-            // Memory holds the batches with the writer and the one filling.
-            while self.store.in_flight() >= MAX_IN_FLIGHT {
+            // Memory holds the batches the writer has yet to write and the
+            // one filling.
+            while self.store.unlanded() >= MAX_UNLANDED {
+                self.store.wait_landed();
+            }
+            while self.store.in_flight() >= MAX_UNCLAIMED {
                 match self.store.claim_next(true) {
                     Some(done) => self.take_claimed(done),
                     None => break,
