@@ -1,4 +1,4 @@
-//! Codec throughput: encode, sign+encode and verify+decode at S=1400, for k=32 m=8
+//! Codec throughput: encode, parity in place, sign+encode and verify+decode at S=1400, for k=32 m=8
 //! (the goodput figure's layout) and k=128 m=20 (gateway-tx's default).
 //!
 //! Run: `cargo bench -p weir-proto --bench codec`
@@ -44,21 +44,30 @@ impl Frames {
     }
 }
 
-/// Cuts, encodes and seals every shard of the object into frames, as
-/// gateway-tx does: each block's frames written, then signed at once.
+/// Encodes and seals every shard of the object into frames, as gateway-tx
+/// does: each block held whole (zero-padded when short), its parity
+/// computed in place, its data shards framed from the block's pieces, the
+/// block's frames written, then signed at once.
 fn seal_object(codec: &BlockCodec, sealer: &FrameSealer, data: &[u8], out: &mut Frames) {
     let p = codec.params();
+    let s = p.shard_size as usize;
     let id = ObjectId([3; 32]);
-    let mut shards = Vec::new();
+    let mut whole = vec![0; p.block_bytes() as usize];
+    let mut parity = Vec::new();
     let mut block_frames = Frames::default();
     out.bytes.clear();
     out.ends.clear();
     let mut seq = 0;
     for (block, chunk) in data.chunks(p.block_bytes() as usize).enumerate() {
-        codec.encode(chunk, &mut shards).unwrap();
+        whole[..chunk.len()].copy_from_slice(chunk);
+        whole[chunk.len()..].fill(0);
+        codec.encode_parity(&whole, &mut parity).unwrap();
         block_frames.bytes.clear();
         block_frames.ends.clear();
-        for (index, payload) in shards.iter().enumerate() {
+        let shards = whole
+            .chunks_exact(s)
+            .chain(parity.iter().map(Vec::as_slice));
+        for (index, payload) in shards.enumerate() {
             let body = Body::Shard(ShardFrame {
                 object: id,
                 kind: ObjectKind::Blob,
@@ -106,6 +115,17 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 for chunk in data.chunks(params.block_bytes() as usize) {
                     codec.encode(chunk, &mut shards).unwrap();
+                }
+            })
+        });
+        g.bench_function(BenchmarkId::new("parity in place", &layout), |b| {
+            let mut parity = Vec::new();
+            let mut whole = vec![0; params.block_bytes() as usize];
+            b.iter(|| {
+                for chunk in data.chunks(params.block_bytes() as usize) {
+                    whole[..chunk.len()].copy_from_slice(chunk);
+                    whole[chunk.len()..].fill(0);
+                    codec.encode_parity(&whole, &mut parity).unwrap();
                 }
             })
         });

@@ -27,6 +27,8 @@ pub enum FecError {
     DatagramTooSmall { datagram: usize, overhead: usize },
     #[error("block data of {got} bytes exceeds the block size of {max}")]
     BlockTooLarge { got: usize, max: usize },
+    #[error("a whole block is {expected} bytes, got {got}")]
+    BlockNotWhole { got: usize, expected: usize },
     #[error("{present} shards present, {needed} needed to rebuild the block")]
     TooFewShards { present: usize, needed: usize },
     #[error("shard of {got} bytes, expected {expected}")]
@@ -248,6 +250,37 @@ impl BlockCodec {
         Ok(())
     }
 
+    /// Computes the m parity shards of a block held whole in `block`
+    /// (exactly k × S bytes, a short block zero-padded by the caller), its
+    /// data shards being `block`'s consecutive S-byte pieces: the same
+    /// parity as [`encode`](Self::encode), without copying the data into
+    /// shards first. `parity` is resized to m shards of S.
+    pub fn encode_parity(&self, block: &[u8], parity: &mut Vec<Vec<u8>>) -> Result<(), FecError> {
+        let p = self.params;
+        let s = p.shard_size as usize;
+        let expected = p.block_bytes() as usize;
+        if block.len() != expected {
+            return Err(FecError::BlockNotWhole {
+                got: block.len(),
+                expected,
+            });
+        }
+        parity.resize_with(p.parity_shards as usize, Vec::new);
+        for shard in parity.iter_mut() {
+            // Every byte is overwritten below; zeroed only when new.
+            shard.resize(s, 0);
+        }
+        let data: Vec<&[u8]> = block.chunks_exact(s).collect();
+        let mut out: Vec<&mut [u8]> = parity.iter_mut().map(Vec::as_mut_slice).collect();
+        if let Some(rows) = &self.parity {
+            rows.encode(&data, &mut out);
+        } else if let Some(rs) = &self.rs {
+            rs.encode_sep(&data, &mut out)
+                .map_err(|e| FecError::Codec(format!("{e:?}")))?;
+        }
+        Ok(())
+    }
+
     /// Cuts `data` into k data shards like [`encode`](Self::encode) and sizes
     /// the m parity shards, without computing them: a sender that streams the
     /// data shards first folds each one into the parity with
@@ -451,6 +484,43 @@ mod tests {
                 .encode(&mut portable)
                 .unwrap();
             assert_eq!(fast, portable, "k={k} m={m} S={s}");
+        }
+    }
+
+    /// Parity computed from the block in place is the parity `encode`
+    /// computes from shards cut out of it, for both the kernel and the
+    /// portable codec, short blocks padded as `encode` pads them; a block
+    /// that is not whole is refused.
+    #[test]
+    fn parity_of_a_block_in_place_is_the_parity_of_its_shards() {
+        for (k, m, s) in [(128, 20, 1400), (5, 4, 3), (3, 0, 10)] {
+            let p = params(k, m, s);
+            let codec = BlockCodec::new(p).unwrap();
+            let portable = BlockCodec {
+                parity: None,
+                ..BlockCodec::new(p).unwrap()
+            };
+            for short in [0, 7] {
+                let len = p.block_bytes() as usize - short;
+                let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+                let mut shards = Vec::new();
+                codec.encode(&data, &mut shards).unwrap();
+                let mut block = data.clone();
+                block.resize(p.block_bytes() as usize, 0);
+                for c in [&codec, &portable] {
+                    let mut parity = vec![vec![0xaa; 3]];
+                    c.encode_parity(&block, &mut parity).unwrap();
+                    assert_eq!(parity, shards[k as usize..], "k={k} m={m} S={s}");
+                }
+            }
+            let mut parity = Vec::new();
+            assert_eq!(
+                codec.encode_parity(&[0; 5], &mut parity),
+                Err(FecError::BlockNotWhole {
+                    got: 5,
+                    expected: p.block_bytes() as usize
+                })
+            );
         }
     }
 

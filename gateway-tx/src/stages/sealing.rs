@@ -106,13 +106,14 @@ impl SealedGroup {
     }
 }
 
-/// A worker's tools: its copy of the sealer, codecs, and block buffers
-/// reused from group to group.
+/// A worker's tools: its copy of the sealer, codecs, and buffers reused
+/// from group to group: each block of the group whole (its data shards are
+/// its pieces, framed from there), and each block's parity shards.
 pub struct GroupSealer {
     sealer: FrameSealer,
     codecs: Codecs,
-    block: Vec<u8>,
-    shards: Vec<Vec<Vec<u8>>>,
+    blocks: Vec<Vec<u8>>,
+    parity: Vec<Vec<Vec<u8>>>,
 }
 
 impl GroupSealer {
@@ -120,8 +121,8 @@ impl GroupSealer {
         GroupSealer {
             sealer,
             codecs: Codecs::default(),
-            block: Vec::new(),
-            shards: Vec::new(),
+            blocks: Vec::new(),
+            parity: Vec::new(),
         }
     }
 
@@ -142,22 +143,29 @@ impl GroupSealer {
         let fec = job.fec;
         let codec = self.codecs.get(fec).map_err(|e| e.to_string())?;
         let count = job.blocks as usize;
-        if self.shards.len() < count {
-            self.shards.resize_with(count, Vec::new);
+        if self.blocks.len() < count {
+            self.blocks.resize_with(count, Vec::new);
+            self.parity.resize_with(count, Vec::new);
         }
-        self.block.resize(fec.block_bytes() as usize, 0);
+        let whole = fec.block_bytes() as usize;
         for rel in 0..job.blocks {
             let b = job.first_block + rel;
             let n = fec.block_len(job.len, b);
+            let block = &mut self.blocks[rel as usize];
+            block.resize(whole, 0);
             file.read_exact_at(
-                &mut self.block[..n],
+                &mut block[..n],
                 job.offset + u64::from(b) * fec.block_bytes(),
             )
             .map_err(|e| format!("{}: {e}", job.path.display()))?;
+            // A short last block is padded with zeros, as `encode` pads
+            // it; the buffer may hold an earlier block's bytes there.
+            block[n..].fill(0);
             codec
-                .encode(&self.block[..n], &mut self.shards[rel as usize])
+                .encode_parity(block, &mut self.parity[rel as usize])
                 .map_err(|e| e.to_string())?;
         }
+        let (k, s) = (fec.data_shards, fec.shard_size as usize);
         let header = Body::ObjectHeader(ObjectHeader {
             id: job.object,
             kind: job.kind,
@@ -191,7 +199,12 @@ impl GroupSealer {
                     fec,
                     block: job.first_block + rel,
                     index,
-                    payload: &self.shards[rel as usize][index as usize],
+                    payload: if index < k {
+                        let at = usize::from(index) * s;
+                        &self.blocks[rel as usize][at..at + s]
+                    } else {
+                        &self.parity[rel as usize][usize::from(index - k)]
+                    },
                 }),
             );
             out.shard_frames += 1;
@@ -316,6 +329,43 @@ mod tests {
         let expected: Vec<_> = interleave(blocks, 6, blocks).collect();
         assert_eq!(order, expected);
         assert_eq!(&rebuilt[..3000], &data[..]);
+    }
+
+    /// The parity frames rebuild lost data shards, also for a short last
+    /// block sealed by a worker whose buffers held a longer object before
+    /// (its padding is zeros, not the earlier bytes).
+    #[test]
+    fn parity_frames_rebuild_lost_data_shards_of_every_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let fec = FecParams::new(4, 2, 100).unwrap();
+        let mut tools = GroupSealer::new(FrameSealer::new(key(), 1));
+        let mut out = SealedGroup::default();
+        let long: Vec<u8> = (0..4000u32).map(|i| (i * 13 + 5) as u8).collect();
+        tools
+            .seal(&job(dir.path(), &long, fec, 256), &mut out)
+            .unwrap();
+        let data: Vec<u8> = (0..1250u32).map(|i| (i * 7 + 1) as u8).collect();
+        let job = job(dir.path(), &data, fec, 256);
+        tools.seal(&job, &mut out).unwrap();
+        let codec = weir_proto::BlockCodec::new(job.fec).unwrap();
+        let mut blocks: Vec<Vec<Option<Vec<u8>>>> = vec![vec![None; 6]; job.blocks as usize];
+        for f in out.frames(0, out.len()) {
+            if let Body::Shard(s) = open(f).body {
+                blocks[s.block as usize][s.index as usize] = Some(s.payload.to_vec());
+            }
+        }
+        let mut rebuilt = Vec::new();
+        for mut shards in blocks {
+            // Two data shards lost: only the parity can bring them back.
+            shards[0] = None;
+            shards[2] = None;
+            codec.reconstruct_data(&mut shards).unwrap();
+            for shard in shards.into_iter().take(4) {
+                rebuilt.extend(shard.unwrap());
+            }
+        }
+        assert_eq!(&rebuilt[..data.len()], &data[..]);
+        assert!(rebuilt[data.len()..].iter().all(|&b| b == 0));
     }
 
     #[test]
