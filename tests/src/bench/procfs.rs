@@ -76,6 +76,34 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// The whole machine now: CPU seconds all its cores spent busy (user,
+/// nice, system, irq, softirq, steal from the first line of /proc/stat),
+/// whoever spent them; memory fields are zero.
+pub fn machine_sample() -> Option<ProcSample> {
+    let at_ms = now_ms();
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let ticks: Vec<f64> = line
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum();
+    Some(ProcSample {
+        at_ms,
+        cpu_s: busy / clock_ticks(),
+        rss_kib: 0,
+        hwm_kib: 0,
+    })
+}
+
+/// Name under which [`ProcTrace`] records [`machine_sample`].
+pub const MACHINE: &str = "machine";
+
 /// CPU seconds of each thread of a process, by thread name (threads of one
 /// name summed), busiest first.
 pub fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
@@ -155,8 +183,12 @@ impl ProcTrace {
         let (s, st) = (samples.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
-                for (name, pid) in &procs {
-                    if let Some(x) = sample(*pid) {
+                let now = procs
+                    .iter()
+                    .map(|(name, pid)| (*name, sample(*pid)))
+                    .chain(std::iter::once((MACHINE, machine_sample())));
+                for (name, x) in now {
+                    if let Some(x) = x {
                         s.lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .entry(name)
@@ -174,15 +206,15 @@ impl ProcTrace {
         }
     }
 
-    /// Takes one more sample of `pid` now (e.g. right before killing it).
+    /// Takes one more sample of `pid` (and of the machine) now, e.g. right
+    /// before killing it.
     pub fn sample_now(&self, name: &'static str, pid: u32) {
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(x) = sample(pid) {
-            self.samples
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(name)
-                .or_default()
-                .push(x);
+            samples.entry(name).or_default().push(x);
+        }
+        if let Some(x) = machine_sample() {
+            samples.entry(MACHINE).or_default().push(x);
         }
     }
 

@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use weir_tests::pair::{Site, SiteOptions, Target};
 
 use crate::crossing::{drop_linked, set_config_key, set_datagram_size, Image};
-use crate::procfs::{child_pid, now_ms, thread_cpu, ProcTrace};
+use crate::procfs::{child_pid, now_ms, thread_cpu, ProcTrace, MACHINE};
 use weir_host::link::udp::{gro_segment, gso_run_of, udp_sockopt, Cmsg, GSO_MAX_SEGMENTS};
 
 /// Messages per recvmmsg of the sink.
@@ -281,6 +281,9 @@ pub struct SideRun {
     pub messages: u64,
     /// The receiver's own count of what it was fed (None: the sender's run).
     pub rx_taken: Option<RxTaken>,
+    /// CPU seconds the whole machine spent busy over the span: the gateway,
+    /// the bench's sink or replayer, the kernel's threads, anything else.
+    pub machine_cpu_s: f64,
 }
 
 impl SideRun {
@@ -296,6 +299,12 @@ impl SideRun {
 
     pub fn cpu_s_per_gib(&self) -> f64 {
         self.cpu_s / (self.payload_bytes as f64 / GIB)
+    }
+
+    /// Share of all the machine's cores that were busy over the span, 0..1.
+    pub fn machine_share(&self) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        self.machine_cpu_s / (self.seconds * cores)
     }
 }
 
@@ -419,6 +428,7 @@ pub fn sender_alone(
     let kernel_drops = sink.kernel_drops();
     let recording = sink.finish();
     let cpu = |at| trace.cpu_at("tx", at).unwrap_or(0.0);
+    let machine = |at| trace.cpu_at(MACHINE, at).unwrap_or(0.0);
     if end_ms <= accepted_ms {
         bail!("the sink saw no stream after acceptance");
     }
@@ -428,6 +438,7 @@ pub fn sender_alone(
             payload_bytes: status["bytes"].as_u64().unwrap_or(image.archive_bytes),
             seconds: (end_ms - accepted_ms) as f64 / 1000.0,
             cpu_s: cpu(end_ms) - cpu(accepted_ms),
+            machine_cpu_s: machine(end_ms) - machine(accepted_ms),
             datagrams,
             wire_bytes,
             kernel_drops,
@@ -622,11 +633,13 @@ pub fn receiver_alone(
     drop(rx);
     let _ = std::fs::remove_dir_all(&layout);
     let cpu = |at| trace.cpu_at("rx", at).unwrap_or(0.0);
+    let machine = |at| trace.cpu_at(MACHINE, at).unwrap_or(0.0);
     Ok(SideRun {
         cpus: cpus.to_string(),
         payload_bytes: img.bytes_total,
         seconds: done_ms.saturating_sub(start_ms) as f64 / 1000.0,
         cpu_s: cpu(done_ms) - cpu(start_ms),
+        machine_cpu_s: machine(done_ms) - machine(start_ms),
         datagrams: replayed as u64,
         wire_bytes,
         kernel_drops,

@@ -1257,7 +1257,9 @@ impl Bench<'_> {
              gateway-rx's GRO socket takes whole. gateway-tx runs with `[carousel] retention_hours = 0`, so after its one owed \
              pass it does not cycle the image on the idle link. gateway-tx: acceptance to the last datagram of its one pass; \
              gateway-rx: first frame replayed to delivery done. MB/s of image blobs; CPU-s/GiB = utime+stime of the gateway \
-             over that span ÷ GiB of blobs. \
+             over that span ÷ GiB of blobs. The machine's cores busy: all the busy time /proc/stat counts over the span \
+             (the gateway, the bench's sink or replayer, which are not pinned, kernel threads), of all the machine's cores; \
+             on one core the bench's end has the other core to itself, on two it takes its share of the gateway's. \
              Projected 16-core = (1 ÷ c₁) ÷ ((1 − p) + p ÷ 16) GiB/s, Amdahl's law with c₁ the CPU-s/GiB on one core and the \
              parallel fraction p = 2 (1 − 1 ÷ S₂) from the measured 2-core/1-core ratio S₂ (kept within 0..1): a projection from \
              two points, not a measurement."
@@ -1276,10 +1278,11 @@ impl Bench<'_> {
                 "8",
                 format!("{side}, taskset -c {} ({what})", r.cpus),
                 format!(
-                    "{} · {:.2} CPU-s/GiB · used {:.0} % of its CPU set{}",
+                    "{} · {:.2} CPU-s/GiB · used {:.0} % of its CPU set (the machine's cores busy {:.0} %){}",
                     mbs(r.bytes_per_s()),
                     r.cpu_s_per_gib(),
                     r.cpu_share() * 100.0,
+                    r.machine_share() * 100.0,
                     match ratio {
                         Some(x) => format!(" · 2-core/1-core {x:.2}×"),
                         None => String::new(),
