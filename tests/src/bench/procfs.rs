@@ -278,6 +278,33 @@ mod tests {
         assert!(s.rss_kib > 0 && s.hwm_kib >= s.rss_kib, "{s:?}");
     }
 
+    /// The machine's busy time grows at least by what this process spends
+    /// spinning (it counts every process, this one too).
+    #[test]
+    fn the_machine_is_busy_at_least_while_this_process_spins() {
+        let (m0, p0) = (
+            machine_sample().expect("/proc/stat"),
+            sample(std::process::id()).expect("own /proc entry"),
+        );
+        let t = std::time::Instant::now();
+        let mut spent = 0.0;
+        while spent < 0.3 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no CPU time seen after a minute"
+            );
+            std::hint::spin_loop();
+            spent = sample(std::process::id()).map_or(0.0, |s| s.cpu_s) - p0.cpu_s;
+        }
+        let m1 = machine_sample().expect("/proc/stat");
+        assert!(
+            m1.cpu_s - m0.cpu_s >= spent - 0.05,
+            "machine {} → {}, this process {spent}",
+            m0.cpu_s,
+            m1.cpu_s
+        );
+    }
+
     #[test]
     fn threads_are_listed_by_name_with_their_cpu() {
         // Spin until the threads' CPU time shows it, not for a wall-clock
