@@ -38,6 +38,8 @@ use crate::manifest::{ObjectId, ObjectKind};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+mod shard_body;
+
 pub const MAGIC: [u8; 4] = *b"WEIR";
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 28;
@@ -233,12 +235,17 @@ impl FrameSealer {
         out.extend_from_slice(&seq.to_be_bytes());
         out.extend_from_slice(&[0; 4]);
         // Serializing plain structs into a Vec cannot fail.
-        let encoded = match body {
-            Body::ObjectHeader(h) => postcard::to_extend(h, std::mem::take(out)),
-            Body::Shard(s) => postcard::to_extend(s, std::mem::take(out)),
-            Body::Heartbeat(h) => postcard::to_extend(h, std::mem::take(out)),
-        };
-        *out = encoded.expect("postcard encoding into a Vec");
+        match body {
+            Body::ObjectHeader(h) => {
+                *out = postcard::to_extend(h, std::mem::take(out))
+                    .expect("postcard encoding into a Vec")
+            }
+            Body::Shard(s) => shard_body::encode(s, out),
+            Body::Heartbeat(h) => {
+                *out = postcard::to_extend(h, std::mem::take(out))
+                    .expect("postcard encoding into a Vec")
+            }
+        }
         let body_len = (out.len() - start - HEADER_LEN) as u32;
         out[start + 24..start + 28].copy_from_slice(&body_len.to_be_bytes());
     }
@@ -467,7 +474,7 @@ impl FrameOpener {
                 Body::ObjectHeader(h)
             }
             FrameKind::Shard => {
-                let s: ShardFrame<'a> = decode_exact(body)?;
+                let s = shard_body::decode(body)?;
                 validate_shard(&s)?;
                 Body::Shard(s)
             }
