@@ -38,14 +38,14 @@
 use crate::config::TxConfig;
 use crate::objects::{unix_now, ImageRecord, ObjectProgress, ObjectStore, StoreError};
 use crate::pacing::{Pacer, RateMeter, TokenBucket};
-use crate::stages::emit::{CarouselGauges, Done, Emitter, Outcome, Pending};
+use crate::stages::emit::{CarouselGauges, Done, Emitter, Link, Outcome};
 use crate::stages::sealing::{group_frames, run_worker, GroupJob, Work};
 use crate::status::{
     ImageState, ImageStatus, ObjectsStatus, QueueStatus, SenderState, StatusBoard,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_host::{FrameSink, LinkError, Shutdown};
@@ -645,8 +645,8 @@ pub enum CarouselError {
     Fec(#[from] weir_proto::FecError),
 }
 
-/// A group handed to the sealing workers and the link, and what the
-/// carousel needs back once it is on the wire.
+/// A group handed to a sealing worker, which sends it in its turn, and
+/// what the carousel needs back once it is on the wire.
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket {
     pub object: ObjectId,
@@ -662,17 +662,19 @@ pub struct Ticket {
 struct InFlight {
     jobs: usize,
     frames: u64,
+    /// Groups given out so far: the next one's turn on the link.
+    turns: u64,
 }
 
-/// The channels from the carousel to its workers and its link.
+/// The channels between the carousel and its workers.
 struct Pipeline<'a> {
     work: &'a Sender<Work>,
-    pending: &'a SyncSender<Pending>,
     done: &'a Receiver<Done>,
 }
 
 /// The carousel stage: the schedule, and the threads it drives — sealing
-/// workers (read, FEC, seal) and the emitter (pacing, link, heartbeats).
+/// workers (read, FEC, seal, then send in turn through the emitter:
+/// pacing, link) and `link-tx` (heartbeats while no group is sent).
 pub struct Carousel {
     schedule: Schedule,
     settings: CarouselSettings,
@@ -689,8 +691,8 @@ pub struct Carousel {
     last_gc: Instant,
 }
 
-/// Sealing workers: one per core, a few at most (the link thread and the
-/// receiver, on a shared machine, need cores too).
+/// Sealing workers: one per core, a few at most (the receiver, on a
+/// shared machine, needs cores too).
 fn sealing_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -826,45 +828,64 @@ impl Carousel {
         };
         let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
         let work_rx = Mutex::new(work_rx);
-        let free = Mutex::new(Vec::new());
-        let (pending_tx, pending_rx) = std::sync::mpsc::sync_channel::<Pending>(MAX_JOBS);
         let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
+        let link = Link::new(emitter);
         let workers = sealing_workers();
         tracing::info!(workers, "sealing workers started");
         let result = std::thread::scope(|scope| {
+            let mut sealers = Vec::with_capacity(workers);
             for i in 0..workers {
-                let (jobs, free, sealer) = (&work_rx, &free, self.sealer.clone());
-                std::thread::Builder::new()
+                let (jobs, link, done, sealer) =
+                    (&work_rx, &link, done_tx.clone(), self.sealer.clone());
+                let worker = std::thread::Builder::new()
                     .name(format!("seal-{i}"))
-                    .spawn_scoped(scope, move || run_worker(jobs, free, sealer))
-                    .map_err(|e| CarouselError::Object {
-                        id: ObjectId([0; 32]),
-                        why: format!("starting a sealing worker: {e}"),
-                    })?;
+                    .spawn_scoped(scope, move || {
+                        run_worker(jobs, link, &done, shutdown, sealer)
+                    });
+                match worker {
+                    Ok(w) => sealers.push(w),
+                    Err(e) => {
+                        // Those started would wait for jobs for ever.
+                        shutdown.trigger();
+                        drop(work_tx);
+                        return Err(CarouselError::Object {
+                            id: ObjectId([0; 32]),
+                            why: format!("starting a sealing worker: {e}"),
+                        });
+                    }
+                }
             }
-            let link = std::thread::Builder::new()
+            drop(done_tx);
+            let heartbeats = std::thread::Builder::new()
                 .name("link-tx".into())
-                .spawn_scoped(scope, {
-                    let free = &free;
-                    move || emitter.run(pending_rx, done_tx, free, shutdown)
-                })
-                .map_err(|e| CarouselError::Object {
-                    id: ObjectId([0; 32]),
-                    why: format!("starting the link thread: {e}"),
-                })?;
+                .spawn_scoped(scope, || link.keep_heartbeats(shutdown));
+            let heartbeats = match heartbeats {
+                Ok(h) => h,
+                Err(e) => {
+                    shutdown.trigger();
+                    drop(work_tx);
+                    return Err(CarouselError::Object {
+                        id: ObjectId([0; 32]),
+                        why: format!("starting the link thread: {e}"),
+                    });
+                }
+            };
             let pipeline = Pipeline {
                 work: &work_tx,
-                pending: &pending_tx,
                 done: &done_rx,
             };
             let result = self.run_loop(shutdown, &pipeline);
-            drop((work_tx, pending_tx));
-            let link_result = link.join();
+            // The workers send what they were given (or give up at
+            // shutdown), then the link stops.
+            drop(work_tx);
+            let panicked = sealers.into_iter().any(|w| w.join().is_err());
+            link.close();
+            let link_result = heartbeats.join();
             // What reached the wire before the link stopped.
             while let Ok(d) = done_rx.try_recv() {
                 self.settle(d)?;
             }
-            match link_result {
+            let result = match link_result {
                 Ok(Ok(())) => result,
                 Ok(Err(e)) => Err(e.into()),
                 Err(_) => {
@@ -874,7 +895,14 @@ impl Carousel {
                         why: "the link thread panicked".into(),
                     }))
                 }
+            };
+            if panicked {
+                return result.and(Err(CarouselError::Object {
+                    id: ObjectId([0; 32]),
+                    why: "a sealing worker panicked".into(),
+                }));
             }
+            result
         });
         self.publish_status();
         self.store.commit("tx.carousel.stopped")?;
@@ -1001,7 +1029,6 @@ impl Carousel {
             }
         };
         let first_seq = self.next_seq.fetch_add(frames, Ordering::SeqCst);
-        let (reply, sealed) = std::sync::mpsc::sync_channel(1);
         let job = GroupJob {
             object,
             kind,
@@ -1014,18 +1041,17 @@ impl Carousel {
             first_seq,
             header_every: self.settings.header_every,
         };
-        if pipe.work.send(Work { job, reply }).is_err() {
-            return Ok(true);
-        }
         let ticket = Ticket {
             object,
             group,
             frames,
             progress,
         };
-        if pipe.pending.send(Pending { ticket, sealed }).is_err() {
-            return Ok(true); // the link stopped
+        let turn = self.in_flight.turns;
+        if pipe.work.send(Work { job, turn, ticket }).is_err() {
+            return Ok(true); // the workers stopped
         }
+        self.in_flight.turns += 1;
         self.in_flight.jobs += 1;
         self.in_flight.frames += frames;
         Ok(false)
@@ -1606,9 +1632,21 @@ mod tests {
         let mut guard = ReplayGuard::new();
         let mut blob_shards = HashMap::new();
         let mut heartbeats = 0;
+        // Groups are sent by whichever worker sealed them, in turn: every
+        // frame but a heartbeat (which may pass groups waiting their turn)
+        // leaves in sequence order.
+        let mut last_group_seq = None;
         for f in &frames {
             let frame = opener.open(f).unwrap();
             let h = frame.header;
+            if !matches!(frame.body, Body::Heartbeat(_)) {
+                assert!(
+                    last_group_seq.is_none_or(|l| h.seq > l),
+                    "seq {} after {last_group_seq:?}",
+                    h.seq
+                );
+                last_group_seq = Some(h.seq);
+            }
             assert!(
                 matches!(
                     guard.check(h.key_id, h.session_id, h.seq),

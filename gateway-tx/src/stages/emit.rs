@@ -3,11 +3,17 @@
 //! them, at the paced rate, with a heartbeat every second.
 //!
 //! Groups are sealed ahead on worker threads with sequence numbers the
-//! carousel reserved for them; a heartbeat takes the next number nobody
-//! holds, so it can pass the few groups waiting here. The carousel keeps
-//! what is reserved and not yet sent within half the receiver's replay
-//! window, so those groups still arrive inside it; frames held longer (a
-//! paused link, a group larger than that) get fresh numbers before they go.
+//! carousel reserved for them, and each worker sends the group it sealed
+//! itself when its turn comes ([`Link`]): the frames leave from the core
+//! whose cache still holds them, and no thread stands between sealing and
+//! the socket. Turns follow the order the carousel gave groups out, so
+//! frames still leave in sequence order and the pacer sees one stream.
+//! `link-tx` only keeps heartbeats going while no group is being sent; a
+//! heartbeat takes the next number nobody holds, so it can pass the few
+//! groups waiting their turn. The carousel keeps what is reserved and not
+//! yet sent within half the receiver's replay window, so those groups
+//! still arrive inside it; frames held longer (a paused link, a group
+//! larger than that) get fresh numbers before they go.
 
 use crate::config::{LinkConfig, Transport};
 use crate::objects::ObjectStore;
@@ -16,8 +22,8 @@ use crate::stages::carousel::{CarouselControl, Ticket};
 use crate::stages::sealing::SealedGroup;
 use crate::status::StatusBoard;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 pub use weir_host::link_setup::LinkSetupError;
 use weir_host::{DirSink, FrameSink, LinkError, SerialSink, Shutdown, UdpSink};
@@ -28,12 +34,6 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// numbers: the receiver refuses what falls a whole window behind, and
 /// the diode may reorder a little on top.
 const RENUMBER_BEHIND: u64 = weir_proto::replay::WINDOW * 3 / 4;
-
-/// A group on its way: sealed by a worker, sent here in carousel order.
-pub struct Pending {
-    pub ticket: Ticket,
-    pub sealed: Receiver<Result<SealedGroup, String>>,
-}
 
 /// What became of a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,72 +87,149 @@ pub struct Emitter {
     pub(crate) heartbeat_frame: Vec<u8>,
 }
 
-impl Emitter {
-    /// Sends what `pending` brings until the carousel hangs up or shutdown;
-    /// every group is told back on `done`, and its buffer returned to
-    /// `free`. A frame larger than the link takes is a bug: it stops the
-    /// gateway.
-    pub fn run(
-        mut self,
-        pending: Receiver<Pending>,
-        done: Sender<Done>,
-        free: &Mutex<Vec<SealedGroup>>,
-        shutdown: &Shutdown,
-    ) -> Result<(), LinkError> {
-        let result = self.run_loop(pending, done, free, shutdown);
-        self.publish_wire();
-        if result.is_err() {
-            shutdown.trigger();
+/// The link as the sealing workers share it: the emitter, and whose turn
+/// it is to send.
+pub struct Link {
+    state: Mutex<LinkState>,
+    turn_taken: Condvar,
+}
+
+struct LinkState {
+    emitter: Emitter,
+    /// The turn (the carousel's count of groups given out) whose group
+    /// goes next.
+    next_turn: u64,
+    /// Why the link stopped, for `link-tx` to report.
+    error: Option<LinkError>,
+    /// The link failed or a worker died: no turn is taken any more.
+    broken: bool,
+    /// The workers are gone: `link-tx` stops.
+    closed: bool,
+}
+
+/// How long a worker waiting for its turn, or `link-tx` between
+/// heartbeats, goes without looking at shutdown.
+const LOOK_EVERY: Duration = Duration::from_millis(100);
+
+impl Link {
+    pub fn new(emitter: Emitter) -> Link {
+        Link {
+            state: Mutex::new(LinkState {
+                emitter,
+                next_turn: 0,
+                error: None,
+                broken: false,
+                closed: false,
+            }),
+            turn_taken: Condvar::new(),
         }
-        result
     }
 
-    fn run_loop(
-        &mut self,
-        pending: Receiver<Pending>,
-        done: Sender<Done>,
-        free: &Mutex<Vec<SealedGroup>>,
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends the group of `turn` once every earlier turn is done, and tells
+    /// the carousel on `done` (in turn order, since it is told under the
+    /// same lock). `sealed` is the group, or why it could not be sealed.
+    /// False when the worker should stop: shutdown, the link failed, or the
+    /// carousel hung up.
+    pub fn send_in_turn(
+        &self,
+        turn: u64,
+        ticket: Ticket,
+        sealed: Result<&mut SealedGroup, String>,
+        done: &Sender<Done>,
         shutdown: &Shutdown,
-    ) -> Result<(), LinkError> {
-        loop {
-            if shutdown.is_triggered() {
-                return Ok(());
+    ) -> bool {
+        let mut st = self.lock();
+        while st.next_turn != turn {
+            if st.broken || shutdown.is_triggered() {
+                return false;
             }
-            if self.heartbeat_due() {
-                self.send_heartbeat()?;
-            }
-            let wait = HEARTBEAT_EVERY
-                .saturating_sub(self.last_heartbeat.map(|t| t.elapsed()).unwrap_or_default())
-                .min(Duration::from_millis(100));
-            let p = match pending.recv_timeout(wait) {
-                Ok(p) => p,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
-            };
-            let outcome = match p.sealed.recv() {
-                Ok(Ok(mut group)) => {
-                    let outcome = self.send_group(&mut group, shutdown)?;
-                    free.lock().unwrap_or_else(|e| e.into_inner()).push(group);
-                    outcome
+            st = self
+                .turn_taken
+                .wait_timeout(st, LOOK_EVERY)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if st.broken {
+            return false;
+        }
+        let outcome = match sealed {
+            Ok(group) => match st.emitter.send_group(group, shutdown) {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    st.error = Some(e);
+                    st.broken = true;
+                    shutdown.trigger();
+                    Outcome::Unsent
                 }
-                Ok(Err(why)) => Outcome::Broken(why),
-                // The workers stopped: shutdown.
-                Err(_) => Outcome::Unsent,
-            };
-            let stop = outcome == Outcome::Unsent;
-            if done
-                .send(Done {
-                    ticket: p.ticket,
-                    outcome,
-                })
-                .is_err()
-                || stop
-            {
-                return Ok(());
-            }
-        }
+            },
+            Err(why) => Outcome::Broken(why),
+        };
+        st.next_turn += 1;
+        let stop = outcome == Outcome::Unsent;
+        let told = done.send(Done { ticket, outcome }).is_ok();
+        drop(st);
+        self.turn_taken.notify_all();
+        told && !stop
     }
 
+    /// A worker died (panicked): the turns after its own would wait for
+    /// ever, so nobody takes one any more and the gateway stops.
+    pub fn break_off(&self, shutdown: &Shutdown) {
+        self.lock().broken = true;
+        self.turn_taken.notify_all();
+        shutdown.trigger();
+    }
+
+    /// The workers are gone: [`Link::keep_heartbeats`] returns.
+    pub fn close(&self) {
+        self.lock().closed = true;
+    }
+
+    /// Runs on `link-tx`: a heartbeat whenever one is due and no group is
+    /// being sent (a group's sending sends its own), until the link is
+    /// closed or shutdown. The error that stopped the link, if one did; a
+    /// frame larger than the link takes is a bug and stops the gateway.
+    pub fn keep_heartbeats(&self, shutdown: &Shutdown) -> Result<(), LinkError> {
+        loop {
+            let wait = {
+                let mut st = self.lock();
+                if let Some(e) = st.error.take() {
+                    st.emitter.publish_wire();
+                    return Err(e);
+                }
+                if st.closed || shutdown.is_triggered() {
+                    st.emitter.publish_wire();
+                    return Ok(());
+                }
+                if st.emitter.heartbeat_due() {
+                    if let Err(e) = st.emitter.send_heartbeat() {
+                        st.broken = true;
+                        st.emitter.publish_wire();
+                        drop(st);
+                        self.turn_taken.notify_all();
+                        shutdown.trigger();
+                        return Err(e);
+                    }
+                }
+                HEARTBEAT_EVERY
+                    .saturating_sub(
+                        st.emitter
+                            .last_heartbeat
+                            .map(|t| t.elapsed())
+                            .unwrap_or_default(),
+                    )
+                    .min(LOOK_EVERY)
+            };
+            shutdown.sleep(wait);
+        }
+    }
+}
+
+impl Emitter {
     fn heartbeat_due(&self) -> bool {
         self.last_heartbeat
             .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY)

@@ -1,6 +1,6 @@
 //! Sealing: one group of an object turned into its frames, on worker
-//! threads, so that coding and signing use every core while the link sends
-//! earlier groups in order.
+//! threads, so that coding and signing use every core; each worker then
+//! sends its group on the link in the carousel's order ([`Link`]).
 //!
 //! A [`GroupJob`] names the group (object, first block, block count) and
 //! the sequence numbers the carousel reserved for it. A worker reads the
@@ -11,11 +11,14 @@
 //! interleave), so that a burst of lost frames costs each block few shards.
 //! The frames are numbered `first_seq`, `first_seq + 1`, … in that order.
 
+use crate::stages::carousel::Ticket;
+use crate::stages::emit::{Done, Link};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Mutex;
+use weir_host::Shutdown;
 use weir_proto::{
     interleave, Body, Codecs, FecParams, FrameSealer, ObjectHeader, ObjectId, ObjectKind,
     ShardFrame,
@@ -246,20 +249,38 @@ fn sign_from(
     }
 }
 
-/// A job and where its result goes.
+/// A job, its place in the link's order, and what the carousel is told
+/// of it once sent.
 pub struct Work {
     pub job: GroupJob,
-    pub reply: SyncSender<Result<SealedGroup, String>>,
+    /// The carousel's count of groups given out before this one.
+    pub turn: u64,
+    pub ticket: Ticket,
 }
 
-/// Seals jobs until the carousel hangs up. Buffers come from `free` (the
-/// link gives them back once sent), so memory stays a few groups' worth.
+/// Seals jobs and sends each in its turn until the carousel hangs up, the
+/// link fails or shutdown. The worker keeps one group's buffer, so memory
+/// stays a group's worth per worker.
 pub fn run_worker(
     jobs: &Mutex<Receiver<Work>>,
-    free: &Mutex<Vec<SealedGroup>>,
+    link: &Link,
+    done: &Sender<Done>,
+    shutdown: &Shutdown,
     sealer: FrameSealer,
 ) {
+    // Turns are taken in order: a worker that dies holding one would stall
+    // every later one.
+    struct StopOnPanic<'a>(&'a Link, &'a Shutdown);
+    impl Drop for StopOnPanic<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.break_off(self.1);
+            }
+        }
+    }
+    let _stop = StopOnPanic(link, shutdown);
     let mut tools = GroupSealer::new(sealer);
+    let mut out = SealedGroup::default();
     loop {
         let work = {
             let jobs = jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -268,14 +289,10 @@ pub fn run_worker(
                 Err(_) => return,
             }
         };
-        let mut out = free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default();
-        let result = tools.seal(&work.job, &mut out).map(|()| out);
-        // The link stopped (shutdown): nobody wants the result.
-        let _ = work.reply.send(result);
+        let sealed = tools.seal(&work.job, &mut out).map(|()| &mut out);
+        if !link.send_in_turn(work.turn, work.ticket, sealed, done, shutdown) {
+            return;
+        }
     }
 }
 

@@ -92,10 +92,11 @@ struct Args {
     goodput_rate_mbps: Option<u64>,
     /// A second goodput crossing (and lidi row run) with the sender paced
     /// at this rate, Mb/s (0: none). On this 2-core machine, where both
-    /// gateways share the cores, the receiver drains about this much
-    /// without losing a frame; unpaced, the sender's workers take cores
-    /// the receiver needs and its later passes add frames on both sides.
-    #[arg(long, default_value_t = 4500)]
+    /// gateways share the cores, the receiver takes what the sender sends
+    /// at this rate without losing a frame; unpaced, the sender's workers
+    /// take cores the receiver needs, it may overrun the receiver, and its
+    /// later passes add frames on both sides.
+    #[arg(long, default_value_t = 6500)]
     goodput_paced_mbps: u64,
     /// Image of the loss-efficiency figure, MiB.
     #[arg(long, default_value_t = 128)]
