@@ -57,6 +57,8 @@ const REGION: usize = 65_536;
 /// Frames replayed between two looks at gateway-rx's queue.
 const QUEUE_CHECK_FRAMES: usize = 256;
 const GIB: f64 = (1u64 << 30) as f64;
+/// How long the sink sleeps when it found its socket empty.
+const POLL_EVERY: Duration = Duration::from_millis(1);
 /// A datagram within this of the one before is part of the stream.
 const BUSY_GAP: Duration = Duration::from_millis(20);
 
@@ -181,10 +183,16 @@ fn sink_loop(
     // the kernel reports it without copying the bytes out, so the sink,
     // which shares the machine's cores with the sender it measures, costs
     // it as little as a diode would.
+    // Never woken by the sender: a reader blocked on the socket is woken
+    // by every send that finds its queue empty, and on shared cores that
+    // wake-up preempts the sender's own threads, which a diode's far end
+    // on its own machine never does. The sink looks at its queue every
+    // POLL_EVERY instead, as a NIC moderates its interrupts; the socket
+    // holds far more than arrives in that time.
     let (room, flags) = if record.is_some() {
-        (REGION, libc::MSG_WAITFORONE)
+        (REGION, libc::MSG_DONTWAIT)
     } else {
-        (0, libc::MSG_WAITFORONE | libc::MSG_TRUNC)
+        (0, libc::MSG_DONTWAIT | libc::MSG_TRUNC)
     };
     for iov in iovs.iter_mut() {
         iov.iov_len = room;
@@ -200,8 +208,7 @@ fn sink_loop(
             m.msg_hdr.msg_flags = 0;
         }
         // SAFETY: msgs holds BATCH valid headers pointing at live buffers
-        // and control buffers; the socket has a receive timeout, so the
-        // call returns.
+        // and control buffers; MSG_DONTWAIT, so the call returns.
         let n = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
@@ -212,6 +219,7 @@ fn sink_loop(
             )
         };
         if n <= 0 {
+            std::thread::sleep(POLL_EVERY);
             continue;
         }
         let now = Instant::now();
