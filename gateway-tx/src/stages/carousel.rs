@@ -691,6 +691,15 @@ pub struct Carousel {
     last_gc: Instant,
 }
 
+/// A thread of the carousel could not start: the gateway stops.
+fn not_started(what: &str, e: std::io::Error, shutdown: &Shutdown) -> CarouselError {
+    shutdown.trigger();
+    CarouselError::Object {
+        id: ObjectId([0; 32]),
+        why: format!("starting {what}: {e}"),
+    }
+}
+
 /// Sealing workers: one per core, a few at most (the receiver, on a
 /// shared machine, needs cores too).
 fn sealing_workers() -> usize {
@@ -842,34 +851,14 @@ impl Carousel {
                     .spawn_scoped(scope, move || {
                         run_worker(jobs, link, &done, shutdown, sealer)
                     });
-                match worker {
-                    Ok(w) => sealers.push(w),
-                    Err(e) => {
-                        // Those started would wait for jobs for ever.
-                        shutdown.trigger();
-                        drop(work_tx);
-                        return Err(CarouselError::Object {
-                            id: ObjectId([0; 32]),
-                            why: format!("starting a sealing worker: {e}"),
-                        });
-                    }
-                }
+                // Returning drops `work_tx`, so the workers started stop.
+                sealers.push(worker.map_err(|e| not_started("a sealing worker", e, shutdown))?);
             }
             drop(done_tx);
             let heartbeats = std::thread::Builder::new()
                 .name("link-tx".into())
-                .spawn_scoped(scope, || link.keep_heartbeats(shutdown));
-            let heartbeats = match heartbeats {
-                Ok(h) => h,
-                Err(e) => {
-                    shutdown.trigger();
-                    drop(work_tx);
-                    return Err(CarouselError::Object {
-                        id: ObjectId([0; 32]),
-                        why: format!("starting the link thread: {e}"),
-                    });
-                }
-            };
+                .spawn_scoped(scope, || link.keep_heartbeats(shutdown))
+                .map_err(|e| not_started("the link thread", e, shutdown))?;
             let pipeline = Pipeline {
                 work: &work_tx,
                 done: &done_rx,
