@@ -234,17 +234,15 @@ impl FrameSealer {
         out.extend_from_slice(&self.session_id.to_be_bytes());
         out.extend_from_slice(&seq.to_be_bytes());
         out.extend_from_slice(&[0; 4]);
-        // Serializing plain structs into a Vec cannot fail.
+        fn extend(out: &mut Vec<u8>, value: &impl Serialize) {
+            // Serializing plain structs into a Vec cannot fail.
+            *out = postcard::to_extend(value, std::mem::take(out))
+                .expect("postcard encoding into a Vec");
+        }
         match body {
-            Body::ObjectHeader(h) => {
-                *out = postcard::to_extend(h, std::mem::take(out))
-                    .expect("postcard encoding into a Vec")
-            }
+            Body::ObjectHeader(h) => extend(out, h),
             Body::Shard(s) => shard_body::encode(s, out),
-            Body::Heartbeat(h) => {
-                *out = postcard::to_extend(h, std::mem::take(out))
-                    .expect("postcard encoding into a Vec")
-            }
+            Body::Heartbeat(h) => extend(out, h),
         }
         let body_len = (out.len() - start - HEADER_LEN) as u32;
         out[start + 24..start + 28].copy_from_slice(&body_len.to_be_bytes());

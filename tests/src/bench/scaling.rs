@@ -94,7 +94,6 @@ impl Sink {
         // socket whole instead of being cut into datagrams on its thread.
         udp_sockopt(&sock, libc::UDP_GRO, 1).context("enabling UDP GRO on the sink")?;
         let sock: UdpSocket = sock.into();
-        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let addr = sock.local_addr()?;
         let state = Arc::new(SinkState::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -182,13 +181,13 @@ fn sink_loop(
     // Counting needs only each message's length: with MSG_TRUNC and no room
     // the kernel reports it without copying the bytes out, so the sink,
     // which shares the machine's cores with the sender it measures, costs
-    // it as little as a diode would.
-    // Never woken by the sender: a reader blocked on the socket is woken
-    // by every send that finds its queue empty, and on shared cores that
-    // wake-up preempts the sender's own threads, which a diode's far end
-    // on its own machine never does. The sink looks at its queue every
-    // POLL_EVERY instead, as a NIC moderates its interrupts; the socket
-    // holds far more than arrives in that time.
+    // it as little as a diode would. Nor is it woken by the sender: a
+    // reader blocked on the socket is woken by every send that finds its
+    // queue empty, and on shared cores that wake-up preempts the sender's
+    // own threads, which a diode's far end on its own machine never does.
+    // The sink looks at its queue every POLL_EVERY instead, as a NIC
+    // moderates its interrupts; the socket holds far more than arrives in
+    // that time.
     let (room, flags) = if record.is_some() {
         (REGION, libc::MSG_DONTWAIT)
     } else {
