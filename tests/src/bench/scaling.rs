@@ -11,13 +11,20 @@
 //!   one before, so the idle heartbeats after the pass do not count).
 //! - **receiver alone**: the frames of one pass of the same image, recorded
 //!   once from gateway-tx by the same sink (paced, so the recording loses
-//!   nothing), are replayed from that file into gateway-rx's UDP port as
-//!   fast as gateway-rx takes them: the replayer keeps gateway-rx's socket
-//!   queue between 8 and 16 MiB (read from /proc/net/udp) so the receiver
-//!   always has frames waiting and the kernel drops none (a replayed frame
-//!   cannot be sent again: the receiver's replay guard refuses it). Timed
-//!   from the first frame replayed to the delivery done in the OCI layout
-//!   (gateway-rx's status.json).
+//!   nothing) and kept in memory, are replayed into gateway-rx's UDP port
+//!   as fast as gateway-rx takes them: the replayer keeps gateway-rx's
+//!   socket queue between 8 and 16 MiB (asked of the kernel's sock_diag)
+//!   so the receiver always has frames waiting and the kernel drops none (a
+//!   replayed frame cannot be sent again: the receiver's replay guard
+//!   refuses it). Timed from the first frame replayed to the delivery done
+//!   in the OCI layout (gateway-rx's status.json).
+//!
+//! Each side runs on one core, then two, then again, for a few rounds:
+//! on this kind of virtual machine a run that must take fresh memory from
+//! the host (gateway-rx's 1 GiB of page cache) costs up to several times
+//! what one reusing pages the guest already holds does, and which run gets
+//! which is chance. That noise only ever adds time, so the rows take each
+//! CPU set's fastest round and show the others beside it.
 //!
 //! CPU: utime + stime of the gateway process over the timed span
 //! (/proc/PID/stat), per GiB of image blobs. The sink and the replayer are
@@ -421,7 +428,8 @@ pub fn sender_alone(
     // the last datagram arrived (a lagging sink makes the span longer, never
     // shorter).
     let t = Instant::now();
-    while udp_rx_queue(sink.addr()).unwrap_or(0) > 0 && t.elapsed() < Duration::from_secs(10) {
+    let mut probe = UdpQueueProbe::new(sink.addr())?;
+    while probe.queued().unwrap_or(0) > 0 && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(50));
@@ -457,10 +465,24 @@ pub fn sender_alone(
     ))
 }
 
+/// One pass of frames as the sink received them, kept in memory for every
+/// replay: each frame a little-endian u16 length, then the frame.
+pub struct Recording {
+    bytes: Vec<u8>,
+    /// (offset, length) of each frame in `bytes`.
+    frames: Vec<(usize, usize)>,
+}
+
+impl Recording {
+    pub fn bytes(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
 /// Records one pass of `image` from gateway-tx (paced at `rate_bps`, not
-/// pinned) into `file`. Fails if the sink's socket dropped a datagram.
-pub fn record(image: &Image, setup: &Setup, rate_bps: u64, file: &Path) -> Result<SideRun> {
-    let (run, recording) = sender_alone(image, setup, None, rate_bps, true)?;
+/// pinned). Fails if the sink's socket dropped a datagram.
+pub fn record(image: &Image, setup: &Setup, rate_bps: u64) -> Result<(SideRun, Recording)> {
+    let (run, bytes) = sender_alone(image, setup, None, rate_bps, true)?;
     if run.kernel_drops > 0 {
         bail!(
             "the recording sink's socket dropped {} datagrams at {} Mb/s: lower --scaling-record-mbps",
@@ -468,33 +490,78 @@ pub fn record(image: &Image, setup: &Setup, rate_bps: u64, file: &Path) -> Resul
             rate_bps / 1_000_000
         );
     }
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?,
-    );
-    f.write_all(&recording)?;
-    f.flush()?;
-    Ok(run)
+    let frames = frames_of(&bytes)?;
+    Ok((run, Recording { bytes, frames }))
 }
 
-/// The `rx_queue` column of /proc/net/udp for the socket bound to `addr`:
-/// bytes waiting in its receive buffer.
-fn udp_rx_queue(addr: SocketAddr) -> Option<u64> {
-    let SocketAddr::V4(a) = addr else {
-        return None;
-    };
-    let local = format!(
-        "{:08X}:{:04X}",
-        u32::from_ne_bytes(a.ip().octets()),
-        a.port()
-    );
-    let text = std::fs::read_to_string("/proc/net/udp").ok()?;
-    text.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.get(1) != Some(&local.as_str()) {
-            return None;
+/// Bytes waiting in the receive buffer of the UDP socket bound to an IPv4
+/// address, asked of the kernel's socket-diagnostics netlink interface for
+/// that one socket (what `ss` uses). The replayer asks every few hundred
+/// frames while it shares gateway-rx's cores: reading /proc/net/udp instead
+/// walks the whole UDP hash table each time, and took about a tenth of the
+/// two cores' time in the two-core run.
+struct UdpQueueProbe {
+    netlink: Socket,
+    request: [u8; 72],
+    reply: Vec<u8>,
+}
+
+/// `SOCK_DIAG_BY_FAMILY` (linux/sock_diag.h).
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// `INET_DIAG_NOCOOKIE`: the socket is named by its addresses alone.
+const INET_DIAG_NOCOOKIE: u32 = !0;
+
+impl UdpQueueProbe {
+    fn new(addr: SocketAddr) -> Result<UdpQueueProbe> {
+        let SocketAddr::V4(a) = addr else {
+            bail!("the queue probe takes an IPv4 address, not {addr}");
+        };
+        let netlink = Socket::new(
+            Domain::from(libc::AF_NETLINK),
+            Type::DGRAM,
+            Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
+        )
+        .context("opening a sock_diag netlink socket")?;
+        // nlmsghdr (16 bytes, native endian), then inet_diag_req_v2:
+        // family, protocol, extensions, pad, states (u32), inet_diag_sockid
+        // (ports and addresses in network order, interface, cookie). For
+        // UDP the kernel looks the socket up as a datagram from `src` to
+        // `dst` would be: `dst` is the receiving socket's own address.
+        let mut request = [0u8; 72];
+        request[0..4].copy_from_slice(&72u32.to_ne_bytes());
+        request[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        request[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+        request[16] = libc::AF_INET as u8;
+        request[17] = libc::IPPROTO_UDP as u8;
+        request[20..24].copy_from_slice(&u32::MAX.to_ne_bytes());
+        let id = 24;
+        request[id + 2..id + 4].copy_from_slice(&a.port().to_be_bytes());
+        request[id + 20..id + 24].copy_from_slice(&a.ip().octets());
+        request[id + 40..id + 44].copy_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
+        request[id + 44..id + 48].copy_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
+        Ok(UdpQueueProbe {
+            netlink,
+            request,
+            reply: vec![0; 4096],
+        })
+    }
+
+    /// Bytes queued (the kernel's accounting, as /proc/net/udp's
+    /// `rx_queue`), or None when no socket is bound there or the kernel
+    /// would not say.
+    fn queued(&mut self) -> Option<u64> {
+        (&self.netlink).write_all(&self.request).ok()?;
+        let n = (&self.netlink).read(&mut self.reply).ok()?;
+        let reply = &self.reply[..n];
+        let kind = u16::from_ne_bytes(reply.get(4..6)?.try_into().ok()?);
+        if kind != SOCK_DIAG_BY_FAMILY {
+            return None; // NLMSG_ERROR: no such socket
         }
-        u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()
-    })
+        // inet_diag_msg after the 16-byte header: family, state, timer,
+        // retransmits, inet_diag_sockid (48), expires, then rqueue.
+        let rqueue = reply.get(16 + 56..16 + 60)?;
+        Some(u32::from_ne_bytes(rqueue.try_into().ok()?) as u64)
+    }
 }
 
 /// The frames of a recording: (offset, length) of each.
@@ -515,20 +582,18 @@ fn frames_of(recording: &[u8]) -> Result<Vec<(usize, usize)>> {
     Ok(v)
 }
 
-/// gateway-rx pinned to `cpus`, fed the recorded frames of `image` from
-/// `file` as fast as it takes them, into an OCI layout under `work`.
+/// gateway-rx pinned to `cpus`, fed the recorded frames of `image` as fast as it takes them, into an OCI layout under `work`.
 pub fn receiver_alone(
     image: &Image,
     setup: &Setup,
-    file: &Path,
+    recording: &Recording,
     cpus: &str,
     work: &Path,
 ) -> Result<SideRun> {
-    let mut recording = Vec::new();
-    std::fs::File::open(file)
-        .with_context(|| format!("opening {}", file.display()))?
-        .read_to_end(&mut recording)?;
-    let frames = frames_of(&recording)?;
+    let Recording {
+        bytes: recording,
+        frames,
+    } = recording;
     let layout: PathBuf = work.join(format!("scaling-rx-{}", cpus.replace(',', "-")));
     let _ = std::fs::remove_dir_all(&layout);
     let opts = SiteOptions {
@@ -574,6 +639,7 @@ pub fn receiver_alone(
     sock.connect(&site.rx_addr.into())
         .context("connecting the replayer to gateway-rx")?;
     let sock: UdpSocket = sock.into();
+    let mut probe = UdpQueueProbe::new(site.rx_addr)?;
     let mut replayer = Replayer {
         sock,
         gso: true,
@@ -587,8 +653,8 @@ pub fn receiver_alone(
     while replayed < frames.len() {
         if since_check >= QUEUE_CHECK_FRAMES {
             since_check = 0;
-            if udp_rx_queue(site.rx_addr).unwrap_or(0) > high {
-                while udp_rx_queue(site.rx_addr).unwrap_or(0) > low {
+            if probe.queued().unwrap_or(0) > high {
+                while probe.queued().unwrap_or(0) > low {
                     std::thread::sleep(Duration::from_micros(200));
                     if Instant::now() > deadline || !rx.is_running() {
                         return Err(fail("gateway-rx stopped taking frames".into(), &rx));
@@ -597,12 +663,11 @@ pub fn receiver_alone(
             }
         }
         let run = &frames[replayed..replayed + gso_run(&frames[replayed..])];
-        replayer.send(&recording, run).context("replaying frames")?;
+        replayer.send(recording, run).context("replaying frames")?;
         wire_bytes += run.iter().map(|&(_, len)| len as u64).sum::<u64>();
         replayed += run.len();
         since_check += run.len();
     }
-    drop(recording);
     let digest = &image.manifest_digest;
     let (img, done_ms) = loop {
         if let Ok(Some(s)) = gateway_rx::status::StatusReport::read(&site.rx_state) {
@@ -664,8 +729,10 @@ fn frames_taken(site: &Site, addr: SocketAddr, replayed: u64) -> RxTaken {
     let t = Instant::now();
     let mut empty_ms = None;
     let mut taken = RxTaken::default();
+    let mut probe = UdpQueueProbe::new(addr).ok();
     while t.elapsed() < Duration::from_secs(5) {
-        if empty_ms.is_none() && udp_rx_queue(addr).unwrap_or(0) == 0 {
+        let queued = probe.as_mut().and_then(UdpQueueProbe::queued).unwrap_or(0);
+        if empty_ms.is_none() && queued == 0 {
             empty_ms = Some(now_ms());
         }
         if let Ok(Some(s)) = gateway_rx::status::StatusReport::read(&site.rx_state) {
@@ -789,6 +856,32 @@ pub fn project(c1_cpu_s_per_gib: f64, s2: f64, cores: f64) -> (f64, f64) {
 mod tests {
     use super::*;
     use weir_host::link::udp::MAX_UDP_PAYLOAD;
+
+    #[test]
+    fn the_queue_probe_reads_what_waits_in_that_socket_alone() {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let other = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = rx.local_addr().expect("addr");
+        let mut probe = UdpQueueProbe::new(addr).expect("netlink");
+        assert_eq!(probe.queued(), Some(0));
+        for _ in 0..10 {
+            tx.send_to(&[7u8; 1000], addr).expect("send");
+        }
+        tx.send_to(&[7u8; 1000], other.local_addr().expect("addr"))
+            .expect("send");
+        let ten = probe.queued().expect("queued");
+        // The kernel counts each datagram's buffer, not only its bytes.
+        assert!(ten >= 10_000, "{ten}");
+        let mut buf = [0u8; 2000];
+        for _ in 0..5 {
+            rx.recv(&mut buf).expect("recv");
+        }
+        let five = probe.queued().expect("queued");
+        assert_eq!(five * 2, ten);
+        drop(rx);
+        assert_eq!(probe.queued(), None, "no socket is bound there any more");
+    }
 
     #[test]
     fn a_recording_splits_back_into_its_frames() {
