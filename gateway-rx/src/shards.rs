@@ -50,8 +50,10 @@ use crate::state::{now_ms, StateDb, StateError};
 use crate::status::{Counters, ObjectProgress};
 pub use durable::RebuiltShards;
 use durable::{Durable, Failed, Writer};
+pub use payload::{LentBuffer, Payload, ReceiveBuffers};
 
 mod durable;
+mod payload;
 
 /// Commit when this many payload bytes wait.
 pub const BATCH_BYTES: usize = 4 << 20;
@@ -93,7 +95,8 @@ fn io_err<'a>(
     }
 }
 
-/// One verified shard, owned (the frame's buffer is reused by the link).
+/// One verified shard; its payload its own or a slice of the buffer it
+/// was received into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardIn {
     pub object: ObjectId,
@@ -102,11 +105,12 @@ pub struct ShardIn {
     pub fec: FecParams,
     pub block: u32,
     pub index: u16,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
 }
 
-impl From<&ShardFrame<'_>> for ShardIn {
-    fn from(s: &ShardFrame<'_>) -> Self {
+impl ShardIn {
+    /// The shard of `s` with `payload` for its bytes.
+    pub fn with_payload(s: &ShardFrame<'_>, payload: Payload) -> ShardIn {
         ShardIn {
             object: s.object,
             kind: s.kind,
@@ -114,8 +118,15 @@ impl From<&ShardFrame<'_>> for ShardIn {
             fec: s.fec,
             block: s.block,
             index: s.index,
-            payload: s.payload.to_vec(),
+            payload,
         }
+    }
+}
+
+impl From<&ShardFrame<'_>> for ShardIn {
+    /// The shard with a copy of its payload.
+    fn from(s: &ShardFrame<'_>) -> Self {
+        ShardIn::with_payload(s, Payload::Owned(s.payload.to_vec()))
     }
 }
 
@@ -280,7 +291,7 @@ struct PendingShard {
     generation: u64,
     block: u32,
     index: u16,
-    payload: Vec<u8>,
+    payload: Payload,
 }
 
 /// A batch with the writer.
@@ -1424,7 +1435,7 @@ pub(crate) mod tests {
                     fec,
                     block,
                     index: index as u16,
-                    payload: payload.clone(),
+                    payload: payload.clone().into(),
                 });
             }
         }
@@ -1479,7 +1490,7 @@ pub(crate) mod tests {
             fec,
             block: 0,
             index: 0,
-            payload: vec![0; fec.shard_size as usize],
+            payload: vec![0; fec.shard_size as usize].into(),
         }
     }
 
@@ -2143,7 +2154,9 @@ pub(crate) mod tests {
         // bug, or a disk that flipped a bit): the object fails its sha256.
         for mut s in good.clone() {
             if s.block == 1 && s.index == 2 {
-                s.payload[7] ^= 0xff;
+                let mut bytes = s.payload.to_vec();
+                bytes[7] ^= 0xff;
+                s.payload = bytes.into();
             }
             store.accept(s).unwrap();
         }

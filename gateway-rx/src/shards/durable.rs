@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use weir_proto::ObjectId;
 
-use super::{io_err, LiveObject, PendingShard, ShardStoreError, StagingFiles};
+use super::{io_err, LiveObject, Payload, PendingShard, ShardStoreError, StagingFiles};
 use crate::state::fsync_dir;
 
 /// Largest single write when coalescing adjacent shards.
@@ -154,7 +154,8 @@ impl WriteBatch {
     fn land(mut self) -> Result<Written, Failed> {
         let touched = self.write_payloads().map_err(|error| Failed { error })?;
         for p in &mut self.pending {
-            p.payload = Vec::new();
+            // A lent receive buffer goes back once its last shard is here.
+            p.payload = Payload::default();
         }
         Ok(Written {
             batch: self,

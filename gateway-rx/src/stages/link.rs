@@ -22,6 +22,7 @@
 //! excess.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ use weir_host::{DirSource, FrameBatch, FrameSource, SerialSource, Shutdown, UdpS
 use weir_proto::{Body, Frame, FrameError, FrameOpener, Header, Heartbeat, ObjectHeader};
 
 use crate::config::{RxConfig, Transport};
-use crate::shards::ShardIn;
+use crate::shards::{LentBuffer, Payload, ReceiveBuffers, ShardIn};
 use crate::state::now_ms;
 use crate::status::SenderStatus;
 use crate::verify::{FrameKeys, ReplayCheck, Verifier};
@@ -52,6 +53,12 @@ const DEAL_FRAMES: usize = 256;
 /// Frames per batch handed to the store: the channel's bound in batches
 /// stays the bound in memory, whatever a receive returned.
 const OUT_FRAMES: usize = 256;
+/// Receive buffers (up to 1 MiB each) lent to the payloads in them at
+/// once: enough for every frame queued for the store, the batch it fills
+/// and those with its writer when the frames are dense with new shards.
+/// Beyond it payloads are copied out, so a later pass's scattered new
+/// shards cannot each pin a whole buffer.
+const MAX_LENT_BUFFERS: usize = 12;
 /// How long a receive waits before checking for shutdown.
 const RECV_WAIT: Duration = Duration::from_millis(200);
 /// How often the loss estimate is published.
@@ -60,7 +67,8 @@ const LOSS_EVERY: Duration = Duration::from_millis(500);
 /// tag check, bounds the receiver.
 pub const MAX_VERIFY_WORKERS: usize = 4;
 
-/// A frame that passed verification, owned so the batch buffer can be reused.
+/// A frame that passed verification, owned (a shard's payload may share the
+/// buffer it was received into: see [`Payload`]).
 #[derive(Debug, Clone)]
 pub enum Inbound {
     Shard(ShardIn),
@@ -125,11 +133,18 @@ enum Opened {
 /// An authentic frame's body, owned.
 enum Authentic {
     Inbound(Inbound),
+    /// A shard whose payload stays in the batch's buffer, at `at`: rx-admit
+    /// lends the buffer and fills the payload in.
+    InPlace {
+        shard: ShardIn,
+        at: Range<usize>,
+    },
     Heartbeat(Heartbeat),
 }
 
 /// One received batch and what became of its frames. Its buffers go round
-/// (link, worker, rx-admit, link again) and are allocated once.
+/// (link, worker, rx-admit, link again); a frame buffer lent to the
+/// payloads in it is replaced from [`ReceiveBuffers`].
 struct Batch {
     frames: FrameBatch,
     /// The key ring current when the batch was received: a reload reaches
@@ -162,6 +177,7 @@ pub fn receive(
     // thread's own receive buffer comes on top.
     let in_flight = 2 * workers + 2;
     let frames_per_batch = (BATCH_BYTES / datagram_size.max(1)).clamp(1, BATCH_FRAMES);
+    let buffers = ReceiveBuffers::new(MAX_LENT_BUFFERS, MAX_LENT_BUFFERS);
     let (give_back, free) = mpsc::sync_channel(in_flight);
     for _ in 0..in_flight {
         // Cannot fail: the channel has room for every buffer and its
@@ -184,16 +200,17 @@ pub fn receive(
             // As deep as the buffers are many: no send ever blocks.
             let (job, jobs) = mpsc::sync_channel(in_flight);
             let (done, finished) = mpsc::sync_channel(in_flight);
+            let buffers = buffers.clone();
             std::thread::Builder::new()
                 .name(format!("rx-verify-{i}"))
-                .spawn_scoped(scope, move || open_batches(jobs, done))?;
+                .spawn_scoped(scope, move || open_batches(jobs, done, &buffers))?;
             to_workers.push(job);
             from_workers.push(finished);
         }
         std::thread::Builder::new()
             .name("rx-admit".to_string())
             .spawn_scoped(scope, move || {
-                admit_in_order(from_workers, replay, give_back, out, sender)
+                admit_in_order(from_workers, replay, give_back, out, sender, &buffers)
             })?;
         let received = FrameBatch::new(frames_per_batch, datagram_size);
         receive_batches(
@@ -308,8 +325,10 @@ fn receive_batches(
 }
 
 /// A verification worker: checks the tag of every frame of a batch and
-/// parses its body; what it made of each goes back with the batch.
-fn open_batches(jobs: Receiver<Batch>, done: SyncSender<Batch>) {
+/// parses its body; what it made of each goes back with the batch. Shard
+/// payloads stay in the batch's buffer while `buffers` may lend one more;
+/// otherwise they are copied out.
+fn open_batches(jobs: Receiver<Batch>, done: SyncSender<Batch>, buffers: &ReceiveBuffers) {
     for mut batch in jobs {
         let Batch {
             frames,
@@ -317,14 +336,15 @@ fn open_batches(jobs: Receiver<Batch>, done: SyncSender<Batch>) {
             opened,
         } = &mut batch;
         opened.clear();
+        let lend = buffers.may_lend();
         // Tags of several frames at once (several per SHA-256 pass), a
         // slice of the batch at a time so that each frame's body is parsed
-        // and copied while the tag check left it in the cache.
+        // while the tag check left it in the cache.
         let datagrams: Vec<&[u8]> = frames.iter().collect();
         let mut results = Vec::with_capacity(OPEN_AT_ONCE);
         for slice in datagrams.chunks(OPEN_AT_ONCE) {
             opener.open_many(slice, &mut results);
-            opened.extend(results.drain(..).map(opened_as));
+            opened.extend(results.drain(..).map(|r| opened_as(r, frames, lend)));
         }
         if done.send(batch).is_err() {
             return; // rx-admit stopped
@@ -332,13 +352,19 @@ fn open_batches(jobs: Receiver<Batch>, done: SyncSender<Batch>) {
     }
 }
 
-fn opened_as(result: Result<Frame<'_>, FrameError>) -> Opened {
+fn opened_as(result: Result<Frame<'_>, FrameError>, frames: &FrameBatch, lend: bool) -> Opened {
     match result {
         Err(e) => Opened::Refused(e),
         Ok(Frame { header, body }) => Opened::Authentic(
             header,
             match body {
-                Body::Shard(s) => Authentic::Inbound(Inbound::Shard(ShardIn::from(&s))),
+                Body::Shard(s) => match frames.offset_of(s.payload).filter(|_| lend) {
+                    Some(start) => Authentic::InPlace {
+                        shard: ShardIn::with_payload(&s, Payload::default()),
+                        at: start..start + s.payload.len(),
+                    },
+                    None => Authentic::Inbound(Inbound::Shard(ShardIn::from(&s))),
+                },
                 Body::ObjectHeader(h) => Authentic::Inbound(Inbound::Header(h)),
                 Body::Heartbeat(h) => Authentic::Heartbeat(h),
             },
@@ -355,6 +381,7 @@ fn admit_in_order(
     give_back: SyncSender<Batch>,
     out: SyncSender<Vec<Inbound>>,
     sender: Arc<Mutex<Option<SenderStatus>>>,
+    buffers: &Arc<ReceiveBuffers>,
 ) {
     let mut last_loss = Instant::now();
     let mut next = 0;
@@ -370,6 +397,8 @@ fn admit_in_order(
         };
         next = (next + 1) % workers.len();
         let mut frames = Vec::with_capacity(batch.opened.len().min(OUT_FRAMES));
+        // The batch's buffer, once lent to the first payload left in it.
+        let mut lent: Option<Arc<LentBuffer>> = None;
         for opened in batch.opened.drain(..) {
             let (header, body) = match opened {
                 Opened::Authentic(header, body) => (header, body),
@@ -383,15 +412,15 @@ fn admit_in_order(
             if !replay.admit(&header) {
                 continue;
             }
-            match body {
-                Authentic::Inbound(frame) => {
-                    if frames.len() == OUT_FRAMES {
-                        let full = std::mem::replace(&mut frames, Vec::with_capacity(OUT_FRAMES));
-                        if out.send(full).is_err() {
-                            break 'batches; // the store stopped
-                        }
-                    }
-                    frames.push(frame);
+            let inbound = match body {
+                Authentic::Inbound(frame) => Some(frame),
+                Authentic::InPlace { mut shard, at } => {
+                    let buffer = lent.get_or_insert_with(|| {
+                        buffers.lend(batch.frames.swap_buffer(buffers.replacement()))
+                    });
+                    // Inside: the worker found the payload in this buffer.
+                    shard.payload = Payload::lent(buffer, at).unwrap_or_default();
+                    Some(Inbound::Shard(shard))
                 }
                 Authentic::Heartbeat(h) => {
                     let status = SenderStatus {
@@ -405,7 +434,17 @@ fn admit_in_order(
                         ledger: h.ledger,
                     };
                     *sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+                    None
                 }
+            };
+            if let Some(frame) = inbound {
+                if frames.len() == OUT_FRAMES {
+                    let full = std::mem::replace(&mut frames, Vec::with_capacity(OUT_FRAMES));
+                    if out.send(full).is_err() {
+                        break 'batches; // the store stopped
+                    }
+                }
+                frames.push(frame);
             }
         }
         if !frames.is_empty() && out.send(frames).is_err() {

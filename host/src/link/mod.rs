@@ -115,6 +115,28 @@ impl FrameBatch {
         true
     }
 
+    /// Puts `fresh` in place of the buffer, which it returns with every
+    /// frame in it: the receiver lends a batch's buffer to the payloads in
+    /// it instead of copying them out. `fresh` is grown to the size of the
+    /// buffer it replaces (at least a full batch; more if the transport
+    /// grew it), so that the transport need not grow it again.
+    pub fn swap_buffer(&mut self, mut fresh: Vec<u8>) -> Vec<u8> {
+        let room = (self.capacity * self.slot).max(self.buf.len());
+        if fresh.len() < room {
+            fresh.resize(room, 0);
+        }
+        self.frames.clear();
+        std::mem::replace(&mut self.buf, fresh)
+    }
+
+    /// Where `part` (a slice of one of this batch's frames) lies in the
+    /// buffer, or None if it is not inside it.
+    pub fn offset_of(&self, part: &[u8]) -> Option<usize> {
+        let base = self.buf.as_ptr() as usize;
+        let start = (part.as_ptr() as usize).checked_sub(base)?;
+        (start + part.len() <= self.buf.len()).then_some(start)
+    }
+
     /// The raw buffer, slot size and frame list, for transports that
     /// receive in place. They may grow the buffer; every (start, length)
     /// they record must lie inside it.
@@ -138,5 +160,20 @@ mod tests {
         assert_eq!(got, vec![&b"ab"[..], &b"wxyz"[..]]);
         b.clear();
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_swapped_buffer_keeps_its_frames_where_offset_of_said() {
+        let mut b = FrameBatch::new(2, 4);
+        assert!(b.push(b"ab"));
+        assert!(b.push(b"wxyz"));
+        let frames: Vec<&[u8]> = b.iter().collect();
+        let at = b.offset_of(&frames[1][1..3]).unwrap();
+        assert_eq!(b.offset_of(b"xy"), None, "not a slice of the batch");
+        let old = b.swap_buffer(Vec::new());
+        assert_eq!(&old[at..at + 2], b"xy");
+        assert!(b.is_empty());
+        assert!(b.push(b"cdef"), "the fresh buffer holds a full batch");
+        assert!(b.push(b"gh"));
     }
 }
