@@ -32,8 +32,10 @@
 //!
 //! Memory: a few batches of payloads (4 MiB each: the one filling and those
 //! the writer has yet to write; a written batch waiting for its fsync
-//! keeps only its shards' keys) and two bits per shard of the objects in
-//! flight; nothing grows with object size but those bitmaps.
+//! keeps only its shards' keys), most of them still in the receive buffers
+//! they arrived in ([`Payload`]: a bounded number lent at once), and two
+//! bits per shard of the objects in flight; nothing grows with object size
+//! but those bitmaps.
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use serde::{Deserialize, Serialize};
