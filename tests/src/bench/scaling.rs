@@ -473,12 +473,6 @@ pub struct Recording {
     frames: Vec<(usize, usize)>,
 }
 
-impl Recording {
-    pub fn bytes(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
 /// Records one pass of `image` from gateway-tx (paced at `rate_bps`, not
 /// pinned). Fails if the sink's socket dropped a datagram.
 pub fn record(image: &Image, setup: &Setup, rate_bps: u64) -> Result<(SideRun, Recording)> {

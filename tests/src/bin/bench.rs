@@ -1176,26 +1176,9 @@ impl Bench<'_> {
             setup.fec.1,
             image.archive_bytes as f64 / MIB
         );
-        let rounds = a.scaling_rounds;
-        let mut tx_runs = Vec::new();
-        'tx: for round in 1..=rounds {
-            for cpus in &sets {
-                eprintln!(
-                    "scaling: gateway-tx alone, taskset -c {cpus}, round {round} of {rounds}..."
-                );
-                match scaling::sender_alone(image, &setup, Some(cpus), UNPACED_BPS, false) {
-                    Ok((r, _)) => tx_runs.push(r),
-                    Err(e) => {
-                        self.rows.push(Row::failed(
-                            "8",
-                            &format!("gateway-tx alone, taskset -c {cpus}"),
-                            &e,
-                        ));
-                        break 'tx;
-                    }
-                }
-            }
-        }
+        let tx_runs = self.rounds("gateway-tx alone", &sets, |cpus| {
+            scaling::sender_alone(image, &setup, Some(cpus), UNPACED_BPS, false).map(|(r, _)| r)
+        });
         self.scaling_rows(
             "gateway-tx alone → UDP sink that only counts, unpaced, one pass, from acceptance",
             &what,
@@ -1205,15 +1188,14 @@ impl Bench<'_> {
             "scaling: recording one pass of frames at {} Mb/s...",
             a.scaling_record_mbps
         );
-        let mut rx_runs = Vec::new();
-        match scaling::record(image, &setup, a.scaling_record_mbps * 1_000_000) {
+        let rx_runs = match scaling::record(image, &setup, a.scaling_record_mbps * 1_000_000) {
             Ok((r, recording)) => {
                 self.notes.push(format!(
                     "scaling, recording: one pass of gateway-tx (paced at {} Mb/s, not pinned) recorded by the sink: {} datagrams, \
                      {:.0} MiB of frames, sink socket drops {}; kept in memory for every replay.",
                     a.scaling_record_mbps,
                     r.datagrams,
-                    recording.bytes() as f64 / MIB,
+                    r.wire_bytes as f64 / MIB,
                     r.kernel_drops
                 ));
                 // Every sender run is the same one pass: the counts differ
@@ -1235,29 +1217,17 @@ impl Bench<'_> {
                         100.0 * (hi - lo) as f64 / (*lo).max(1) as f64
                     ));
                 }
-                'rx: for round in 1..=rounds {
-                    for cpus in &sets {
-                        eprintln!(
-                            "scaling: gateway-rx alone, replayed frames, taskset -c {cpus}, round {round} of {rounds}..."
-                        );
-                        match scaling::receiver_alone(image, &setup, &recording, cpus, &self.work) {
-                            Ok(r) => rx_runs.push(r),
-                            Err(e) => {
-                                self.rows.push(Row::failed(
-                                    "8",
-                                    &format!("gateway-rx alone, taskset -c {cpus}"),
-                                    &e,
-                                ));
-                                break 'rx;
-                            }
-                        }
-                    }
-                }
+                let work = self.work.clone();
+                self.rounds("gateway-rx alone", &sets, |cpus| {
+                    scaling::receiver_alone(image, &setup, &recording, cpus, &work)
+                })
             }
-            Err(e) => self
-                .rows
-                .push(Row::failed("8", "gateway-rx alone (recording)", &e)),
-        }
+            Err(e) => {
+                self.rows
+                    .push(Row::failed("8", "gateway-rx alone (recording)", &e));
+                Vec::new()
+            }
+        };
         self.scaling_rows(
             "gateway-rx alone ← frames recorded from gateway-tx, replayed as fast as it takes them, into an OCI layout, \
              from the first frame replayed",
@@ -1293,6 +1263,32 @@ impl Bench<'_> {
              two points, not a measurement."
                 .to_string(),
         );
+    }
+
+    /// `run` on each CPU set in turn, `--scaling-rounds` times over; a
+    /// failure is a row and ends the rounds.
+    fn rounds(
+        &mut self,
+        side: &str,
+        sets: &[&str],
+        mut run: impl FnMut(&str) -> Result<scaling::SideRun>,
+    ) -> Vec<scaling::SideRun> {
+        let rounds = self.args.scaling_rounds;
+        let mut runs = Vec::new();
+        for round in 1..=rounds {
+            for &cpus in sets {
+                eprintln!("scaling: {side}, taskset -c {cpus}, round {round} of {rounds}...");
+                match run(cpus) {
+                    Ok(r) => runs.push(r),
+                    Err(e) => {
+                        self.rows
+                            .push(Row::failed("8", &format!("{side}, taskset -c {cpus}"), &e));
+                        return runs;
+                    }
+                }
+            }
+        }
+        runs
     }
 
     fn scaling_rows(&mut self, side: &str, what: &str, runs: &[scaling::SideRun]) {
