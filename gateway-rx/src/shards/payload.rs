@@ -28,8 +28,10 @@ pub struct ReceiveBuffers {
 }
 
 impl ReceiveBuffers {
-    /// At most `max_lent` buffers out with shards at once; at most
-    /// `max_free` kept for reuse.
+    /// Lends while fewer than `max_lent` buffers are out with shards (a
+    /// batch let through just below it is lent after the check, so the
+    /// count may pass it by the batches in flight); keeps at most
+    /// `max_free` for reuse.
     pub fn new(max_lent: usize, max_free: usize) -> Arc<ReceiveBuffers> {
         Arc::new(ReceiveBuffers {
             free: Mutex::new(Vec::new()),

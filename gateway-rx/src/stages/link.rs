@@ -54,10 +54,11 @@ const DEAL_FRAMES: usize = 256;
 /// stays the bound in memory, whatever a receive returned.
 const OUT_FRAMES: usize = 256;
 /// Receive buffers (up to 1 MiB each) lent to the payloads in them at
-/// once: enough for every frame queued for the store, the batch it fills
-/// and those with its writer when the frames are dense with new shards.
-/// Beyond it payloads are copied out, so a later pass's scattered new
-/// shards cannot each pin a whole buffer.
+/// once, give or take the batches in flight: enough for the batch the
+/// store fills and those with its writer when the frames are dense with
+/// new shards. Beyond it payloads are copied out (so too while frames
+/// queue up for the store), so a later pass's scattered new shards cannot
+/// each pin a whole buffer.
 const MAX_LENT_BUFFERS: usize = 12;
 /// How long a receive waits before checking for shutdown.
 const RECV_WAIT: Duration = Duration::from_millis(200);
