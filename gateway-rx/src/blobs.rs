@@ -199,13 +199,14 @@ const RECYCLE_EVERY: u64 = 8 << 20;
 const LARGEST_FOLIO: u64 = 2 << 20;
 
 /// Hands the page cache of `file`'s bytes `from..to` back to the kernel
-/// (whole pages only; dirty ones are left to writeback). A receiver
-/// writes each byte once and reads it once to hash it; pages freed right
-/// after are what the next writes get. Pages it keeps are gone from the
-/// next writes, which must take fresh ones: on a virtual machine that
-/// returns free memory to its host those cost up to nine times as much
-/// CPU to fill (2.8–3.5 against 0.38 CPU-s per GiB on the development
-/// machine), the largest share of the receiver's CPU.
+/// (whole pages only; dirty ones are left to writeback). The receiver
+/// writes each staged byte once and reads it once to hash it, so the
+/// pages are of no more use, and freed right away they are what its next
+/// writes get. Left cached, the next writes take fresh pages instead,
+/// which on a virtual machine that returns free memory to its host cost
+/// up to nine times as much CPU to fill (2.8–3.5 against 0.38 CPU-s per
+/// GiB on the development machine): the largest share of the receiver's
+/// CPU.
 // posix_fadvise has no safe wrapper in std.
 #[allow(unsafe_code)]
 fn drop_cached(file: &File, from: u64, to: u64) {
@@ -390,8 +391,8 @@ mod tests {
         r == 0 && st.f_type == libc::TMPFS_MAGIC
     }
 
-    /// Of `file`'s first `len` bytes' whole pages: how many are in the
-    /// page cache, out of how many.
+    /// Of the whole pages of `file`'s first `upto` bytes: how many are in
+    /// the page cache, out of how many.
     #[allow(unsafe_code)] // mmap and mincore have no safe wrapper in std.
     fn cached_pages(file: &File, upto: u64) -> (usize, usize) {
         use std::os::fd::AsRawFd;
