@@ -112,11 +112,13 @@ pub fn run_with_reloads(
     let mut intake = Stages::new(&shutdown);
     intake.spawn("rx-link", {
         let (sender, size) = (sender.clone(), config.link.datagram_size);
+        let held = store.held();
         move |s| {
             let workers = link::verify_workers();
             link::receive(
                 source,
                 verifier,
+                held,
                 size,
                 workers,
                 inbound_tx,

@@ -67,10 +67,12 @@ pub fn expose(s: &RxScrape, targets: &[Target], deliveries: &DeliveryStats) -> E
         1.0,
     );
 
-    let frames = "Frames received, by result: accepted (tag verified, not a replay) \
+    let frames = "Frames received, by result: accepted (tag verified, not a replay), \
+                  held (a shard of an object held whole, dropped unopened) \
                   or the cause of refusal.";
     for (result, n) in [
         ("accepted", c.frames_accepted),
+        ("held", c.frames_held_unopened),
         ("bad_tag", c.frames_bad_tag),
         ("unknown_key", c.frames_unknown_key),
         ("replayed", c.frames_replayed),
@@ -316,6 +318,7 @@ mod tests {
             fault: Some("delivery failing: \"x\"".into()),
             counters: CounterSnapshot {
                 frames_accepted: 100,
+                frames_held_unopened: 7,
                 frames_bad_tag: 3,
                 frames_replayed: 2,
                 blocks_repaired: 4,
@@ -350,6 +353,7 @@ mod tests {
         let text = expose(&s, &[Target::Registry], &stats).render();
         for (series, value) in [
             ("weir_rx_frames_total{result=\"accepted\"}", 100.0),
+            ("weir_rx_frames_total{result=\"held\"}", 7.0),
             ("weir_rx_frames_total{result=\"bad_tag\"}", 3.0),
             ("weir_rx_frames_total{result=\"replayed\"}", 2.0),
             ("weir_rx_frames_total{result=\"unknown_key\"}", 0.0),

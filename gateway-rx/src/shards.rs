@@ -52,9 +52,11 @@ use crate::state::{now_ms, StateDb, StateError};
 use crate::status::{Counters, ObjectProgress};
 pub use durable::RebuiltShards;
 use durable::{Durable, Failed, Writer};
+pub use held::{HeldObjects, HeldView};
 pub use payload::{LentBuffer, Payload, ReceiveBuffers};
 
 mod durable;
+mod held;
 mod payload;
 
 /// Commit when this many payload bytes wait.
@@ -403,7 +405,7 @@ pub struct ShardStore {
     blocks: sled::Tree,
     dir: PathBuf,
     /// Objects in the blob store: their shards are duplicates.
-    complete: HashSet<ObjectId>,
+    complete: HeldObjects,
     live: HashMap<ObjectId, LiveObject>,
     pending: Vec<PendingShard>,
     pending_bytes: usize,
@@ -461,7 +463,7 @@ impl ShardStore {
             objects: db.tree(OBJECTS_TREE)?,
             blocks: db.tree(BLOCKS_TREE)?,
             dir: dir.to_path_buf(),
-            complete: complete.into_iter().collect(),
+            complete: HeldObjects::new(complete),
             live: HashMap::default(),
             pending: Vec::new(),
             pending_bytes: 0,
@@ -666,6 +668,12 @@ impl ShardStore {
         let _ = std::fs::remove_file(d);
         let _ = std::fs::remove_file(p);
         Ok(())
+    }
+
+    /// The objects held whole, as the verifiers see them: they drop a
+    /// later pass's shards of these unopened.
+    pub fn held(&self) -> HeldView {
+        self.complete.view()
     }
 
     /// Whether the object is in the blob store already (or was pruned

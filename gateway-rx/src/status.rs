@@ -62,6 +62,10 @@ counters! {
     /// holding the key could otherwise make every later real session look
     /// old.
     frames_future_session,
+    /// Shard frames of objects held whole already (a later pass's), dropped
+    /// before their tag was checked: they could change nothing. They count
+    /// as arrivals in the loss estimate.
+    frames_held_unopened,
     /// Objects refused before anything was allocated for them: a length,
     /// block count or FEC layout past `[limits]` (an image object over its
     /// own bound). Their frames count as accepted; nothing is stored.

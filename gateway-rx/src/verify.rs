@@ -249,6 +249,15 @@ impl ReplayCheck {
         }
     }
 
+    /// Counts a shard frame dropped unopened, its object held whole. Its
+    /// header was never trusted: it counts as an arrival in the loss
+    /// estimate of its session, if that is the current one, and nothing
+    /// else moves.
+    pub fn unopened(&mut self, h: &Header) {
+        Counters::add(&self.counters.frames_held_unopened, 1);
+        self.guard.count_unopened(h.key_id, h.session_id);
+    }
+
     /// Whether the frame with this header, whose tag verified, is new; it
     /// is counted either way. Only ever call it on authenticated headers:
     /// it moves the replay window.

@@ -367,6 +367,23 @@ pub fn peek_header(frame: &[u8]) -> Result<(Header, usize), FrameError> {
     ))
 }
 
+/// The object a shard frame names, read without checking its tag, with
+/// the header it came under. A receiver that already holds that object
+/// whole may drop the frame unopened: it could change nothing there, and
+/// the tag check is most of what a frame costs. None for anything that is
+/// not, on its face, a shard frame of the length its header gives. Nothing
+/// read here may be trusted beyond that choice.
+pub fn claimed_object(frame: &[u8]) -> Option<(Header, ObjectId)> {
+    let (header, total) = peek_header(frame).ok()?;
+    if header.kind != FrameKind::Shard || total != frame.len() || total < HEADER_LEN + 32 + TAG_LEN
+    {
+        return None;
+    }
+    // A shard body opens with its object's id, raw.
+    let id: [u8; 32] = frame.get(HEADER_LEN..HEADER_LEN + 32)?.try_into().ok()?;
+    Some((header, ObjectId(id)))
+}
+
 /// Verifies and parses frames against a receiver's key set.
 pub struct FrameOpener {
     keys: KeyRing,
@@ -672,6 +689,45 @@ mod tests {
         let mut out = Vec::new();
         FrameSealer::new(key(1), 1).seal(&body, &mut out);
         assert!(matches!(opener().open(&out), Err(FrameError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_shard_frame_names_its_object_before_it_is_opened() {
+        let fec = FecParams::new(2, 1, 4).unwrap();
+        let payload = [9u8; 4];
+        let shard = Body::Shard(ShardFrame {
+            object: ObjectId([7; 32]),
+            kind: ObjectKind::Blob,
+            object_len: 8,
+            fec,
+            block: 0,
+            index: 1,
+            payload: &payload,
+        });
+        let mut out = Vec::new();
+        let seq = FrameSealer::new(key(2), 77).seal(&shard, &mut out);
+        let (header, id) = claimed_object(&out).unwrap();
+        assert_eq!((header.key_id, header.session_id, header.seq), (2, 77, seq));
+        assert_eq!(id, ObjectId([7; 32]));
+        // Cut short, or lengthened: its header no longer gives its length.
+        assert_eq!(claimed_object(&out[..out.len() - 1]), None);
+        let mut longer = out.clone();
+        longer.push(0);
+        assert_eq!(claimed_object(&longer), None);
+        // Other kinds name no object.
+        let header = Body::ObjectHeader(ObjectHeader {
+            id: ObjectId([7; 32]),
+            kind: ObjectKind::Blob,
+            len: 8,
+            sha256: [7; 32],
+            fec,
+        });
+        FrameSealer::new(key(2), 77).seal(&header, &mut out);
+        assert_eq!(claimed_object(&out), None);
+        // A body too short to hold an id, its length true to the header.
+        let mut stub = Vec::new();
+        seal_raw(&key(1), FrameKind::Shard as u8, 1, 1, &[7; 31], &mut stub);
+        assert_eq!(claimed_object(&stub), None);
     }
 
     #[test]

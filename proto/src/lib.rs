@@ -71,8 +71,8 @@ pub use assembly::{BlockProgress, ObjectAssembly, ObjectState};
 pub use auth::{Key, KeyError, KeyRing};
 pub use fec::{interleave, BlockCodec, Codecs, FecError, FecParams};
 pub use frame::{
-    new_session_id, Body, Frame, FrameError, FrameKind, FrameOpener, FrameSealer, Header,
-    Heartbeat, ObjectHeader, ShardFrame,
+    claimed_object, new_session_id, Body, Frame, FrameError, FrameKind, FrameOpener, FrameSealer,
+    Header, Heartbeat, ObjectHeader, ShardFrame,
 };
 pub use ledger::{ChainId, ChainRecord, LedgerHead, RecordHash};
 pub use manifest::*;

@@ -29,6 +29,9 @@ struct SessionWindow {
     highest: u64,
     bits: [u64; WORDS],
     received: u64,
+    /// Frames of this session the receiver dropped unopened (see
+    /// [`ReplayGuard::count_unopened`]).
+    unopened: u64,
 }
 
 impl SessionWindow {
@@ -39,10 +42,22 @@ impl SessionWindow {
             highest: seq,
             bits: [0; WORDS],
             received: 0,
+            unopened: 0,
         };
         w.set(seq);
         w.received = 1;
         w
+    }
+
+    /// What the loss estimate takes from this window: frames received
+    /// (accepted, or dropped unopened, which cannot make more than were
+    /// numbered) and frames numbered.
+    fn estimate(&self) -> LossEstimate {
+        let expected = self.highest - self.first + 1;
+        LossEstimate {
+            received: self.received.saturating_add(self.unopened).min(expected),
+            expected,
+        }
     }
 
     fn slot(seq: u64) -> (usize, u64) {
@@ -143,8 +158,9 @@ impl ReplayGuard {
             Some(w) if session_id < w.session_id => ReplayVerdict::Stale,
             existing => {
                 if let Some(old) = existing {
-                    self.closed.received += old.received;
-                    self.closed.expected += old.highest - old.first + 1;
+                    let done = old.estimate();
+                    self.closed.received += done.received;
+                    self.closed.expected += done.expected;
                 }
                 self.windows
                     .insert(key_id, SessionWindow::new(session_id, seq));
@@ -156,14 +172,28 @@ impl ReplayGuard {
         }
     }
 
+    /// Counts a frame that arrived but was dropped before its tag was
+    /// checked (a shard of an object held whole already), so that its
+    /// number does not read as lost. Its numbers are not trusted: nothing
+    /// in the window moves, only a count of the current session's arrivals
+    /// grows, and the estimate never counts more arrivals than numbers.
+    pub fn count_unopened(&mut self, key_id: u16, session_id: u64) {
+        if let Some(w) = self.windows.get_mut(&key_id) {
+            if w.session_id == session_id {
+                w.unopened += 1;
+            }
+        }
+    }
+
     /// Received versus numbered frames across all sessions seen. A session's
     /// frames before the first one received are not counted as lost: the
     /// receiver may have started late.
     pub fn loss(&self) -> LossEstimate {
         let mut total = self.closed;
         for w in self.windows.values() {
-            total.received += w.received;
-            total.expected += w.highest - w.first + 1;
+            let e = w.estimate();
+            total.received += e.received;
+            total.expected += e.expected;
         }
         total
     }
@@ -257,5 +287,47 @@ mod tests {
         // Counting starts at the first frame seen (seq 1): 10, 20 .. 90 lost.
         assert_eq!(l.expected, 99);
         assert_eq!(l.lost(), 9);
+    }
+
+    #[test]
+    fn frames_dropped_unopened_are_not_lost_and_move_nothing() {
+        let mut g = ReplayGuard::new();
+        g.check(1, 5, 0);
+        // Numbers 1..=40 arrive, but are dropped unopened; 41 is checked.
+        for _ in 1..=40 {
+            g.count_unopened(1, 5);
+        }
+        // Another session's, or another key's, say nothing of this one.
+        g.count_unopened(1, 4);
+        g.count_unopened(2, 5);
+        assert!(matches!(
+            g.check(1, 5, 41),
+            ReplayVerdict::Fresh { gap: 40, .. }
+        ));
+        assert_eq!(
+            g.loss(),
+            LossEstimate {
+                received: 42,
+                expected: 42
+            }
+        );
+        // The window did not move for them: number 7, checked, is new.
+        assert!(matches!(g.check(1, 5, 7), ReplayVerdict::Fresh { .. }));
+        // However many claim to have arrived, no more than were numbered.
+        for _ in 0..1000 {
+            g.count_unopened(1, 5);
+        }
+        assert_eq!(g.loss().lost(), 0);
+        assert_eq!(g.loss().expected, 42);
+        // A new session closes this one with what it counted.
+        g.check(1, 6, 100);
+        g.check(1, 6, 102);
+        assert_eq!(
+            g.loss(),
+            LossEstimate {
+                received: 44,
+                expected: 45
+            }
+        );
     }
 }

@@ -13,6 +13,12 @@
 //!     └──────────────── emptied batch buffers ◀───────┘
 //! ```
 //!
+//! A shard of an object the receiver holds whole already (the store's
+//! [`HeldView`]) is dropped unopened: its tag is not checked, since nothing
+//! in it could change what is held, and after the first pass of an image
+//! that is most of what arrives. Its numbers, unchecked, move no window;
+//! it is counted apart, and as an arrival in the loss estimate.
+//!
 //! The link thread deals batches to the workers in turn and rx-admit takes
 //! them back in that same turn, so the store gets frames in the order they
 //! were received, and the replay window moves only on authenticated frames,
@@ -27,10 +33,12 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_host::{DirSource, FrameBatch, FrameSource, SerialSource, Shutdown, UdpSource};
-use weir_proto::{Body, Frame, FrameError, FrameOpener, Header, Heartbeat, ObjectHeader};
+use weir_proto::{
+    claimed_object, Body, Frame, FrameError, FrameOpener, Header, Heartbeat, ObjectHeader,
+};
 
 use crate::config::{RxConfig, Transport};
-use crate::shards::{LentBuffer, Payload, ReceiveBuffers, ShardIn};
+use crate::shards::{HeldView, LentBuffer, Payload, ReceiveBuffers, ShardIn};
 use crate::state::now_ms;
 use crate::status::SenderStatus;
 use crate::verify::{FrameKeys, ReplayCheck, Verifier};
@@ -129,6 +137,8 @@ enum Opened {
     /// The tag verified and the body parsed; the replay check is to come.
     Authentic(Header, Authentic),
     Refused(FrameError),
+    /// A shard of an object held whole, not opened; its header unchecked.
+    Held(Header),
 }
 
 /// An authentic frame's body, owned.
@@ -162,9 +172,11 @@ struct Batch {
 /// the excess, and beyond that, loss the carousel will repair). Returns
 /// once every thread it started has ended; an error only if one could not
 /// be started.
+#[allow(clippy::too_many_arguments)]
 pub fn receive(
     mut source: Box<dyn FrameSource>,
     verifier: Verifier,
+    held: HeldView,
     datagram_size: usize,
     workers: usize,
     out: SyncSender<Vec<Inbound>>,
@@ -201,10 +213,10 @@ pub fn receive(
             // As deep as the buffers are many: no send ever blocks.
             let (job, jobs) = mpsc::sync_channel(in_flight);
             let (done, finished) = mpsc::sync_channel(in_flight);
-            let buffers = buffers.clone();
+            let (buffers, held) = (buffers.clone(), held.clone());
             std::thread::Builder::new()
                 .name(format!("rx-verify-{i}"))
-                .spawn_scoped(scope, move || open_batches(jobs, done, &buffers))?;
+                .spawn_scoped(scope, move || open_batches(jobs, done, &buffers, &held))?;
             to_workers.push(job);
             from_workers.push(finished);
         }
@@ -326,10 +338,16 @@ fn receive_batches(
 }
 
 /// A verification worker: checks the tag of every frame of a batch and
-/// parses its body; what it made of each goes back with the batch. Shard
-/// payloads stay in the batch's buffer while `buffers` may lend one more;
-/// otherwise they are copied out.
-fn open_batches(jobs: Receiver<Batch>, done: SyncSender<Batch>, buffers: &ReceiveBuffers) {
+/// parses its body, but for shards of objects `held` whole, which it leaves
+/// unopened; what it made of each goes back with the batch. Shard payloads
+/// stay in the batch's buffer while `buffers` may lend one more; otherwise
+/// they are copied out.
+fn open_batches(
+    jobs: Receiver<Batch>,
+    done: SyncSender<Batch>,
+    buffers: &ReceiveBuffers,
+    held: &HeldView,
+) {
     for mut batch in jobs {
         let Batch {
             frames,
@@ -343,9 +361,40 @@ fn open_batches(jobs: Receiver<Batch>, done: SyncSender<Batch>, buffers: &Receiv
         // while the tag check left it in the cache.
         let datagrams: Vec<&[u8]> = frames.iter().collect();
         let mut results = Vec::with_capacity(OPEN_AT_ONCE);
+        let mut to_open = Vec::with_capacity(OPEN_AT_ONCE);
+        let mut unopened = Vec::with_capacity(OPEN_AT_ONCE);
         for slice in datagrams.chunks(OPEN_AT_ONCE) {
-            opener.open_many(slice, &mut results);
-            opened.extend(results.drain(..).map(|r| opened_as(r, frames, lend)));
+            to_open.clear();
+            unopened.clear();
+            {
+                let held = held.look();
+                for &datagram in slice {
+                    // Only under a key in use: a frame under another stays
+                    // counted as such.
+                    let skip = claimed_object(datagram).filter(|(header, id)| {
+                        held.contains(id) && opener.keys().get(header.key_id).is_some()
+                    });
+                    match skip {
+                        Some((header, _)) => unopened.push(Some(header)),
+                        None => {
+                            unopened.push(None);
+                            to_open.push(datagram);
+                        }
+                    }
+                }
+            }
+            opener.open_many(&to_open, &mut results);
+            let mut results = results.drain(..);
+            for header in unopened.drain(..) {
+                opened.push(match header {
+                    Some(header) => Opened::Held(header),
+                    // One result per frame opened, in order.
+                    None => match results.next() {
+                        Some(r) => opened_as(r, frames, lend),
+                        None => Opened::Refused(FrameError::Invalid("not opened")),
+                    },
+                });
+            }
         }
         if done.send(batch).is_err() {
             return; // rx-admit stopped
@@ -405,6 +454,10 @@ fn admit_in_order(
                 Opened::Authentic(header, body) => (header, body),
                 Opened::Refused(e) => {
                     replay.refuse(&e);
+                    continue;
+                }
+                Opened::Held(header) => {
+                    replay.unopened(&header);
                     continue;
                 }
             };
@@ -477,9 +530,14 @@ mod tests {
 
     /// A shard whose 4-byte payload carries `n`, to read the order back.
     fn shard(sealer: &mut FrameSealer, n: u32) -> Vec<u8> {
+        shard_of(ObjectId([7; 32]), sealer, n)
+    }
+
+    /// A shard of `object` whose 4-byte payload carries `n`.
+    fn shard_of(object: ObjectId, sealer: &mut FrameSealer, n: u32) -> Vec<u8> {
         let fec = FecParams::new(4, 2, 4).unwrap();
         let body = Body::Shard(ShardFrame {
-            object: ObjectId([7; 32]),
+            object,
             kind: ObjectKind::Blob,
             object_len: 1 << 20,
             fec,
@@ -565,6 +623,16 @@ mod tests {
     }
 
     fn run(steps: Vec<Step>, workers: usize, ring: &Arc<Reloadable<KeyRing>>) -> Run {
+        run_holding(steps, workers, ring, HeldView::default())
+    }
+
+    /// [`run`] for a receiver that holds whole the objects `held` lists.
+    fn run_holding(
+        steps: Vec<Step>,
+        workers: usize,
+        ring: &Arc<Reloadable<KeyRing>>,
+        held: HeldView,
+    ) -> Run {
         let counters = Arc::new(Counters::default());
         let verifier = Verifier::new((*ring.current()).clone(), None, counters.clone())
             .unwrap()
@@ -580,6 +648,7 @@ mod tests {
         receive(
             source,
             verifier,
+            held,
             DATAGRAM,
             workers,
             out,
@@ -668,6 +737,52 @@ mod tests {
 
     /// Frames of a key the ring does not hold are refused until a reload
     /// adds it; from the next batch on the workers accept them.
+    /// Shards of an object held whole, interleaved with those of one still
+    /// arriving, are dropped before their tags are checked: the store gets
+    /// only the others, in order; a forgery of a held object's shard is
+    /// dropped the same way, and moves no window, so the real frames after
+    /// it are all accepted; one under a key id not in use is counted as
+    /// such; and the dropped frames count as arrivals, not losses.
+    #[test]
+    fn shards_of_held_objects_are_dropped_unopened_and_not_counted_lost() {
+        let (held_id, new_id) = (ObjectId([1; 32]), ObjectId([2; 32]));
+        let session = 100;
+        let mut sealer = FrameSealer::new(key(1, 7), session);
+        let mut frames = Vec::new();
+        for n in 0..60 {
+            let object = if n % 3 == 0 { new_id } else { held_id };
+            frames.push(shard_of(object, &mut sealer, n));
+        }
+        let forger = key(1, 99);
+        let held_forgery = forged(&frames[1], &forger, session, 1_000_000);
+        let mut stranger = FrameSealer::new(key(5, 7), session);
+        let steps = vec![
+            Step::Frames(frames[..30].to_vec()),
+            Step::Pause,
+            Step::Frames(vec![held_forgery, shard_of(held_id, &mut stranger, 0)]),
+            Step::Pause,
+            Step::Frames(frames[30..].to_vec()),
+            Step::Pause,
+            Step::Frames(vec![heartbeat(&mut sealer, 3)]),
+        ];
+        let mut held = crate::shards::HeldObjects::new([held_id]);
+        let r = run_holding(steps, 2, &ring(vec![key(1, 7)]), held.view());
+        assert_eq!(r.numbers(), (0..60).step_by(3).collect::<Vec<_>>());
+        assert_eq!(r.count(|c| &c.frames_accepted), 20 + 1);
+        assert_eq!(r.count(|c| &c.frames_held_unopened), 40 + 1);
+        assert_eq!(r.count(|c| &c.frames_unknown_key), 1);
+        assert_eq!(r.count(|c| &c.frames_bad_tag), 0);
+        assert_eq!(r.count(|c| &c.frames_expected), 61);
+        assert_eq!(r.count(|c| &c.frames_lost_estimate), 0);
+
+        // Once the store no longer holds it, its shards are opened again.
+        held.remove(&held_id);
+        let again = vec![Step::Frames(vec![shard_of(held_id, &mut sealer, 7)])];
+        let r = run_holding(again, 1, &ring(vec![key(1, 7)]), held.view());
+        assert_eq!(r.numbers(), vec![7]);
+        assert_eq!(r.count(|c| &c.frames_held_unopened), 0);
+    }
+
     #[test]
     fn a_key_reload_reaches_the_workers() {
         let keys = ring(vec![key(1, 7)]);
@@ -749,6 +864,7 @@ mod tests {
                 let r = receive(
                     Box::new(Idle),
                     verifier,
+                    HeldView::default(),
                     DATAGRAM,
                     2,
                     out,
@@ -808,6 +924,7 @@ mod tests {
             let r = receive(
                 Box::new(source),
                 verifier,
+                HeldView::default(),
                 DATAGRAM,
                 3,
                 out,

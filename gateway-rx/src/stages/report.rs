@@ -216,6 +216,7 @@ impl Reporter {
             bad_tag = c.frames_bad_tag,
             unknown_key = c.frames_unknown_key,
             replayed = c.frames_replayed,
+            held_unopened = c.frames_held_unopened,
             malformed = c.frames_malformed,
             duplicate = c.shards_duplicate,
             loss_estimate = c.frames_lost_estimate,

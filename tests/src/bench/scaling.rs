@@ -735,6 +735,7 @@ fn frames_taken(site: &Site, addr: SocketAddr, replayed: u64) -> RxTaken {
             let c = &s.counters;
             taken = RxTaken {
                 frames: c.frames_accepted
+                    + c.frames_held_unopened
                     + c.frames_replayed
                     + c.frames_malformed
                     + c.frames_bad_tag

@@ -115,6 +115,11 @@ struct Args {
     /// rate limit; on a loaded machine its receiver may overrun).
     #[arg(long, default_value_t = 3)]
     lidi_attempts: u32,
+    /// Rounds of the lidi row: weir at each rate, then lidi, this many times
+    /// over; each side's fastest round is its figure (the others shown
+    /// beside it).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    lidi_rounds: u32,
     /// Sender rate while the scaling rows record the frames the receiver is
     /// fed, Mb/s (paced, so the recording sink loses nothing).
     #[arg(long, default_value_t = 2000)]
@@ -240,6 +245,19 @@ fn fastest<'a>(runs: &'a [scaling::SideRun], cpus: &str) -> Option<&'a scaling::
     runs.iter()
         .filter(|r| r.cpus == cpus)
         .max_by(|a, b| a.bytes_per_s().total_cmp(&b.bytes_per_s()))
+}
+
+/// Every round's figure, in MB/s, for beside the fastest: " (rounds a /
+/// b / c)", "lost" for a round without one; nothing for a single round.
+fn rounds_of(figures: &[Option<f64>]) -> String {
+    if figures.len() < 2 {
+        return String::new();
+    }
+    let each: Vec<String> = figures
+        .iter()
+        .map(|f| f.map_or("lost".into(), |b| format!("{:.0}", b / 1e6)))
+        .collect();
+    format!(" (rounds {})", each.join(" / "))
 }
 
 fn mbs(bytes_per_s: f64) -> String {
@@ -529,7 +547,8 @@ impl Bench<'_> {
             self.notes.push(format!(
                 "{}: weir moved {:.0} MiB of blobs from acceptance by gateway-tx to delivery done in the OCI layout in {:.2} s \
                  (complete at {:.2} s; ingest before that: {:.2} s for the {:.0} MiB archive, not counted); gateway-rx's socket dropped {} \
-                 datagrams or GRO runs of datagrams (receiver overrun, repaired by FEC or later passes); it accepted {} frames, counted {} lost, \
+                 datagrams or GRO runs of datagrams (receiver overrun, repaired by FEC or later passes); it accepted {} frames, dropped {} unopened \
+                 (shards of objects it held already), counted {} lost, \
                  repaired {} blocks. CPU seconds by thread until delivery: gateway-tx {}; gateway-rx {}.",
                 figure(*rate),
                 c.payload_bytes as f64 / MIB,
@@ -539,6 +558,7 @@ impl Bench<'_> {
                 image.archive_bytes as f64 / MIB,
                 c.rx_kernel_drops,
                 c.rx_counters.frames_accepted,
+                c.rx_counters.frames_held_unopened,
                 c.rx_counters.frames_lost_estimate,
                 c.rx_counters.blocks_repaired,
                 threads(&c.tx_threads),
@@ -836,7 +856,8 @@ impl Bench<'_> {
             .unwrap_or(f64::NAN);
         let frames_per_byte = (DATA_SHARDS + PARITY_SHARDS) as f64 / DATA_SHARDS as f64 / shard;
         let one_pass = c.payload_bytes as f64 * frames_per_byte;
-        let passes = c.rx_counters.frames_accepted as f64 / one_pass;
+        let passes =
+            (c.rx_counters.frames_accepted + c.rx_counters.frames_held_unopened) as f64 / one_pass;
         self.rows.push(Row::new(
             "6",
             "CPU gateway-tx, ingest (read, hash, store)",
@@ -917,82 +938,70 @@ impl Bench<'_> {
             rates.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>().join(", then "),
             image.archive_bytes as f64 / MIB
         );
+        // Rounds: weir at each rate, then lidi, this many times over. On
+        // this virtual machine noise only ever adds time (see the scaling
+        // rows), so each side's figure is its fastest round, all shown.
+        let rounds = a.lidi_rounds.max(1);
         let mut runs: Vec<(String, Result<(f64, crossing::Crossing)>)> = Vec::new();
-        for (label, rate_bps) in &rates {
-            eprintln!(
-                "lidi row: weir crossing, FEC {k}+{m}, {LIDI_DATAGRAM} B datagrams, {label}..."
-            );
-            let layout = self.work.join("lidi-weir-layout");
-            let c = crossing::run(
-                image,
-                Plan {
-                    label: format!("weir, lidi row, {label}"),
-                    fec: (k, m),
-                    datagram: Some(LIDI_DATAGRAM),
-                    rate_bps: *rate_bps,
-                    passes: 3,
-                    link: None,
-                    target: Target::Layout(layout.clone()),
-                    stop_tx_when_complete: false,
-                    timeout: self.timeout,
-                    profile: self.profile("lidi-weir"),
-                },
-            );
-            let _ = std::fs::remove_dir_all(&layout);
-            let run = c.map(|c| (c.payload_bytes as f64 / c.drop_to_delivered_s, c));
-            if let Err(e) = &run {
-                eprintln!("  weir's crossing ({label}) failed: {e:#}");
-            }
-            runs.push((label.clone(), run));
-        }
-        // The ratio is taken on the faster of weir's runs; both are shown.
-        let best = runs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (_, r))| r.as_ref().ok().map(|(g, _)| (i, *g)))
-            .max_by(|x, y| x.1.total_cmp(&y.1))
-            .map(|(i, _)| i);
-        let weir_all = runs
-            .iter()
-            .map(|(label, r)| match r {
-                Ok((g, _)) => format!("weir {label} {}", mbs(*g)),
-                Err(_) => format!("weir {label} failed"),
-            })
-            .collect::<Vec<_>>()
-            .join(" · ");
-        let weir: Result<(f64, &crossing::Crossing), anyhow::Error> = match best {
-            Some(i) => match &runs[i].1 {
-                Ok((g, c)) => Ok((*g, c)),
-                Err(_) => Err(anyhow::anyhow!("no weir run")),
-            },
-            None => Err(match runs.iter().find_map(|(_, r)| r.as_ref().err()) {
-                Some(e) => anyhow::anyhow!("{e:#}"),
-                None => anyhow::anyhow!("no weir run"),
-            }),
-        };
         let tarball = a.lidi_tarball.clone().unwrap_or_else(lidi::default_tarball);
         let bins = lidi::build(&tarball);
         let mut sysctls = Vec::new();
         let mut lidi_failed: Vec<String> = Vec::new();
-        let lidi_run = bins
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("{e:#}"))
-            .and_then(|bins| {
+        let mut lidi_runs: Vec<Result<lidi::LidiRun>> = Vec::new();
+        for round in 1..=rounds {
+            for (label, rate_bps) in &rates {
                 eprintln!(
-                    "lidi row: {} file to file ({}; built in {})...",
-                    bins.version,
-                    bins.dir.display(),
-                    match bins.built_s {
-                        Some(s) => format!("{s:.0} s"),
-                        None => "an earlier run, reused".into(),
-                    }
+                    "lidi row, round {round} of {rounds}: weir crossing, FEC {k}+{m}, {LIDI_DATAGRAM} B datagrams, {label}..."
                 );
-                let guard = lidi::LidiSysctls::raise();
+                let layout = self.work.join("lidi-weir-layout");
+                let c = crossing::run(
+                    image,
+                    Plan {
+                        label: format!("weir, lidi row, {label}"),
+                        fec: (k, m),
+                        datagram: Some(LIDI_DATAGRAM),
+                        rate_bps: *rate_bps,
+                        passes: 3,
+                        link: None,
+                        target: Target::Layout(layout.clone()),
+                        stop_tx_when_complete: false,
+                        timeout: self.timeout,
+                        profile: self.profile("lidi-weir"),
+                    },
+                );
+                let _ = std::fs::remove_dir_all(&layout);
+                let run = c.map(|c| (c.payload_bytes as f64 / c.drop_to_delivered_s, c));
+                if let Err(e) = &run {
+                    eprintln!("  weir's crossing ({label}) failed: {e:#}");
+                }
+                runs.push((label.clone(), run));
+            }
+            let bins = match &bins {
+                Ok(bins) => bins,
+                Err(e) => {
+                    // Said once: there is no lidi to run in later rounds.
+                    if lidi_runs.is_empty() {
+                        lidi_runs.push(Err(anyhow::anyhow!("{e:#}")));
+                    }
+                    continue;
+                }
+            };
+            eprintln!(
+                "lidi row, round {round} of {rounds}: {} file to file ({}; built in {})...",
+                bins.version,
+                bins.dir.display(),
+                match bins.built_s {
+                    Some(s) => format!("{s:.0} s"),
+                    None => "an earlier run, reused".into(),
+                }
+            );
+            let guard = lidi::LidiSysctls::raise();
+            if round == 1 {
                 for r in &guard.refused {
                     eprintln!("  lidi's sysctl not raised: {r}");
                 }
                 sysctls.push(format!(
-                    "raised for lidi's run and restored after: {}",
+                    "raised for each of lidi's runs and restored after: {}",
                     if guard.describe().is_empty() {
                         "none".into()
                     } else {
@@ -1013,23 +1022,73 @@ impl Bench<'_> {
                 if !guard.refused.is_empty() {
                     sysctls.push(format!("not raised: {}", guard.refused.join("; ")));
                 }
-                // lidi has no rate limit: on a loaded machine its receiver
-                // may overrun and lose the file; its figure is its first
-                // intact run of a few, the others reported.
-                let mut r = Err(anyhow::anyhow!("no attempt"));
-                for attempt in 1..=a.lidi_attempts.max(1) {
-                    r = lidi::run(bins, &image.path, &self.work, self.timeout);
-                    match &r {
-                        Ok(_) => break,
-                        Err(e) => {
-                            let first = format!("{e:#}").lines().next().unwrap_or("").to_string();
-                            eprintln!("  lidi attempt {attempt} lost the file: {first}");
-                            lidi_failed.push(first);
-                        }
+            }
+            // lidi has no rate limit: on a loaded machine its receiver may
+            // overrun and lose the file; a round's figure is its first
+            // intact run of a few, the others reported.
+            let mut r = Err(anyhow::anyhow!("no attempt"));
+            for attempt in 1..=a.lidi_attempts.max(1) {
+                r = lidi::run(bins, &image.path, &self.work, self.timeout);
+                match &r {
+                    Ok(_) => break,
+                    Err(e) => {
+                        let first = format!("{e:#}").lines().next().unwrap_or("").to_string();
+                        eprintln!("  lidi attempt {attempt} lost the file: {first}");
+                        lidi_failed.push(first);
                     }
                 }
-                drop(guard);
-                r
+            }
+            drop(guard);
+            lidi_runs.push(r);
+        }
+        // The ratio is taken on weir's fastest run, at whichever rate, and
+        // lidi's fastest; every run is shown.
+        let best = runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, r))| r.as_ref().ok().map(|(g, _)| (i, *g)))
+            .max_by(|x, y| x.1.total_cmp(&y.1))
+            .map(|(i, _)| i);
+        let weir_all = rates
+            .iter()
+            .map(|(label, _)| {
+                let of_rate: Vec<Option<f64>> = runs
+                    .iter()
+                    .filter(|(l, _)| l == label)
+                    .map(|(_, r)| r.as_ref().ok().map(|(g, _)| *g))
+                    .collect();
+                let fastest = of_rate.iter().flatten().copied().max_by(f64::total_cmp);
+                format!(
+                    "weir {label} {}{}",
+                    fastest.map_or("failed".into(), mbs),
+                    rounds_of(&of_rate)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" · ");
+        let weir: Result<(f64, &crossing::Crossing), anyhow::Error> = match best {
+            Some(i) => match &runs[i].1 {
+                Ok((g, c)) => Ok((*g, c)),
+                Err(_) => Err(anyhow::anyhow!("no weir run")),
+            },
+            None => Err(match runs.iter().find_map(|(_, r)| r.as_ref().err()) {
+                Some(e) => anyhow::anyhow!("{e:#}"),
+                None => anyhow::anyhow!("no weir run"),
+            }),
+        };
+        let lidi_all = rounds_of(
+            &lidi_runs
+                .iter()
+                .map(|r| r.as_ref().ok().map(|l| l.bytes_per_s()))
+                .collect::<Vec<_>>(),
+        );
+        let lidi_run: Result<&lidi::LidiRun> = lidi_runs
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .max_by(|x, y| x.bytes_per_s().total_cmp(&y.bytes_per_s()))
+            .ok_or_else(|| match lidi_runs.iter().find_map(|r| r.as_ref().err()) {
+                Some(e) => anyhow::anyhow!("{e:#}"),
+                None => anyhow::anyhow!("no lidi run"),
             });
         let why = |e: &anyhow::Error| {
             format!("{e:#}")
@@ -1045,7 +1104,7 @@ impl Bench<'_> {
                     "7",
                     figure.clone(),
                     format!(
-                        "{weir_all} · lidi {} · {ratio:.2}× (fastest weir run)",
+                        "{weir_all} · lidi {}{lidi_all} · {ratio:.2}× (fastest runs)",
                         mbs(l.bytes_per_s())
                     ),
                     "≥ 2× lidi",
@@ -1067,7 +1126,11 @@ impl Bench<'_> {
                 self.rows.push(Row::new(
                     "7",
                     figure.clone(),
-                    format!("weir failed: {}; lidi {}", why(e), mbs(l.bytes_per_s())),
+                    format!(
+                        "weir failed: {}; lidi {}{lidi_all}",
+                        why(e),
+                        mbs(l.bytes_per_s())
+                    ),
                     "≥ 2× lidi",
                     Some(false),
                 ));
@@ -1085,12 +1148,19 @@ impl Bench<'_> {
             }
         };
         let mut note = String::from("lidi row: ");
-        for (label, run) in &runs {
-            let Ok((_, c)) = run else { continue };
+        // The fastest run at each rate, in detail.
+        for (label, _) in &rates {
+            let fastest = runs
+                .iter()
+                .filter(|(l, _)| l == label)
+                .filter_map(|(_, r)| r.as_ref().ok())
+                .max_by(|x, y| x.0.total_cmp(&y.0));
+            let Some((_, c)) = fastest else { continue };
             note.push_str(&format!(
                 "weir {label} moved {:.0} MiB of blobs from the drop renamed into the spool to delivery done in {:.2} s, ingest included \
                  (ingest to acceptance {:.2} s; then complete {:.2} s and delivered {:.2} s after acceptance); \
-                 gateway-rx's socket dropped {} datagrams, it accepted {} frames, counted {} lost, repaired {} blocks. \
+                 gateway-rx's socket dropped {} datagrams, it accepted {} frames, dropped {} unopened (shards of objects it held already), \
+                 counted {} lost, repaired {} blocks. \
                  CPU: gateway-tx {:.1} s to image complete, gateway-rx {:.1} s to delivered, the pair {:.2} CPU-s/GiB; \
                  by thread (those alive at the end): gateway-tx {}; gateway-rx {}. ",
                 c.payload_bytes as f64 / MIB,
@@ -1100,6 +1170,7 @@ impl Bench<'_> {
                 c.to_delivered_s,
                 c.rx_kernel_drops,
                 c.rx_counters.frames_accepted,
+                c.rx_counters.frames_held_unopened,
                 c.rx_counters.frames_lost_estimate,
                 c.rx_counters.blocks_repaired,
                 c.tx_cpu_ingest_s + c.tx_cpu_send_s,
@@ -1111,7 +1182,7 @@ impl Bench<'_> {
         }
         match (&bins, &lidi_run) {
             (Ok(b), Ok(l)) => note.push_str(&format!(
-                "{} (built from {} into {}, outside the repository) moved the archive ({:.0} MiB) in {:.2} s, from diode-send-file \
+                "{} (built from {} into {}, outside the repository) moved the archive ({:.0} MiB) in {:.2} s in its fastest round, from diode-send-file \
                  started to the output file at full size, sha256 equal; diode-send → diode-receive over UDP 127.0.0.1 with lidi's \
                  defaults (MTU 1500, blocks of 734928 B, 2 % repair, 1 encode and 1 decode thread); diode-receive's socket dropped {} \
                  datagrams; its four processes used {:.1} CPU-s over that span ({:.2} CPU-s/GiB). {}.",
