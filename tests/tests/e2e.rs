@@ -7,7 +7,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use weir_proto::{Body, FrameSealer, Heartbeat, Key};
+use weir_proto::{Body, FrameKind, FrameSealer, Heartbeat, Key};
 use weir_test_support::{scrape, tools};
 use weir_tests::diode::{Blackout, BurstLoss, Diode, DiodeConfig, DiodeHandle};
 use weir_tests::imagegen::{self, DockerFlavor, LayerSpec};
@@ -404,9 +404,12 @@ impl Drop for Recorder {
     }
 }
 
-/// 5 and 6: frames forged with a wrong key, an unknown key id, and replays
-/// of genuine frames are refused and counted while delivery goes on; a drop
-/// the rules refuse lands in rejected/ with its reason and never crosses.
+/// 5 and 6: frames forged with a wrong key and under an unknown key id are
+/// refused and counted while delivery goes on; replays of genuine frames,
+/// sent once the image is delivered and the sender stopped, are refused and
+/// counted each by its cause (a shard of an object the receiver holds whole
+/// dropped unopened, any other frame as a replay); a drop the rules refuse
+/// lands in rejected/ with its reason and never crosses.
 #[test]
 fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Result<()> {
     let rules = "namespaces:\n  - team-a\nrules:\n  - regex: 'team-a/.*:.*'\n    gate: High\n";
@@ -478,17 +481,6 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
         stranger.seal(&heartbeat, &mut frame);
         inject.send_to(&frame, site.rx_addr)?;
     }
-    // Each genuine frame is replayed twice. A genuine frame that a loaded
-    // loopback dropped lets its first replay in as a first sight, which no
-    // receiver could tell apart; the second copies are refused whatever
-    // happened to the first.
-    let recorded = recorder.frames.lock().unwrap().clone();
-    for _ in 0..2 {
-        for f in &recorded {
-            inject.send_to(f, site.rx_addr)?;
-        }
-    }
-
     expect_within(
         "good image delivered",
         DELIVERY_TIMEOUT,
@@ -496,18 +488,75 @@ fn forged_and_replayed_frames_are_refused_and_refused_drops_never_cross() -> Res
         || layout_lists(&layout, &good_digest),
     );
     expect_within(
-        "injections counted",
+        "forgeries counted",
         Duration::from_secs(10),
         &mut [&mut tx, &mut rx],
-        || {
-            rx_counter(&site, "frames_unknown_key") == 30
-                && rx_counter(&site, "frames_replayed") >= 2 * REPLAYED - GENUINE_LOSS_ALLOWED
-        },
+        || rx_counter(&site, "frames_unknown_key") == 30,
     );
     assert_eq!(
         rx_counter(&site, "frames_bad_tag"),
         50,
         "exactly the forgeries failed the tag check"
+    );
+
+    // The replays: with the sender stopped and what it sent counted, every
+    // frame the receiver counts from here on is one of them.
+    tx.terminate(Duration::from_secs(20))?;
+    let arrived = || {
+        ["frames_accepted", "frames_replayed", "frames_held_unopened"]
+            .iter()
+            .map(|c| rx_counter(&site, c))
+            .sum::<u64>()
+    };
+    let mut last = arrived();
+    expect_within(
+        "the sender's last frames counted",
+        Duration::from_secs(20),
+        &mut [&mut rx],
+        || {
+            std::thread::sleep(Duration::from_millis(1200));
+            let now = arrived();
+            std::mem::replace(&mut last, now) == now
+        },
+    );
+    let before = |c: &str| rx_counter(&site, c);
+    let (accepted, replayed, held) = (
+        before("frames_accepted"),
+        before("frames_replayed"),
+        before("frames_held_unopened"),
+    );
+    // Each genuine frame is replayed twice. The image is delivered, so every
+    // shard names an object held whole: dropped unopened, each copy. Any
+    // other frame meets the replay window; one that a loaded loopback
+    // dropped lets its first replay in as a first sight, which no receiver
+    // could tell apart, and the second copies are refused whatever
+    // happened to the first.
+    let recorded = recorder.frames.lock().unwrap().clone();
+    let shards = recorded
+        .iter()
+        .filter(|f| f.get(5) == Some(&(FrameKind::Shard as u8)))
+        .count() as u64;
+    let others = recorded.len() as u64 - shards;
+    assert!(shards > 0 && others > 0, "{shards} shards, {others} others");
+    for _ in 0..2 {
+        for f in &recorded {
+            inject.send_to(f, site.rx_addr)?;
+        }
+    }
+    expect_within(
+        "replays counted",
+        Duration::from_secs(10),
+        &mut [&mut rx],
+        || {
+            before("frames_held_unopened") - held == 2 * shards
+                && (before("frames_replayed") - replayed) + (before("frames_accepted") - accepted)
+                    == 2 * others
+        },
+    );
+    let let_in = before("frames_accepted") - accepted;
+    assert!(
+        let_in <= GENUINE_LOSS_ALLOWED.min(others),
+        "{let_in} replays accepted as first sights"
     );
 
     // 6: the refused drop, with its reason, never on the wire.
