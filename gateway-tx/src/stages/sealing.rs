@@ -1,6 +1,7 @@
 //! Sealing: one group of an object turned into its frames, on worker
 //! threads, so that coding and signing use every core; each worker then
-//! sends its group on the link in the carousel's order ([`Link`]).
+//! hands its group to the link, which sends it in the carousel's order
+//! ([`Link`]).
 //!
 //! A [`GroupJob`] names the group (object, first block, block count) and
 //! the sequence numbers the carousel reserved for it. A worker reads the
@@ -258,9 +259,10 @@ pub struct Work {
     pub ticket: Ticket,
 }
 
-/// Seals jobs and sends each in its turn until the carousel hangs up, the
-/// link fails or shutdown. The worker keeps one group's buffer, so memory
-/// stays a group's worth per worker.
+/// Seals jobs and hands each to the link, which sends it in its turn,
+/// until the carousel hangs up, the link fails or shutdown. A worker seals
+/// into one group buffer at a time; a group sealed ahead of its turn waits
+/// in the link with its buffer, so memory stays a few groups' worth.
 pub fn run_worker(
     jobs: &Mutex<Receiver<Work>>,
     link: &Link,
@@ -289,9 +291,10 @@ pub fn run_worker(
                 Err(_) => return,
             }
         };
-        let sealed = tools.seal(&work.job, &mut out).map(|()| &mut out);
-        if !link.send_in_turn(work.turn, work.ticket, sealed, done, shutdown) {
-            return;
+        let broken = tools.seal(&work.job, &mut out).err();
+        match link.hand_in(work.turn, work.ticket, out, broken, done, shutdown) {
+            Some(next) => out = next,
+            None => return,
         }
     }
 }
