@@ -38,7 +38,7 @@
 use crate::config::TxConfig;
 use crate::objects::{unix_now, ImageRecord, ObjectProgress, ObjectStore, StoreError};
 use crate::pacing::{Pacer, RateMeter, TokenBucket};
-use crate::stages::emit::{CarouselGauges, Done, Emitter, Link, Outcome};
+use crate::stages::emit::{CarouselGauges, Done, Emitter, Link, Outcome, WireTally};
 use crate::stages::sealing::{group_frames, run_worker, GroupJob, Work};
 use crate::status::{
     ImageState, ImageStatus, ObjectsStatus, QueueStatus, SenderState, StatusBoard,
@@ -758,12 +758,7 @@ impl Carousel {
                 next_seq: next_seq.clone(),
                 control: control.clone(),
                 meter: RateMeter::new(Instant::now()),
-                frames: 0,
-                bytes: 0,
-                shard_frames: 0,
-                heartbeats: 0,
-                link_errors: 0,
-                last_link_error: None,
+                sent: WireTally::default(),
                 status: status.clone(),
                 rate_bps: settings.rate_bps,
                 store: store.clone(),
@@ -1521,20 +1516,7 @@ mod tests {
         assert_eq!(carousel.schedule.image_count(), 1);
     }
 
-    /// Keeps every frame, and can hold the link (paused) for a while.
-    #[derive(Clone, Default)]
-    struct RecordingSink(Arc<Mutex<Vec<Vec<u8>>>>);
-
-    impl FrameSink for RecordingSink {
-        fn send(&mut self, frames: &[&[u8]]) -> Result<(), LinkError> {
-            let mut all = self.0.lock().unwrap();
-            all.extend(frames.iter().map(|f| f.to_vec()));
-            Ok(())
-        }
-        fn max_frame_len(&self) -> usize {
-            1400
-        }
-    }
+    use crate::stages::emit::RecordingSink;
 
     /// The whole stage: groups sealed on workers come out in carousel
     /// order, each (block, shard) once per pass, every number fresh to the

@@ -79,17 +79,23 @@ pub struct Emitter {
     pub(crate) next_seq: Arc<AtomicU64>,
     pub(crate) control: Arc<CarouselControl>,
     pub(crate) meter: RateMeter,
-    pub(crate) frames: u64,
-    pub(crate) bytes: u64,
-    pub(crate) shard_frames: u64,
-    pub(crate) heartbeats: u64,
-    pub(crate) link_errors: u64,
-    pub(crate) last_link_error: Option<String>,
+    pub(crate) sent: WireTally,
     pub(crate) status: StatusBoard,
     pub(crate) rate_bps: u64,
     /// Where the image ledger's head is read for each heartbeat.
     pub(crate) store: Arc<ObjectStore>,
     pub(crate) heartbeat_frame: Vec<u8>,
+}
+
+/// What the emitter has put on the link since it started.
+#[derive(Debug, Default)]
+pub(crate) struct WireTally {
+    frames: u64,
+    bytes: u64,
+    shard_frames: u64,
+    heartbeats: u64,
+    link_errors: u64,
+    last_link_error: Option<String>,
 }
 
 /// The link as the sealing workers share it: the emitter, whose turn it
@@ -371,7 +377,7 @@ impl Emitter {
             let shards = (at..end).filter(|&i| group.is_shard(i)).count() as u64;
             let frames: Vec<&[u8]> = group.frames(at, end).collect();
             self.send_batch(&frames)?;
-            self.shard_frames += shards;
+            self.sent.shard_frames += shards;
             at = end;
         }
         Ok(Outcome::Sent)
@@ -385,10 +391,10 @@ impl Emitter {
             queued_objects: self.gauges.queued_objects.load(Ordering::Relaxed),
             pass: self.gauges.pass.load(Ordering::Relaxed),
             config_fingerprint: self.fingerprint,
-            sent_frames: self.frames,
+            sent_frames: self.sent.frames,
             ledger: Some(ledger),
         });
-        self.heartbeats += 1;
+        self.sent.heartbeats += 1;
         self.publish_wire();
         self.status.update(|s| s.ledger = Some(ledger));
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
@@ -406,12 +412,14 @@ impl Emitter {
             s.uptime_s = self.started.elapsed().as_secs();
             s.wire.rate_bps = self.rate_bps;
             s.wire.measured_bps = measured;
-            s.wire.frames = self.frames;
-            s.wire.bytes = self.bytes;
-            s.wire.shard_frames = self.shard_frames;
-            s.wire.heartbeats = self.heartbeats;
-            s.wire.link_errors = self.link_errors;
-            s.wire.last_link_error.clone_from(&self.last_link_error);
+            s.wire.frames = self.sent.frames;
+            s.wire.bytes = self.sent.bytes;
+            s.wire.shard_frames = self.sent.shard_frames;
+            s.wire.heartbeats = self.sent.heartbeats;
+            s.wire.link_errors = self.sent.link_errors;
+            s.wire
+                .last_link_error
+                .clone_from(&self.sent.last_link_error);
         });
     }
 
@@ -426,17 +434,17 @@ impl Emitter {
         let n = frames.len() as u64;
         match self.sink.send(frames) {
             Ok(()) => {
-                self.frames += n;
-                self.bytes += wire;
+                self.sent.frames += n;
+                self.sent.bytes += wire;
                 self.meter.add(wire, Instant::now());
                 Ok(())
             }
             Err(e @ LinkError::FrameTooLarge { .. }) => Err(e),
             Err(e) => {
-                self.link_errors += 1;
-                self.last_link_error = Some(e.to_string());
-                if self.link_errors == 1 || self.link_errors.is_multiple_of(1000) {
-                    tracing::warn!(error = %e, errors = self.link_errors, "link send failed; frames lost");
+                self.sent.link_errors += 1;
+                self.sent.last_link_error = Some(e.to_string());
+                if self.sent.link_errors == 1 || self.sent.link_errors.is_multiple_of(1000) {
+                    tracing::warn!(error = %e, errors = self.sent.link_errors, "link send failed; frames lost");
                 }
                 Ok(())
             }
@@ -489,6 +497,23 @@ pub fn open_sink(config: &LinkConfig) -> Result<Box<dyn FrameSink>, LinkSetupErr
                 max_file_age_ms = config.max_file_age_ms, "directory link open");
             Ok(Box::new(sink))
         }
+    }
+}
+
+/// Keeps every frame sent: the link of the sending stages' tests.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct RecordingSink(pub(crate) Arc<Mutex<Vec<Vec<u8>>>>);
+
+#[cfg(test)]
+impl FrameSink for RecordingSink {
+    fn send(&mut self, frames: &[&[u8]]) -> Result<(), LinkError> {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.extend(frames.iter().map(|f| f.to_vec()));
+        Ok(())
+    }
+    fn max_frame_len(&self) -> usize {
+        1400
     }
 }
 
@@ -573,21 +598,6 @@ mod tests {
         assert!(files[0].ends_with(".weir"), "{files:?}");
     }
 
-    /// Keeps every frame sent.
-    #[derive(Clone, Default)]
-    struct Wire(Arc<Mutex<Vec<Vec<u8>>>>);
-
-    impl FrameSink for Wire {
-        fn send(&mut self, frames: &[&[u8]]) -> Result<(), LinkError> {
-            let mut all = self.0.lock().unwrap();
-            all.extend(frames.iter().map(|f| f.to_vec()));
-            Ok(())
-        }
-        fn max_frame_len(&self) -> usize {
-            1400
-        }
-    }
-
     /// Groups handed in ahead of their turn leave the worker free at once
     /// and go on the wire right after the turn before them, in turn order,
     /// told back in that order; a worker finding the waiting room full
@@ -600,7 +610,7 @@ mod tests {
         let store = Arc::new(ObjectStore::open(&dir.path().join("state")).unwrap());
         let key = Key::from_bytes(1, &[7; 32]).unwrap();
         let sealer = FrameSealer::new(key.clone(), 5);
-        let wire = Wire::default();
+        let wire = RecordingSink::default();
         let link = Link::new(Emitter {
             sealer: sealer.clone(),
             sink: Box::new(wire.clone()),
@@ -615,12 +625,7 @@ mod tests {
             next_seq: Arc::new(AtomicU64::new(1_000)),
             control: Arc::default(),
             meter: RateMeter::new(Instant::now()),
-            frames: 0,
-            bytes: 0,
-            shard_frames: 0,
-            heartbeats: 0,
-            link_errors: 0,
-            last_link_error: None,
+            sent: WireTally::default(),
             status: StatusBoard::new(),
             rate_bps: 1_000_000_000,
             store,
