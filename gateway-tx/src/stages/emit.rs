@@ -9,7 +9,7 @@
 //! socket. A group sealed before its turn is left with the link and sent
 //! right after the turn before it, by whichever worker sent that one, so
 //! its worker goes on sealing instead of waiting (on two cores the wait
-//! cost the sender a tenth of its time). Turns follow the order the
+//! took 7 % of the workers' time). Turns follow the order the
 //! carousel gave groups out, so frames still leave in sequence order and
 //! the pacer sees one stream.
 //! `link-tx` only keeps heartbeats going while no group is being sent; a
