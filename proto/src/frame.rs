@@ -673,19 +673,24 @@ mod tests {
         assert_eq!(opener().open(a), Err(FrameError::BadTag));
     }
 
-    #[test]
-    fn out_of_range_shard_is_refused_even_when_signed() {
-        let fec = FecParams::new(2, 1, 4).unwrap();
-        let payload = [0u8; 4];
-        let body = Body::Shard(ShardFrame {
-            object: ObjectId([1; 32]),
+    /// A shard of an 8-byte blob (one block of 2 + 1 shards of 4 bytes)
+    /// whose id is `object` repeated.
+    fn shard_of_8_bytes(object: u8, block: u32, index: u16, payload: &[u8; 4]) -> Body<'_> {
+        Body::Shard(ShardFrame {
+            object: ObjectId([object; 32]),
             kind: ObjectKind::Blob,
             object_len: 8,
-            fec,
-            block: 1, // an 8-byte object has one block
-            index: 0,
-            payload: &payload,
-        });
+            fec: FecParams::new(2, 1, 4).unwrap(),
+            block,
+            index,
+            payload,
+        })
+    }
+
+    #[test]
+    fn out_of_range_shard_is_refused_even_when_signed() {
+        // An 8-byte object has one block: block 1 is out of range.
+        let body = shard_of_8_bytes(1, 1, 0, &[0u8; 4]);
         let mut out = Vec::new();
         FrameSealer::new(key(1), 1).seal(&body, &mut out);
         assert!(matches!(opener().open(&out), Err(FrameError::Invalid(_))));
@@ -694,16 +699,7 @@ mod tests {
     #[test]
     fn a_shard_frame_names_its_object_before_it_is_opened() {
         let fec = FecParams::new(2, 1, 4).unwrap();
-        let payload = [9u8; 4];
-        let shard = Body::Shard(ShardFrame {
-            object: ObjectId([7; 32]),
-            kind: ObjectKind::Blob,
-            object_len: 8,
-            fec,
-            block: 0,
-            index: 1,
-            payload: &payload,
-        });
+        let shard = shard_of_8_bytes(7, 0, 1, &[9u8; 4]);
         let mut out = Vec::new();
         let seq = FrameSealer::new(key(2), 77).seal(&shard, &mut out);
         let (header, id) = claimed_object(&out).unwrap();
