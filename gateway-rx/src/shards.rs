@@ -9,16 +9,18 @@
 //! - `<hex>.parity`: parity shard `k + j` of block `b` at `(b·m + j)·S`.
 //!
 //! Shards are written in batches: payloads go to the files, the files are
-//! fsynced, and only then the blocks' bitmaps are committed to sled (itself
-//! fsynced). The claim takes a value only the fsync makes (`durable`), so
-//! a bitmap never claims a shard that is not durably on disk; after a crash
-//! the bitmap is the truth and anything written past it is simply received
-//! again. The writing happens on the `rx-writer` thread and the fsync on
-//! `rx-sync` (one for every batch written while the last one ran) while
-//! the store takes the next batch's frames (landing bytes in the page cache
-//! is the costliest step of the receiver's path); batches are claimed in
-//! the order they were handed over, and a batch's shards stay queued until
-//! then, so their duplicates are not written twice.
+//! fsynced, and only then the blocks' bitmaps are claimed in sled and
+//! committed (on `rx-commit`, while the store takes the next frames; what
+//! a claim finished is handed out once committed). The claim takes a
+//! value only the fsync makes (`durable`), so a bitmap never claims a
+//! shard that is not durably on disk; after a crash the bitmap is the
+//! truth and anything written past it is simply received again. The
+//! writing happens on the `rx-writer` thread and the fsync on `rx-sync`
+//! (one for every batch written while the last one ran) while the store
+//! takes the next batch's frames (landing bytes in the page cache is the
+//! costliest step of the receiver's path); batches are claimed in the
+//! order they were handed over, and a batch's shards stay queued until its
+//! claim is committed, so their duplicates are not written twice.
 //!
 //! Which shards are held or queued, which blocks are complete, decodable or
 //! being decoded, and where each object is in its life is the protocol's
@@ -50,11 +52,13 @@ use weir_proto::{BlockCodec, FecParams, ObjectId, ObjectKind, ShardFrame};
 
 use crate::state::{now_ms, StateDb, StateError};
 use crate::status::{Counters, ObjectProgress};
+use commit::{Committed, Committer};
 pub use durable::RebuiltShards;
 use durable::{Durable, Failed, Writer};
 pub use held::{HeldObjects, HeldView};
 pub use payload::{LentBuffer, Payload, ReceiveBuffers};
 
+mod commit;
 mod durable;
 mod held;
 mod payload;
@@ -218,15 +222,33 @@ struct LiveObject {
     files: Arc<StagingFiles>,
     /// Held and queued shards, decodes out, the final prefix, finishing.
     assembly: ObjectAssembly,
+    /// Bitmaps of blocks claimed in sled and not yet committed, with the
+    /// claim's ticket: the next claim of the block builds on them, while
+    /// the assembly waits for the commit.
+    claiming: HashMap<u32, (u64, BlockBitmap)>,
     record_dirty: bool,
 }
 
 impl LiveObject {
-    /// `block`'s held bitmap, to add a batch's shards to.
+    /// `block`'s claimed bitmap, to add a batch's shards to.
     fn bitmap_of(&self, block: u32) -> BlockBitmap {
+        if let Some((_, map)) = self.claiming.get(&block) {
+            return *map;
+        }
         let mut map = [0u8; assembly::MAX_BITMAP_LEN];
         map[..self.assembly.bitmap_len()].copy_from_slice(self.assembly.block_bitmap(block));
         map
+    }
+
+    /// The claimed bitmaps of `chunk`'s blocks: the value kept in sled.
+    fn chunk_value(&self, chunk: u32) -> Vec<u8> {
+        let mut value = self.assembly.chunk_bitmaps(chunk).to_vec();
+        for (block, (_, map)) in &self.claiming {
+            if block / BLOCKS_PER_CHUNK == chunk {
+                self.assembly.put_in_chunk(&mut value, *block, map);
+            }
+        }
+        value
     }
 
     fn decode_job(&self, id: ObjectId, block: u32, held: Vec<u16>) -> DecodeJob {
@@ -324,10 +346,26 @@ struct RebuiltBlock {
     shards: RebuiltShards,
 }
 
+/// Each block's bitmap a claim puts in sled, with its object's generation.
+type ClaimBitmaps = HashMap<(ObjectId, u32), (u64, BlockBitmap)>;
+
+/// A batch claimed in sled, waiting for the commit that covers it.
+struct Claiming {
+    ticket: u64,
+    bitmaps: ClaimBitmaps,
+    /// The decoder's shards claimed with the batch.
+    rebuilt: Vec<RebuiltBlock>,
+    /// The batch's shards, queued until the commit.
+    pending: Vec<PendingShard>,
+    /// Shards written (and claimed), and dropped unwritten.
+    stored: usize,
+    dropped: usize,
+}
+
 /// A batch's bitmaps, committed to sled: what memory takes next. Made only
-/// by `ShardStore::claim`, after the sled commit.
+/// by `ShardStore::take_committed`, from a [`Committed`] that covers it.
 struct Claimed {
-    bitmaps: HashMap<(ObjectId, u32), BlockBitmap>,
+    bitmaps: ClaimBitmaps,
 }
 
 /// What one object may make the store hold. A sender holding the key can
@@ -432,6 +470,10 @@ pub struct ShardStore {
     refused: HashSet<ObjectId>,
     /// Commits so far: when each live object last got a shard, in commits.
     commits: u64,
+    /// Claims applied to sled, oldest first, waiting for their commit.
+    claiming: std::collections::VecDeque<Claiming>,
+    committer: Committer,
+    next_ticket: u64,
 }
 
 impl ShardStore {
@@ -480,6 +522,9 @@ impl ShardStore {
             limits,
             refused: HashSet::default(),
             commits: 0,
+            claiming: Default::default(),
+            committer: Committer::spawn(db),
+            next_ticket: 0,
         };
         let mut work = Vec::new();
         let mut records = Vec::new();
@@ -583,6 +628,7 @@ impl ShardStore {
             generation,
             touched: self.commits,
             files: Arc::new(files),
+            claiming: HashMap::default(),
             record_dirty: false,
         }
     }
@@ -902,13 +948,20 @@ impl ShardStore {
     }
 
     /// Writes the batch, fsyncs the files, then claims the shards in sled
-    /// (fsynced), together with any batch still with the writer. Returns
-    /// blocks to decode and objects to finish.
+    /// and commits the claim, together with any batch still with the writer
+    /// or waiting for its commit. Returns blocks to decode and objects to
+    /// finish.
     pub fn commit(&mut self) -> Result<Vec<Work>, ShardStoreError> {
         self.start_commit();
         let mut work = Vec::new();
         let mut failed = None;
         while let Some(done) = self.claim_next(true) {
+            match done {
+                Ok(w) => work.extend(w),
+                Err(f) => failed = Some(f.error),
+            }
+        }
+        while let Some(done) = self.take_committed(true) {
             match done {
                 Ok(w) => work.extend(w),
                 Err(f) => failed = Some(f.error),
@@ -999,8 +1052,11 @@ impl ShardStore {
         };
     }
 
-    /// Claims the oldest batch with the writer once it is durable (with
-    /// `wait`, waits for it). None when there is none, or it is not done.
+    /// Claims in sled the oldest batch with the writer once it is durable
+    /// (with `wait`, waits for it), and asks for the commit that makes the
+    /// claim count: [`take_committed`](Self::take_committed) takes it then.
+    /// None when there is none, or it is not done; the work returned is
+    /// what was found outside a claim.
     pub fn claim_next(&mut self, wait: bool) -> Option<Result<Vec<Work>, BatchFailed>> {
         let front = self.in_flight.front_mut()?;
         let done = match front.done.take() {
@@ -1028,30 +1084,129 @@ impl ShardStore {
             keys,
             ..
         } = self.in_flight.pop_front()?;
-        let result = match done {
+        let error = match done {
             Ok(durable) => {
                 crash_point("rx.shards.payload-written");
-                self.claim(durable, &rebuilt)
+                match self.claim_in_sled(&durable, &rebuilt) {
+                    Ok(bitmaps) => {
+                        self.await_commit(durable, rebuilt, bitmaps);
+                        return Some(Ok(std::mem::take(&mut self.ready)));
+                    }
+                    Err(error) => {
+                        self.unqueue(&durable.into_pending());
+                        error
+                    }
+                }
             }
             Err(failed) => {
                 self.unqueue_keys(&keys);
-                Err(failed.error)
+                failed.error
             }
         };
-        Some(match result {
-            Ok(work) => Ok(work),
-            Err(error) => {
-                // Not claimed: the rebuilt blocks are decoded again.
-                for r in &rebuilt {
-                    if let Some(live) = self.live.get_mut(&r.object) {
-                        if live.generation == r.generation {
-                            live.assembly.stop_decoding(r.block);
-                        }
+        // Not claimed: the rebuilt blocks are decoded again.
+        self.stop_decoding(&rebuilt);
+        Some(Err(BatchFailed { error, shards }))
+    }
+
+    /// Claims applied to sled and not yet taken as committed.
+    pub fn claiming(&self) -> usize {
+        self.claiming.len()
+    }
+
+    fn await_commit(
+        &mut self,
+        durable: Durable,
+        rebuilt: Vec<RebuiltBlock>,
+        bitmaps: ClaimBitmaps,
+    ) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        for ((id, block), (generation, map)) in &bitmaps {
+            if let Some(live) = self
+                .live
+                .get_mut(id)
+                .filter(|l| l.generation == *generation)
+            {
+                live.claiming.insert(*block, (ticket, *map));
+            }
+        }
+        let dropped = durable.dropped();
+        self.claiming.push_back(Claiming {
+            ticket,
+            bitmaps,
+            rebuilt,
+            stored: durable.len() - dropped,
+            dropped,
+            pending: durable.into_pending(),
+        });
+        self.committer.ask(ticket);
+    }
+
+    /// Takes into memory the claims the next commit covers (with `wait`,
+    /// waits for it), and returns what became decodable, hashable ahead,
+    /// or complete; when that commit failed, none of them counts and their
+    /// shards come again. None when no claim waits, or no commit came.
+    pub fn take_committed(&mut self, wait: bool) -> Option<Result<Vec<Work>, BatchFailed>> {
+        if self.claiming.is_empty() {
+            return None;
+        }
+        let committed: Committed = self.committer.next(wait)?;
+        let mut covered = Vec::new();
+        while let Some(c) = self.claiming.pop_front_if(|c| committed.covers(c.ticket)) {
+            covered.push(c);
+        }
+        for c in &covered {
+            for ((id, block), (generation, _)) in &c.bitmaps {
+                if let Some(live) = self
+                    .live
+                    .get_mut(id)
+                    .filter(|l| l.generation == *generation)
+                {
+                    if live
+                        .claiming
+                        .get(block)
+                        .is_some_and(|(t, _)| *t == c.ticket)
+                    {
+                        live.claiming.remove(block);
                     }
                 }
-                Err(BatchFailed { error, shards })
             }
-        })
+            self.unqueue(&c.pending);
+        }
+        match committed.result() {
+            Ok(()) => {
+                let mut work = Vec::new();
+                for c in covered {
+                    Counters::add(&self.counters.shards_stored, c.stored as u64);
+                    Counters::add(&self.counters.shards_duplicate, c.dropped as u64);
+                    let claimed = Claimed { bitmaps: c.bitmaps };
+                    work.append(&mut self.take_claimed(claimed, &c.rebuilt));
+                }
+                work.append(&mut self.ready);
+                Some(Ok(work))
+            }
+            Err(error) => {
+                for c in &covered {
+                    self.stop_decoding(&c.rebuilt);
+                }
+                let shards = covered.iter().map(|c| c.stored + c.dropped).sum();
+                Some(Err(BatchFailed {
+                    error: error.into(),
+                    shards,
+                }))
+            }
+        }
+    }
+
+    /// Rebuilt blocks not claimed are decoded again.
+    fn stop_decoding(&mut self, rebuilt: &[RebuiltBlock]) {
+        for r in rebuilt {
+            if let Some(live) = self.live.get_mut(&r.object) {
+                if live.generation == r.generation {
+                    live.assembly.stop_decoding(r.block);
+                }
+            }
+        }
     }
 
     /// Whatever happened, a claimed or failed batch is no longer queued;
@@ -1083,28 +1238,15 @@ impl ShardStore {
         }
     }
 
-    /// Claims a durable batch in sled, then takes it into memory, where
-    /// the work is found; the batch's shards leave the queue either way.
-    fn claim(
-        &mut self,
-        durable: Durable,
-        rebuilt: &[RebuiltBlock],
-    ) -> Result<Vec<Work>, ShardStoreError> {
-        let claimed = self.claim_in_sled(&durable, rebuilt);
-        self.unqueue(&durable.into_pending());
-        let mut work = self.take_claimed(claimed?, rebuilt);
-        work.append(&mut self.ready);
-        Ok(work)
-    }
-
-    /// Commits to sled the bitmaps with the batch's durable shards and the
-    /// decoder's rebuilt ones added, and the objects' records.
+    /// Applies to sled (not yet committed) the bitmaps with the batch's
+    /// durable shards and the decoder's rebuilt ones added, and the
+    /// objects' records.
     fn claim_in_sled(
         &mut self,
         durable: &Durable,
         rebuilt: &[RebuiltBlock],
-    ) -> Result<Claimed, ShardStoreError> {
-        let mut bitmaps: HashMap<(ObjectId, u32), BlockBitmap> = HashMap::default();
+    ) -> Result<ClaimBitmaps, ShardStoreError> {
+        let mut bitmaps: ClaimBitmaps = HashMap::default();
         for p in durable.shards() {
             let Some(live) = self
                 .live
@@ -1113,9 +1255,9 @@ impl ShardStore {
             else {
                 continue;
             };
-            let map = bitmaps
+            let (_, map) = bitmaps
                 .entry((p.object, p.block))
-                .or_insert_with(|| live.bitmap_of(p.block));
+                .or_insert_with(|| (live.generation, live.bitmap_of(p.block)));
             assembly::set_shard(map, p.index);
         }
         for r in rebuilt {
@@ -1125,22 +1267,22 @@ impl ShardStore {
             if live.generation != r.generation {
                 continue;
             }
-            let map = bitmaps
+            let (_, map) = bitmaps
                 .entry((r.object, r.block))
-                .or_insert_with(|| live.bitmap_of(r.block));
+                .or_insert_with(|| (live.generation, live.bitmap_of(r.block)));
             for &i in r.shards.indices() {
                 assembly::set_shard(map, i);
             }
         }
         let mut chunks: HashMap<(ObjectId, u32), Vec<u8>> = HashMap::default();
-        for ((id, block), map) in &bitmaps {
+        for ((id, block), (_, map)) in &bitmaps {
             let Some(live) = self.live.get(id) else {
                 continue;
             };
             let chunk = block / BLOCKS_PER_CHUNK;
             let value = chunks
                 .entry((*id, chunk))
-                .or_insert_with(|| live.assembly.chunk_bitmaps(chunk).to_vec());
+                .or_insert_with(|| live.chunk_value(chunk));
             live.assembly.put_in_chunk(value, *block, map);
         }
         let mut blocks_batch = sled::Batch::default();
@@ -1163,28 +1305,22 @@ impl ShardStore {
         self.blocks
             .apply_batch(blocks_batch)
             .map_err(|e| self.db.sled_error(e))?;
-        self.db.commit("rx.shards.batch-claimed")?;
-        let dropped = durable.dropped();
-        Counters::add(
-            &self.counters.shards_stored,
-            (durable.len() - dropped) as u64,
-        );
-        Counters::add(&self.counters.shards_duplicate, dropped as u64);
-        Ok(Claimed { bitmaps })
+        Ok(bitmaps)
     }
 
     /// Takes the claimed bitmaps into memory; returns what became
     /// decodable, hashable ahead, or complete.
     fn take_claimed(&mut self, claimed: Claimed, rebuilt: &[RebuiltBlock]) -> Vec<Work> {
-        for r in rebuilt {
-            if let Some(live) = self.live.get_mut(&r.object) {
-                live.assembly.stop_decoding(r.block);
-            }
-        }
+        self.stop_decoding(rebuilt);
         let mut work = Vec::new();
         let mut objects_touched: HashSet<ObjectId> = HashSet::default();
-        for ((id, block), map) in claimed.bitmaps {
-            let Some(live) = self.live.get_mut(&id) else {
+        for ((id, block), (generation, map)) in claimed.bitmaps {
+            // An object that started over since the claim takes none of it.
+            let Some(live) = self
+                .live
+                .get_mut(&id)
+                .filter(|l| l.generation == generation)
+            else {
                 continue;
             };
             let was_complete = live.assembly.data_complete(block);
@@ -1930,6 +2066,47 @@ pub(crate) mod tests {
             work.extend(store.claim_next(true).expect("a batch in flight").unwrap());
         }
         assert_eq!(store.in_flight(), 0);
+        let done = drive(&mut store, work, &blobs);
+        assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
+    }
+
+    /// A claim made while an earlier one waits for its commit builds on
+    /// it, so sled ends with both batches' shards; memory takes them, and
+    /// the finish is handed out, only once a commit covers them; their
+    /// duplicates are not queued meanwhile.
+    #[test]
+    fn a_claim_builds_on_one_not_yet_committed_and_memory_waits_for_the_commit() {
+        let rig = Rig::new();
+        let (mut store, _, db) = rig.open();
+        let blobs = BlobStore::open(&rig.dir.path().join("blobs")).unwrap();
+        let bytes = bytes_from(7, 400);
+        let data: Vec<ShardIn> = shards_of(&bytes, ObjectKind::Blob, fec(4, 2, 100))
+            .into_iter()
+            .filter(|s| s.index < 4)
+            .collect();
+        assert_eq!(data.len(), 4, "one block of four data shards");
+        for half in data.chunks(2) {
+            for s in half {
+                store.accept(s.clone()).unwrap();
+            }
+            store.start_commit();
+            let work = store.claim_next(true).expect("a batch in flight").unwrap();
+            assert!(work.is_empty(), "nothing is handed out before the commit");
+        }
+        assert_eq!(store.claiming(), 2);
+        let id = ObjectId::of_bytes(&bytes);
+        assert_eq!(store.live[&id].assembly.shards_held(), 0);
+        assert_eq!(store.accept(data[0].clone()).unwrap(), Accepted::Duplicate);
+        assert_eq!(progress_from_db(&db).unwrap()[0].shards_held, 4);
+        let mut work = Vec::new();
+        while let Some(done) = store.take_committed(true) {
+            work.extend(done.unwrap());
+        }
+        assert_eq!(store.live[&id].assembly.shards_held(), 4);
+        assert!(
+            matches!(work[..], [Work::Finish(_)]),
+            "the object is finished once committed"
+        );
         let done = drive(&mut store, work, &blobs);
         assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
     }

@@ -1,7 +1,8 @@
 //! The store stage, on the gateway's own thread: takes verified frames in
-//! batches into the shard store, hands each batch to the writer thread and
-//! claims it once durable, hands finished blocks to the decoder and whole
-//! objects to the finisher, and applies what they report.
+//! batches into the shard store, hands each batch to the writer thread,
+//! claims it once durable and hands the claim to the commit thread, hands
+//! the blocks a committed claim finished to the decoder and whole objects
+//! to the finisher, and applies what they report.
 //!
 //! A full state disk stops the store, not the gateway: while the disk of
 //! state_dir holds less than `state_min_free_mb` (or after a write failed
@@ -47,6 +48,9 @@ const MAX_UNLANDED: usize = 2;
 /// Batches written and not yet claimed, at once: they wait for the fsync
 /// that covers them, and hold only their shards' keys.
 const MAX_UNCLAIMED: usize = 16;
+/// Claims applied to sled and not yet committed, at once: each holds its
+/// blocks' bitmaps and its shards' keys.
+const MAX_UNCOMMITTED: usize = 16;
 
 /// The store loop's view of the state disk: whether shards may be written,
 /// and the fault when not.
@@ -288,7 +292,7 @@ impl StoreStage {
             .commit_deadline()
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(STORE_POLL)
-            .min(if self.store.in_flight() > 0 {
+            .min(if self.store.in_flight() > 0 || self.store.claiming() > 0 {
                 CLAIM_POLL
             } else {
                 STORE_POLL
@@ -316,6 +320,15 @@ impl StoreStage {
         self.upkeep.run(&mut self.store);
         while let Some(done) = self.store.claim_next(false) {
             self.take_claimed(done);
+        }
+        while let Some(done) = self.store.take_committed(false) {
+            self.take_claimed(done);
+        }
+        while self.store.claiming() >= MAX_UNCOMMITTED {
+            match self.store.take_committed(true) {
+                Some(done) => self.take_claimed(done),
+                None => break,
+            }
         }
         if !self.disk.full && self.store.should_commit() {
             // Memory holds the batches the writer has yet to write and the
