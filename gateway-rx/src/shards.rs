@@ -1113,6 +1113,8 @@ impl ShardStore {
         self.claiming.len()
     }
 
+    /// Numbers a claim just applied to sled, lets later claims of its
+    /// blocks build on its bitmaps, and asks for the commit that covers it.
     fn await_commit(
         &mut self,
         durable: Durable,
