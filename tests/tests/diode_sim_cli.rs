@@ -8,6 +8,8 @@
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -75,29 +77,63 @@ fn forwards_with_loss_prints_counters_and_stops_after_its_duration() {
         .spawn()
         .unwrap();
     wait_listening(listen);
-    let receiver = thread::spawn(move || {
-        let mut got = 0u64;
-        let mut buf = [0u8; 2048];
-        while sink.recv(&mut buf).is_ok() {
-            got += 1;
+    // The sink drains until the sim has exited, not until a quiet spell, so a
+    // sim that a loaded machine slows down still has everything counted.
+    let sim_exited = Arc::new(AtomicBool::new(false));
+    let receiver = thread::spawn({
+        let sim_exited = Arc::clone(&sim_exited);
+        move || {
+            let mut got = 0u64;
+            let mut buf = [0u8; 2048];
+            loop {
+                match sink.recv(&mut buf) {
+                    Ok(_) => got += 1,
+                    Err(_) if sim_exited.load(Ordering::Relaxed) => break,
+                    Err(_) => {}
+                }
+            }
+            // Read while the socket is still open: its row leaves the table on close.
+            let sink_drops = sink
+                .local_addr()
+                .ok()
+                .and_then(weir_tests::diode::kernel_udp_drops)
+                .unwrap_or(0);
+            (got, sink_drops)
         }
-        got
     });
     send(listen, 1000);
     let lines = stdout_lines(&mut child);
-    assert!(child.wait().unwrap().success());
-    let got = receiver.join().unwrap();
+    let status = child.wait().unwrap();
+    sim_exited.store(true, Ordering::Relaxed);
+    assert!(status.success());
+    let (got, sink_drops) = receiver.join().unwrap();
     assert!(
         lines.iter().any(|l| l.starts_with("diode-sim stats ")),
         "{lines:?}"
     );
     let last = lines.last().expect("a final line");
     assert!(last.starts_with("diode-sim final "), "{last}");
-    assert_eq!(counter(last, "received"), 1000);
+    // On a loaded machine without CAP_NET_ADMIN the sim's socket buffer is
+    // only what net.core.rmem_max grants, and the kernel may drop some of the
+    // 1000 before the sim reads them; the sim reports those, so count them.
+    let received = counter(last, "received");
+    let kernel_dropped = counter(last, "kernel_dropped");
+    assert_eq!(received + kernel_dropped, 1000, "{last}");
+    assert!(
+        received >= 500,
+        "the sim read too few to judge its loss: {last}"
+    );
     let (forwarded, lost) = (counter(last, "forwarded"), counter(last, "dropped_loss"));
-    assert_eq!(forwarded + lost, 1000);
-    assert!((50..160).contains(&lost), "10 % of 1000 lost: {lost}");
-    assert_eq!(got, forwarded, "the sink got what the sim forwarded");
+    assert_eq!(forwarded + lost, received, "{last}");
+    assert!(
+        (received / 20..received * 16 / 100).contains(&lost),
+        "10 % of {received} lost: {lost}"
+    );
+    assert_eq!(
+        got + sink_drops,
+        forwarded,
+        "the sink got what the sim forwarded (the kernel dropped {sink_drops} at the sink)"
+    );
 }
 
 #[test]
