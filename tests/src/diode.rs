@@ -1001,6 +1001,21 @@ impl BatchSender {
 /// column of /proc/net/udp or udp6): datagrams lost because the socket's
 /// receive buffer was full.
 pub fn kernel_udp_drops(addr: SocketAddr) -> Option<u64> {
+    udp_table_row(addr, |fields| fields.last()?.parse().ok())
+}
+
+/// Bytes waiting in the receive queue of the UDP socket bound to `addr`
+/// (the `rx_queue` half of /proc/net/udp's `tx_queue:rx_queue`, in hex):
+/// zero once its reader has taken everything sent to it.
+pub fn kernel_udp_queued(addr: SocketAddr) -> Option<u64> {
+    udp_table_row(addr, |fields| {
+        let (_, rx) = fields.get(4)?.split_once(':')?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}
+
+/// Reads the row of /proc/net/udp (or udp6) whose local address is `addr`.
+fn udp_table_row(addr: SocketAddr, read: impl Fn(&[&str]) -> Option<u64>) -> Option<u64> {
     let (table, local) = match addr {
         SocketAddr::V4(a) => (
             "/proc/net/udp",
@@ -1023,7 +1038,7 @@ pub fn kernel_udp_drops(addr: SocketAddr) -> Option<u64> {
     text.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         (fields.get(1) == Some(&local.as_str()))
-            .then(|| fields.last()?.parse().ok())
+            .then(|| read(&fields))
             .flatten()
     })
 }
@@ -1411,5 +1426,24 @@ mod tests {
         assert!(diode.kernel_drops().unwrap() > 0);
         drop(diode);
         sink.finish(0);
+    }
+
+    #[test]
+    fn the_queue_is_what_was_sent_and_not_yet_read() {
+        let socket = UdpSocket::bind(LOCAL).unwrap();
+        let addr = socket.local_addr().unwrap();
+        assert_eq!(kernel_udp_queued(addr), Some(0));
+        let from = UdpSocket::bind(LOCAL).unwrap();
+        for seq in 0..3 {
+            from.send_to(&datagram(seq, 1000), addr).unwrap();
+        }
+        // Loopback delivers within the send call; the queue counts buffer
+        // space (more than the 3000 payload bytes), not datagrams.
+        assert!(kernel_udp_queued(addr).unwrap() >= 3000);
+        let mut buf = [0u8; 2048];
+        for _ in 0..3 {
+            socket.recv(&mut buf).unwrap();
+        }
+        assert_eq!(kernel_udp_queued(addr), Some(0));
     }
 }

@@ -150,7 +150,12 @@ fn sigterm_stops_it_with_a_final_line() {
         .unwrap();
     wait_listening(listen);
     send(listen, 10);
-    thread::sleep(Duration::from_millis(100));
+    // SIGTERM only once the sim has read all ten, however loaded the machine.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while weir_tests::diode::kernel_udp_queued(listen) != Some(0) {
+        assert!(Instant::now() < deadline, "diode-sim never read its queue");
+        thread::sleep(Duration::from_millis(10));
+    }
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
