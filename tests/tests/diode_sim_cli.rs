@@ -44,13 +44,20 @@ fn stdout_lines(child: &mut Child) -> Vec<String> {
     BufReader::new(out).lines().map(Result::unwrap).collect()
 }
 
-/// Waits for the sim's listening socket to exist (bounded).
-fn wait_listening(listen: SocketAddr) {
+/// Polls `done` every 10 ms; fails the test with `what` after 10 s.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while weir_tests::diode::kernel_udp_drops(listen).is_none() {
-        assert!(Instant::now() < deadline, "diode-sim never bound {listen}");
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits for the sim's listening socket to exist.
+fn wait_listening(listen: SocketAddr) {
+    wait_until(&format!("diode-sim never bound {listen}"), || {
+        weir_tests::diode::kernel_udp_drops(listen).is_some()
+    });
 }
 
 #[test]
@@ -151,11 +158,9 @@ fn sigterm_stops_it_with_a_final_line() {
     wait_listening(listen);
     send(listen, 10);
     // SIGTERM only once the sim has read all ten, however loaded the machine.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while weir_tests::diode::kernel_udp_queued(listen) != Some(0) {
-        assert!(Instant::now() < deadline, "diode-sim never read its queue");
-        thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("diode-sim never read its queue", || {
+        weir_tests::diode::kernel_udp_queued(listen) == Some(0)
+    });
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
