@@ -22,8 +22,10 @@
 //! `net.ipv4.udp_rmem_min`, `net.core.wmem_max`, `net.ipv4.udp_wmem_min`, all
 //! at 97,536,000 (1500 MTU × 512 packets per block × 127 blocks).
 //! [`LidiSysctls`] raises each that is lower for lidi's run and restores the
-//! old values when dropped.
+//! old values when dropped (or, through `machine`, when a signal ends the
+//! bench).
 
+use super::machine::sysctl_path;
 use super::udpcast::sha256_file;
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -211,10 +213,6 @@ pub fn build(tarball: &Path) -> Result<LidiBins> {
     })
 }
 
-fn sysctl_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/sys/{}", name.replace('.', "/")))
-}
-
 /// lidi's sysctls, raised for its run, restored on drop.
 pub struct LidiSysctls {
     /// (name, old text, new text)
@@ -270,7 +268,10 @@ impl LidiSysctls {
                 continue;
             }
             match std::fs::write(&path, &new) {
-                Ok(()) => s.restore.push((name, old, new)),
+                Ok(()) => {
+                    super::machine::note_raised(&path, &old);
+                    s.restore.push((name, old, new));
+                }
                 Err(e) => s.refused.push(format!("{name} (is {old}): {e}")),
             }
         }
@@ -289,9 +290,11 @@ impl LidiSysctls {
 impl Drop for LidiSysctls {
     fn drop(&mut self) {
         for (name, old, _) in self.restore.iter().rev() {
-            if let Err(e) = std::fs::write(sysctl_path(name), old) {
+            let path = sysctl_path(name);
+            if let Err(e) = std::fs::write(&path, old) {
                 eprintln!("could not restore {name} to {old}: {e}");
             }
+            super::machine::note_restored(&path);
         }
     }
 }
@@ -323,6 +326,8 @@ struct Proc {
 
 impl Proc {
     fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Result<Proc> {
+        // No new process once a signal is stopping the bench's children.
+        super::machine::hold_if_stopping();
         let f = std::fs::File::create(&log)?;
         let child = cmd
             .stdin(Stdio::null())

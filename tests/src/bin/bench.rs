@@ -136,7 +136,8 @@ struct Args {
     #[arg(long, default_value_t = 900)]
     timeout_s: u64,
     /// Leave the UDP buffer sysctls alone (by default they are raised for
-    /// the run, receive to 256 MiB and send to 32 MiB, and restored after).
+    /// the run, receive to 256 MiB and send to 32 MiB, and restored after,
+    /// also when SIGINT, SIGTERM or SIGHUP stops the bench).
     #[arg(long)]
     no_sysctl: bool,
     /// Working directory for images (default: a temporary directory).
@@ -157,7 +158,9 @@ impl Args {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = run(&args) {
+    let result = run(&args);
+    machine::hold_if_stopping();
+    if let Err(e) = result {
         eprintln!("bench failed: {e:#}");
         std::process::exit(1);
     }
@@ -277,15 +280,6 @@ fn run(args: &Args) -> Result<()> {
     let started = Instant::now();
     let load_before = machine::load_average();
     check_release()?;
-    let (raised, refused) = if args.no_sysctl {
-        (None, Vec::new())
-    } else {
-        let (r, refused) = machine::RaisedBuffers::raise();
-        (Some(r), refused)
-    };
-    for r in &refused {
-        eprintln!("could not raise {r}; UDP receivers may drop frames");
-    }
     let tmp;
     let work = match &args.work {
         Some(w) => {
@@ -297,6 +291,27 @@ fn run(args: &Args) -> Result<()> {
             tmp.path().to_path_buf()
         }
     };
+    if args.work.is_none() {
+        // The crossings' sites and state directories go under the run's
+        // own directory, so that an interrupted run removes them with it.
+        // No other thread runs yet to read the environment meanwhile.
+        let sites = work.join("tmp");
+        std::fs::create_dir_all(&sites)?;
+        std::env::set_var("TMPDIR", &sites);
+    }
+    // Before anything is raised or started: an interrupted run stops its
+    // children, puts the machine's sysctls back and leaves no scratch
+    // archives behind (a `--work` directory is the user's, and stays).
+    machine::restore_on_signal(args.work.is_none().then(|| work.clone()))?;
+    let (raised, refused) = if args.no_sysctl {
+        (None, Vec::new())
+    } else {
+        let (r, refused) = machine::RaisedBuffers::raise();
+        (Some(r), refused)
+    };
+    for r in &refused {
+        eprintln!("could not raise {r}; UDP receivers may drop frames");
+    }
     let mut b = Bench {
         args,
         work,
@@ -306,6 +321,7 @@ fn run(args: &Args) -> Result<()> {
         pacing_runs: Vec::new(),
     };
     b.measure_all();
+    machine::hold_if_stopping();
 
     let facts = machine::facts();
     let load_after = machine::load_average();
@@ -466,6 +482,7 @@ impl Bench<'_> {
 
     /// An image of `gib` crossing at `rate_bps` into an OCI layout.
     fn crossing_at(&mut self, name: &str, gib: f64, rate_bps: u64) -> Result<(Image, Crossing)> {
+        machine::hold_if_stopping();
         let image = self.image_of(name, gib)?;
         let layout = self.work.join(format!("{name}-layout"));
         eprintln!(
@@ -1028,6 +1045,7 @@ impl Bench<'_> {
             // intact run of a few, the others reported.
             let mut r = Err(anyhow::anyhow!("no attempt"));
             for attempt in 1..=a.lidi_attempts.max(1) {
+                machine::hold_if_stopping();
                 r = lidi::run(bins, &image.path, &self.work, self.timeout);
                 match &r {
                     Ok(_) => break,
