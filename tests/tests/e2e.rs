@@ -430,7 +430,7 @@ fn inject_drained(
         );
     }
     let drops_after = kernel_udp_drops(to).context("gateway-rx's socket in /proc/net/udp")?;
-    Ok(drops_after - drops_before)
+    Ok(drops_after.saturating_sub(drops_before))
 }
 
 /// 5 and 6: frames forged with a wrong key and under an unknown key id are

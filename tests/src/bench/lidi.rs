@@ -25,7 +25,7 @@
 //! old values when dropped (or, through `machine`, when a signal ends the
 //! bench).
 
-use super::machine::sysctl_path;
+use super::machine::{put_back_sysctl, raise_sysctl, sysctl_path};
 use super::udpcast::sha256_file;
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -267,11 +267,8 @@ impl LidiSysctls {
                     .push(format!("{name} (is {old}): not root, left as it is"));
                 continue;
             }
-            match std::fs::write(&path, &new) {
-                Ok(()) => {
-                    super::machine::note_raised(&path, &old);
-                    s.restore.push((name, old, new));
-                }
+            match raise_sysctl(&path, &old, &new) {
+                Ok(()) => s.restore.push((name, old, new)),
                 Err(e) => s.refused.push(format!("{name} (is {old}): {e}")),
             }
         }
@@ -290,11 +287,9 @@ impl LidiSysctls {
 impl Drop for LidiSysctls {
     fn drop(&mut self) {
         for (name, old, _) in self.restore.iter().rev() {
-            let path = sysctl_path(name);
-            if let Err(e) = std::fs::write(&path, old) {
+            if let Err(e) = put_back_sysctl(&sysctl_path(name), old) {
                 eprintln!("could not restore {name} to {old}: {e}");
             }
-            super::machine::note_restored(&path);
         }
     }
 }

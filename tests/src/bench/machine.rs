@@ -46,14 +46,28 @@ fn raised() -> MutexGuard<'static, Vec<(PathBuf, String)>> {
     RAISED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Notes that `path` was raised from `old`, so that a signal can still put
-/// it back.
-pub fn note_raised(path: &Path, old: &str) {
+/// Writes `new` into the sysctl file `path`, whose text was `old`, and
+/// notes it so that a signal can still put it back.
+pub fn raise_sysctl(path: &Path, old: &str, new: &str) -> std::io::Result<()> {
+    std::fs::write(path, new)?;
+    note_raised(path, old);
+    Ok(())
+}
+
+/// Puts `old` back into the sysctl file `path`, as the guard that raised it
+/// does when dropped; the note of it goes either way.
+pub fn put_back_sysctl(path: &Path, old: &str) -> std::io::Result<()> {
+    let written = std::fs::write(path, old);
+    note_restored(path);
+    written
+}
+
+fn note_raised(path: &Path, old: &str) {
     raised().push((path.to_path_buf(), old.to_string()));
 }
 
-/// Its guard put `path` back: the newest note of it goes.
-pub fn note_restored(path: &Path) {
+/// The newest note of `path` goes.
+fn note_restored(path: &Path) {
     let mut list = raised();
     if let Some(i) = list.iter().rposition(|(p, _)| p == path) {
         list.remove(i);
@@ -153,11 +167,8 @@ impl RaisedBuffers {
             match read_sysctl(name) {
                 Some(v) if v < wanted => {
                     let path = sysctl_path(name);
-                    match std::fs::write(&path, wanted.to_string()) {
-                        Ok(()) => {
-                            note_raised(&path, &v.to_string());
-                            restore.push((name, v, wanted));
-                        }
+                    match raise_sysctl(&path, &v.to_string(), &wanted.to_string()) {
+                        Ok(()) => restore.push((name, v, wanted)),
                         Err(e) => refused.push(format!("{name}: {e}")),
                     }
                 }
@@ -180,11 +191,9 @@ impl RaisedBuffers {
 impl Drop for RaisedBuffers {
     fn drop(&mut self) {
         for (name, v, _) in self.restore.iter().rev() {
-            let path = sysctl_path(name);
-            if let Err(e) = std::fs::write(&path, v.to_string()) {
+            if let Err(e) = put_back_sysctl(&sysctl_path(name), &v.to_string()) {
                 eprintln!("could not restore {name} to {v}: {e}");
             }
-            note_restored(&path);
         }
     }
 }
@@ -344,14 +353,12 @@ mod tests {
         let b = dir.path().join("rmem_max");
         // The bench raises a to 32 MiB, lidi's run raises it again, and b
         // is raised and put back by its own guard before the signal.
-        std::fs::write(&a, "33554432").unwrap();
-        note_raised(&a, "212992");
-        std::fs::write(&a, "97536000").unwrap();
-        note_raised(&a, "33554432");
-        std::fs::write(&b, "97536000").unwrap();
-        note_raised(&b, "4096");
+        std::fs::write(&a, "212992").unwrap();
         std::fs::write(&b, "4096").unwrap();
-        note_restored(&b);
+        raise_sysctl(&a, "212992", "33554432").unwrap();
+        raise_sysctl(&a, "33554432", "97536000").unwrap();
+        raise_sysctl(&b, "4096", "97536000").unwrap();
+        put_back_sysctl(&b, "4096").unwrap();
         let said = restore_noted();
         assert_eq!(std::fs::read_to_string(&a).unwrap(), "212992");
         assert_eq!(std::fs::read_to_string(&b).unwrap(), "4096");
