@@ -135,11 +135,19 @@ struct Args {
     /// Upper bound of each crossing, seconds.
     #[arg(long, default_value_t = 900)]
     timeout_s: u64,
-    /// Leave the UDP buffer sysctls alone (by default they are raised for
-    /// the run, receive to 256 MiB and send to 32 MiB, and restored after,
-    /// also when SIGINT, SIGTERM or SIGHUP stops the bench).
+    /// Leave the machine's settings alone. By default the UDP buffer
+    /// sysctls are raised for the run (receive to 256 MiB, send to 32 MiB)
+    /// and, on a virtual machine whose kernel hands freed pages back to the
+    /// host at once (`/sys/module/page_reporting/parameters/min_free_ms`),
+    /// freed pages are kept for five minutes; both are restored after, also
+    /// when SIGINT, SIGTERM or SIGHUP stops the bench.
     #[arg(long)]
     no_sysctl: bool,
+    /// Memory touched and freed once before the first figure, GiB, where
+    /// freed pages are kept (see `--no-sysctl`): so that the first run's
+    /// page cache does not come from memory the host has taken back.
+    #[arg(long, default_value_t = 3.0)]
+    prime_gib: f64,
     /// Working directory for images (default: a temporary directory).
     #[arg(long)]
     work: Option<PathBuf>,
@@ -312,6 +320,19 @@ fn run(args: &Args) -> Result<()> {
     for r in &refused {
         eprintln!("could not raise {r}; UDP receivers may drop frames");
     }
+    let kept = if args.no_sysctl {
+        None
+    } else {
+        let prime = (args.prime_gib.max(0.0) * GIB) as usize;
+        let (k, refused) = machine::KeptMemory::keep(prime);
+        for r in &refused {
+            eprintln!("could not keep freed pages: {r}; page cache may cost the host's faults");
+        }
+        for line in k.describe() {
+            eprintln!("free page reporting: {line}");
+        }
+        Some(k)
+    };
     let mut b = Bench {
         args,
         work,
@@ -325,7 +346,9 @@ fn run(args: &Args) -> Result<()> {
 
     let facts = machine::facts();
     let load_after = machine::load_average();
-    let raised_text = raised.as_ref().map(|r| r.describe()).unwrap_or_default();
+    let mut raised_text = raised.as_ref().map(|r| r.describe()).unwrap_or_default();
+    raised_text.extend(kept.as_ref().map(|k| k.describe()).unwrap_or_default());
+    drop(kept);
     drop(raised);
     b.print(
         &facts,
