@@ -143,10 +143,12 @@ struct Args {
     /// when SIGINT, SIGTERM or SIGHUP stops the bench.
     #[arg(long)]
     no_sysctl: bool,
-    /// Memory touched and freed once before the first figure, GiB, where
-    /// freed pages are kept (see `--no-sysctl`): so that the first run's
-    /// page cache does not come from memory the host has taken back.
-    #[arg(long, default_value_t = 3.0)]
+    /// Memory touched and freed before the first figure, and again before
+    /// each timed crossing and anchor run of the goodput, memory, CPU and
+    /// lidi rows, GiB, where freed pages
+    /// are kept (see `--no-sysctl`): so that no run's page cache comes from
+    /// memory the host has taken back (at most 4 GiB waits to go back).
+    #[arg(long, default_value_t = 4.0)]
     prime_gib: f64,
     /// Working directory for images (default: a temporary directory).
     #[arg(long)]
@@ -512,6 +514,7 @@ impl Bench<'_> {
             "crossing: {gib:.2} GiB image at {} Mb/s into an OCI layout...",
             rate_bps / 1_000_000
         );
+        machine::touch_kept();
         let c = crossing::run(
             &image,
             Plan {
@@ -575,6 +578,7 @@ impl Bench<'_> {
             return Ok(());
         }
         eprintln!("udpcast: the same archive, async, FEC 8x8...");
+        machine::touch_kept();
         let u = udpcast::best_run(&image.path, &self.work, self.timeout, &udpcast::LADDER)?;
         let udp = u.bytes_per_s();
         for (rate, c) in crossings {
@@ -994,6 +998,7 @@ impl Bench<'_> {
                     "lidi row, round {round} of {rounds}: weir crossing, FEC {k}+{m}, {LIDI_DATAGRAM} B datagrams, {label}..."
                 );
                 let layout = self.work.join("lidi-weir-layout");
+                machine::touch_kept();
                 let c = crossing::run(
                     image,
                     Plan {
@@ -1069,6 +1074,7 @@ impl Bench<'_> {
             let mut r = Err(anyhow::anyhow!("no attempt"));
             for attempt in 1..=a.lidi_attempts.max(1) {
                 machine::hold_if_stopping();
+                machine::touch_kept();
                 r = lidi::run(bins, &image.path, &self.work, self.timeout);
                 match &r {
                     Ok(_) => break,
