@@ -379,6 +379,9 @@ impl Bench<'_> {
         // and in none of two that did not. It writes no page cache, so it
         // has nothing to gain from kept memory.
         if a.wants("pacing") {
+            if let Some(said) = machine::settle_page_reporting() {
+                eprintln!("free page reporting: {said}");
+            }
             self.pacing();
         }
         if FIGURES.iter().any(|f| *f != "pacing" && a.wants(f)) {
