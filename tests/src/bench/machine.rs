@@ -172,10 +172,10 @@ const KEEP_FREED: [(&str, u64); 2] = [("min_free_ms", 300_000), ("max_waiting_mi
 /// 145 MB/s, against 2.1 GB/s right after the same amount was freed. Which
 /// run pays that depends on what ran before it, not on what it does: lidi,
 /// whose receiver writes its whole output into fresh page cache, ran at
-/// 74–94 MB/s that way, and at 182–204 MB/s with freed pages kept. A real
+/// 74–94 MB/s that way, and at 182–307 MB/s with freed pages kept. A real
 /// machine keeps its memory, so the bench keeps it too, and touches
-/// `prime` bytes once first so that the first measured run does not pay
-/// for the host's faults either.
+/// `prime` bytes first, and again before each timed run ([`touch_kept`]),
+/// so that no measured run pays for the host's faults either.
 pub struct KeptMemory {
     /// (knob, old text), in the order raised.
     restore: Vec<(PathBuf, String)>,
@@ -237,9 +237,11 @@ impl KeptMemory {
 /// Waits until the kernel has stopped handing freed pages back to the host
 /// (`reported_kib` unchanged for 2 s, at most 60 s), and says how long it
 /// waited and how much went back, or nothing where there is no such knob.
-/// A run that follows another frees that run's kept memory all at once, and
-/// handing gigabytes back stalls the virtual machine: gateway-tx alone
-/// missed its rate by 32 % at 1 Gb/s in a run started right after one.
+/// When a run follows another, the memory the last one kept goes back as
+/// it ends, gigabytes at once, and the virtual machine stalls meanwhile:
+/// gateway-tx alone missed its rate by 32 % at 1 Gb/s in a run started
+/// right after one. Waiting keeps the pacing figure out of the handing
+/// back itself; the machine may still stall for a while after it.
 pub fn settle_page_reporting() -> Option<String> {
     let path = Path::new(PAGE_REPORTING).join("reported_kib");
     let read = || -> Option<u64> { std::fs::read_to_string(&path).ok()?.trim().parse().ok() };
@@ -266,8 +268,8 @@ static KEPT_PRIME: AtomicUsize = AtomicUsize::new(0);
 /// Before a timed run whose anchor it is compared with: touches and frees
 /// the first figure's bytes again, where freed pages are kept, so that each
 /// run starts with as much memory the virtual machine holds, whatever the
-/// run before left in page cache. Cheap once those pages are kept (about
-/// 2 s for 3 GiB); nothing elsewhere.
+/// run before left in page cache. Cheap once those pages are kept (2–3 s
+/// for 4 GiB); nothing elsewhere.
 pub fn touch_kept() {
     let bytes = KEPT_PRIME.load(Ordering::SeqCst);
     if bytes > 0 {
