@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -174,11 +174,14 @@ const KEEP_FREED: [(&str, u64); 2] = [("min_free_ms", 300_000), ("max_waiting_mi
 /// whose receiver writes its whole output into fresh page cache, ran at
 /// 74–94 MB/s that way, and at 182–307 MB/s with freed pages kept. A real
 /// machine keeps its memory, so the bench keeps it too, and touches
-/// `prime` bytes first, and again before each timed run ([`touch_kept`]),
+/// `prime` bytes first, and again before each timed run
+/// ([`KeptMemory::touch_again`]),
 /// so that no measured run pays for the host's faults either.
 pub struct KeptMemory {
     /// (knob, old text), in the order raised.
     restore: Vec<(PathBuf, String)>,
+    /// Bytes touched before each timed run; 0 where nothing is kept.
+    prime: usize,
     said: Vec<String>,
 }
 
@@ -193,6 +196,7 @@ impl KeptMemory {
     fn keep_in(dir: &Path, prime: usize) -> (KeptMemory, Vec<String>) {
         let mut kept = KeptMemory {
             restore: Vec::new(),
+            prime: 0,
             said: Vec::new(),
         };
         let mut refused = Vec::new();
@@ -215,7 +219,7 @@ impl KeptMemory {
             }
         }
         if !kept.restore.is_empty() && prime > 0 {
-            KEPT_PRIME.store(prime, Ordering::SeqCst);
+            kept.prime = prime;
             let t = Instant::now();
             let touched = touch_and_free(prime);
             kept.said.push(format!(
@@ -226,6 +230,17 @@ impl KeptMemory {
             ));
         }
         (kept, refused)
+    }
+
+    /// Before a timed run whose anchor it is compared with: touches and
+    /// frees the first figure's bytes again, so that each run starts with
+    /// as much memory the virtual machine holds, whatever the run before
+    /// left in page cache. Cheap once those pages are kept (2–3 s for
+    /// 4 GiB); nothing where no memory is kept.
+    pub fn touch_again(&self) {
+        if self.prime > 0 {
+            touch_and_free(self.prime);
+        }
     }
 
     /// What was changed and done, for the machine's facts.
@@ -262,21 +277,6 @@ pub fn settle_page_reporting() -> Option<String> {
     ))
 }
 
-/// The bytes [`KeptMemory`] touched first, while it keeps freed pages.
-static KEPT_PRIME: AtomicUsize = AtomicUsize::new(0);
-
-/// Before a timed run whose anchor it is compared with: touches and frees
-/// the first figure's bytes again, where freed pages are kept, so that each
-/// run starts with as much memory the virtual machine holds, whatever the
-/// run before left in page cache. Cheap once those pages are kept (2–3 s
-/// for 4 GiB); nothing elsewhere.
-pub fn touch_kept() {
-    let bytes = KEPT_PRIME.load(Ordering::SeqCst);
-    if bytes > 0 {
-        touch_and_free(bytes);
-    }
-}
-
 /// Writes every page of a `bytes`-long allocation and frees it; returns the
 /// bytes touched.
 fn touch_and_free(bytes: usize) -> usize {
@@ -291,7 +291,6 @@ fn touch_and_free(bytes: usize) -> usize {
 
 impl Drop for KeptMemory {
     fn drop(&mut self) {
-        KEPT_PRIME.store(0, Ordering::SeqCst);
         for (path, old) in self.restore.iter().rev() {
             if let Err(e) = put_back_sysctl(path, old) {
                 eprintln!("could not restore {} to {old}: {e}", path.display());

@@ -145,9 +145,9 @@ struct Args {
     no_sysctl: bool,
     /// Memory touched and freed before the first figure, and again before
     /// each timed crossing and anchor run of the goodput, memory, CPU and
-    /// lidi rows, GiB, where freed pages
-    /// are kept (see `--no-sysctl`): so that no run's page cache comes from
-    /// memory the host has taken back (at most 4 GiB waits to go back).
+    /// lidi rows, GiB, where freed pages are kept (see `--no-sysctl`): so
+    /// that no run's page cache comes from memory the host has taken back
+    /// (at most 4 GiB waits to go back).
     #[arg(long, default_value_t = 4.0)]
     prime_gib: f64,
     /// Working directory for images (default: a temporary directory).
@@ -497,6 +497,14 @@ impl Bench<'_> {
         self.kept = Some(k);
     }
 
+    /// Touches the kept memory again before a timed run (see
+    /// [`machine::KeptMemory::touch_again`]).
+    fn touch_kept(&self) {
+        if let Some(k) = &self.kept {
+            k.touch_again();
+        }
+    }
+
     /// An image of `gib` crossing at the goodput rate into an OCI layout.
     fn crossing_of(&mut self, name: &str, gib: f64) -> Result<(Image, Crossing)> {
         let rate_bps = self
@@ -533,7 +541,7 @@ impl Bench<'_> {
             "crossing: {gib:.2} GiB image at {} Mb/s into an OCI layout...",
             rate_bps / 1_000_000
         );
-        machine::touch_kept();
+        self.touch_kept();
         let c = crossing::run(
             &image,
             Plan {
@@ -597,7 +605,7 @@ impl Bench<'_> {
             return Ok(());
         }
         eprintln!("udpcast: the same archive, async, FEC 8x8...");
-        machine::touch_kept();
+        self.touch_kept();
         let u = udpcast::best_run(&image.path, &self.work, self.timeout, &udpcast::LADDER)?;
         let udp = u.bytes_per_s();
         for (rate, c) in crossings {
@@ -1017,7 +1025,7 @@ impl Bench<'_> {
                     "lidi row, round {round} of {rounds}: weir crossing, FEC {k}+{m}, {LIDI_DATAGRAM} B datagrams, {label}..."
                 );
                 let layout = self.work.join("lidi-weir-layout");
-                machine::touch_kept();
+                self.touch_kept();
                 let c = crossing::run(
                     image,
                     Plan {
@@ -1093,7 +1101,7 @@ impl Bench<'_> {
             let mut r = Err(anyhow::anyhow!("no attempt"));
             for attempt in 1..=a.lidi_attempts.max(1) {
                 machine::hold_if_stopping();
-                machine::touch_kept();
+                self.touch_kept();
                 r = lidi::run(bins, &image.path, &self.work, self.timeout);
                 match &r {
                     Ok(_) => break,
