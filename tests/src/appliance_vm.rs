@@ -92,8 +92,7 @@ pub fn requirements_met(test: &str) -> Result<bool> {
 /// paths.
 pub fn build_binaries() -> Result<(PathBuf, PathBuf)> {
     let dir = bin_dir()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = crate::pair::cargo_command();
     cmd.args([
         "build",
         "-q",

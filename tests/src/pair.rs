@@ -31,14 +31,39 @@ pub fn bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// `cargo`, for a build of the workspace's binaries from inside a test or
+/// the bench, with the variables cargo set for this process taken out.
+/// ring's build script reruns when `CARGO_MANIFEST_DIR` changes, so a
+/// build that inherited this package's would rebuild everything above
+/// ring, and the next build from a shell would rebuild it all again.
+pub fn cargo_command() -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_for_this_package = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_BIN_",
+            "CARGO_CRATE_",
+        ]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+            || key == "CARGO_PRIMARY_PACKAGE";
+        if set_for_this_package {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// Path of a gateway binary, built once per test process so a plain
 /// `cargo test -p weir-tests` works without a separate build step.
 pub fn gateway_bin(name: &str) -> Result<PathBuf> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let release = bin_dir().map(|d| d.ends_with("release")).unwrap_or(false);
-        let mut cmd = Command::new(cargo);
+        let mut cmd = cargo_command();
         cmd.args([
             "build",
             "-q",
