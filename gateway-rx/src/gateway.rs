@@ -3,8 +3,9 @@
 //! Threads: the link (receive; the tag check on up to four `rx-verify-N`
 //! threads, the replay check in receive order on `rx-admit`; see
 //! [`crate::stages::link`]), the store (this thread: shard batches and
-//! commits), the decoder (Reed-Solomon repair), the finisher (sha256, blob
-//! store, image completion), retention (pruning what was delivered,
+//! commits), the decoder (Reed-Solomon repair), the finishers (sha256,
+//! blob store, image completion; up to four `rx-finisher-N`, each object on
+//! one), retention (pruning what was delivered,
 //! [`crate::retention`]), the reload watcher (SIGHUP, when the binary runs
 //! it; [`crate::reload`]), the status writer, the LED panel, the image
 //! ledger's watch, the serial console and the metrics endpoint (if
@@ -106,7 +107,6 @@ pub fn run_with_reloads(
     let (inbound_tx, inbound) = mpsc::sync_channel(INBOUND_BATCHES);
     let (result_tx, results) = mpsc::channel();
     let (decode, decode_rx) = mpsc::channel();
-    let (finish, finish_rx) = mpsc::channel();
 
     // Intake: stopped first, once the store no longer takes frames.
     let mut intake = Stages::new(&shutdown);
@@ -135,13 +135,19 @@ pub fn run_with_reloads(
             Ok(())
         }
     })?;
-    intake.spawn("rx-finisher", {
-        let (blobs, ledger, counters) = (blobs.clone(), ledger.clone(), counters.clone());
-        move |s| {
-            finish::run_finisher(finish_rx, result_tx, blobs, ledger, counters, s);
-            Ok(())
-        }
-    })?;
+    let names = finish::finisher_names();
+    let (finishers, inboxes) = finish::Finishers::new(names.len());
+    for (&name, inbox) in names.iter().zip(inboxes) {
+        intake.spawn(name, {
+            let (blobs, ledger, counters) = (blobs.clone(), ledger.clone(), counters.clone());
+            let result_tx = result_tx.clone();
+            move |s| {
+                finish::run_finisher(inbox, result_tx, blobs, ledger, counters, s);
+                Ok(())
+            }
+        })?;
+    }
+    drop(result_tx);
     let retention = Reloadable::new(config.retention);
     let pruning = Retention {
         ledger: ledger.clone(),
@@ -202,13 +208,13 @@ pub fn run_with_reloads(
     }
 
     let disk = StateDisk::new(&config.state_dir, config.state_min_free_mb, Intake::Shards);
-    let store = StoreStage {
+    let mut store = StoreStage {
         store,
         disk: DiskWatch::new(disk, reporter.faults.clone(), counters.clone()),
         inbound,
         results,
         decode,
-        finish,
+        finish: finishers,
         board,
         upkeep: StagingUpkeep::new(notices_rx, retention.reader(), counters),
     };

@@ -23,7 +23,7 @@ use weir_host::Shutdown;
 
 use weir_host::reload::ReloadReader;
 
-use super::finish::FinisherJob;
+use super::finish::{FinisherJob, Finishers};
 use super::link::Inbound;
 use super::{FinishOutcome, WorkResult};
 use crate::appliance::{is_disk_full, Fault, Faults, StateDisk};
@@ -231,7 +231,7 @@ pub struct StoreStage {
     pub inbound: Receiver<Vec<Inbound>>,
     pub results: Receiver<WorkResult>,
     pub decode: Sender<DecodeJob>,
-    pub finish: Sender<FinisherJob>,
+    pub finish: Finishers,
     pub board: Arc<Mutex<Vec<ObjectProgress>>>,
     pub upkeep: StagingUpkeep,
 }
@@ -245,8 +245,8 @@ pub struct Settling {
 }
 
 impl StoreStage {
-    /// Hands work to the decoder and the finisher.
-    pub fn dispatch(&self, work: Vec<Work>) {
+    /// Hands work to the decoder and the finishers.
+    pub fn dispatch(&mut self, work: Vec<Work>) {
         for w in work {
             // The receiving threads outlive the store loop; a send can only
             // fail during shutdown, when the work is redone after restart.
