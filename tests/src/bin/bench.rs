@@ -145,9 +145,10 @@ struct Args {
     no_sysctl: bool,
     /// Memory touched and freed before the first figure, and again before
     /// each timed crossing and anchor run of the goodput, memory, CPU and
-    /// lidi rows, GiB, where freed pages are kept (see `--no-sysctl`): so
-    /// that no run's page cache comes from memory the host has taken back
-    /// (at most 4 GiB waits to go back).
+    /// lidi rows and each round of the scaling rows, GiB, where freed pages
+    /// are kept (see `--no-sysctl`): so that no run's page cache or socket
+    /// buffers come from memory the host has taken back (at most 4 GiB
+    /// waits to go back).
     #[arg(long, default_value_t = 4.0)]
     prime_gib: f64,
     /// Working directory for images (default: a temporary directory).
