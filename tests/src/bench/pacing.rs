@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use weir_tests::pair::{Site, SiteOptions, Target};
 
 use crate::crossing::Image;
-use crate::procfs::{child_pid, sample};
+use crate::procfs::{child_pid, sample, steal_s};
 use crate::wire::{WireCounter, WireReading};
 
 const WARM_UP: Duration = Duration::from_secs(2);
@@ -26,6 +26,11 @@ pub struct PacingRun {
     pub kernel_drops: u64,
     /// gateway-tx CPU seconds per GiB of frames counted in the window.
     pub tx_cpu_s_per_wire_gib: Option<f64>,
+    /// The longest stretch of the window without a datagram at the socket.
+    pub longest_silence: Duration,
+    /// CPU seconds the host took from this virtual machine's cores over
+    /// the window (steal); None where the kernel does not count it.
+    pub steal_s: Option<f64>,
 }
 
 impl PacingRun {
@@ -70,6 +75,8 @@ pub fn measure(image: &Image, rate_bps: u64) -> Result<PacingRun> {
     let cpu = || pid.and_then(sample).map(|s| s.cpu_s);
     let cpu0 = cpu();
     let drops0 = counter.kernel_drops();
+    let steal0 = steal_s();
+    counter.restart_silence();
     let start = counter.read();
     let mut last = start;
     let mut worst = 0.0f64;
@@ -80,6 +87,8 @@ pub fn measure(image: &Image, rate_bps: u64) -> Result<PacingRun> {
         last = now;
     }
     let drops = counter.kernel_drops() - drops0;
+    let longest_silence = counter.longest_silence();
+    let steal_s = steal0.zip(steal_s()).map(|(a, b)| b - a);
     let tx_cpu_s_per_wire_gib = match (cpu0, cpu()) {
         (Some(a), Some(b)) if last.bytes > start.bytes => {
             Some((b - a) / ((last.bytes - start.bytes) as f64 / (1u64 << 30) as f64))
@@ -98,5 +107,7 @@ pub fn measure(image: &Image, rate_bps: u64) -> Result<PacingRun> {
         worst_second_error: worst,
         kernel_drops: drops,
         tx_cpu_s_per_wire_gib,
+        longest_silence,
+        steal_s,
     })
 }

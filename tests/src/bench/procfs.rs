@@ -81,13 +81,7 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
 /// whoever spent them; memory fields are zero.
 pub fn machine_sample() -> Option<ProcSample> {
     let at_ms = now_ms();
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?;
-    let ticks: Vec<f64> = line
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let ticks = all_cpus_ticks()?;
     // user nice system idle iowait irq softirq steal
     let busy: f64 = [0, 1, 2, 5, 6, 7]
         .iter()
@@ -99,6 +93,25 @@ pub fn machine_sample() -> Option<ProcSample> {
         rss_kib: 0,
         hwm_kib: 0,
     })
+}
+
+/// CPU seconds, over all cores, that the hypervisor ran something else
+/// while this virtual machine's cores had work (steal, the eighth field of
+/// /proc/stat's first line): time a timed run lost to the host.
+pub fn steal_s() -> Option<f64> {
+    Some(*all_cpus_ticks()?.get(7)? / clock_ticks())
+}
+
+/// The tick counters of /proc/stat's first line (all cores).
+fn all_cpus_ticks() -> Option<Vec<f64>> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    Some(
+        line.strip_prefix("cpu ")?
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect(),
+    )
 }
 
 /// Name under which [`ProcTrace`] records [`machine_sample`].

@@ -331,6 +331,9 @@ pub struct RxTaken {
     pub accepted: u64,
     /// Frames it counted lost from sequence-number gaps.
     pub lost_estimate: u64,
+    /// From the last frame replayed to delivery done: what the receiver
+    /// still had to do once it had every frame.
+    pub drain_s: f64,
 }
 
 /// Both sides' settings, as the lidi comparison's crossing has them.
@@ -664,6 +667,7 @@ pub fn receiver_alone(
         replayed += run.len();
         since_check += run.len();
     }
+    let replayed_ms = now_ms();
     let digest = &image.manifest_digest;
     let (img, done_ms) = loop {
         if let Ok(Some(s)) = gateway_rx::status::StatusReport::read(&site.rx_state) {
@@ -696,7 +700,10 @@ pub fn receiver_alone(
     trace.sample_now("rx", pid);
     let threads = thread_cpu(pid);
     trace.stop();
-    let taken = frames_taken(&site, site.rx_addr, replayed as u64);
+    let taken = RxTaken {
+        drain_s: done_ms.saturating_sub(replayed_ms) as f64 / 1000.0,
+        ..frames_taken(&site, site.rx_addr, replayed as u64)
+    };
     let kernel_drops = weir_tests::diode::kernel_udp_drops(site.rx_addr).unwrap_or(0);
     drop(rx);
     let _ = std::fs::remove_dir_all(&layout);
@@ -743,6 +750,7 @@ fn frames_taken(site: &Site, addr: SocketAddr, replayed: u64) -> RxTaken {
                     + c.frames_future_session,
                 accepted: c.frames_accepted,
                 lost_estimate: c.frames_lost_estimate,
+                drain_s: 0.0,
             };
             let settled = empty_ms.is_some_and(|e| s.written_at_ms > e + 100);
             if taken.frames >= replayed || settled {

@@ -22,6 +22,9 @@ const SLOT: usize = 2048;
 struct Counts {
     datagrams: AtomicU64,
     bytes: AtomicU64,
+    /// The longest time between two receives that returned datagrams,
+    /// since the last [`WireCounter::restart_silence`].
+    longest_silence_ns: AtomicU64,
 }
 
 /// A reading of the counters.
@@ -73,6 +76,18 @@ impl WireCounter {
         }
     }
 
+    /// From now on, [`WireCounter::longest_silence`] counts afresh.
+    pub fn restart_silence(&self) {
+        self.counts.longest_silence_ns.store(0, Ordering::Relaxed);
+    }
+
+    /// The longest stretch without a datagram since
+    /// [`WireCounter::restart_silence`]: a stall of the sender, or of the
+    /// whole machine, shows here.
+    pub fn longest_silence(&self) -> Duration {
+        Duration::from_nanos(self.counts.longest_silence_ns.load(Ordering::Relaxed))
+    }
+
     /// Datagrams the kernel dropped at this socket (its buffer was full):
     /// they were sent but not counted.
     pub fn kernel_drops(&self) -> u64 {
@@ -105,6 +120,7 @@ fn count(sock: UdpSocket, counts: &Counts, stop: &AtomicBool) {
         m.msg_hdr.msg_iov = iov;
         m.msg_hdr.msg_iovlen = 1;
     }
+    let mut last: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: msgs holds BATCH valid headers pointing at live buffers;
         // the socket has a receive timeout, so the call returns.
@@ -120,6 +136,12 @@ fn count(sock: UdpSocket, counts: &Counts, stop: &AtomicBool) {
         if n <= 0 {
             continue;
         }
+        let now = Instant::now();
+        if let Some(before) = last {
+            let gap = (now - before).as_nanos() as u64;
+            counts.longest_silence_ns.fetch_max(gap, Ordering::Relaxed);
+        }
+        last = Some(now);
         let bytes: u64 = msgs[..n as usize].iter().map(|m| m.msg_len as u64).sum();
         counts.datagrams.fetch_add(n as u64, Ordering::Relaxed);
         counts.bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -143,5 +165,25 @@ mod tests {
         }
         let r = counter.read();
         assert_eq!((r.datagrams, r.bytes), (3, 1501));
+    }
+
+    #[test]
+    fn a_pause_of_the_sender_shows_as_the_longest_silence_until_restarted() {
+        let counter = WireCounter::start().unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let send_and_count = |n: u64| {
+            tx.send_to(b"frame", counter.addr()).unwrap();
+            let t = Instant::now();
+            while counter.read().datagrams < n && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(counter.read().datagrams, n);
+        };
+        send_and_count(1);
+        std::thread::sleep(Duration::from_millis(80));
+        send_and_count(2);
+        assert!(counter.longest_silence() >= Duration::from_millis(80));
+        counter.restart_silence();
+        assert_eq!(counter.longest_silence(), Duration::ZERO);
     }
 }

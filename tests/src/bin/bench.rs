@@ -670,6 +670,7 @@ impl Bench<'_> {
             exit: 0.2,
             loss: 1.0,
         };
+        let steal0 = procfs::steal_s();
         let c = crossing::run(
             &image,
             Plan {
@@ -688,6 +689,7 @@ impl Bench<'_> {
                 profile: self.profile("loss"),
             },
         );
+        let steal = steal0.zip(procfs::steal_s()).map(|(a, b)| b - a);
         let _ = std::fs::remove_dir_all(&layout);
         let _ = std::fs::remove_file(&image.path);
         let c = c?;
@@ -719,7 +721,8 @@ impl Bench<'_> {
              frames of {mean_frame:.0} B on average (header, postcard body fields and HMAC tag: {:.0} B), plus an object \
              header every {header_every} shards. \
              Link: {} frames in, {} lost independently, {} in bursts (Gilbert–Elliott enter 0.001, exit 0.2: mean burst 5), \
-             {:.1} % in all; gateway-rx socket drops {}.",
+             {:.1} % in all; gateway-rx socket drops {}. CPU time the host took from this virtual machine's \
+             cores over the whole crossing (steal in /proc/stat): {}.",
             c.payload_bytes as f64 / MIB,
             c.to_complete_s,
             a.loss_rate_mbps,
@@ -731,7 +734,11 @@ impl Bench<'_> {
             l.dropped_loss,
             l.dropped_burst,
             100.0 * l.dropped() as f64 / l.received.max(1) as f64,
-            c.rx_kernel_drops
+            c.rx_kernel_drops,
+            match steal {
+                Some(s) => format!("{s:.2} CPU-s"),
+                None => "not counted by this kernel".into(),
+            }
         ));
         Ok(())
     }
@@ -783,7 +790,7 @@ impl Bench<'_> {
                 return;
             }
         };
-        let mut drops = Vec::new();
+        let (mut drops, mut stalls) = (Vec::new(), Vec::new());
         for &mbps in &self.args.pacing_mbps {
             eprintln!("pacing at {mbps} Mb/s...");
             let figure = format!(
@@ -809,6 +816,14 @@ impl Bench<'_> {
                         Some(p.error().abs() <= 0.02),
                     ));
                     drops.push(format!("{mbps} Mb/s: {}", p.kernel_drops));
+                    stalls.push(format!(
+                        "{mbps} Mb/s: {:.0} ms, {}",
+                        p.longest_silence.as_secs_f64() * 1000.0,
+                        match p.steal_s {
+                            Some(s) => format!("{s:.2} CPU-s taken by the host"),
+                            None => "host's share not counted by this kernel".into(),
+                        }
+                    ));
                     self.pacing_runs.push(p);
                 }
                 Err(e) => self.rows.push(Row::failed("4", &figure, &e)),
@@ -818,8 +833,12 @@ impl Bench<'_> {
         self.notes.push(format!(
             "pacing: UDP payload bytes (= frame bytes, what gateway-tx paces; IP/UDP headers not counted) at a counting \
              socket, over 10 s after 2 s of warm-up; 'worst 1 s' is the largest deviation of a one-second slice. \
-             Datagrams the counting socket's kernel buffer dropped (sent, not counted): {}.",
-            drops.join(", ")
+             Datagrams the counting socket's kernel buffer dropped (sent, not counted): {}. \
+             The longest stretch of the window without a datagram, and the CPU time the host took from this \
+             virtual machine's two cores over it (steal in /proc/stat; a stall the host causes stops the sender \
+             and this counter alike): {}.",
+            drops.join(", "),
+            stalls.join("; ")
         ));
     }
 
@@ -1495,8 +1514,9 @@ impl Bench<'_> {
                 r.kernel_drops,
                 match r.rx_taken {
                     Some(t) => format!(
-                        "; gateway-rx read {} frames ({} accepted), counted {} lost",
-                        t.frames, t.accepted, t.lost_estimate
+                        "; gateway-rx read {} frames ({} accepted), counted {} lost; the last frame replayed \
+                         {:.2} s before delivery done",
+                        t.frames, t.accepted, t.lost_estimate, t.drain_s
                     ),
                     None => String::new(),
                 },
