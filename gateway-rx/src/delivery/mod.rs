@@ -243,13 +243,16 @@ impl Delivery {
         let seconds = now.saturating_sub(job.first_frame_ms) as f64 / 1000.0;
         match outcome {
             Ok(summary) => {
+                // Counted before the job is saved done: whoever reads the
+                // queue (status, metrics) and sees it done sees its push
+                // counted too.
+                Counters::add(&self.counters.pushes_done, 1);
+                self.stats.delivered(job.target, started.elapsed());
                 job.state = JobState::Done;
                 job.done_ms = Some(now);
                 job.failure = None;
                 job.last_error = None;
                 self.queue.save(&job)?;
-                Counters::add(&self.counters.pushes_done, 1);
-                self.stats.delivered(job.target, started.elapsed());
                 tracing::info!(
                     digest = %job.manifest_digest, image = %job.image, reference = %job.reference(),
                     target = job.target.name(), blobs_uploaded = summary.blobs_uploaded,
@@ -271,9 +274,10 @@ impl Delivery {
                 let newly_failing = job.failure != Some(e.kind);
                 job.failure = Some(e.kind);
                 job.last_error = Some(e.message.clone());
-                self.queue.save(&job)?;
+                // As for a success: counted before the queue shows it.
                 Counters::add(&self.counters.push_attempts_failed, 1);
                 self.stats.attempt_failed(job.target);
+                self.queue.save(&job)?;
                 match e.kind {
                     FailureKind::Unavailable => tracing::warn!(
                         digest = %job.manifest_digest, reference = %job.reference(),
