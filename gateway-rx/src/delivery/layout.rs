@@ -214,8 +214,22 @@ impl LayoutExporter {
                     if listed {
                         continue;
                     }
-                    r.list_entry()
-                        .map_err(|e| DeliveryError::local(e.to_string()))?
+                    let mut entry = r
+                        .list_entry()
+                        .map_err(|e| DeliveryError::local(e.to_string()))?;
+                    // In a layout's index a ref name is what tools resolve a
+                    // name to. A referrer's own annotations come from the
+                    // sender, and only names built from a checked repository
+                    // and tag may appear: a referrer never names itself.
+                    if let Some(a) = entry.get_mut("annotations").and_then(Value::as_object_mut) {
+                        a.remove(REF_NAME);
+                        if a.is_empty() {
+                            if let Some(e) = entry.as_object_mut() {
+                                e.remove("annotations");
+                            }
+                        }
+                    }
+                    entry
                 }
             };
             manifests.push(entry);
@@ -326,6 +340,45 @@ mod tests {
                 r.manifest.bytes
             );
         }
+    }
+
+    #[test]
+    fn a_referrer_cannot_name_itself_in_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&dir.path().join("blobs")).unwrap();
+        let (mut tm, _) = sample_image(&store, "team/app", &["1.0"], 1, 100);
+        let subject = tm.manifest.digest.clone();
+        let bytes = format!(
+            r#"{{"subject":{{"digest":"{subject}","size":1}},"annotations":{{"{REF_NAME}":"prod/app:latest","note":"kept"}}}}"#
+        )
+        .into_bytes();
+        tm.referrers = vec![Referrer {
+            subject: subject.clone(),
+            attachment: Attachment::Subject,
+            manifest: ManifestBytes {
+                digest: ObjectId::of_bytes(&bytes).digest(),
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                bytes,
+            },
+        }];
+        tm.check_referrers().unwrap();
+        let out = dir.path().join("out");
+        LayoutExporter::new(&out)
+            .export(&tm, "mirror/app", &tm.destination.tags, &store)
+            .unwrap();
+        let index: Value =
+            serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+        let entries = index["manifests"].as_array().unwrap();
+        let names: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| e["annotations"][REF_NAME].as_str())
+            .collect();
+        assert_eq!(names, ["mirror/app:1.0"], "{index}");
+        let listed = entries
+            .iter()
+            .find(|e| e["digest"] == tm.referrers[0].manifest.digest.as_str())
+            .expect("the referrer is still listed");
+        assert_eq!(listed["annotations"]["note"], "kept");
     }
 
     #[test]
