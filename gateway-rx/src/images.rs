@@ -147,6 +147,46 @@ pub struct ImageLedger {
     /// Where the shard store hears that a pruned object is wanted again.
     notices: Option<Sender<StoreNotice>>,
     chains: Arc<HeldChains>,
+    /// Which records the status and each verified blob read; `None` until
+    /// first needed. Records are kept for good (the ledger answers for
+    /// every image it ever held), so neither reads them all.
+    index: Mutex<Option<RecordIndex>>,
+}
+
+/// The images still receiving, and the most recently completed ones, of
+/// the image records; loaded from the tree once, then kept by `put`.
+#[derive(Debug, Default)]
+struct RecordIndex {
+    receiving: std::collections::BTreeSet<ObjectId>,
+    /// The [`RECENT_COMPLETE`] latest to complete: (complete_at_ms, id),
+    /// newest first.
+    recent: Vec<(u64, ObjectId)>,
+}
+
+impl RecordIndex {
+    fn note(&mut self, id: ObjectId, record: &ImageRecord) {
+        self.recent.retain(|(_, i)| *i != id);
+        match record.state {
+            ImageState::Receiving => {
+                self.receiving.insert(id);
+            }
+            ImageState::Complete => {
+                self.receiving.remove(&id);
+                // Without a time (never written so) it counts as newest.
+                self.recent
+                    .push((record.complete_at_ms.unwrap_or(u64::MAX), id));
+                self.recent
+                    .sort_by_key(|&(at, i)| (std::cmp::Reverse(at), i));
+                self.recent.truncate(RECENT_COMPLETE);
+            }
+        }
+    }
+
+    /// Every image in the index: the receiving, then the recent complete.
+    fn ids(&self) -> Vec<ObjectId> {
+        let recent = self.recent.iter().map(|&(_, id)| id);
+        self.receiving.iter().copied().chain(recent).collect()
+    }
 }
 
 fn mapping_pairs(config: &RxConfig) -> Vec<(String, String)> {
@@ -190,6 +230,7 @@ impl ImageLedger {
             writes: Mutex::new(()),
             notices: None,
             chains: Arc::new(HeldChains::open(db)?),
+            index: Mutex::new(None),
         })
     }
 
@@ -461,7 +502,37 @@ impl ImageLedger {
         self.images
             .insert(id.0, v)
             .map_err(|e| self.db.sled_error(e))?;
+        // Not loaded yet: the load will read this record from the tree.
+        if let Some(index) = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            index.note(*id, record);
+        }
         Ok(())
+    }
+
+    /// The records of the images in the index (loaded from every record
+    /// the first time), in the index's order.
+    fn indexed(&self) -> Result<Vec<(ObjectId, ImageRecord)>, LedgerError> {
+        let ids = {
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            if index.is_none() {
+                let mut loaded = RecordIndex::default();
+                self.for_each_image(&mut |id, record| loaded.note(id, record))?;
+                *index = Some(loaded);
+            }
+            index.as_ref().map(RecordIndex::ids).unwrap_or_default()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(record) = self.get(&id)? {
+                out.push((id, record));
+            }
+        }
+        Ok(out)
     }
 
     fn all(&self) -> Result<Vec<(ObjectId, ImageRecord)>, LedgerError> {
@@ -480,7 +551,7 @@ impl ImageLedger {
 
     fn receiving(&self) -> Result<Vec<(ObjectId, ImageRecord)>, LedgerError> {
         Ok(self
-            .all()?
+            .indexed()?
             .into_iter()
             .filter(|(_, r)| r.state == ImageState::Receiving)
             .collect())
@@ -706,7 +777,7 @@ impl ImageLedger {
     pub fn progress(&self, arriving: &[ObjectProgress]) -> Result<Vec<ImageProgress>, LedgerError> {
         let by_id: HashMap<&str, &ObjectProgress> =
             arriving.iter().map(|o| (o.id.as_str(), o)).collect();
-        let mut all = self.all()?;
+        let mut all = self.indexed()?;
         all.sort_by_key(|(_, r)| std::cmp::Reverse(r.complete_at_ms.unwrap_or(u64::MAX)));
         let mut out = Vec::new();
         let mut complete_shown = 0;
@@ -723,7 +794,8 @@ impl ImageLedger {
                 manifest_digest: r.manifest_digest.clone(),
                 blobs_total: r.blobs.len() as u64,
                 blobs_done: 0,
-                bytes_total: r.blobs.iter().map(|(_, s)| s).sum(),
+                // Sizes are the sender's claims: summed without overflow.
+                bytes_total: r.blobs.iter().fold(0u64, |t, (_, s)| t.saturating_add(*s)),
                 bytes_done: 0,
                 percent: 0.0,
                 passes_seen: 0.0,
@@ -736,9 +808,9 @@ impl ImageLedger {
                     || ObjectId::from_digest(digest).is_ok_and(|id| self.store.contains(&id));
                 if done {
                     p.blobs_done += 1;
-                    p.bytes_done += size;
+                    p.bytes_done = p.bytes_done.saturating_add(*size);
                 } else if let Some(o) = by_id.get(digest.as_str()) {
-                    p.bytes_done += o.bytes_done().min(*size);
+                    p.bytes_done = p.bytes_done.saturating_add(o.bytes_done().min(*size));
                     p.passes_seen = p.passes_seen.max(o.passes_seen);
                 }
             }
@@ -1072,6 +1144,64 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("do not hash"), "{err}");
         assert!(r.queue.all().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_status_lists_the_images_receiving_and_the_latest_complete_after_a_restart_too() {
+        let r = rig("");
+        let ledger = r.ledger();
+        let scratch_dir = tempfile::tempdir().unwrap();
+        let scratch = BlobStore::open(scratch_dir.path()).unwrap();
+        let mut complete = Vec::new();
+        for i in 0..RECENT_COMPLETE + 5 {
+            let (tm, blob_ids) =
+                sample_image(&scratch, &format!("team/app{i}"), &["1"], 1, 100 + i);
+            let image = r.store.insert_bytes(&tm.to_object_bytes()).unwrap();
+            ledger.object_verified(image, ObjectKind::Image, 0).unwrap();
+            for b in &blob_ids {
+                r.store
+                    .insert_bytes(&scratch.read_object(b).unwrap())
+                    .unwrap();
+                ledger.object_verified(*b, ObjectKind::Blob, 0).unwrap();
+            }
+            complete.push(tm.manifest.digest.clone());
+            // Completion times a millisecond apart at least, so "latest" is one order.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let (waiting, _) = sample_image(&scratch, "team/late", &["1"], 1, 50);
+        let image = r.store.insert_bytes(&waiting.to_object_bytes()).unwrap();
+        ledger.object_verified(image, ObjectKind::Image, 0).unwrap();
+        let expected: Vec<String> = std::iter::once(waiting.manifest.digest.clone())
+            .chain(complete.iter().rev().take(RECENT_COMPLETE).cloned())
+            .collect();
+        let listed = |l: &ImageLedger| -> Vec<String> {
+            l.progress(&[])
+                .unwrap()
+                .into_iter()
+                .map(|p| p.manifest_digest)
+                .collect()
+        };
+        assert_eq!(listed(&ledger), expected);
+        // The receiving image completes once its blobs are verified.
+        drop(ledger);
+        let ledger = r.ledger();
+        assert_eq!(listed(&ledger), expected, "the same after a restart");
+        let blobs: Vec<ObjectId> = waiting
+            .blobs
+            .iter()
+            .map(|b| ObjectId::from_digest(&b.digest).unwrap())
+            .collect();
+        let mut done = Vec::new();
+        for b in &blobs {
+            r.store
+                .insert_bytes(&scratch.read_object(b).unwrap())
+                .unwrap();
+            done.extend(ledger.object_verified(*b, ObjectKind::Blob, 0).unwrap());
+        }
+        assert_eq!(done, vec![image]);
+        let now = listed(&ledger);
+        assert_eq!(now.len(), RECENT_COMPLETE);
+        assert_eq!(now[0], waiting.manifest.digest, "the latest complete first");
     }
 
     #[test]
