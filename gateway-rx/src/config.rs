@@ -455,6 +455,20 @@ impl RxConfig {
         if self.state_dir.as_os_str().is_empty() {
             return Err(self.invalid("state_dir", "must not be empty"));
         }
+        // Both are made at the start when missing; a file in the way would
+        // stop the start, or the first delivery, long after the check.
+        let layout = self.delivery.oci_layout.clone();
+        for (field, dir) in [
+            ("state_dir", Some(&self.state_dir)),
+            ("delivery.oci_layout", layout.as_ref()),
+        ] {
+            if let Some(dir) = dir.filter(|d| d.exists() && !d.is_dir()) {
+                return Err(self.invalid(
+                    field,
+                    format!("{} exists and is not a directory", dir.display()),
+                ));
+            }
+        }
         match self.link.transport {
             Transport::Udp => {
                 if self.link.udp_listen.is_none() {
@@ -481,6 +495,12 @@ impl RxConfig {
                 }
                 Some(_) => {}
             },
+        }
+        if self.limits.max_object_bytes == 0 {
+            return Err(self.invalid("limits.max_object_bytes", "must be greater than 0"));
+        }
+        if self.limits.max_objects_in_flight == 0 {
+            return Err(self.invalid("limits.max_objects_in_flight", "must be at least 1"));
         }
         if !(64..=65_507).contains(&self.link.datagram_size) {
             return Err(self.invalid(
@@ -546,7 +566,17 @@ impl RxConfig {
         if self.ledger.keep_records == 0 {
             return Err(self.invalid("ledger.keep_records", "must be at least 1"));
         }
-        self.report_key()?;
+        if let Some(report) = self.report_key()? {
+            if let Some(id) = self.key_ring()?.id_with_secret_of(&report) {
+                return Err(self.invalid(
+                    "ledger.report_key_file",
+                    format!(
+                        "holds the secret of link key {id} (auth.keys): the report key must be \
+                         a key of its own, so that one leaked key cannot forge both"
+                    ),
+                ));
+            }
+        }
         if let Some(c) = &self.console {
             c.validate().map_err(|e| e.in_file(&self.source))?;
         }
@@ -729,6 +759,43 @@ mod tests {
     }
 
     #[test]
+    fn limits_of_zero_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = minimal(dir.path());
+        for key in ["max_object_bytes", "max_objects_in_flight"] {
+            let err = refusal(dir.path(), &format!("{base}[limits]\n{key} = 0\n"));
+            assert!(err.contains(&format!("limits.{key}")), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_file_where_a_directory_goes_is_refused_by_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = minimal(dir.path());
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "x").unwrap();
+        let err = refusal(
+            dir.path(),
+            &base.replace(
+                &format!("{}/state", dir.path().display()),
+                &file.display().to_string(),
+            ),
+        );
+        assert!(
+            err.contains("state_dir") && err.contains("not a directory"),
+            "{err}"
+        );
+        let err = refusal(
+            dir.path(),
+            &format!("{base}[delivery]\noci_layout = {file:?}\n"),
+        );
+        assert!(
+            err.contains("delivery.oci_layout") && err.contains("not a directory"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn minimal_config_gets_documented_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let p = write_config(dir.path(), &minimal(dir.path()));
@@ -755,6 +822,7 @@ mod tests {
             assert!(err.contains("ledger.gap_alert_hours"), "{bad}: {err}");
         }
         let key = key_file(dir.path(), "report.key");
+        std::fs::write(&key, "cd".repeat(32)).unwrap();
         let p = write_config(
             dir.path(),
             &format!("{base}[ledger]\ngap_alert_hours = 0.5\nreport_key_file = {key:?}\n"),
@@ -766,6 +834,16 @@ mod tests {
         let err = RxConfig::load(&p).unwrap_err().to_string();
         assert!(
             err.contains("ledger.report_key_file") && err.contains("chmod 600"),
+            "{err}"
+        );
+        // The link key, under another file name, is not a report key.
+        let link_copy = key_file(dir.path(), "copy-of-1.key");
+        let err = refusal(
+            dir.path(),
+            &format!("{base}[ledger]\nreport_key_file = {link_copy:?}\n"),
+        );
+        assert!(
+            err.contains("ledger.report_key_file") && err.contains("link key 1"),
             "{err}"
         );
     }

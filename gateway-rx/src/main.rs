@@ -12,6 +12,10 @@ weir_host::gateway_cli! {
     /// Receives images across a one-way diode: verifies every frame, stores
     /// shards on disk, rebuilds blocks, checks every blob, and pushes complete
     /// images to a registry or exports them as an OCI image layout.
+    ///
+    /// Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=gateway_rx=debug) to
+    /// change the level. SIGTERM and SIGINT stop it cleanly, state flushed;
+    /// SIGHUP reads the configuration again.
     name = "gateway-rx";
     /// Configuration file (TOML; see examples/rx.toml). Runs the receiver.
     config;
@@ -22,12 +26,14 @@ weir_host::gateway_cli! {
 enum Command {
     /// Checks a configuration file (keys load, URLs parse) and exits.
     CheckConfig {
+        /// Configuration file to check.
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
     /// Shows what is arriving (per image: blobs done, percent, passes seen)
     /// and what waits to be delivered. Works while the gateway runs.
     Status {
+        /// The gateway's configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Print the report as JSON (the status.json format).
@@ -39,6 +45,7 @@ enum Command {
     /// older than one remembered) is accepted again. Run with the gateway
     /// stopped.
     ForgetSession {
+        /// The gateway's configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Only this key id's session (default: every key id's).
@@ -52,6 +59,7 @@ enum Command {
     /// [ledger] report_key_file, to carry to the low side by hand for
     /// `gateway-tx reconcile`. Works while the gateway runs.
     Report {
+        /// The gateway's configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Where to write the report.
@@ -72,6 +80,7 @@ enum LedgerCommand {
     /// record; exit status 1 when there is one. While the gateway runs it
     /// checks the copy the gateway keeps (state_dir/ledger.json).
     Verify {
+        /// The gateway's configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -83,6 +92,7 @@ enum LedgerCommand {
     /// lists the chains waiting, with their lowest seq. Logged and audited;
     /// run with the gateway stopped.
     Accept {
+        /// The gateway's configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// The chain id, 16 hex digits as `status` shows it.
@@ -151,6 +161,7 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
 
 fn status(file: &Path, json: bool) -> anyhow::Result<()> {
     let config = RxConfig::load(file)?;
+    weir_host::cli::existing_state_dir("gateway-rx", &config.state_dir)?;
     let report = gateway_rx::status(&config)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -162,6 +173,7 @@ fn status(file: &Path, json: bool) -> anyhow::Result<()> {
 
 fn forget_session(file: &Path, key_id: Option<u16>) -> anyhow::Result<()> {
     let config = RxConfig::load(file)?;
+    weir_host::cli::existing_state_dir("gateway-rx", &config.state_dir)?;
     let gone = gateway_rx::forget_session(&config, key_id)?;
     if gone.is_empty() {
         println!(
@@ -182,6 +194,7 @@ fn forget_session(file: &Path, key_id: Option<u16>) -> anyhow::Result<()> {
 
 fn report(file: &Path, out: &Path) -> anyhow::Result<()> {
     let config = RxConfig::load(file)?;
+    weir_host::cli::existing_state_dir("gateway-rx", &config.state_dir)?;
     let w = gateway_rx::ledger::report::write_report(&config, out)?;
     println!(
         "wrote {}: {} records of {} chain(s), {} announced images not complete, {} records \
@@ -198,6 +211,7 @@ fn report(file: &Path, out: &Path) -> anyhow::Result<()> {
 
 fn verify_ledger(file: &Path) -> anyhow::Result<()> {
     let config = RxConfig::load(file)?;
+    weir_host::cli::existing_state_dir("gateway-rx", &config.state_dir)?;
     let v = gateway_rx::ledger::report::verify(&config)?;
     println!(
         "image ledger of {} (read from {})",
@@ -226,7 +240,8 @@ fn accept_chain(file: &Path, chain: &str, from: u64) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--chain: {e} (as `gateway-rx status` shows it)"))?;
     let waiting = gateway_rx::accept_chain(&config, id, from)?;
     println!(
-        "chain {id} accepted from seq {from}: {waiting} image(s) of it waiting are admitted          when gateway-rx starts; records below seq {from} are never admitted"
+        "chain {id} accepted from seq {from}: {waiting} image(s) of it waiting are admitted \
+         when gateway-rx starts; records below seq {from} are never admitted"
     );
     Ok(())
 }

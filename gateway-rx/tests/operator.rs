@@ -48,3 +48,36 @@ fn forget_session_clears_the_remembered_session_only_while_stopped() {
     let again = forget_session(&s.config);
     assert!(String::from_utf8_lossy(&again.stdout).contains("no sender session remembered"));
 }
+
+/// A command that only reads the state, pointed at a state_dir that is not
+/// there (a gateway never started, a mistyped path), says so and leaves no
+/// empty state behind that would pass for a healthy gateway.
+#[test]
+fn reading_commands_refuse_a_state_dir_that_is_not_there() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let s = setup_with(&format!(
+        "[delivery]\noci_layout = \"{}\"\n",
+        out_dir.path().display()
+    ));
+    let state = s.dir.path().join("state");
+    let _ = std::fs::remove_dir_all(&state);
+    for args in [
+        vec!["status"],
+        vec!["forget-session"],
+        vec!["ledger", "verify"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gateway-rx"))
+            .args(&args)
+            .arg("--config")
+            .arg(&s.config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("state_dir {} is not there", state.display())),
+            "{args:?}: {err}"
+        );
+        assert!(!state.exists(), "{args:?} created {}", state.display());
+    }
+}

@@ -458,14 +458,21 @@ impl TxConfig {
             return Err(invalid("link.rate_bps", "must be greater than 0"));
         }
         match l.transport {
-            Transport::Udp => {
-                if l.udp_peer.is_none() {
+            Transport::Udp => match l.udp_peer {
+                None => {
                     return Err(invalid(
                         "link.udp_peer",
                         "required when transport = \"udp\" (e.g. \"192.0.2.10:7700\")",
-                    ));
+                    ))
                 }
-            }
+                Some(peer) if peer.port() == 0 || peer.ip().is_unspecified() => {
+                    return Err(invalid(
+                        "link.udp_peer",
+                        format!("{peer} names no receiver: give its address and port"),
+                    ))
+                }
+                Some(_) => {}
+            },
             Transport::Serial => check_serial_link(l.serial_device.as_deref(), l.baud)?,
             Transport::Dir => {
                 if l.outbox_dir.is_none() {
@@ -564,10 +571,19 @@ impl TxConfig {
                 "spool_dir and state_dir must not contain one another",
             ));
         }
-        self.key()
+        let link_key = self
+            .key()
             .map_err(|e| invalid("auth.key_file", e.to_string()))?;
-        self.report_key()
+        let report_key = self
+            .report_key()
             .map_err(|e| invalid("ledger.report_key_file", e.to_string()))?;
+        if report_key.is_some_and(|k| k.fingerprint() == link_key.fingerprint()) {
+            return Err(invalid(
+                "ledger.report_key_file",
+                "holds the secret of the link key (auth.key_file): the report key must be a key \
+                 of its own, so that one leaked key cannot forge both",
+            ));
+        }
         if self.ledger.keep_records == 0 {
             return Err(invalid("ledger.keep_records", "must be at least 1"));
         }
@@ -621,6 +637,12 @@ impl TxConfig {
                 return Err(invalid(
                     "pull.scan_command",
                     "required when scanner = \"command\"",
+                ))
+            }
+            (Some(Scanner::Quay), Some(_)) => {
+                return Err(invalid(
+                    "pull.scan_command",
+                    "is not run when scanner = \"quay\": keep one of the two",
                 ))
             }
             (_, Some(argv)) if argv.is_empty() || argv[0].is_empty() => {
@@ -954,6 +976,33 @@ passes = 3
     }
 
     #[test]
+    fn a_udp_peer_that_names_no_receiver_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for peer in ["127.0.0.1:0", "0.0.0.0:7700"] {
+            let text = with_link(
+                dir.path(),
+                &format!("transport = \"udp\"\nudp_peer = \"{peer}\""),
+            );
+            let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
+            assert!(err.contains("link.udp_peer"), "{peer}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_link_key_is_refused_as_the_report_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}\n[ledger]\nreport_key_file = \"1.key\"\n",
+            published(dir.path())
+        );
+        let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
+        assert!(
+            err.contains("ledger.report_key_file") && err.contains("link key"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn metrics_is_optional_and_a_bad_listen_address_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let published = published(dir.path());
@@ -1173,5 +1222,16 @@ passes = 3
         assert!(p.sync_file.is_absolute());
         assert_eq!(c.registry[0].max_concurrent, 2);
         assert!(c.summary().contains("pull           "), "{}", c.summary());
+        // A scan command beside the Quay scanner would never run.
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "interval_s = 60\n",
+            "interval_s = 60\nscanner = \"quay\"\nscan_command = [\"trivy\"]\n",
+        );
+        std::fs::write(&path, text).unwrap();
+        let err = format!("{:#}", TxConfig::load(&path).unwrap_err());
+        assert!(
+            err.contains("pull.scan_command") && err.contains("quay"),
+            "{err}"
+        );
     }
 }

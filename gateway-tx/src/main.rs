@@ -19,6 +19,7 @@ enum Command {
     /// in pull mode, each sync list entry's last poll (read from
     /// state_dir/status.json, rewritten every second while it runs).
     Status {
+        /// The gateway's configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Print status.json as it is.
@@ -37,6 +38,7 @@ enum Command {
     /// be used (its tag does not verify, it is not a report, no key).
     /// Works while the gateway runs.
     Reconcile {
+        /// The gateway's configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// The report file, as `gateway-rx report --out` wrote it.
@@ -57,6 +59,7 @@ enum LedgerCommand {
     /// exit status 1 when there is one. While the gateway runs it checks the
     /// copy the gateway keeps (state_dir/ledger.json).
     Verify {
+        /// The gateway's configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -90,9 +93,12 @@ fn main() -> std::process::ExitCode {
             _,
         ) => verify_ledger(&config),
         (None, Some(file)) => run(file),
-        (None, None) => Err(anyhow::anyhow!(
-            "nothing to do: run with --config FILE, or check-config FILE (see --help)"
-        )),
+        (None, None) => {
+            eprintln!(
+                "gateway-tx: nothing to do: run with --config FILE, or check-config FILE (see --help)"
+            );
+            return std::process::ExitCode::from(2);
+        }
     };
     weir_host::cli::exit_code("gateway-tx", result)
 }
@@ -135,8 +141,10 @@ fn status(file: &std::path::Path, json: bool) -> anyhow::Result<()> {
 const SOMETHING_MISSING: u8 = 3;
 
 fn reconcile(file: &std::path::Path, report: &std::path::Path) -> std::process::ExitCode {
-    let outcome = gateway_tx::TxConfig::load(file)
-        .and_then(|config| gateway_tx::reconcile::reconcile(&config, report));
+    let outcome = gateway_tx::TxConfig::load(file).and_then(|config| {
+        weir_host::cli::existing_state_dir("gateway-tx", &config.state_dir)?;
+        gateway_tx::reconcile::reconcile(&config, report)
+    });
     match outcome {
         Ok(r) => {
             print!("{}", r.render());
@@ -152,6 +160,7 @@ fn reconcile(file: &std::path::Path, report: &std::path::Path) -> std::process::
 
 fn verify_ledger(file: &std::path::Path) -> anyhow::Result<()> {
     let config = gateway_tx::TxConfig::load(file)?;
+    weir_host::cli::existing_state_dir("gateway-tx", &config.state_dir)?;
     let v = gateway_tx::ledger::verify(&config.state_dir)?;
     let chain = v
         .chain

@@ -118,11 +118,32 @@ impl KeyRing {
     pub fn ids(&self) -> Vec<u16> {
         self.keys.iter().map(Key::id).collect()
     }
+
+    /// The id of a key in the ring with `key`'s secret, whatever its id.
+    pub fn id_with_secret_of(&self, key: &Key) -> Option<u16> {
+        self.keys
+            .iter()
+            .find(|k| k.fingerprint == key.fingerprint)
+            .map(Key::id)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_is_found_in_the_ring_under_any_id() {
+        let ring = KeyRing::new(vec![
+            Key::from_bytes(1, &[1; 32]).unwrap(),
+            Key::from_bytes(2, &[2; 32]).unwrap(),
+        ])
+        .unwrap();
+        let same = Key::from_bytes(0, &[2; 32]).unwrap();
+        assert_eq!(ring.id_with_secret_of(&same), Some(2));
+        let other = Key::from_bytes(2, &[3; 32]).unwrap();
+        assert_eq!(ring.id_with_secret_of(&other), None);
+    }
 
     #[test]
     fn refuses_short_secret() {
