@@ -95,12 +95,11 @@ fn run_stages(
         })?,
     );
     let session_id = store.begin_session().context("starting a session")?;
-    tracing::info!(
-        session_id,
-        key_id = key.id(),
-        "gateway-tx starting\n{}",
-        config.summary()
-    );
+    tracing::info!(session_id, key_id = key.id(), "gateway-tx starting");
+    // One line each, so that each says what it is wherever logs are read.
+    for line in config.summary().lines().filter(|l| !l.trim().is_empty()) {
+        tracing::info!("config: {}", line.trim_end());
+    }
     let pacing = config.pacing();
     if let Some(asked) = pacing.clamped_from {
         tracing::warn!(

@@ -25,7 +25,9 @@
 //!   **waits** (`ledger_waiting`, at most [`MAX_WAITING`] records) until
 //!   the chain's record 1 arrives (a genesis record: prev zero). Then the
 //!   chain is accepted, logged loudly ("sender started a new image ledger
-//!   chain"), and the waiting records are admitted in order.
+//!   chain"), and the waiting records are admitted in order. A record that
+//!   finds no room is turned away but not kept as refused: the next start
+//!   admits its image again.
 //! - a record whose chain's first record will never come (this receiver
 //!   lost its state after that record left the sender's retention): the
 //!   operator accepts the chain from a given seq with `gateway-rx ledger
@@ -640,12 +642,16 @@ impl HeldChains {
         let known = start.is_some() || self.known(record.chain)?;
         if below_acceptance || (!genesis && !known) {
             if followed.waiting >= MAX_WAITING {
+                // Not kept with the refusals: nothing is wrong with the
+                // record, only the room is taken (records of made-up chains
+                // can take it). Its image object is verified but has no
+                // image record, so the next start admits it again.
                 let reason = format!(
                     "chain {} is unknown here and {MAX_WAITING} records already wait for their \
-                     chain's first record",
+                     chain's first record; tried again when gateway-rx starts",
                     record.chain
                 );
-                return self.refuse(record, hash, &image, reason, now_ms);
+                return Ok(Admission::Refused { reason, new: true });
             }
             let key = waiting_key(record.chain, record.seq, &image);
             let fresh = self
@@ -1098,11 +1104,18 @@ mod tests {
     }
 
     #[test]
-    fn waiting_records_are_bounded() {
+    fn waiting_records_are_bounded_and_a_record_turned_away_for_room_is_not_refused_for_good() {
         let r = rig();
         r.chains.lock().waiting = MAX_WAITING;
         let c = chain(2);
-        assert!(matches!(admit(&r, &c[1]), Admission::Refused { .. }));
+        assert!(matches!(
+            admit(&r, &c[1]),
+            Admission::Refused { new: true, .. }
+        ));
+        // Room again (its chain's first record came, or a restart): the
+        // same record waits instead of being refused before.
+        r.chains.lock().waiting = 0;
+        assert_eq!(admit(&r, &c[1]), Admission::Waiting);
     }
 
     fn head_of(tm: &TransferManifest) -> LedgerHead {
