@@ -56,9 +56,9 @@ pub fn existing_state_dir(name: &str, state_dir: &std::path::Path) -> anyhow::Re
     Ok(())
 }
 
-/// The error and its causes, `error: cause: …`, each cause once: an error
-/// whose own message already ends with its cause's (as `what: {source}`
-/// messages do) is not followed by that cause again.
+/// The error and its causes, `error: cause: …`, each cause once: a cause
+/// whose text is already in what was written (as `what: {source}`
+/// messages write their cause's) is not written again.
 pub fn chain_text(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
