@@ -508,7 +508,7 @@ impl RxConfig {
                 format!("{} is outside 64..=65507", self.link.datagram_size),
             ));
         }
-        self.key_ring()?;
+        let ring = self.key_ring()?;
         self.signature_keys()?;
         self.registry_endpoint()?;
         self.registry_credentials()?;
@@ -567,7 +567,7 @@ impl RxConfig {
             return Err(self.invalid("ledger.keep_records", "must be at least 1"));
         }
         if let Some(report) = self.report_key()? {
-            if let Some(id) = self.key_ring()?.id_with_secret_of(&report) {
+            if let Some(id) = ring.id_with_secret_of(&report) {
                 return Err(self.invalid(
                     "ledger.report_key_file",
                     format!(
