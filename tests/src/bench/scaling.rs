@@ -27,15 +27,21 @@
 //! CPU set's fastest round and show the others beside it.
 //!
 //! CPU: utime + stime of the gateway process over the timed span
-//! (/proc/PID/stat), per GiB of image blobs. The sink and the replayer are
-//! threads of the bench, not pinned. On loopback the receiving socket's
-//! share of a datagram's path runs in the sending thread, and a GSO message
-//! reaching a socket without UDP GRO is cut into its datagrams there too.
-//! So that neither gateway is charged for the bench's side, both ends look
-//! like the real peer: the sink turns on UDP GRO, as gateway-rx does, and
-//! takes gateway-tx's GSO messages whole; the replayer sends runs of
-//! equal-length frames as GSO messages, as gateway-tx does, which
-//! gateway-rx takes whole.
+//! (/proc/PID/stat), per GiB of image blobs. On loopback the receiving
+//! socket's share of a datagram's path runs in the sending thread, and a
+//! GSO message reaching a socket without UDP GRO is cut into its datagrams
+//! there too. So that neither gateway is charged for the bench's side, both
+//! ends look like the real peer: the sink turns on UDP GRO, as gateway-rx
+//! does, and takes gateway-tx's GSO messages whole; the replayer sends runs
+//! of equal-length frames as GSO messages, as gateway-tx does, which
+//! gateway-rx takes whole. The sink, a thread of the bench, is not pinned:
+//! what it does (copying datagrams out of its socket) is the peer's work,
+//! and the path into its socket already runs on gateway-tx's cores. The
+//! replayer's thread is pinned to gateway-rx's CPU set while it replays:
+//! the path into gateway-rx's socket it carries is the receiver's own
+//! (on an appliance it runs on the receiver's cores), and on this machine a
+//! replayer left apart would have a core of its own in the one-core round
+//! and none in the two-core one.
 
 // recvmmsg with UDP GRO and sendmsg with UDP GSO, to count, record and
 // replay datagrams at line rate, have no safe wrapper in std or socket2.
@@ -272,6 +278,55 @@ fn pin(pid: u32, cpus: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The calling thread held on a CPU set until dropped, when it gets back
+/// the set it had.
+struct ThreadPin {
+    before: libc::cpu_set_t,
+}
+
+impl ThreadPin {
+    /// Pins the calling thread to `cpus`, a `taskset -c` list of single
+    /// cores ("0,1").
+    fn new(cpus: &str) -> Result<ThreadPin> {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for c in cpus.split(',') {
+            let c: usize = c
+                .trim()
+                .parse()
+                .with_context(|| format!("CPU list {cpus:?}"))?;
+            if c >= 8 * size {
+                bail!("CPU {c} of {cpus:?} is past the affinity mask");
+            }
+            // SAFETY: c is within the set's bits, checked above.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        // SAFETY: as above.
+        let mut before: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: both point at live cpu_set_t of `size` bytes; pid 0 is the
+        // calling thread.
+        if unsafe { libc::sched_getaffinity(0, size, &mut before) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+        }
+        // SAFETY: as above.
+        if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("pinning the bench's thread to CPUs {cpus}"));
+        }
+        Ok(ThreadPin { before })
+    }
+}
+
+impl Drop for ThreadPin {
+    fn drop(&mut self) {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: `before` is a live cpu_set_t of `size` bytes that
+        // sched_getaffinity filled for this thread.
+        unsafe { libc::sched_setaffinity(0, size, &self.before) };
+    }
 }
 
 /// One gateway alone on a CPU set.
@@ -645,6 +700,13 @@ pub fn receiver_alone(
         messages: 0,
     };
     let deadline = Instant::now() + setup.timeout;
+    // On loopback the path of each datagram into gateway-rx's socket
+    // (routing, the UDP lookup, the enqueue) runs in the replayer's thread;
+    // on an appliance it runs on the receiver's own cores, and in the
+    // sender's row it already runs on gateway-tx's. So the replayer shares
+    // the receiver's CPU set in every round: unpinned, it had a core of its
+    // own in the one-core round and not in the two-core one.
+    let pinned = ThreadPin::new(cpus)?;
     let start_ms = now_ms();
     let mut wire_bytes = 0u64;
     let mut replayed = 0usize;
@@ -668,6 +730,7 @@ pub fn receiver_alone(
         since_check += run.len();
     }
     let replayed_ms = now_ms();
+    drop(pinned);
     let digest = &image.manifest_digest;
     let (img, done_ms) = loop {
         if let Ok(Some(s)) = gateway_rx::status::StatusReport::read(&site.rx_state) {
@@ -892,6 +955,33 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(probe.queued(), None, "no socket is bound there any more");
+    }
+
+    fn allowed_cpus() -> String {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn a_thread_pin_holds_the_thread_on_its_set_and_gives_the_old_one_back() {
+        // Its own thread, so that the test harness's is never pinned.
+        std::thread::spawn(|| {
+            let before = allowed_cpus();
+            let pinned = ThreadPin::new("0").unwrap();
+            assert_eq!(allowed_cpus(), "0");
+            drop(pinned);
+            assert_eq!(allowed_cpus(), before);
+            assert!(ThreadPin::new("0,x").is_err());
+            assert!(ThreadPin::new("100000").is_err());
+            assert_eq!(allowed_cpus(), before);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -1413,16 +1413,19 @@ impl Bench<'_> {
         }
         self.notes.push(
             "scaling: each gateway alone as a release process, every thread pinned with `taskset -a -p -c LIST` once it is up \
-             (before the image is dropped); the sink and the replayer are threads of the bench, not pinned. On loopback the \
-             receiving socket's share of a datagram's path runs in the sending thread, so both bench ends do what the real peer \
-             does: the sink has UDP GRO on, as gateway-rx, and takes gateway-tx's GSO messages whole (not cut into datagrams on \
-             gateway-tx's thread); the replayer sends runs of equal-length frames as UDP GSO messages, as gateway-tx, which \
-             gateway-rx's GRO socket takes whole. gateway-tx runs with `[carousel] retention_hours = 0`, so after its one owed \
+             (before the image is dropped). On loopback the receiving socket's share of a datagram's path runs in the sending \
+             thread, so both bench ends do what the real peer does: the sink has UDP GRO on, as gateway-rx, and takes \
+             gateway-tx's GSO messages whole (not cut into datagrams on gateway-tx's thread); the replayer sends runs of \
+             equal-length frames as UDP GSO messages, as gateway-tx, which gateway-rx's GRO socket takes whole. The sink is a \
+             thread of the bench, not pinned (it only copies datagrams out of its socket; the path into that socket runs on \
+             gateway-tx's cores). The replayer's thread is pinned to gateway-rx's CPU set while it replays, in every round: \
+             the path into gateway-rx's socket that it carries is the receiver's own (on an appliance, on the receiver's \
+             cores), and left apart it would have a core of its own in the one-core round and none in the two-core one. gateway-tx runs with `[carousel] retention_hours = 0`, so after its one owed \
              pass it does not cycle the image on the idle link. gateway-tx: acceptance to the last datagram of its one pass; \
              gateway-rx: first frame replayed to delivery done. MB/s of image blobs; CPU-s/GiB = utime+stime of the gateway \
              over that span ÷ GiB of blobs. The machine's cores busy: all the busy time /proc/stat counts over the span \
-             (the gateway, the bench's sink or replayer, which are not pinned, kernel threads), of all the machine's cores; \
-             on one core the bench's end has the other core to itself, on two it takes its share of the gateway's. \
+             (the gateway, the bench's sink or replayer, kernel threads), of all the machine's cores; on one core the sink has \
+             the other core to itself, on two it takes its share of the gateway's. \
              Projected 16-core = (1 ÷ c₁) ÷ ((1 − p) + p ÷ 16) GiB/s, Amdahl's law with c₁ the CPU-s/GiB on one core and the \
              parallel fraction p = 2 (1 − 1 ÷ S₂) from the measured 2-core/1-core ratio S₂ (kept within 0..1): a projection from \
              two points, not a measurement."
