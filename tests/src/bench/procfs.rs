@@ -116,6 +116,17 @@ fn all_cpus_ticks() -> Option<Vec<f64>> {
 
 /// Name under which [`ProcTrace`] records [`machine_sample`].
 pub const MACHINE: &str = "machine";
+/// Name under which [`ProcTrace`] records [`steal_s`] (as `cpu_s`).
+pub const STEAL: &str = "steal";
+
+fn steal_sample() -> Option<ProcSample> {
+    Some(ProcSample {
+        at_ms: now_ms(),
+        cpu_s: steal_s()?,
+        rss_kib: 0,
+        hwm_kib: 0,
+    })
+}
 
 /// CPU seconds of each thread of a process, by thread name (threads of one
 /// name summed), busiest first.
@@ -199,7 +210,7 @@ impl ProcTrace {
                 let now = procs
                     .iter()
                     .map(|(name, pid)| (*name, sample(*pid)))
-                    .chain(std::iter::once((MACHINE, machine_sample())));
+                    .chain([(MACHINE, machine_sample()), (STEAL, steal_sample())]);
                 for (name, x) in now {
                     if let Some(x) = x {
                         s.lock()
@@ -219,15 +230,18 @@ impl ProcTrace {
         }
     }
 
-    /// Takes one more sample of `pid` (and of the machine) now, e.g. right
+    /// Takes one more sample of `pid` (and of the machine and the host's
+    /// steal) now, e.g. right
     /// before killing it.
     pub fn sample_now(&self, name: &'static str, pid: u32) {
         let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(x) = sample(pid) {
             samples.entry(name).or_default().push(x);
         }
-        if let Some(x) = machine_sample() {
-            samples.entry(MACHINE).or_default().push(x);
+        for (name, x) in [(MACHINE, machine_sample()), (STEAL, steal_sample())] {
+            if let Some(x) = x {
+                samples.entry(name).or_default().push(x);
+            }
         }
     }
 

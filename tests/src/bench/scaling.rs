@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 use weir_tests::pair::{Site, SiteOptions, Target};
 
 use crate::crossing::{drop_linked, set_config_key, set_datagram_size, Image};
-use crate::procfs::{child_pid, now_ms, thread_cpu, ProcTrace, MACHINE};
+use crate::procfs::{child_pid, now_ms, thread_cpu, ProcTrace, MACHINE, STEAL};
 use weir_host::link::udp::{gro_segment, gso_run_of, udp_sockopt, Cmsg, GSO_MAX_SEGMENTS};
 
 /// Messages per recvmmsg of the sink.
@@ -353,6 +353,9 @@ pub struct SideRun {
     /// CPU seconds the whole machine spent busy over the span: the gateway,
     /// the bench's sink or replayer, the kernel's threads, anything else.
     pub machine_cpu_s: f64,
+    /// CPU seconds the host took from this virtual machine's cores over the
+    /// span (steal in /proc/stat; 0 where the kernel does not count it).
+    pub steal_s: f64,
 }
 
 impl SideRun {
@@ -504,6 +507,7 @@ pub fn sender_alone(
     let recording = sink.finish();
     let cpu = |at| trace.cpu_at("tx", at).unwrap_or(0.0);
     let machine = |at| trace.cpu_at(MACHINE, at).unwrap_or(0.0);
+    let steal = |at| trace.cpu_at(STEAL, at).unwrap_or(0.0);
     if end_ms <= accepted_ms {
         bail!("the sink saw no stream after acceptance");
     }
@@ -514,6 +518,7 @@ pub fn sender_alone(
             seconds: (end_ms - accepted_ms) as f64 / 1000.0,
             cpu_s: cpu(end_ms) - cpu(accepted_ms),
             machine_cpu_s: machine(end_ms) - machine(accepted_ms),
+            steal_s: steal(end_ms) - steal(accepted_ms),
             datagrams,
             wire_bytes,
             kernel_drops,
@@ -772,12 +777,14 @@ pub fn receiver_alone(
     let _ = std::fs::remove_dir_all(&layout);
     let cpu = |at| trace.cpu_at("rx", at).unwrap_or(0.0);
     let machine = |at| trace.cpu_at(MACHINE, at).unwrap_or(0.0);
+    let steal = |at| trace.cpu_at(STEAL, at).unwrap_or(0.0);
     Ok(SideRun {
         cpus: cpus.to_string(),
         payload_bytes: img.bytes_total,
         seconds: done_ms.saturating_sub(start_ms) as f64 / 1000.0,
         cpu_s: cpu(done_ms) - cpu(start_ms),
         machine_cpu_s: machine(done_ms) - machine(start_ms),
+        steal_s: steal(done_ms) - steal(start_ms),
         datagrams: replayed as u64,
         wire_bytes,
         kernel_drops,

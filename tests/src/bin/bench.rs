@@ -1504,12 +1504,14 @@ impl Bench<'_> {
         }
         for r in runs {
             self.notes.push(format!(
-                "{side}, taskset -c {}: {:.0} MiB of blobs in {:.2} s, {:.2} CPU-s; {} datagrams in {} messages ({:.1} per \
+                "{side}, taskset -c {}: {:.0} MiB of blobs in {:.2} s, {:.2} CPU-s (the host took {:.2} CPU-s of the machine's \
+                 cores meanwhile: steal); {} datagrams in {} messages ({:.1} per \
                  message: GSO/GRO), {:.0} MiB on the wire; receiving socket drops {}{}; CPU seconds by thread: {}.",
                 r.cpus,
                 r.payload_bytes as f64 / MIB,
                 r.seconds,
                 r.cpu_s,
+                r.steal_s,
                 r.datagrams,
                 r.messages,
                 r.datagrams as f64 / r.messages.max(1) as f64,
