@@ -3,8 +3,8 @@
 //! are the host's ([`weir_host::appliance`]), shared with gateway-tx.
 
 pub use weir_host::appliance::{
-    free_bytes, is_disk_full, run_panel, CounterWindow, DiskFull, Intake, Lights, Movement,
-    StateDisk, RESUME_MARGIN,
+    free_bytes, free_room, is_disk_full, run_panel, CounterWindow, DiskFull, Intake, Lights,
+    Movement, StateDisk, RESUME_MARGIN,
 };
 
 /// What can be wrong, in the order `status` lists it.

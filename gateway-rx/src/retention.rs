@@ -252,8 +252,26 @@ pub struct StoredObject {
     /// What deleting its file frees (0 for a file also linked elsewhere,
     /// e.g. into an OCI layout on the same disk).
     pub frees: u64,
+    /// Whether deleting its file frees an inode (not when the file is also
+    /// linked elsewhere).
+    pub frees_inode: bool,
     pub verified_ms: u64,
     pub holding: Holding,
+}
+
+/// How far the state disk is past its high-water mark: bytes, and inodes
+/// (a disk can run out of either; many small objects fill the inodes
+/// first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Excess {
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+impl Excess {
+    pub fn is_some(&self) -> bool {
+        self.bytes > 0 || self.inodes > 0
+    }
 }
 
 /// Why an object is pruned.
@@ -274,17 +292,22 @@ impl PruneRule {
     }
 }
 
-/// Which objects to prune now: those kept long enough, then, while
-/// `over_high_water` bytes must still be freed, delivered ones by the time
-/// of their last delivery, oldest first. Nothing needed is ever chosen.
+/// Which objects to prune now: those kept long enough, then, while bytes
+/// or inodes past the high-water mark must still be freed, delivered ones
+/// by the time of their last delivery, oldest first. Nothing needed is
+/// ever chosen.
 pub fn plan(
     objects: &[StoredObject],
     now_ms: u64,
     keep_ms: u64,
-    over_high_water: u64,
+    over_high_water: Excess,
 ) -> Vec<(ObjectId, PruneRule)> {
     let mut out = Vec::new();
     let mut to_free = over_high_water;
+    let free = |to_free: &mut Excess, o: &StoredObject| {
+        to_free.bytes = to_free.bytes.saturating_sub(o.frees);
+        to_free.inodes = to_free.inodes.saturating_sub(u64::from(o.frees_inode));
+    };
     let mut early = Vec::new();
     for o in objects {
         let since = match o.holding {
@@ -294,18 +317,18 @@ pub fn plan(
         };
         if now_ms.saturating_sub(since) >= keep_ms {
             out.push((o.id, PruneRule::KeptLongEnough));
-            to_free = to_free.saturating_sub(o.frees);
+            free(&mut to_free, o);
         } else if let Holding::DeliveredAt(t) = o.holding {
             early.push((t, o));
         }
     }
     early.sort_by_key(|(t, o)| (*t, o.id.0));
     for (_, o) in early {
-        if to_free == 0 {
+        if !to_free.is_some() {
             break;
         }
         out.push((o.id, PruneRule::HighWater));
-        to_free = to_free.saturating_sub(o.frees);
+        free(&mut to_free, o);
     }
     out
 }
@@ -383,16 +406,16 @@ impl Retention {
             let over = self.over_high_water(&policy);
             let due = match last_pass {
                 None => true,
-                Some(t) if over > 0 => t.elapsed() >= PASS_EVERY_ABOVE_HIGH_WATER,
+                Some(t) if over.is_some() => t.elapsed() >= PASS_EVERY_ABOVE_HIGH_WATER,
                 Some(t) => t.elapsed() >= pass_every(&policy),
             };
             if due {
                 last_pass = Some(Instant::now());
                 match self.pass(&policy, over) {
                     Ok(outcome) => {
-                        let still_over = outcome.pruned == 0 && over > 0;
+                        let still_over = outcome.pruned == 0 && over.is_some();
                         if still_over && !stuck_above {
-                            tracing::warn!(over_by = %human_bytes(over),
+                            tracing::warn!(over_by = %human_bytes(over.bytes), inodes_over = over.inodes,
                                 high_water_percent = policy.high_water_percent,
                                 "state disk past its high-water mark, and nothing delivered is left to prune");
                         }
@@ -409,11 +432,15 @@ impl Retention {
         }
     }
 
-    /// Bytes used above the high-water mark (0 below it, or unknown).
-    fn over_high_water(&self, policy: &RetentionConfig) -> u64 {
+    /// Bytes and inodes used above the high-water mark (0 below it, or
+    /// unknown).
+    fn over_high_water(&self, policy: &RetentionConfig) -> Excess {
         match disk_usage(&self.state_dir) {
-            Ok(u) => u.above_percent(policy.high_water_percent),
-            Err(_) => 0,
+            Ok(u) => Excess {
+                bytes: u.above_percent(policy.high_water_percent),
+                inodes: u.inodes_above_percent(policy.high_water_percent),
+            },
+            Err(_) => Excess::default(),
         }
     }
 
@@ -422,7 +449,7 @@ impl Retention {
     pub fn pass(
         &self,
         policy: &RetentionConfig,
-        over_high_water: u64,
+        over_high_water: Excess,
     ) -> Result<PassOutcome, RetentionError> {
         let keep = keep_ms(policy);
         let now = now_ms();
@@ -561,10 +588,11 @@ impl Retention {
             let Ok(meta) = std::fs::metadata(self.blobs.path_of(&id)) else {
                 continue;
             };
-            let frees = if meta.nlink() > 1 {
-                0
-            } else {
+            let frees_inode = meta.nlink() <= 1;
+            let frees = if frees_inode {
                 meta.blocks().saturating_mul(512)
+            } else {
+                0
             };
             objects.insert(
                 id,
@@ -572,6 +600,7 @@ impl Retention {
                     id,
                     kind,
                     frees,
+                    frees_inode,
                     verified_ms,
                     holding: Holding::Unclaimed,
                 },
@@ -724,7 +753,7 @@ mod tests {
                 keep_delivered_hours: keep_hours,
                 ..RetentionConfig::default()
             };
-            self.retention.pass(&policy, over).unwrap()
+            self.retention.pass(&policy, bytes(over)).unwrap()
         }
 
         fn held(&self, img: &SampleImage) -> Vec<bool> {
@@ -916,15 +945,23 @@ mod tests {
             id: id(n),
             kind: ObjectKind::Blob,
             frees,
+            frees_inode: true,
             verified_ms: 0,
             holding,
+        }
+    }
+
+    fn bytes(n: u64) -> Excess {
+        Excess {
+            bytes: n,
+            inodes: 0,
         }
     }
 
     #[test]
     fn what_is_still_owed_is_kept_however_full_the_disk() {
         let objects = [obj(1, 100, Holding::Needed)];
-        assert!(plan(&objects, 1000 * H, 0, u64::MAX).is_empty());
+        assert!(plan(&objects, 1000 * H, 0, bytes(u64::MAX)).is_empty());
     }
 
     #[test]
@@ -935,23 +972,23 @@ mod tests {
             obj(3, 10, Holding::Needed),
         ];
         assert_eq!(
-            plan(&objects, 72 * H, 72 * H, 0),
+            plan(&objects, 72 * H, 72 * H, bytes(0)),
             vec![(id(1), PruneRule::KeptLongEnough)]
         );
-        assert!(plan(&objects, 72 * H - 1, 72 * H, 0).is_empty());
+        assert!(plan(&objects, 72 * H - 1, 72 * H, bytes(0)).is_empty());
     }
 
     #[test]
     fn unclaimed_objects_go_that_long_after_they_were_verified() {
         let mut o = obj(1, 10, Holding::Unclaimed);
         o.verified_ms = 10 * H;
-        assert!(plan(std::slice::from_ref(&o), 81 * H, 72 * H, 0).is_empty());
+        assert!(plan(std::slice::from_ref(&o), 81 * H, 72 * H, bytes(0)).is_empty());
         assert_eq!(
-            plan(std::slice::from_ref(&o), 82 * H, 72 * H, 0),
+            plan(std::slice::from_ref(&o), 82 * H, 72 * H, bytes(0)),
             vec![(id(1), PruneRule::KeptLongEnough)]
         );
         // Not early under pressure: its image may yet arrive.
-        assert!(plan(std::slice::from_ref(&o), 11 * H, 72 * H, u64::MAX).is_empty());
+        assert!(plan(std::slice::from_ref(&o), 11 * H, 72 * H, bytes(u64::MAX)).is_empty());
     }
 
     #[test]
@@ -963,17 +1000,61 @@ mod tests {
             obj(4, 40, Holding::Needed),
         ];
         assert_eq!(
-            plan(&objects, 4 * H, 72 * H, 50),
+            plan(&objects, 4 * H, 72 * H, bytes(50)),
             vec![(id(2), PruneRule::HighWater), (id(3), PruneRule::HighWater)]
         );
-        assert!(plan(&objects, 4 * H, 72 * H, 0).is_empty());
+        assert!(plan(&objects, 4 * H, 72 * H, bytes(0)).is_empty());
         // Objects due anyway count toward what must be freed.
         let mut due = objects.to_vec();
         due.push(obj(5, 60, Holding::DeliveredAt(0)));
         assert_eq!(
-            plan(&due, 80 * H, 80 * H - 1, 50),
+            plan(&due, 80 * H, 80 * H - 1, bytes(50)),
             vec![(id(5), PruneRule::KeptLongEnough)]
         );
+    }
+
+    #[test]
+    fn past_the_high_water_mark_in_inodes_delivered_objects_go_until_enough_inodes_are_freed() {
+        let mut linked = obj(1, 0, Holding::DeliveredAt(H));
+        linked.frees_inode = false;
+        let objects = [
+            linked,
+            obj(2, 1, Holding::DeliveredAt(2 * H)),
+            obj(3, 1, Holding::DeliveredAt(3 * H)),
+            obj(4, 1, Holding::DeliveredAt(4 * H)),
+            obj(5, 1, Holding::Needed),
+        ];
+        let inodes = |n| Excess {
+            bytes: 0,
+            inodes: n,
+        };
+        // The file also linked elsewhere goes first (longest delivered) but
+        // frees no inode, so two more go.
+        assert_eq!(
+            plan(&objects, 5 * H, 72 * H, inodes(2)),
+            vec![
+                (id(1), PruneRule::HighWater),
+                (id(2), PruneRule::HighWater),
+                (id(3), PruneRule::HighWater)
+            ]
+        );
+        // Bytes and inodes both owed: the longer of the two runs.
+        assert_eq!(
+            plan(
+                &objects,
+                5 * H,
+                72 * H,
+                Excess {
+                    bytes: 3,
+                    inodes: 1
+                }
+            )
+            .len(),
+            4
+        );
+        assert!(plan(&objects, 5 * H, 72 * H, inodes(u64::MAX))
+            .iter()
+            .all(|(i, _)| *i != id(5)));
     }
 
     #[test]

@@ -17,6 +17,13 @@ use std::time::{Duration, Instant};
 /// Intake resumes this far above the point where it stopped, so a disk
 /// hovering at the limit does not flap.
 pub const RESUME_MARGIN: u64 = 1 << 20;
+/// Intake stops while fewer inodes than this are free, on a filesystem
+/// that counts them: each object arriving needs files of its own, and a
+/// disk out of inodes refuses them (ENOSPC) however many bytes are free.
+pub const MIN_FREE_INODES: u64 = 1024;
+/// Intake resumes this many inodes above the floor (or the point where it
+/// stopped).
+pub const INODE_RESUME_MARGIN: u64 = 1024;
 /// How often the LEDs are re-evaluated.
 const PANEL_EVERY: Duration = Duration::from_millis(250);
 /// How often blinking LEDs without the timer trigger toggle.
@@ -78,8 +85,24 @@ fn statvfs(dir: &Path) -> std::io::Result<libc::statvfs> {
 
 /// Bytes free for this process on the filesystem holding `dir`.
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    Ok(free_room(dir)?.bytes)
+}
+
+/// What the filesystem holding a directory has free for this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub bytes: u64,
+    /// Free inodes; `None` where the filesystem does not count them.
+    pub inodes: Option<u64>,
+}
+
+/// Bytes and inodes free for this process on the filesystem holding `dir`.
+pub fn free_room(dir: &Path) -> std::io::Result<Room> {
     let st = statvfs(dir)?;
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    Ok(Room {
+        bytes: st.f_bavail as u64 * st.f_frsize as u64,
+        inodes: (st.f_files > 0).then_some(st.f_favail as u64),
+    })
 }
 
 /// Size and use of the filesystem holding a directory.
@@ -88,6 +111,10 @@ pub struct DiskUsage {
     pub total: u64,
     /// Bytes in use (the root-reserved free blocks count as free).
     pub used: u64,
+    /// Inodes, and those in use; both 0 where the filesystem does not
+    /// count them.
+    pub inodes_total: u64,
+    pub inodes_used: u64,
 }
 
 impl DiskUsage {
@@ -95,6 +122,13 @@ impl DiskUsage {
     pub fn above_percent(&self, percent: u32) -> u64 {
         let mark = (self.total as u128 * percent.min(100) as u128 / 100) as u64;
         self.used.saturating_sub(mark)
+    }
+
+    /// Inodes in use above `percent` of the disk's (0 below it, or where
+    /// the filesystem does not count them).
+    pub fn inodes_above_percent(&self, percent: u32) -> u64 {
+        let mark = (self.inodes_total as u128 * percent.min(100) as u128 / 100) as u64;
+        self.inodes_used.saturating_sub(mark)
     }
 
     pub fn percent_used(&self) -> f64 {
@@ -111,9 +145,12 @@ pub fn disk_usage(dir: &Path) -> std::io::Result<DiskUsage> {
     let block = st.f_frsize as u64;
     let total = st.f_blocks as u64 * block;
     let free = st.f_bfree as u64 * block;
+    let inodes_total = st.f_files as u64;
     Ok(DiskUsage {
         total,
         used: total.saturating_sub(free),
+        inodes_total,
+        inodes_used: inodes_total.saturating_sub(st.f_ffree as u64),
     })
 }
 
@@ -151,10 +188,19 @@ pub enum Intake {
     Shards,
 }
 
-/// Why intake is stopped.
+/// What a disk ran short of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortage {
+    Bytes,
+    Inodes,
+}
+
+/// Why intake is stopped. `free` and `resume_at` count what it ran short
+/// of: bytes, or inodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskFull {
     pub dir: PathBuf,
+    pub short_of: Shortage,
     pub free: u64,
     pub resume_at: u64,
     pub intake: Intake,
@@ -162,7 +208,21 @@ pub struct DiskFull {
 
 impl std::fmt::Display for DiskFull {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (free, dir, resume_at) = (mib(self.free), self.dir.display(), mib(self.resume_at));
+        let dir = self.dir.display();
+        if self.short_of == Shortage::Inodes {
+            let (free, resume_at) = (self.free, self.resume_at);
+            return match self.intake {
+                Intake::Spool => write!(
+                    f,
+                    "state disk out of inodes: {free} free on {dir}; intake resumes at {resume_at} free"
+                ),
+                Intake::Shards => write!(
+                    f,
+                    "state disk out of inodes: {free} free on {dir}; shards are dropped until {resume_at} free"
+                ),
+            };
+        }
+        let (free, resume_at) = (mib(self.free), mib(self.resume_at));
         match self.intake {
             Intake::Spool => write!(
                 f,
@@ -183,8 +243,11 @@ pub struct StateDisk {
     dir: PathBuf,
     min_free: u64,
     intake: Intake,
-    /// Free bytes when intake stopped; `None` while intake runs.
+    /// Free bytes when intake stopped for want of bytes; `None` while
+    /// bytes allow intake.
     stopped_at: Option<u64>,
+    /// Free inodes when intake stopped for want of inodes.
+    inodes_stopped_at: Option<u64>,
     warned: bool,
 }
 
@@ -195,14 +258,19 @@ impl StateDisk {
             min_free: min_free_mb.saturating_mul(1 << 20),
             intake,
             stopped_at: None,
+            inodes_stopped_at: None,
             warned: false,
         }
     }
 
     /// Looks at the disk now; `Err` while intake must stay stopped.
     pub fn check(&mut self) -> Result<(), DiskFull> {
-        match free_bytes(&self.dir) {
-            Ok(free) => self.judge(free),
+        match free_room(&self.dir) {
+            Ok(room) => {
+                let bytes = self.judge(room.bytes);
+                let inodes = room.inodes.map_or(Ok(()), |n| self.judge_inodes(n));
+                bytes.and(inodes)
+            }
             Err(e) => {
                 // Unknown is not full: a guard that cannot look must not
                 // stop the gateway on its own.
@@ -235,23 +303,65 @@ impl StateDisk {
             free,
             resume_at,
             intake: self.intake,
+            short_of: Shortage::Bytes,
+        })
+    }
+
+    /// The decision for `free` inodes free.
+    pub fn judge_inodes(&mut self, free: u64) -> Result<(), DiskFull> {
+        let stopped = match self.inodes_stopped_at {
+            Some(at) => at,
+            None if free < MIN_FREE_INODES => {
+                self.inodes_stopped_at = Some(free);
+                free
+            }
+            None => return Ok(()),
+        };
+        let resume_at = MIN_FREE_INODES.max(stopped) + INODE_RESUME_MARGIN;
+        if free >= resume_at {
+            self.inodes_stopped_at = None;
+            return Ok(());
+        }
+        Err(DiskFull {
+            dir: self.dir.clone(),
+            free,
+            resume_at,
+            intake: self.intake,
+            short_of: Shortage::Inodes,
         })
     }
 
     /// A write failed for want of space: intake stops until space frees.
+    /// ENOSPC is also what a disk out of inodes answers; the inodes left
+    /// tell the two apart.
     pub fn out_of_space(&mut self) -> DiskFull {
-        let free = free_bytes(&self.dir).unwrap_or(0);
+        let room = free_room(&self.dir).unwrap_or(Room {
+            bytes: 0,
+            inodes: None,
+        });
+        if let Some(inodes) = room.inodes.filter(|&n| n < MIN_FREE_INODES) {
+            self.inodes_stopped_at = Some(inodes);
+            return DiskFull {
+                dir: self.dir.clone(),
+                free: inodes,
+                resume_at: MIN_FREE_INODES + INODE_RESUME_MARGIN,
+                intake: self.intake,
+                short_of: Shortage::Inodes,
+            };
+        }
+        let free = room.bytes;
         self.stopped_at = Some(free);
         DiskFull {
             dir: self.dir.clone(),
             free,
             resume_at: self.min_free.max(free) + RESUME_MARGIN,
             intake: self.intake,
+            short_of: Shortage::Bytes,
         }
     }
 
     pub fn is_stopped(&self) -> bool {
-        self.stopped_at.is_some()
+        self.stopped_at.is_some() || self.inodes_stopped_at.is_some()
     }
 
     pub fn dir(&self) -> &Path {
@@ -441,6 +551,31 @@ mod tests {
     }
 
     #[test]
+    fn intake_stops_when_inodes_run_short_and_says_so() {
+        let mut disk = StateDisk::new(Path::new("/state"), 64, Intake::Shards);
+        assert!(disk.judge_inodes(MIN_FREE_INODES).is_ok());
+        let full = disk.judge_inodes(MIN_FREE_INODES - 1).unwrap_err();
+        assert_eq!(full.short_of, Shortage::Inodes);
+        assert_eq!(full.resume_at, MIN_FREE_INODES + INODE_RESUME_MARGIN);
+        assert_eq!(
+            full.to_string(),
+            format!(
+                "state disk out of inodes: {} free on /state; shards are dropped until {} free",
+                MIN_FREE_INODES - 1,
+                MIN_FREE_INODES + INODE_RESUME_MARGIN
+            )
+        );
+        // Bytes aplenty do not lift it; inodes freed past the margin do.
+        assert!(disk.judge(100 * MIB).is_ok());
+        assert!(disk.is_stopped());
+        assert!(disk.judge_inodes(MIN_FREE_INODES + 10).is_err());
+        assert!(disk
+            .judge_inodes(MIN_FREE_INODES + INODE_RESUME_MARGIN)
+            .is_ok());
+        assert!(!disk.is_stopped());
+    }
+
+    #[test]
     fn disk_full_is_found_inside_wrapped_errors() {
         #[derive(Debug, thiserror::Error)]
         #[error("writing blob: {0}")]
@@ -460,6 +595,9 @@ mod tests {
         assert!(free_bytes(Path::new("/nonexistent/dir")).is_err());
         let usage = disk_usage(dir.path()).unwrap();
         assert!(usage.total > 0 && usage.used <= usage.total);
+        assert!(usage.inodes_used <= usage.inodes_total);
+        let room = free_room(dir.path()).unwrap();
+        assert_eq!(room.inodes.is_some(), usage.inodes_total > 0);
     }
 
     #[test]
@@ -467,8 +605,18 @@ mod tests {
         let usage = DiskUsage {
             total: 100 * MIB,
             used: 95 * MIB,
+            inodes_total: 1000,
+            inodes_used: 930,
         };
         assert_eq!(usage.above_percent(90), 5 * MIB);
+        assert_eq!(usage.inodes_above_percent(90), 30);
+        assert_eq!(usage.inodes_above_percent(95), 0);
+        let uncounted = DiskUsage {
+            inodes_total: 0,
+            inodes_used: 0,
+            ..usage
+        };
+        assert_eq!(uncounted.inodes_above_percent(0), 0);
         assert_eq!(usage.above_percent(96), 0);
         assert_eq!(usage.above_percent(250), 0);
         assert!((usage.percent_used() - 95.0).abs() < 1e-9);

@@ -781,9 +781,14 @@ struct SmallDisk(PathBuf);
 
 impl SmallDisk {
     fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
+        SmallDisk::mount_with(dir, &format!("size={size}"))
+    }
+
+    /// Mounted with tmpfs options `opts` (e.g. `size=24m,nr_inodes=3000`).
+    fn mount_with(dir: &Path, opts: &str) -> Option<SmallDisk> {
         std::fs::create_dir_all(dir).ok()?;
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
             .arg(dir)
             .stderr(std::process::Stdio::null())
             .status()
@@ -976,6 +981,64 @@ fn a_full_receiver_state_disk_drops_frames_raises_a_fault_and_resumes() -> Resul
         || fault_of(site.rx_status()).is_none(),
     );
     drop_gateways(tx, rx);
+    Ok(())
+}
+
+/// (e, rx) A state disk out of inodes, with bytes to spare, stops the
+/// receiver's storing with a fault that says so, and lifts it once inodes
+/// are freed: every object arriving needs files of its own, and such a
+/// disk refuses them however many bytes are free.
+#[test]
+fn a_receiver_state_disk_out_of_inodes_raises_its_fault_and_lifts_it() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let layout = out.path().join("layout");
+    let opts = SiteOptions::default();
+    let links = SiteLinks {
+        rx_top: "state_min_free_mb = 1".into(),
+        ..Default::default()
+    };
+    let site = Site::with_links(Target::Layout(layout), &opts, links)?;
+    let Some(disk) = SmallDisk::mount_with(&site.rx_state, "size=24m,nr_inodes=3000") else {
+        return Ok(());
+    };
+    let mut rx = site.start_rx()?;
+    expect_within(
+        "the receiver up",
+        Duration::from_secs(30),
+        &mut [&mut rx],
+        || site.rx_status().is_some(),
+    );
+    let free_inodes = || {
+        gateway_rx::appliance::free_room(&disk.0)
+            .ok()
+            .and_then(|r| r.inodes)
+            .unwrap_or(0)
+    };
+    assert!(free_inodes() > 1100, "the tmpfs counts its inodes");
+    // Empty files: inodes gone, bytes still free.
+    let filler = disk.0.join("inode-filler");
+    std::fs::create_dir(&filler)?;
+    let mut n = 0;
+    while free_inodes() >= 1000 {
+        std::fs::File::create(filler.join(n.to_string()))?;
+        n += 1;
+    }
+    expect_within(
+        "the out-of-inodes fault",
+        Duration::from_secs(15),
+        &mut [&mut rx],
+        || fault_of(site.rx_status()).is_some_and(|f| f.contains("state disk out of inodes")),
+    );
+    assert!(disk.free() > 20 << 20, "bytes were never short");
+    assert!(rx.is_running(), "the receiver keeps running");
+    std::fs::remove_dir_all(&filler)?;
+    expect_within(
+        "the fault lifted",
+        Duration::from_secs(15),
+        &mut [&mut rx],
+        || site.rx_status().is_some() && fault_of(site.rx_status()).is_none(),
+    );
+    rx.kill9();
     Ok(())
 }
 
