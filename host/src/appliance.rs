@@ -106,7 +106,7 @@ pub fn free_room(dir: &Path) -> std::io::Result<Room> {
 }
 
 /// Size and use of the filesystem holding a directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DiskUsage {
     pub total: u64,
     /// Bytes in use (the root-reserved free blocks count as free).

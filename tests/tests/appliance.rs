@@ -18,6 +18,7 @@ use weir_tests::pair::{
     TEST_SECRET,
 };
 use weir_tests::serial_line::{self, FaultyLine, LineFaults, PtyPair};
+use weir_tests::small_disk::SmallDisk;
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(90);
 const LED_NAMES: [&str; 4] = ["weir:power", "weir:link", "weir:activity", "weir:fault"];
@@ -776,58 +777,6 @@ fn leds_show_power_link_activity_and_an_hmac_fault_and_go_dark_on_sigterm() -> R
 
 // ------------------------------------------------------------ (e) full disk
 
-/// A small tmpfs mounted on a directory for a test's life (root only).
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
-        SmallDisk::mount_with(dir, &format!("size={size}"))
-    }
-
-    /// Mounted with tmpfs options `opts` (e.g. `size=24m,nr_inodes=3000`).
-    fn mount_with(dir: &Path, opts: &str) -> Option<SmallDisk> {
-        std::fs::create_dir_all(dir).ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!(
-                "SKIPPED: cannot mount a tmpfs on {} (needs root)",
-                dir.display()
-            );
-        }
-        ok.then(|| SmallDisk(dir.to_path_buf()))
-    }
-
-    fn free(&self) -> u64 {
-        gateway_tx::appliance::free_bytes(&self.0).unwrap_or(0)
-    }
-
-    /// Fills the disk until `leave` bytes are free; returns the filler.
-    fn fill_leaving(&self, leave: u64) -> Result<PathBuf> {
-        let filler = self.0.join("filler");
-        let mut f = std::fs::File::create(&filler)?;
-        let chunk = vec![0x5a_u8; 64 << 10];
-        while self.free() > leave + chunk.len() as u64 {
-            f.write_all(&chunk)?;
-            f.flush()?;
-        }
-        Ok(filler)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 fn fault_of(status: Option<serde_json::Value>) -> Option<String> {
     status.and_then(|s| s["fault"].as_str().map(str::to_string))
 }
@@ -1008,21 +957,9 @@ fn a_receiver_state_disk_out_of_inodes_raises_its_fault_and_lifts_it() -> Result
         &mut [&mut rx],
         || site.rx_status().is_some(),
     );
-    let free_inodes = || {
-        gateway_rx::appliance::free_room(&disk.0)
-            .ok()
-            .and_then(|r| r.inodes)
-            .unwrap_or(0)
-    };
-    assert!(free_inodes() > 1100, "the tmpfs counts its inodes");
+    assert!(disk.free_inodes() > 1100, "the tmpfs counts its inodes");
     // Empty files: inodes gone, bytes still free.
-    let filler = disk.0.join("inode-filler");
-    std::fs::create_dir(&filler)?;
-    let mut n = 0;
-    while free_inodes() >= 1000 {
-        std::fs::File::create(filler.join(n.to_string()))?;
-        n += 1;
-    }
+    let filler = disk.fill_inodes_leaving(1000)?;
     expect_within(
         "the out-of-inodes fault",
         Duration::from_secs(15),

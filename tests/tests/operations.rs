@@ -7,13 +7,14 @@
 
 use anyhow::{Context, Result};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use weir_test_support::scrape;
 use weir_tests::imagegen::{self, LayerSpec};
 use weir_tests::pair::{
     expect_within, layout_lists, rx_counter, write_key, Site, SiteLinks, SiteOptions, Target,
 };
+use weir_tests::small_disk::SmallDisk;
 
 fn layers(sizes: &[u64]) -> Vec<LayerSpec> {
     sizes.iter().map(|&size| LayerSpec { size }).collect()
@@ -30,50 +31,6 @@ fn rules_allowing(namespaces: &[&str]) -> String {
         "namespaces: [{}]\nrules:\n  - regex: '.*'\n",
         namespaces.join(", ")
     )
-}
-
-/// A small tmpfs mounted on a directory for a test's life, unmounted when
-/// dropped (also when the test fails). Mounting needs root: elsewhere the
-/// test is skipped, except under `CI=true`, where it fails.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
-        std::fs::create_dir_all(dir).ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let ci = weir_test_support::tools::is_ci(std::env::var_os("CI").as_deref());
-            assert!(
-                !ci,
-                "cannot mount a tmpfs on {} (CI=true: this test must run as root)",
-                dir.display()
-            );
-            eprintln!(
-                "SKIPPED: cannot mount a tmpfs on {} (needs root)",
-                dir.display()
-            );
-        }
-        ok.then(|| SmallDisk(dir.to_path_buf()))
-    }
-
-    fn usage(&self) -> weir_host::appliance::DiskUsage {
-        weir_host::appliance::disk_usage(&self.0)
-            .unwrap_or(weir_host::appliance::DiskUsage { total: 0, used: 0 })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 /// Retention on a 64 MiB state disk: five images of about 20 MB cross one
