@@ -1839,31 +1839,6 @@ pub(crate) mod tests {
         assert_eq!(blobs.read_object(&done[0]).unwrap(), bytes);
     }
 
-    /// A tmpfs of `size` mounted on `dir` for the test's life (root only).
-    struct SmallDisk(std::path::PathBuf);
-
-    impl SmallDisk {
-        fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
-            std::fs::create_dir_all(dir).unwrap();
-            let ok = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(dir)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            ok.then(|| SmallDisk(dir.to_path_buf()))
-        }
-    }
-
-    impl Drop for SmallDisk {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-
     /// A staging disk that fills mid-batch: the commit fails as "disk
     /// full" (the gateway stops storing on that), no shard is claimed, and
     /// shards discarded while the disk is full are not half-claimed either:
@@ -1872,8 +1847,7 @@ pub(crate) mod tests {
     fn a_full_staging_disk_fails_the_commit_as_disk_full_and_claims_nothing() {
         let rig = Rig::new();
         let staging = rig.dir.path().join("staging");
-        let Some(_disk) = SmallDisk::mount(&staging, "256k") else {
-            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        let Some(_disk) = weir_test_support::small_disk::SmallDisk::mount(&staging, "256k") else {
             return;
         };
         let (mut store, _, _db) = rig.open();

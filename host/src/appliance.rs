@@ -236,18 +236,61 @@ impl std::fmt::Display for DiskFull {
     }
 }
 
+/// A floor of free room (bytes, or inodes) with hysteresis: below `min`
+/// intake stops; it resumes `margin` above the floor, or above the point
+/// where it stopped if that was lower still, so a disk hovering at the
+/// limit does not flap.
+#[derive(Debug)]
+struct Floor {
+    min: u64,
+    margin: u64,
+    /// Free room when intake stopped; `None` while it runs.
+    stopped_at: Option<u64>,
+}
+
+impl Floor {
+    fn new(min: u64, margin: u64) -> Floor {
+        Floor {
+            min,
+            margin,
+            stopped_at: None,
+        }
+    }
+
+    /// `Err(resume_at)` while intake must stay stopped with `free` free.
+    fn judge(&mut self, free: u64) -> Result<(), u64> {
+        let stopped = match self.stopped_at {
+            Some(at) => at,
+            None if free < self.min => {
+                self.stopped_at = Some(free);
+                free
+            }
+            None => return Ok(()),
+        };
+        let resume_at = self.min.max(stopped) + self.margin;
+        if free >= resume_at {
+            self.stopped_at = None;
+            return Ok(());
+        }
+        Err(resume_at)
+    }
+
+    /// Stops intake at `free` whatever the floor (a write failed); returns
+    /// where it resumes.
+    fn stop_at(&mut self, free: u64) -> u64 {
+        self.stopped_at = Some(free);
+        self.min.max(free) + self.margin
+    }
+}
+
 /// Stops intake while the state disk is (nearly) full, so that sled and
 /// the files beside it never meet a write that fails half-way.
 #[derive(Debug)]
 pub struct StateDisk {
     dir: PathBuf,
-    min_free: u64,
     intake: Intake,
-    /// Free bytes when intake stopped for want of bytes; `None` while
-    /// bytes allow intake.
-    stopped_at: Option<u64>,
-    /// Free inodes when intake stopped for want of inodes.
-    inodes_stopped_at: Option<u64>,
+    bytes: Floor,
+    inodes: Floor,
     warned: bool,
 }
 
@@ -255,10 +298,9 @@ impl StateDisk {
     pub fn new(dir: &Path, min_free_mb: u64, intake: Intake) -> Self {
         StateDisk {
             dir: dir.to_path_buf(),
-            min_free: min_free_mb.saturating_mul(1 << 20),
             intake,
-            stopped_at: None,
-            inodes_stopped_at: None,
+            bytes: Floor::new(min_free_mb.saturating_mul(1 << 20), RESUME_MARGIN),
+            inodes: Floor::new(MIN_FREE_INODES, INODE_RESUME_MARGIN),
             warned: false,
         }
     }
@@ -283,52 +325,28 @@ impl StateDisk {
         }
     }
 
-    /// The decision for `free` bytes free.
-    pub fn judge(&mut self, free: u64) -> Result<(), DiskFull> {
-        let stopped = match self.stopped_at {
-            Some(at) => at,
-            None if free < self.min_free => {
-                self.stopped_at = Some(free);
-                free
-            }
-            None => return Ok(()),
-        };
-        let resume_at = self.min_free.max(stopped) + RESUME_MARGIN;
-        if free >= resume_at {
-            self.stopped_at = None;
-            return Ok(());
-        }
-        Err(DiskFull {
+    fn full(&self, short_of: Shortage, free: u64, resume_at: u64) -> DiskFull {
+        DiskFull {
             dir: self.dir.clone(),
+            short_of,
             free,
             resume_at,
             intake: self.intake,
-            short_of: Shortage::Bytes,
-        })
+        }
+    }
+
+    /// The decision for `free` bytes free.
+    pub fn judge(&mut self, free: u64) -> Result<(), DiskFull> {
+        self.bytes
+            .judge(free)
+            .map_err(|resume_at| self.full(Shortage::Bytes, free, resume_at))
     }
 
     /// The decision for `free` inodes free.
     pub fn judge_inodes(&mut self, free: u64) -> Result<(), DiskFull> {
-        let stopped = match self.inodes_stopped_at {
-            Some(at) => at,
-            None if free < MIN_FREE_INODES => {
-                self.inodes_stopped_at = Some(free);
-                free
-            }
-            None => return Ok(()),
-        };
-        let resume_at = MIN_FREE_INODES.max(stopped) + INODE_RESUME_MARGIN;
-        if free >= resume_at {
-            self.inodes_stopped_at = None;
-            return Ok(());
-        }
-        Err(DiskFull {
-            dir: self.dir.clone(),
-            free,
-            resume_at,
-            intake: self.intake,
-            short_of: Shortage::Inodes,
-        })
+        self.inodes
+            .judge(free)
+            .map_err(|resume_at| self.full(Shortage::Inodes, free, resume_at))
     }
 
     /// A write failed for want of space: intake stops until space frees.
@@ -339,29 +357,20 @@ impl StateDisk {
             bytes: 0,
             inodes: None,
         });
-        if let Some(inodes) = room.inodes.filter(|&n| n < MIN_FREE_INODES) {
-            self.inodes_stopped_at = Some(inodes);
-            return DiskFull {
-                dir: self.dir.clone(),
-                free: inodes,
-                resume_at: MIN_FREE_INODES + INODE_RESUME_MARGIN,
-                intake: self.intake,
-                short_of: Shortage::Inodes,
-            };
-        }
-        let free = room.bytes;
-        self.stopped_at = Some(free);
-        DiskFull {
-            dir: self.dir.clone(),
-            free,
-            resume_at: self.min_free.max(free) + RESUME_MARGIN,
-            intake: self.intake,
-            short_of: Shortage::Bytes,
+        match room.inodes.filter(|&n| n < MIN_FREE_INODES) {
+            Some(inodes) => {
+                let resume_at = self.inodes.stop_at(inodes);
+                self.full(Shortage::Inodes, inodes, resume_at)
+            }
+            None => {
+                let resume_at = self.bytes.stop_at(room.bytes);
+                self.full(Shortage::Bytes, room.bytes, resume_at)
+            }
         }
     }
 
     pub fn is_stopped(&self) -> bool {
-        self.stopped_at.is_some() || self.inodes_stopped_at.is_some()
+        self.bytes.stopped_at.is_some() || self.inodes.stopped_at.is_some()
     }
 
     pub fn dir(&self) -> &Path {

@@ -31,6 +31,8 @@
 //! - [`replies`]: a console handler's reply as text.
 //! - [`scrape`]: a metrics endpoint read over HTTP, its samples looked up,
 //!   its text checked by `promtool check metrics`.
+//! - [`small_disk`]: a small tmpfs on a directory (root), a state disk
+//!   that fills in bytes or in inodes.
 //! - [`wait`]: polling with a deadline.
 
 pub mod cosign;
@@ -43,6 +45,7 @@ pub mod replies;
 pub mod scrape;
 pub mod sender;
 pub mod skopeo;
+pub mod small_disk;
 pub mod tls;
 pub mod tools;
 pub mod wait;

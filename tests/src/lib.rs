@@ -28,7 +28,6 @@ pub mod campaign;
 pub mod diode;
 pub mod pair;
 pub mod serial_line;
-pub mod small_disk;
 
 pub use weir_imagegen as imagegen;
 pub use weir_test_support::{registry, skopeo};

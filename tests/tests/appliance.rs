@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weir_proto::{Body, FrameSealer, Heartbeat, Key};
+use weir_test_support::small_disk::SmallDisk;
 use weir_tests::imagegen::{self, LayerSpec};
 use weir_tests::pair::{
     expect_within, layout_lists, rx_counter, Gateway, Site, SiteLinks, SiteOptions, Target,
     TEST_SECRET,
 };
 use weir_tests::serial_line::{self, FaultyLine, LineFaults, PtyPair};
-use weir_tests::small_disk::SmallDisk;
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(90);
 const LED_NAMES: [&str; 4] = ["weir:power", "weir:link", "weir:activity", "weir:fault"];
@@ -885,12 +885,7 @@ fn a_full_receiver_state_disk_drops_frames_raises_a_fault_and_resumes() -> Resul
     )?;
     let digest = image.manifest_digest.clone().context("digest")?;
     let mut rx = site.start_rx()?;
-    expect_within(
-        "the receiver up",
-        Duration::from_secs(30),
-        &mut [&mut rx],
-        || site.rx_status().is_some(),
-    );
+    receiver_up(&site, &mut rx);
     // 3 MiB free: below the 4 MiB floor.
     let filler = disk.fill_leaving(3 << 20)?;
     expect_within(
@@ -951,12 +946,7 @@ fn a_receiver_state_disk_out_of_inodes_raises_its_fault_and_lifts_it() -> Result
         return Ok(());
     };
     let mut rx = site.start_rx()?;
-    expect_within(
-        "the receiver up",
-        Duration::from_secs(30),
-        &mut [&mut rx],
-        || site.rx_status().is_some(),
-    );
+    receiver_up(&site, &mut rx);
     assert!(disk.free_inodes() > 1100, "the tmpfs counts its inodes");
     // Empty files: inodes gone, bytes still free.
     let filler = disk.fill_inodes_leaving(1000)?;
@@ -977,6 +967,16 @@ fn a_receiver_state_disk_out_of_inodes_raises_its_fault_and_lifts_it() -> Result
     );
     rx.kill9();
     Ok(())
+}
+
+/// Waits for gateway-rx's first status report.
+fn receiver_up(site: &Site, rx: &mut Gateway) {
+    expect_within(
+        "the receiver up",
+        Duration::from_secs(30),
+        &mut [rx],
+        || site.rx_status().is_some(),
+    );
 }
 
 /// Kills the gateways before the tmpfs under them is unmounted.

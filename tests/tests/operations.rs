@@ -10,11 +10,11 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use weir_test_support::scrape;
+use weir_test_support::small_disk::SmallDisk;
 use weir_tests::imagegen::{self, LayerSpec};
 use weir_tests::pair::{
     expect_within, layout_lists, rx_counter, write_key, Site, SiteLinks, SiteOptions, Target,
 };
-use weir_tests::small_disk::SmallDisk;
 
 fn layers(sizes: &[u64]) -> Vec<LayerSpec> {
     sizes.iter().map(|&size| LayerSpec { size }).collect()

@@ -25,7 +25,7 @@ impl SmallDisk {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            let ci = weir_test_support::tools::is_ci(std::env::var_os("CI").as_deref());
+            let ci = crate::tools::is_ci(std::env::var_os("CI").as_deref());
             assert!(
                 !ci,
                 "cannot mount a tmpfs on {} (CI=true: this test must run as root)",
