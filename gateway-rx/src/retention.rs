@@ -43,7 +43,7 @@
 //! and the blob is taken again from the sender's next pass (the sender
 //! owes a new image's shared blobs new passes).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
@@ -489,6 +489,17 @@ impl Retention {
             self.pruned.record(id, &record)?;
             self.ledger.forget_verified(id)?;
         }
+        let images_gone: HashSet<ObjectId> = chosen
+            .iter()
+            .filter(|(id, _)| by_id.get(id).is_some_and(|o| o.kind == ObjectKind::Image))
+            .map(|(id, _)| *id)
+            .collect();
+        let unwaited = self.ledger.chains().forget_waiting_of(&images_gone)?;
+        if unwaited > 0 {
+            tracing::info!(records = unwaited,
+                "image ledger records that waited for their chain's first record forgotten with their \
+                 pruned image objects");
+        }
         // Recorded before any file goes: see the module doc.
         self.db.commit("rx.retention.pruned")?;
         let mut outcome = PassOutcome {
@@ -794,6 +805,26 @@ mod tests {
         assert_eq!(job.state, JobState::Done);
         // ...and gone again at the next pass: its image is long delivered.
         assert_eq!(r.pass(8.0, 0).pruned, 4);
+    }
+
+    #[test]
+    fn a_record_waiting_for_a_first_record_that_never_comes_leaves_with_its_pruned_image_object() {
+        let r = rig();
+        // Record 2 of a chain whose record 1 never reaches this receiver.
+        let first = sample_image("team/app", &["1"], 1, 3000);
+        let second = sample_image("team/app", &["2"], 1, 3000).following(&first.tm.ledger.head());
+        let image = r.receive(&second);
+        let chains = r.ledger.chains();
+        assert_eq!(chains.waiting_chains().unwrap().len(), 1);
+        // Not named by any image: it goes once kept, and its record with it.
+        assert_eq!(r.pass(72.0, 0).pruned, 0);
+        assert_eq!(chains.waiting_chains().unwrap().len(), 1);
+        assert_eq!(r.pass(0.0, 0).pruned, 3, "config, layer and image object");
+        assert!(r.retention.pruned.contains(&image).unwrap());
+        assert!(chains.waiting_chains().unwrap().is_empty());
+        // Also after a restart, from the database.
+        let r = restart(r);
+        assert!(r.ledger.chains().waiting_chains().unwrap().is_empty());
     }
 
     #[test]

@@ -79,7 +79,7 @@
 pub mod report;
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use weir_proto::ledger::report::RefusedRecord;
@@ -703,6 +703,35 @@ impl HeldChains {
             Vec::new()
         };
         Ok(Admission::Held { position, released })
+    }
+
+    /// Forgets the records waiting whose image object is in `gone` (pruned
+    /// from the blob store): their image cannot be delivered without it,
+    /// and the records of a chain whose first record never comes (made up
+    /// by a sender holding the key) would otherwise hold their places for
+    /// good. Sent again, such an image waits again. Durable at the caller's
+    /// next commit.
+    pub fn forget_waiting_of(&self, gone: &HashSet<ObjectId>) -> Result<usize, StateError> {
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let mut followed = self.lock();
+        let mut forgotten = 0;
+        for item in self.waiting.iter() {
+            let (k, _) = item.map_err(|e| self.db.sled_error(e))?;
+            let Some(image) = k.get(16..48).and_then(|raw| <[u8; 32]>::try_from(raw).ok()) else {
+                continue;
+            };
+            if gone.contains(&ObjectId(image)) {
+                self.waiting.remove(&k).map_err(|e| self.db.sled_error(e))?;
+                followed.waiting = followed.waiting.saturating_sub(1);
+                forgotten += 1;
+            }
+        }
+        if forgotten > 0 {
+            self.changed();
+        }
+        Ok(forgotten)
     }
 
     /// Takes the records of `chain` that waited for its first record.
