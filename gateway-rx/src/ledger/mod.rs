@@ -27,7 +27,8 @@
 //!   chain is accepted, logged loudly ("sender started a new image ledger
 //!   chain"), and the waiting records are admitted in order. A record that
 //!   finds no room is turned away but not kept as refused: the next start
-//!   admits its image again.
+//!   admits its image again. A waiting record leaves with its image object
+//!   when retention prunes that ([`HeldChains::forget_waiting_of`]).
 //! - a record whose chain's first record will never come (this receiver
 //!   lost its state after that record left the sender's retention): the
 //!   operator accepts the chain from a given seq with `gateway-rx ledger
