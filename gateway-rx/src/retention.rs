@@ -11,9 +11,12 @@
 //!   object refused as invalid) goes that long after it was verified.
 //! - **Earlier, under pressure**: while the state disk is more than
 //!   `high_water_percent` used, delivered objects go before their time,
-//!   the longest delivered first, until the disk is back under the mark.
+//!   the longest delivered first, until the disk is back under the mark, in
+//!   bytes and in inodes (many small objects use up the inodes first).
 //!   Nothing still owed goes, however full the disk: intake then stops at
 //!   `state_min_free_mb` as before.
+//! - **Records waiting with them**: an image ledger record waiting for its
+//!   chain's first record leaves once its image object is gone.
 //! - **Staging leftovers**: an object in the shard store that got no shard
 //!   for `keep_delivered_hours` (its sender stopped sending it) is
 //!   forgotten, records and files, by the store stage itself.
@@ -459,6 +462,25 @@ impl Retention {
         let records = self.prune_ledger(keep, now)?;
         let (objects, names) = self.stored_objects()?;
         let chosen = plan(&objects, now, keep, over_high_water);
+        // Records waiting for their chain's first record leave with their
+        // image object: pruned now, or before.
+        let staying: HashSet<ObjectId> = {
+            let going: HashSet<&ObjectId> = chosen.iter().map(|(id, _)| id).collect();
+            objects
+                .iter()
+                .map(|o| o.id)
+                .filter(|id| !going.contains(id))
+                .collect()
+        };
+        let unwaited = self
+            .ledger
+            .chains()
+            .forget_waiting_unless(&|id| staying.contains(id))?;
+        if unwaited > 0 {
+            tracing::info!(records = unwaited,
+                "image ledger records that waited for their chain's first record forgotten with their \
+                 pruned image objects");
+        }
         let tombstone_keep = keep.max(TOMBSTONE_MIN_KEEP_MS);
         let expired: Vec<(ObjectId, PrunedRecord)> = self
             .pruned
@@ -467,7 +489,7 @@ impl Retention {
             .filter(|(_, r)| now.saturating_sub(r.pruned_ms) >= tombstone_keep)
             .collect();
         if chosen.is_empty() && expired.is_empty() {
-            if records > 0 {
+            if records > 0 || unwaited > 0 {
                 self.db.commit("rx.retention.pruned")?;
             }
             return Ok(PassOutcome {
@@ -488,17 +510,6 @@ impl Retention {
             };
             self.pruned.record(id, &record)?;
             self.ledger.forget_verified(id)?;
-        }
-        let images_gone: HashSet<ObjectId> = chosen
-            .iter()
-            .filter(|(id, _)| by_id.get(id).is_some_and(|o| o.kind == ObjectKind::Image))
-            .map(|(id, _)| *id)
-            .collect();
-        let unwaited = self.ledger.chains().forget_waiting_of(&images_gone)?;
-        if unwaited > 0 {
-            tracing::info!(records = unwaited,
-                "image ledger records that waited for their chain's first record forgotten with their \
-                 pruned image objects");
         }
         // Recorded before any file goes: see the module doc.
         self.db.commit("rx.retention.pruned")?;
@@ -824,6 +835,18 @@ mod tests {
         assert!(chains.waiting_chains().unwrap().is_empty());
         // Also after a restart, from the database.
         let r = restart(r);
+        assert!(r.ledger.chains().waiting_chains().unwrap().is_empty());
+
+        // A record whose image object went before (an older build pruned it
+        // and kept the record) goes at the next pass, with nothing to prune.
+        let third = sample_image("team/app", &["3"], 1, 3000).following(&second.tm.ledger.head());
+        let image = r.receive(&third);
+        assert_eq!(r.ledger.chains().waiting_chains().unwrap().len(), 1);
+        {
+            let _writing = r.ledger.lock_writes();
+            r.ledger.forget_verified(&image).unwrap();
+        }
+        assert_eq!(r.pass(72.0, 0).pruned, 0);
         assert!(r.ledger.chains().waiting_chains().unwrap().is_empty());
     }
 

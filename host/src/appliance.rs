@@ -238,8 +238,8 @@ impl std::fmt::Display for DiskFull {
 
 /// A floor of free room (bytes, or inodes) with hysteresis: below `min`
 /// intake stops; it resumes `margin` above the floor, or above the point
-/// where it stopped if that was lower still, so a disk hovering at the
-/// limit does not flap.
+/// where it stopped if that was higher (a write failed with room still
+/// above the floor), so a disk hovering at the limit does not flap.
 #[derive(Debug)]
 struct Floor {
     min: u64,
@@ -359,6 +359,10 @@ impl StateDisk {
         });
         match room.inodes.filter(|&n| n < MIN_FREE_INODES) {
             Some(inodes) => {
+                // Short of bytes too: both must come back before intake.
+                if room.bytes < self.bytes.min.max(RESUME_MARGIN) {
+                    self.bytes.stop_at(room.bytes);
+                }
                 let resume_at = self.inodes.stop_at(inodes);
                 self.full(Shortage::Inodes, inodes, resume_at)
             }

@@ -28,7 +28,7 @@
 //!   chain"), and the waiting records are admitted in order. A record that
 //!   finds no room is turned away but not kept as refused: the next start
 //!   admits its image again. A waiting record leaves with its image object
-//!   when retention prunes that ([`HeldChains::forget_waiting_of`]).
+//!   when retention prunes that ([`HeldChains::forget_waiting_unless`]).
 //! - a record whose chain's first record will never come (this receiver
 //!   lost its state after that record left the sender's retention): the
 //!   operator accepts the chain from a given seq with `gateway-rx ledger
@@ -80,7 +80,7 @@
 pub mod report;
 
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use weir_proto::ledger::report::RefusedRecord;
@@ -706,16 +706,17 @@ impl HeldChains {
         Ok(Admission::Held { position, released })
     }
 
-    /// Forgets the records waiting whose image object is in `gone` (pruned
+    /// Forgets the records waiting whose image object is not `held` (pruned
     /// from the blob store): their image cannot be delivered without it,
     /// and the records of a chain whose first record never comes (made up
     /// by a sender holding the key) would otherwise hold their places for
-    /// good. Sent again, such an image waits again. Durable at the caller's
-    /// next commit.
-    pub fn forget_waiting_of(&self, gone: &HashSet<ObjectId>) -> Result<usize, StateError> {
-        if gone.is_empty() {
-            return Ok(0);
-        }
+    /// good. Sent again once its pruned mark lapses, such an image waits
+    /// again. Durable at the caller's next commit; the caller holds the
+    /// image ledger's write lock, so no record starts waiting meanwhile.
+    pub fn forget_waiting_unless(
+        &self,
+        held: &dyn Fn(&ObjectId) -> bool,
+    ) -> Result<usize, StateError> {
         let mut followed = self.lock();
         let mut forgotten = 0;
         for item in self.waiting.iter() {
@@ -723,7 +724,7 @@ impl HeldChains {
             let Some(image) = k.get(16..48).and_then(|raw| <[u8; 32]>::try_from(raw).ok()) else {
                 continue;
             };
-            if gone.contains(&ObjectId(image)) {
+            if !held(&ObjectId(image)) {
                 self.waiting.remove(&k).map_err(|e| self.db.sled_error(e))?;
                 followed.waiting = followed.waiting.saturating_sub(1);
                 forgotten += 1;

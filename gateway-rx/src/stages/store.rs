@@ -91,7 +91,7 @@ impl DiskWatch {
             Ok(()) => {}
             Err(full) => {
                 if !self.full {
-                    tracing::error!(reason = %full, "state disk full; verified frames are dropped until space frees");
+                    tracing::error!(reason = %full, "state disk short of room (reason says bytes or inodes); verified frames are dropped until it has room again");
                     self.full = true;
                     self.drop_pending(store);
                 }
@@ -104,7 +104,7 @@ impl DiskWatch {
     fn ran_out(&mut self, err: &dyn std::error::Error, shards: usize) {
         let full = self.disk.out_of_space();
         tracing::error!(error = %err, reason = %full,
-            "state disk full; shard batch not stored, frames are dropped until space frees");
+            "state disk short of room (reason says bytes or inodes); shard batch not stored, frames are dropped until it has room again");
         Counters::add(&self.counters.frames_dropped_disk_full, shards as u64);
         self.faults.raise(Fault::StateDiskFull, full.to_string());
         self.full = true;

@@ -273,7 +273,7 @@ impl Ingestor {
                 Err(e) if is_disk_full(&e) => {
                     let full = self.disk.out_of_space();
                     tracing::error!(file = %path.display(), error = %e, reason = %full,
-                        "state disk full while ingesting; the drop stays in the spool until space frees");
+                        "state disk short of room while ingesting (reason says bytes or inodes); the drop stays in the spool until it has room again");
                     self.faults.raise(Fault::StateDiskFull, full.to_string());
                     break;
                 }
