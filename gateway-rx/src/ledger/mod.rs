@@ -26,8 +26,9 @@
 //!   the chain's record 1 arrives (a genesis record: prev zero). Then the
 //!   chain is accepted, logged loudly ("sender started a new image ledger
 //!   chain"), and the waiting records are admitted in order. A record that
-//!   finds no room is turned away but not kept as refused: the next start
-//!   admits its image again. A waiting record leaves with its image object
+//!   finds no room is turned away but not kept as refused: its chain's
+//!   first record hands its image back (remembered in memory), and so does
+//!   the next start. A waiting record leaves with its image object
 //!   when retention prunes that ([`HeldChains::forget_waiting_unless`]).
 //! - a record whose chain's first record will never come (this receiver
 //!   lost its state after that record left the sender's retention): the
@@ -300,6 +301,12 @@ struct Followed {
     /// Highest contiguous complete seq per chain (only grows).
     contiguous: HashMap<ChainId, u64>,
     waiting: usize,
+    /// Images whose record found the waiting places taken, by chain, with
+    /// when they were first seen: handed back with their chain's first
+    /// record. In memory only (a start admits them again anyway), at most
+    /// [`MAX_WAITING`] in all.
+    turned_away: HashMap<ChainId, Vec<(ObjectId, u64)>>,
+    turned_away_count: usize,
 }
 
 /// The records held, by chain and seq, and the announced head.
@@ -357,6 +364,7 @@ impl HeldChains {
                 announced,
                 contiguous: HashMap::new(),
                 waiting: waiting.len(),
+                ..Followed::default()
             }),
             waiting,
             changes: AtomicU64::new(0),
@@ -646,10 +654,18 @@ impl HeldChains {
                 // Not kept with the refusals: nothing is wrong with the
                 // record, only the room is taken (records of made-up chains
                 // can take it). Its image object is verified but has no
-                // image record, so the next start admits it again.
+                // image record, so the next start admits it again; so does
+                // its chain's first record, if it comes before.
+                if followed.turned_away_count < MAX_WAITING {
+                    let list = followed.turned_away.entry(record.chain).or_default();
+                    if !list.iter().any(|(i, _)| *i == image) {
+                        list.push((image, first_seen_ms));
+                        followed.turned_away_count += 1;
+                    }
+                }
                 let reason = format!(
                     "chain {} is unknown here and {MAX_WAITING} records already wait for their \
-                     chain's first record; tried again when gateway-rx starts",
+                     chain's first record; tried again when that record arrives or gateway-rx starts",
                     record.chain
                 );
                 return Ok(Admission::Refused { reason, new: true });
@@ -753,6 +769,11 @@ impl HeldChains {
             out.push((ObjectId(id), u64::from_be_bytes(seen)));
             self.waiting.remove(k).map_err(|e| self.db.sled_error(e))?;
             followed.waiting = followed.waiting.saturating_sub(1);
+        }
+        if let Some(turned_away) = followed.turned_away.remove(&chain) {
+            followed.turned_away_count =
+                followed.turned_away_count.saturating_sub(turned_away.len());
+            out.extend(turned_away);
         }
         if !out.is_empty() {
             tracing::info!(chain = %chain, images = out.len(),
@@ -1147,6 +1168,24 @@ mod tests {
         // same record waits instead of being refused before.
         r.chains.lock().waiting = 0;
         assert_eq!(admit(&r, &c[1]), Admission::Waiting);
+    }
+
+    #[test]
+    fn a_record_turned_away_for_room_is_handed_back_with_its_chains_first_record() {
+        let r = rig();
+        r.chains.lock().waiting = MAX_WAITING;
+        let c = chain(2);
+        assert!(matches!(
+            admit(&r, &c[1]),
+            Admission::Refused { new: true, .. }
+        ));
+        let Admission::Held { released, .. } = admit(&r, &c[0]) else {
+            panic!("the first record is held")
+        };
+        assert_eq!(released, vec![(id(&c[1]), 5)]);
+        assert_eq!(r.chains.lock().turned_away_count, 0);
+        // Registered again, it is held: its chain is known now.
+        assert!(held(&admit(&r, &c[1])));
     }
 
     fn head_of(tm: &TransferManifest) -> LedgerHead {
