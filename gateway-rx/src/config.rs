@@ -462,11 +462,8 @@ impl RxConfig {
             ("state_dir", Some(&self.state_dir)),
             ("delivery.oci_layout", layout.as_ref()),
         ] {
-            if let Some(dir) = dir.filter(|d| d.exists() && !d.is_dir()) {
-                return Err(self.invalid(
-                    field,
-                    format!("{} exists and is not a directory", dir.display()),
-                ));
+            if let Some(dir) = dir {
+                weir_host::config::check_dir_to_make(dir).map_err(|e| self.invalid(field, e))?;
             }
         }
         match self.link.transport {

@@ -556,12 +556,7 @@ impl TxConfig {
             ("state_dir", &self.state_dir),
             ("spool_dir", &self.spool_dir),
         ] {
-            if dir.exists() && !dir.is_dir() {
-                return Err(invalid(
-                    field,
-                    format!("{} exists and is not a directory", dir.display()),
-                ));
-            }
+            weir_host::config::check_dir_to_make(dir).map_err(|e| invalid(field, e))?;
         }
         if self.spool_dir.starts_with(&self.state_dir)
             || self.state_dir.starts_with(&self.spool_dir)
@@ -986,6 +981,28 @@ passes = 3
             let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
             assert!(err.contains("link.udp_peer"), "{peer}: {err}");
         }
+    }
+
+    #[test]
+    fn a_state_or_spool_dir_that_cannot_be_made_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("blocker"), b"a file").unwrap();
+        for (field, value, says) in [
+            ("spool_dir", "blocker/deep/spool", "cannot be made"),
+            ("state_dir", "blocker/state", "cannot be made"),
+            ("state_dir", "blocker", "exists and is not a directory"),
+        ] {
+            let text = published(dir.path()).replace(
+                &format!("{field} = \"{}\"", field.trim_end_matches("_dir")),
+                &format!("{field} = \"{value}\""),
+            );
+            let err = format!("{:#}", load_text(dir.path(), &text).unwrap_err());
+            assert!(err.contains(field) && err.contains(says), "{value}: {err}");
+        }
+        // A missing directory under a directory is fine: made at the start.
+        let text =
+            published(dir.path()).replace("spool_dir = \"spool\"", "spool_dir = \"a/b/spool\"");
+        assert!(load_text(dir.path(), &text).is_ok());
     }
 
     #[test]

@@ -155,6 +155,26 @@ impl std::fmt::Display for Transport {
 }
 
 /// The checks of a serial link both ends make: a device, and a line rate.
+/// A directory the gateway makes at its start when missing: it may exist
+/// (as a directory), or be creatable, its nearest existing ancestor a
+/// directory. A file in the way would stop the start long after the check.
+pub fn check_dir_to_make(dir: &Path) -> Result<(), String> {
+    if dir.exists() {
+        return match dir.is_dir() {
+            true => Ok(()),
+            false => Err(format!("{} exists and is not a directory", dir.display())),
+        };
+    }
+    match dir.ancestors().skip(1).find(|a| a.exists()) {
+        Some(a) if !a.is_dir() => Err(format!(
+            "{} cannot be made: {} is not a directory",
+            dir.display(),
+            a.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub fn check_serial_link(device: Option<&Path>, baud: u32) -> Result<(), FieldError> {
     if device.is_none() {
         return Err(FieldError::new(
@@ -298,6 +318,26 @@ fn default_led_fault() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_to_make_must_not_have_a_file_in_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(check_dir_to_make(dir.path()).is_ok());
+        assert!(check_dir_to_make(&dir.path().join("new/deeper")).is_ok());
+        let err = check_dir_to_make(&file).unwrap_err();
+        assert!(err.ends_with("exists and is not a directory"), "{err}");
+        let err = check_dir_to_make(&file.join("sub/dir")).unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "{} cannot be made: {} is not a directory",
+                file.join("sub/dir").display(),
+                file.display()
+            )
+        );
+    }
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
