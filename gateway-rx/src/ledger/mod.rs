@@ -1155,17 +1155,23 @@ mod tests {
         assert!(matches!(admit(&r, &replay), Admission::Refused { .. }));
     }
 
-    #[test]
-    fn waiting_records_are_bounded_and_a_record_turned_away_for_room_is_not_refused_for_good() {
-        let r = rig();
+    /// A two-record chain whose record 2 found the waiting places taken.
+    fn turned_away(r: &Rig) -> Vec<TransferManifest> {
         r.chains.lock().waiting = MAX_WAITING;
         let c = chain(2);
         assert!(matches!(
-            admit(&r, &c[1]),
+            admit(r, &c[1]),
             Admission::Refused { new: true, .. }
         ));
-        // Room again (its chain's first record came, or a restart): the
-        // same record waits instead of being refused before.
+        c
+    }
+
+    #[test]
+    fn waiting_records_are_bounded_and_a_record_turned_away_for_room_is_not_refused_for_good() {
+        let r = rig();
+        let c = turned_away(&r);
+        // Room again (a restart, or records that waited pruned): the same
+        // record waits instead of being refused before.
         r.chains.lock().waiting = 0;
         assert_eq!(admit(&r, &c[1]), Admission::Waiting);
     }
@@ -1173,12 +1179,7 @@ mod tests {
     #[test]
     fn a_record_turned_away_for_room_is_handed_back_with_its_chains_first_record() {
         let r = rig();
-        r.chains.lock().waiting = MAX_WAITING;
-        let c = chain(2);
-        assert!(matches!(
-            admit(&r, &c[1]),
-            Admission::Refused { new: true, .. }
-        ));
+        let c = turned_away(&r);
         let Admission::Held { released, .. } = admit(&r, &c[0]) else {
             panic!("the first record is held")
         };
