@@ -313,25 +313,61 @@ pub fn forget_session(config: &RxConfig, key_id: Option<u16>) -> anyhow::Result<
     Ok(gone)
 }
 
+/// The state database of a gateway that is not running; `why` says, when
+/// one runs, why the command waits for it to stop.
+fn open_stopped(config: &RxConfig, why: &str) -> anyhow::Result<StateDb> {
+    match StateDb::open_now(&db_dir(config)) {
+        Ok(db) => Ok(db),
+        Err(StateError::Locked { .. }) => anyhow::bail!(
+            "gateway-rx runs and holds {}: stop it first ({why})",
+            db_dir(config).display()
+        ),
+        Err(e) => {
+            Err(anyhow::Error::from(e).context(format!("opening {}", db_dir(config).display())))
+        }
+    }
+}
+
+/// `forget-image`: the operator gives up on the images of
+/// `manifest_digest` still receiving (see
+/// [`ImageLedger::forget_receiving`]). Refuses while a gateway runs on this
+/// state directory. Returns the references of the images forgotten.
+pub fn forget_image(config: &RxConfig, manifest_digest: &str) -> anyhow::Result<Vec<String>> {
+    let db = open_stopped(
+        config,
+        "an image is forgotten with the gateway stopped, so that no blob of it is verified meanwhile",
+    )?;
+    let ledger = ImageLedger::open(
+        &db,
+        BlobStore::open(&blobs_dir(config))?,
+        DeliveryQueue::open(&db)?,
+        config,
+        Arc::default(),
+        None,
+    )?;
+    let gone = ledger.forget_receiving(manifest_digest)?;
+    let mut references = Vec::new();
+    for (image, record) in gone {
+        tracing::warn!(digest = %record.manifest_digest, reference = %record.reference(), image = %image,
+            blobs = record.blobs.len(),
+            "OPERATOR: image still receiving forgotten; its image object is pruned and its blobs \
+             are left to retention");
+        references.push(record.reference());
+    }
+    Ok(references)
+}
+
 /// `ledger accept`: the operator trusts `chain` from record `from` on, its
 /// first record never to come (see [`crate::ledger`]). Refuses while a
 /// gateway runs on this state directory; the images waiting are admitted
 /// at the gateway's next start. Returns the images of the chain waiting
 /// now from `from` on.
 pub fn accept_chain(config: &RxConfig, chain: ChainId, from: u64) -> anyhow::Result<u64> {
-    let db = match StateDb::open_now(&db_dir(config)) {
-        Ok(db) => db,
-        Err(StateError::Locked { .. }) => anyhow::bail!(
-            "gateway-rx runs and holds {}: stop it first (the chain is accepted with the \
-             gateway stopped, and its waiting images are admitted when it starts again)",
-            db_dir(config).display()
-        ),
-        Err(e) => {
-            return Err(
-                anyhow::Error::from(e).context(format!("opening {}", db_dir(config).display()))
-            )
-        }
-    };
+    let db = open_stopped(
+        config,
+        "the chain is accepted with the gateway stopped, and its waiting images are admitted \
+         when it starts again",
+    )?;
     let chains = HeldChains::open(&db)?;
     let waiting = chains
         .waiting_chains()?

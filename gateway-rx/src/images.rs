@@ -674,6 +674,56 @@ impl ImageLedger {
         Ok(completed)
     }
 
+    /// The operator gives up on the images of `manifest_digest` still
+    /// receiving (a blob that never comes: a sender that stopped, or a
+    /// compromised one naming blobs it never sends). Each one's record goes
+    /// and its image object is pruned as retention prunes (recorded in one
+    /// commit, then the file deleted), so its blobs no longer hold the
+    /// disk: retention takes those no other image names. Its record in the
+    /// sender's image ledger stays (the image never arrived). Sent again
+    /// once the pruned mark lapses, the image object registers anew.
+    /// Complete images are left alone. Returns the images forgotten.
+    pub fn forget_receiving(
+        &self,
+        manifest_digest: &str,
+    ) -> Result<Vec<(ObjectId, ImageRecord)>, LedgerError> {
+        let _writing = self.lock_writes();
+        let gone: Vec<(ObjectId, ImageRecord)> = self
+            .all()?
+            .into_iter()
+            .filter(|(_, r)| {
+                r.state == ImageState::Receiving && r.manifest_digest == manifest_digest
+            })
+            .collect();
+        if gone.is_empty() {
+            return Ok(gone);
+        }
+        for (id, _) in &gone {
+            self.images
+                .remove(id.0)
+                .map_err(|e| self.db.sled_error(e))?;
+            self.verified
+                .remove(id.0)
+                .map_err(|e| self.db.sled_error(e))?;
+            let bytes = self.store.len_of(id).unwrap_or(0);
+            self.pruned.record_now(id, ObjectKind::Image, bytes)?;
+        }
+        // Rebuilt from the records when next needed.
+        *self.index.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.db.commit("rx.operator.forget-image")?;
+        for (id, _) in &gone {
+            let path = self.store.path_of(id);
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    // Recorded as pruned: the next start finishes it.
+                    tracing::error!(image = %id, path = %path.display(), error = %e,
+                        "forgotten image object's file not deleted; retried at the next start");
+                }
+            }
+        }
+        Ok(gone)
+    }
+
     /// Every verified object on record: id, kind, when it was verified.
     pub fn verified_objects(&self) -> Result<Vec<(ObjectId, ObjectKind, u64)>, LedgerError> {
         let mut out = Vec::new();
@@ -946,6 +996,62 @@ mod tests {
         assert_eq!(progress[0].state, "complete");
         assert_eq!(progress[0].blobs_done, 3);
         assert_eq!(progress[0].percent, 100.0);
+    }
+
+    #[test]
+    fn the_operator_forgets_an_image_still_receiving_and_never_a_complete_one() {
+        let r = rig("");
+        let ledger = r.ledger();
+        let scratch_dir = tempfile::tempdir().unwrap();
+        let scratch = BlobStore::open(scratch_dir.path()).unwrap();
+        let verify = |bytes: &[u8], kind| {
+            let id = r.store.insert_bytes(bytes).unwrap();
+            ledger.object_verified(id, kind, 1000).unwrap();
+            id
+        };
+        // Its image object and one blob; the other two never come.
+        let (tm, blob_ids) = sample_image(&scratch, "team/app", &["1.0"], 2, 500);
+        let image = verify(&tm.to_object_bytes(), ObjectKind::Image);
+        let blob = verify(
+            &scratch.read_object(&blob_ids[0]).unwrap(),
+            ObjectKind::Blob,
+        );
+        // Another image, complete.
+        let (done, done_blobs) = sample_image(&scratch, "team/done", &["1.0"], 1, 300);
+        for id in &done_blobs {
+            verify(&scratch.read_object(id).unwrap(), ObjectKind::Blob);
+        }
+        let done_image = verify(&done.to_object_bytes(), ObjectKind::Image);
+        assert_eq!(ledger.receiving().unwrap().len(), 1);
+
+        assert!(ledger
+            .forget_receiving(&done.manifest.digest)
+            .unwrap()
+            .is_empty());
+        assert!(r.store.contains(&done_image));
+        let gone = ledger.forget_receiving(&tm.manifest.digest).unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0, image);
+        assert!(ledger.receiving().unwrap().is_empty());
+        assert!(!r.store.contains(&image), "its image object is pruned");
+        assert!(ledger.pruned.contains(&image).unwrap());
+        assert!(r.store.contains(&blob), "its blobs are left to retention");
+        assert!(!ledger
+            .verified_objects()
+            .unwrap()
+            .iter()
+            .any(|(id, _, _)| *id == image));
+
+        // A restart does not bring it back, and the complete one stays.
+        drop(ledger);
+        let ledger = r.ledger();
+        ledger.recheck().unwrap();
+        assert!(ledger.receiving().unwrap().is_empty());
+        assert_eq!(ledger.progress(&[]).unwrap().len(), 1);
+        assert!(ledger
+            .forget_receiving(&tm.manifest.digest)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

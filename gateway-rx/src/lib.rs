@@ -46,7 +46,7 @@ pub mod status;
 pub mod verify;
 
 pub use config::RxConfig;
-pub use gateway::{accept_chain, forget_session, run, status};
+pub use gateway::{accept_chain, forget_image, forget_session, run, status};
 
 /// Every crash point of the receiver (see `weir_host::crash`), roughly in
 /// the order an image meets them. A test aborts the gateway at each in turn

@@ -52,6 +52,21 @@ enum Command {
         #[arg(long, value_name = "ID")]
         key_id: Option<u16>,
     },
+    /// Gives up on an image still receiving whose blobs never all come (a
+    /// sender that stopped sending it, or a compromised one naming blobs it
+    /// never sends): its record goes and its image object is pruned, so the
+    /// blobs it holds go to retention (those no other image names, once
+    /// kept `keep_delivered_hours` from when they were verified). Complete
+    /// images are left alone; sent again after a day, the image arrives
+    /// anew. Logged; run with the gateway stopped.
+    ForgetImage {
+        /// The gateway's configuration file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The image's manifest digest (sha256:…), as `status` shows it.
+        #[arg(value_name = "DIGEST")]
+        digest: String,
+    },
     /// Writes what this side holds of the sender's image ledger (each
     /// record's sequence number, manifest digest, destination, when its
     /// image completed, where and when it was delivered; the records
@@ -112,6 +127,7 @@ fn main() -> std::process::ExitCode {
         (Some(Command::Status { config, json }), _) => status(&config, json),
         (Some(Command::ForgetSession { config, key_id }), _) => forget_session(&config, key_id),
         (Some(Command::Report { config, out }), _) => report(&config, &out),
+        (Some(Command::ForgetImage { config, digest }), _) => forget_image(&config, &digest),
         (
             Some(Command::Ledger {
                 command: LedgerCommand::Verify { config },
@@ -188,6 +204,28 @@ fn forget_session(file: &Path, key_id: Option<u16>) -> anyhow::Result<()> {
         println!(
             "forgot session {session} of key id {key_id}: the next session it starts is accepted"
         );
+    }
+    Ok(())
+}
+
+fn forget_image(file: &Path, digest: &str) -> anyhow::Result<()> {
+    let config = RxConfig::load(file)?;
+    weir_host::cli::existing_state_dir("gateway-rx", &config.state_dir)?;
+    let valid = digest.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    });
+    if !valid {
+        anyhow::bail!("{digest:?} is not a manifest digest (sha256: and 64 lowercase hex digits)");
+    }
+    let gone = gateway_rx::forget_image(&config, digest)?;
+    if gone.is_empty() {
+        anyhow::bail!(
+            "no image still receiving has manifest digest {digest} (`gateway-rx status` lists \
+             them; complete images are never forgotten)"
+        );
+    }
+    for reference in gone {
+        println!("forgot {reference} ({digest}): its image object is pruned, its blobs left to retention");
     }
     Ok(())
 }

@@ -155,6 +155,25 @@ impl PrunedObjects {
         Ok(())
     }
 
+    /// Records `id` as pruned now, as retention does before it deletes
+    /// the file; for the operator's `forget-image`. Not durable until the
+    /// caller's commit.
+    pub fn record_now(
+        &self,
+        id: &ObjectId,
+        kind: ObjectKind,
+        bytes: u64,
+    ) -> Result<(), StateError> {
+        self.record(
+            id,
+            &PrunedRecord {
+                kind,
+                bytes,
+                pruned_ms: now_ms(),
+            },
+        )
+    }
+
     pub fn contains(&self, id: &ObjectId) -> Result<bool, StateError> {
         self.tree
             .contains_key(id.0)

@@ -7,12 +7,18 @@ use std::process::Command;
 use std::time::Duration;
 use weir_test_support::{sample_image, TestSender};
 
-fn forget_session(config: &std::path::Path) -> std::process::Output {
+/// `gateway-rx COMMAND --config CONFIG ARGS…`, run to its end.
+fn operator(command: &str, config: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_gateway-rx"))
-        .args(["forget-session", "--config"])
+        .args([command, "--config"])
         .arg(config)
+        .args(args)
         .output()
         .unwrap()
+}
+
+fn forget_session(config: &std::path::Path) -> std::process::Output {
+    operator("forget-session", config, &[])
 }
 
 #[test]
@@ -80,4 +86,73 @@ fn reading_commands_refuse_a_state_dir_that_is_not_there() {
         );
         assert!(!state.exists(), "{args:?} created {}", state.display());
     }
+}
+
+fn forget_image(config: &std::path::Path, digest: &str) -> std::process::Output {
+    operator("forget-image", config, &[digest])
+}
+
+/// An image whose blobs never all come (here: the sender sends its image
+/// object and its config, never its layer) holds what it has for good;
+/// the operator forgets it with the gateway stopped, and it is gone from
+/// the status after a restart. A complete image, a wrong digest and a
+/// running gateway are refused with a message.
+#[test]
+fn forget_image_gives_up_on_an_image_still_receiving_only_while_stopped() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let s = setup_with(&format!(
+        "[delivery]\noci_layout = \"{}\"\n",
+        out_dir.path().display()
+    ));
+    let gw = Gateway::start(&s);
+    let img = sample_image("team/stuck", &["1"], 1, 1000);
+    let digest = img.tm.manifest.digest.clone();
+    let objects = img.objects();
+    // The config blob and the image object; the layer never comes.
+    let partial: Vec<_> = [objects[0].clone(), objects[objects.len() - 1].clone()].to_vec();
+    let mut tx = TestSender::new(key(), 4343, s.addr, 1400, 8, 2);
+    let listed = |st: &serde_json::Value| {
+        st["images"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|i| i["manifest_digest"] == digest.as_str()))
+    };
+    gw.wait_for(
+        "the image receiving, its layer missing",
+        Duration::from_secs(30),
+        |st| listed(st) && common::counter(st, "blobs_verified") >= 1,
+        &mut || {
+            tx.pass(&partial);
+        },
+    );
+    let busy = forget_image(&s.config, &digest);
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(err.contains("stop it first"), "{err}");
+    assert!(gw.terminate().success());
+
+    let bad = forget_image(&s.config, "sha256:xyz");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a manifest digest"));
+    let done = forget_image(&s.config, &digest);
+    let out = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(out.contains("forgot team/stuck:1"), "{out}");
+    let again = forget_image(&s.config, &digest);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no image still receiving"));
+
+    let gw = Gateway::start(&s);
+    gw.wait_for(
+        "a status after the restart",
+        Duration::from_secs(30),
+        |st| st["images"].is_array(),
+        &mut || {},
+    );
+    let st = gw.status().unwrap();
+    assert!(!listed(&st), "{st:#}");
+    assert!(gw.terminate().success());
 }
