@@ -70,8 +70,15 @@ pub const CRASH_POINTS: &[&str] = &[
 ];
 
 /// Commit points of operator commands: one step each, with nothing between
-/// two durable states to crash in, so they are listed but not walked.
-pub const OPERATOR_COMMITS: &[&str] = &["rx.operator.forget-session", "rx.operator.ledger-accept"];
+/// two durable states to crash in, so they are listed but not walked
+/// (`forget-image` deletes a file after its commit, as a prune does: a
+/// crash there leaves a file recorded as pruned, which the next start
+/// deletes).
+pub const OPERATOR_COMMITS: &[&str] = &[
+    "rx.operator.forget-session",
+    "rx.operator.ledger-accept",
+    "rx.operator.forget-image",
+];
 
 #[cfg(test)]
 mod tests {
