@@ -154,7 +154,6 @@ impl std::fmt::Display for Transport {
     }
 }
 
-/// The checks of a serial link both ends make: a device, and a line rate.
 /// A directory the gateway makes at its start when missing: it may exist
 /// (as a directory), or be creatable, its nearest existing ancestor a
 /// directory. A file in the way would stop the start long after the check.
@@ -175,6 +174,7 @@ pub fn check_dir_to_make(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// The checks of a serial link both ends make: a device, and a line rate.
 pub fn check_serial_link(device: Option<&Path>, baud: u32) -> Result<(), FieldError> {
     if device.is_none() {
         return Err(FieldError::new(

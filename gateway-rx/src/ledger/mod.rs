@@ -302,10 +302,10 @@ struct Followed {
     contiguous: HashMap<ChainId, u64>,
     waiting: usize,
     /// Images whose record found the waiting places taken, by chain, with
-    /// when they were first seen: handed back with their chain's first
-    /// record. In memory only (a start admits them again anyway), at most
-    /// [`MAX_WAITING`] in all.
-    turned_away: HashMap<ChainId, Vec<(ObjectId, u64)>>,
+    /// their record's seq and when they were first seen: handed back with
+    /// their chain's first record. In memory only (a start admits them
+    /// again anyway), at most [`MAX_WAITING`] in all.
+    turned_away: HashMap<ChainId, Vec<(u64, ObjectId, u64)>>,
     turned_away_count: usize,
 }
 
@@ -658,8 +658,8 @@ impl HeldChains {
                 // its chain's first record, if it comes before.
                 if followed.turned_away_count < MAX_WAITING {
                     let list = followed.turned_away.entry(record.chain).or_default();
-                    if !list.iter().any(|(i, _)| *i == image) {
-                        list.push((image, first_seen_ms));
+                    if !list.iter().any(|(_, i, _)| *i == image) {
+                        list.push((record.seq, image, first_seen_ms));
                         followed.turned_away_count += 1;
                     }
                 }
@@ -722,7 +722,8 @@ impl HeldChains {
         Ok(Admission::Held { position, released })
     }
 
-    /// Forgets the records waiting whose image object is not `held` (pruned
+    /// Forgets the records waiting (and those turned away for want of room)
+    /// whose image object is not `held` (pruned
     /// from the blob store): their image cannot be delivered without it,
     /// and the records of a chain whose first record never comes (made up
     /// by a sender holding the key) would otherwise hold their places for
@@ -746,6 +747,15 @@ impl HeldChains {
                 forgotten += 1;
             }
         }
+        // And the turned away, which wait nowhere but here.
+        let mut dropped = 0;
+        for list in followed.turned_away.values_mut() {
+            let before = list.len();
+            list.retain(|(_, id, _)| held(id));
+            dropped += before - list.len();
+        }
+        followed.turned_away.retain(|_, list| !list.is_empty());
+        followed.turned_away_count = followed.turned_away_count.saturating_sub(dropped);
         if forgotten > 0 {
             self.changed();
         }
@@ -761,12 +771,14 @@ impl HeldChains {
         let mut out = Vec::new();
         for item in self.waiting.scan_prefix(chain.0.to_be_bytes()) {
             let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
-            let (Some(raw), Ok(seen)) = (k.get(16..48), <[u8; 8]>::try_from(v.as_ref())) else {
+            let (Some(seq), Some(raw), Ok(seen)) =
+                (seq_of(&k), k.get(16..48), <[u8; 8]>::try_from(v.as_ref()))
+            else {
                 continue;
             };
             let mut id = [0u8; 32];
             id.copy_from_slice(raw);
-            out.push((ObjectId(id), u64::from_be_bytes(seen)));
+            out.push((seq, ObjectId(id), u64::from_be_bytes(seen)));
             self.waiting.remove(k).map_err(|e| self.db.sled_error(e))?;
             followed.waiting = followed.waiting.saturating_sub(1);
         }
@@ -774,7 +786,9 @@ impl HeldChains {
             followed.turned_away_count =
                 followed.turned_away_count.saturating_sub(turned_away.len());
             out.extend(turned_away);
+            out.sort_by_key(|&(seq, id, _)| (seq, id.0));
         }
+        let out: Vec<(ObjectId, u64)> = out.into_iter().map(|(_, id, seen)| (id, seen)).collect();
         if !out.is_empty() {
             tracing::info!(chain = %chain, images = out.len(),
                 "images that waited for their chain's first record are admitted now");
@@ -1187,6 +1201,18 @@ mod tests {
         assert_eq!(r.chains.lock().turned_away_count, 0);
         // Registered again, it is held: its chain is known now.
         assert!(held(&admit(&r, &c[1])));
+    }
+
+    #[test]
+    fn a_record_turned_away_is_not_handed_back_once_its_image_object_is_pruned() {
+        let r = rig();
+        let c = turned_away(&r);
+        assert_eq!(r.chains.forget_waiting_unless(&|_| false).unwrap(), 0);
+        assert_eq!(r.chains.lock().turned_away_count, 0);
+        let Admission::Held { released, .. } = admit(&r, &c[0]) else {
+            panic!("the first record is held")
+        };
+        assert!(released.is_empty());
     }
 
     fn head_of(tm: &TransferManifest) -> LedgerHead {
