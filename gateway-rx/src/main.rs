@@ -33,9 +33,8 @@ enum Command {
     /// Shows what is arriving (per image: blobs done, percent, passes seen)
     /// and what waits to be delivered. Works while the gateway runs.
     Status {
-        /// The gateway's configuration file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Print the report as JSON (the status.json format).
         #[arg(long)]
         json: bool,
@@ -45,9 +44,8 @@ enum Command {
     /// older than one remembered) is accepted again. Run with the gateway
     /// stopped.
     ForgetSession {
-        /// The gateway's configuration file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Only this key id's session (default: every key id's).
         #[arg(long, value_name = "ID")]
         key_id: Option<u16>,
@@ -60,9 +58,8 @@ enum Command {
     /// images are left alone; sent again after a day, the image arrives
     /// anew. Logged; run with the gateway stopped.
     ForgetImage {
-        /// The gateway's configuration file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// The image's manifest digest (sha256:…), as `status` shows it.
         #[arg(value_name = "DIGEST")]
         digest: String,
@@ -74,9 +71,8 @@ enum Command {
     /// [ledger] report_key_file, to carry to the low side by hand for
     /// `gateway-tx reconcile`. Works while the gateway runs.
     Report {
-        /// The gateway's configuration file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Where to write the report.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
@@ -95,9 +91,8 @@ enum LedgerCommand {
     /// record; exit status 1 when there is one. While the gateway runs it
     /// checks the copy the gateway keeps (state_dir/ledger.json).
     Verify {
-        /// The gateway's configuration file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Accepts a sender's chain from a given record on, without its first
     /// record: for a receiver whose state was lost after that record left
@@ -107,9 +102,8 @@ enum LedgerCommand {
     /// lists the chains waiting, with their lowest seq. Logged and audited;
     /// run with the gateway stopped.
     Accept {
-        /// The gateway's configuration file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// The chain id, 16 hex digits as `status` shows it.
         #[arg(long, value_name = "ID")]
         chain: String,
@@ -124,16 +118,18 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match (cli.command, cli.config) {
         (Some(Command::CheckConfig { file }), _) => check_config(&file),
-        (Some(Command::Status { config, json }), _) => status(&config, json),
-        (Some(Command::ForgetSession { config, key_id }), _) => forget_session(&config, key_id),
-        (Some(Command::Report { config, out }), _) => report(&config, &out),
-        (Some(Command::ForgetImage { config, digest }), _) => forget_image(&config, &digest),
+        (Some(Command::Status { config, json }), _) => status(&config.config, json),
+        (Some(Command::ForgetSession { config, key_id }), _) => {
+            forget_session(&config.config, key_id)
+        }
+        (Some(Command::Report { config, out }), _) => report(&config.config, &out),
+        (Some(Command::ForgetImage { config, digest }), _) => forget_image(&config.config, &digest),
         (
             Some(Command::Ledger {
                 command: LedgerCommand::Verify { config },
             }),
             _,
-        ) => verify_ledger(&config),
+        ) => verify_ledger(&config.config),
         (
             Some(Command::Ledger {
                 command:
@@ -144,7 +140,7 @@ fn main() -> std::process::ExitCode {
                     },
             }),
             _,
-        ) => accept_chain(&config, &chain, from),
+        ) => accept_chain(&config.config, &chain, from),
         (None, Some(config)) => run(&config),
         (None, None) => {
             eprintln!("gateway-rx: --config FILE is required (see --help)");

@@ -19,9 +19,8 @@ enum Command {
     /// in pull mode, each sync list entry's last poll (read from
     /// state_dir/status.json, rewritten every second while it runs).
     Status {
-        /// The gateway's configuration file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Print status.json as it is.
         #[arg(long)]
         json: bool,
@@ -38,9 +37,8 @@ enum Command {
     /// be used (its tag does not verify, it is not a report, no key).
     /// Works while the gateway runs.
     Reconcile {
-        /// The gateway's configuration file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// The report file, as `gateway-rx report --out` wrote it.
         #[arg(value_name = "REPORT")]
         report: PathBuf,
@@ -59,9 +57,8 @@ enum LedgerCommand {
     /// exit status 1 when there is one. While the gateway runs it checks the
     /// copy the gateway keeps (state_dir/ledger.json).
     Verify {
-        /// The gateway's configuration file (TOML).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
 }
 
@@ -84,14 +81,16 @@ fn main() -> std::process::ExitCode {
     weir_host::logging::init();
     let result = match (cli.command, cli.config) {
         (Some(Command::CheckConfig { file }), _) => check_config(file),
-        (Some(Command::Status { config, json }), _) => status(&config, json),
-        (Some(Command::Reconcile { config, report }), _) => return reconcile(&config, &report),
+        (Some(Command::Status { config, json }), _) => status(&config.config, json),
+        (Some(Command::Reconcile { config, report }), _) => {
+            return reconcile(&config.config, &report)
+        }
         (
             Some(Command::Ledger {
                 command: LedgerCommand::Verify { config },
             }),
             _,
-        ) => verify_ledger(&config),
+        ) => verify_ledger(&config.config),
         (None, Some(file)) => run(file),
         (None, None) => {
             eprintln!(

@@ -28,6 +28,15 @@ macro_rules! gateway_cli {
             #[command(subcommand)]
             command: Option<$command>,
         }
+
+        // `--config FILE` of each subcommand that works on the gateway's
+        // state: `#[command(flatten)] config: ConfigFile`.
+        #[derive(::clap::Args)]
+        struct ConfigFile {
+            /// The gateway's configuration file (TOML).
+            #[arg(long, value_name = "FILE")]
+            config: ::std::path::PathBuf,
+        }
     };
 }
 
