@@ -24,8 +24,8 @@ pub struct RxScrape {
     pub report: StatusReport,
     /// Every job in the delivery queue, by target and state.
     pub queue: Vec<(Target, DeliveryState)>,
-    /// Free space of the state disk; `None` when it could not be read.
-    pub disk_free_bytes: Option<u64>,
+    /// Free room of the state disk; `None` when it could not be read.
+    pub disk_free: Option<weir_host::appliance::Room>,
 }
 
 impl RxMetrics {
@@ -49,7 +49,7 @@ impl RxMetrics {
         let scrape = RxScrape {
             report: self.reporter.report(true),
             queue,
-            disk_free_bytes: weir_host::appliance::free_bytes(&self.reporter.state_dir).ok(),
+            disk_free: weir_host::appliance::free_room(&self.reporter.state_dir).ok(),
         };
         expose(&scrape, &self.targets, &self.deliveries).render()
     }
@@ -250,13 +250,21 @@ pub fn expose(s: &RxScrape, targets: &[Target], deliveries: &DeliveryStats) -> E
         &[],
         r.fault.is_some(),
     );
-    if let Some(free) = s.disk_free_bytes {
+    if let Some(free) = s.disk_free {
         e.gauge(
             "weir_rx_disk_free_bytes",
             "Free space of the state_dir disk.",
             &[],
-            free as f64,
+            free.bytes as f64,
         );
+        if let Some(inodes) = free.inodes {
+            e.gauge(
+                "weir_rx_disk_free_inodes",
+                "Free inodes of the state_dir disk (shards are dropped when too few are left).",
+                &[],
+                inodes as f64,
+            );
+        }
     }
     if let Some(l) = &r.ledger {
         e.gauge(
@@ -342,7 +350,10 @@ mod tests {
         let scrape = RxScrape {
             report,
             queue,
-            disk_free_bytes: Some(1 << 30),
+            disk_free: Some(weir_host::appliance::Room {
+                bytes: 1 << 30,
+                inodes: Some(700),
+            }),
         };
         (scrape, stats)
     }
@@ -394,6 +405,7 @@ mod tests {
             ("weir_rx_link_frames_per_second", 12.5),
             ("weir_rx_fault", 1.0),
             ("weir_rx_disk_free_bytes", (1u64 << 30) as f64),
+            ("weir_rx_disk_free_inodes", 700.0),
         ] {
             assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
         }

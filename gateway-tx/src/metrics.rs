@@ -21,7 +21,7 @@ impl TxMetrics {
 
     /// The text of one scrape.
     pub fn render(&self) -> String {
-        let free = weir_host::appliance::free_bytes(&self.state_dir).ok();
+        let free = weir_host::appliance::free_room(&self.state_dir).ok();
         expose(&self.board.snapshot(), free).render()
     }
 }
@@ -32,8 +32,8 @@ fn bytes_per_second(bps: u64) -> f64 {
 }
 
 /// Every family of the sender, from one status snapshot and the state
-/// disk's free space (`None`: unreadable).
-pub fn expose(s: &Status, disk_free_bytes: Option<u64>) -> Exposition {
+/// disk's free room (`None`: unreadable).
+pub fn expose(s: &Status, disk_free: Option<weir_host::appliance::Room>) -> Exposition {
     let mut e = Exposition::new();
     e.gauge(
         "weir_tx_build_info",
@@ -194,13 +194,21 @@ pub fn expose(s: &Status, disk_free_bytes: Option<u64>) -> Exposition {
         &[],
         s.fault.is_some(),
     );
-    if let Some(free) = disk_free_bytes {
+    if let Some(free) = disk_free {
         e.gauge(
             "weir_tx_disk_free_bytes",
             "Free space of the state_dir disk.",
             &[],
-            free as f64,
+            free.bytes as f64,
         );
+        if let Some(inodes) = free.inodes {
+            e.gauge(
+                "weir_tx_disk_free_inodes",
+                "Free inodes of the state_dir disk (intake stops when too few are left).",
+                &[],
+                inodes as f64,
+            );
+        }
     }
     if let Some(head) = &s.ledger {
         e.gauge(
@@ -263,7 +271,14 @@ mod tests {
 
     #[test]
     fn the_status_shows_under_its_names_in_base_units() {
-        let text = expose(&status(), Some(5_000)).render();
+        let text = expose(
+            &status(),
+            Some(weir_host::appliance::Room {
+                bytes: 5_000,
+                inodes: Some(700),
+            }),
+        )
+        .render();
         for (series, value) in [
             ("weir_tx_frames_total", 1000.0),
             ("weir_tx_sent_bytes_total", 1_400_000.0),
@@ -291,6 +306,7 @@ mod tests {
             ("weir_tx_pull_sync_file_error", 0.0),
             ("weir_tx_fault", 0.0),
             ("weir_tx_disk_free_bytes", 5_000.0),
+            ("weir_tx_disk_free_inodes", 700.0),
         ] {
             assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
         }
@@ -308,7 +324,14 @@ mod tests {
         else {
             return;
         };
-        let text = expose(&status(), Some(5_000)).render();
+        let text = expose(
+            &status(),
+            Some(weir_host::appliance::Room {
+                bytes: 5_000,
+                inodes: Some(700),
+            }),
+        )
+        .render();
         weir_test_support::scrape::promtool_check(&promtool, &text).unwrap();
     }
 }
