@@ -269,16 +269,14 @@ mod tests {
         s
     }
 
+    const ROOM: weir_host::appliance::Room = weir_host::appliance::Room {
+        bytes: 5_000,
+        inodes: Some(700),
+    };
+
     #[test]
     fn the_status_shows_under_its_names_in_base_units() {
-        let text = expose(
-            &status(),
-            Some(weir_host::appliance::Room {
-                bytes: 5_000,
-                inodes: Some(700),
-            }),
-        )
-        .render();
+        let text = expose(&status(), Some(ROOM)).render();
         for (series, value) in [
             ("weir_tx_frames_total", 1000.0),
             ("weir_tx_sent_bytes_total", 1_400_000.0),
@@ -324,14 +322,7 @@ mod tests {
         else {
             return;
         };
-        let text = expose(
-            &status(),
-            Some(weir_host::appliance::Room {
-                bytes: 5_000,
-                inodes: Some(700),
-            }),
-        )
-        .render();
+        let text = expose(&status(), Some(ROOM)).render();
         weir_test_support::scrape::promtool_check(&promtool, &text).unwrap();
     }
 }
