@@ -209,28 +209,22 @@ pub struct DiskFull {
 impl std::fmt::Display for DiskFull {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let dir = self.dir.display();
-        if self.short_of == Shortage::Inodes {
-            let (free, resume_at) = (self.free, self.resume_at);
-            return match self.intake {
-                Intake::Spool => write!(
-                    f,
-                    "state disk out of inodes: {free} free on {dir}; intake resumes at {resume_at} free"
-                ),
-                Intake::Shards => write!(
-                    f,
-                    "state disk out of inodes: {free} free on {dir}; shards are dropped until {resume_at} free"
-                ),
-            };
-        }
-        let (free, resume_at) = (mib(self.free), mib(self.resume_at));
+        let (short, free, resume_at) = match self.short_of {
+            Shortage::Bytes => ("full", mib(self.free), mib(self.resume_at)),
+            Shortage::Inodes => (
+                "out of inodes",
+                self.free.to_string(),
+                self.resume_at.to_string(),
+            ),
+        };
         match self.intake {
             Intake::Spool => write!(
                 f,
-                "state disk full: {free} free on {dir}; intake resumes at {resume_at} free"
+                "state disk {short}: {free} free on {dir}; intake resumes at {resume_at} free"
             ),
             Intake::Shards => write!(
                 f,
-                "state disk full: {free} free on {dir}; shards are dropped until {resume_at} free"
+                "state disk {short}: {free} free on {dir}; shards are dropped until {resume_at} free"
             ),
         }
     }
