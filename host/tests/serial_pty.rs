@@ -179,7 +179,14 @@ fn an_undamaged_pty_line_delivers_every_frame_in_order() {
     let pair = PtyPair::new(dir.path(), "clean");
     // Garbage already on the line before the receiver's first frame.
     let mut source = SerialSource::open(&pair.b, 460_800, MAX_FRAME).unwrap();
-    let mut noise = support::open_raw(&pair.a, Duration::from_secs(5));
+    // Written through a plain file, which takes no flock: a socat that a
+    // parallel test forks while this is open would share a locked
+    // description until its exec, and the sink's exclusive open below
+    // would find the port taken.
+    let mut noise = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pair.a)
+        .unwrap();
     std::io::Write::write_all(&mut noise, b"\xffboot noise\x01\x02").unwrap();
     drop(noise);
     let mut sink = SerialSink::open(&pair.a, 460_800, MAX_FRAME).unwrap();

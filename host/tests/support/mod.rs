@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use weir_proto::pacing::LinePacer;
 
-/// True when socat can be run; prints why the test is skipped otherwise.
+/// True when socat can be run; prints why the test is skipped otherwise,
+/// and fails the test instead under `CI=true`.
 pub fn have_socat(test: &str) -> bool {
     let ok = Command::new("socat")
         .arg("-V")
@@ -22,6 +23,11 @@ pub fn have_socat(test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
+        // CI installs socat, so a missing one there is a broken setup.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: socat is not installed, and CI=true forbids skipping"
+        );
         eprintln!("skipping {test}: socat is not installed");
     }
     ok
