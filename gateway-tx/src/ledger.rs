@@ -414,6 +414,25 @@ pub fn verify(state_dir: &Path) -> anyhow::Result<Verified> {
 mod tests {
     use super::*;
 
+    /// `verify` with the gateway stopped. A database dropped a moment ago
+    /// can still be locked (sled's flusher, or a child another test forks
+    /// before its exec), and `verify` would then read the running copy:
+    /// wait for the database itself.
+    fn verify_stopped(state_dir: &Path) -> Verified {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let v = verify(state_dir).unwrap();
+            if v.from == ReadFrom::Database {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database stays locked"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn a_chain_id_is_drawn_once_and_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -489,7 +508,7 @@ mod tests {
             db.commit("test").unwrap();
         }
         // Stopped: verify walks from the checkpoint, and the head survives.
-        let v = verify(dir.path()).unwrap();
+        let v = verify_stopped(dir.path());
         assert!(v.bad.is_none(), "{:?}", v.bad);
         assert_eq!((v.count, v.head.map(|h| h.seq)), (2, Some(6)));
         assert_eq!(v.checkpoint.map(|c| c.seq), Some(4));
@@ -505,7 +524,7 @@ mod tests {
             .unwrap();
         db.commit("test").unwrap();
         drop((ledger, tree, db));
-        let v = verify(dir.path()).unwrap();
+        let v = verify_stopped(dir.path());
         assert_eq!(v.bad.map(|b| b.seq), Some(5));
     }
 }

@@ -26,6 +26,10 @@ impl PtyPair {
     pub fn new(dir: &Path, name: &str) -> Result<PtyPair> {
         let a = dir.join(format!("{name}-a"));
         let b = dir.join(format!("{name}-b"));
+        // A killed socat leaves its links; a stale one could name a pty
+        // number the kernel hands out again.
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
         let socat = Command::new("socat")
             .arg(format!("pty,raw,echo=0,link={}", a.display()))
             .arg(format!("pty,raw,echo=0,link={}", b.display()))
@@ -54,12 +58,24 @@ impl Drop for PtyPair {
 }
 
 /// Opens a pty end raw (8N1, no flow control), with a read timeout.
+///
+/// serialport takes an exclusive flock. A child that another test forks
+/// while an earlier holder of this end had it open keeps that lock until
+/// its exec, so an open that finds the end locked tries again for a while.
 pub fn open_raw(path: &Path, timeout: Duration) -> Result<serialport::TTYPort> {
     let name = path.to_str().context("pty path is not UTF-8")?;
-    serialport::new(name, 115_200)
-        .timeout(timeout)
-        .open_native()
-        .with_context(|| format!("opening {}", path.display()))
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match serialport::new(name, 115_200)
+            .timeout(timeout)
+            .open_native()
+        {
+            Err(e) if e.kind() == serialport::ErrorKind::NoDevice && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r.with_context(|| format!("opening {}", path.display())),
+        }
+    }
 }
 
 #[cfg(test)]

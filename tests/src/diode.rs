@@ -4,7 +4,8 @@
 //! nothing is ever sent toward the sender, and what the far side sends to
 //! the output socket is never read. On the way, seeded faults:
 //!
-//! - blackout windows (relative to start): every datagram dropped;
+//! - blackout windows (relative to start, or to the first datagram):
+//!   every datagram dropped;
 //! - a token-bucket rate cap: a datagram above the cap is dropped, as a
 //!   real diode (no flow control) loses it;
 //! - Gilbert–Elliott burst loss: a good and a bad state with per-datagram
@@ -208,6 +209,10 @@ pub struct DiodeConfig {
     /// Probability that a datagram is held and sent after the next 1–3.
     pub reorder: f64,
     pub blackouts: Vec<Blackout>,
+    /// Blackout windows count from the first datagram, not from the start:
+    /// a window then covers what the sender sends, however long it took to
+    /// start.
+    pub blackouts_from_first_datagram: bool,
     /// Link rate cap in bits per second of UDP payload; None: no cap.
     pub rate_bps: Option<u64>,
     /// Token bucket depth in bytes; default max(64 KiB, 10 ms at the rate).
@@ -232,6 +237,7 @@ impl DiodeConfig {
             duplicate: 0.0,
             reorder: 0.0,
             blackouts: Vec::new(),
+            blackouts_from_first_datagram: false,
             rate_bps: None,
             rate_burst_bytes: None,
             duration: None,
@@ -810,6 +816,7 @@ fn run(
     let forward = SockAddr::from(config.forward);
     let started = Instant::now();
     let duration = config.duration;
+    let mut clock_from = (!config.blackouts_from_first_datagram).then_some(started);
     let mut link = Link::new(config, started);
     tracing::info!(
         listen = %input.local_addr().map_err(io_err("listen address"))?,
@@ -872,7 +879,7 @@ fn run(
             let n = n as usize;
             let now = Instant::now();
             link.refill(now);
-            let t = now.duration_since(started);
+            let t = now.duration_since(*clock_from.get_or_insert(now));
             for i in 0..n {
                 lens[i] = in_msgs[i].msg_len as usize;
                 let bytes = &mut batch[i * MAX_DATAGRAM..i * MAX_DATAGRAM + lens[i]];
@@ -1300,15 +1307,17 @@ mod tests {
     fn blackout_drops_everything_in_its_window() {
         let sink = Sink::start(false);
         let mut config = DiodeConfig::new(LOCAL.parse().unwrap(), sink.addr);
-        config.blackouts = vec!["0.5:1.0".parse().unwrap()];
+        config.blackouts = vec!["1:2".parse().unwrap()];
+        config.blackouts_from_first_datagram = true;
         let diode = Diode::spawn(config).unwrap();
-        let started = Instant::now();
         let from = UdpSocket::bind(LOCAL).unwrap();
-        // Each phase sits 0.5 s from the window's edges.
+        // The clock starts with the first datagram; each phase sits 1 s
+        // from the window's edges, room for a loaded machine's stalls.
+        let started = Instant::now();
         send_paced(&from, &diode, 0..100, 500);
-        thread::sleep(Duration::from_secs_f64(1.0).saturating_sub(started.elapsed()));
-        send_paced(&from, &diode, 100..200, 500);
         thread::sleep(Duration::from_secs_f64(2.0).saturating_sub(started.elapsed()));
+        send_paced(&from, &diode, 100..200, 500);
+        thread::sleep(Duration::from_secs_f64(4.0).saturating_sub(started.elapsed()));
         send_paced(&from, &diode, 200..300, 500);
         let c = stop_after(diode, 300);
         assert_eq!(c.dropped_blackout, 100);

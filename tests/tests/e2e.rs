@@ -218,12 +218,14 @@ fn a_blackout_longer_than_a_pass_is_bridged_by_a_later_pass() -> Result<()> {
     let digest = image.manifest_digest.clone().context("digest")?;
     let mut rx = site.start_rx()?;
     // A pass of ~2.6 MB of frames at 20 Mb/s takes about 1 s; the blackout
-    // covers the first four seconds.
+    // covers the first four seconds from the sender's first datagram, so a
+    // slow start cannot shrink what it swallows.
     let diode = diode_to(&site, |c| {
         c.blackouts = vec![Blackout {
             start: Duration::ZERO,
             duration: Duration::from_secs(4),
-        }]
+        }];
+        c.blackouts_from_first_datagram = true;
     })?;
     site.write_tx_config(diode.local_addr(), &opts)?;
     let mut tx = site.start_tx()?;

@@ -810,7 +810,9 @@ fn images_whose_scan_fails_hangs_or_exceeds_the_gate_are_refused_and_never_cross
             "{ref}".into(),
             "{digest}".into(),
         ]),
-        scan_timeout_s: Some(2),
+        // Far above what the quick scans take on a loaded machine, far
+        // below the hanging one's 20 s.
+        scan_timeout_s: Some(6),
         registries: vec![PullRegistry {
             host: h.clone(),
             username: Some(USER.into()),

@@ -887,12 +887,12 @@ mod tests {
             assert!(Instant::now() < deadline, "threads not named: {names:?}");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let asked = Instant::now();
         shutdown.trigger();
+        // Within a few waits, not at the next frame (none comes); the
+        // margin is for a loaded machine.
         has_ended
-            .recv_timeout(Duration::from_secs(5))
+            .recv_timeout(10 * RECV_WAIT)
             .expect("the link stops");
-        assert!(asked.elapsed() < 4 * RECV_WAIT, "{:?}", asked.elapsed());
         link.join().unwrap().unwrap();
     }
 

@@ -45,6 +45,10 @@ impl PtyPair {
     pub fn new(dir: &Path, name: &str) -> PtyPair {
         let a = dir.join(format!("{name}-a"));
         let b = dir.join(format!("{name}-b"));
+        // A killed socat leaves its links; a stale one could name a pty
+        // number the kernel hands out again.
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
         let socat = Command::new("socat")
             .arg(format!("pty,raw,echo=0,link={}", a.display()))
             .arg(format!("pty,raw,echo=0,link={}", b.display()))
@@ -74,11 +78,24 @@ impl Drop for PtyPair {
 }
 
 /// Opens a pty end raw, with a read timeout.
+///
+/// serialport takes an exclusive flock. A child that another test forks
+/// while an earlier holder of this end had it open keeps that lock until
+/// its exec, so an open that finds the end locked tries again for a while.
 pub fn open_raw(path: &Path, timeout: Duration) -> serialport::TTYPort {
-    serialport::new(path.to_str().unwrap(), 115_200)
-        .timeout(timeout)
-        .open_native()
-        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match serialport::new(path.to_str().unwrap(), 115_200)
+            .timeout(timeout)
+            .open_native()
+        {
+            Ok(port) => return port,
+            Err(e) if e.kind() == serialport::ErrorKind::NoDevice && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening {}: {e}", path.display()),
+        }
+    }
 }
 
 /// How a [`FaultyLine`] damages bytes, as chances per byte carried.

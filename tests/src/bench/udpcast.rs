@@ -63,6 +63,20 @@ fn free_portbase() -> Result<u16> {
     bail!("no free even UDP port pair for udpcast")
 }
 
+/// Whether a UDP socket (any address) is bound to `port` or `port + 1`.
+fn udp_port_bound(port: u16) -> bool {
+    let ports = [format!(":{port:04X}"), format!(":{:04X}", port + 1)];
+    ["/proc/net/udp", "/proc/net/udp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|t| {
+            t.lines().skip(1).any(|row| {
+                row.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|local| ports.iter().any(|p| local.ends_with(p.as_str())))
+            })
+        })
+    })
+}
+
 /// The sha256 (hex) of a file, read in 1 MiB pieces.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -97,7 +111,8 @@ fn attempt(
 ) -> Result<Option<f64>> {
     let total = std::fs::metadata(file)?.len();
     let _ = std::fs::remove_file(out);
-    let port = free_portbase()?.to_string();
+    let port_base = free_portbase()?;
+    let port = port_base.to_string();
     let log = |n: &str| std::fs::File::create(log_dir.join(n)).context("creating a udpcast log");
     let receiver = Command::new("udp-receiver")
         .args([
@@ -119,7 +134,14 @@ fn attempt(
         .spawn()
         .context("starting udp-receiver")?;
     let mut receiver = Killed(receiver);
-    std::thread::sleep(Duration::from_millis(300));
+    // The sender starts without waiting for receivers (--async): start it
+    // once the receiver has its sockets, or after 5 s on a machine whose
+    // table says nothing.
+    let bound_by = Instant::now() + Duration::from_secs(5);
+    while !udp_port_bound(port_base) && Instant::now() < bound_by {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
     let mut sender_cmd = Command::new("udp-sender");
     sender_cmd
         .args([
