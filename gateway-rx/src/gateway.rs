@@ -160,6 +160,7 @@ pub fn run_with_reloads(
         notices,
         counters: counters.clone(),
         keep_records: config.ledger.keep_records,
+        min_free_bytes: config.state_min_free_mb.saturating_mul(1 << 20),
     };
     intake.spawn("rx-retention", move |s| {
         pruning.run(s);

@@ -13,8 +13,12 @@
 //!   `high_water_percent` used, delivered objects go before their time,
 //!   the longest delivered first, until the disk is back under the mark, in
 //!   bytes and in inodes (many small objects use up the inodes first).
-//!   Nothing still owed goes, however full the disk: intake then stops at
-//!   `state_min_free_mb` as before.
+//!   The same holds while the disk is short of where intake resumes
+//!   (`state_min_free_mb` and the inode floor, plus their margins): on a
+//!   small disk, or with a large `state_min_free_mb`, intake would
+//!   otherwise stop before the mark is passed, with delivered objects
+//!   kept that could make room. Nothing still owed goes, however full the
+//!   disk: intake then stops at `state_min_free_mb` as before.
 //! - **Records waiting with them**: an image ledger record waiting for its
 //!   chain's first record leaves once its image object is gone.
 //! - **Staging leftovers**: an object in the shard store that got no shard
@@ -54,7 +58,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use weir_host::appliance::{disk_usage, human_bytes};
+use weir_host::appliance::{
+    disk_usage, human_bytes, DiskUsage, INODE_RESUME_MARGIN, MIN_FREE_INODES, RESUME_MARGIN,
+};
 use weir_host::reload::ReloadReader;
 use weir_host::Shutdown;
 use weir_proto::{ObjectId, ObjectKind};
@@ -296,12 +302,31 @@ impl Excess {
     }
 }
 
+/// What must be freed early on a disk in `usage`: what is used past
+/// `high_water_percent`, or, if more, what stands between the free room
+/// and where intake resumes (`min_free_bytes` and the inode floor, each
+/// with its margin), so that intake never stops while delivered objects
+/// that could make room are kept.
+pub fn pressure(usage: &DiskUsage, high_water_percent: u32, min_free_bytes: u64) -> Excess {
+    let (bytes_short, inodes_short) = usage.short_of(
+        min_free_bytes.saturating_add(RESUME_MARGIN),
+        MIN_FREE_INODES + INODE_RESUME_MARGIN,
+    );
+    Excess {
+        bytes: usage.above_percent(high_water_percent).max(bytes_short),
+        inodes: usage
+            .inodes_above_percent(high_water_percent)
+            .max(inodes_short),
+    }
+}
+
 /// Why an object is pruned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PruneRule {
     /// Delivered (or unclaimed) for longer than `keep_delivered_hours`.
     KeptLongEnough,
-    /// The state disk is past its high-water mark; delivered longest ago.
+    /// The state disk is past its high-water mark, or short of where
+    /// intake resumes; delivered longest ago.
     HighWater,
 }
 
@@ -406,6 +431,8 @@ pub struct Retention {
     /// `[ledger] keep_records`: the image ledger records of a chain kept
     /// whatever their age.
     pub keep_records: u64,
+    /// Free bytes below which intake stops (`state_min_free_mb`).
+    pub min_free_bytes: u64,
 }
 
 /// What one pass did.
@@ -439,7 +466,8 @@ impl Retention {
                         if still_over && !stuck_above {
                             tracing::warn!(over_by = %human_bytes(over.bytes), inodes_over = over.inodes,
                                 high_water_percent = policy.high_water_percent,
-                                "state disk past its high-water mark, and nothing delivered is left to prune");
+                                min_free_mb = self.min_free_bytes >> 20,
+                                "state disk past its high-water mark (or short of where intake resumes), and nothing delivered is left to prune");
                         }
                         stuck_above = still_over;
                     }
@@ -454,14 +482,11 @@ impl Retention {
         }
     }
 
-    /// Bytes and inodes used above the high-water mark (0 below it, or
-    /// unknown).
+    /// Bytes and inodes used above the high-water mark, or short of where
+    /// intake resumes if that asks more (0 when neither, or unknown).
     fn over_high_water(&self, policy: &RetentionConfig) -> Excess {
         match disk_usage(&self.state_dir) {
-            Ok(u) => Excess {
-                bytes: u.above_percent(policy.high_water_percent),
-                inodes: u.inodes_above_percent(policy.high_water_percent),
-            },
+            Ok(u) => pressure(&u, policy.high_water_percent, self.min_free_bytes),
             Err(_) => Excess::default(),
         }
     }
@@ -759,6 +784,7 @@ mod tests {
             notices: tx,
             counters,
             keep_records: 1,
+            min_free_bytes: 0,
         };
         Rig {
             dir,
@@ -1128,6 +1154,40 @@ mod tests {
         assert!(plan(&objects, 5 * H, 72 * H, inodes(u64::MAX))
             .iter()
             .all(|(i, _)| *i != id(5)));
+    }
+
+    #[test]
+    fn a_disk_short_of_where_intake_resumes_is_under_pressure_below_its_high_water_mark() {
+        const MIB: u64 = 1 << 20;
+        // 1 GiB, half used, 20,000 inodes, 18,500 used: under a 90 % mark
+        // in bytes, 500 inodes past it.
+        let usage = DiskUsage {
+            total: 1024 * MIB,
+            used: 512 * MIB,
+            inodes_total: 20_000,
+            inodes_used: 18_500,
+        };
+        let floor_inodes = MIN_FREE_INODES + INODE_RESUME_MARGIN;
+        let loose = pressure(&usage, 90, 64 * MIB);
+        assert_eq!(loose.bytes, 0, "512 MiB free is far above 64 MiB");
+        assert_eq!(loose.inodes, 500.max(floor_inodes.saturating_sub(1500)));
+        // A floor above what is free: the shortfall to where intake
+        // resumes, margin included, though the mark is not reached.
+        let tight = pressure(&usage, 90, 600 * MIB);
+        assert_eq!(tight.bytes, 600 * MIB + RESUME_MARGIN - 512 * MIB);
+        // With room to spare in both, nothing.
+        let roomy = DiskUsage {
+            inodes_used: 1000,
+            ..usage
+        };
+        assert!(!pressure(&roomy, 90, 64 * MIB).is_some());
+        // A filesystem that counts no inodes owes none.
+        let uncounted = DiskUsage {
+            inodes_total: 0,
+            inodes_used: 0,
+            ..usage
+        };
+        assert_eq!(pressure(&uncounted, 90, 64 * MIB).inodes, 0);
     }
 
     #[test]

@@ -131,6 +131,18 @@ impl DiskUsage {
         self.inodes_used.saturating_sub(mark)
     }
 
+    /// Bytes and inodes to free before `min_free_bytes` and
+    /// `min_free_inodes` are free (0 where they are, or where the
+    /// filesystem does not count inodes).
+    pub fn short_of(&self, min_free_bytes: u64, min_free_inodes: u64) -> (u64, u64) {
+        let free = self.total.saturating_sub(self.used);
+        let inodes = match self.inodes_total {
+            0 => 0,
+            total => min_free_inodes.saturating_sub(total.saturating_sub(self.inodes_used)),
+        };
+        (min_free_bytes.saturating_sub(free), inodes)
+    }
+
     pub fn percent_used(&self) -> f64 {
         if self.total == 0 {
             return 0.0;

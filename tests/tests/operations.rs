@@ -134,6 +134,73 @@ fn a_small_state_disk_keeps_taking_new_images_as_delivered_ones_are_pruned() -> 
     Ok(())
 }
 
+/// A floor above the high-water mark: on a 64 MiB state disk with
+/// `state_min_free_mb = 30`, intake stops with about half the disk used,
+/// long before a 99 % mark. Delivered objects kept for an hour would then
+/// hold the room a second image needs. Retention counts the shortfall to
+/// where intake resumes as pressure too, so the first image's objects go
+/// and the second is delivered.
+#[test]
+fn a_state_disk_short_of_its_free_floor_prunes_delivered_objects_below_the_mark() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let layout = out.path().join("layout");
+    let opts = SiteOptions {
+        rate_bps: 80_000_000,
+        tx_extra: "[ingest]\npoll_interval_ms = 100\n".into(),
+        rx_extra: "[retention]\nkeep_delivered_hours = 1\nhigh_water_percent = 99\n".into(),
+        ..Default::default()
+    };
+    let links = SiteLinks {
+        rx_top: "state_min_free_mb = 30".into(),
+        ..Default::default()
+    };
+    let site = Site::with_links(Target::Layout(layout.clone()), &opts, links)?;
+    let Some(disk) = SmallDisk::mount(&site.rx_state, "64m") else {
+        return Ok(());
+    };
+    let mut rx = site.start_rx()?;
+    site.write_tx_config(site.rx_addr, &opts)?;
+    let mut tx = site.start_tx()?;
+    let mut peak = 0.0f64;
+    for n in 0..2u64 {
+        let img = imagegen::oci_archive(
+            site.dir.path(),
+            &format!("floor{n}.tar"),
+            300 + n,
+            &layers(&[10_000_000, 10_000_000]),
+            &format!("team-a/floor{n}:1"),
+        )?;
+        let digest = img.manifest_digest.clone().context("digest")?;
+        site.drop_image(&img.path, &format!("floor{n}.tar"))?;
+        expect_within(
+            &format!("image {n} delivered"),
+            Duration::from_secs(120),
+            &mut [&mut tx, &mut rx],
+            || {
+                peak = peak.max(disk.usage().percent_used());
+                layout_lists(&layout, &digest)
+            },
+        );
+    }
+    assert!(
+        rx_counter(&site, "objects_pruned") >= 1,
+        "nothing was pruned, yet both images fit only if the first one's objects went"
+    );
+    assert!(log_has(
+        &rx.log,
+        &[
+            "pruned from the blob store",
+            "rule=\"state disk past its high-water mark\""
+        ]
+    ));
+    assert!(peak < 99.0, "state disk peaked at {peak:.0} %");
+    eprintln!("state disk peak {peak:.0} % of 64 MiB, floor 30 MiB free");
+    tx.kill9();
+    rx.kill9();
+    drop(disk);
+    Ok(())
+}
+
 /// SIGHUP on both sides. The receiver starts with key 1 while the sender
 /// signs with key 2: frames are refused as an unknown key. Key 2 added to
 /// rx.toml and a SIGHUP: the image is delivered, no restart. An edit of
