@@ -90,6 +90,10 @@ pub struct Registry {
     options: RegistryOptions,
     child: Option<Child>,
     client: RegistryClient,
+    /// While stopped, a socket bound to the port (not listening, so
+    /// connections are refused): no other test is handed the port before
+    /// the restart binds it again.
+    hold: Option<socket2::Socket>,
 }
 
 /// A manifest as the registry serves it.
@@ -143,6 +147,16 @@ fn free_loopback_port() -> Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
+/// Binds `addr` without listening, with `SO_REUSEADDR` as the registry
+/// (Go) binds its listener: the registry can bind the port again while
+/// this is held, and an ephemeral bind elsewhere passes it over.
+fn hold_port(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
 /// Why a spawn failed: an early exit (e.g. the port was taken meanwhile)
 /// is worth a retry on another port, a timeout is not.
 enum SpawnFailure {
@@ -192,6 +206,7 @@ impl Registry {
             options,
             child: None,
             client: RegistryClient::new(&format!("http://{addr}")),
+            hold: None,
         };
         registry.client = registry.make_client()?;
         // A port found free by binding :0 can be taken again before the
@@ -284,6 +299,7 @@ impl Registry {
             child
                 .wait()
                 .context("waiting for docker-registry to exit")?;
+            self.hold = hold_port(self.addr).ok();
         }
         Ok(())
     }
@@ -382,6 +398,7 @@ impl Registry {
             // 401: ready, and asking for the htpasswd credentials.
             if let Ok(response) = self.client.get("/v2/", None) {
                 if matches!(response.status().as_u16(), 200 | 401) {
+                    self.hold = None;
                     return Ok(());
                 }
             }
