@@ -33,6 +33,73 @@ fn rules_allowing(namespaces: &[&str]) -> String {
     )
 }
 
+/// A pair whose receiver's state disk is a 64 MiB tmpfs, delivering into
+/// an OCI layout, with `rx_extra` in rx.toml and `state_min_free_mb` set;
+/// it watches how full the disk gets. None (the test skips) where no
+/// tmpfs can be mounted.
+struct SmallRxDisk {
+    // Dropped after the site's gateways, in field order.
+    disk: SmallDisk,
+    site: Site,
+    opts: SiteOptions,
+    layout: std::path::PathBuf,
+    _out: tempfile::TempDir,
+    peak: f64,
+}
+
+impl SmallRxDisk {
+    fn new(rx_extra: &str, min_free_mb: u64) -> Result<Option<SmallRxDisk>> {
+        let out = tempfile::tempdir()?;
+        let layout = out.path().join("layout");
+        let opts = SiteOptions {
+            rate_bps: 80_000_000,
+            tx_extra: "[ingest]\npoll_interval_ms = 100\n".into(),
+            rx_extra: rx_extra.into(),
+            ..Default::default()
+        };
+        let links = SiteLinks {
+            rx_top: format!("state_min_free_mb = {min_free_mb}"),
+            ..Default::default()
+        };
+        let site = Site::with_links(Target::Layout(layout.clone()), &opts, links)?;
+        let Some(disk) = SmallDisk::mount(&site.rx_state, "64m") else {
+            return Ok(None);
+        };
+        Ok(Some(SmallRxDisk {
+            disk,
+            site,
+            opts,
+            layout,
+            _out: out,
+            peak: 0.0,
+        }))
+    }
+
+    /// Drops `img` as `name` and waits (120 s at most) until it is in the
+    /// layout.
+    fn deliver(
+        &mut self,
+        img: &imagegen::GeneratedImage,
+        name: &str,
+        tx: &mut weir_tests::pair::Gateway,
+        rx: &mut weir_tests::pair::Gateway,
+    ) -> Result<()> {
+        let digest = img.manifest_digest.clone().context("digest")?;
+        self.site.drop_image(&img.path, name)?;
+        let (disk, layout, peak) = (&self.disk, &self.layout, &mut self.peak);
+        expect_within(
+            &format!("{name} delivered"),
+            Duration::from_secs(120),
+            &mut [tx, rx],
+            || {
+                *peak = peak.max(disk.usage().percent_used());
+                layout_lists(layout, &digest)
+            },
+        );
+        Ok(())
+    }
+}
+
 /// Retention on a 64 MiB state disk: five images of about 20 MB cross one
 /// after another, 100 MB in all. Delivered images are pruned as the disk
 /// passes its high-water mark (50 %), and the rest once kept for
@@ -42,22 +109,14 @@ fn rules_allowing(namespaces: &[&str]) -> String {
 /// pruned objects are not stored again.
 #[test]
 fn a_small_state_disk_keeps_taking_new_images_as_delivered_ones_are_pruned() -> Result<()> {
-    let out = tempfile::tempdir()?;
-    let layout = out.path().join("layout");
-    let opts = SiteOptions {
-        rate_bps: 80_000_000,
-        tx_extra: "[ingest]\npoll_interval_ms = 100\n".into(),
-        rx_extra: "[retention]\nkeep_delivered_hours = 0.002\nhigh_water_percent = 50\n".into(),
-        ..Default::default()
-    };
-    let links = SiteLinks {
-        rx_top: "state_min_free_mb = 4".into(),
-        ..Default::default()
-    };
-    let site = Site::with_links(Target::Layout(layout.clone()), &opts, links)?;
-    let Some(disk) = SmallDisk::mount(&site.rx_state, "64m") else {
+    let Some(mut small) = SmallRxDisk::new(
+        "[retention]\nkeep_delivered_hours = 0.002\nhigh_water_percent = 50\n",
+        4,
+    )?
+    else {
         return Ok(());
     };
+    let site = &small.site;
     let mut images = Vec::new();
     for n in 0..5u64 {
         let img = imagegen::oci_archive(
@@ -70,22 +129,12 @@ fn a_small_state_disk_keeps_taking_new_images_as_delivered_ones_are_pruned() -> 
         images.push(img);
     }
     let mut rx = site.start_rx()?;
-    site.write_tx_config(site.rx_addr, &opts)?;
+    site.write_tx_config(site.rx_addr, &small.opts)?;
     let mut tx = site.start_tx()?;
-    let mut peak = 0.0f64;
     for (n, img) in images.iter().enumerate() {
-        let digest = img.manifest_digest.clone().context("digest")?;
-        site.drop_image(&img.path, &format!("img{n}.tar"))?;
-        expect_within(
-            &format!("image {n} delivered"),
-            Duration::from_secs(120),
-            &mut [&mut tx, &mut rx],
-            || {
-                peak = peak.max(disk.usage().percent_used());
-                layout_lists(&layout, &digest)
-            },
-        );
+        small.deliver(img, &format!("img{n}.tar"), &mut tx, &mut rx)?;
     }
+    let (site, disk, mut peak) = (&small.site, &small.disk, small.peak);
     // Kept long enough: everything delivered leaves the blob store.
     let blobs = site.rx_state.join("blobs/sha256");
     expect_within(
@@ -98,21 +147,21 @@ fn a_small_state_disk_keeps_taking_new_images_as_delivered_ones_are_pruned() -> 
         },
     );
     // Let the sender cycle the pruned images a while: nothing is stored.
-    let stored = rx_counter(&site, "shards_stored");
+    let stored = rx_counter(site, "shards_stored");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        rx_counter(&site, "shards_stored"),
+        rx_counter(site, "shards_stored"),
         stored,
         "pruned objects came back"
     );
-    assert!(rx_counter(&site, "shards_duplicate") > 0);
+    assert!(rx_counter(site, "shards_duplicate") > 0);
     assert_eq!(
-        rx_counter(&site, "frames_dropped_disk_full"),
+        rx_counter(site, "frames_dropped_disk_full"),
         0,
         "the disk filled"
     );
     assert!(
-        rx_counter(&site, "objects_pruned") >= 20,
+        rx_counter(site, "objects_pruned") >= 20,
         "4 objects per image"
     );
     assert!(peak < 95.0, "state disk peaked at {peak:.0} %");
@@ -130,7 +179,6 @@ fn a_small_state_disk_keeps_taking_new_images_as_delivered_ones_are_pruned() -> 
     eprintln!("state disk peak {peak:.0} % of 64 MiB; 100 MB crossed");
     tx.kill9();
     rx.kill9();
-    drop(disk);
     Ok(())
 }
 
@@ -142,48 +190,31 @@ fn a_small_state_disk_keeps_taking_new_images_as_delivered_ones_are_pruned() -> 
 /// and the second is delivered.
 #[test]
 fn a_state_disk_short_of_its_free_floor_prunes_delivered_objects_below_the_mark() -> Result<()> {
-    let out = tempfile::tempdir()?;
-    let layout = out.path().join("layout");
-    let opts = SiteOptions {
-        rate_bps: 80_000_000,
-        tx_extra: "[ingest]\npoll_interval_ms = 100\n".into(),
-        rx_extra: "[retention]\nkeep_delivered_hours = 1\nhigh_water_percent = 99\n".into(),
-        ..Default::default()
-    };
-    let links = SiteLinks {
-        rx_top: "state_min_free_mb = 30".into(),
-        ..Default::default()
-    };
-    let site = Site::with_links(Target::Layout(layout.clone()), &opts, links)?;
-    let Some(disk) = SmallDisk::mount(&site.rx_state, "64m") else {
+    let Some(mut small) = SmallRxDisk::new(
+        "[retention]\nkeep_delivered_hours = 1\nhigh_water_percent = 99\n",
+        30,
+    )?
+    else {
         return Ok(());
     };
-    let mut rx = site.start_rx()?;
-    site.write_tx_config(site.rx_addr, &opts)?;
-    let mut tx = site.start_tx()?;
-    let mut peak = 0.0f64;
+    let mut rx = small.site.start_rx()?;
+    small
+        .site
+        .write_tx_config(small.site.rx_addr, &small.opts)?;
+    let mut tx = small.site.start_tx()?;
     for n in 0..2u64 {
         let img = imagegen::oci_archive(
-            site.dir.path(),
+            small.site.dir.path(),
             &format!("floor{n}.tar"),
             300 + n,
             &layers(&[10_000_000, 10_000_000]),
             &format!("team-a/floor{n}:1"),
         )?;
-        let digest = img.manifest_digest.clone().context("digest")?;
-        site.drop_image(&img.path, &format!("floor{n}.tar"))?;
-        expect_within(
-            &format!("image {n} delivered"),
-            Duration::from_secs(120),
-            &mut [&mut tx, &mut rx],
-            || {
-                peak = peak.max(disk.usage().percent_used());
-                layout_lists(&layout, &digest)
-            },
-        );
+        small.deliver(&img, &format!("floor{n}.tar"), &mut tx, &mut rx)?;
     }
+    let (site, peak) = (&small.site, small.peak);
     assert!(
-        rx_counter(&site, "objects_pruned") >= 1,
+        rx_counter(site, "objects_pruned") >= 1,
         "nothing was pruned, yet both images fit only if the first one's objects went"
     );
     assert!(log_has(
@@ -197,7 +228,6 @@ fn a_state_disk_short_of_its_free_floor_prunes_delivered_objects_below_the_mark(
     eprintln!("state disk peak {peak:.0} % of 64 MiB, floor 30 MiB free");
     tx.kill9();
     rx.kill9();
-    drop(disk);
     Ok(())
 }
 
