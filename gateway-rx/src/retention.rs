@@ -59,7 +59,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use weir_host::appliance::{
-    disk_usage, human_bytes, DiskUsage, INODE_RESUME_MARGIN, MIN_FREE_INODES, RESUME_MARGIN,
+    disk_usage, free_room, human_bytes, DiskUsage, Room, INODE_RESUME_MARGIN, MIN_FREE_INODES,
+    RESUME_MARGIN,
 };
 use weir_host::reload::ReloadReader;
 use weir_host::Shutdown;
@@ -302,13 +303,19 @@ impl Excess {
     }
 }
 
-/// What must be freed early on a disk in `usage`: what is used past
-/// `high_water_percent`, or, if more, what stands between the free room
-/// and where intake resumes (`min_free_bytes` and the inode floor, each
-/// with its margin), so that intake never stops while delivered objects
-/// that could make room are kept.
-pub fn pressure(usage: &DiskUsage, high_water_percent: u32, min_free_bytes: u64) -> Excess {
-    let (bytes_short, inodes_short) = usage.short_of(
+/// What must be freed early on a disk in `usage` with `room` free for the
+/// gateway: what is used past `high_water_percent`, or, if more, what
+/// stands between `room` and where intake resumes (`min_free_bytes` and
+/// the inode floor, each with its margin; `room` is what the intake guard
+/// reads, without the blocks reserved for root), so that intake never
+/// stops while delivered objects that could make room are kept.
+pub fn pressure(
+    usage: &DiskUsage,
+    room: &Room,
+    high_water_percent: u32,
+    min_free_bytes: u64,
+) -> Excess {
+    let (bytes_short, inodes_short) = room.short_of(
         min_free_bytes.saturating_add(RESUME_MARGIN),
         MIN_FREE_INODES + INODE_RESUME_MARGIN,
     );
@@ -485,8 +492,8 @@ impl Retention {
     /// Bytes and inodes used above the high-water mark, or short of where
     /// intake resumes if that asks more (0 when neither, or unknown).
     fn over_high_water(&self, policy: &RetentionConfig) -> Excess {
-        match disk_usage(&self.state_dir) {
-            Ok(u) => pressure(&u, policy.high_water_percent, self.min_free_bytes),
+        match disk_usage(&self.state_dir).and_then(|u| Ok((u, free_room(&self.state_dir)?))) {
+            Ok((u, room)) => pressure(&u, &room, policy.high_water_percent, self.min_free_bytes),
             Err(_) => Excess::default(),
         }
     }
@@ -1167,27 +1174,42 @@ mod tests {
             inodes_total: 20_000,
             inodes_used: 18_500,
         };
+        // What the gateway may use: 50 MiB of the 512 free are reserved
+        // for root.
+        let room = Room {
+            bytes: 462 * MIB,
+            inodes: Some(1500),
+        };
         let floor_inodes = MIN_FREE_INODES + INODE_RESUME_MARGIN;
-        let loose = pressure(&usage, 90, 64 * MIB);
-        assert_eq!(loose.bytes, 0, "512 MiB free is far above 64 MiB");
-        assert_eq!(loose.inodes, 500.max(floor_inodes.saturating_sub(1500)));
-        // A floor above what is free: the shortfall to where intake
-        // resumes, margin included, though the mark is not reached.
-        let tight = pressure(&usage, 90, 600 * MIB);
-        assert_eq!(tight.bytes, 600 * MIB + RESUME_MARGIN - 512 * MIB);
+        let loose = pressure(&usage, &room, 90, 64 * MIB);
+        assert_eq!(loose.bytes, 0, "462 MiB free is far above 64 MiB");
+        assert_eq!(loose.inodes, 500.max(floor_inodes - 1500));
+        // A floor above what is free to the gateway: the shortfall to
+        // where intake resumes, margin included, though the mark is not
+        // reached and the reserved blocks would cover it.
+        let tight = pressure(&usage, &room, 90, 500 * MIB);
+        assert_eq!(tight.bytes, 500 * MIB + RESUME_MARGIN - 462 * MIB);
         // With room to spare in both, nothing.
         let roomy = DiskUsage {
             inodes_used: 1000,
             ..usage
         };
-        assert!(!pressure(&roomy, 90, 64 * MIB).is_some());
+        let roomy_room = Room {
+            inodes: Some(19_000),
+            ..room
+        };
+        assert!(!pressure(&roomy, &roomy_room, 90, 64 * MIB).is_some());
         // A filesystem that counts no inodes owes none.
         let uncounted = DiskUsage {
             inodes_total: 0,
             inodes_used: 0,
             ..usage
         };
-        assert_eq!(pressure(&uncounted, 90, 64 * MIB).inodes, 0);
+        let no_inodes = Room {
+            inodes: None,
+            ..room
+        };
+        assert_eq!(pressure(&uncounted, &no_inodes, 90, 64 * MIB).inodes, 0);
     }
 
     #[test]

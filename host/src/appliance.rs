@@ -96,6 +96,19 @@ pub struct Room {
     pub inodes: Option<u64>,
 }
 
+impl Room {
+    /// Bytes and inodes to free before `min_bytes` and `min_inodes` are
+    /// free (0 where they are; no inodes where the filesystem does not
+    /// count them).
+    pub fn short_of(&self, min_bytes: u64, min_inodes: u64) -> (u64, u64) {
+        (
+            min_bytes.saturating_sub(self.bytes),
+            self.inodes
+                .map_or(0, |free| min_inodes.saturating_sub(free)),
+        )
+    }
+}
+
 /// Bytes and inodes free for this process on the filesystem holding `dir`.
 pub fn free_room(dir: &Path) -> std::io::Result<Room> {
     let st = statvfs(dir)?;
@@ -129,18 +142,6 @@ impl DiskUsage {
     pub fn inodes_above_percent(&self, percent: u32) -> u64 {
         let mark = (self.inodes_total as u128 * percent.min(100) as u128 / 100) as u64;
         self.inodes_used.saturating_sub(mark)
-    }
-
-    /// Bytes and inodes to free before `min_free_bytes` and
-    /// `min_free_inodes` are free (0 where they are, or where the
-    /// filesystem does not count inodes).
-    pub fn short_of(&self, min_free_bytes: u64, min_free_inodes: u64) -> (u64, u64) {
-        let free = self.total.saturating_sub(self.used);
-        let inodes = match self.inodes_total {
-            0 => 0,
-            total => min_free_inodes.saturating_sub(total.saturating_sub(self.inodes_used)),
-        };
-        (min_free_bytes.saturating_sub(free), inodes)
     }
 
     pub fn percent_used(&self) -> f64 {
