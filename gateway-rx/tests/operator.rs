@@ -17,17 +17,24 @@ fn operator(command: &str, config: &std::path::Path, args: &[&str]) -> std::proc
         .unwrap()
 }
 
+/// A receiver's setup delivering into an OCI layout in a directory of its
+/// own (kept while the returned guard lives).
+fn delivering_into_a_layout() -> (common::Setup, tempfile::TempDir) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let s = setup_with(&format!(
+        "[delivery]\noci_layout = \"{}\"\n",
+        out_dir.path().display()
+    ));
+    (s, out_dir)
+}
+
 fn forget_session(config: &std::path::Path) -> std::process::Output {
     operator("forget-session", config, &[])
 }
 
 #[test]
 fn forget_session_clears_the_remembered_session_only_while_stopped() {
-    let out_dir = tempfile::tempdir().unwrap();
-    let s = setup_with(&format!(
-        "[delivery]\noci_layout = \"{}\"\n",
-        out_dir.path().display()
-    ));
+    let (s, _out_dir) = delivering_into_a_layout();
     let gw = Gateway::start(&s);
     let img = sample_image("team/op", &["1"], 1, 1000);
     let mut tx = TestSender::new(key(), 4242, s.addr, 1400, 8, 2);
@@ -60,11 +67,7 @@ fn forget_session_clears_the_remembered_session_only_while_stopped() {
 /// empty state behind that would pass for a healthy gateway.
 #[test]
 fn reading_commands_refuse_a_state_dir_that_is_not_there() {
-    let out_dir = tempfile::tempdir().unwrap();
-    let s = setup_with(&format!(
-        "[delivery]\noci_layout = \"{}\"\n",
-        out_dir.path().display()
-    ));
+    let (s, _out_dir) = delivering_into_a_layout();
     let state = s.dir.path().join("state");
     let _ = std::fs::remove_dir_all(&state);
     for args in [
@@ -99,11 +102,7 @@ fn forget_image(config: &std::path::Path, digest: &str) -> std::process::Output 
 /// running gateway are refused with a message.
 #[test]
 fn forget_image_gives_up_on_an_image_still_receiving_only_while_stopped() {
-    let out_dir = tempfile::tempdir().unwrap();
-    let s = setup_with(&format!(
-        "[delivery]\noci_layout = \"{}\"\n",
-        out_dir.path().display()
-    ));
+    let (s, _out_dir) = delivering_into_a_layout();
     let gw = Gateway::start(&s);
     let img = sample_image("team/stuck", &["1"], 1, 1000);
     let digest = img.tm.manifest.digest.clone();
