@@ -421,6 +421,9 @@ impl RxConfig {
         resolve_opt(base, &mut self.delivery.ca_file);
         resolve_opt(base, &mut self.delivery.password_file);
         resolve_opt(base, &mut self.delivery.oci_layout);
+        for k in &mut self.delivery.verify_signatures {
+            resolve(base, k);
+        }
         resolve_opt(base, &mut self.ledger.report_key_file);
         resolve_console_and_leds(base, &mut self.console, &mut self.leds);
     }
@@ -753,6 +756,39 @@ mod tests {
             dir.display(),
             key.display()
         )
+    }
+
+    /// Every path the file names is taken from the file's directory, not
+    /// from where the gateway was started (`/` under systemd).
+    #[test]
+    fn relative_paths_are_taken_from_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("etc");
+        std::fs::create_dir(&conf).unwrap();
+        key_file(&conf, "1.key");
+        std::fs::create_dir(conf.join("keys")).unwrap();
+        std::fs::write(
+            conf.join("keys/cosign.pub"),
+            "-----BEGIN PUBLIC KEY-----\n\
+             MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEvXgDDih1Jgpottp54XwdUdIZ+iA\n\
+             0u1J5weQA4aAxKKym4QrKJ98oO2SXolrIXKtFKy2ELvaWtoJ26tUdxGsuw==\n\
+             -----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        let p = write_config(
+            &conf,
+            "state_dir = \"state\"\n[link]\ntransport = \"udp\"\nudp_listen = \"127.0.0.1:7700\"\n\
+             [[auth.keys]]\nid = 1\nfile = \"1.key\"\n\
+             [delivery]\noci_layout = \"out\"\nverify_signatures = [\"keys/cosign.pub\"]\n",
+        );
+        let c = RxConfig::load(&p).unwrap();
+        assert_eq!(c.state_dir, conf.join("state"));
+        assert_eq!(c.auth.keys[0].file, conf.join("1.key"));
+        assert_eq!(c.delivery.oci_layout, Some(conf.join("out")));
+        assert_eq!(
+            c.delivery.verify_signatures,
+            vec![conf.join("keys/cosign.pub")]
+        );
     }
 
     #[test]

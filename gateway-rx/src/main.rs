@@ -268,6 +268,9 @@ fn verify_ledger(file: &Path) -> anyhow::Result<()> {
 
 fn accept_chain(file: &Path, chain: &str, from: u64) -> anyhow::Result<()> {
     let config = RxConfig::load(file)?;
+    // A mistyped state_dir would otherwise get a fresh database holding
+    // only this acceptance, and the real one would still refuse the chain.
+    weir_host::cli::existing_state_dir("gateway-rx", &config.state_dir)?;
     let id: weir_proto::ChainId = chain
         .trim()
         .parse()

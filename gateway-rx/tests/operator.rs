@@ -62,11 +62,12 @@ fn forget_session_clears_the_remembered_session_only_while_stopped() {
     assert!(String::from_utf8_lossy(&again.stdout).contains("no sender session remembered"));
 }
 
-/// A command that only reads the state, pointed at a state_dir that is not
-/// there (a gateway never started, a mistyped path), says so and leaves no
-/// empty state behind that would pass for a healthy gateway.
+/// An operator's command pointed at a state_dir that is not there (a
+/// gateway never started, a mistyped path) says so and leaves no empty
+/// state behind that would pass for a healthy gateway (nor, for `ledger
+/// accept`, one that holds the acceptance the real state lacks).
 #[test]
-fn reading_commands_refuse_a_state_dir_that_is_not_there() {
+fn operator_commands_refuse_a_state_dir_that_is_not_there() {
     let (s, _out_dir) = delivering_into_a_layout();
     let state = s.dir.path().join("state");
     let _ = std::fs::remove_dir_all(&state);
@@ -74,6 +75,14 @@ fn reading_commands_refuse_a_state_dir_that_is_not_there() {
         vec!["status"],
         vec!["forget-session"],
         vec!["ledger", "verify"],
+        vec![
+            "ledger",
+            "accept",
+            "--chain",
+            "00000000000000aa",
+            "--from",
+            "1",
+        ],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_gateway-rx"))
             .args(&args)
@@ -89,6 +98,48 @@ fn reading_commands_refuse_a_state_dir_that_is_not_there() {
         );
         assert!(!state.exists(), "{args:?} created {}", state.display());
     }
+}
+
+/// `check-config` reads the signature keys a relative `verify_signatures`
+/// names from the configuration file's directory, wherever the command is
+/// started (`/` under systemd), and refuses a missing one by file and field
+/// before the gateway would meet it at its first delivery.
+#[test]
+fn check_config_reads_relative_signature_keys_from_the_config_files_directory() {
+    let s =
+        setup_with("[delivery]\noci_layout = \"out\"\nverify_signatures = [\"keys/cosign.pub\"]\n");
+    let keys = s.dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_gateway-rx"))
+            .arg("check-config")
+            .arg(&s.config)
+            .current_dir("/")
+            .output()
+            .unwrap()
+    };
+    let missing = check();
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success(), "{err}");
+    assert!(
+        err.contains("delivery.verify_signatures")
+            && err.contains(&keys.join("cosign.pub").display().to_string()),
+        "{err}"
+    );
+    std::fs::write(
+        keys.join("cosign.pub"),
+        "-----BEGIN PUBLIC KEY-----\n\
+         MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEvXgDDih1Jgpottp54XwdUdIZ+iA\n\
+         0u1J5weQA4aAxKKym4QrKJ98oO2SXolrIXKtFKy2ELvaWtoJ26tUdxGsuw==\n\
+         -----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let found = check();
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
 }
 
 fn forget_image(config: &std::path::Path, digest: &str) -> std::process::Output {

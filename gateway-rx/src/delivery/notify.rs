@@ -1,5 +1,5 @@
-//! Optional webhook: one JSON POST per image delivered or failing, and
-//! per image ledger gap (`missing`).
+//! Optional webhook: one JSON POST per image delivered, failing or refused
+//! (its signature), and per image ledger gap (`missing`).
 //!
 //! Best effort by design: notices go through a small queue to a task of
 //! their own, each call has a timeout, and a full queue drops the notice
@@ -17,7 +17,7 @@ const QUEUE: usize = 64;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Notice {
     pub text: String,
-    /// "delivered", "failing" or "missing".
+    /// "delivered", "failing", "refused" or "missing".
     pub event: String,
     pub reference: String,
     pub digest: String,
