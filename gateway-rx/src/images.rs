@@ -470,6 +470,15 @@ impl ImageLedger {
         }
         for tag in &tm.destination.tags {
             weir_proto::check_tag(tag).map_err(|e| e.to_string())?;
+            // Signature and referrers-fallback tags are written by this
+            // receiver for the images they name; an image under one would
+            // replace another image's signature or referrers list.
+            if weir_proto::referrers::is_attachment_tag(tag) {
+                return Err(format!(
+                    "tag {tag} has the form of a signature or referrers tag, which only the \
+                     receiver writes for the image it names"
+                ));
+            }
         }
         if tm.blobs.len() > MAX_BLOBS_PER_IMAGE {
             return Err(format!(
@@ -477,10 +486,22 @@ impl ImageLedger {
                 tm.blobs.len()
             ));
         }
-        let mut blobs = Vec::with_capacity(tm.blobs.len());
+        // Each blob once: a manifest may name a layer twice, and the
+        // record is kept for as long as the image is remembered.
+        let mut blobs: Vec<(String, u64)> = Vec::with_capacity(tm.blobs.len());
+        let mut sizes: HashMap<ObjectId, u64> = HashMap::with_capacity(tm.blobs.len());
         for b in &tm.blobs {
-            ObjectId::from_digest(&b.digest).map_err(|e| e.to_string())?;
-            blobs.push((b.digest.clone(), b.size));
+            let id = ObjectId::from_digest(&b.digest).map_err(|e| e.to_string())?;
+            match sizes.insert(id, b.size) {
+                None => blobs.push((id.digest(), b.size)),
+                Some(size) if size == b.size => {}
+                Some(size) => {
+                    return Err(format!(
+                        "blob {id} is named with two sizes, {size} and {} bytes",
+                        b.size
+                    ))
+                }
+            }
         }
         // Referrers become tags and referrers-list entries: bounded, and
         // only of this image's manifests.
@@ -535,17 +556,17 @@ impl ImageLedger {
         Ok(out)
     }
 
-    fn all(&self) -> Result<Vec<(ObjectId, ImageRecord)>, LedgerError> {
+    /// The records `keep` picks.
+    fn records_where(
+        &self,
+        keep: impl Fn(&ImageRecord) -> bool,
+    ) -> Result<Vec<(ObjectId, ImageRecord)>, LedgerError> {
         let mut out = Vec::new();
-        for item in self.images.iter() {
-            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
-            let Ok(raw) = <[u8; 32]>::try_from(&k[..]) else {
-                continue;
-            };
-            let record: ImageRecord =
-                serde_json::from_slice(&v).map_err(|e| self.db.corrupt(hex::encode(&k), e))?;
-            out.push((ObjectId(raw), record));
-        }
+        self.for_each_image(&mut |id, record| {
+            if keep(record) {
+                out.push((id, record.clone()));
+            }
+        })?;
         Ok(out)
     }
 
@@ -629,7 +650,18 @@ impl ImageLedger {
         self.pruned.finish_deletions(&self.store)?;
         self.adopt_unrecorded_objects()?;
         let mut completed = Vec::new();
-        for (id, record) in self.all()? {
+        // By id, each record read when its turn comes: every image ever
+        // delivered is here, and a record may name thousands of blobs.
+        let mut ids = Vec::new();
+        self.for_each_image(&mut |id, r| {
+            if r.state == ImageState::Receiving || r.ledger.is_some() {
+                ids.push(id);
+            }
+        })?;
+        for id in ids {
+            let Some(record) = self.get(&id)? else {
+                continue;
+            };
             match (record.state, record.ledger) {
                 (ImageState::Receiving, _) => {
                     if self.try_complete(id, record)? {
@@ -688,13 +720,9 @@ impl ImageLedger {
         manifest_digest: &str,
     ) -> Result<Vec<(ObjectId, ImageRecord)>, LedgerError> {
         let _writing = self.lock_writes();
-        let gone: Vec<(ObjectId, ImageRecord)> = self
-            .all()?
-            .into_iter()
-            .filter(|(_, r)| {
-                r.state == ImageState::Receiving && r.manifest_digest == manifest_digest
-            })
-            .collect();
+        let gone = self.records_where(|r| {
+            r.state == ImageState::Receiving && r.manifest_digest == manifest_digest
+        })?;
         if gone.is_empty() {
             return Ok(gone);
         }
@@ -1145,6 +1173,24 @@ mod tests {
         let mut t = tm.clone();
         t.destination.tags = (0..100_000).map(|i| format!("t{i}")).collect();
         cases.push(("tags, more than", t));
+        // Under another image's signature tag, it would replace it.
+        let victim = ObjectId::of_bytes(b"a signed image").hex();
+        for tag in [format!("sha256-{victim}.sig"), format!("sha256-{victim}")] {
+            let mut t = tm.clone();
+            t.destination.tags = vec![tag];
+            cases.push(("has the form of a signature or referrers tag", t));
+        }
+        let mut t = tm.clone();
+        let mut twice = t.blobs[0].clone();
+        twice.size += 1;
+        t.blobs.push(twice);
+        cases.push(("is named with two sizes", t));
+        let mut t = tm.clone();
+        t.blobs[0].digest = t.blobs[0]
+            .digest
+            .to_uppercase()
+            .replace("SHA256:", "sha256:");
+        cases.push(("not a sha256 digest", t));
         let mut t = tm.clone();
         t.blobs = (0..=MAX_BLOBS_PER_IMAGE as u64)
             .map(|i| weir_proto::BlobRef {
@@ -1236,6 +1282,32 @@ mod tests {
             ledger.object_verified(image, ObjectKind::Image, 0).unwrap(),
             vec![image]
         );
+    }
+
+    /// A manifest may name one layer twice; the record keeps it once, so a
+    /// record is no larger than the blobs it waits for.
+    #[test]
+    fn a_blob_named_twice_is_recorded_once_and_the_image_completes() {
+        let r = rig("");
+        let ledger = r.ledger();
+        let (mut tm, _) = sample_image(&r.store, "team/app", &["1.0"], 1, 100);
+        let named = tm.blobs.len();
+        let again: Vec<_> = tm.blobs.clone();
+        for _ in 0..1000 {
+            tm.blobs.extend(again.iter().cloned());
+        }
+        tm.ledger =
+            weir_test_support::genesis_record(weir_test_support::images::record_fields(&tm));
+        let image = r.store.insert_bytes(&tm.to_object_bytes()).unwrap();
+        assert_eq!(
+            ledger.object_verified(image, ObjectKind::Image, 0).unwrap(),
+            vec![image]
+        );
+        let mut kept = Vec::new();
+        ledger
+            .for_each_image(&mut |_, record| kept.push(record.blobs.len()))
+            .unwrap();
+        assert_eq!(kept, vec![named]);
     }
 
     #[test]

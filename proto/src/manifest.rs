@@ -23,13 +23,16 @@ impl ObjectId {
         ObjectId(Sha256::digest(bytes).into())
     }
 
-    /// Parses an OCI digest `sha256:<64 hex>`.
+    /// Parses an OCI digest `sha256:<64 hex>`, in lower case as the image
+    /// spec writes it: names, references and layout paths are made from
+    /// the digest as given, so one object must have one spelling.
     pub fn from_digest(digest: &str) -> Result<Self, DigestError> {
         let hex_part = digest
             .strip_prefix("sha256:")
-            .ok_or_else(|| DigestError(digest.to_string()))?;
+            .filter(|h| h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .ok_or_else(|| DigestError::of(digest))?;
         let mut out = [0u8; 32];
-        hex::decode_to_slice(hex_part, &mut out).map_err(|_| DigestError(digest.to_string()))?;
+        hex::decode_to_slice(hex_part, &mut out).map_err(|_| DigestError::of(digest))?;
         Ok(ObjectId(out))
     }
 
@@ -60,6 +63,13 @@ impl std::fmt::Display for ObjectId {
 #[derive(Debug, thiserror::Error)]
 #[error("not a sha256 digest: {0:?}")]
 pub struct DigestError(pub String);
+
+impl DigestError {
+    /// Quotes at most the start of what a peer sent.
+    fn of(digest: &str) -> Self {
+        DigestError(crate::names::shorten_to(digest, 80))
+    }
+}
 
 /// What an object is, so the receiver knows what to do once it is whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -191,5 +201,11 @@ mod tests {
         assert_eq!(ObjectId::from_digest(&d).unwrap(), id);
         assert!(ObjectId::from_digest("sha512:00").is_err());
         assert!(ObjectId::from_digest("sha256:zz").is_err());
+        // One spelling per object: the spec's lower case only.
+        let upper = format!("sha256:{}", id.hex().to_uppercase());
+        assert!(ObjectId::from_digest(&upper).is_err());
+        let long = format!("sha256:{}", "é".repeat(10_000));
+        let e = ObjectId::from_digest(&long).unwrap_err().to_string();
+        assert!(e.len() < 200, "{e}");
     }
 }

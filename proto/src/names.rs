@@ -77,11 +77,17 @@ fn valid_component(c: &str) -> bool {
 
 /// Error messages quote at most this much of a hostile name.
 fn shorten(s: &str) -> String {
-    const SHOWN: usize = 80;
-    if s.len() <= SHOWN {
+    shorten_to(s, 80)
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, saying how long
+/// it was: for quoting a text a peer chose in a message or a record that
+/// is kept (a byte cut inside a character would panic).
+pub fn shorten_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_string();
     }
-    let mut end = SHOWN;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

@@ -53,7 +53,8 @@ impl SessionWindow {
     /// (accepted, or dropped unopened, which cannot make more than were
     /// numbered) and frames numbered.
     fn estimate(&self) -> LossEstimate {
-        let expected = self.highest - self.first + 1;
+        // Numbers are the sender's: a hostile one spans the whole range.
+        let expected = self.highest.saturating_sub(self.first).saturating_add(1);
         LossEstimate {
             received: self.received.saturating_add(self.unopened).min(expected),
             expected,
@@ -159,8 +160,8 @@ impl ReplayGuard {
             existing => {
                 if let Some(old) = existing {
                     let done = old.estimate();
-                    self.closed.received += done.received;
-                    self.closed.expected += done.expected;
+                    self.closed.received = self.closed.received.saturating_add(done.received);
+                    self.closed.expected = self.closed.expected.saturating_add(done.expected);
                 }
                 self.windows
                     .insert(key_id, SessionWindow::new(session_id, seq));
@@ -192,8 +193,8 @@ impl ReplayGuard {
         let mut total = self.closed;
         for w in self.windows.values() {
             let e = w.estimate();
-            total.received += e.received;
-            total.expected += e.expected;
+            total.received = total.received.saturating_add(e.received);
+            total.expected = total.expected.saturating_add(e.expected);
         }
         total
     }

@@ -17,8 +17,9 @@
 //!   that does not link to a held neighbour, one that fails its bounds, or
 //!   one that does not belong to its image object (another manifest digest
 //!   or destination): **refused**. Its image is not delivered, the refusal
-//!   is kept (`ledger_refused`, so it is counted once,
-//!   `ledger_records_refused`) and logged with the image's digest. The
+//!   is kept (`ledger_refused`, the newest [`MAX_REFUSALS_KEPT`], so it
+//!   is counted once, `ledger_records_refused`, and reported) and logged
+//!   with the image's digest. The
 //!   record held first stands; a sender holding the HMAC key can sign a
 //!   forged record, but not make the receiver drop what it holds unseen.
 //! - a record of a chain this receiver holds no first record of: it
@@ -70,6 +71,7 @@
 //! | `ledger_waiting` | chain + seq + image id | first seen, ms (JSON) |
 //! | `ledger_refused` | image id | [`RefusedRecord`] (JSON) |
 //! | `ledger_meta` | `announced` | [`Announcements`] (JSON) |
+//! | `ledger_meta` | `refused_count` | refusals ever, u64 big-endian |
 //! | `ledger_chain_starts` | chain, big-endian | [`ChainStart`] (JSON) |
 //!
 //! Records, refusals and completions are written before the image
@@ -86,6 +88,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use weir_proto::ledger::report::RefusedRecord;
 use weir_proto::ledger::{check_links, missing, Announced, Announcements, Checkpoint, Gap};
+use weir_proto::names::shorten_to;
 use weir_proto::{ChainId, ChainRecord, LedgerHead, ObjectId, RecordHash, TransferManifest};
 
 use crate::state::{StateDb, StateError};
@@ -96,9 +99,19 @@ const REFUSED_TREE: &str = "ledger_refused";
 const META_TREE: &str = "ledger_meta";
 const STARTS_TREE: &str = "ledger_chain_starts";
 const ANNOUNCED_KEY: &str = "announced";
+/// Refusals counted ever (the tree keeps only the newest).
+const REFUSED_COUNT_KEY: &str = "refused_count";
+/// Refusals kept (and reported): each is a different image object, which
+/// a sender holding the key can make without end.
+pub const MAX_REFUSALS_KEPT: usize = 1024;
+/// A refusal's reason is kept to this many bytes: it may quote names of
+/// the image object that nothing has bounded yet.
+const MAX_REASON_BYTES: usize = 512;
 /// Most records waiting for their chain's first record: a sender holding
 /// the key could otherwise fill the database with chains that never start.
 pub const MAX_WAITING: usize = 4096;
+/// Chains whose highest contiguous seq is remembered between calls.
+const MAX_CHAINS_CACHED: usize = 64;
 /// Most missing ranges computed at once (a range may be one seq or
 /// billions: a hostile head is one range).
 const MAX_RANGES: usize = 10_000;
@@ -298,7 +311,8 @@ impl LedgerView {
 #[derive(Default)]
 struct Followed {
     announced: Announcements,
-    /// Highest contiguous complete seq per chain (only grows).
+    /// Highest contiguous complete seq per chain (only grows), a cache of
+    /// what the records tree says, at most [`MAX_CHAINS_CACHED`] chains.
     contiguous: HashMap<ChainId, u64>,
     waiting: usize,
     /// Images whose record found the waiting places taken, by chain, with
@@ -804,24 +818,66 @@ impl HeldChains {
         reason: String,
         now_ms: u64,
     ) -> Result<Admission, StateError> {
-        let mut digest = record.manifest_digest.clone();
-        digest.truncate(80);
+        let reason = shorten_to(&reason, MAX_REASON_BYTES);
         let refused = RefusedRecord {
             chain: record.chain,
             seq: record.seq,
             hash,
-            manifest_digest: digest,
+            manifest_digest: shorten_to(&record.manifest_digest, 80),
             image: image.digest(),
             reason: reason.clone(),
             at_ms: now_ms,
         };
         let value = serde_json::to_vec(&refused)
             .map_err(|e| self.db.corrupt(format!("ledger_refused/{image}"), e))?;
+        let count = self.refused_ever()?.saturating_add(1);
+        while self.refused.len() >= MAX_REFUSALS_KEPT {
+            if !self.forget_oldest_refusal()? {
+                break;
+            }
+        }
         self.refused
             .insert(image.0, value)
             .map_err(|e| self.db.sled_error(e))?;
+        self.meta
+            .insert(REFUSED_COUNT_KEY, &count.to_be_bytes())
+            .map_err(|e| self.db.sled_error(e))?;
         self.changed();
         Ok(Admission::Refused { reason, new: true })
+    }
+
+    /// Refusals counted ever: the count kept beside them, or as many as
+    /// are kept for a store written before the count was.
+    fn refused_ever(&self) -> Result<u64, StateError> {
+        let stored = self
+            .meta
+            .get(REFUSED_COUNT_KEY)
+            .map_err(|e| self.db.sled_error(e))?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map_or(0, u64::from_be_bytes);
+        Ok(stored.max(self.refused.len() as u64))
+    }
+
+    /// Drops the oldest refusal kept, to make room. Its image, seen again,
+    /// is judged again by the same rules and refused again: a refusal is
+    /// kept to count it once and to report it, not to hold it back.
+    fn forget_oldest_refusal(&self) -> Result<bool, StateError> {
+        let mut oldest: Option<(u64, sled::IVec)> = None;
+        for item in self.refused.iter() {
+            let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
+            // An entry that no longer parses goes first.
+            let at = serde_json::from_slice::<RefusedRecord>(&v).map_or(0, |r| r.at_ms);
+            if oldest.as_ref().is_none_or(|(o, _)| at < *o) {
+                oldest = Some((at, k));
+            }
+        }
+        let Some((_, key)) = oldest else {
+            return Ok(false);
+        };
+        self.refused
+            .remove(key)
+            .map_err(|e| self.db.sled_error(e))?;
+        Ok(true)
     }
 
     /// The image of the record at `position` completed (idempotent).
@@ -856,17 +912,22 @@ impl HeldChains {
         let end = record_key(chain, u64::MAX);
         for item in self.records.range(start..=end) {
             let (k, v) = item.map_err(|e| self.db.sled_error(e))?;
-            if seq_of(&k) != Some(c + 1) {
+            // The last seq a sender can number has no next.
+            let Some(next) = c.checked_add(1).filter(|n| seq_of(&k) == Some(*n)) else {
                 break;
-            }
-            let held: StoredRecord = serde_json::from_slice(&v).map_err(|e| {
-                self.db
-                    .corrupt(format!("ledger_records/{chain}/{}", c + 1), e)
-            })?;
+            };
+            let held: StoredRecord = serde_json::from_slice(&v)
+                .map_err(|e| self.db.corrupt(format!("ledger_records/{chain}/{next}"), e))?;
             if held.complete_at_ms.is_none() {
                 break;
             }
-            c += 1;
+            c = next;
+        }
+        // A cache: each chain a heartbeat names would otherwise stay in it.
+        if followed.contiguous.len() >= MAX_CHAINS_CACHED
+            && !followed.contiguous.contains_key(&chain)
+        {
+            followed.contiguous.clear();
         }
         followed.contiguous.insert(chain, c);
         Ok(c)
@@ -963,7 +1024,7 @@ impl HeldChains {
             } else {
                 Vec::new()
             },
-            records_refused: self.refused.len() as u64,
+            records_refused: self.refused_ever()?,
             ..LedgerView::default()
         };
         let Some(head) = announced.head else {
@@ -1167,6 +1228,44 @@ mod tests {
         let mut replay = c[1].clone();
         replay.origin.source = "replayed".into();
         assert!(matches!(admit(&r, &replay), Admission::Refused { .. }));
+    }
+
+    #[test]
+    fn refusals_keep_a_bounded_reason_and_only_the_newest_are_kept_while_all_are_counted() {
+        let r = rig();
+        let c = chain(1);
+        assert!(held(&admit(&r, &c[0])));
+        // A record copied into an image object whose destination is long
+        // (names are bounded only after the record is admitted).
+        let mut long = sample_image("team/other", &["1"], 1, 100).tm;
+        long.ledger = c[0].ledger.clone();
+        long.destination.repository = format!("team/{}", "é".repeat(300_000));
+        let Admission::Refused { reason, new: true } = admit(&r, &long) else {
+            panic!("not refused")
+        };
+        assert!(
+            reason.len() <= MAX_REASON_BYTES + 40,
+            "{} bytes",
+            reason.len()
+        );
+        let kept = r.chains.refusals().unwrap();
+        assert!(kept[0].reason.len() <= MAX_REASON_BYTES + 40);
+        // More refusals than are kept: the oldest go, every one counts.
+        for i in 0..MAX_REFUSALS_KEPT + 2 {
+            let mut forged = sample_image("evil/app", &[&format!("v{i}")], 1, 100).tm;
+            forged.ledger = c[0].ledger.clone();
+            let image = id(&forged);
+            let a = r.chains.admit(&forged, image, 5, 100 + i as u64).unwrap();
+            assert!(matches!(a, Admission::Refused { new: true, .. }), "{a:?}");
+        }
+        let kept = r.chains.refusals().unwrap();
+        assert_eq!(kept.len(), MAX_REFUSALS_KEPT);
+        assert!(
+            kept.iter().all(|k| k.at_ms >= 102),
+            "the oldest were dropped"
+        );
+        let view = r.chains.view(1_000, 6.0).unwrap();
+        assert_eq!(view.records_refused, MAX_REFUSALS_KEPT as u64 + 3);
     }
 
     /// A two-record chain whose record 2 found the waiting places taken.

@@ -69,6 +69,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{Destination, ObjectId, TransferManifest, Verdict};
+use crate::names::shorten_to;
 
 /// Hashed before a record's bytes, so a record hash is never the sha256 of
 /// anything else in the system.
@@ -305,9 +306,7 @@ impl ChainRecord {
             return Err(RecordError::GenesisPrev);
         }
         if ObjectId::from_digest(&self.manifest_digest).is_err() {
-            let mut shown = self.manifest_digest.clone();
-            shown.truncate(80);
-            return Err(RecordError::Digest(shown));
+            return Err(RecordError::Digest(shorten_to(&self.manifest_digest, 80)));
         }
         bounded(
             "destination.repository",
@@ -339,15 +338,17 @@ impl ChainRecord {
         if self.manifest_digest != tm.manifest.digest {
             return Err(RecordError::NotItsImage {
                 field: "manifest digest",
-                record: self.manifest_digest.clone(),
-                image: tm.manifest.digest.clone(),
+                record: shorten_to(&self.manifest_digest, 80),
+                image: shorten_to(&tm.manifest.digest, 80),
             });
         }
         if self.destination != tm.destination {
+            // The image object's names are not bounded yet (that comes
+            // after its record is admitted): quote only a part of them.
             return Err(RecordError::NotItsImage {
                 field: "destination",
-                record: self.destination.display(),
-                image: tm.destination.display(),
+                record: shorten_to(&self.destination.display(), 200),
+                image: shorten_to(&tm.destination.display(), 200),
             });
         }
         Ok(())
@@ -800,6 +801,19 @@ pub(crate) mod tests {
         let mut r = good[1].clone();
         r.manifest_digest = "md5:0".into();
         assert!(matches!(r.check(), Err(RecordError::Digest(_))));
+        // A hostile digest whose 80th byte falls inside a character is
+        // quoted cut on a boundary, not a panic.
+        let mut r = good[1].clone();
+        r.manifest_digest = format!("{}é{}", "a".repeat(79), "b".repeat(100));
+        match r.check() {
+            Err(RecordError::Digest(shown)) => {
+                assert!(
+                    shown.starts_with(&"a".repeat(79)) && shown.len() < 120,
+                    "{shown}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
