@@ -68,9 +68,7 @@ const RECENT_COMPLETE: usize = 20;
 /// Largest image object read: a transfer manifest is a few hundred bytes
 /// per blob plus the manifests themselves. A larger one is refused unread.
 pub const MAX_IMAGE_OBJECT_BYTES: u64 = 16 << 20;
-/// Most blobs one image may name (a multi-arch index of many platforms has
-/// a few thousand at most).
-pub const MAX_BLOBS_PER_IMAGE: usize = 16_384;
+pub use weir_proto::MAX_BLOBS_PER_IMAGE;
 /// Most tags one image may carry to its destination.
 pub const MAX_TAGS_PER_IMAGE: usize = 256;
 

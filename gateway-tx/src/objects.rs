@@ -433,12 +433,18 @@ impl ObjectStore {
         Ok(out)
     }
 
-    /// Hard-links the archive `drop` into the store and makes its bytes
-    /// durable, once per archive; `None` where no link can be made (another
-    /// file system): the caller copies instead.
-    pub fn link_archive(&self, drop: &Path) -> Result<Option<LinkedArchive>, StoreError> {
+    /// Hard-links the archive `drop`, open as `opened`, into the store and
+    /// makes its bytes durable, once per archive; `None` where no link can
+    /// be made (another file system) or where the name no longer leads to
+    /// the file that was opened and checked: the caller copies from
+    /// `opened` instead.
+    pub fn link_archive(
+        &self,
+        drop: &Path,
+        opened: &File,
+    ) -> Result<Option<LinkedArchive>, StoreError> {
         use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(drop).map_err(io("reading", drop))?;
+        let meta = opened.metadata().map_err(io("reading", drop))?;
         let key = (meta.dev(), meta.ino());
         let mut linked = self.linked.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = linked.get(&key) {
@@ -448,6 +454,9 @@ impl ObjectStore {
             }
             linked.remove(&key);
         }
+        if !meta.is_file() {
+            return Ok(None);
+        }
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("{}-{}-{n}.tar", unix_now(), std::process::id());
@@ -455,6 +464,15 @@ impl ObjectStore {
         if let Err(e) = std::fs::hard_link(drop, &path) {
             tracing::debug!(drop = %drop.display(), error = %e,
                 "archive not linked into the state directory; its blobs are copied");
+            return Ok(None);
+        }
+        // The spool's name may have been replaced (by a symlink, say)
+        // since the drop was opened: keep the link only to that file.
+        let linked_to = std::fs::symlink_metadata(&path).ok();
+        if !linked_to.is_some_and(|m| m.is_file() && (m.dev(), m.ino()) == key) {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(drop = %drop.display(),
+                "the drop's name no longer leads to the file that was checked; its blobs are copied");
             return Ok(None);
         }
         // The drop's bytes may still be in the page cache only.
@@ -970,9 +988,10 @@ pub(crate) mod tests {
         let store = ObjectStore::open(&dir.path().join("state")).unwrap();
         let drop = dir.path().join("drop.tar");
         std::fs::write(&drop, b"....blob-one....blob-two").unwrap();
-        let a = store.link_archive(&drop).unwrap().unwrap();
+        let opened = File::open(&drop).unwrap();
+        let a = store.link_archive(&drop, &opened).unwrap().unwrap();
         assert_eq!(
-            store.link_archive(&drop).unwrap().unwrap(),
+            store.link_archive(&drop, &opened).unwrap().unwrap(),
             a,
             "one link per drop"
         );
@@ -1022,6 +1041,32 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert!(store.payload(&one).is_err());
+    }
+
+    /// The file sent is the file checked: a drop whose name was replaced
+    /// after it was opened is not linked (the caller copies from the open
+    /// file).
+    #[test]
+    fn an_archive_is_linked_only_while_its_name_leads_to_the_file_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(&dir.path().join("state")).unwrap();
+        let drop = dir.path().join("drop.tar");
+        std::fs::write(&drop, b"checked bytes").unwrap();
+        let opened = File::open(&drop).unwrap();
+        // Swapped for a symlink to another file after it was opened.
+        let elsewhere = dir.path().join("elsewhere.tar");
+        std::fs::write(&elsewhere, b"other bytes").unwrap();
+        std::fs::rename(&drop, dir.path().join("moved.tar")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &drop).unwrap();
+        assert_eq!(store.link_archive(&drop, &opened).unwrap(), None);
+        let archives: Vec<_> = std::fs::read_dir(dir.path().join("state/objects/archives"))
+            .unwrap()
+            .collect();
+        assert!(archives.is_empty(), "no link left behind: {archives:?}");
+        // Its own name back: linked.
+        std::fs::remove_file(&drop).unwrap();
+        std::fs::rename(dir.path().join("moved.tar"), &drop).unwrap();
+        assert!(store.link_archive(&drop, &opened).unwrap().is_some());
     }
 
     #[test]

@@ -392,6 +392,39 @@ fn garbage_is_rejected_with_a_reason_file() {
     assert_eq!(h.store.audit_entries().unwrap()[0].outcome, "rejected");
 }
 
+/// A name near the 255-byte limit leaves no room for `.reason.json`: the
+/// drop is still rejected once, with its reason file, under a shorter name
+/// (the reason keeps the whole one), and not retried without end.
+#[test]
+fn a_drop_with_a_long_name_is_rejected_with_its_reason_under_a_shorter_name() {
+    let mut h = Harness::new(Setup::new());
+    let long = format!("{}.tar", "é".repeat(125));
+    assert_eq!(long.len(), 254);
+    std::fs::write(h.setup.spool().join(&long), vec![0u8; 10_000]).unwrap();
+    let out = h.poll();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(matches!(&out[0].1, DropOutcome::Rejected(r) if r.code.as_str() == "bad-archive"));
+    let rejected = h.setup.spool().join("rejected");
+    let mut names: Vec<String> = std::fs::read_dir(&rejected)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let moved = rejected.join(&names[0]);
+    assert!(
+        names[0].len() <= 200 && long.starts_with(&names[0]),
+        "{names:?}"
+    );
+    assert_eq!(names[1], format!("{}.reason.json", names[0]));
+    let r = reason(&moved);
+    assert_eq!(r["code"], "bad-archive");
+    assert_eq!(r["source"], long.as_str());
+    assert!(!h.setup.spool().join(&long).exists());
+    assert!(h.poll().is_empty(), "nothing left to retry");
+    assert_eq!(h.store.audit_entries().unwrap().len(), 1);
+}
+
 /// A hand-made OCI archive: no reference, or a blob stored under a wrong name.
 fn handmade_oci(dir: &Path, ref_name: Option<&str>, corrupt: bool) -> PathBuf {
     let config =

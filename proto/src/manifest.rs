@@ -59,6 +59,11 @@ impl std::fmt::Display for ObjectId {
     }
 }
 
+/// Most blobs one image may name, its referrers' included (a multi-arch
+/// index of many platforms has a few thousand at most): the sender carries
+/// no more and the receiver takes no more.
+pub const MAX_BLOBS_PER_IMAGE: usize = 16_384;
+
 /// A string that is not an OCI `sha256:` digest.
 #[derive(Debug, thiserror::Error)]
 #[error("not a sha256 digest: {0:?}")]

@@ -5,9 +5,10 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Largest JSON member (manifest, index, config) read into memory.
 pub const MAX_JSON_MEMBER: u64 = 16 << 20;
@@ -18,6 +19,15 @@ const MAX_LINK_HOPS: usize = 16;
 /// extension record into memory whole, so a hostile archive claiming a
 /// 256 MiB long name must be stopped while it is being read.
 pub const MAX_HEADER_BYTES_PER_MEMBER: u64 = 1 << 20;
+/// Members indexed: an image archive has a few per blob, and each one
+/// indexed costs memory however small the drop.
+pub const MAX_MEMBERS: usize = 200_000;
+/// Bytes of member names (and link targets) kept in the index.
+const MAX_NAME_BYTES: usize = 64 << 20;
+/// Metadata read into memory from one drop, all JSON members together: a
+/// drop naming one 16 MiB member over and over must not make ingest read
+/// (and keep) it each time.
+pub const MAX_METADATA_BYTES: u64 = 128 << 20;
 
 /// Why an archive cannot be read; the drop is at fault.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +60,8 @@ pub struct TarIndex {
     file: File,
     path: PathBuf,
     members: HashMap<String, Member>,
+    /// Bytes `read_small` has read so far.
+    metadata_read: AtomicU64,
 }
 
 /// Archive paths compare without `./` and trailing `/`.
@@ -108,12 +120,26 @@ impl TarIndex {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
+        // Not through a link, and never a FIFO or device (whose open or
+        // read could block intake for good): the file the spool listing
+        // saw may have been replaced since.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?;
+        if !file.metadata().map_err(io)?.is_file() {
+            return Err(ArchiveError::Format(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
         let mut magic = [0u8; 2];
         if file.read_at(&mut magic, 0).map_err(io)? == 2 && magic == [0x1f, 0x8b] {
             return Err(ArchiveError::Compressed(path.to_path_buf()));
         }
         let mut members = HashMap::new();
+        let mut name_bytes = 0usize;
         {
             let read_for_member = Rc::new(Cell::new(0));
             let mut archive = tar::Archive::new(HeaderBudget {
@@ -156,6 +182,18 @@ impl TarIndex {
                     // Directories and metadata entries hold no bytes we need.
                     _ => continue,
                 };
+                name_bytes += name.len()
+                    + match &member {
+                        Member::Symlink(t) | Member::HardLink(t) => t.len(),
+                        Member::File { .. } => 0,
+                    };
+                if members.len() >= MAX_MEMBERS || name_bytes > MAX_NAME_BYTES {
+                    return Err(ArchiveError::Format(format!(
+                        "{}: more than {MAX_MEMBERS} members or {MAX_NAME_BYTES} bytes of \
+                         member names; an image archive has a few members per blob",
+                        path.display()
+                    )));
+                }
                 members.insert(name, member);
             }
         }
@@ -163,11 +201,18 @@ impl TarIndex {
             file,
             path: path.to_path_buf(),
             members,
+            metadata_read: AtomicU64::new(0),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The archive as opened and indexed (its name may lead elsewhere
+    /// since).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -213,6 +258,20 @@ impl TarIndex {
                 format!("{size} bytes, more than the {MAX_JSON_MEMBER} allowed for metadata"),
             ));
         }
+        let read = self
+            .metadata_read
+            .load(Ordering::Relaxed)
+            .saturating_add(size);
+        if read > MAX_METADATA_BYTES {
+            return Err(ArchiveError::Member(
+                name.to_string(),
+                format!(
+                    "the metadata read from this archive would pass {MAX_METADATA_BYTES} bytes \
+                     (a manifest or index naming the same members over and over?)"
+                ),
+            ));
+        }
+        self.metadata_read.store(read, Ordering::Relaxed);
         let mut out = Vec::with_capacity(size as usize);
         self.reader(name)?
             .read_to_end(&mut out)
@@ -317,6 +376,49 @@ mod tests {
         std::fs::write(&p, [0x1f, 0x8b, 8, 0]).unwrap();
         let e = TarIndex::open(&p).err().unwrap();
         assert!(e.to_string().contains("uncompressed"), "{e}");
+    }
+
+    /// A drop naming one metadata member over and over (the same config
+    /// for every entry of a manifest.json, say) is refused once the
+    /// metadata read from it passes the budget, not read without end.
+    #[test]
+    fn metadata_read_from_one_drop_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.tar");
+        let mut b = tar::Builder::new(File::create(&path).unwrap());
+        let big = vec![b' '; 8 << 20];
+        let mut h = tar::Header::new_gnu();
+        h.set_size(big.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "config.json", &big[..]).unwrap();
+        b.finish().unwrap();
+        let idx = TarIndex::open(&path).unwrap();
+        let fits = (MAX_METADATA_BYTES / big.len() as u64) as usize;
+        for _ in 0..fits {
+            idx.read_small("config.json").unwrap();
+        }
+        let e = idx.read_small("config.json").unwrap_err();
+        assert!(e.to_string().contains("over and over"), "{e}");
+    }
+
+    /// The spool's name may lead somewhere else by the time it is opened:
+    /// a symlink is not followed, and a FIFO is refused without blocking.
+    #[test]
+    fn a_drop_that_is_a_symlink_or_a_fifo_is_refused_without_following_or_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = build(dir.path());
+        let link = dir.path().join("link.tar");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(TarIndex::open(&link).is_err());
+        let fifo = dir.path().join("fifo.tar");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let e = TarIndex::open(&fifo).err().unwrap();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]

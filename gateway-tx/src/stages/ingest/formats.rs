@@ -22,14 +22,14 @@ use crate::objects::{ObjectStore, StoreError, StoredObject};
 use crate::policy::SignatureEvidence;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use weir_host::signatures::{signature_layers, MAX_PAYLOAD_BYTES};
 use weir_host::Shutdown;
 use weir_proto::referrers::{
     is_attachment_tag, ReferrerDoc, MAX_REFERRERS, MAX_REFERRER_MANIFEST_BYTES,
 };
-use weir_proto::{Attachment, BlobRef, ManifestBytes, ObjectId, Referrer};
+use weir_proto::{Attachment, BlobRef, ManifestBytes, ObjectId, Referrer, MAX_BLOBS_PER_IMAGE};
 
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -194,6 +194,13 @@ fn plan_docker(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
                 e.layers.len()
             )));
         }
+        if e.layers.len() >= MAX_BLOBS_PER_IMAGE {
+            return Err(format_err(format!(
+                "manifest.json: an image of {} layers; at most {} blobs are carried per image",
+                e.layers.len(),
+                MAX_BLOBS_PER_IMAGE
+            )));
+        }
         for l in &e.layers {
             index.locate(l)?;
         }
@@ -250,14 +257,25 @@ fn store_docker(
     };
     let mut blobs = vec![config_ref.clone()];
     let mut out_layers = Vec::with_capacity(layers.len());
+    // A member listed again (an empty layer, say) is compressed once.
+    let mut stored: HashMap<(&str, Option<&String>), BlobRef> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::from([config_ref.digest.clone()]);
     for (i, member) in layers.iter().enumerate() {
-        let layer = store_layer(cancel, index, store, compression, member, diff_ids.get(i))?;
+        let key = (member.as_str(), diff_ids.get(i));
+        let layer = match stored.get(&key) {
+            Some(layer) => layer.clone(),
+            None => {
+                let layer = store_layer(cancel, index, store, compression, member, key.1)?;
+                stored.insert(key, layer.clone());
+                layer
+            }
+        };
         out_layers.push(DescriptorOut {
             media_type: layer.media_type.clone(),
             digest: layer.digest.clone(),
             size: layer.size,
         });
-        if !blobs.iter().any(|b| b.digest == layer.digest) {
+        if seen.insert(layer.digest.clone()) {
             blobs.push(layer);
         }
     }
@@ -522,7 +540,7 @@ fn copy_member(
     };
     // Sent from the drop's own bytes where the store can hold a link to it:
     // no copy, and one fsync of the archive instead of one per blob.
-    if let Some(archive) = store.link_archive(index.path())? {
+    if let Some(archive) = store.link_archive(index.path(), index.file())? {
         let (offset, size) = index.locate(member)?;
         let mut reader = HashingReader {
             inner: index.reader(member)?,
@@ -905,6 +923,7 @@ fn plan_oci(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
             image_manifests.push(top);
         }
         let mut blobs: Vec<BlobRef> = Vec::new();
+        let mut listed: HashSet<&str> = HashSet::new();
         let mut config_digests = Vec::new();
         for m in &image_manifests {
             let config = m
@@ -913,8 +932,15 @@ fn plan_oci(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
                 .ok_or_else(|| format_err(format!("a manifest of {} has no config", d.digest)))?;
             config_digests.push(config.digest.clone());
             for b in std::iter::once(config).chain(m.layers.iter()) {
-                if blobs.iter().any(|x| x.digest == b.digest) {
+                if !listed.insert(&b.digest) {
                     continue;
+                }
+                if blobs.len() >= MAX_BLOBS_PER_IMAGE {
+                    return Err(format_err(format!(
+                        "image {} names more than {MAX_BLOBS_PER_IMAGE} blobs, the most carried \
+                         per image",
+                        d.digest
+                    )));
                 }
                 let member = blob_member(&b.digest)?;
                 let size = index.size(&member)?;

@@ -575,7 +575,7 @@ impl Ingestor {
                 source,
             }
         };
-        let name = unique_name(dest_dir, &file_name(path));
+        let name = unique_name(dest_dir, &kept_name(&file_name(path)));
         let target = dest_dir.join(&name);
         if let Some(r) = reason {
             let body = serde_json::json!({
@@ -606,6 +606,24 @@ fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// Longest name a drop keeps in done/ and rejected/: room is left for
+/// `.N`, `.reason.json` and the temporary file written before it, within
+/// the 255 bytes a file name may have.
+const KEPT_NAME_BYTES: usize = 200;
+
+/// The drop's name as moved, cut on a character boundary when longer than
+/// [`KEPT_NAME_BYTES`] (the reason file keeps the whole name as `source`).
+fn kept_name(name: &str) -> String {
+    if name.len() <= KEPT_NAME_BYTES {
+        return name.to_string();
+    }
+    let mut end = KEPT_NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
 }
 
 /// `name`, or `name.1`, `name.2`... if a drop of that name was moved before.

@@ -67,7 +67,7 @@ const TICK: Duration = Duration::from_millis(500);
 /// Most manifests an index may name; the receiver holds no more either.
 const MAX_CHILDREN: usize = 1024;
 /// Most blobs one image may name (the receiver's bound).
-const MAX_BLOBS: usize = 16384;
+const MAX_BLOBS: usize = weir_proto::MAX_BLOBS_PER_IMAGE;
 /// Blobs of one image fetched at once; the registry's `max_concurrent`
 /// bounds the requests actually in flight.
 const PARALLEL_BLOBS: usize = 4;
