@@ -425,6 +425,35 @@ fn a_drop_with_a_long_name_is_rejected_with_its_reason_under_a_shorter_name() {
     assert_eq!(h.store.audit_entries().unwrap().len(), 1);
 }
 
+/// An image tagged like a signature (`sha256-<hex>.sig`) would replace
+/// another image's signature on the high side, which refuses it: refused
+/// here, where the person who dropped it sees why.
+#[test]
+fn an_image_tagged_like_a_signature_is_refused_with_no_reference() {
+    let mut h = Harness::new(Setup::new());
+    let tag = format!("sha256-{}.sig", "ab".repeat(32));
+    let img = weir_imagegen::docker_archive(
+        &h.stage(),
+        "sig.tar",
+        3,
+        &layers(),
+        &format!("team-a/app:{tag}"),
+        DockerFlavor::Classic,
+    )
+    .unwrap();
+    h.setup.drop_file(&img.path, "sig.tar");
+    let (moved, code) = h.refuse_one();
+    assert_eq!(code, "no-reference");
+    let r = reason(&moved);
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("signature or referrers tag"),
+        "{r}"
+    );
+}
+
 /// A hand-made OCI archive: no reference, or a blob stored under a wrong name.
 fn handmade_oci(dir: &Path, ref_name: Option<&str>, corrupt: bool) -> PathBuf {
     let config =

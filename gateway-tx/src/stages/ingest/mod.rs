@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use weir_host::durable::fsync_dir;
 use weir_host::reload::ReloadReader;
 use weir_host::Shutdown;
+use weir_proto::referrers::is_attachment_tag;
 use weir_proto::{Destination, Origin};
 
 /// After a failure on our side (disk full...), a drop waits this long.
@@ -364,6 +365,19 @@ impl Ingestor {
                                 format!("reference {r:?} maps to an unusable destination: {e}"),
                             );
                         }
+                        // The receiver writes these tags for the image they
+                        // name and refuses an image under one.
+                        if x.tag.as_deref().is_some_and(is_attachment_tag) {
+                            return self.refuse(
+                                path,
+                                source,
+                                ReasonCode::NoReference,
+                                format!(
+                                    "reference {r:?} has the form of a signature or referrers \
+                                     tag, which is not an image's"
+                                ),
+                            );
+                        }
                         refs.push((r.clone(), x))
                     }
                     Err(e) => {
@@ -616,14 +630,7 @@ const KEPT_NAME_BYTES: usize = 200;
 /// The drop's name as moved, cut on a character boundary when longer than
 /// [`KEPT_NAME_BYTES`] (the reason file keeps the whole name as `source`).
 fn kept_name(name: &str) -> String {
-    if name.len() <= KEPT_NAME_BYTES {
-        return name.to_string();
-    }
-    let mut end = KEPT_NAME_BYTES;
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    name[..end].to_string()
+    weir_proto::names::cut_to(name, KEPT_NAME_BYTES).to_string()
 }
 
 /// `name`, or `name.1`, `name.2`... if a drop of that name was moved before.
