@@ -211,7 +211,7 @@ impl IngestStatus {
                 self.rejected += 1;
                 ("rejected", Some(r.code.as_str().to_string()))
             }
-            DropOutcome::Interrupted => return,
+            DropOutcome::Interrupted | DropOutcome::StillChanging => return,
         };
         self.last = Some(LastDrop {
             file: file.to_string(),

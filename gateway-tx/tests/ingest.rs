@@ -28,7 +28,10 @@ impl Harness {
         std::fs::create_dir_all(&setup.config.state_dir).unwrap();
         let store = Arc::new(ObjectStore::open(&setup.config.state_dir).unwrap());
         let (tx, rx) = std::sync::mpsc::channel();
-        let ingestor = Ingestor::new(&setup.config, store.clone(), tx, Default::default()).unwrap();
+        let mut ingestor =
+            Ingestor::new(&setup.config, store.clone(), tx, Default::default()).unwrap();
+        // Bad drops written just now are judged at once here.
+        ingestor.set_settle(std::time::Duration::ZERO);
         Harness {
             setup,
             store,
@@ -452,6 +455,52 @@ fn an_image_tagged_like_a_signature_is_refused_with_no_reference() {
             .contains("signature or referrers tag"),
         "{r}"
     );
+}
+
+/// A file copied into the spool (not renamed in, as the convention asks)
+/// is read while it is still being written: it does not parse, but it was
+/// written moments ago, so it stays in the spool instead of being rejected
+/// half-written; once it stops changing it is judged as it is.
+#[test]
+fn a_drop_still_being_written_is_not_rejected_until_it_stops_changing() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut h = Harness::new(Setup::new());
+    let settle = std::time::Duration::from_millis(500);
+    h.ingestor.set_settle(settle);
+    let path = h.setup.spool().join("copying.tar");
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(&[1u8; 700]).unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let writing = writing.clone();
+        std::thread::spawn(move || {
+            while writing.load(Ordering::Relaxed) {
+                let _ = file.write_all(&[1u8; 16]);
+            }
+        })
+    };
+    let mut still = 0;
+    for _ in 0..50 {
+        let out = h.poll();
+        assert_eq!(out.len(), 1, "{out:?}");
+        match &out[0].1 {
+            DropOutcome::StillChanging => still += 1,
+            other => panic!("judged while it was being written: {other:?}"),
+        }
+        if still >= 3 {
+            break;
+        }
+    }
+    writing.store(false, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(still >= 3);
+    assert!(!h.setup.spool().join("rejected/copying.tar").exists());
+    std::thread::sleep(settle + std::time::Duration::from_millis(100));
+    // Written to the end (and still garbage): rejected with its reason.
+    let (moved, code) = h.refuse_one();
+    assert_eq!(code, "bad-archive");
+    assert_eq!(reason(&moved)["code"], "bad-archive");
 }
 
 /// A hand-made OCI archive: no reference, or a blob stored under a wrong name.

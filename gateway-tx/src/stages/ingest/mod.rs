@@ -69,6 +69,11 @@ pub enum DropOutcome {
     Finished,
     /// Shutdown came mid-way; the drop stays in the spool for next time.
     Interrupted,
+    /// It did not read as an archive, and it changed while it was read or
+    /// was written moments ago (a file copied into the spool instead of
+    /// renamed in): it stays in the spool and is read again, not rejected
+    /// half-written.
+    StillChanging,
 }
 
 /// The spool directory and its two outboxes.
@@ -139,7 +144,14 @@ pub struct Ingestor {
     /// Rules and mappings a configuration reload sets.
     settings: Option<ReloadReader<IntakeSettings>>,
     watch: watch::SpoolWatch,
+    /// How long after its last write a drop that does not read as an
+    /// archive is left to settle before it is rejected.
+    settle: Duration,
 }
+
+/// A file copied into the spool (not renamed in) is read while it is
+/// still written; it reads as a broken archive until it is whole.
+const SETTLE: Duration = Duration::from_secs(2);
 
 impl Ingestor {
     pub fn new(
@@ -173,7 +185,14 @@ impl Ingestor {
             faults: Arc::new(Faults::default()),
             settings: None,
             watch: watch::SpoolWatch::new(&config.spool_dir),
+            settle: SETTLE,
         })
+    }
+
+    /// How long a drop that does not read as an archive must have gone
+    /// unwritten before it is rejected (2 s unless set).
+    pub fn set_settle(&mut self, settle: Duration) {
+        self.settle = settle;
     }
 
     /// Takes the rules and mappings a reload sets, from the next drop on.
@@ -324,6 +343,15 @@ impl Ingestor {
             Err(DropError::Interrupted) => {
                 tracing::info!(file = %source, "ingest interrupted by shutdown; the drop stays in the spool");
                 Ok(DropOutcome::Interrupted)
+            }
+            Err(e @ (DropError::Archive(_) | DropError::Corrupt(_)))
+                if changing(path, &meta, self.settle) =>
+            {
+                tracing::warn!(file = %source, error = %e,
+                    "drop does not read as an archive and was written moments ago (still being \
+                     copied? rename finished archives into the spool); it is read again once it \
+                     stops changing");
+                Ok(DropOutcome::StillChanging)
             }
             Err(DropError::Archive(e)) => self.reject(
                 path,
@@ -614,6 +642,19 @@ impl Ingestor {
         weir_host::crash::crash_point("tx.spool.moved");
         Ok(())
     }
+}
+
+/// Whether the file at `path` changed since `before` was taken, or was
+/// last written less than `settle` ago.
+fn changing(path: &Path, before: &std::fs::Metadata, settle: Duration) -> bool {
+    std::fs::metadata(path).is_ok_and(|now| {
+        let modified = now.modified().ok();
+        now.len() != before.len()
+            || modified != before.modified().ok()
+            || modified
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age < settle)
+    })
 }
 
 fn file_name(path: &Path) -> String {
