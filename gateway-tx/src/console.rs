@@ -304,6 +304,7 @@ mod tests {
                     size: 1,
                     modified_ns: 2,
                     images: vec![],
+                    refused: None,
                 }),
                 images: vec![img],
                 audit: crate::objects::tests::audit("app.tar"),

@@ -168,12 +168,19 @@ pub struct AuditEntry {
     pub manifest_digests: Vec<String>,
 }
 
-/// A drop whose images are committed; moving it to done/ is what remains.
+/// A drop whose images are committed, or whose refusal is: moving it (to
+/// done/, or to rejected/ with its reason) is what remains.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropRecord {
     pub size: u64,
     pub modified_ns: u64,
     pub images: Vec<String>,
+    /// Refused (or found already sent): its reason code and message, kept
+    /// until it is moved, so a restart between the moves of its scan
+    /// report and of itself finishes the same verdict, not one judged
+    /// again without the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<(String, String)>,
 }
 
 /// A payload file written and in place.
@@ -865,6 +872,30 @@ impl ObjectStore {
 
     /// Appends a refusal or an already-sent drop (accepts come with
     /// [`ObjectStore::commit_drop`]), then a commit point.
+    /// Records a refused drop's verdict and its audit entry at once, before
+    /// the drop is moved ([`DropRecord::refused`]).
+    pub fn record_refusal(
+        &self,
+        source: &str,
+        record: &DropRecord,
+        entry: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        let key = self.db.sled().generate_id()?.to_be_bytes();
+        let result: sled::transaction::TransactionResult<(), ()> = (&self.drops, &self.audit)
+            .transaction(|(drops, audit)| {
+                drops.insert(source.as_bytes(), to_json(record))?;
+                audit.insert(&key, to_json(entry))?;
+                Ok(())
+            });
+        result.map_err(|e| match e {
+            sled::transaction::TransactionError::Storage(s) => StoreError::Db(s),
+            sled::transaction::TransactionError::Abort(()) => {
+                StoreError::Db(sled::Error::Unsupported("transaction aborted".into()))
+            }
+        })?;
+        self.commit("tx.ingest.audit-appended")
+    }
+
     pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
         let key = self.db.sled().generate_id()?.to_be_bytes();
         self.audit.insert(key, to_json(entry))?;
@@ -1183,6 +1214,7 @@ pub(crate) mod tests {
                         size: 1,
                         modified_ns: 2,
                         images: vec![],
+                        refused: None,
                     }),
                     images: vec![img],
                     audit: audit("x.tar"),

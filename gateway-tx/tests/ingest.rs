@@ -6,7 +6,7 @@ mod common;
 use common::{reason, Setup};
 use flate2::read::GzDecoder;
 use gateway_tx::ingest::{DropOutcome, Ingestor};
-use gateway_tx::objects::{DropRecord, ImageRecord, ObjectStore};
+use gateway_tx::objects::{AuditEntry, DropRecord, ImageRecord, ObjectStore};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -503,6 +503,54 @@ fn a_drop_still_being_written_is_not_rejected_until_it_stops_changing() {
     assert_eq!(reason(&moved)["code"], "bad-archive");
 }
 
+/// A refusal is recorded before anything moves. A restart after the scan
+/// report moved to rejected/ but before the drop did finishes the recorded
+/// verdict (here `gate-exceeded`), instead of judging the drop again
+/// without its report; the audit entry is not written twice.
+#[test]
+fn a_restart_between_the_moves_of_report_and_drop_keeps_the_verdict() {
+    let mut h = Harness::new(Setup::new());
+    let spool = h.setup.spool();
+    let drop = spool.join("gated.tar");
+    std::fs::write(&drop, vec![0u8; 10_000]).unwrap();
+    let meta = std::fs::metadata(&drop).unwrap();
+    let modified_ns = meta
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    h.store
+        .record_refusal(
+            "gated.tar",
+            &DropRecord {
+                size: meta.len(),
+                modified_ns,
+                images: Vec::new(),
+                refused: Some(("gate-exceeded".into(), "3 critical, at most 0".into())),
+            },
+            &AuditEntry {
+                at: 1,
+                source: "gated.tar".into(),
+                outcome: "rejected".into(),
+                code: Some("gate-exceeded".into()),
+                message: "3 critical, at most 0".into(),
+                references: Vec::new(),
+                manifest_digests: Vec::new(),
+            },
+        )
+        .unwrap();
+    // The report had moved when the process stopped.
+    std::fs::write(spool.join("rejected/gated.tar.scan.json"), b"{}").unwrap();
+    let (moved, code) = h.refuse_one();
+    assert_eq!(code, "gate-exceeded");
+    let r = reason(&moved);
+    assert_eq!(r["code"], "gate-exceeded");
+    assert_eq!(r["message"], "3 critical, at most 0");
+    assert_eq!(h.store.audit_entries().unwrap().len(), 1);
+    assert_eq!(h.store.drop_record("gated.tar").unwrap(), None);
+}
+
 /// A hand-made OCI archive: no reference, or a blob stored under a wrong name.
 fn handmade_oci(dir: &Path, ref_name: Option<&str>, corrupt: bool) -> PathBuf {
     let config =
@@ -655,6 +703,7 @@ fn restart_after_commit_only_finishes_the_move() {
                 size: meta.len(),
                 modified_ns,
                 images: vec![],
+                refused: None,
             }),
             images: vec![],
             audit: gateway_tx::objects::AuditEntry {

@@ -142,6 +142,31 @@ impl ReasonCode {
             ReasonCode::ReferrersMissing => "referrers-missing",
         }
     }
+
+    /// Every code, for reading one back.
+    const ALL: [ReasonCode; 16] = [
+        ReasonCode::NamespaceNotAllowed,
+        ReasonCode::NoRuleMatch,
+        ReasonCode::GateExceeded,
+        ReasonCode::NoScanReport,
+        ReasonCode::BadScanReport,
+        ReasonCode::ScanReportMismatch,
+        ReasonCode::UnknownSeverity,
+        ReasonCode::UnsupportedImage,
+        ReasonCode::BadArchive,
+        ReasonCode::CorruptArchive,
+        ReasonCode::NoReference,
+        ReasonCode::AlreadySent,
+        ReasonCode::DigestMismatch,
+        ReasonCode::SignatureMissing,
+        ReasonCode::SignatureInvalid,
+        ReasonCode::ReferrersMissing,
+    ];
+
+    /// The code `as_str` gave.
+    pub fn parse(code: &str) -> Option<ReasonCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
+    }
 }
 
 impl std::fmt::Display for ReasonCode {

@@ -321,18 +321,33 @@ impl Ingestor {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let modified_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+        let modified_ns = modified_ns(&meta);
         if let Some(rec) = self.store.drop_record(&source)? {
             if rec.size == meta.len() && rec.modified_ns == modified_ns {
-                tracing::info!(file = %source, "drop was committed before a restart; finishing its move");
-                self.finish(path, &self.spool.done.clone(), None)?;
+                let Some((code, message)) = rec.refused else {
+                    tracing::info!(file = %source, "drop was committed before a restart; finishing its move");
+                    self.finish(path, &self.spool.done.clone(), None)?;
+                    self.store.forget_drop(&source)?;
+                    return Ok(DropOutcome::Finished);
+                };
+                // Its verdict stands: judged again, its scan report might
+                // be gone already.
+                let code = ReasonCode::parse(&code).unwrap_or(ReasonCode::BadArchive);
+                tracing::info!(file = %source, code = %code,
+                    "drop was refused before a restart; finishing its move");
+                let refusal = Refusal::new(code, message);
+                let to = if code == ReasonCode::AlreadySent {
+                    self.spool.done.clone()
+                } else {
+                    self.spool.rejected.clone()
+                };
+                self.finish(path, &to, Some(&refusal))?;
                 self.store.forget_drop(&source)?;
-                return Ok(DropOutcome::Finished);
+                return Ok(if code == ReasonCode::AlreadySent {
+                    DropOutcome::AlreadySent(refusal.message)
+                } else {
+                    DropOutcome::Rejected(refusal)
+                });
             }
             self.store.forget_drop(&source)?;
         }
@@ -520,17 +535,23 @@ impl Ingestor {
                 all_refs.join(", "),
                 digests.join(", ")
             );
-            self.store.append_audit(&AuditEntry {
-                at: ingested_at,
-                source: source.to_string(),
-                outcome: "already-sent".into(),
-                code: Some(ReasonCode::AlreadySent.as_str().into()),
-                message: message.clone(),
-                references: all_refs,
-                manifest_digests: digests,
-            })?;
             let reason = Refusal::new(ReasonCode::AlreadySent, message.clone());
+            self.record_refusal(
+                path,
+                source,
+                &reason,
+                AuditEntry {
+                    at: ingested_at,
+                    source: source.to_string(),
+                    outcome: "already-sent".into(),
+                    code: Some(ReasonCode::AlreadySent.as_str().into()),
+                    message: message.clone(),
+                    references: all_refs,
+                    manifest_digests: digests,
+                },
+            )?;
             self.finish(path, &self.spool.done.clone(), Some(&reason))?;
+            self.store.forget_drop(source)?;
             return Ok(DropOutcome::AlreadySent(message));
         }
 
@@ -546,6 +567,7 @@ impl Ingestor {
                 size,
                 modified_ns,
                 images: Vec::new(),
+                refused: None,
             }),
             images: new_images,
             audit: AuditEntry {
@@ -588,17 +610,47 @@ impl Ingestor {
         refusal: Refusal,
     ) -> Result<DropOutcome, StoreError> {
         tracing::warn!(file = %source, code = %refusal.code, reason = %refusal.message, "drop rejected");
-        self.store.append_audit(&AuditEntry {
-            at: unix_now(),
-            source: source.to_string(),
-            outcome: "rejected".into(),
-            code: Some(refusal.code.as_str().into()),
-            message: refusal.message.clone(),
-            references: Vec::new(),
-            manifest_digests: Vec::new(),
-        })?;
+        self.record_refusal(
+            path,
+            source,
+            &refusal,
+            AuditEntry {
+                at: unix_now(),
+                source: source.to_string(),
+                outcome: "rejected".into(),
+                code: Some(refusal.code.as_str().into()),
+                message: refusal.message.clone(),
+                references: Vec::new(),
+                manifest_digests: Vec::new(),
+            },
+        )?;
         self.finish(path, &self.spool.rejected.clone(), Some(&refusal))?;
+        self.store.forget_drop(source)?;
         Ok(DropOutcome::Rejected(refusal))
+    }
+
+    /// Records the verdict on the drop as it is now (size and modification
+    /// time) with its audit entry, before anything moves: the audit entry
+    /// is written once, and a restart finishes the same verdict.
+    fn record_refusal(
+        &self,
+        path: &Path,
+        source: &str,
+        refusal: &Refusal,
+        audit: AuditEntry,
+    ) -> Result<(), StoreError> {
+        let meta = std::fs::metadata(path).map_err(|e| StoreError::Io {
+            what: "inspecting drop",
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let record = DropRecord {
+            size: meta.len(),
+            modified_ns: modified_ns(&meta),
+            images: Vec::new(),
+            refused: Some((refusal.code.as_str().to_string(), refusal.message.clone())),
+        };
+        self.store.record_refusal(source, &record, &audit)
     }
 
     /// Moves the drop (and its scan report) into `dest_dir`, with a reason
@@ -642,6 +694,16 @@ impl Ingestor {
         weir_host::crash::crash_point("tx.spool.moved");
         Ok(())
     }
+}
+
+/// A drop's modification time in ns since the epoch (0 if unknown): with
+/// its size, what tells a restart it is the drop a record speaks of.
+fn modified_ns(meta: &std::fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Whether the file at `path` changed since `before` was taken, or was
