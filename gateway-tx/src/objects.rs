@@ -99,6 +99,16 @@ struct Extent {
 /// Largest `.extent` file read: they are a line of JSON.
 const MAX_EXTENT_FILE: u64 = 4096;
 
+/// A sled transaction that could not commit.
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(s) => StoreError::Db(s),
+        sled::transaction::TransactionError::Abort(()) => {
+            StoreError::Db(sled::Error::Unsupported("transaction aborted".into()))
+        }
+    }
+}
+
 /// A dropped archive hard-linked into the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkedArchive {
@@ -706,12 +716,7 @@ impl ObjectStore {
                 audit.insert(&audit_key, to_json(&c.audit))?;
                 Ok(())
             });
-        result.map_err(|e| match e {
-            sled::transaction::TransactionError::Storage(s) => StoreError::Db(s),
-            sled::transaction::TransactionError::Abort(()) => {
-                StoreError::Db(sled::Error::Unsupported("transaction aborted".into()))
-            }
-        })?;
+        result.map_err(transaction_error)?;
         self.commit("tx.ingest.drop-committed")?;
         self.ledger.committed(&mut head_guard, head);
         for i in &issued {
@@ -887,12 +892,7 @@ impl ObjectStore {
                 audit.insert(&key, to_json(entry))?;
                 Ok(())
             });
-        result.map_err(|e| match e {
-            sled::transaction::TransactionError::Storage(s) => StoreError::Db(s),
-            sled::transaction::TransactionError::Abort(()) => {
-                StoreError::Db(sled::Error::Unsupported("transaction aborted".into()))
-            }
-        })?;
+        result.map_err(transaction_error)?;
         self.commit("tx.ingest.audit-appended")
     }
 

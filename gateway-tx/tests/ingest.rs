@@ -96,6 +96,18 @@ fn sha(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// A drop's size and modification time (ns), as a drop record keeps them.
+fn stamp(path: &Path) -> (u64, u64) {
+    let meta = std::fs::metadata(path).unwrap();
+    let ns = meta
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    (meta.len(), ns)
+}
+
 fn layers() -> Vec<LayerSpec> {
     vec![LayerSpec { size: 150_000 }, LayerSpec { size: 40_000 }]
 }
@@ -513,18 +525,12 @@ fn a_restart_between_the_moves_of_report_and_drop_keeps_the_verdict() {
     let spool = h.setup.spool();
     let drop = spool.join("gated.tar");
     std::fs::write(&drop, vec![0u8; 10_000]).unwrap();
-    let meta = std::fs::metadata(&drop).unwrap();
-    let modified_ns = meta
-        .modified()
-        .unwrap()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let (size, modified_ns) = stamp(&drop);
     h.store
         .record_refusal(
             "gated.tar",
             &DropRecord {
-                size: meta.len(),
+                size,
                 modified_ns,
                 images: Vec::new(),
                 refused: Some(("gate-exceeded".into(), "3 critical, at most 0".into())),
@@ -689,18 +695,12 @@ fn restart_after_commit_only_finishes_the_move() {
         weir_imagegen::oci_archive(&h.stage(), "a.tar", 1, &layers(), "team-a/app:1").unwrap();
     let dropped = h.setup.drop_file(&img.path, "a.tar");
     // As if a crash hit between the sled commit and the rename.
-    let meta = std::fs::metadata(&dropped).unwrap();
-    let modified_ns = meta
-        .modified()
-        .unwrap()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let (size, modified_ns) = stamp(&dropped);
     h.store
         .commit_drop(&gateway_tx::objects::DropCommit {
             source: "a.tar".into(),
             drop: Some(DropRecord {
-                size: meta.len(),
+                size,
                 modified_ns,
                 images: vec![],
                 refused: None,
