@@ -621,6 +621,38 @@ fn image_without_a_usable_reference_is_rejected() {
     assert_eq!(h.refuse_one().1, "no-reference");
 }
 
+/// A docker archive whose config has no `rootfs.diff_ids` is refused:
+/// nothing would check its layer files.
+#[test]
+fn a_docker_config_without_diff_ids_is_refused_naming_the_field() {
+    let mut h = Harness::new(Setup::new());
+    let path = h.stage().join("docker.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut hd = tar::Header::new_gnu();
+        hd.set_size(data.len() as u64);
+        hd.set_mode(0o644);
+        hd.set_cksum();
+        b.append_data(&mut hd, name, data).unwrap();
+    };
+    add(
+        "manifest.json",
+        br#"[{"Config":"c.json","RepoTags":["team-a/app:1"],"Layers":["l/layer.tar"]}]"#,
+    );
+    add("c.json", br#"{"architecture":"amd64","os":"linux"}"#);
+    add("l/layer.tar", &[0u8; 1024]);
+    b.finish().unwrap();
+    h.setup.drop_file(&path, "docker.tar");
+    let (moved, code) = h.refuse_one();
+    assert_eq!(code, "bad-archive");
+    let message = reason(&moved)["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("c.json") && message.contains("rootfs.diff_ids"),
+        "{message}"
+    );
+    assert!(h.queue.try_recv().is_err());
+}
+
 #[test]
 fn blob_that_contradicts_its_digest_is_rejected_and_not_stored() {
     let mut h = Harness::new(Setup::new());

@@ -40,6 +40,15 @@ pub enum ArchiveError {
     },
     #[error("{0} is gzip-compressed; drop the uncompressed tar (docker save / skopeo write one)")]
     Compressed(PathBuf),
+    /// A member's bytes could not be read: the drop is named with the
+    /// member, so a truncated layer is found without unpacking the tar.
+    #[error("reading member {member:?} of archive {path}: {source}")]
+    MemberIo {
+        path: PathBuf,
+        member: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("archive has no member {0:?}")]
     Missing(String),
     #[error("member {0:?}: {1}")]
@@ -249,6 +258,15 @@ impl TarIndex {
         Ok(self.locate(name)?.1)
     }
 
+    /// A failed read of member `name`'s bytes.
+    pub fn member_io(&self, name: &str, source: std::io::Error) -> ArchiveError {
+        ArchiveError::MemberIo {
+            path: self.path.clone(),
+            member: name.to_string(),
+            source,
+        }
+    }
+
     /// A small member (JSON) read whole; refuses anything over the limit.
     pub fn read_small(&self, name: &str) -> Result<Vec<u8>, ArchiveError> {
         let (_, size) = self.locate(name)?;
@@ -275,10 +293,7 @@ impl TarIndex {
         let mut out = Vec::with_capacity(size as usize);
         self.reader(name)?
             .read_to_end(&mut out)
-            .map_err(|source| ArchiveError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+            .map_err(|source| self.member_io(name, source))?;
         Ok(out)
     }
 }
@@ -300,7 +315,7 @@ impl Read for MemberReader<'_> {
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                "archive ends inside a member",
+                "the archive ends inside this member",
             ));
         }
         self.pos += n as u64;
@@ -367,6 +382,40 @@ mod tests {
         assert_eq!(v, vec![7u8; 3000]);
         assert_eq!(idx.read_small("./b.json").unwrap(), b"{}");
         assert!(matches!(idx.locate("nope"), Err(ArchiveError::Missing(_))));
+    }
+
+    /// An archive cut short inside a member (a copy that stopped, with its
+    /// mtime kept) is refused with the member named.
+    #[test]
+    fn a_member_cut_short_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short.tar");
+        let mut b = tar::Builder::new(File::create(&path).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(100_000);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "blobs/sha256/layer", &[3u8; 100_000][..])
+            .unwrap();
+        b.finish().unwrap();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(60_000)
+            .unwrap();
+        let idx = TarIndex::open(&path).unwrap();
+        let e = idx
+            .reader("blobs/sha256/layer")
+            .unwrap()
+            .read_to_end(&mut Vec::new())
+            .map_err(|source| idx.member_io("blobs/sha256/layer", source))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("\"blobs/sha256/layer\"") && text.contains("ends inside"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -187,7 +187,18 @@ fn plan_docker(index: &TarIndex) -> Result<Vec<ImagePlan>, DropError> {
         let parsed: ImageConfig = serde_json::from_slice(&config)
             .map_err(|err| format_err(format!("config {}: {err}", e.config)))?;
         let diff_ids = parsed.rootfs.map(|r| r.diff_ids).unwrap_or_default();
-        if !diff_ids.is_empty() && diff_ids.len() != e.layers.len() {
+        // The diff ids are all that ties a docker archive's layer files to
+        // its image; without them a damaged layer would cross unnoticed,
+        // and runtimes refuse such an image anyway.
+        if diff_ids.is_empty() && !e.layers.is_empty() {
+            return Err(format_err(format!(
+                "config {} ({config_digest}): rootfs.diff_ids is missing or empty, so the {} \
+                 layers manifest.json lists cannot be checked",
+                e.config,
+                e.layers.len()
+            )));
+        }
+        if diff_ids.len() != e.layers.len() {
             return Err(DropError::Corrupt(format!(
                 "config {config_digest} names {} diff_ids, manifest.json lists {} layers",
                 diff_ids.len(),
@@ -325,12 +336,7 @@ fn store_layer(
     member: &str,
     diff_id: Option<&String>,
 ) -> Result<BlobRef, DropError> {
-    let archive_io = |source| {
-        DropError::Archive(ArchiveError::Io {
-            path: index.path().to_path_buf(),
-            source,
-        })
-    };
+    let archive_io = |source| DropError::Archive(index.member_io(member, source));
     let mut magic = [0u8; 4];
     let n = read_up_to(&mut index.reader(member)?, &mut magic).map_err(archive_io)?;
     let already = match &magic[..n] {
@@ -551,10 +557,7 @@ fn copy_member(
                 CopyError::Read(e) | CopyError::Write(e) => e,
                 CopyError::Cancelled => return DropError::Interrupted,
             };
-            DropError::Archive(ArchiveError::Io {
-                path: index.path().to_path_buf(),
-                source,
-            })
+            DropError::Archive(index.member_io(member, source))
         })?;
         let id = ObjectId(reader.hasher.finalize().into());
         if let Some(want) = expected {
@@ -569,12 +572,7 @@ fn copy_member(
     copy(cancel, &mut reader, &mut w).map_err(|e| {
         split_io(
             e,
-            |source| {
-                DropError::Archive(ArchiveError::Io {
-                    path: index.path().to_path_buf(),
-                    source,
-                })
-            },
+            |source| DropError::Archive(index.member_io(member, source)),
             |source| {
                 DropError::Store(StoreError::Io {
                     what: "writing blob",
