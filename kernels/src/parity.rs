@@ -1,18 +1,25 @@
-//! Reed-Solomon parity as GF(2^8) matrix products, with GFNI on AVX-512.
+//! Reed-Solomon parity as GF(2^8) matrix products, with GFNI on AVX-512
+//! or split nibble tables on AVX2.
 //!
 //! Multiplying bytes by a constant `c` of GF(2^8) is linear over GF(2): an
 //! 8×8 bit matrix. GFNI's affine instruction applies such a matrix to 64
 //! bytes at once, whatever polynomial the field was built with, so one
 //! instruction and one XOR fold 64 bytes of a data shard into a parity
-//! shard. A block's parity is then a few hundred cycles per column of 64
-//! bytes, where table lookups take several times that.
+//! shard. Without GFNI, the same linearity splits a byte into its two
+//! nibbles, whose sixteen products each fit one `vpshufb` table: two
+//! lookups and two XORs fold 32 bytes. Either way a block's parity is a few
+//! hundred cycles per column, where one table lookup per byte takes
+//! several times that.
 //!
-//! [`ParityRows::new`] returns `None` on a CPU without GFNI and AVX-512BW;
-//! the caller keeps its portable codec for those. The coefficients come
-//! from the caller, so the parity is byte for byte what its codec makes.
+//! [`ParityRows::new`] returns `None` on a CPU with neither; the caller
+//! keeps its portable codec for those. The coefficients come from the
+//! caller, so the parity is byte for byte what its codec makes.
 
-// The kernel is SIMD intrinsics behind a runtime CPU check; the module
-// that holds them says what each unsafe block relies on.
+// The kernels are SIMD intrinsics behind a runtime CPU check; the modules
+// that hold them say what each unsafe block relies on.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx512;
@@ -62,40 +69,135 @@ pub fn affine_byte(matrix: u64, x: u8) -> u8 {
     out
 }
 
+/// Which kernel applies the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// GFNI's affine instruction on AVX-512 registers, 64 bytes at a time.
+    Gfni,
+    /// Nibble tables looked up with `vpshufb` on AVX2, 32 bytes at a time.
+    Avx2,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs, if any.
+    pub fn detect() -> Option<Kernel> {
+        [Kernel::Gfni, Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.runs_here())
+    }
+
+    /// Whether this CPU runs the kernel.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Kernel::Gfni => {
+                    std::arch::is_x86_feature_detected!("gfni")
+                        && std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                }
+                Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+}
+
 /// Parity rows ready to be applied: `m` rows of `k` coefficients.
 pub struct ParityRows {
     k: usize,
     m: usize,
-    /// Rows in passes of at most [`PASS_ROWS`]: each pass is (first row,
-    /// rows, matrices by data shard then row).
-    passes: Vec<(usize, usize, Vec<u64>)>,
+    passes: Passes,
 }
 
-/// Parity rows one pass keeps in registers (AVX-512 has 32).
+/// Rows in passes of as many as the kernel keeps in registers: each pass is
+/// (first row, rows, what multiplies by each coefficient, by data shard
+/// then row).
+enum Passes {
+    Gfni(Vec<(usize, usize, Vec<u64>)>),
+    Avx2(Vec<(usize, usize, Vec<[u8; 32]>)>),
+}
+
+/// Parity rows one GFNI pass keeps in registers (AVX-512 has 32).
 const PASS_ROWS: usize = 20;
+
+/// The products of `c` with every low nibble, then with every high one.
+fn nibble_tables(poly: u8, c: u8) -> [u8; 32] {
+    std::array::from_fn(|i| {
+        if i < 16 {
+            mul(poly, c, i as u8)
+        } else {
+            mul(poly, c, ((i - 16) as u8) << 4)
+        }
+    })
+}
+
+/// Splits `m` rows into passes of at most `widest`, each entry built by
+/// `make` from a coefficient.
+fn passes<T>(
+    k: usize,
+    m: usize,
+    coefficients: &[u8],
+    widest: usize,
+    make: impl Fn(u8) -> T,
+) -> Vec<(usize, usize, Vec<T>)> {
+    let mut passes = Vec::new();
+    let mut first = 0;
+    while first < m {
+        let rows = pass_rows(m - first, widest);
+        let mut entries = Vec::with_capacity(k * rows);
+        for i in 0..k {
+            for j in first..first + rows {
+                entries.push(make(coefficients[j * k + i]));
+            }
+        }
+        passes.push((first, rows, entries));
+        first += rows;
+    }
+    passes
+}
 
 impl ParityRows {
     /// `coefficients[j * k + i]` multiplies data shard `i` into parity shard
-    /// `j`, in GF(2^8) with polynomial `poly`. `None` when this CPU cannot
-    /// run the kernel or the shapes are empty.
+    /// `j`, in GF(2^8) with polynomial `poly`. `None` when this CPU runs no
+    /// kernel or the shapes are empty.
     pub fn new(poly: u8, k: usize, m: usize, coefficients: &[u8]) -> Option<ParityRows> {
-        if k == 0 || m == 0 || coefficients.len() != k * m || !supported() {
+        Self::with_kernel(Kernel::detect()?, poly, k, m, coefficients)
+    }
+
+    /// The same with a chosen kernel; `None` also when this CPU cannot run
+    /// it.
+    pub fn with_kernel(
+        kernel: Kernel,
+        poly: u8,
+        k: usize,
+        m: usize,
+        coefficients: &[u8],
+    ) -> Option<ParityRows> {
+        if k == 0 || m == 0 || coefficients.len() != k * m || !kernel.runs_here() {
             return None;
         }
-        let mut passes = Vec::new();
-        let mut first = 0;
-        while first < m {
-            let rows = pass_rows(m - first);
-            let mut mats = Vec::with_capacity(k * rows);
-            for i in 0..k {
-                for j in first..first + rows {
-                    mats.push(affine_matrix(poly, coefficients[j * k + i]));
-                }
-            }
-            passes.push((first, rows, mats));
-            first += rows;
-        }
+        let passes = match kernel {
+            Kernel::Gfni => Passes::Gfni(passes(k, m, coefficients, PASS_ROWS, |c| {
+                affine_matrix(poly, c)
+            })),
+            Kernel::Avx2 => Passes::Avx2(passes(k, m, coefficients, AVX2_PASS_ROWS, |c| {
+                nibble_tables(poly, c)
+            })),
+        };
         Some(ParityRows { k, m, passes })
+    }
+
+    /// The kernel that applies the rows.
+    pub fn kernel(&self) -> Kernel {
+        match self.passes {
+            Passes::Gfni(_) => Kernel::Gfni,
+            Passes::Avx2(_) => Kernel::Avx2,
+        }
     }
 
     /// Writes every parity shard from the data shards: `data` holds `k`
@@ -111,36 +213,49 @@ impl ParityRows {
             data.iter().all(|d| d.len() == len) && parity.iter().all(|p| p.len() == len),
             "shards of unequal length"
         );
-        for (first, rows, mats) in &self.passes {
-            let out = &mut parity[*first..*first + *rows];
-            #[cfg(target_arch = "x86_64")]
-            avx512::pass(mats, data, out, len);
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("ParityRows is only built where the kernel runs: {mats:?} {out:?}");
+        match &self.passes {
+            Passes::Gfni(passes) => {
+                for (first, rows, mats) in passes {
+                    let out = &mut parity[*first..*first + *rows];
+                    #[cfg(target_arch = "x86_64")]
+                    avx512::pass(mats, data, out, len);
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!(
+                        "ParityRows is only built where its kernel runs: {mats:?} {out:?}"
+                    );
+                }
+            }
+            Passes::Avx2(passes) => {
+                for (first, rows, tables) in passes {
+                    let out = &mut parity[*first..*first + *rows];
+                    #[cfg(target_arch = "x86_64")]
+                    avx2::pass(tables, data, out, len);
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!(
+                        "ParityRows is only built where its kernel runs: {tables:?} {out:?}"
+                    );
+                }
+            }
         }
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+const AVX2_PASS_ROWS: usize = avx2::PASS_ROWS;
+#[cfg(not(target_arch = "x86_64"))]
+const AVX2_PASS_ROWS: usize = 1;
+
 /// Rows of the next pass: the widest kernel that fits what is left.
-fn pass_rows(left: usize) -> usize {
-    [PASS_ROWS, 16, 8, 4, 2, 1]
+fn pass_rows(left: usize, widest: usize) -> usize {
+    [widest, 16, 8, 4, 2, 1]
         .into_iter()
-        .find(|&r| r <= left)
+        .find(|&r| r <= left && r <= widest)
         .unwrap_or(1)
 }
 
-/// Whether this CPU runs the kernel.
+/// Whether this CPU runs a parity kernel.
 pub fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("gfni")
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Kernel::detect().is_some()
 }
 
 #[cfg(test)]
@@ -186,43 +301,65 @@ mod tests {
         c
     }
 
+    /// Each kernel this CPU runs, against the codec; a CPU with GFNI runs
+    /// the AVX2 one too, so both are checked there.
     #[test]
-    fn parity_equals_the_codecs_for_every_pass_width_and_tail() {
-        if !supported() {
-            eprintln!("skipped: this CPU has no GFNI with AVX-512BW");
+    fn parity_equals_the_codecs_for_every_kernel_pass_width_and_tail() {
+        let kernels: Vec<Kernel> = [Kernel::Gfni, Kernel::Avx2]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU has neither GFNI with AVX-512BW nor AVX2");
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for (k, m, len) in [
-            (128, 20, 1400),
-            (32, 8, 1400),
-            (4, 4, 1),
-            (3, 37, 130),
-            (10, 1, 64),
-            (200, 56, 63),
-            (1, 3, 200),
-        ] {
-            let coeffs = coefficients(k, m);
-            let rows = ParityRows::new(POLY, k, m, &coeffs).unwrap();
-            let mut shards: Vec<Vec<u8>> = (0..k + m)
-                .map(|i| {
-                    if i < k {
-                        (0..len).map(|_| rng.gen()).collect()
-                    } else {
-                        vec![0xa5; len]
-                    }
-                })
-                .collect();
-            let mut expected = shards.clone();
-            ReedSolomon::new(k, m)
-                .unwrap()
-                .encode(&mut expected)
-                .unwrap();
-            let (data, parity) = shards.split_at_mut(k);
-            let data: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
-            let mut parity: Vec<&mut [u8]> = parity.iter_mut().map(|p| &mut p[..]).collect();
-            rows.encode(&data, &mut parity);
-            assert_eq!(shards, expected, "k={k} m={m} len={len}");
+        for kernel in kernels {
+            for (k, m, len) in [
+                (128, 20, 1408),
+                (128, 20, 1400),
+                (32, 8, 1400),
+                (4, 4, 1),
+                (3, 37, 130),
+                (10, 1, 64),
+                (200, 56, 63),
+                (1, 3, 200),
+                (5, 13, 33),
+            ] {
+                let coeffs = coefficients(k, m);
+                let rows = ParityRows::with_kernel(kernel, POLY, k, m, &coeffs).unwrap();
+                assert_eq!(rows.kernel(), kernel);
+                let mut shards: Vec<Vec<u8>> = (0..k + m)
+                    .map(|i| {
+                        if i < k {
+                            (0..len).map(|_| rng.gen()).collect()
+                        } else {
+                            vec![0xa5; len]
+                        }
+                    })
+                    .collect();
+                let mut expected = shards.clone();
+                ReedSolomon::new(k, m)
+                    .unwrap()
+                    .encode(&mut expected)
+                    .unwrap();
+                let (data, parity) = shards.split_at_mut(k);
+                let data: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+                let mut parity: Vec<&mut [u8]> = parity.iter_mut().map(|p| &mut p[..]).collect();
+                rows.encode(&data, &mut parity);
+                assert_eq!(shards, expected, "{kernel:?} k={k} m={m} len={len}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_nibble_tables_multiply_by_their_constant() {
+        for c in 0..=255u8 {
+            let t = nibble_tables(POLY, c);
+            for x in 0..=255u8 {
+                let y = t[usize::from(x & 15)] ^ t[16 + usize::from(x >> 4)];
+                assert_eq!(y, mul(POLY, c, x), "c={c} x={x}");
+            }
         }
     }
 

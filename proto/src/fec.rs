@@ -178,7 +178,8 @@ pub struct BlockCodec {
     params: FecParams,
     /// None when m = 0: there is nothing to compute.
     rs: Option<ReedSolomon>,
-    /// The same parity rows for the GFNI kernel, where the CPU has one.
+    /// The same parity rows for a SIMD kernel (GFNI or AVX2), where the CPU
+    /// runs one.
     parity: Option<weir_kernels::ParityRows>,
 }
 
@@ -224,7 +225,7 @@ impl BlockCodec {
         Ok(BlockCodec { params, rs, parity })
     }
 
-    /// Whether parity is computed with the GFNI kernel (else the portable
+    /// Whether parity is computed with a SIMD kernel (else the portable
     /// codec); the parity is the same either way.
     pub fn accelerated(&self) -> bool {
         self.parity.is_some()
@@ -461,7 +462,7 @@ mod tests {
         assert!(codec.reconstruct_data(&mut opt).is_err());
     }
 
-    /// The GFNI kernel's parity is the portable codec's, byte for byte: a
+    /// The SIMD kernel's parity is the portable codec's, byte for byte: a
     /// receiver without the kernel rebuilds what a sender with it made.
     #[test]
     fn accelerated_parity_is_the_portable_codecs() {
@@ -469,7 +470,7 @@ mod tests {
             let p = params(k, m, s);
             let codec = BlockCodec::new(p).unwrap();
             if !codec.accelerated() {
-                eprintln!("skipped: this CPU has no GFNI with AVX-512BW");
+                eprintln!("skipped: this CPU has no parity kernel (GFNI or AVX2)");
                 return;
             }
             let data: Vec<u8> = (0..p.block_bytes() - 7)

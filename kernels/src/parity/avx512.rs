@@ -7,8 +7,8 @@ use std::arch::x86_64::*;
 /// Runs one pass of `out.len()` rows over shards of `len` bytes.
 pub(crate) fn pass(mats: &[u64], data: &[&[u8]], out: &mut [&mut [u8]], len: usize) {
     assert!(
-        super::supported(),
-        "ParityRows is only built where the kernel runs"
+        super::Kernel::Gfni.runs_here(),
+        "ParityRows is only built where its kernel runs"
     );
     assert_eq!(mats.len(), data.len() * out.len());
     assert!(data.iter().all(|d| d.len() >= len) && out.iter().all(|o| o.len() >= len));
